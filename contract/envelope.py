@@ -1,0 +1,110 @@
+"""The job envelope and the callback event: the wire formats between services.
+
+The ingress encodes a `Job` onto the model's queue; a worker decodes it, runs the
+model and encodes a `CallbackDelivery` for the dispatcher, which POSTs its `event`
+(a Standard Webhooks payload) to the caller. Bodies carry `schema_version` so a
+worker can refuse a format it does not know instead of guessing.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal, TypeVar
+
+import msgspec
+
+SCHEMA_VERSION = 1
+
+Priority = Literal["high", "normal", "low"]
+# Broker-side priorities: RabbitMQ keeps one internal sub-queue per level, so few
+# levels are cheaper than the 0-255 range AMQP allows.
+AMQP_PRIORITY: dict[str, int] = {"low": 0, "normal": 1, "high": 2}
+MAX_AMQP_PRIORITY = max(AMQP_PRIORITY.values())
+
+ATTEMPT_HEADER = "x-attempt"
+PARK_REASON_HEADER = "x-park-reason"
+
+EventType = Literal["job.succeeded", "job.failed"]
+
+
+class UndecodableMessage(ValueError):
+    """A queue body that is not a job or callback this version understands (permanent)."""
+
+
+class Job(msgspec.Struct, frozen=True, kw_only=True):
+    """One accepted job, as it travels through the model's queue."""
+
+    schema_version: int = SCHEMA_VERSION
+    id: str
+    model: str
+    input: Any
+    callback_url: str
+    priority: Priority = "normal"
+    metadata: dict[str, Any] = msgspec.field(default_factory=dict)
+    submitted_at_ms: int
+
+
+class JobTimings(msgspec.Struct, frozen=True, kw_only=True):
+    queued_ms: float
+    inference_ms: float
+    batch_size: int
+
+
+class EventData(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
+    id: str
+    model: str
+    status: Literal["succeeded", "failed"]
+    attempts: int
+    metadata: dict[str, Any]
+    timings: JobTimings
+    output: Any = None
+    error: str | None = None
+
+
+class CallbackEvent(msgspec.Struct, frozen=True, kw_only=True):
+    """The Standard Webhooks payload a caller receives."""
+
+    type: EventType
+    timestamp: str
+    data: EventData
+
+
+class CallbackDelivery(msgspec.Struct, frozen=True, kw_only=True):
+    """A finished job's event plus where to send it; durable on the callbacks queue."""
+
+    schema_version: int = SCHEMA_VERSION
+    webhook_id: str
+    callback_url: str
+    event: CallbackEvent
+
+
+_Body = TypeVar("_Body", Job, CallbackDelivery)
+
+
+def webhook_id_for(job_id: str, event_type: EventType) -> str:
+    """Stable per (job, event), so every retry and duplicate of one event shares it."""
+    return f"msg_{job_id}_{event_type.removeprefix('job.')}"
+
+
+def encode(value: Job | CallbackDelivery) -> bytes:
+    return msgspec.json.encode(value)
+
+
+def decode_job(body: bytes) -> Job:
+    return _decode(body, Job)
+
+
+def decode_callback_delivery(body: bytes) -> CallbackDelivery:
+    return _decode(body, CallbackDelivery)
+
+
+def _decode(body: bytes, kind: type[_Body]) -> _Body:
+    try:
+        value = msgspec.json.decode(body, type=kind)
+    except msgspec.DecodeError as exc:
+        raise UndecodableMessage(f"not a valid {kind.__name__} body: {exc}") from exc
+    if value.schema_version != SCHEMA_VERSION:
+        raise UndecodableMessage(
+            f"{kind.__name__} schema_version {value.schema_version} is not supported "
+            f"(expected {SCHEMA_VERSION})"
+        )
+    return value

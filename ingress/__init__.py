@@ -1,0 +1,1 @@
+"""The HTTP ingress: validates jobs, authenticates callers, publishes with confirms."""

@@ -1,0 +1,23 @@
+"""`python -m ingress`: serve the ingress with uvicorn, settings from the environment."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import uvicorn
+
+from ingress.app import create_app
+from ingress.settings import IngressSettings
+
+
+def main() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    settings = IngressSettings.from_env(os.environ)
+    # uvicorn finishes in-flight requests on SIGTERM/SIGINT before the lifespan closes the broker.
+    uvicorn.run(create_app(settings), host=settings.host, port=settings.port,
+                log_level="info", timeout_graceful_shutdown=30)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,42 @@
+"""The ingress's settings, read once from the environment at start."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from contract.callback_guard import AllowList
+from contract.config import (
+    DEFAULT_AMQP_URL,
+    csv_list,
+    env_int,
+    served_models,
+)
+from contract.topology import Topology
+
+
+@dataclass(frozen=True)
+class IngressSettings:
+    amqp_url: str = field(default=DEFAULT_AMQP_URL, repr=False)
+    host: str = "127.0.0.1"
+    port: int = 8000
+    api_keys: tuple[str, ...] = field(default=(), repr=False)
+    callback_allow: AllowList = AllowList()
+    max_body_bytes: int = 1024 * 1024
+    models: tuple[str, ...] = ("echo", "embed-minilm")
+    topology: Topology = Topology()
+    publish_timeout_s: float = 10.0
+    retry_after_s: int = 5
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str]) -> IngressSettings:
+        return cls(
+            amqp_url=env.get("AMQP_URL", DEFAULT_AMQP_URL),
+            host=env.get("INGRESS_HOST", "127.0.0.1"),
+            port=env_int(env, "INGRESS_PORT", 8000, minimum=0),
+            api_keys=csv_list(env.get("API_KEYS", "")),
+            callback_allow=AllowList.parse(csv_list(env.get("CALLBACK_ALLOW_HOSTS", ""))),
+            max_body_bytes=env_int(env, "MAX_BODY_BYTES", 1024 * 1024, minimum=1),
+            models=served_models(env),
+            topology=Topology(prefix=env.get("QUEUE_PREFIX", "")),
+        )

@@ -1,0 +1,1 @@
+"""Clients of the platform: the demo, the callback receiver, load generation."""

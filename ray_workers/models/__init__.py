@@ -1,0 +1,1 @@
+"""Built-in models behind one small interface (`models.base.Model`)."""

@@ -1,0 +1,37 @@
+"""The model interface: load once, validate each input, predict on a batch.
+
+`prepare` runs per job so one bad input fails only its own job; `predict` runs on the
+whole batch, off the event loop, and must return one output per input, in order.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, Protocol
+
+
+class ModelError(Exception):
+    """Base of what a model raises."""
+
+
+class InvalidInput(ModelError):
+    """This input can never succeed with this model (permanent)."""
+
+
+class ModelFailure(ModelError):
+    """The model failed for reasons other than its input (transient: a retry may succeed)."""
+
+
+class Model(Protocol):
+    name: str
+
+    def prepare(self, raw_input: Any, attempt: int) -> Any:
+        """Validate and normalise one job's input; raise InvalidInput when it cannot work.
+
+        `attempt` (1 on first delivery) is for models whose behaviour depends on it.
+        """
+        ...
+
+    def predict(self, inputs: Sequence[Any]) -> list[Any]:
+        """Outputs for a batch of prepared inputs, one per input, in order."""
+        ...

@@ -1,0 +1,145 @@
+"""Fixtures: the real broker, a namespaced topology cleaned up after each test, the
+ingress app with its lifespan, and a real callback receiver."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from contextlib import asynccontextmanager
+from urllib.parse import urlsplit
+
+import aio_pika
+import httpx
+import pytest
+
+from contract.callback_guard import AllowList
+from contract.config import DEFAULT_AMQP_URL
+from contract.topology import Topology
+from ingress.app import create_app
+from ingress.settings import IngressSettings
+from loadgen.callback_receiver import CallbackReceiver
+from ray_workers.settings import WorkerSettings
+from ray_workers.signing import generate_secret
+
+TEST_MODELS = ("echo", "synthetic")
+
+
+def _reachable(url: str) -> bool:
+    parts = urlsplit(url)
+    try:
+        with socket.create_connection((parts.hostname or "127.0.0.1", parts.port or 5672), 2):
+            return True
+    except OSError:
+        return False
+
+
+@pytest.fixture(scope="session")
+def amqp_url() -> Iterator[str]:
+    """AMQP_URL (or the local default); a RabbitMQ testcontainer when neither answers."""
+    url = os.environ.get("AMQP_URL", DEFAULT_AMQP_URL)
+    if _reachable(url):
+        yield url
+        return
+    try:
+        from testcontainers.rabbitmq import RabbitMqContainer
+
+        with RabbitMqContainer("rabbitmq:3.13-management") as container:
+            host = container.get_container_host_ip()
+            port = container.get_exposed_port(5672)
+            yield f"amqp://guest:guest@{host}:{port}/%2F"
+            return
+    except Exception as exc:
+        message = (f"RabbitMQ is not reachable at AMQP_URL={url} and no testcontainer could start "
+                   f"({exc!r}); start one with `rabbitmq-server -detached` or set AMQP_URL")
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
+
+
+@pytest.fixture
+async def topology(amqp_url: str) -> AsyncIterator[Topology]:
+    """A topology under a fresh prefix; its queues and exchange are deleted afterwards."""
+    topo = Topology(prefix=f"t{uuid.uuid4().hex[:10]}.")
+    yield topo
+    connection = await aio_pika.connect(amqp_url)
+    async with connection:
+        channel = await connection.channel()
+        for spec in topo.queues(("echo", "embed-minilm", "synthetic")):
+            await channel.queue_delete(spec.name)
+        await channel.exchange_delete(topo.jobs_exchange)
+
+
+@pytest.fixture
+def webhook_secret() -> str:
+    return generate_secret()
+
+
+@pytest.fixture
+async def receiver(webhook_secret: str) -> AsyncIterator[CallbackReceiver]:
+    server = CallbackReceiver(webhook_secret)
+    await server.start()
+    yield server
+    await server.stop()
+
+
+@pytest.fixture
+def ingress_settings(amqp_url: str, topology: Topology) -> IngressSettings:
+    return IngressSettings(
+        amqp_url=amqp_url, models=TEST_MODELS, topology=topology,
+        callback_allow=AllowList.parse(["127.0.0.1"]),
+    )
+
+
+@pytest.fixture
+def worker_settings(amqp_url: str, topology: Topology, webhook_secret: str) -> WorkerSettings:
+    return WorkerSettings(
+        amqp_url=amqp_url, webhook_secret=webhook_secret, models=TEST_MODELS, topology=topology,
+        callback_allow=AllowList.parse(["127.0.0.1"]), callback_retry_delays_s=(0.0, 0.2, 0.2),
+        callback_timeout_s=2.0, drain_timeout_s=5.0,
+    )
+
+
+@asynccontextmanager
+async def running_ingress(
+    settings: IngressSettings, wait_ready: bool = True
+) -> AsyncIterator[httpx.AsyncClient]:
+    """The ingress app with its lifespan running, and a client speaking to it over ASGI."""
+    app = create_app(settings)
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://ingress") as client:
+            if wait_ready:
+                await wait_until(lambda: app.state.ingress.broker.is_ready, 10, "broker ready")
+            yield client
+
+
+async def wait_until(
+    condition: Callable[[], bool | Awaitable[bool]], timeout_s: float, what: str
+) -> None:
+    """Poll `condition` until true; fail naming `what` after `timeout_s`."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    while True:
+        result = condition()
+        if not isinstance(result, bool):
+            result = await result
+        if result:
+            return
+        if loop.time() > deadline:
+            raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
+        await asyncio.sleep(0.02)
+
+
+async def drain_queue(amqp_url: str, queue: str) -> list[aio_pika.abc.AbstractIncomingMessage]:
+    """Every message now ready in `queue`, acked (taken out) in order."""
+    messages = []
+    connection = await aio_pika.connect(amqp_url)
+    async with connection:
+        channel = await connection.channel()
+        source = await channel.get_queue(queue, ensure=True)
+        while (message := await source.get(fail=False, no_ack=True)) is not None:
+            messages.append(message)
+    return messages

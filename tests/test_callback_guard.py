@@ -1,0 +1,104 @@
+"""The callback-URL classifier, checked directly with private and metadata literals
+(no packet is sent anywhere: literals need no DNS and nothing connects)."""
+
+from __future__ import annotations
+
+import ipaddress
+
+import pytest
+
+from contract.callback_guard import (
+    AllowList,
+    CallbackUrlRejected,
+    IPAddress,
+    check_callback_url,
+    non_public_reason,
+)
+
+
+@pytest.mark.parametrize(
+    ("address", "reason"),
+    [
+        ("127.0.0.1", "loopback"),
+        ("127.0.0.2", "loopback"),
+        ("::1", "loopback"),
+        ("0.0.0.0", "unspecified"),
+        ("::", "unspecified"),
+        ("10.1.2.3", "private"),
+        ("172.16.0.1", "private"),
+        ("192.168.1.1", "private"),
+        ("169.254.169.254", "link-local"),  # AWS/GCP/Azure metadata
+        ("fe80::1", "link-local"),
+        ("fd00:ec2::254", "private"),  # AWS IPv6 metadata
+        ("100.64.0.1", "carrier-grade NAT"),
+        ("224.0.0.1", "multicast"),
+        ("ff02::1", "multicast"),
+        ("240.0.0.1", "reserved"),
+        ("198.18.0.1", "private"),  # benchmarking range
+        ("::ffff:127.0.0.1", "embeds IPv4 127.0.0.1 (loopback)"),
+        ("::ffff:169.254.169.254", "embeds IPv4 169.254.169.254"),
+        ("2002:a9fe:a9fe::", "embeds IPv4 169.254.169.254"),  # 6to4 of metadata
+        ("64:ff9b::a00:1", "embeds IPv4 10.0.0.1"),  # NAT64 of a private address
+        ("8.8.8.8", None),
+        ("2606:4700:4700::1111", None),
+        ("::ffff:8.8.8.8", None),
+    ],
+)
+def test_classifier_names_why_an_address_is_not_public(address: str, reason: str | None) -> None:
+    result = non_public_reason(ipaddress.ip_address(address))
+    if reason is None:
+        assert result is None
+    else:
+        assert result is not None and result.startswith(reason)
+
+
+async def _no_dns(host: str, port: int) -> list[IPAddress]:
+    raise AssertionError(f"no DNS lookup expected for {host}")
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "http://169.254.169.254/latest/meta-data/",
+        "http://[::ffff:10.0.0.1]/",
+        "https://10.0.0.5:8443/hook",
+        "file:///etc/passwd",
+        "gopher://8.8.8.8/",
+        "http://user@8.8.8.8/",
+        "http:///nohost",
+        "http://8.8.8.8:99999/",
+    ],
+)
+async def test_refused_urls_say_why(url: str) -> None:
+    with pytest.raises(CallbackUrlRejected) as error:
+        await check_callback_url(url, AllowList(), _no_dns)
+    assert str(error.value)
+
+
+async def test_a_host_resolving_to_any_private_address_is_refused() -> None:
+    async def mixed(host: str, port: int) -> list[IPAddress]:
+        return [ipaddress.ip_address("8.8.8.8"), ipaddress.ip_address("10.0.0.7")]
+
+    with pytest.raises(CallbackUrlRejected, match=r"10\.0\.0\.7.*private"):
+        await check_callback_url("https://hooks.example.com/x", AllowList(), mixed)
+
+
+async def test_allow_list_admits_named_hosts_and_networks_only() -> None:
+    async def internal(host: str, port: int) -> list[IPAddress]:
+        return [ipaddress.ip_address("10.0.0.7")]
+
+    allow = AllowList.parse(["hooks.internal", "192.168.0.0/16", "[::1]"])
+    target = await check_callback_url("http://hooks.internal:8080/cb?a=1", allow, internal)
+    assert (target.host, target.port, target.path_and_query) == ("hooks.internal", 8080, "/cb?a=1")
+    assert (await check_callback_url("http://192.168.4.4/", allow, _no_dns)).port == 80
+    assert (await check_callback_url("http://[::1]:81/", allow, _no_dns)).addresses == (
+        ipaddress.ip_address("::1"),)
+    with pytest.raises(CallbackUrlRejected):
+        await check_callback_url("http://other.internal/", allow, internal)
+    with pytest.raises(CallbackUrlRejected):
+        await check_callback_url("http://172.16.0.1/", allow, _no_dns)
+
+
+async def test_public_url_passes_with_default_port() -> None:
+    target = await check_callback_url("https://8.8.8.8", AllowList(), _no_dns)
+    assert (target.scheme, target.port, target.path_and_query) == ("https", 443, "/")

@@ -1,0 +1,182 @@
+"""The HTTP contract of the ingress, against the ASGI app and the real broker."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import replace
+
+import httpx
+import msgspec
+import pytest
+
+from contract.envelope import ATTEMPT_HEADER, decode_job
+from ingress.settings import IngressSettings
+from tests.conftest import drain_queue, running_ingress
+
+CALLBACK = "http://127.0.0.1:9/callbacks"
+
+
+@pytest.fixture
+async def client(ingress_settings: IngressSettings) -> AsyncIterator[httpx.AsyncClient]:
+    async with running_ingress(ingress_settings) as http:
+        yield http
+
+
+def _problem(response: httpx.Response, status: int) -> dict[str, object]:
+    assert response.status_code == status, response.text
+    assert response.headers["content-type"] == "application/problem+json"
+    body: dict[str, object] = response.json()
+    assert body["status"] == status
+    assert isinstance(body["detail"], str) and body["detail"]
+    return body
+
+
+async def test_given_a_valid_job_when_submitted_then_202_and_the_job_is_on_the_model_queue(
+    client: httpx.AsyncClient, ingress_settings: IngressSettings
+) -> None:
+    response = await client.post("/v1/models/echo/jobs", json={
+        "input": {"x": 1}, "callback_url": CALLBACK, "priority": "high", "metadata": {"k": "v"}})
+
+    assert response.status_code == 202
+    accepted = response.json()
+    assert accepted["model"] == "echo" and accepted["status"] == "queued"
+    assert accepted["priority"] == "high"
+    messages = await drain_queue(ingress_settings.amqp_url, ingress_settings.topology.main_queue("echo"))
+    assert len(messages) == 1
+    message = messages[0]
+    job = decode_job(message.body)
+    assert (job.id, job.input, job.metadata) == (accepted["id"], {"x": 1}, {"k": "v"})
+    assert message.message_id == job.id and message.correlation_id == job.id
+    assert message.priority == 2 and message.delivery_mode == 2
+    assert message.content_type == "application/json" and message.timestamp is not None
+    assert message.headers[ATTEMPT_HEADER] == 1
+
+
+@pytest.mark.parametrize(
+    ("body", "content_type", "status", "slug"),
+    [
+        (b"{not json", "application/json", 400, "malformed-json"),
+        (b'{"callback_url": "http://127.0.0.1:9/"}', "application/json", 422, "validation-error"),
+        (b'{"input": 1, "callback_url": "http://127.0.0.1:9/", "priority": "urgent"}',
+         "application/json", 422, "validation-error"),
+        (b'{"input": 1, "callback_url": "http://127.0.0.1:9/", "extra": true}',
+         "application/json", 422, "validation-error"),
+        (b'{"input": 1, "callback_url": "ftp://127.0.0.1/"}', "application/json", 422,
+         "invalid-callback-url"),
+        (b'{"input": 1, "callback_url": "http://user:pw@127.0.0.1/"}', "application/json", 422,
+         "invalid-callback-url"),
+        (b'{"input": 1, "callback_url": "http://127.0.0.2:9/"}', "application/json", 422,
+         "invalid-callback-url"),
+        (b'{"input": 1, "callback_url": "http://[::1]:9/"}', "application/json", 422,
+         "invalid-callback-url"),
+        (b'{"input": 1, "callback_url": "http://127.0.0.1:9/"}', "text/plain", 415,
+         "unsupported-media-type"),
+    ],
+)
+async def test_given_a_bad_request_when_submitted_then_a_problem_and_nothing_published(
+    client: httpx.AsyncClient, ingress_settings: IngressSettings,
+    body: bytes, content_type: str, status: int, slug: str,
+) -> None:
+    response = await client.post("/v1/models/echo/jobs", content=body,
+                                 headers={"content-type": content_type})
+
+    problem = _problem(response, status)
+    assert str(problem["type"]).endswith(slug)
+    assert await drain_queue(ingress_settings.amqp_url,
+                             ingress_settings.topology.main_queue("echo")) == []
+
+
+async def test_given_an_unknown_model_when_submitted_then_404(client: httpx.AsyncClient) -> None:
+    response = await client.post("/v1/models/gpt-9/jobs", json={"input": 1, "callback_url": CALLBACK})
+    assert "gpt-9" in str(_problem(response, 404)["detail"])
+
+
+async def test_given_a_body_over_the_limit_when_sent_with_or_without_length_then_413(
+    ingress_settings: IngressSettings,
+) -> None:
+    settings = replace(ingress_settings, max_body_bytes=64)
+    big = msgspec.json.encode({"input": "x" * 200, "callback_url": CALLBACK})
+
+    async def chunked() -> AsyncIterator[bytes]:
+        for start in range(0, len(big), 16):
+            yield big[start:start + 16]
+
+    async with running_ingress(settings) as client:
+        with_length = await client.post("/v1/models/echo/jobs", content=big,
+                                        headers={"content-type": "application/json"})
+        without_length = await client.post("/v1/models/echo/jobs", content=chunked(),
+                                           headers={"content-type": "application/json"})
+
+    _problem(with_length, 413)
+    _problem(without_length, 413)
+    assert "content-length" not in {k.lower() for k in without_length.request.headers}
+    assert await drain_queue(settings.amqp_url, settings.topology.main_queue("echo")) == []
+
+
+async def test_given_api_keys_when_the_key_is_missing_or_wrong_then_401_else_202(
+    ingress_settings: IngressSettings,
+) -> None:
+    settings = replace(ingress_settings, api_keys=("k-one", "k-two"))
+    job = {"input": 1, "callback_url": CALLBACK}
+    async with running_ingress(settings) as client:
+        missing = await client.post("/v1/models/echo/jobs", json=job)
+        wrong = await client.post("/v1/models/echo/jobs", json=job,
+                                  headers={"authorization": "Bearer k-three"})
+        right = await client.post("/v1/models/echo/jobs", json=job,
+                                  headers={"authorization": "Bearer k-two"})
+
+    _problem(missing, 401)
+    _problem(wrong, 401)
+    assert missing.headers["www-authenticate"].startswith("Bearer")
+    assert right.status_code == 202
+
+
+async def test_given_the_broker_is_unreachable_then_not_ready_and_jobs_get_503_with_retry_after(
+    ingress_settings: IngressSettings,
+) -> None:
+    settings = replace(ingress_settings, amqp_url="amqp://guest:guest@127.0.0.1:1/%2F")
+    async with running_ingress(settings, wait_ready=False) as client:
+        health = await client.get("/healthz")
+        ready = await client.get("/readyz")
+        submitted = await client.post("/v1/models/echo/jobs", json={"input": 1, "callback_url": CALLBACK})
+
+    assert health.status_code == 200
+    _problem(ready, 503)
+    _problem(submitted, 503)
+    assert submitted.headers["retry-after"].isdigit()
+
+
+async def test_given_a_running_ingress_then_models_ready_metrics_and_openapi_are_served(
+    client: httpx.AsyncClient,
+) -> None:
+    await client.post("/v1/models/echo/jobs", json={"input": 1, "callback_url": CALLBACK})
+    await client.post("/v1/models/echo/jobs", content=b"{", headers={"content-type": "application/json"})
+
+    models = await client.get("/v1/models")
+    ready = await client.get("/readyz")
+    metrics = await client.get("/metrics")
+    spec = await client.get("/openapi.json")
+    missing = await client.get("/nope")
+
+    assert [m["name"] for m in models.json()["models"]] == ["echo", "synthetic"]
+    assert ready.status_code == 200
+    assert 'inferq_ingress_jobs_accepted_total{model="echo",priority="normal"} 1.0' in metrics.text
+    assert 'inferq_ingress_requests_rejected_total{status="400"} 1.0' in metrics.text
+    assert "/v1/models/{model}/jobs" in spec.json()["paths"]
+    _problem(missing, 404)
+
+
+async def test_given_a_full_queue_when_the_broker_nacks_then_503_and_no_202(
+    ingress_settings: IngressSettings,
+) -> None:
+    settings = replace(ingress_settings, topology=replace(ingress_settings.topology, max_queue_length=1))
+    job = {"input": 1, "callback_url": CALLBACK}
+    async with running_ingress(settings) as client:
+        first = await client.post("/v1/models/echo/jobs", json=job)
+        second = await client.post("/v1/models/echo/jobs", json=job)
+
+    assert first.status_code == 202
+    assert "did not take" in str(_problem(second, 503)["detail"])
+    assert second.headers["retry-after"].isdigit()
+    queued = await drain_queue(settings.amqp_url, settings.topology.main_queue("echo"))
+    assert [decode_job(m.body).id for m in queued] == [first.json()["id"]]
