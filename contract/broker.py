@@ -129,9 +129,7 @@ class Broker:
             await self._declare(self._publish_channel)
         except _CONNECTION_ERRORS as exc:
             await self.close()
-            raise BrokerUnavailable(
-                f"cannot reach RabbitMQ at {redact_url(self._url)}: {exc!r}"
-            ) from exc
+            raise BrokerUnavailable(f"cannot reach RabbitMQ at {redact_url(self._url)}: {exc!r}") from exc
 
     async def _declare(self, channel: aio_pika.abc.AbstractChannel) -> None:
         await channel.declare_exchange(
@@ -147,7 +145,11 @@ class Broker:
             await queue.bind(exchange, routing_key)
 
     async def publish(
-        self, message: OutgoingMessage, routing_key: str, *, exchange: str = "",
+        self,
+        message: OutgoingMessage,
+        routing_key: str,
+        *,
+        exchange: str = "",
         timeout_s: float = 10.0,
     ) -> None:
         """Publish persistently and return once the broker confirmed it."""
@@ -167,9 +169,7 @@ class Broker:
         )
         try:
             target = (
-                await channel.get_exchange(exchange, ensure=False)
-                if exchange
-                else channel.default_exchange
+                await channel.get_exchange(exchange, ensure=False) if exchange else channel.default_exchange
             )
             await target.publish(amqp_message, routing_key, mandatory=True, timeout=timeout_s)
         except aiormq.exceptions.PublishError as exc:

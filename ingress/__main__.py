@@ -15,8 +15,13 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     settings = IngressSettings.from_env(os.environ)
     # uvicorn finishes in-flight requests on SIGTERM/SIGINT before the lifespan closes the broker.
-    uvicorn.run(create_app(settings), host=settings.host, port=settings.port,
-                log_level="info", timeout_graceful_shutdown=30)
+    uvicorn.run(
+        create_app(settings),
+        host=settings.host,
+        port=settings.port,
+        log_level="info",
+        timeout_graceful_shutdown=30,
+    )
 
 
 if __name__ == "__main__":

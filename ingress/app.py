@@ -65,19 +65,32 @@ async def submit_job(request: Request) -> Response:
         authenticate(request, settings.api_keys)
         model = request.path_params["model"]
         if model not in settings.models:
-            raise Problem(404, "unknown-model", "Not Found",
-                          f"model {model!r} is not served; served models: {list(settings.models)}")
+            raise Problem(
+                404,
+                "unknown-model",
+                "Not Found",
+                f"model {model!r} is not served; served models: {list(settings.models)}",
+            )
         require_json_content_type(request)
         job_request = decode_job_request(await read_limited_body(request, settings.max_body_bytes))
         try:
             await check_callback_url(job_request.callback_url, settings.callback_allow)
         except CallbackUrlRejected as exc:
-            raise Problem(422, "invalid-callback-url", "Unprocessable Content", str(exc),
-                          errors=[{"field": "callback_url", "detail": str(exc)}]) from exc
+            raise Problem(
+                422,
+                "invalid-callback-url",
+                "Unprocessable Content",
+                str(exc),
+                errors=[{"field": "callback_url", "detail": str(exc)}],
+            ) from exc
         job = Job(
-            id=str(uuid.uuid4()), model=model, input=job_request.input,
-            callback_url=job_request.callback_url, priority=job_request.priority,
-            metadata=job_request.metadata, submitted_at_ms=int(time.time() * 1000),
+            id=str(uuid.uuid4()),
+            model=model,
+            input=job_request.input,
+            callback_url=job_request.callback_url,
+            priority=job_request.priority,
+            metadata=job_request.metadata,
+            submitted_at_ms=int(time.time() * 1000),
         )
         await _publish(state, job)
     except Problem as problem:
@@ -91,24 +104,40 @@ async def submit_job(request: Request) -> Response:
 
 async def _publish(state: IngressState, job: Job) -> None:
     message = OutgoingMessage(
-        body=encode(job), message_id=job.id, correlation_id=job.id,
-        priority=AMQP_PRIORITY[job.priority], headers={ATTEMPT_HEADER: 1}, type="job",
+        body=encode(job),
+        message_id=job.id,
+        correlation_id=job.id,
+        priority=AMQP_PRIORITY[job.priority],
+        headers={ATTEMPT_HEADER: 1},
+        type="job",
     )
     retry_after = {"Retry-After": str(state.settings.retry_after_s)}
     started = time.monotonic()
     try:
         await state.broker.publish(
-            message, job.model, exchange=state.settings.topology.jobs_exchange,
+            message,
+            job.model,
+            exchange=state.settings.topology.jobs_exchange,
             timeout_s=state.settings.publish_timeout_s,
         )
     except PublishRejected as exc:
         logger.warning("job %s not taken by the broker: %s", job.id, exc)
-        raise Problem(503, "not-queued", "Service Unavailable",
-                      f"the broker did not take the job: {exc}", headers=retry_after) from exc
+        raise Problem(
+            503,
+            "not-queued",
+            "Service Unavailable",
+            f"the broker did not take the job: {exc}",
+            headers=retry_after,
+        ) from exc
     except BrokerUnavailable as exc:
         logger.warning("job %s not published, broker unavailable: %s", job.id, exc)
-        raise Problem(503, "broker-unavailable", "Service Unavailable",
-                      "the job queue is unavailable; retry later", headers=retry_after) from exc
+        raise Problem(
+            503,
+            "broker-unavailable",
+            "Service Unavailable",
+            "the job queue is unavailable; retry later",
+            headers=retry_after,
+        ) from exc
     state.metrics.publish_seconds.observe(time.monotonic() - started)
 
 
@@ -124,8 +153,9 @@ async def healthz(request: Request) -> Response:
 
 async def readyz(request: Request) -> Response:
     if not _state(request).broker.is_ready:
-        raise Problem(503, "not-ready", "Service Unavailable", "not connected to RabbitMQ",
-                      headers={"Retry-After": "1"})
+        raise Problem(
+            503, "not-ready", "Service Unavailable", "not connected to RabbitMQ", headers={"Retry-After": "1"}
+        )
     return JSONResponse({"status": "ready"})
 
 
@@ -134,8 +164,9 @@ async def metrics(request: Request) -> Response:
 
 
 async def openapi(request: Request) -> Response:
-    return Response(msgspec.json.encode(openapi_document(_state(request).settings.models)),
-                    media_type="application/json")
+    return Response(
+        msgspec.json.encode(openapi_document(_state(request).settings.models)), media_type="application/json"
+    )
 
 
 def create_app(settings: IngressSettings) -> Starlette:

@@ -21,7 +21,9 @@ def authenticate(request: Request, api_keys: tuple[str, ...]) -> None:
         matched |= hmac.compare_digest(presented, key.encode())
     if scheme.lower() != "bearer" or not matched:
         raise Problem(
-            401, "unauthorized", "Unauthorized",
+            401,
+            "unauthorized",
+            "Unauthorized",
             "missing or invalid API key; send Authorization: Bearer <key>",
             headers={"WWW-Authenticate": 'Bearer realm="inferq"'},
         )

@@ -9,15 +9,20 @@ class IngressMetrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         self.jobs_accepted = Counter(
-            "inferq_ingress_jobs_accepted", "Jobs confirmed by the broker and answered 202",
-            ["model", "priority"], registry=self.registry,
+            "inferq_ingress_jobs_accepted",
+            "Jobs confirmed by the broker and answered 202",
+            ["model", "priority"],
+            registry=self.registry,
         )
         self.requests_rejected = Counter(
-            "inferq_ingress_requests_rejected", "Job requests answered with an error",
-            ["status"], registry=self.registry,
+            "inferq_ingress_requests_rejected",
+            "Job requests answered with an error",
+            ["status"],
+            registry=self.registry,
         )
         self.publish_seconds = Histogram(
-            "inferq_ingress_publish_seconds", "Publish-to-confirm time",
+            "inferq_ingress_publish_seconds",
+            "Publish-to-confirm time",
             buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0),
             registry=self.registry,
         )

@@ -58,19 +58,20 @@ def openapi_document(models: tuple[str, ...]) -> dict[str, Any]:
                 "post": {
                     "summary": "Submit a job; the result arrives by signed callback",
                     "parameters": [
-                        {"name": "model", "in": "path", "required": True,
-                         "schema": {"enum": list(models)}},
+                        {"name": "model", "in": "path", "required": True, "schema": {"enum": list(models)}},
                     ],
                     "requestBody": {
                         "required": True,
-                        "content": {"application/json": {
-                            "schema": {"$ref": "#/components/schemas/JobRequest"}}},
+                        "content": {
+                            "application/json": {"schema": {"$ref": "#/components/schemas/JobRequest"}}
+                        },
                     },
                     "responses": {
                         "202": {
                             "description": "Confirmed by the broker and queued",
-                            "content": {"application/json": {
-                                "schema": {"$ref": "#/components/schemas/JobAccepted"}}},
+                            "content": {
+                                "application/json": {"schema": {"$ref": "#/components/schemas/JobAccepted"}}
+                            },
                         },
                         "400": _problem_response("Malformed JSON"),
                         "401": _problem_response("Missing or wrong API key"),
@@ -78,14 +79,33 @@ def openapi_document(models: tuple[str, ...]) -> dict[str, Any]:
                         "413": _problem_response("Body over MAX_BODY_BYTES"),
                         "415": _problem_response("Content-Type is not JSON"),
                         "422": _problem_response("Schema violation or refused callback_url"),
-                        "503": _problem_response("Broker unavailable or did not take the job; see Retry-After"),
+                        "503": _problem_response(
+                            "Broker unavailable or did not take the job; see Retry-After"
+                        ),
                     },
                 }
             },
             "/v1/models": {"get": {"summary": "Served models", "responses": {"200": {"description": "OK"}}}},
-            "/healthz": {"get": {"summary": "Process alive", "security": [], "responses": {"200": {"description": "OK"}}}},
-            "/readyz": {"get": {"summary": "Broker connected, topology declared", "security": [],
-                                "responses": {"200": {"description": "Ready"}, "503": _problem_response("Not ready")}}},
-            "/metrics": {"get": {"summary": "Prometheus metrics", "security": [], "responses": {"200": {"description": "OK"}}}},
+            "/healthz": {
+                "get": {
+                    "summary": "Process alive",
+                    "security": [],
+                    "responses": {"200": {"description": "OK"}},
+                }
+            },
+            "/readyz": {
+                "get": {
+                    "summary": "Broker connected, topology declared",
+                    "security": [],
+                    "responses": {"200": {"description": "Ready"}, "503": _problem_response("Not ready")},
+                }
+            },
+            "/metrics": {
+                "get": {
+                    "summary": "Prometheus metrics",
+                    "security": [],
+                    "responses": {"200": {"description": "OK"}},
+                }
+            },
         },
     }

@@ -67,7 +67,10 @@ async def handle_http_exception(request: Request, exc: Exception) -> Response:
         raise exc
     slug = {404: "not-found", 405: "method-not-allowed"}.get(exc.status_code, "http-error")
     problem = Problem(
-        exc.status_code, slug, str(exc.detail), f"{request.method} {request.url.path}: {exc.detail}",
+        exc.status_code,
+        slug,
+        str(exc.detail),
+        f"{request.method} {request.url.path}: {exc.detail}",
         headers=dict(exc.headers or {}),
     )
     return problem_response(problem, request.url.path)

@@ -28,7 +28,9 @@ def require_json_content_type(request: Request) -> None:
     media_type = content_type.split(";", 1)[0].strip().lower()
     if media_type != "application/json" and not media_type.endswith("+json"):
         raise Problem(
-            415, "unsupported-media-type", "Unsupported Media Type",
+            415,
+            "unsupported-media-type",
+            "Unsupported Media Type",
             f"Content-Type {content_type or '(none)'!r} is not accepted; send application/json",
         )
 
@@ -52,7 +54,9 @@ async def read_limited_body(request: Request, max_body_bytes: int) -> bytes:
 
 def _too_large(size: int, limit: int) -> Problem:
     return Problem(
-        413, "payload-too-large", "Content Too Large",
+        413,
+        "payload-too-large",
+        "Content Too Large",
         f"request body of at least {size} bytes exceeds the limit of {limit} bytes (MAX_BODY_BYTES)",
     )
 
@@ -62,7 +66,10 @@ def decode_job_request(body: bytes) -> JobRequest:
         return msgspec.json.decode(body, type=JobRequest)
     except msgspec.ValidationError as exc:
         raise Problem(
-            422, "validation-error", "Unprocessable Content", f"invalid job request: {exc}",
+            422,
+            "validation-error",
+            "Unprocessable Content",
+            f"invalid job request: {exc}",
             errors=[{"detail": str(exc)}],
         ) from exc
     except msgspec.DecodeError as exc:

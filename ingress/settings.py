@@ -21,10 +21,10 @@ class IngressSettings:
     host: str = "127.0.0.1"
     port: int = 8000
     api_keys: tuple[str, ...] = field(default=(), repr=False)
-    callback_allow: AllowList = AllowList()
+    callback_allow: AllowList = field(default_factory=AllowList)
     max_body_bytes: int = 1024 * 1024
     models: tuple[str, ...] = ("echo", "embed-minilm")
-    topology: Topology = Topology()
+    topology: Topology = field(default_factory=Topology)
     publish_timeout_s: float = 10.0
     retry_after_s: int = 5
 

@@ -91,9 +91,7 @@ class CallbackReceiver:
         """The first `count` callbacks, or TimeoutError naming how many arrived."""
         async with self._arrived:
             try:
-                await asyncio.wait_for(
-                    self._arrived.wait_for(lambda: len(self.received) >= count), timeout_s
-                )
+                await asyncio.wait_for(self._arrived.wait_for(lambda: len(self.received) >= count), timeout_s)
             except TimeoutError:
                 raise TimeoutError(
                     f"{len(self.received)} of {count} callbacks arrived within {timeout_s} s"

@@ -55,7 +55,10 @@ class CallbackClient:
         self._allow = allow
         self._resolve = resolve
         self._client = httpx.AsyncClient(
-            timeout=timeout_s, follow_redirects=False, transport=transport, trust_env=False,
+            timeout=timeout_s,
+            follow_redirects=False,
+            transport=transport,
+            trust_env=False,
             limits=httpx.Limits(max_connections=256, max_keepalive_connections=64),
         )
 
@@ -97,7 +100,9 @@ def _classify(response: httpx.Response) -> DeliveryResult:
         return DeliveryResult(delivered=True, status=status)
     retryable = status >= 500 or status == 429 or 300 <= status < 400 or status == 408
     return DeliveryResult(
-        delivered=False, retryable=retryable, status=status,
+        delivered=False,
+        retryable=retryable,
+        status=status,
         error=f"receiver answered {status}",
         retry_after_s=_retry_after_s(response.headers.get("retry-after")),
     )

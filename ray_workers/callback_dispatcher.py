@@ -42,8 +42,11 @@ class CallbackDispatcher:
         self._settings = settings
         self._broker = Broker(settings.amqp_url, settings.topology, settings.models)
         self._client = CallbackClient(
-            WebhookSigner(settings.webhook_secret), settings.callback_allow,
-            settings.callback_timeout_s, transport, resolve,
+            WebhookSigner(settings.webhook_secret),
+            settings.callback_allow,
+            settings.callback_timeout_s,
+            transport,
+            resolve,
         )
         self._tasks: set[asyncio.Task[None]] = set()
         self._consumer_tag: str | None = None
@@ -55,7 +58,8 @@ class CallbackDispatcher:
     async def start(self) -> None:
         await self._broker.connect()
         self._consumer_tag = await self._broker.consume(
-            self._settings.topology.callbacks_queue, self._settings.callback_concurrency,
+            self._settings.topology.callbacks_queue,
+            self._settings.callback_concurrency,
             self._on_delivery,
         )
 
@@ -89,8 +93,9 @@ class CallbackDispatcher:
         if result.delivered:
             await self._settle(delivery, None)
         else:
-            logger.warning("callback %s to %s given up: %s", callback.webhook_id,
-                           callback.callback_url, result.error)
+            logger.warning(
+                "callback %s to %s given up: %s", callback.webhook_id, callback.callback_url, result.error
+            )
             await self._park(delivery, result.error or "undeliverable")
 
     async def _deliver_with_retries(self, callback: CallbackDelivery) -> DeliveryResult:
@@ -102,13 +107,13 @@ class CallbackDispatcher:
             result = await self._client.deliver(callback)
             if result.delivered or not result.retryable:
                 return result
-            logger.warning("callback %s attempt %d failed: %s", callback.webhook_id, attempt,
-                           result.error)
+            logger.warning("callback %s attempt %d failed: %s", callback.webhook_id, attempt, result.error)
         return result
 
     async def _park(self, delivery: Delivery, reason: str) -> None:
         message = OutgoingMessage(
-            delivery.body, message_id=delivery.message_id or "unknown",
+            delivery.body,
+            message_id=delivery.message_id or "unknown",
             headers={**delivery.headers, PARK_REASON_HEADER: reason},
         )
         await self._settle(delivery, message)

@@ -24,6 +24,7 @@ from contract.envelope import (
     CallbackDelivery,
     CallbackEvent,
     EventData,
+    EventType,
     Job,
     JobTimings,
     UndecodableMessage,
@@ -91,8 +92,11 @@ class JobWorker:
         try:
             await asyncio.wait_for(self._idle.wait(), timeout=timeout_s)
         except TimeoutError:
-            logger.warning("drain of %s timed out after %.1f s; its batch goes back to the queue",
-                           self._model.name, timeout_s)
+            logger.warning(
+                "drain of %s timed out after %.1f s; its batch goes back to the queue",
+                self._model.name,
+                timeout_s,
+            )
         if self._loop_task is not None:
             self._loop_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -163,28 +167,34 @@ class JobWorker:
 
     async def _complete(self, item: _Work, timings: JobTimings) -> None:
         job = item.job
-        event_type = "job.failed" if item.error is not None else "job.succeeded"
+        event_type: EventType = "job.failed" if item.error is not None else "job.succeeded"
         event = CallbackEvent(
             type=event_type,
             timestamp=datetime.fromtimestamp(self._wall_clock(), UTC).isoformat(),
             data=EventData(
-                id=job.id, model=job.model,
+                id=job.id,
+                model=job.model,
                 status="failed" if item.error is not None else "succeeded",
-                attempts=item.attempt, metadata=job.metadata, timings=timings,
-                output=item.output, error=item.error,
+                attempts=item.attempt,
+                metadata=job.metadata,
+                timings=timings,
+                output=item.output,
+                error=item.error,
             ),
         )
         delivery = CallbackDelivery(
             webhook_id=webhook_id_for(job.id, event_type), callback_url=job.callback_url, event=event
         )
-        message = OutgoingMessage(encode(delivery), message_id=delivery.webhook_id,
-                                  correlation_id=job.id, type=event_type)
+        message = OutgoingMessage(
+            encode(delivery), message_id=delivery.webhook_id, correlation_id=job.id, type=event_type
+        )
         await self._settle(item.delivery, message, self._settings.topology.callbacks_queue)
 
     async def _park(self, delivery: Delivery, reason: str) -> None:
         logger.warning("parking undecodable message %s: %s", delivery.message_id, reason)
         message = OutgoingMessage(
-            delivery.body, message_id=delivery.message_id or "unknown",
+            delivery.body,
+            message_id=delivery.message_id or "unknown",
             headers={**delivery.headers, PARK_REASON_HEADER: reason},
         )
         await self._settle(delivery, message, self._settings.topology.parking_queue(self._model.name))

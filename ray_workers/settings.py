@@ -16,9 +16,9 @@ DEFAULT_CALLBACK_RETRY_DELAYS_S = (0.0, 1.0, 5.0)
 class WorkerSettings:
     amqp_url: str = field(default=DEFAULT_AMQP_URL, repr=False)
     webhook_secret: str = field(default="", repr=False)
-    callback_allow: AllowList = AllowList()
+    callback_allow: AllowList = field(default_factory=AllowList)
     models: tuple[str, ...] = ("echo", "embed-minilm")
-    topology: Topology = Topology()
+    topology: Topology = field(default_factory=Topology)
     batch_max_size: int = 32
     batch_max_wait_s: float = 0.005
     callback_timeout_s: float = 10.0

@@ -52,8 +52,10 @@ def amqp_url() -> Iterator[str]:
             yield f"amqp://guest:guest@{host}:{port}/%2F"
             return
     except Exception as exc:
-        message = (f"RabbitMQ is not reachable at AMQP_URL={url} and no testcontainer could start "
-                   f"({exc!r}); start one with `rabbitmq-server -detached` or set AMQP_URL")
+        message = (
+            f"RabbitMQ is not reachable at AMQP_URL={url} and no testcontainer could start "
+            f"({exc!r}); start one with `rabbitmq-server -detached` or set AMQP_URL"
+        )
         if os.environ.get("CI"):
             pytest.fail(message)
         pytest.skip(message)
@@ -88,7 +90,9 @@ async def receiver(webhook_secret: str) -> AsyncIterator[CallbackReceiver]:
 @pytest.fixture
 def ingress_settings(amqp_url: str, topology: Topology) -> IngressSettings:
     return IngressSettings(
-        amqp_url=amqp_url, models=TEST_MODELS, topology=topology,
+        amqp_url=amqp_url,
+        models=TEST_MODELS,
+        topology=topology,
         callback_allow=AllowList.parse(["127.0.0.1"]),
     )
 
@@ -96,9 +100,14 @@ def ingress_settings(amqp_url: str, topology: Topology) -> IngressSettings:
 @pytest.fixture
 def worker_settings(amqp_url: str, topology: Topology, webhook_secret: str) -> WorkerSettings:
     return WorkerSettings(
-        amqp_url=amqp_url, webhook_secret=webhook_secret, models=TEST_MODELS, topology=topology,
-        callback_allow=AllowList.parse(["127.0.0.1"]), callback_retry_delays_s=(0.0, 0.2, 0.2),
-        callback_timeout_s=2.0, drain_timeout_s=5.0,
+        amqp_url=amqp_url,
+        webhook_secret=webhook_secret,
+        models=TEST_MODELS,
+        topology=topology,
+        callback_allow=AllowList.parse(["127.0.0.1"]),
+        callback_retry_delays_s=(0.0, 0.2, 0.2),
+        callback_timeout_s=2.0,
+        drain_timeout_s=5.0,
     )
 
 
@@ -116,9 +125,7 @@ async def running_ingress(
             yield client
 
 
-async def wait_until(
-    condition: Callable[[], bool | Awaitable[bool]], timeout_s: float, what: str
-) -> None:
+async def wait_until(condition: Callable[[], bool | Awaitable[bool]], timeout_s: float, what: str) -> None:
     """Poll `condition` until true; fail naming `what` after `timeout_s`."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout_s

@@ -92,7 +92,8 @@ async def test_allow_list_admits_named_hosts_and_networks_only() -> None:
     assert (target.host, target.port, target.path_and_query) == ("hooks.internal", 8080, "/cb?a=1")
     assert (await check_callback_url("http://192.168.4.4/", allow, _no_dns)).port == 80
     assert (await check_callback_url("http://[::1]:81/", allow, _no_dns)).addresses == (
-        ipaddress.ip_address("::1"),)
+        ipaddress.ip_address("::1"),
+    )
     with pytest.raises(CallbackUrlRejected):
         await check_callback_url("http://other.internal/", allow, internal)
     with pytest.raises(CallbackUrlRejected):

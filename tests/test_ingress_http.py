@@ -34,8 +34,10 @@ def _problem(response: httpx.Response, status: int) -> dict[str, object]:
 async def test_given_a_valid_job_when_submitted_then_202_and_the_job_is_on_the_model_queue(
     client: httpx.AsyncClient, ingress_settings: IngressSettings
 ) -> None:
-    response = await client.post("/v1/models/echo/jobs", json={
-        "input": {"x": 1}, "callback_url": CALLBACK, "priority": "high", "metadata": {"k": "v"}})
+    response = await client.post(
+        "/v1/models/echo/jobs",
+        json={"input": {"x": 1}, "callback_url": CALLBACK, "priority": "high", "metadata": {"k": "v"}},
+    )
 
     assert response.status_code == 202
     accepted = response.json()
@@ -57,33 +59,53 @@ async def test_given_a_valid_job_when_submitted_then_202_and_the_job_is_on_the_m
     [
         (b"{not json", "application/json", 400, "malformed-json"),
         (b'{"callback_url": "http://127.0.0.1:9/"}', "application/json", 422, "validation-error"),
-        (b'{"input": 1, "callback_url": "http://127.0.0.1:9/", "priority": "urgent"}',
-         "application/json", 422, "validation-error"),
-        (b'{"input": 1, "callback_url": "http://127.0.0.1:9/", "extra": true}',
-         "application/json", 422, "validation-error"),
-        (b'{"input": 1, "callback_url": "ftp://127.0.0.1/"}', "application/json", 422,
-         "invalid-callback-url"),
-        (b'{"input": 1, "callback_url": "http://user:pw@127.0.0.1/"}', "application/json", 422,
-         "invalid-callback-url"),
-        (b'{"input": 1, "callback_url": "http://127.0.0.2:9/"}', "application/json", 422,
-         "invalid-callback-url"),
-        (b'{"input": 1, "callback_url": "http://[::1]:9/"}', "application/json", 422,
-         "invalid-callback-url"),
-        (b'{"input": 1, "callback_url": "http://127.0.0.1:9/"}', "text/plain", 415,
-         "unsupported-media-type"),
+        (
+            b'{"input": 1, "callback_url": "http://127.0.0.1:9/", "priority": "urgent"}',
+            "application/json",
+            422,
+            "validation-error",
+        ),
+        (
+            b'{"input": 1, "callback_url": "http://127.0.0.1:9/", "extra": true}',
+            "application/json",
+            422,
+            "validation-error",
+        ),
+        (
+            b'{"input": 1, "callback_url": "ftp://127.0.0.1/"}',
+            "application/json",
+            422,
+            "invalid-callback-url",
+        ),
+        (
+            b'{"input": 1, "callback_url": "http://user:pw@127.0.0.1/"}',
+            "application/json",
+            422,
+            "invalid-callback-url",
+        ),
+        (
+            b'{"input": 1, "callback_url": "http://127.0.0.2:9/"}',
+            "application/json",
+            422,
+            "invalid-callback-url",
+        ),
+        (b'{"input": 1, "callback_url": "http://[::1]:9/"}', "application/json", 422, "invalid-callback-url"),
+        (b'{"input": 1, "callback_url": "http://127.0.0.1:9/"}', "text/plain", 415, "unsupported-media-type"),
     ],
 )
 async def test_given_a_bad_request_when_submitted_then_a_problem_and_nothing_published(
-    client: httpx.AsyncClient, ingress_settings: IngressSettings,
-    body: bytes, content_type: str, status: int, slug: str,
+    client: httpx.AsyncClient,
+    ingress_settings: IngressSettings,
+    body: bytes,
+    content_type: str,
+    status: int,
+    slug: str,
 ) -> None:
-    response = await client.post("/v1/models/echo/jobs", content=body,
-                                 headers={"content-type": content_type})
+    response = await client.post("/v1/models/echo/jobs", content=body, headers={"content-type": content_type})
 
     problem = _problem(response, status)
     assert str(problem["type"]).endswith(slug)
-    assert await drain_queue(ingress_settings.amqp_url,
-                             ingress_settings.topology.main_queue("echo")) == []
+    assert await drain_queue(ingress_settings.amqp_url, ingress_settings.topology.main_queue("echo")) == []
 
 
 async def test_given_an_unknown_model_when_submitted_then_404(client: httpx.AsyncClient) -> None:
@@ -99,13 +121,15 @@ async def test_given_a_body_over_the_limit_when_sent_with_or_without_length_then
 
     async def chunked() -> AsyncIterator[bytes]:
         for start in range(0, len(big), 16):
-            yield big[start:start + 16]
+            yield big[start : start + 16]
 
     async with running_ingress(settings) as client:
-        with_length = await client.post("/v1/models/echo/jobs", content=big,
-                                        headers={"content-type": "application/json"})
-        without_length = await client.post("/v1/models/echo/jobs", content=chunked(),
-                                           headers={"content-type": "application/json"})
+        with_length = await client.post(
+            "/v1/models/echo/jobs", content=big, headers={"content-type": "application/json"}
+        )
+        without_length = await client.post(
+            "/v1/models/echo/jobs", content=chunked(), headers={"content-type": "application/json"}
+        )
 
     _problem(with_length, 413)
     _problem(without_length, 413)
@@ -120,10 +144,10 @@ async def test_given_api_keys_when_the_key_is_missing_or_wrong_then_401_else_202
     job = {"input": 1, "callback_url": CALLBACK}
     async with running_ingress(settings) as client:
         missing = await client.post("/v1/models/echo/jobs", json=job)
-        wrong = await client.post("/v1/models/echo/jobs", json=job,
-                                  headers={"authorization": "Bearer k-three"})
-        right = await client.post("/v1/models/echo/jobs", json=job,
-                                  headers={"authorization": "Bearer k-two"})
+        wrong = await client.post(
+            "/v1/models/echo/jobs", json=job, headers={"authorization": "Bearer k-three"}
+        )
+        right = await client.post("/v1/models/echo/jobs", json=job, headers={"authorization": "Bearer k-two"})
 
     _problem(missing, 401)
     _problem(wrong, 401)

@@ -60,10 +60,12 @@ async def _submit(client: httpx.AsyncClient, model: str, payload: dict[str, Any]
 async def test_given_running_workers_when_jobs_are_submitted_then_signed_callbacks_carry_results(
     client: httpx.AsyncClient, receiver: CallbackReceiver, workers: list[JobWorker]
 ) -> None:
-    echo_id = await _submit(client, "echo", {
-        "input": {"hello": ["world", 1]}, "callback_url": receiver.url, "metadata": {"trace": "t1"}})
-    slow_id = await _submit(client, "synthetic", {
-        "input": {"sleep_ms": 20}, "callback_url": receiver.url})
+    echo_id = await _submit(
+        client,
+        "echo",
+        {"input": {"hello": ["world", 1]}, "callback_url": receiver.url, "metadata": {"trace": "t1"}},
+    )
+    slow_id = await _submit(client, "synthetic", {"input": {"sleep_ms": 20}, "callback_url": receiver.url})
 
     received = await receiver.wait_for(2, timeout_s=15)
 
@@ -82,13 +84,16 @@ async def test_given_running_workers_when_jobs_are_submitted_then_signed_callbac
 
 
 async def test_given_workers_paused_when_they_start_then_high_runs_before_normal_before_low(
-    client: httpx.AsyncClient, receiver: CallbackReceiver, worker_settings: WorkerSettings,
+    client: httpx.AsyncClient,
+    receiver: CallbackReceiver,
+    worker_settings: WorkerSettings,
     dispatcher: CallbackDispatcher,
 ) -> None:
     submitted = {}
     for priority in ["low", "normal", "high"] * 3:
-        job_id = await _submit(client, "echo", {
-            "input": priority, "callback_url": receiver.url, "priority": priority})
+        job_id = await _submit(
+            client, "echo", {"input": priority, "callback_url": receiver.url, "priority": priority}
+        )
         submitted[job_id] = priority
     # One job at a time, so the consumption order is the broker's priority order.
     worker = JobWorker(EchoModel(), replace(worker_settings, batch_max_size=1))
@@ -100,16 +105,19 @@ async def test_given_workers_paused_when_they_start_then_high_runs_before_normal
 
     in_run_order = sorted(received, key=lambda r: r.event["timestamp"])
     assert [submitted[r.event["data"]["id"]] for r in in_run_order] == (
-        ["high"] * 3 + ["normal"] * 3 + ["low"] * 3)
+        ["high"] * 3 + ["normal"] * 3 + ["low"] * 3
+    )
 
 
 async def test_given_an_input_the_model_refuses_then_job_failed_is_called_back(
     client: httpx.AsyncClient, receiver: CallbackReceiver, workers: list[JobWorker]
 ) -> None:
-    job_id = await _submit(client, "synthetic", {
-        "input": {"fail_permanently": True}, "callback_url": receiver.url})
-    bad_shape_id = await _submit(client, "synthetic", {
-        "input": {"sleep_ms": "soon"}, "callback_url": receiver.url})
+    job_id = await _submit(
+        client, "synthetic", {"input": {"fail_permanently": True}, "callback_url": receiver.url}
+    )
+    bad_shape_id = await _submit(
+        client, "synthetic", {"input": {"sleep_ms": "soon"}, "callback_url": receiver.url}
+    )
 
     received = await receiver.wait_for(2, timeout_s=15)
 
@@ -121,14 +129,18 @@ async def test_given_an_input_the_model_refuses_then_job_failed_is_called_back(
 
 
 async def test_given_a_poison_message_then_it_is_parked_and_the_jobs_behind_it_flow(
-    client: httpx.AsyncClient, receiver: CallbackReceiver, workers: list[JobWorker],
+    client: httpx.AsyncClient,
+    receiver: CallbackReceiver,
+    workers: list[JobWorker],
     worker_settings: WorkerSettings,
 ) -> None:
     broker = Broker(worker_settings.amqp_url, worker_settings.topology, worker_settings.models)
     await broker.connect()
     try:
-        await broker.publish(OutgoingMessage(b"\x00not json", message_id="poison-1"),
-                             worker_settings.topology.main_queue("echo"))
+        await broker.publish(
+            OutgoingMessage(b"\x00not json", message_id="poison-1"),
+            worker_settings.topology.main_queue("echo"),
+        )
     finally:
         await broker.close()
     job_id = await _submit(client, "echo", {"input": "after", "callback_url": receiver.url})
@@ -148,7 +160,9 @@ async def test_given_a_poison_message_then_it_is_parked_and_the_jobs_behind_it_f
 
 
 async def test_given_a_worker_stopped_mid_batch_when_another_starts_then_the_job_completes(
-    client: httpx.AsyncClient, receiver: CallbackReceiver, worker_settings: WorkerSettings,
+    client: httpx.AsyncClient,
+    receiver: CallbackReceiver,
+    worker_settings: WorkerSettings,
     dispatcher: CallbackDispatcher,
 ) -> None:
     first = JobWorker(SyntheticModel(), worker_settings)
@@ -158,6 +172,7 @@ async def test_given_a_worker_stopped_mid_batch_when_another_starts_then_the_job
     probe = Broker(worker_settings.amqp_url, worker_settings.topology, worker_settings.models)
     await probe.connect()
     try:
+
         async def taken() -> bool:
             ready, _consumers = await probe.queue_depth(queue)
             return ready == 0
@@ -181,13 +196,19 @@ async def test_given_a_worker_stopped_mid_batch_when_another_starts_then_the_job
 
 async def _publish_job(settings: WorkerSettings, callback_url: str) -> str:
     """A job put straight on the queue, as if the ingress had allowed its URL."""
-    job = Job(id=str(uuid.uuid4()), model="echo", input="direct", callback_url=callback_url,
-              submitted_at_ms=int(time.time() * 1000))
+    job = Job(
+        id=str(uuid.uuid4()),
+        model="echo",
+        input="direct",
+        callback_url=callback_url,
+        submitted_at_ms=int(time.time() * 1000),
+    )
     broker = Broker(settings.amqp_url, settings.topology, settings.models)
     await broker.connect()
     try:
-        await broker.publish(OutgoingMessage(encode(job), message_id=job.id),
-                             settings.topology.main_queue("echo"))
+        await broker.publish(
+            OutgoingMessage(encode(job), message_id=job.id), settings.topology.main_queue("echo")
+        )
     finally:
         await broker.close()
     return job.id
@@ -205,7 +226,9 @@ async def _wait_parked_callback(settings: WorkerSettings) -> tuple[Any, str]:
 
 
 async def test_given_a_callback_to_a_loopback_address_off_the_allow_list_then_no_packet_and_parked(
-    worker_settings: WorkerSettings, workers: list[JobWorker], webhook_secret: str,
+    worker_settings: WorkerSettings,
+    workers: list[JobWorker],
+    webhook_secret: str,
 ) -> None:
     for host in ("127.0.0.2", "::1"):
         trap = CallbackReceiver(webhook_secret, host=host)
@@ -221,7 +244,9 @@ async def test_given_a_callback_to_a_loopback_address_off_the_allow_list_then_no
 
 
 async def test_given_a_receiver_that_fails_twice_then_the_retry_delivers_with_the_same_webhook_id(
-    client: httpx.AsyncClient, receiver: CallbackReceiver, workers: list[JobWorker],
+    client: httpx.AsyncClient,
+    receiver: CallbackReceiver,
+    workers: list[JobWorker],
 ) -> None:
     receiver.scripted_statuses.extend([503, 500])
     job_id = await _submit(client, "echo", {"input": 1, "callback_url": receiver.url})
@@ -234,7 +259,8 @@ async def test_given_a_receiver_that_fails_twice_then_the_retry_delivers_with_th
 
 
 async def test_given_a_receiver_that_never_answers_then_the_callback_is_parked_not_lost(
-    worker_settings: WorkerSettings, workers: list[JobWorker],
+    worker_settings: WorkerSettings,
+    workers: list[JobWorker],
 ) -> None:
     closed_port_url = "http://127.0.0.1:9/callbacks"  # discard port: nothing listens
     job_id = await _publish_job(worker_settings, closed_port_url)

@@ -35,7 +35,9 @@ class MiniLMModel:
         if isinstance(texts, str):
             texts = [texts]
         if not isinstance(texts, list) or not texts or not all(isinstance(t, str) for t in texts):
-            raise InvalidInput('embed-minilm input must be a string or {"texts": [non-empty list of strings]}')
+            raise InvalidInput(
+                'embed-minilm input must be a string or {"texts": [non-empty list of strings]}'
+            )
         if len(texts) > MAX_TEXTS_PER_JOB:
             raise InvalidInput(f"{len(texts)} texts in one job exceeds the limit of {MAX_TEXTS_PER_JOB}")
         return texts
@@ -47,7 +49,7 @@ class MiniLMModel:
         outputs: list[Any] = []
         offset = 0
         for texts in inputs:
-            outputs.append({"embeddings": vectors[offset:offset + len(texts)], "dimensions": 384})
+            outputs.append({"embeddings": vectors[offset : offset + len(texts)], "dimensions": 384})
             offset += len(texts)
         return outputs
 
@@ -55,8 +57,9 @@ class MiniLMModel:
         torch = self._torch
         try:
             with torch.inference_mode():
-                encoded = self._tokenizer(texts, padding=True, truncation=True,
-                                          max_length=MAX_TOKENS, return_tensors="pt").to(self.device)
+                encoded = self._tokenizer(
+                    texts, padding=True, truncation=True, max_length=MAX_TOKENS, return_tensors="pt"
+                ).to(self.device)
                 hidden = self._model(**encoded).last_hidden_state
                 mask = encoded["attention_mask"].unsqueeze(-1).to(hidden.dtype)
                 pooled = (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1e-9)

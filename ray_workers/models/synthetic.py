@@ -46,6 +46,8 @@ class SyntheticModel:
         time.sleep(max((job.spec.sleep_ms for job in inputs), default=0.0) / 1000)
         for job in inputs:
             if job.attempt < job.spec.fail_until_attempt:
-                raise ModelFailure(f"synthetic failure on attempt {job.attempt} "
-                                   f"(fails until attempt {job.spec.fail_until_attempt})")
+                raise ModelFailure(
+                    f"synthetic failure on attempt {job.attempt} "
+                    f"(fails until attempt {job.spec.fail_until_attempt})"
+                )
         return [{"slept_ms": job.spec.sleep_ms, "attempt": job.attempt} for job in inputs]

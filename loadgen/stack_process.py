@@ -1,0 +1,87 @@
+"""The local stack as a child process, for the demo, the benchmarks and the tests.
+
+Starts `python -m ray_workers.local_stack` with its output in a log file, waits until
+it reports ready and the ingress answers /readyz, and stops it with SIGINT (the same
+path as Ctrl-C on `task up`), killing it only if it does not stop in time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+import socket
+import sys
+import tempfile
+import time
+from collections.abc import Mapping
+from pathlib import Path
+
+import httpx
+
+from ray_workers.local_stack import READY_LINE
+
+STACK_START_TIMEOUT_S = 240.0
+STACK_STOP_TIMEOUT_S = 90.0
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+class StackProcess:
+    def __init__(self, env: Mapping[str, str]) -> None:
+        self.port = free_port()
+        self.base_url = f"http://127.0.0.1:{self.port}"
+        self._env = {**env, "INGRESS_HOST": "127.0.0.1", "INGRESS_PORT": str(self.port)}
+        self.log = Path(tempfile.mkstemp(prefix="inferq-stack-", suffix=".log")[1])
+        self._process: asyncio.subprocess.Process | None = None
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    async def start(self) -> float:
+        """Start and wait until ready; returns the seconds it took."""
+        started = time.monotonic()
+        with self.log.open("wb") as log_file:
+            self._process = await asyncio.create_subprocess_exec(
+                sys.executable,
+                "-m",
+                "ray_workers.local_stack",
+                env=self._env,
+                stdout=log_file,
+                stderr=asyncio.subprocess.STDOUT,
+            )
+        async with httpx.AsyncClient(base_url=self.base_url) as client:
+            while READY_LINE not in self.output() or (await _ready_status(client)) != 200:
+                if self._process.returncode is not None:
+                    raise RuntimeError(f"the stack exited with {self._process.returncode}; see {self.log}")
+                if time.monotonic() - started > STACK_START_TIMEOUT_S:
+                    raise TimeoutError(
+                        f"the stack was not ready within {STACK_START_TIMEOUT_S:.0f} s; see {self.log}"
+                    )
+                await asyncio.sleep(0.2)
+        return time.monotonic() - started
+
+    async def stop(self) -> int:
+        """SIGINT, as Ctrl-C would; returns the exit code (killed: negative)."""
+        process = self._process
+        if process is None:
+            return 0
+        if process.returncode is None:
+            process.send_signal(signal.SIGINT)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(process.wait(), STACK_STOP_TIMEOUT_S)
+            if process.returncode is None:
+                process.kill()
+        return await process.wait()
+
+
+async def _ready_status(client: httpx.AsyncClient) -> int:
+    try:
+        return (await client.get("/readyz")).status_code
+    except httpx.TransportError:
+        return 0

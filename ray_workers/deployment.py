@@ -1,0 +1,97 @@
+"""The one home of Ray: Serve deployments that host a JobWorker or the CallbackDispatcher.
+
+Each replica pulls its own work from RabbitMQ (no requests come through Serve's
+router, whose per-replica `max_ongoing_requests` would throttle a queue consumer), so
+Serve's role is placement, health checking, restarts and replica counts. One Serve
+application per model lets each scale on its own.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+from ray import serve
+
+from ray_workers.callback_dispatcher import CallbackDispatcher
+from ray_workers.job_worker import JobWorker
+from ray_workers.models.registry import load_model
+from ray_workers.settings import WorkerSettings
+
+logger = logging.getLogger(__name__)
+
+DISPATCHER_APP = "callbacks"
+
+
+class ReplicaUnhealthy(Exception):
+    """Raised from check_health so Serve restarts the replica."""
+
+
+def worker_app_name(model: str) -> str:
+    return f"worker-{model}"
+
+
+@serve.deployment(health_check_period_s=5, health_check_timeout_s=10)
+class ModelWorkerDeployment:
+    """A replica: loads the model once, then consumes the model's queue until shut down."""
+
+    # Ray actors run `async def __init__`; the worker's tasks live on the replica's loop.
+    async def __init__(self, model_name: str, settings: WorkerSettings) -> None:  # type: ignore[misc]
+        logging.basicConfig(level=logging.INFO)
+        model = await asyncio.to_thread(load_model, model_name)
+        self._worker = JobWorker(model, settings)
+        self._drain_timeout_s = settings.drain_timeout_s
+        await self._worker.start()
+
+    async def check_health(self) -> None:
+        if not self._worker.is_healthy:
+            raise ReplicaUnhealthy("job loop stopped or broker connection lost")
+
+    # Serve's documented shutdown hook: it awaits `__del__` during graceful shutdown,
+    # inside `graceful_shutdown_timeout_s`, so the batch in flight can finish.
+    async def __del__(self) -> None:
+        await self._worker.stop(self._drain_timeout_s)
+
+
+@serve.deployment(health_check_period_s=5, health_check_timeout_s=10)
+class CallbackDispatcherDeployment:
+    async def __init__(self, settings: WorkerSettings) -> None:  # type: ignore[misc]
+        logging.basicConfig(level=logging.INFO)
+        self._dispatcher = CallbackDispatcher(settings)
+        self._drain_timeout_s = settings.drain_timeout_s
+        await self._dispatcher.start()
+
+    async def check_health(self) -> None:
+        if not self._dispatcher.is_healthy:
+            raise ReplicaUnhealthy("broker connection lost")
+
+    async def __del__(self) -> None:
+        await self._dispatcher.stop(self._drain_timeout_s)
+
+
+def _options(settings: WorkerSettings, num_replicas: int, num_gpus: float) -> dict[str, Any]:
+    return {
+        "num_replicas": num_replicas,
+        # Replicas mostly wait on the broker; CPU is shared by the OS, GPUs are reserved.
+        "ray_actor_options": {"num_cpus": 0, "num_gpus": num_gpus},
+        "graceful_shutdown_timeout_s": settings.drain_timeout_s + 5,
+        "graceful_shutdown_wait_loop_s": 0.1,
+    }
+
+
+def run_model_worker(
+    model: str, settings: WorkerSettings, num_replicas: int = 1, num_gpus: float = 0
+) -> None:
+    """Deploy (or redeploy with a new replica count) the worker application of one model."""
+    app = ModelWorkerDeployment.options(  # type: ignore[attr-defined]
+        name=f"ModelWorker-{model}", **_options(settings, num_replicas, num_gpus)
+    ).bind(model, settings)
+    serve.run(app, name=worker_app_name(model), route_prefix=None)
+
+
+def run_callback_dispatcher(settings: WorkerSettings) -> None:
+    app = CallbackDispatcherDeployment.options(  # type: ignore[attr-defined]
+        **_options(settings, 1, 0)
+    ).bind(settings)
+    serve.run(app, name=DISPATCHER_APP, route_prefix=None)
