@@ -50,19 +50,29 @@ async def _wait_taken(amqp_url: str, topology: Topology, model: str) -> None:
 async def test_given_the_stack_when_a_replica_is_killed_mid_batch_then_every_job_calls_back(
     amqp_url: str, topology: Topology, receiver: CallbackReceiver, webhook_secret: str
 ) -> None:
-    stack = StackProcess({
-        **os.environ, "AMQP_URL": amqp_url, "QUEUE_PREFIX": topology.prefix,
-        "WEBHOOK_SECRET": webhook_secret, "CALLBACK_ALLOW_HOSTS": "127.0.0.1",
-        "MODELS": "echo,embed-minilm", "ENABLE_TEST_MODELS": "1",
-    })
+    stack = StackProcess(
+        {
+            **os.environ,
+            "AMQP_URL": amqp_url,
+            "QUEUE_PREFIX": topology.prefix,
+            "WEBHOOK_SECRET": webhook_secret,
+            "CALLBACK_ALLOW_HOSTS": "127.0.0.1",
+            "MODELS": "echo,embed-minilm",
+            "ENABLE_TEST_MODELS": "1",
+        }
+    )
     try:
         await stack.start()
         async with httpx.AsyncClient(base_url=stack.base_url, timeout=30) as client:
             jobs = {}
-            for model, job_input in [("synthetic", {"sleep_ms": 4000}), ("echo", {"x": 1}),
-                                     ("embed-minilm", {"texts": ["hello", "world"]})]:
-                response = await client.post(f"/v1/models/{model}/jobs",
-                                             json={"input": job_input, "callback_url": receiver.url})
+            for model, job_input in [
+                ("synthetic", {"sleep_ms": 4000}),
+                ("echo", {"x": 1}),
+                ("embed-minilm", {"texts": ["hello", "world"]}),
+            ]:
+                response = await client.post(
+                    f"/v1/models/{model}/jobs", json={"input": job_input, "callback_url": receiver.url}
+                )
                 assert response.status_code == 202, response.text
                 jobs[response.json()["id"]] = model
             assert (await client.get("/v1/models")).json()["models"][0]["name"] == "echo"
