@@ -15,10 +15,11 @@ reconnects and restores channels, queues and consumers after a broker restart.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
@@ -69,6 +70,8 @@ class OutgoingMessage:
     priority: int | None = None
     headers: Mapping[str, Any] | None = None
     type: str | None = None
+    # Per-message TTL; only ever set below a delay queue's own TTL (see retry_tiers).
+    expiration_ms: int | None = None
 
 
 class Delivery:
@@ -166,6 +169,9 @@ class Broker:
             headers=dict(message.headers or {}),
             timestamp=datetime.now(UTC),
             type=message.type,
+            expiration=None
+            if message.expiration_ms is None
+            else timedelta(milliseconds=message.expiration_ms),
         )
         try:
             target = (
@@ -202,11 +208,15 @@ class Broker:
         self._consumers[tag] = (queue, channel)
         return tag
 
-    async def cancel(self, tag: str) -> None:
-        """Stop a consumer (basic.cancel); what it holds unacked stays with it until settled."""
-        queue, _channel = self._consumers[tag]
+    async def cancel(self, tag: str, *, close_channel: bool = False) -> None:
+        """Stop a consumer (basic.cancel). What it holds unacked stays with it until
+        settled, unless `close_channel`, which hands all of it back to the queue."""
+        queue, channel = self._consumers[tag]
         try:
             await queue.cancel(tag)
+            if close_channel:
+                del self._consumers[tag]
+                await channel.close()
         except _CONNECTION_ERRORS as exc:
             logger.warning("cancel of consumer %s failed: %r", tag, exc)
 
@@ -220,6 +230,31 @@ class Broker:
             await self._connection.close()
         self._connection = None
         self._publish_channel = None
+
+    @contextlib.asynccontextmanager
+    async def fetching(self, queue_name: str) -> AsyncIterator[Callable[[], Awaitable[Delivery | None]]]:
+        """Pull messages one by one (basic.get) on a channel of their own. Whatever is not
+        acked when the block ends goes back to the queue, in its original order."""
+        if self._connection is None:
+            raise BrokerUnavailable("not connected")
+        try:
+            channel = await self._connection.channel()
+            queue = await channel.get_queue(queue_name, ensure=True)
+        except _CONNECTION_ERRORS as exc:
+            raise BrokerUnavailable(f"cannot read {queue_name}: {exc!r}") from exc
+
+        async def next_message() -> Delivery | None:
+            try:
+                message = await queue.get(fail=False, no_ack=False)
+            except _CONNECTION_ERRORS as exc:
+                raise BrokerUnavailable(f"cannot read {queue_name}: {exc!r}") from exc
+            return None if message is None else Delivery(message)
+
+        try:
+            yield next_message
+        finally:
+            if not channel.is_closed:
+                await channel.close()
 
     async def queue_depth(self, queue_name: str) -> tuple[int, int]:
         """(ready messages, consumers) of a queue, via a passive declare."""

@@ -8,6 +8,9 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
+from contract.retry_tiers import RetrySchedule
+from contract.topology import DEFAULT_CALLBACK_RETRY_DELAYS_S, DEFAULT_JOB_RETRY_DELAYS_S, Topology
+
 DEFAULT_AMQP_URL = "amqp://guest:guest@127.0.0.1:5672/%2F"
 DEFAULT_MODELS = "echo,embed-minilm"
 TEST_MODELS = ("synthetic",)
@@ -74,3 +77,48 @@ def served_models(env: Mapping[str, str]) -> tuple[str, ...]:
     if not models:
         raise ConfigError("MODELS is empty; name at least one model")
     return models
+
+
+def env_delays(env: Mapping[str, str], name: str, default: tuple[float, ...]) -> tuple[float, ...]:
+    raw = env.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        delays = tuple(float(item) for item in csv_list(raw))
+    except ValueError as exc:
+        raise ConfigError(f"{name}={raw!r} is not a comma-separated list of seconds") from exc
+    if not delays or any(delay <= 0 for delay in delays):
+        raise ConfigError(f"{name}={raw!r} needs one or more delays > 0 s")
+    return delays
+
+
+def model_env_suffix(model: str) -> str:
+    """`embed-minilm` -> `EMBED_MINILM`, for per-model variables."""
+    return model.upper().replace("-", "_")
+
+
+def topology_from_env(env: Mapping[str, str], models: tuple[str, ...]) -> Topology:
+    """The topology both services must agree on: names, limits and retry schedules.
+
+    `RETRY_DELAYS_S` is the job retry schedule; `RETRY_DELAYS_S_<MODEL>` overrides it
+    for one model (e.g. `RETRY_DELAYS_S_EMBED_MINILM`).
+    """
+    jitter = env_float(env, "RETRY_JITTER", 0.1)
+    if jitter >= 1:
+        raise ConfigError(f"RETRY_JITTER={jitter} must be below 1")
+    default_delays = env_delays(env, "RETRY_DELAYS_S", DEFAULT_JOB_RETRY_DELAYS_S)
+    by_model = {
+        model: RetrySchedule(
+            env_delays(env, f"RETRY_DELAYS_S_{model_env_suffix(model)}", default_delays), jitter
+        )
+        for model in models
+    }
+    return Topology(
+        prefix=env.get("QUEUE_PREFIX", ""),
+        max_queue_length=env_int(env, "MAX_QUEUE_LENGTH", 100_000, minimum=1),
+        job_retries=RetrySchedule(default_delays, jitter),
+        job_retries_by_model=by_model,
+        callback_retries=RetrySchedule(
+            env_delays(env, "CALLBACK_RETRY_DELAYS_S", DEFAULT_CALLBACK_RETRY_DELAYS_S), jitter
+        ),
+    )

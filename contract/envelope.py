@@ -20,10 +20,15 @@ Priority = Literal["high", "normal", "low"]
 AMQP_PRIORITY: dict[str, int] = {"low": 0, "normal": 1, "high": 2}
 MAX_AMQP_PRIORITY = max(AMQP_PRIORITY.values())
 
+# Our own attempt count (1 on first delivery), incremented on every republish to a
+# retry tier; RabbitMQ's x-death is not used (4.x stops counting client republishes).
 ATTEMPT_HEADER = "x-attempt"
+# JSON list of {"attempt", "error", "at_ms"}: why each earlier attempt failed.
+HISTORY_HEADER = "x-attempt-history"
 PARK_REASON_HEADER = "x-park-reason"
 
-EventType = Literal["job.succeeded", "job.failed"]
+EventType = Literal["job.succeeded", "job.failed", "job.expired"]
+JobStatus = Literal["succeeded", "failed", "expired"]
 
 
 class UndecodableMessage(ValueError):
@@ -41,6 +46,8 @@ class Job(msgspec.Struct, frozen=True, kw_only=True):
     priority: Priority = "normal"
     metadata: dict[str, Any] = msgspec.field(default_factory=dict)
     submitted_at_ms: int
+    # Wall-clock ms after which the job must not run (from the optional `ttl_s`).
+    deadline_ms: int | None = None
 
 
 class JobTimings(msgspec.Struct, frozen=True, kw_only=True):
@@ -52,7 +59,7 @@ class JobTimings(msgspec.Struct, frozen=True, kw_only=True):
 class EventData(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
     id: str
     model: str
-    status: Literal["succeeded", "failed"]
+    status: JobStatus
     attempts: int
     metadata: dict[str, Any]
     timings: JobTimings

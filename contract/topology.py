@@ -2,22 +2,40 @@
 
 Both sides declare the same specs idempotently at start, so whichever starts first
 creates them and a mismatch fails loudly (PRECONDITION_FAILED) instead of drifting.
+Delay-tier queues carry their delay in their name, so changing a schedule creates new
+queues instead of clashing with the old ones.
+
+    jobs (direct exchange) --model--> jobs.{model}            priority, reject-publish
+    jobs.{model}.retry.{delay}  TTL = delay, dead-letters --> jobs / {model}
+    jobs.{model}.parked         permanent failures and exhausted attempts (replayable)
+    callbacks                   finished jobs' events for the dispatcher
+    callbacks.retry.{delay}     TTL = delay, dead-letters --> callbacks
+    callbacks.parked            undeliverable events (replayable)
 
 Broker versions: the embedded default is RabbitMQ 3.10, production clusters run 4.x.
 Main queues are *classic* queues with `x-max-priority`, which both versions honour.
 Quorum queues would replicate, but on 3.10 they reject `x-max-priority` outright and
 on 4.x they support only two priority levels (>= 5 is "high"), so the three-level
-high/normal/low contract needs classic queues on both. `x-overflow: reject-publish`
-(not the default drop-head) makes a full queue nack new publishes instead of
-silently dropping the oldest accepted jobs.
+high/normal/low contract needs classic queues on both; with quorum queues one would
+also have to set `x-delivery-limit` explicitly (3.10 has no default) and
+`x-dead-letter-strategy: at-least-once` (4.x). `x-overflow: reject-publish` (not the
+default drop-head) makes a full queue nack new publishes instead of silently dropping
+the oldest accepted jobs. Attempts are counted in our own header, not `x-death`
+(RabbitMQ 4.x stops counting client republishes there).
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from contract.envelope import MAX_AMQP_PRIORITY
+from contract.retry_tiers import RetrySchedule, tier_name
+
+DEFAULT_JOB_RETRY_DELAYS_S = (1.0, 10.0, 60.0, 600.0)
+# Standard Webhooks/Svix-like: immediately, then 5 s, 5 min, 30 min, 2 h, 5 h, 10 h, 10 h.
+DEFAULT_CALLBACK_RETRY_DELAYS_S = (5.0, 300.0, 1800.0, 7200.0, 18000.0, 36000.0, 36000.0)
 
 
 @dataclass(frozen=True)
@@ -31,10 +49,15 @@ class QueueSpec:
 @dataclass(frozen=True)
 class Topology:
     """Derives every name from an optional prefix, which isolates environments (and tests)
-    sharing one virtual host."""
+    sharing one virtual host, and holds the retry schedules both sides must agree on."""
 
     prefix: str = ""
     max_queue_length: int = 100_000
+    job_retries: RetrySchedule = field(default_factory=lambda: RetrySchedule(DEFAULT_JOB_RETRY_DELAYS_S))
+    job_retries_by_model: Mapping[str, RetrySchedule] = field(default_factory=dict)
+    callback_retries: RetrySchedule = field(
+        default_factory=lambda: RetrySchedule(DEFAULT_CALLBACK_RETRY_DELAYS_S)
+    )
 
     @property
     def jobs_exchange(self) -> str:
@@ -46,9 +69,18 @@ class Topology:
     def parking_queue(self, model: str) -> str:
         return f"{self.prefix}jobs.{model}.parked"
 
+    def job_retry_schedule(self, model: str) -> RetrySchedule:
+        return self.job_retries_by_model.get(model, self.job_retries)
+
+    def job_retry_queue(self, model: str, delay_s: float) -> str:
+        return f"{self.prefix}jobs.{model}.retry.{tier_name(delay_s)}"
+
     @property
     def callbacks_queue(self) -> str:
         return f"{self.prefix}callbacks"
+
+    def callback_retry_queue(self, delay_s: float) -> str:
+        return f"{self.prefix}callbacks.retry.{tier_name(delay_s)}"
 
     @property
     def callbacks_parking_queue(self) -> str:
@@ -57,19 +89,33 @@ class Topology:
     def queues(self, models: tuple[str, ...]) -> list[QueueSpec]:
         specs: list[QueueSpec] = []
         for model in models:
-            specs.append(
-                QueueSpec(
-                    self.main_queue(model),
-                    {
-                        "x-queue-type": "classic",
-                        "x-max-priority": MAX_AMQP_PRIORITY,
-                        "x-max-length": self.max_queue_length,
-                        "x-overflow": "reject-publish",
-                    },
-                    ((self.jobs_exchange, model),),
+            main_arguments = {
+                "x-queue-type": "classic",
+                "x-max-priority": MAX_AMQP_PRIORITY,
+                "x-max-length": self.max_queue_length,
+                "x-overflow": "reject-publish",
+            }
+            specs.append(QueueSpec(self.main_queue(model), main_arguments, ((self.jobs_exchange, model),)))
+            for delay_s in self.job_retry_schedule(model).distinct_delays_s():
+                specs.append(
+                    _delay_queue(self.job_retry_queue(model, delay_s), delay_s, self.jobs_exchange, model)
                 )
-            )
             specs.append(QueueSpec(self.parking_queue(model), {"x-queue-type": "classic"}))
         specs.append(QueueSpec(self.callbacks_queue, {"x-queue-type": "classic"}))
+        for delay_s in self.callback_retries.distinct_delays_s():
+            # "" is the default exchange: routing by queue name straight back to callbacks.
+            specs.append(_delay_queue(self.callback_retry_queue(delay_s), delay_s, "", self.callbacks_queue))
         specs.append(QueueSpec(self.callbacks_parking_queue, {"x-queue-type": "classic"}))
         return specs
+
+
+def _delay_queue(name: str, delay_s: float, target_exchange: str, target_key: str) -> QueueSpec:
+    return QueueSpec(
+        name,
+        {
+            "x-queue-type": "classic",
+            "x-message-ttl": round(delay_s * 1000),
+            "x-dead-letter-exchange": target_exchange,
+            "x-dead-letter-routing-key": target_key,
+        },
+    )

@@ -83,6 +83,7 @@ async def submit_job(request: Request) -> Response:
                 str(exc),
                 errors=[{"field": "callback_url", "detail": str(exc)}],
             ) from exc
+        submitted_at_ms = int(time.time() * 1000)
         job = Job(
             id=str(uuid.uuid4()),
             model=model,
@@ -90,7 +91,10 @@ async def submit_job(request: Request) -> Response:
             callback_url=job_request.callback_url,
             priority=job_request.priority,
             metadata=job_request.metadata,
-            submitted_at_ms=int(time.time() * 1000),
+            submitted_at_ms=submitted_at_ms,
+            deadline_ms=None
+            if job_request.ttl_s is None
+            else submitted_at_ms + round(job_request.ttl_s * 1000),
         )
         await _publish(state, job)
     except Problem as problem:

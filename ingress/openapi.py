@@ -27,6 +27,11 @@ def openapi_document(models: tuple[str, ...]) -> dict[str, Any]:
                         "callback_url": {"type": "string", "format": "uri"},
                         "priority": {"enum": ["high", "normal", "low"], "default": "normal"},
                         "metadata": {"type": "object", "description": "Echoed back in the callback"},
+                        "ttl_s": {
+                            "type": "number",
+                            "exclusiveMinimum": 0,
+                            "description": "Not run after this many seconds; the callback is job.expired",
+                        },
                     },
                 },
                 "JobAccepted": {

@@ -7,7 +7,7 @@ buffer more than `max_body_bytes` by leaving out Content-Length.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
 import msgspec
 from starlette.requests import Request
@@ -21,6 +21,8 @@ class JobRequest(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     callback_url: str
     priority: Priority = "normal"
     metadata: dict[str, Any] = msgspec.field(default_factory=dict)
+    # Seconds the job may wait; past that it is not run and the caller gets job.expired.
+    ttl_s: Annotated[float, msgspec.Meta(gt=0, le=7 * 24 * 3600)] | None = None
 
 
 def require_json_content_type(request: Request) -> None:

@@ -11,6 +11,7 @@ from contract.config import (
     csv_list,
     env_int,
     served_models,
+    topology_from_env,
 )
 from contract.topology import Topology
 
@@ -30,6 +31,7 @@ class IngressSettings:
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> IngressSettings:
+        models = served_models(env)
         return cls(
             amqp_url=env.get("AMQP_URL", DEFAULT_AMQP_URL),
             host=env.get("INGRESS_HOST", "127.0.0.1"),
@@ -37,6 +39,6 @@ class IngressSettings:
             api_keys=csv_list(env.get("API_KEYS", "")),
             callback_allow=AllowList.parse(csv_list(env.get("CALLBACK_ALLOW_HOSTS", ""))),
             max_body_bytes=env_int(env, "MAX_BODY_BYTES", 1024 * 1024, minimum=1),
-            models=served_models(env),
-            topology=Topology(prefix=env.get("QUEUE_PREFIX", "")),
+            models=models,
+            topology=topology_from_env(env, models),
         )

@@ -39,6 +39,8 @@ class CallbackReceiver:
         self.received: list[ReceivedCallback] = []
         self.requests_seen = 0
         self.scripted_statuses: deque[int] = deque()
+        # Seconds to wait before answering: a slow receiver, for timeout tests.
+        self.response_delay_s = 0.0
         self._arrived = asyncio.Condition()
         self._server: uvicorn.Server | None = None
         self._task: asyncio.Task[None] | None = None
@@ -52,6 +54,8 @@ class CallbackReceiver:
     async def _receive(self, request: Request) -> Response:
         body = await request.body()
         self.requests_seen += 1
+        if self.response_delay_s:
+            await asyncio.sleep(self.response_delay_s)
         if self.scripted_statuses:
             return Response(status_code=self.scripted_statuses.popleft())
         try:
@@ -69,7 +73,9 @@ class CallbackReceiver:
 
     async def start(self) -> None:
         app = Starlette(routes=[Route("/callbacks", self._receive, methods=["POST"])])
-        config = uvicorn.Config(app, host=self._host, port=0, log_level="warning", lifespan="off")
+        config = uvicorn.Config(
+            app, host=self._host, port=0, log_level="warning", lifespan="off", timeout_graceful_shutdown=1
+        )
         self._server = uvicorn.Server(config)
         self._task = asyncio.create_task(self._server.serve())
         deadline = time.monotonic() + STARTUP_TIMEOUT_S

@@ -70,9 +70,6 @@ class CallbackClient:
             target = await check_callback_url(delivery.callback_url, self._allow, self._resolve)
         except CallbackUrlRejected as exc:
             return DeliveryResult(delivered=False, retryable=False, error=f"refused: {exc}")
-        address = target.addresses[0]
-        literal = f"[{address}]" if isinstance(address, ipaddress.IPv6Address) else str(address)
-        pinned_url = f"{target.scheme}://{literal}:{target.port}{target.path_and_query}"
         body = msgspec.json.encode(delivery.event)
         default_port = 443 if target.scheme == "https" else 80
         host_header = target.host if target.port == default_port else f"{target.host}:{target.port}"
@@ -83,15 +80,24 @@ class CallbackClient:
             "user-agent": USER_AGENT,
         }
         extensions = {"sni_hostname": target.host} if target.scheme == "https" else {}
-        try:
-            response = await self._client.post(
-                pinned_url, content=body, headers=headers, extensions=extensions
-            )
-        except httpx.TimeoutException as exc:
-            return DeliveryResult(delivered=False, retryable=True, error=f"timeout: {exc!r}")
-        except httpx.HTTPError as exc:
-            return DeliveryResult(delivered=False, retryable=True, error=f"transport: {exc!r}")
-        return _classify(response)
+        failure = DeliveryResult(delivered=False, retryable=True, error="no address to connect to")
+        # Only checked addresses are tried, in resolver order, moving on when one refuses.
+        for address in target.addresses:
+            literal = f"[{address}]" if isinstance(address, ipaddress.IPv6Address) else str(address)
+            pinned_url = f"{target.scheme}://{literal}:{target.port}{target.path_and_query}"
+            try:
+                response = await self._client.post(
+                    pinned_url, content=body, headers=headers, extensions=extensions
+                )
+            except httpx.ConnectError as exc:
+                failure = DeliveryResult(delivered=False, retryable=True, error=f"transport: {exc!r}")
+                continue
+            except httpx.TimeoutException as exc:
+                return DeliveryResult(delivered=False, retryable=True, error=f"timeout: {exc!r}")
+            except httpx.HTTPError as exc:
+                return DeliveryResult(delivered=False, retryable=True, error=f"transport: {exc!r}")
+            return _classify(response)
+        return failure
 
 
 def _classify(response: httpx.Response) -> DeliveryResult:

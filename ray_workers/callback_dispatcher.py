@@ -1,10 +1,17 @@
 """The callback stage: delivers finished jobs' events, separate from inference.
 
 A worker only publishes a `CallbackDelivery` to the callbacks queue and acks its job,
-so a slow or dead receiver never holds a model replica. The dispatcher retries each
-delivery on the configured schedule; a delivery that cannot be made is published to
-the callbacks parking lot with the reason, and acked only once that publish is
-confirmed: an event is delivered or visibly parked, never dropped.
+so a slow or dead receiver never holds a model replica and never makes the model run
+again. The dispatcher makes one attempt per delivery; a retryable failure goes to the
+delay tier of its next attempt (TTL + dead-letter back to the callbacks queue), so no
+message is held while it waits. After the last attempt, or on a permanent failure
+(410 Gone, other 4xx, a URL the guard refuses), the event goes to the callbacks
+parking lot with the reason. Every path acks only after its publish is confirmed.
+
+Isolation between targets: each callback host has a circuit breaker and a bound on
+deliveries in flight. A delivery whose host is open or full is deferred to the
+shortest tier without spending an attempt, so one dead or slow target cannot take
+the prefetch window that every other target's deliveries need.
 """
 
 from __future__ import annotations
@@ -12,24 +19,26 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections import defaultdict
+from urllib.parse import urlsplit
 
 import httpx
 
 from contract.broker import Broker, BrokerError, Delivery, OutgoingMessage
 from contract.callback_guard import Resolver, resolve_with_system_dns
 from contract.envelope import (
+    ATTEMPT_HEADER,
     PARK_REASON_HEADER,
     CallbackDelivery,
     UndecodableMessage,
     decode_callback_delivery,
 )
 from ray_workers.callback_client import CallbackClient, DeliveryResult
+from ray_workers.circuit_breaker import CircuitBreaker
 from ray_workers.settings import WorkerSettings
 from ray_workers.signing import WebhookSigner
 
 logger = logging.getLogger(__name__)
-
-MAX_RETRY_AFTER_S = 60.0
 
 
 class CallbackDispatcher:
@@ -40,6 +49,8 @@ class CallbackDispatcher:
         resolve: Resolver = resolve_with_system_dns,
     ) -> None:
         self._settings = settings
+        self._topology = settings.topology
+        self._schedule = settings.topology.callback_retries
         self._broker = Broker(settings.amqp_url, settings.topology, settings.models)
         self._client = CallbackClient(
             WebhookSigner(settings.webhook_secret),
@@ -50,17 +61,24 @@ class CallbackDispatcher:
         )
         self._tasks: set[asyncio.Task[None]] = set()
         self._consumer_tag: str | None = None
+        self._in_flight: defaultdict[str, int] = defaultdict(int)
+        self._breakers: dict[str, CircuitBreaker] = {}
 
     @property
     def is_healthy(self) -> bool:
         return self._broker.is_ready
 
+    def breaker_for(self, host: str) -> CircuitBreaker:
+        if host not in self._breakers:
+            self._breakers[host] = CircuitBreaker(
+                self._settings.callback_breaker_threshold, self._settings.callback_breaker_cooldown_s
+            )
+        return self._breakers[host]
+
     async def start(self) -> None:
         await self._broker.connect()
         self._consumer_tag = await self._broker.consume(
-            self._settings.topology.callbacks_queue,
-            self._settings.callback_concurrency,
-            self._on_delivery,
+            self._topology.callbacks_queue, self._settings.callback_concurrency, self._on_delivery
         )
 
     async def stop(self, drain_timeout_s: float | None = None) -> None:
@@ -89,40 +107,77 @@ class CallbackDispatcher:
         except UndecodableMessage as exc:
             await self._park(delivery, str(exc))
             return
-        result = await self._deliver_with_retries(callback)
-        if result.delivered:
-            await self._settle(delivery, None)
-        else:
-            logger.warning(
-                "callback %s to %s given up: %s", callback.webhook_id, callback.callback_url, result.error
-            )
-            await self._park(delivery, result.error or "undeliverable")
-
-    async def _deliver_with_retries(self, callback: CallbackDelivery) -> DeliveryResult:
-        result = DeliveryResult(delivered=False, retryable=True, error="not attempted")
-        for attempt, delay_s in enumerate(self._settings.callback_retry_delays_s, start=1):
-            wait_s = max(delay_s, min(result.retry_after_s or 0.0, MAX_RETRY_AFTER_S))
-            if wait_s > 0:
-                await asyncio.sleep(wait_s)
+        attempt = int(delivery.headers.get(ATTEMPT_HEADER, 1))
+        host = (urlsplit(callback.callback_url).hostname or "").lower()
+        breaker = self.breaker_for(host)
+        if self._in_flight[host] >= self._settings.callback_host_concurrency or not breaker.allow():
+            await self._defer(delivery, attempt)
+            return
+        self._in_flight[host] += 1
+        try:
             result = await self._client.deliver(callback)
-            if result.delivered or not result.retryable:
-                return result
-            logger.warning("callback %s attempt %d failed: %s", callback.webhook_id, attempt, result.error)
-        return result
+        finally:
+            self._in_flight[host] -= 1
+        if result.delivered:
+            breaker.record_success()
+            await self._settle(delivery, [])
+        elif result.retryable:
+            breaker.record_failure()
+            await self._retry_or_park(delivery, callback, attempt, result)
+        else:
+            breaker.record_success()  # the host answered; it is the request that is refused
+            logger.warning("callback %s refused for good: %s", callback.webhook_id, result.error)
+            await self._park(delivery, result.error or "refused")
+
+    async def _retry_or_park(
+        self, delivery: Delivery, callback: CallbackDelivery, attempt: int, result: DeliveryResult
+    ) -> None:
+        delay_s = self._schedule.delay_after(attempt)
+        if delay_s is None:
+            logger.warning(
+                "callback %s given up after %d attempts: %s", callback.webhook_id, attempt, result.error
+            )
+            await self._park(delivery, f"gave up after {attempt} attempts: {result.error}")
+            return
+        if result.retry_after_s is not None:
+            # Honour Retry-After with the shortest tier that waits at least that long.
+            longer = [d for d in self._schedule.distinct_delays_s() if d >= result.retry_after_s]
+            delay_s = max(delay_s, min(longer, default=self._schedule.distinct_delays_s()[-1]))
+        logger.info(
+            "callback %s attempt %d failed (%s); next in %.1f s",
+            callback.webhook_id,
+            attempt,
+            result.error,
+            delay_s,
+        )
+        await self._republish(delivery, attempt + 1, delay_s)
+
+    async def _defer(self, delivery: Delivery, attempt: int) -> None:
+        """Wait in the shortest tier without spending an attempt (host open or saturated)."""
+        await self._republish(delivery, attempt, self._schedule.distinct_delays_s()[0])
+
+    async def _republish(self, delivery: Delivery, attempt: int, delay_s: float) -> None:
+        message = OutgoingMessage(
+            delivery.body,
+            message_id=delivery.message_id or "unknown",
+            headers={**delivery.headers, ATTEMPT_HEADER: attempt},
+            expiration_ms=self._schedule.jittered_ms(delay_s),
+        )
+        await self._settle(delivery, [(message, self._topology.callback_retry_queue(delay_s))])
 
     async def _park(self, delivery: Delivery, reason: str) -> None:
         message = OutgoingMessage(
             delivery.body,
             message_id=delivery.message_id or "unknown",
-            headers={**delivery.headers, PARK_REASON_HEADER: reason},
+            headers={**delivery.headers, PARK_REASON_HEADER: reason[:1000]},
         )
-        await self._settle(delivery, message)
+        await self._settle(delivery, [(message, self._topology.callbacks_parking_queue)])
 
-    async def _settle(self, delivery: Delivery, parked: OutgoingMessage | None) -> None:
-        """Ack only after a parked event is confirmed in the parking lot."""
+    async def _settle(self, delivery: Delivery, publishes: list[tuple[OutgoingMessage, str]]) -> None:
+        """Ack only after whatever replaces the delivery is confirmed by the broker."""
         try:
-            if parked is not None:
-                await self._broker.publish(parked, self._settings.topology.callbacks_parking_queue)
+            for message, queue in publishes:
+                await self._broker.publish(message, queue)
             await delivery.ack()
         except BrokerError as exc:
             logger.warning("callback %s left unacked for redelivery: %s", delivery.message_id, exc)

@@ -1,9 +1,14 @@
 """One model's job loop: consume, batch, infer, and hand each outcome on durably.
 
-Ack ordering is the guarantee: a job is acked only after its outcome is confirmed by
-the broker, either as a callback delivery on the callbacks queue or as a parked
-message. A crash anywhere before that leaves the job unacked, and the broker gives it
-to another consumer (at-least-once; a duplicate carries the same webhook-id).
+Ack ordering is the guarantee: a job is acked only after every message its outcome
+needs (see `outcomes`) is confirmed by the broker. A crash anywhere before that leaves
+the job unacked and the broker gives it to another consumer (at-least-once; a
+duplicate callback carries the same webhook-id). Nothing is ever nack-requeued in a
+loop: transient failures wait in a delay tier, permanent ones are parked.
+
+A circuit breaker watches the batches: when the model keeps failing, the replica
+stops consuming (its prefetched jobs go back to the queue, their attempts unburned)
+and after the cool-down lets one single-job probe batch through.
 """
 
 from __future__ import annotations
@@ -14,26 +19,14 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from typing import Any
 
-from contract.broker import Broker, BrokerError, Delivery, OutgoingMessage
-from contract.envelope import (
-    ATTEMPT_HEADER,
-    PARK_REASON_HEADER,
-    CallbackDelivery,
-    CallbackEvent,
-    EventData,
-    EventType,
-    Job,
-    JobTimings,
-    UndecodableMessage,
-    decode_job,
-    encode,
-    webhook_id_for,
-)
+from contract.broker import Broker, BrokerError, Delivery
+from contract.envelope import ATTEMPT_HEADER, Job, JobTimings, UndecodableMessage, decode_job
 from ray_workers.batching import collect_batch
+from ray_workers.circuit_breaker import BreakerState, CircuitBreaker
 from ray_workers.models.base import InvalidInput, Model, ModelError
+from ray_workers.outcomes import Publish, callback_for, parked, retry_for
 from ray_workers.settings import WorkerSettings
 
 logger = logging.getLogger(__name__)
@@ -49,44 +42,72 @@ class _Work:
     prepared: Any = None
     output: Any = None
     error: str | None = None
+    permanent: bool = False
+    expired: bool = False
 
 
 class JobWorker:
-    """Owns its broker connection and the batch loop for one model."""
+    """Owns its broker connection, its breaker and the batch loop for one model."""
 
     def __init__(
-        self, model: Model, settings: WorkerSettings, wall_clock: Callable[[], float] = time.time
+        self,
+        model: Model,
+        settings: WorkerSettings,
+        wall_clock: Callable[[], float] = time.time,
+        monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
         self._model = model
         self._settings = settings
+        self._topology = settings.topology
+        self._schedule = settings.topology.job_retry_schedule(model.name)
         self._wall_clock = wall_clock
         self._broker = Broker(settings.amqp_url, settings.topology, settings.models)
         self._inbox: asyncio.Queue[Delivery] = asyncio.Queue()
         self._consumer_tag: str | None = None
         self._loop_task: asyncio.Task[None] | None = None
+        self._resume_task: asyncio.Task[None] | None = None
         self._idle = asyncio.Event()
         self._idle.set()
+        self.breaker = CircuitBreaker(
+            settings.breaker_failure_threshold, settings.breaker_cooldown_s, monotonic
+        )
 
     @property
     def is_healthy(self) -> bool:
         running = self._loop_task is not None and not self._loop_task.done()
         return running and self._broker.is_ready
 
+    @property
+    def is_consuming(self) -> bool:
+        return self._consumer_tag is not None
+
     async def start(self) -> None:
         await self._broker.connect()
         self._loop_task = asyncio.create_task(self._run(), name=f"job-loop-{self._model.name}")
+        await self._consume(self._settings.batch_max_size)
+        logger.info("worker for %s consuming", self._model.name)
+
+    async def _consume(self, prefetch: int) -> None:
         # Prefetch equals the batch size: a replica holds at most one batch beyond the
         # one it runs, which bounds how long a high-priority job can wait behind it.
         self._consumer_tag = await self._broker.consume(
-            self._settings.topology.main_queue(self._model.name),
-            self._settings.batch_max_size,
-            self._inbox.put,
+            self._topology.main_queue(self._model.name), prefetch, self._inbox.put
         )
-        logger.info("worker for %s consuming", self._model.name)
+
+    async def _stop_consuming(self) -> None:
+        """Cancel the consumer and close its channel: what it prefetched goes back."""
+        if self._consumer_tag is None:
+            return
+        tag, self._consumer_tag = self._consumer_tag, None
+        await self._broker.cancel(tag, close_channel=True)
+        while not self._inbox.empty():  # deliveries of the closed channel: already returned
+            self._inbox.get_nowait()
 
     async def stop(self, drain_timeout_s: float | None = None) -> None:
         """Stop taking work, let the batch in flight finish (bounded), give the rest back."""
         timeout_s = self._settings.drain_timeout_s if drain_timeout_s is None else drain_timeout_s
+        if self._resume_task is not None:
+            self._resume_task.cancel()
         if self._consumer_tag is not None:
             await self._broker.cancel(self._consumer_tag)
         try:
@@ -117,31 +138,47 @@ class JobWorker:
                 self._idle.set()
 
     async def _process(self, batch: list[Delivery]) -> None:
-        started_ms = self._wall_clock() * 1000
+        now_ms = int(self._wall_clock() * 1000)
         work: list[_Work] = []
         settles = []
         for delivery in batch:
             try:
                 job = decode_job(delivery.body)
             except UndecodableMessage as exc:
-                settles.append(self._park(delivery, str(exc)))
+                logger.warning("parking undecodable message %s: %s", delivery.message_id, exc)
+                park = parked(
+                    delivery.body,
+                    delivery.message_id or "unknown",
+                    delivery.headers,
+                    str(exc),
+                    self._topology.parking_queue(self._model.name),
+                )
+                settles.append(self._settle(delivery, [park]))
                 continue
-            item = _Work(delivery, job, int(delivery.headers.get(ATTEMPT_HEADER, 1)))
-            try:
-                item.prepared = self._model.prepare(job.input, item.attempt)
-            except InvalidInput as exc:
-                item.error = str(exc)
-            work.append(item)
-        runnable = [item for item in work if item.error is None]
+            work.append(self._prepare(delivery, job, now_ms))
+        runnable = [item for item in work if item.error is None and not item.expired]
         inference_ms = await self._infer(runnable)
         for item in work:
             timings = JobTimings(
-                queued_ms=round(max(0.0, started_ms - item.job.submitted_at_ms), 3),
+                queued_ms=round(max(0.0, now_ms - item.job.submitted_at_ms), 3),
                 inference_ms=round(inference_ms, 3),
                 batch_size=len(runnable),
             )
-            settles.append(self._complete(item, timings))
+            settles.append(self._settle(item.delivery, self._outcome(item, timings)))
         await asyncio.gather(*settles)
+        if runnable:
+            await self._update_breaker(any(item.error is not None for item in runnable))
+
+    def _prepare(self, delivery: Delivery, job: Job, now_ms: int) -> _Work:
+        item = _Work(delivery, job, int(delivery.headers.get(ATTEMPT_HEADER, 1)))
+        if job.deadline_ms is not None and now_ms > job.deadline_ms:
+            item.expired = True
+            return item
+        try:
+            item.prepared = self._model.prepare(job.input, item.attempt)
+        except InvalidInput as exc:
+            item.error, item.permanent = str(exc), True
+        return item
 
     async def _infer(self, runnable: Sequence[_Work]) -> float:
         """Run the model on the batch off the event loop; record outputs or errors."""
@@ -165,45 +202,95 @@ class JobWorker:
                 item.output = output
         return (time.monotonic() - started) * 1000
 
-    async def _complete(self, item: _Work, timings: JobTimings) -> None:
-        job = item.job
-        event_type: EventType = "job.failed" if item.error is not None else "job.succeeded"
-        event = CallbackEvent(
-            type=event_type,
-            timestamp=datetime.fromtimestamp(self._wall_clock(), UTC).isoformat(),
-            data=EventData(
-                id=job.id,
-                model=job.model,
-                status="failed" if item.error is not None else "succeeded",
-                attempts=item.attempt,
-                metadata=job.metadata,
-                timings=timings,
-                output=item.output,
-                error=item.error,
+    def _outcome(self, item: _Work, timings: JobTimings) -> list[Publish]:
+        job, attempt = item.job, item.attempt
+        now_s = self._wall_clock()
+        now_ms = int(now_s * 1000)
+        if item.expired:
+            logger.info("job %s expired before it ran", job.id)
+            return [
+                callback_for(
+                    job,
+                    "expired",
+                    attempt,
+                    timings,
+                    now_s,
+                    self._topology,
+                    error="deadline passed before the job ran",
+                )
+            ]
+        if item.error is None:
+            return [
+                callback_for(job, "succeeded", attempt, timings, now_s, self._topology, output=item.output)
+            ]
+        delay_s = None if item.permanent else self._schedule.delay_after(attempt)
+        if delay_s is not None and (job.deadline_ms is None or now_ms + delay_s * 1000 < job.deadline_ms):
+            logger.info(
+                "job %s attempt %d failed, retrying in %.1f s: %s", job.id, attempt, delay_s, item.error
+            )
+            return [
+                retry_for(
+                    item.delivery.body,
+                    job,
+                    item.delivery.headers,
+                    attempt,
+                    item.error,
+                    delay_s,
+                    self._schedule.jittered_ms(delay_s),
+                    self._topology,
+                    now_ms,
+                )
+            ]
+        reason = "permanent error" if item.permanent else f"failed after {attempt} attempt(s)"
+        logger.warning("job %s parked (%s): %s", job.id, reason, item.error)
+        return [
+            parked(
+                item.delivery.body,
+                job.id,
+                item.delivery.headers,
+                reason,
+                self._topology.parking_queue(job.model),
+                attempt,
+                item.error,
+                now_ms,
             ),
-        )
-        delivery = CallbackDelivery(
-            webhook_id=webhook_id_for(job.id, event_type), callback_url=job.callback_url, event=event
-        )
-        message = OutgoingMessage(
-            encode(delivery), message_id=delivery.webhook_id, correlation_id=job.id, type=event_type
-        )
-        await self._settle(item.delivery, message, self._settings.topology.callbacks_queue)
+            callback_for(job, "failed", attempt, timings, now_s, self._topology, error=item.error),
+        ]
 
-    async def _park(self, delivery: Delivery, reason: str) -> None:
-        logger.warning("parking undecodable message %s: %s", delivery.message_id, reason)
-        message = OutgoingMessage(
-            delivery.body,
-            message_id=delivery.message_id or "unknown",
-            headers={**delivery.headers, PARK_REASON_HEADER: reason},
-        )
-        await self._settle(delivery, message, self._settings.topology.parking_queue(self._model.name))
-
-    async def _settle(self, delivery: Delivery, outcome: OutgoingMessage, queue: str) -> None:
+    async def _settle(self, delivery: Delivery, publishes: list[Publish]) -> None:
         """The one place a job is settled: its outcome is made durable, then it is acked."""
         try:
-            await self._broker.publish(outcome, queue)
+            for publish in publishes:
+                await self._broker.publish(publish.message, publish.routing_key, exchange=publish.exchange)
             await delivery.ack()
         except BrokerError as exc:
             # Unacked: the broker redelivers it after the connection recovers.
             logger.warning("job %s left unacked for redelivery: %s", delivery.message_id, exc)
+
+    async def _update_breaker(self, failed: bool) -> None:
+        before = self.breaker.state
+        if failed:
+            self.breaker.record_failure()
+        else:
+            self.breaker.record_success()
+        after = self.breaker.state
+        if after is before:
+            return
+        logger.warning("model %s breaker %s -> %s", self._model.name, before.value, after.value)
+        if after is BreakerState.OPEN:
+            await self._stop_consuming()
+            self._resume_task = asyncio.create_task(self._resume_after_cooldown())
+        elif after is BreakerState.CLOSED and before is BreakerState.HALF_OPEN:
+            await self._stop_consuming()
+            await self._consume(self._settings.batch_max_size)
+
+    async def _resume_after_cooldown(self) -> None:
+        await asyncio.sleep(self.breaker.remaining_cooldown_s())
+        if self.breaker.allow():
+            logger.warning("model %s breaker half-open: probing with one job", self._model.name)
+            try:
+                await self._consume(1)
+            except BrokerError as exc:
+                # Counted as a failed probe: the breaker opens again and retries later.
+                logger.warning("model %s probe could not consume: %s", self._model.name, exc)
+                await self._update_breaker(failed=True)

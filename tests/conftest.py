@@ -17,6 +17,7 @@ import pytest
 
 from contract.callback_guard import AllowList
 from contract.config import DEFAULT_AMQP_URL
+from contract.retry_tiers import RetrySchedule
 from contract.topology import Topology
 from ingress.app import create_app
 from ingress.settings import IngressSettings
@@ -25,6 +26,9 @@ from ray_workers.settings import WorkerSettings
 from ray_workers.signing import generate_secret
 
 TEST_MODELS = ("echo", "synthetic")
+# Compressed schedules: the real ones wait minutes to hours.
+TEST_JOB_RETRIES = RetrySchedule((0.4, 0.8), jitter=0.1)
+TEST_CALLBACK_RETRIES = RetrySchedule((0.2, 0.2), jitter=0.1)
 
 
 def _reachable(url: str) -> bool:
@@ -64,7 +68,11 @@ def amqp_url() -> Iterator[str]:
 @pytest.fixture
 async def topology(amqp_url: str) -> AsyncIterator[Topology]:
     """A topology under a fresh prefix; its queues and exchange are deleted afterwards."""
-    topo = Topology(prefix=f"t{uuid.uuid4().hex[:10]}.")
+    topo = Topology(
+        prefix=f"t{uuid.uuid4().hex[:10]}.",
+        job_retries=TEST_JOB_RETRIES,
+        callback_retries=TEST_CALLBACK_RETRIES,
+    )
     yield topo
     connection = await aio_pika.connect(amqp_url)
     async with connection:
@@ -105,7 +113,6 @@ def worker_settings(amqp_url: str, topology: Topology, webhook_secret: str) -> W
         models=TEST_MODELS,
         topology=topology,
         callback_allow=AllowList.parse(["127.0.0.1"]),
-        callback_retry_delays_s=(0.0, 0.2, 0.2),
         callback_timeout_s=2.0,
         drain_timeout_s=5.0,
     )

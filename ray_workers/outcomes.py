@@ -1,0 +1,134 @@
+"""What a job's outcome turns into on the broker: the messages to publish before the ack.
+
+    succeeded              -> callback job.succeeded
+    expired (deadline)     -> callback job.expired
+    transient failure      -> the job, attempt + 1, to its retry tier's delay queue
+    permanent / exhausted  -> the job to the parking lot (reason, error, history)
+                              and callback job.failed
+    undecodable body       -> the body to the parking lot (nobody to call back)
+
+Pure: builds messages, publishes nothing, so every branch is tested without a broker.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from contract.broker import OutgoingMessage
+from contract.envelope import (
+    AMQP_PRIORITY,
+    ATTEMPT_HEADER,
+    HISTORY_HEADER,
+    PARK_REASON_HEADER,
+    CallbackDelivery,
+    CallbackEvent,
+    EventData,
+    EventType,
+    Job,
+    JobStatus,
+    JobTimings,
+    encode,
+    webhook_id_for,
+)
+from contract.topology import Topology
+
+
+@dataclass(frozen=True)
+class Publish:
+    """One message to publish: to `routing_key` on `exchange` ("" is the default exchange)."""
+
+    message: OutgoingMessage
+    routing_key: str
+    exchange: str = ""
+
+
+def history_with(headers: Mapping[str, Any], attempt: int, error: str, now_ms: int) -> str:
+    raw = headers.get(HISTORY_HEADER)
+    history: list[dict[str, Any]] = json.loads(raw) if isinstance(raw, str | bytes) else []
+    history.append({"attempt": attempt, "error": error[:500], "at_ms": now_ms})
+    return json.dumps(history)
+
+
+def callback_for(
+    job: Job,
+    status: JobStatus,
+    attempt: int,
+    timings: JobTimings,
+    now_s: float,
+    topology: Topology,
+    output: Any = None,
+    error: str | None = None,
+) -> Publish:
+    event_type: EventType = f"job.{status}"  # type: ignore[assignment]
+    event = CallbackEvent(
+        type=event_type,
+        timestamp=datetime.fromtimestamp(now_s, UTC).isoformat(),
+        data=EventData(
+            id=job.id,
+            model=job.model,
+            status=status,
+            attempts=attempt,
+            metadata=job.metadata,
+            timings=timings,
+            output=output,
+            error=error,
+        ),
+    )
+    delivery = CallbackDelivery(
+        webhook_id=webhook_id_for(job.id, event_type), callback_url=job.callback_url, event=event
+    )
+    message = OutgoingMessage(
+        encode(delivery),
+        message_id=delivery.webhook_id,
+        correlation_id=job.id,
+        headers={ATTEMPT_HEADER: 1},
+        type=event_type,
+    )
+    return Publish(message, topology.callbacks_queue)
+
+
+def retry_for(
+    body: bytes,
+    job: Job,
+    headers: Mapping[str, Any],
+    attempt: int,
+    error: str,
+    delay_s: float,
+    expiration_ms: int,
+    topology: Topology,
+    now_ms: int,
+) -> Publish:
+    message = OutgoingMessage(
+        body,
+        message_id=job.id,
+        correlation_id=job.id,
+        priority=AMQP_PRIORITY[job.priority],
+        headers={
+            **headers,
+            ATTEMPT_HEADER: attempt + 1,
+            HISTORY_HEADER: history_with(headers, attempt, error, now_ms),
+        },
+        type="job",
+        expiration_ms=expiration_ms,
+    )
+    return Publish(message, topology.job_retry_queue(job.model, delay_s))
+
+
+def parked(
+    body: bytes,
+    message_id: str,
+    headers: Mapping[str, Any],
+    reason: str,
+    queue: str,
+    attempt: int | None = None,
+    error: str | None = None,
+    now_ms: int = 0,
+) -> Publish:
+    parked_headers = {**headers, PARK_REASON_HEADER: reason[:1000]}
+    if attempt is not None and error is not None:
+        parked_headers[HISTORY_HEADER] = history_with(headers, attempt, error, now_ms)
+    return Publish(OutgoingMessage(body, message_id=message_id, headers=parked_headers), queue)

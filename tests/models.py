@@ -1,0 +1,54 @@
+"""Test doubles for the model interface (never for the broker): a model that can be
+switched between failing and healthy, and records every batch it was asked to run."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from ray_workers.models.base import ModelFailure
+
+
+@dataclass(frozen=True)
+class RecordedBatch:
+    attempts: tuple[int, ...]
+    at_monotonic_s: float
+
+
+@dataclass(frozen=True)
+class _Item:
+    value: Any
+    attempt: int
+
+
+class RecordingModel:
+    """Echoes its input; fails every batch while `healthy` is False, or while a job's
+    attempt is below `fail_until_attempt`."""
+
+    name = "echo"
+
+    def __init__(self, healthy: bool = True, fail_until_attempt: int = 0) -> None:
+        self.healthy = healthy
+        self.fail_until_attempt = fail_until_attempt
+        self.batches: list[RecordedBatch] = []
+        self._lock = threading.Lock()
+
+    @property
+    def calls(self) -> int:
+        with self._lock:
+            return len(self.batches)
+
+    def prepare(self, raw_input: Any, attempt: int) -> _Item:
+        return _Item(raw_input, attempt)
+
+    def predict(self, inputs: Sequence[Any]) -> list[Any]:
+        with self._lock:
+            self.batches.append(RecordedBatch(tuple(i.attempt for i in inputs), time.monotonic()))
+        if not self.healthy:
+            raise ModelFailure("model is down (test switch)")
+        if any(item.attempt < self.fail_until_attempt for item in inputs):
+            raise ModelFailure(f"fails until attempt {self.fail_until_attempt}")
+        return [item.value for item in inputs]

@@ -1,0 +1,266 @@
+"""Losing nothing under failure: retry tiers, parking and replay, the model breaker,
+deadlines, and callback delivery that retries without running the model again.
+Real broker, real receiver; the model is a switchable test double."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import AsyncIterator
+from dataclasses import replace
+from typing import Any
+
+import httpx
+import pytest
+
+from contract.broker import Broker
+from contract.envelope import HISTORY_HEADER, PARK_REASON_HEADER
+from ingress.settings import IngressSettings
+from loadgen.callback_receiver import CallbackReceiver
+from ray_workers.callback_dispatcher import CallbackDispatcher
+from ray_workers.circuit_breaker import BreakerState
+from ray_workers.job_worker import JobWorker
+from ray_workers.parking_lot import ParkingLot, inspect, replay
+from ray_workers.settings import WorkerSettings
+from tests.conftest import TEST_JOB_RETRIES, running_ingress, wait_until
+from tests.models import RecordingModel
+
+
+@pytest.fixture
+async def dispatcher(worker_settings: WorkerSettings) -> AsyncIterator[CallbackDispatcher]:
+    stage = CallbackDispatcher(worker_settings)
+    await stage.start()
+    yield stage
+    await stage.stop()
+
+
+@pytest.fixture
+async def client(ingress_settings: IngressSettings) -> AsyncIterator[httpx.AsyncClient]:
+    async with running_ingress(ingress_settings) as http:
+        yield http
+
+
+@pytest.fixture
+async def broker(worker_settings: WorkerSettings) -> AsyncIterator[Broker]:
+    probe = Broker(worker_settings.amqp_url, worker_settings.topology, worker_settings.models)
+    await probe.connect()
+    yield probe
+    await probe.close()
+
+
+async def _submit(client: httpx.AsyncClient, callback_url: str, job_input: Any = "x", **extra: Any) -> str:
+    response = await client.post(
+        "/v1/models/echo/jobs", json={"input": job_input, "callback_url": callback_url, **extra}
+    )
+    assert response.status_code == 202, response.text
+    job_id: str = response.json()["id"]
+    return job_id
+
+
+async def _running(model: RecordingModel, settings: WorkerSettings) -> JobWorker:
+    worker = JobWorker(model, settings)  # type: ignore[arg-type]
+    await worker.start()
+    return worker
+
+
+async def test_given_a_transient_failure_then_each_retry_waits_its_tier_and_attempt_3_succeeds(
+    client: httpx.AsyncClient,
+    receiver: CallbackReceiver,
+    worker_settings: WorkerSettings,
+    dispatcher: CallbackDispatcher,
+) -> None:
+    model = RecordingModel(fail_until_attempt=3)
+    worker = await _running(model, worker_settings)
+    try:
+        job_id = await _submit(client, receiver.url)
+        received = await receiver.wait_for(1, timeout_s=15)
+    finally:
+        await worker.stop()
+
+    event = received[0].event
+    assert (event["type"], event["data"]["id"], event["data"]["attempts"]) == ("job.succeeded", job_id, 3)
+    assert [b.attempts for b in model.batches] == [(1,), (2,), (3,)]
+    waits = [
+        later.at_monotonic_s - earlier.at_monotonic_s
+        for earlier, later in zip(model.batches, model.batches[1:])
+    ]
+    for waited, tier in zip(waits, TEST_JOB_RETRIES.delays_s, strict=True):
+        # Jitter shortens a wait by at most 10 %; delivery adds a little on top.
+        assert tier * 0.9 - 0.02 <= waited <= tier + 0.5, f"waited {waited:.3f} s for a {tier} s tier"
+    print(
+        f"\nretry-delay accuracy: tiers {TEST_JOB_RETRIES.delays_s} s, waited {[round(w, 3) for w in waits]} s"
+    )
+
+
+async def test_given_a_model_that_keeps_failing_then_the_job_is_parked_called_back_and_replayable(
+    client: httpx.AsyncClient,
+    receiver: CallbackReceiver,
+    worker_settings: WorkerSettings,
+    dispatcher: CallbackDispatcher,
+    broker: Broker,
+) -> None:
+    model = RecordingModel(healthy=False)
+    worker = await _running(model, worker_settings)
+    try:
+        job_id = await _submit(client, receiver.url, {"keep": "me"})
+        failed = (await receiver.wait_for(1, timeout_s=15))[0]
+        lot = ParkingLot(worker_settings.topology, "echo")
+        report = await inspect(broker, lot)
+
+        model.healthy = True  # the cause is removed
+        assert await replay(broker, lot, ids=[job_id]) == 1
+        succeeded = (await receiver.wait_for(2, timeout_s=15))[1]
+    finally:
+        await worker.stop()
+
+    assert failed.event["type"] == "job.failed" and failed.event["data"]["attempts"] == 3
+    assert "model is down" in failed.event["data"]["error"]
+    assert report.count == 1 and report.sample[0][0] == job_id
+    assert report.sample[0][1] == "failed after 3 attempt(s)"
+    assert succeeded.event["type"] == "job.succeeded"
+    assert succeeded.event["data"]["id"] == job_id and succeeded.event["data"]["output"] == {"keep": "me"}
+    assert succeeded.event["data"]["attempts"] == 1
+    assert (await inspect(broker, lot)).count == 0
+
+
+async def test_given_a_permanent_error_then_parked_at_once_with_its_history(
+    client: httpx.AsyncClient,
+    receiver: CallbackReceiver,
+    worker_settings: WorkerSettings,
+    dispatcher: CallbackDispatcher,
+    broker: Broker,
+) -> None:
+    from ray_workers.models.synthetic import SyntheticModel
+
+    worker = JobWorker(SyntheticModel(), worker_settings)
+    await worker.start()
+    try:
+        response = await client.post(
+            "/v1/models/synthetic/jobs",
+            json={"input": {"fail_permanently": True}, "callback_url": receiver.url},
+        )
+        job_id = response.json()["id"]
+        callback = (await receiver.wait_for(1, timeout_s=15))[0]
+    finally:
+        await worker.stop()
+
+    assert callback.event["type"] == "job.failed" and callback.event["data"]["attempts"] == 1
+    async with broker.fetching(worker_settings.topology.parking_queue("synthetic")) as next_message:
+        parked = await next_message()
+    assert parked is not None and parked.message_id == job_id
+    assert parked.headers[PARK_REASON_HEADER] == "permanent error"
+    history = json.loads(parked.headers[HISTORY_HEADER])
+    assert [entry["attempt"] for entry in history] == [1]
+    assert "fail_permanently" in history[0]["error"]
+
+
+async def test_given_a_failing_model_then_the_breaker_stops_consuming_and_recovers_via_half_open(
+    client: httpx.AsyncClient,
+    receiver: CallbackReceiver,
+    worker_settings: WorkerSettings,
+    dispatcher: CallbackDispatcher,
+    broker: Broker,
+) -> None:
+    settings = replace(worker_settings, batch_max_size=1, breaker_failure_threshold=2, breaker_cooldown_s=1.5)
+    model = RecordingModel(healthy=False)
+    worker = await _running(model, settings)
+    queue = settings.topology.main_queue("echo")
+    try:
+        job_ids = [await _submit(client, receiver.url, n) for n in range(6)]
+
+        # Phase 1: two failed batches open the breaker; the replica stops consuming and
+        # the other jobs wait in the queue with their attempts unspent.
+        await wait_until(lambda: worker.breaker.state is BreakerState.OPEN, 10, "the breaker to open")
+        assert not worker.is_consuming
+        ready, consumers = await broker.queue_depth(queue)
+        assert consumers == 0 and ready >= 4
+        assert model.calls == 2
+
+        # Phase 2: after the cool-down one probe runs; it fails, so the breaker opens again.
+        await wait_until(lambda: model.calls == 3, 10, "the half-open probe")
+        await wait_until(lambda: worker.breaker.state is BreakerState.OPEN, 5, "the breaker to reopen")
+
+        # Phase 3: the model recovers; the next probe closes the breaker and all jobs finish.
+        model.healthy = True
+        received = await receiver.wait_for(6, timeout_s=20)
+    finally:
+        await worker.stop()
+
+    assert worker.breaker.state is BreakerState.CLOSED
+    assert {r.event["data"]["id"] for r in received} == set(job_ids)
+    assert all(r.event["type"] == "job.succeeded" for r in received)
+    # Only the jobs that ran while the model failed spent attempts.
+    assert sum(r.event["data"]["attempts"] > 1 for r in received) == 3
+
+
+async def test_given_a_deadline_that_passed_in_the_queue_then_job_expired_and_the_model_never_runs(
+    client: httpx.AsyncClient,
+    receiver: CallbackReceiver,
+    worker_settings: WorkerSettings,
+    dispatcher: CallbackDispatcher,
+) -> None:
+    expiring = await _submit(client, receiver.url, ttl_s=0.05)
+    lasting = await _submit(client, receiver.url, ttl_s=600)
+    deadline_s = time.time() + 0.05
+    await wait_until(lambda: time.time() > deadline_s, 5, "the short deadline to pass")
+    model = RecordingModel()
+    worker = await _running(model, worker_settings)
+    try:
+        received = await receiver.wait_for(2, timeout_s=15)
+    finally:
+        await worker.stop()
+
+    types = {r.event["data"]["id"]: r.event["type"] for r in received}
+    assert types == {expiring: "job.expired", lasting: "job.succeeded"}
+    assert [b.attempts for b in model.batches] == [(1,)]
+
+
+async def test_given_a_callback_target_down_then_up_then_delivered_once_with_the_same_id_and_one_model_run(
+    client: httpx.AsyncClient,
+    receiver: CallbackReceiver,
+    worker_settings: WorkerSettings,
+    dispatcher: CallbackDispatcher,
+) -> None:
+    receiver.scripted_statuses.extend([503, 502])
+    model = RecordingModel()
+    worker = await _running(model, worker_settings)
+    try:
+        job_id = await _submit(client, receiver.url)
+        received = await receiver.wait_for(1, timeout_s=15)
+    finally:
+        await worker.stop()
+
+    assert receiver.requests_seen == 3
+    assert received[0].webhook_id == f"msg_{job_id}_succeeded" and received[0].verified
+    assert model.calls == 1
+
+
+async def test_given_a_target_that_always_times_out_then_another_targets_callbacks_are_not_delayed(
+    client: httpx.AsyncClient,
+    receiver: CallbackReceiver,
+    worker_settings: WorkerSettings,
+    webhook_secret: str,
+) -> None:
+    settings = replace(worker_settings, callback_timeout_s=1.0, callback_host_concurrency=4)
+    stage = CallbackDispatcher(settings)
+    await stage.start()
+    receiver.response_delay_s = 30.0  # never answers within the timeout
+    healthy = CallbackReceiver(webhook_secret)
+    await healthy.start()
+    worker = await _running(RecordingModel(), settings)
+    try:
+        for n in range(20):
+            await _submit(client, receiver.url, n)
+        await wait_until(lambda: receiver.requests_seen >= 4, 10, "the slow target to be busy")
+        started = time.monotonic()
+        # Same machine, another host name: the slow host's breaker and slots do not apply.
+        fast_id = await _submit(client, healthy.url.replace("127.0.0.1", "localhost"))
+        fast = await healthy.wait_for(1, timeout_s=5)
+        fast_latency_s = time.monotonic() - started
+    finally:
+        await worker.stop()
+        await stage.stop(drain_timeout_s=0)
+        await healthy.stop()
+
+    assert fast[0].event["data"]["id"] == fast_id
+    assert fast_latency_s < 1.0, f"the healthy target waited {fast_latency_s:.2f} s"
