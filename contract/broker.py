@@ -32,6 +32,9 @@ from contract.topology import QueueSpec, Topology
 
 logger = logging.getLogger(__name__)
 
+# How often a lost connection is retried; short, since a restart usually takes seconds.
+RECONNECT_INTERVAL_S = 1.0
+
 _CONNECTION_ERRORS = (
     aio_pika.exceptions.AMQPError,
     aiormq.exceptions.AMQPError,
@@ -125,7 +128,9 @@ class Broker:
     async def connect(self, timeout_s: float = 10.0) -> None:
         """Connect, declare the topology, open the publish channel."""
         try:
-            self._connection = await aio_pika.connect_robust(self._url, timeout=timeout_s)
+            self._connection = await aio_pika.connect_robust(
+                self._url, timeout=timeout_s, reconnect_interval=RECONNECT_INTERVAL_S
+            )
             self._publish_channel = await self._connection.channel(
                 publisher_confirms=True, on_return_raises=True
             )

@@ -4,6 +4,7 @@ Real broker, real receiver; the model is a switchable test double."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import time
 from collections.abc import AsyncIterator
@@ -58,7 +59,7 @@ async def _submit(client: httpx.AsyncClient, callback_url: str, job_input: Any =
 
 
 async def _running(model: RecordingModel, settings: WorkerSettings) -> JobWorker:
-    worker = JobWorker(model, settings)  # type: ignore[arg-type]
+    worker = JobWorker(model, settings)
     await worker.start()
     return worker
 
@@ -81,15 +82,13 @@ async def test_given_a_transient_failure_then_each_retry_waits_its_tier_and_atte
     assert (event["type"], event["data"]["id"], event["data"]["attempts"]) == ("job.succeeded", job_id, 3)
     assert [b.attempts for b in model.batches] == [(1,), (2,), (3,)]
     waits = [
-        later.at_monotonic_s - earlier.at_monotonic_s
-        for earlier, later in zip(model.batches, model.batches[1:])
+        later.at_monotonic_s - earlier.at_monotonic_s for earlier, later in itertools.pairwise(model.batches)
     ]
     for waited, tier in zip(waits, TEST_JOB_RETRIES.delays_s, strict=True):
         # Jitter shortens a wait by at most 10 %; delivery adds a little on top.
         assert tier * 0.9 - 0.02 <= waited <= tier + 0.5, f"waited {waited:.3f} s for a {tier} s tier"
-    print(
-        f"\nretry-delay accuracy: tiers {TEST_JOB_RETRIES.delays_s} s, waited {[round(w, 3) for w in waits]} s"
-    )
+    measured = [round(w, 3) for w in waits]
+    print(f"\nretry-delay accuracy: tiers {TEST_JOB_RETRIES.delays_s} s, waited {measured} s")
 
 
 async def test_given_a_model_that_keeps_failing_then_the_job_is_parked_called_back_and_replayable(

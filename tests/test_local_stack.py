@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import signal
+import time
 from pathlib import Path
 
 import httpx
@@ -17,6 +18,8 @@ from loadgen.stack_process import StackProcess
 from tests.conftest import wait_until
 
 pytestmark = pytest.mark.stack
+
+DRAIN_TIMEOUT_S = 10
 
 
 def _pids_with(marker: str) -> list[int]:
@@ -59,6 +62,7 @@ async def test_given_the_stack_when_a_replica_is_killed_mid_batch_then_every_job
             "CALLBACK_ALLOW_HOSTS": "127.0.0.1",
             "MODELS": "echo,embed-minilm",
             "ENABLE_TEST_MODELS": "1",
+            "DRAIN_TIMEOUT_S": str(DRAIN_TIMEOUT_S),
         }
     )
     try:
@@ -81,15 +85,32 @@ async def test_given_the_stack_when_a_replica_is_killed_mid_batch_then_every_job
         for pid in _pids_with("ServeReplica:worker-synthetic"):
             os.kill(pid, signal.SIGKILL)
 
-        received = await receiver.wait_for(3, timeout_s=120)
+        received = list(await receiver.wait_for(3, timeout_s=120))
+
+        # Drain: a stop during a batch lets the batch finish and its callback go out.
+        async with httpx.AsyncClient(base_url=stack.base_url, timeout=30) as client:
+            response = await client.post(
+                "/v1/models/synthetic/jobs", json={"input": {"sleep_ms": 2000}, "callback_url": receiver.url}
+            )
+        draining_id = response.json()["id"]
+        await _wait_taken(amqp_url, topology, "synthetic")
     finally:
+        stop_started = time.monotonic()
         exit_code = await stack.stop()
+        stop_s = time.monotonic() - stop_started
 
     by_id = {r.event["data"]["id"]: r for r in received}
     assert set(by_id) == set(jobs), stack.output()[-3000:]
     assert all(r.verified and r.event["type"] == "job.succeeded" for r in received)
     embed_id = next(job_id for job_id, model in jobs.items() if model == "embed-minilm")
     assert len(by_id[embed_id].event["data"]["output"]["embeddings"]) == 2
+    ids = [r.event["data"]["id"] for r in receiver.received]
+    print(
+        f"\nkill -9 mid-batch: {len(jobs)} jobs, {len(ids) - len(set(ids))} duplicate callbacks; "
+        f"stop with a batch in flight took {stop_s:.1f} s (drain timeout {DRAIN_TIMEOUT_S} s)"
+    )
+    assert draining_id in ids, "the batch in flight at stop was lost"
+    assert stop_s < DRAIN_TIMEOUT_S + 20
     assert exit_code == 0, stack.output()[-3000:]
     assert "stopped" in stack.output()
     assert not _pids_with("ray::") and not _pids_with("gcs_server"), "Ray processes left behind"
