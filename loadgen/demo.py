@@ -121,7 +121,13 @@ async def run_demo() -> int:
     try:
         ready_s = await stack.start()
         print(f"stack ready in {ready_s:.1f} s; submitting {len(DEMO_JOBS)} jobs\n", flush=True)
-        return await _exchange(stack.base_url, receiver)
+        outcome = await _exchange(stack.base_url, receiver)
+        scaling = [line.split(": ", 1)[-1] for line in stack.output().splitlines() if "autoscaler " in line]
+        if scaling:
+            print("\nlocal autoscaler (applying keda/ ScaledObjects):")
+            for line in scaling:
+                print(f"  {line}")
+        return outcome
     finally:
         code = await stack.stop()
         print(f"\nstack stopped (exit {code})")

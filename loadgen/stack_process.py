@@ -36,7 +36,13 @@ class StackProcess:
     def __init__(self, env: Mapping[str, str]) -> None:
         self.port = free_port()
         self.base_url = f"http://127.0.0.1:{self.port}"
-        self._env = {**env, "INGRESS_HOST": "127.0.0.1", "INGRESS_PORT": str(self.port)}
+        self.metrics_port = free_port()
+        self._env = {
+            **env,
+            "INGRESS_HOST": "127.0.0.1",
+            "INGRESS_PORT": str(self.port),
+            "AUTOSCALER_METRICS_PORT": str(self.metrics_port),
+        }
         self.log = Path(tempfile.mkstemp(prefix="inferq-stack-", suffix=".log")[1])
         self._process: asyncio.subprocess.Process | None = None
 

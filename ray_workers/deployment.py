@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from typing import Any
 
 from ray import serve
@@ -39,7 +40,9 @@ class ModelWorkerDeployment:
     # Ray actors run `async def __init__`; the worker's tasks live on the replica's loop.
     async def __init__(self, model_name: str, settings: WorkerSettings) -> None:  # type: ignore[misc]
         logging.basicConfig(level=logging.INFO)
+        started = time.monotonic()
         model = await asyncio.to_thread(load_model, model_name)
+        logger.info("model %s loaded in %.2f s", model_name, time.monotonic() - started)
         self._worker = JobWorker(model, settings)
         self._drain_timeout_s = settings.drain_timeout_s
         await self._worker.start()
@@ -83,7 +86,15 @@ def _options(settings: WorkerSettings, num_replicas: int, num_gpus: float) -> di
 def run_model_worker(
     model: str, settings: WorkerSettings, num_replicas: int = 1, num_gpus: float = 0
 ) -> None:
-    """Deploy (or redeploy with a new replica count) the worker application of one model."""
+    """Deploy, or redeploy with a new replica count, the worker application of one model.
+
+    Serve takes no `num_replicas=0`: zero replicas means no application, and deleting it
+    shuts its replicas down gracefully (each drains its batch in `__del__`).
+    """
+    if num_replicas == 0:
+        if worker_app_name(model) in serve.status().applications:
+            serve.delete(worker_app_name(model))
+        return
     app = ModelWorkerDeployment.options(  # type: ignore[attr-defined]
         name=f"ModelWorker-{model}", **_options(settings, num_replicas, num_gpus)
     ).bind(model, settings)

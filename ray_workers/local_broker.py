@@ -48,3 +48,34 @@ def ensure_broker(amqp_url: str) -> None:
         if time.monotonic() > deadline:
             raise BrokerNotAvailable(f"rabbitmq-server did not answer within {BROKER_START_TIMEOUT_S:.0f} s")
         time.sleep(0.5)
+
+
+def management_api_answers(management_url: str, timeout_s: float = 2.0) -> bool:
+    parts = urlsplit(management_url)
+    try:
+        with socket.create_connection((parts.hostname or "127.0.0.1", parts.port or 15672), timeout_s):
+            return True
+    except OSError:
+        return False
+
+
+def ensure_management_api(management_url: str) -> None:
+    """The autoscaler reads queue lengths from the management API, as KEDA's http protocol does."""
+    if management_api_answers(management_url):
+        return
+    host = urlsplit(management_url).hostname or ""
+    plugins = shutil.which("rabbitmq-plugins")
+    if host not in ("127.0.0.1", "localhost", "::1") or plugins is None:
+        raise BrokerNotAvailable(
+            f"RabbitMQ's management API does not answer at {redact_url(management_url)}; enable it with "
+            "`rabbitmq-plugins enable rabbitmq_management`, or set LOCAL_AUTOSCALER=0 for fixed replicas."
+        )
+    print("enabling rabbitmq_management for the autoscaler", flush=True)
+    subprocess.run([plugins, "enable", "rabbitmq_management"], check=False, capture_output=True)
+    deadline = time.monotonic() + BROKER_START_TIMEOUT_S
+    while not management_api_answers(management_url):
+        if time.monotonic() > deadline:
+            raise BrokerNotAvailable(
+                f"the management API did not answer within {BROKER_START_TIMEOUT_S:.0f} s"
+            )
+        time.sleep(0.5)

@@ -1,24 +1,33 @@
 """`python -m ray_workers.local_stack` (`task up`): the whole pipeline on one machine.
 
 Starts the ingress process, a local Ray cluster with one Serve application per model
-plus the callback dispatcher, and runs until SIGINT/SIGTERM. Shutdown goes in the
-order that loses nothing: the ingress stops taking jobs, the workers drain, then the
-dispatcher delivers what they finished; Ray's processes go with `ray.shutdown()`.
+plus the callback dispatcher, and the local autoscaler, which applies the ScaledObjects
+in `keda/` to the worker applications: they start at 0 replicas and the first job
+wakes them. Runs until SIGINT/SIGTERM. Shutdown goes in the order that loses nothing:
+the ingress stops taking jobs, the workers drain, then the dispatcher delivers what
+they finished; Ray's processes go with `ray.shutdown()`.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
 
-from contract.config import DEFAULT_AMQP_URL, ConfigError
-from ray_workers.local_broker import BrokerNotAvailable, ensure_broker
+from prometheus_client import CollectorRegistry, start_http_server
+
+from contract.config import DEFAULT_AMQP_URL, ConfigError, env_flag, env_int
+from ray_workers.local_autoscaler import AutoscalerMetrics, LocalAutoscaler
+from ray_workers.local_broker import BrokerNotAvailable, ensure_broker, ensure_management_api
+from ray_workers.queue_metrics import ManagementApi, management_url_from_amqp, vhost_from_amqp
+from ray_workers.scaling_policy import InvalidScaledObject, ScalingPolicy, load_policies
 from ray_workers.settings import WorkerSettings
 from ray_workers.signing import generate_secret
 
@@ -28,6 +37,32 @@ READY_LINE = "inferq stack ready"
 INGRESS_STOP_TIMEOUT_S = 30.0
 
 
+@dataclass(frozen=True)
+class StackSettings:
+    """What only the local stack reads: where the ScaledObjects are, and what to run."""
+
+    workers: WorkerSettings
+    amqp_url: str
+    management_url: str
+    scaled_objects_dir: Path
+    autoscale: bool
+    fixed_replicas: int
+    metrics_port: int
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str]) -> StackSettings:
+        amqp_url = env.get("AMQP_URL", DEFAULT_AMQP_URL)
+        return cls(
+            workers=WorkerSettings.from_env(env),
+            amqp_url=amqp_url,
+            management_url=env.get("RABBITMQ_MANAGEMENT_URL", management_url_from_amqp(amqp_url)),
+            scaled_objects_dir=Path(env.get("SCALEDOBJECTS_DIR", "keda")),
+            autoscale=env_flag(env, "LOCAL_AUTOSCALER", default=True),
+            fixed_replicas=env_int(env, "WORKER_REPLICAS", 1, minimum=1),
+            metrics_port=env_int(env, "AUTOSCALER_METRICS_PORT", 9101, minimum=0),
+        )
+
+
 def _stack_env(env: Mapping[str, str]) -> dict[str, str]:
     prepared = dict(env)
     prepared.setdefault("RAY_USAGE_STATS_ENABLED", "0")
@@ -35,21 +70,14 @@ def _stack_env(env: Mapping[str, str]) -> dict[str, str]:
     if not prepared.get("WEBHOOK_SECRET"):
         prepared["WEBHOOK_SECRET"] = generate_secret()
         print(
-            f"WEBHOOK_SECRET was unset; this session signs callbacks with:\n  "
+            "WEBHOOK_SECRET was unset; this session signs callbacks with:\n  "
             f"WEBHOOK_SECRET={prepared['WEBHOOK_SECRET']}",
             flush=True,
         )
     return prepared
 
 
-def _wait_for_signal() -> None:
-    stop = threading.Event()
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(signum, lambda _signum, _frame: stop.set())
-    stop.wait()
-
-
-def _start_serve(settings: WorkerSettings) -> None:
+def _start_serve(settings: WorkerSettings, initial_replicas: Mapping[str, int]) -> None:
     import ray
     from ray import serve
 
@@ -58,10 +86,13 @@ def _start_serve(settings: WorkerSettings) -> None:
     ray.init(include_dashboard=False, logging_level=logging.WARNING)
     serve.start(proxy_location="Disabled")
     run_callback_dispatcher(settings)
-    for model in settings.models:
+    for model, replicas in initial_replicas.items():
+        if replicas == 0:
+            print(f"worker {model}: 0 replicas until a job arrives", flush=True)
+            continue
         started = time.monotonic()
-        run_model_worker(model, settings)
-        print(f"worker {model}: 1 replica ready in {time.monotonic() - started:.1f} s", flush=True)
+        run_model_worker(model, settings, num_replicas=replicas)
+        print(f"worker {model}: {replicas} replica(s) in {time.monotonic() - started:.1f} s", flush=True)
 
 
 def _stop_serve(settings: WorkerSettings) -> None:
@@ -72,8 +103,10 @@ def _stop_serve(settings: WorkerSettings) -> None:
 
     if not ray.is_initialized():
         return
+    running = serve.status().applications
     for model in settings.models:
-        serve.delete(worker_app_name(model))
+        if worker_app_name(model) in running:
+            serve.delete(worker_app_name(model))
     serve.delete(DISPATCHER_APP)
     serve.shutdown()  # type: ignore[no-untyped-call]
     ray.shutdown()
@@ -88,13 +121,56 @@ def _stop_ingress(ingress: subprocess.Popen[bytes]) -> None:
         ingress.wait()
 
 
+async def _autoscale(
+    stack: StackSettings, policies: Mapping[str, ScalingPolicy], stop: asyncio.Event
+) -> None:
+    from ray_workers.deployment import run_model_worker
+
+    workers = stack.workers
+
+    async def apply(model: str, replicas: int) -> None:
+        await asyncio.to_thread(run_model_worker, model, workers, replicas)
+
+    registry = CollectorRegistry()
+    if stack.metrics_port:
+        start_http_server(stack.metrics_port, addr="127.0.0.1", registry=registry)
+    api = ManagementApi(stack.management_url, vhost_from_amqp(stack.amqp_url))
+    try:
+        autoscaler = LocalAutoscaler(
+            policies, workers.topology.main_queue, api.queue_messages, apply, AutoscalerMetrics(registry)
+        )
+        await autoscaler.run(stop)
+    finally:
+        await api.close()
+
+
+def _scaling_plan(stack: StackSettings) -> tuple[dict[str, ScalingPolicy], dict[str, int]]:
+    """Models with a ScaledObject start at 0 and are autoscaled; the rest run fixed replicas."""
+    policies = load_policies(stack.scaled_objects_dir) if stack.autoscale else {}
+    policies = {model: policy for model, policy in policies.items() if model in stack.workers.models}
+    initial = {model: 0 if model in policies else stack.fixed_replicas for model in stack.workers.models}
+    return policies, initial
+
+
+async def _run_until_signal(stack: StackSettings, policies: Mapping[str, ScalingPolicy]) -> None:
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, stop.set)
+    await _autoscale(stack, policies, stop)
+    print("stopping: ingress, then workers (drain), then callbacks", flush=True)
+
+
 def main() -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         env = _stack_env(os.environ)
-        settings = WorkerSettings.from_env(env)
-        ensure_broker(env.get("AMQP_URL", DEFAULT_AMQP_URL))
-    except (ConfigError, BrokerNotAvailable) as exc:
+        stack = StackSettings.from_env(env)
+        ensure_broker(stack.amqp_url)
+        if stack.autoscale:
+            ensure_management_api(stack.management_url)
+        policies, initial = _scaling_plan(stack)
+    except (ConfigError, BrokerNotAvailable, InvalidScaledObject) as exc:
         print(f"cannot start: {exc}", file=sys.stderr)
         return 2
     # Ray's own processes read these from the environment they inherit.
@@ -102,18 +178,22 @@ def main() -> int:
     ingress = subprocess.Popen([sys.executable, "-m", "ingress"], env=env)
     try:
         started = time.monotonic()
-        _start_serve(settings)
+        _start_serve(stack.workers, initial)
+        scaling = ", ".join(
+            f"{m} autoscaled from 0" if m in policies else f"{m} {n} fixed" for m, n in initial.items()
+        )
         print(
             f"{READY_LINE} in {time.monotonic() - started:.1f} s: ingress on "
-            f"http://{env.get('INGRESS_HOST', '127.0.0.1')}:{env.get('INGRESS_PORT', '8000')}, "
-            f"models {', '.join(settings.models)}; Ctrl-C stops",
+            f"http://{env.get('INGRESS_HOST', '127.0.0.1')}:{env.get('INGRESS_PORT', '8000')}; {scaling}; "
+            "Ctrl-C stops",
             flush=True,
         )
-        _wait_for_signal()
-        print("stopping: ingress, then workers (drain), then callbacks", flush=True)
+        asyncio.run(_run_until_signal(stack, policies))
+    except KeyboardInterrupt:
+        print("interrupted while starting", flush=True)
     finally:
         _stop_ingress(ingress)
-        _stop_serve(settings)
+        _stop_serve(stack.workers)
     print("stopped", flush=True)
     return 0
 

@@ -1,0 +1,129 @@
+"""The local autoscaler: KEDA's and the HPA's rules, applied to local Ray Serve replicas.
+
+Each model with a ScaledObject gets its own loop: every `pollingInterval` it reads the
+queue (ready + unacked, as KEDA's http protocol does), asks the pure `decide` for a
+replica count, and applies a change through the injected `apply` (in the local stack:
+a Serve redeploy with the new `num_replicas`; scaling down drains replicas first).
+Every change is logged and the state is exported as Prometheus metrics.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Awaitable, Callable, Mapping
+
+from prometheus_client import CollectorRegistry, Counter, Gauge
+
+from ray_workers.queue_metrics import QueueMetricUnavailable
+from ray_workers.scaling_decision import ScalingState, decide
+from ray_workers.scaling_policy import ScalingPolicy
+
+logger = logging.getLogger(__name__)
+
+ReadMetric = Callable[[str], Awaitable[float]]
+ApplyReplicas = Callable[[str, int], Awaitable[None]]
+
+
+class AutoscalerMetrics:
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.replicas = Gauge(
+            "inferq_autoscaler_replicas", "Replicas per model", ["model"], registry=registry
+        )
+        self.queue_messages = Gauge(
+            "inferq_autoscaler_queue_messages",
+            "Last queue metric read (ready + unacked)",
+            ["model"],
+            registry=registry,
+        )
+        self.scale_events = Counter(
+            "inferq_autoscaler_scale_events",
+            "Replica count changes",
+            ["model", "direction"],
+            registry=registry,
+        )
+        self.apply_seconds = Gauge(
+            "inferq_autoscaler_last_apply_seconds",
+            "How long the last change took to apply",
+            ["model"],
+            registry=registry,
+        )
+        self.read_failures = Counter(
+            "inferq_autoscaler_metric_read_failures", "Failed queue reads", ["model"], registry=registry
+        )
+
+
+class LocalAutoscaler:
+    def __init__(
+        self,
+        policies: Mapping[str, ScalingPolicy],
+        queue_for: Callable[[str], str],
+        read_metric: ReadMetric,
+        apply: ApplyReplicas,
+        metrics: AutoscalerMetrics,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._policies = policies
+        self._queue_for = queue_for
+        self._read_metric = read_metric
+        self._apply = apply
+        self._metrics = metrics
+        self._clock = clock
+        self.states: dict[str, ScalingState] = {model: ScalingState() for model in policies}
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Poll every model on its own interval until `stop` is set."""
+        loops = [asyncio.create_task(self._loop(model, stop)) for model in self._policies]
+        try:
+            await stop.wait()
+        finally:
+            for task in loops:
+                task.cancel()
+            for task in loops:
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+
+    async def _loop(self, model: str, stop: asyncio.Event) -> None:
+        policy = self._policies[model]
+        while not stop.is_set():
+            await self.tick(model)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), policy.polling_interval_s)
+
+    async def tick(self, model: str) -> None:
+        policy, state = self._policies[model], self.states[model]
+        metric: float | None
+        try:
+            metric = await self._read_metric(self._queue_for(model))
+            self._metrics.queue_messages.labels(model).set(metric)
+        except QueueMetricUnavailable as exc:
+            logger.warning("autoscaler %s: %s", model, exc)
+            self._metrics.read_failures.labels(model).inc()
+            metric = None
+        decision = decide(policy, state, metric, self._clock())
+        if decision.replicas != state.replicas:
+            started = time.monotonic()
+            try:
+                await self._apply(model, decision.replicas)
+            except Exception:
+                logger.exception(
+                    "autoscaler %s: applying %d replicas failed; will retry", model, decision.replicas
+                )
+                return
+            took_s = time.monotonic() - started
+            direction = "up" if decision.replicas > state.replicas else "down"
+            self._metrics.scale_events.labels(model, direction).inc()
+            self._metrics.apply_seconds.labels(model).set(took_s)
+            logger.info(
+                "autoscaler %s: %d -> %d replicas, backlog %s (%s); applied in %.1f s",
+                model,
+                state.replicas,
+                decision.replicas,
+                "?" if metric is None else f"{metric:g}",
+                decision.reason,
+                took_s,
+            )
+        self.states[model] = decision.state
+        self._metrics.replicas.labels(model).set(decision.replicas)

@@ -1,0 +1,135 @@
+"""The autoscaling decision as a pure function of (policy, state, metric, time).
+
+It applies the rules KEDA and the HPA apply to a ScaledObject, in their order:
+
+1. Fallback (KEDA): after `failureThreshold` failed metric reads in a row, hold
+   `fallback.replicas`; a single failed read changes nothing.
+2. Activation (KEDA): the scaler is active while metric > activationValue. At 0
+   replicas an active scaler wakes the target to max(1, minReplicaCount); an inactive
+   one leaves it at 0.
+3. Cooldown (KEDA): with minReplicaCount 0, once the scaler has been inactive for
+   cooldownPeriod the target goes back to 0.
+4. HPA, AverageValue target: desired = ceil(metric / value), kept at the current count
+   when metric / (current * value) is within the 10 % tolerance, clamped to
+   [max(1, minReplicaCount), maxReplicaCount].
+5. Stabilisation (HPA behavior): scaling up takes the lowest recommendation of the
+   scale-up window, scaling down the highest of the scale-down window.
+6. Rate policies (HPA behavior): a change may not exceed what the direction's policies
+   allow over their periods (Pods: +/- n; Percent: +/- n % of the count at the start of
+   the period); selectPolicy Max takes the policy allowing the largest change, Min the
+   smallest, Disabled allows none.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+
+from ray_workers.scaling_policy import DirectionRules, ScalingPolicy
+
+# Longer than any rate policy's period (the HPA caps periodSeconds at 1800).
+EVENT_MEMORY_S = 1800.0
+
+
+@dataclass(frozen=True)
+class ScalingState:
+    replicas: int = 0
+    last_active_s: float | None = None
+    failed_reads: int = 0
+    # (time, recommendation) within the longest stabilisation window.
+    recommendations: tuple[tuple[float, int], ...] = ()
+    # (time, replicas before, replicas after) of recent changes, for rate policies.
+    scale_events: tuple[tuple[float, int, int], ...] = ()
+
+
+@dataclass(frozen=True)
+class Decision:
+    replicas: int
+    state: ScalingState
+    reason: str
+
+
+def decide(policy: ScalingPolicy, state: ScalingState, metric: float | None, now_s: float) -> Decision:
+    if metric is None:
+        return _fallback(policy, state, now_s)
+    state = replace(state, failed_reads=0)
+    active = metric > policy.activation_value
+    if active:
+        state = replace(state, last_active_s=now_s)
+    if state.replicas == 0:
+        if not active:
+            reason = f"metric {metric:g} <= activationValue {policy.activation_value:g}: stay at 0"
+            return Decision(0, state, reason)
+        target = max(1, policy.min_replicas)
+        return _changed(state, target, now_s, f"activation: metric {metric:g} > {policy.activation_value:g}")
+    idle_s = now_s - (state.last_active_s if state.last_active_s is not None else now_s)
+    if not active and policy.min_replicas == 0 and idle_s >= policy.cooldown_s:
+        reason = f"inactive for {idle_s:.0f} s >= cooldownPeriod {policy.cooldown_s:g} s"
+        return _changed(state, 0, now_s, reason)
+    return _hpa(policy, state, metric, now_s)
+
+
+def _fallback(policy: ScalingPolicy, state: ScalingState, now_s: float) -> Decision:
+    state = replace(state, failed_reads=state.failed_reads + 1)
+    threshold, replicas = policy.fallback_failure_threshold, policy.fallback_replicas
+    if threshold is not None and replicas is not None and state.failed_reads >= threshold:
+        if replicas == state.replicas:
+            return Decision(replicas, state, f"fallback: holding {replicas}")
+        return _changed(state, replicas, now_s, f"fallback after {state.failed_reads} failed reads")
+    return Decision(state.replicas, state, f"metric unavailable ({state.failed_reads} in a row): no change")
+
+
+def _hpa(policy: ScalingPolicy, state: ScalingState, metric: float, now_s: float) -> Decision:
+    current = state.replicas
+    ratio = metric / (current * policy.target_per_replica)
+    raw = current if abs(ratio - 1.0) <= policy.tolerance else math.ceil(metric / policy.target_per_replica)
+    raw = min(max(raw, max(1, policy.min_replicas)), policy.max_replicas)
+    keep_s = max(policy.scale_up.stabilization_window_s, policy.scale_down.stabilization_window_s)
+    kept = tuple((t, r) for t, r in state.recommendations if now_s - t <= keep_s)
+    recommendations = (*kept, (now_s, raw))
+    state = replace(state, recommendations=recommendations)
+    if raw > current:
+        window = [r for t, r in recommendations if now_s - t <= policy.scale_up.stabilization_window_s]
+        stabilised = max(current, min(window))
+        target = min(stabilised, _limit(policy.scale_up, state, now_s, up=True))
+    elif raw < current:
+        window = [r for t, r in recommendations if now_s - t <= policy.scale_down.stabilization_window_s]
+        stabilised = min(current, max(window))
+        target = max(stabilised, _limit(policy.scale_down, state, now_s, up=False))
+    else:
+        target = current
+    if target == current:
+        return Decision(current, state, f"metric {metric:g}: {current} replica(s) stay (wanted {raw})")
+    return _changed(state, target, now_s, f"metric {metric:g} / value {policy.target_per_replica:g} -> {raw}")
+
+
+def _limit(rules: DirectionRules, state: ScalingState, now_s: float, up: bool) -> int:
+    """The furthest the count may move now under the direction's rate policies.
+
+    As the HPA computes it: the count at the start of a policy's period is the current
+    count less what was added within the period (scaling up), or plus what was removed
+    (scaling down).
+    """
+    current = state.replicas
+    if rules.select == "Disabled":
+        return current
+    limits = []
+    for policy in rules.policies:
+        recent = [(before, after) for t, before, after in state.scale_events if now_s - t < policy.period_s]
+        if up:
+            start = current - sum(after - before for before, after in recent if after > before)
+            grow = policy.value if policy.kind == "Pods" else math.ceil(start * policy.value / 100)
+            limits.append(start + grow)
+        else:
+            start = current + sum(before - after for before, after in recent if after < before)
+            shrink = policy.value if policy.kind == "Pods" else math.floor(start * policy.value / 100)
+            limits.append(start - shrink)
+    if up:
+        return max(limits) if rules.select == "Max" else min(limits)
+    return min(limits) if rules.select == "Max" else max(limits)
+
+
+def _changed(state: ScalingState, replicas: int, now_s: float, reason: str) -> Decision:
+    events = tuple(e for e in state.scale_events if now_s - e[0] <= EVENT_MEMORY_S)
+    new_state = replace(state, replicas=replicas, scale_events=(*events, (now_s, state.replicas, replicas)))
+    return Decision(replicas, new_state, reason)

@@ -1,0 +1,169 @@
+"""A KEDA ScaledObject, read into the rules the local autoscaler applies.
+
+The same files in `keda/` drive KEDA in a cluster and the local autoscaler on one
+machine. Reading goes parse -> validate cross-field rules -> construct, and every error
+names the file, the field and the bad value. Defaults are KEDA's and the HPA's own.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+RateKind = Literal["Pods", "Percent"]
+SelectPolicy = Literal["Max", "Min", "Disabled"]
+
+KEDA_DEFAULT_POLLING_INTERVAL_S = 30.0
+KEDA_DEFAULT_COOLDOWN_S = 300.0
+KEDA_DEFAULT_MAX_REPLICAS = 100
+HPA_TOLERANCE = 0.1
+
+
+class InvalidScaledObject(ValueError):
+    """A ScaledObject the autoscaler cannot apply; the message names the field and value."""
+
+
+@dataclass(frozen=True)
+class RatePolicy:
+    kind: RateKind
+    value: int
+    period_s: float
+
+
+@dataclass(frozen=True)
+class DirectionRules:
+    """The HPA `behavior` for one direction (scaleUp or scaleDown)."""
+
+    stabilization_window_s: float
+    select: SelectPolicy
+    policies: tuple[RatePolicy, ...]
+
+
+# The HPA's defaults (autoscaling/v2): up at once, by 100 % or 4 pods per 15 s, the larger;
+# down after a 300 s window, by up to 100 % per 15 s.
+HPA_DEFAULT_SCALE_UP = DirectionRules(
+    0.0, "Max", (RatePolicy("Percent", 100, 15.0), RatePolicy("Pods", 4, 15.0))
+)
+HPA_DEFAULT_SCALE_DOWN = DirectionRules(300.0, "Max", (RatePolicy("Percent", 100, 15.0),))
+
+
+@dataclass(frozen=True)
+class ScalingPolicy:
+    name: str
+    model: str
+    queue_name: str
+    target_per_replica: float
+    activation_value: float
+    polling_interval_s: float
+    cooldown_s: float
+    min_replicas: int
+    max_replicas: int
+    scale_up: DirectionRules = HPA_DEFAULT_SCALE_UP
+    scale_down: DirectionRules = HPA_DEFAULT_SCALE_DOWN
+    fallback_failure_threshold: int | None = None
+    fallback_replicas: int | None = None
+    tolerance: float = HPA_TOLERANCE
+
+
+def _number(value: Any, where: str) -> float:
+    try:
+        return float(value)
+    except (TypeError, ValueError) as exc:
+        raise InvalidScaledObject(f"{where}={value!r} is not a number") from exc
+
+
+def _rules(raw: Mapping[str, Any] | None, default: DirectionRules, where: str) -> DirectionRules:
+    if not raw:
+        return default
+    policies = (
+        tuple(
+            RatePolicy(
+                p["type"], int(p["value"]), _number(p["periodSeconds"], f"{where}.policies.periodSeconds")
+            )
+            for p in raw.get("policies", [])
+        )
+        or default.policies
+    )
+    for policy in policies:
+        if policy.kind not in ("Pods", "Percent") or policy.value <= 0 or policy.period_s <= 0:
+            raise InvalidScaledObject(f"{where}.policies has an invalid entry {policy}")
+    select = raw.get("selectPolicy", "Max")
+    if select not in ("Max", "Min", "Disabled"):
+        raise InvalidScaledObject(f"{where}.selectPolicy={select!r}; expected Max, Min or Disabled")
+    window = raw.get("stabilizationWindowSeconds", default.stabilization_window_s)
+    return DirectionRules(_number(window, f"{where}.stabilizationWindowSeconds"), select, policies)
+
+
+def policy_from_scaled_object(doc: Mapping[str, Any], source: str = "ScaledObject") -> ScalingPolicy:
+    """Parse, validate, construct. Only the rabbitmq QueueLength trigger over http is supported."""
+    if doc.get("kind") != "ScaledObject":
+        raise InvalidScaledObject(f"{source}: kind={doc.get('kind')!r}; expected ScaledObject")
+    spec = doc.get("spec") or {}
+    name = (doc.get("metadata") or {}).get("name", "?")
+    triggers = spec.get("triggers") or []
+    if len(triggers) != 1 or triggers[0].get("type") != "rabbitmq":
+        raise InvalidScaledObject(f"{source}: expected exactly one rabbitmq trigger, got {triggers!r}")
+    meta = triggers[0].get("metadata") or {}
+    if meta.get("protocol") != "http":
+        raise InvalidScaledObject(
+            f"{source}: trigger protocol={meta.get('protocol')!r}; expected http (unacked jobs count)"
+        )
+    if meta.get("mode") != "QueueLength":
+        raise InvalidScaledObject(f"{source}: trigger mode={meta.get('mode')!r}; expected QueueLength")
+    queue_name = str(meta.get("queueName", ""))
+    if not queue_name.startswith("jobs."):
+        raise InvalidScaledObject(f"{source}: queueName={queue_name!r}; expected jobs.<model>")
+    behavior = ((spec.get("advanced") or {}).get("horizontalPodAutoscalerConfig") or {}).get("behavior") or {}
+    fallback = spec.get("fallback") or {}
+    policy = ScalingPolicy(
+        name=name,
+        model=queue_name.removeprefix("jobs."),
+        queue_name=queue_name,
+        target_per_replica=_number(meta.get("value"), f"{source}: value"),
+        activation_value=_number(meta.get("activationValue", 0), f"{source}: activationValue"),
+        polling_interval_s=_number(
+            spec.get("pollingInterval", KEDA_DEFAULT_POLLING_INTERVAL_S), f"{source}: pollingInterval"
+        ),
+        cooldown_s=_number(spec.get("cooldownPeriod", KEDA_DEFAULT_COOLDOWN_S), f"{source}: cooldownPeriod"),
+        min_replicas=int(spec.get("minReplicaCount", 0)),
+        max_replicas=int(spec.get("maxReplicaCount", KEDA_DEFAULT_MAX_REPLICAS)),
+        scale_up=_rules(behavior.get("scaleUp"), HPA_DEFAULT_SCALE_UP, "scaleUp"),
+        scale_down=_rules(behavior.get("scaleDown"), HPA_DEFAULT_SCALE_DOWN, "scaleDown"),
+        fallback_failure_threshold=fallback.get("failureThreshold"),
+        fallback_replicas=fallback.get("replicas"),
+    )
+    _validate(policy, source)
+    return policy
+
+
+def _validate(policy: ScalingPolicy, source: str) -> None:
+    if policy.target_per_replica <= 0:
+        raise InvalidScaledObject(f"{source}: value={policy.target_per_replica} must be > 0")
+    if policy.activation_value < 0:
+        raise InvalidScaledObject(f"{source}: activationValue={policy.activation_value} must be >= 0")
+    if policy.polling_interval_s <= 0:
+        raise InvalidScaledObject(f"{source}: pollingInterval={policy.polling_interval_s} must be > 0")
+    if not 0 <= policy.min_replicas <= policy.max_replicas or policy.max_replicas < 1:
+        raise InvalidScaledObject(
+            f"{source}: minReplicaCount={policy.min_replicas} and maxReplicaCount={policy.max_replicas} "
+            "need 0 <= min <= max and max >= 1"
+        )
+    if policy.fallback_replicas is not None and policy.fallback_replicas > policy.max_replicas:
+        raise InvalidScaledObject(
+            f"{source}: fallback.replicas={policy.fallback_replicas} exceeds maxReplicaCount"
+        )
+
+
+def load_policies(directory: Path) -> dict[str, ScalingPolicy]:
+    """Every ScaledObject in `directory`'s YAML files, by model."""
+    policies: dict[str, ScalingPolicy] = {}
+    for path in sorted(directory.glob("*.yaml")):
+        for doc in yaml.safe_load_all(path.read_text()):
+            if isinstance(doc, dict) and doc.get("kind") == "ScaledObject":
+                policy = policy_from_scaled_object(doc, str(path))
+                policies[policy.model] = policy
+    return policies
