@@ -201,7 +201,9 @@ class Broker:
             raise BrokerUnavailable("not connected")
         try:
             channel = await self._connection.channel()
-            await channel.set_qos(prefetch_count=prefetch)
+            # Channel-wide (global) prefetch: one consumer per channel, and unlike the
+            # per-consumer kind it can be changed while the consumer runs.
+            await channel.set_qos(prefetch_count=prefetch, global_=True)
             queue = await channel.get_queue(queue_name, ensure=True)
 
             async def on_message(message: aio_pika.abc.AbstractIncomingMessage) -> None:
@@ -212,6 +214,14 @@ class Broker:
             raise BrokerUnavailable(f"cannot consume {queue_name}: {exc!r}") from exc
         self._consumers[tag] = (queue, channel)
         return tag
+
+    async def set_prefetch(self, tag: str, prefetch: int) -> None:
+        """Change a consumer's prefetch at runtime (basic.qos on its channel)."""
+        _queue, channel = self._consumers[tag]
+        try:
+            await channel.set_qos(prefetch_count=prefetch, global_=True)
+        except _CONNECTION_ERRORS as exc:
+            raise BrokerUnavailable(f"cannot set prefetch of consumer {tag}: {exc!r}") from exc
 
     async def cancel(self, tag: str, *, close_channel: bool = False) -> None:
         """Stop a consumer (basic.cancel). What it holds unacked stays with it until

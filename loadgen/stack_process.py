@@ -37,11 +37,13 @@ class StackProcess:
         self.port = free_port()
         self.base_url = f"http://127.0.0.1:{self.port}"
         self.metrics_port = free_port()
+        self.worker_metrics_port = free_port()
         self._env = {
             **env,
             "INGRESS_HOST": "127.0.0.1",
             "INGRESS_PORT": str(self.port),
             "AUTOSCALER_METRICS_PORT": str(self.metrics_port),
+            "WORKER_METRICS_PORT": str(self.worker_metrics_port),
         }
         self.log = Path(tempfile.mkstemp(prefix="inferq-stack-", suffix=".log")[1])
         self._process: asyncio.subprocess.Process | None = None

@@ -10,9 +10,17 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable
-from typing import TypeVar
+from dataclasses import dataclass
+from typing import Generic, TypeVar
 
 T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class Batch(Generic[T]):
+    items: list[T]
+    # From the first item's arrival to the batch closing: what batching cost that item.
+    filled_s: float
 
 
 async def collect_batch(
@@ -20,12 +28,13 @@ async def collect_batch(
     max_size: int,
     max_wait_s: float,
     clock: Callable[[], float] = time.monotonic,
-) -> list[T]:
+) -> Batch[T]:
     """At least one item; at most `max_size`; no more than `max_wait_s` after the first."""
     if max_size < 1:
         raise ValueError(f"max_size={max_size} must be at least 1")
     batch = [await source.get()]
-    deadline = clock() + max_wait_s
+    first_at = clock()
+    deadline = first_at + max_wait_s
     while len(batch) < max_size:
         # Take what is already buffered without yielding to the loop.
         while len(batch) < max_size and not source.empty():
@@ -37,4 +46,4 @@ async def collect_batch(
             batch.append(await asyncio.wait_for(source.get(), timeout=remaining_s))
         except TimeoutError:
             break
-    return batch
+    return Batch(batch, clock() - first_at)

@@ -9,6 +9,10 @@ loop: transient failures wait in a delay tier, permanent ones are parked.
 A circuit breaker watches the batches: when the model keeps failing, the replica
 stops consuming (its prefetched jobs go back to the queue, their attempts unburned)
 and after the cool-down lets one single-job probe batch through.
+
+Batch size is adaptive (`batch_controller`): after each batch the controller sees its
+model time and whether prefetched work is waiting, and sets the next size and wait;
+the consumer's prefetch follows at twice the size.
 """
 
 from __future__ import annotations
@@ -23,11 +27,13 @@ from typing import Any
 
 from contract.broker import Broker, BrokerError, Delivery
 from contract.envelope import ATTEMPT_HEADER, Job, JobTimings, UndecodableMessage, decode_job
+from ray_workers.batch_controller import AdaptiveBatchController, FixedBatchSize
 from ray_workers.batching import collect_batch
 from ray_workers.circuit_breaker import BreakerState, CircuitBreaker
 from ray_workers.models.base import InvalidInput, Model, ModelError
 from ray_workers.outcomes import Publish, callback_for, parked, retry_for
 from ray_workers.settings import WorkerSettings
+from ray_workers.worker_metrics import PrometheusWorkerMetrics, WorkerMetrics
 
 logger = logging.getLogger(__name__)
 
@@ -55,6 +61,7 @@ class JobWorker:
         settings: WorkerSettings,
         wall_clock: Callable[[], float] = time.time,
         monotonic: Callable[[], float] = time.monotonic,
+        metrics: WorkerMetrics | None = None,
     ) -> None:
         self._model = model
         self._settings = settings
@@ -71,6 +78,14 @@ class JobWorker:
         self.breaker = CircuitBreaker(
             settings.breaker_failure_threshold, settings.breaker_cooldown_s, monotonic
         )
+        batching = AdaptiveBatchController if settings.batch_adaptive else FixedBatchSize
+        self.batching = batching(
+            latency_target_s=settings.latency_target_s(model.name),
+            max_size=settings.batch_max_size,
+            size=1 if settings.batch_adaptive else settings.batch_max_size,
+            max_wait_s=settings.batch_max_wait_s,
+        )
+        self.metrics = metrics if metrics is not None else PrometheusWorkerMetrics()
 
     @property
     def is_healthy(self) -> bool:
@@ -84,12 +99,16 @@ class JobWorker:
     async def start(self) -> None:
         await self._broker.connect()
         self._loop_task = asyncio.create_task(self._run(), name=f"job-loop-{self._model.name}")
-        await self._consume(self._settings.batch_max_size)
+        await self._consume(self._prefetch())
         logger.info("worker for %s consuming", self._model.name)
 
+    def _prefetch(self) -> int:
+        # Twice the batch size: a replica holds at most one batch beyond the one it runs,
+        # which keeps the model busy and bounds how long a high-priority job can wait
+        # behind lower ones already prefetched.
+        return 2 * self.batching.size
+
     async def _consume(self, prefetch: int) -> None:
-        # Prefetch equals the batch size: a replica holds at most one batch beyond the
-        # one it runs, which bounds how long a high-priority job can wait behind it.
         self._consumer_tag = await self._broker.consume(
             self._topology.main_queue(self._model.name), prefetch, self._inbox.put
         )
@@ -128,16 +147,30 @@ class JobWorker:
 
     async def _run(self) -> None:
         while True:
-            batch = await collect_batch(
-                self._inbox, self._settings.batch_max_size, self._settings.batch_max_wait_s
-            )
+            batch = await collect_batch(self._inbox, self.batching.size, self.batching.wait_s)
             self._idle.clear()
             try:
-                await self._process(batch)
+                inference_s = await self._process(batch.items)
             finally:
                 self._idle.set()
+            self.metrics.observe_batch(self._model.name, len(batch.items), batch.filled_s, inference_s)
+            await self._adapt_batch_size(len(batch.items), inference_s)
 
-    async def _process(self, batch: list[Delivery]) -> None:
+    async def _adapt_batch_size(self, batch_size: int, inference_s: float) -> None:
+        before = self.batching.size
+        adjustment = self.batching.record(batch_size, inference_s, work_waiting=not self._inbox.empty())
+        self.metrics.record_adjustment(
+            self._model.name, adjustment.value, self.batching.size, self.batching.wait_s
+        )
+        closed = self.breaker.state is BreakerState.CLOSED
+        if self.batching.size != before and closed and self._consumer_tag is not None:
+            try:
+                await self._broker.set_prefetch(self._consumer_tag, self._prefetch())
+            except BrokerError as exc:
+                logger.warning("model %s: prefetch not changed: %s", self._model.name, exc)
+
+    async def _process(self, batch: list[Delivery]) -> float:
+        """Settle every delivery of the batch; returns the model's time on it, in seconds."""
         now_ms = int(self._wall_clock() * 1000)
         work: list[_Work] = []
         settles = []
@@ -157,17 +190,18 @@ class JobWorker:
                 continue
             work.append(self._prepare(delivery, job, now_ms))
         runnable = [item for item in work if item.error is None and not item.expired]
-        inference_ms = await self._infer(runnable)
+        inference_s = await self._infer(runnable)
         for item in work:
             timings = JobTimings(
                 queued_ms=round(max(0.0, now_ms - item.job.submitted_at_ms), 3),
-                inference_ms=round(inference_ms, 3),
+                inference_ms=round(inference_s * 1000, 3),
                 batch_size=len(runnable),
             )
             settles.append(self._settle(item.delivery, self._outcome(item, timings)))
         await asyncio.gather(*settles)
         if runnable:
             await self._update_breaker(any(item.error is not None for item in runnable))
+        return inference_s
 
     def _prepare(self, delivery: Delivery, job: Job, now_ms: int) -> _Work:
         item = _Work(delivery, job, int(delivery.headers.get(ATTEMPT_HEADER, 1)))
@@ -181,7 +215,7 @@ class JobWorker:
         return item
 
     async def _infer(self, runnable: Sequence[_Work]) -> float:
-        """Run the model on the batch off the event loop; record outputs or errors."""
+        """Run the model on the batch off the event loop; record outputs or errors; seconds."""
         if not runnable:
             return 0.0
         started = time.monotonic()
@@ -200,7 +234,7 @@ class JobWorker:
         else:
             for item, output in zip(runnable, outputs, strict=True):
                 item.output = output
-        return (time.monotonic() - started) * 1000
+        return time.monotonic() - started
 
     def _outcome(self, item: _Work, timings: JobTimings) -> list[Publish]:
         job, attempt = item.job, item.attempt
@@ -208,6 +242,7 @@ class JobWorker:
         now_ms = int(now_s * 1000)
         if item.expired:
             logger.info("job %s expired before it ran", job.id)
+            self.metrics.count_outcome(job.model, "expired")
             return [
                 callback_for(
                     job,
@@ -220,6 +255,7 @@ class JobWorker:
                 )
             ]
         if item.error is None:
+            self.metrics.count_outcome(job.model, "succeeded")
             return [
                 callback_for(job, "succeeded", attempt, timings, now_s, self._topology, output=item.output)
             ]
@@ -243,6 +279,7 @@ class JobWorker:
             ]
         reason = "permanent error" if item.permanent else f"failed after {attempt} attempt(s)"
         logger.warning("job %s parked (%s): %s", job.id, reason, item.error)
+        self.metrics.count_outcome(job.model, "failed")
         return [
             parked(
                 item.delivery.body,
@@ -276,18 +313,20 @@ class JobWorker:
         after = self.breaker.state
         if after is before:
             return
+        self.metrics.set_breaker_state(self._model.name, after.value)
         logger.warning("model %s breaker %s -> %s", self._model.name, before.value, after.value)
         if after is BreakerState.OPEN:
             await self._stop_consuming()
             self._resume_task = asyncio.create_task(self._resume_after_cooldown())
         elif after is BreakerState.CLOSED and before is BreakerState.HALF_OPEN:
             await self._stop_consuming()
-            await self._consume(self._settings.batch_max_size)
+            await self._consume(self._prefetch())
 
     async def _resume_after_cooldown(self) -> None:
         await asyncio.sleep(self.breaker.remaining_cooldown_s())
         if self.breaker.allow():
             logger.warning("model %s breaker half-open: probing with one job", self._model.name)
+            self.metrics.set_breaker_state(self._model.name, self.breaker.state.value)
             try:
                 await self._consume(1)
             except BrokerError as exc:

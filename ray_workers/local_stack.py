@@ -48,6 +48,7 @@ class StackSettings:
     autoscale: bool
     fixed_replicas: int
     metrics_port: int
+    worker_metrics_port: int
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> StackSettings:
@@ -60,6 +61,7 @@ class StackSettings:
             autoscale=env_flag(env, "LOCAL_AUTOSCALER", default=True),
             fixed_replicas=env_int(env, "WORKER_REPLICAS", 1, minimum=1),
             metrics_port=env_int(env, "AUTOSCALER_METRICS_PORT", 9101, minimum=0),
+            worker_metrics_port=env_int(env, "WORKER_METRICS_PORT", 9102, minimum=0),
         )
 
 
@@ -77,13 +79,17 @@ def _stack_env(env: Mapping[str, str]) -> dict[str, str]:
     return prepared
 
 
-def _start_serve(settings: WorkerSettings, initial_replicas: Mapping[str, int]) -> None:
+def _start_serve(settings: WorkerSettings, initial_replicas: Mapping[str, int], metrics_port: int) -> None:
     import ray
     from ray import serve
 
     from ray_workers.deployment import run_callback_dispatcher, run_model_worker
 
-    ray.init(include_dashboard=False, logging_level=logging.WARNING)
+    # The workers' metrics (batch sizes, controller decisions, breaker) are exported by
+    # Ray in Prometheus format on this port.
+    ray.init(
+        include_dashboard=False, logging_level=logging.WARNING, _metrics_export_port=metrics_port or None
+    )
     serve.start(proxy_location="Disabled")
     run_callback_dispatcher(settings)
     for model, replicas in initial_replicas.items():
@@ -178,7 +184,7 @@ def main() -> int:
     ingress = subprocess.Popen([sys.executable, "-m", "ingress"], env=env)
     try:
         started = time.monotonic()
-        _start_serve(stack.workers, initial)
+        _start_serve(stack.workers, initial, stack.worker_metrics_port)
         scaling = ", ".join(
             f"{m} autoscaled from 0" if m in policies else f"{m} {n} fixed" for m, n in initial.items()
         )

@@ -10,8 +10,10 @@ from contract.config import (
     DEFAULT_AMQP_URL,
     ConfigError,
     csv_list,
+    env_flag,
     env_float,
     env_int,
+    model_env_suffix,
     served_models,
     topology_from_env,
 )
@@ -25,8 +27,12 @@ class WorkerSettings:
     callback_allow: AllowList = field(default_factory=AllowList)
     models: tuple[str, ...] = ("echo", "embed-minilm")
     topology: Topology = field(default_factory=Topology)
-    batch_max_size: int = 32
+    batch_max_size: int = 128
     batch_max_wait_s: float = 0.005
+    # Adaptive batching: the controller keeps each batch's model time under the target.
+    batch_adaptive: bool = True
+    batch_latency_target_s: float = 0.2
+    batch_latency_target_by_model: Mapping[str, float] = field(default_factory=dict)
     # Model breaker: consecutive failed batches that open it, and its cool-down.
     breaker_failure_threshold: int = 5
     breaker_cooldown_s: float = 30.0
@@ -37,6 +43,9 @@ class WorkerSettings:
     callback_breaker_threshold: int = 5
     callback_breaker_cooldown_s: float = 30.0
     drain_timeout_s: float = 30.0
+
+    def latency_target_s(self, model: str) -> float:
+        return self.batch_latency_target_by_model.get(model, self.batch_latency_target_s)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> WorkerSettings:
@@ -50,8 +59,15 @@ class WorkerSettings:
             callback_allow=AllowList.parse(csv_list(env.get("CALLBACK_ALLOW_HOSTS", ""))),
             models=models,
             topology=topology_from_env(env, models),
-            batch_max_size=env_int(env, "BATCH_MAX_SIZE", 32, minimum=1),
+            batch_max_size=env_int(env, "BATCH_MAX_SIZE", 128, minimum=1),
             batch_max_wait_s=env_float(env, "BATCH_MAX_WAIT_MS", 5.0) / 1000,
+            batch_adaptive=env_flag(env, "BATCH_ADAPTIVE", default=True),
+            batch_latency_target_s=env_float(env, "BATCH_LATENCY_TARGET_MS", 200.0, minimum=1.0) / 1000,
+            batch_latency_target_by_model={
+                model: env_float(env, f"BATCH_LATENCY_TARGET_MS_{model_env_suffix(model)}", 0.0) / 1000
+                for model in models
+                if env.get(f"BATCH_LATENCY_TARGET_MS_{model_env_suffix(model)}")
+            },
             breaker_failure_threshold=env_int(env, "BREAKER_FAILURE_THRESHOLD", 5, minimum=1),
             breaker_cooldown_s=env_float(env, "BREAKER_COOLDOWN_S", 30.0),
             callback_timeout_s=env_float(env, "CALLBACK_TIMEOUT_S", 10.0, minimum=0.1),

@@ -52,3 +52,26 @@ class RecordingModel:
         if any(item.attempt < self.fail_until_attempt for item in inputs):
             raise ModelFailure(f"fails until attempt {self.fail_until_attempt}")
         return [item.value for item in inputs]
+
+
+class LinearLatencyModel:
+    """Echo whose batch takes `base_s + per_item_s * size`, like a real batched model."""
+
+    name = "echo"
+
+    def __init__(self, base_s: float, per_item_s: float) -> None:
+        self.base_s, self.per_item_s = base_s, per_item_s
+
+    def prepare(self, raw_input: Any, attempt: int) -> Any:
+        return raw_input
+
+    def predict(self, inputs: Sequence[Any]) -> list[Any]:
+        time.sleep(self.base_s + self.per_item_s * len(inputs))
+        return list(inputs)
+
+
+class ShortChangingModel(LinearLatencyModel):
+    """Returns one output fewer than it was given: a broken model contract."""
+
+    def predict(self, inputs: Sequence[Any]) -> list[Any]:
+        return list(inputs)[:-1]

@@ -87,6 +87,14 @@ async def test_given_the_stack_when_a_replica_is_killed_mid_batch_then_every_job
 
         received = list(await receiver.wait_for(3, timeout_s=120))
 
+        # The replicas' batch metrics reach Prometheus through Ray's exporter.
+        async def batch_metrics_exported() -> bool:
+            async with httpx.AsyncClient() as http:
+                text = (await http.get(f"http://127.0.0.1:{stack.worker_metrics_port}/metrics")).text
+            return "ray_inferq_worker_batch_size_bucket" in text and 'model="synthetic"' in text
+
+        await wait_until(batch_metrics_exported, 30, "worker batch metrics on Ray's metrics port")
+
         # Drain: a stop during a batch lets the batch finish and its callback go out.
         async with httpx.AsyncClient(base_url=stack.base_url, timeout=30) as client:
             response = await client.post(

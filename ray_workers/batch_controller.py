@@ -1,0 +1,69 @@
+"""Adaptive batch sizing: an AIMD controller in the spirit of Clipper's.
+
+After each batch it looks at how long the batch took and whether work is waiting:
+
+    batch over the latency target            -> size *= backoff (multiplicative decrease)
+    under target, full, and work waiting     -> size += step     (additive increase)
+    otherwise                                -> hold
+
+and it sets how long the next batch may wait to fill: with no work waiting (low load)
+a lone job is dispatched at once, never held for company; with work waiting the
+batch fills from what is already prefetched, and `max_wait_s` only bounds the wait
+for stragglers. Pure and clock-free: the worker feeds it measured latencies.
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+from dataclasses import dataclass
+
+
+class Adjustment(enum.Enum):
+    GROW = "grow"
+    BACKOFF = "backoff"
+    HOLD = "hold"
+
+
+@dataclass
+class AdaptiveBatchController:
+    latency_target_s: float
+    max_size: int
+    min_size: int = 1
+    size: int = 1
+    step: int = 4
+    backoff: float = 0.7
+    max_wait_s: float = 0.005
+    wait_s: float = 0.0
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.min_size <= self.max_size:
+            raise ValueError(
+                f"batch sizes need 1 <= min_size ({self.min_size}) <= max_size ({self.max_size})"
+            )
+        if self.latency_target_s <= 0:
+            raise ValueError(f"latency_target_s={self.latency_target_s} must be > 0")
+        if not 0 < self.backoff < 1:
+            raise ValueError(f"backoff={self.backoff} must be in (0, 1)")
+        self.size = min(max(self.size, self.min_size), self.max_size)
+
+    def record(self, batch_size: int, latency_s: float, work_waiting: bool) -> Adjustment:
+        """Feed one finished batch; returns what the controller did about the size."""
+        self.wait_s = self.max_wait_s if work_waiting else 0.0
+        if latency_s > self.latency_target_s:
+            if self.size <= self.min_size:
+                return Adjustment.HOLD
+            self.size = max(self.min_size, math.floor(min(self.size, batch_size) * self.backoff))
+            return Adjustment.BACKOFF
+        if work_waiting and batch_size >= self.size and self.size < self.max_size:
+            self.size = min(self.max_size, self.size + self.step)
+            return Adjustment.GROW
+        return Adjustment.HOLD
+
+
+class FixedBatchSize(AdaptiveBatchController):
+    """The same interface with the size pinned, for baselines (`BATCH_ADAPTIVE=0`)."""
+
+    def record(self, batch_size: int, latency_s: float, work_waiting: bool) -> Adjustment:
+        self.wait_s = self.max_wait_s
+        return Adjustment.HOLD

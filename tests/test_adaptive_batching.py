@@ -1,0 +1,126 @@
+"""Adaptive batching live in a worker, against the real broker: the size grows under a
+backlog, every job is settled exactly once, and the metrics say what happened."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from dataclasses import replace
+
+from contract.broker import Broker, OutgoingMessage
+from contract.envelope import AMQP_PRIORITY, Job, decode_callback_delivery, encode
+from ray_workers.job_worker import JobWorker
+from ray_workers.settings import WorkerSettings
+from tests.conftest import drain_queue, wait_until
+from tests.models import LinearLatencyModel, ShortChangingModel
+
+
+async def _publish_jobs(settings: WorkerSettings, count: int) -> set[str]:
+    broker = Broker(settings.amqp_url, settings.topology, settings.models)
+    await broker.connect()
+    ids = set()
+    try:
+        for n in range(count):
+            job = Job(
+                id=str(uuid.uuid4()),
+                model="echo",
+                input=n,
+                callback_url="http://127.0.0.1:9/",
+                submitted_at_ms=int(time.time() * 1000),
+            )
+            await broker.publish(
+                OutgoingMessage(encode(job), message_id=job.id, priority=AMQP_PRIORITY["normal"]),
+                job.model,
+                exchange=settings.topology.jobs_exchange,
+            )
+            ids.add(job.id)
+    finally:
+        await broker.close()
+    return ids
+
+
+async def _callbacks(settings: WorkerSettings, expected: int) -> list[str]:
+    seen: list[str] = []
+
+    async def all_there() -> bool:
+        messages = await drain_queue(settings.amqp_url, settings.topology.callbacks_queue)
+        seen.extend(decode_callback_delivery(m.body).event.data.id for m in messages)
+        return len(seen) >= expected
+
+    await wait_until(all_there, 60, f"{expected} callbacks on the queue")
+    return seen
+
+
+def _sample(worker: JobWorker, name: str, labels: dict[str, str]) -> float:
+    value = worker.metrics.registry.get_sample_value(name, labels)  # type: ignore[attr-defined]
+    return float(value or 0.0)
+
+
+async def test_given_a_backlog_then_batches_grow_under_the_target_and_each_job_settles_once(
+    worker_settings: WorkerSettings,
+) -> None:
+    settings = replace(worker_settings, batch_max_size=64, batch_latency_target_s=0.03)
+    ids = await _publish_jobs(settings, 400)
+    # 2 ms + 0.4 ms per job: batches up to ~70 stay under 30 ms.
+    worker = JobWorker(LinearLatencyModel(0.002, 0.0004), settings)
+    await worker.start()
+    try:
+        seen = await _callbacks(settings, len(ids))
+    finally:
+        await worker.stop()
+
+    assert sorted(seen) == sorted(ids), "every job called back exactly once"
+    assert worker.batching.size >= 32
+    batches = _sample(worker, "inferq_worker_batch_size_count", {"model": "echo"})
+    assert batches < 400 / 8, f"{batches} batches for 400 jobs: batching did not grow"
+    assert (
+        _sample(worker, "inferq_worker_batch_adjustments_total", {"model": "echo", "adjustment": "grow"}) >= 5
+    )
+    assert _sample(worker, "inferq_worker_jobs_total", {"model": "echo", "outcome": "succeeded"}) == 400
+
+
+async def test_given_a_slow_model_then_the_controller_backs_off_to_meet_the_target(
+    worker_settings: WorkerSettings,
+) -> None:
+    settings = replace(worker_settings, batch_max_size=64, batch_latency_target_s=0.02)
+    ids = await _publish_jobs(settings, 150)
+    # 1 ms per job: only batches of <= 19 meet 20 ms.
+    worker = JobWorker(LinearLatencyModel(0.0, 0.001), settings)
+    await worker.start()
+    try:
+        seen = await _callbacks(settings, len(ids))
+    finally:
+        await worker.stop()
+
+    assert sorted(seen) == sorted(ids)
+    assert (
+        _sample(worker, "inferq_worker_batch_adjustments_total", {"model": "echo", "adjustment": "backoff"})
+        >= 1
+    )
+    assert worker.batching.size <= 24
+
+
+async def test_given_a_wrong_length_result_then_every_job_of_the_batch_settles_once(
+    worker_settings: WorkerSettings,
+) -> None:
+    settings = replace(worker_settings, breaker_failure_threshold=1000)  # this test is not about the breaker
+    ids = await _publish_jobs(settings, 12)
+    worker = JobWorker(ShortChangingModel(0.0, 0.0), settings)
+    await worker.start()
+    try:
+        seen = await _callbacks(settings, len(ids))
+        parked = []
+
+        async def all_parked() -> bool:
+            parked.extend(
+                await drain_queue(worker_settings.amqp_url, worker_settings.topology.parking_queue("echo"))
+            )
+            return len(parked) >= len(ids)
+
+        await wait_until(all_parked, 30, "every job in the parking lot")
+    finally:
+        await worker.stop()
+
+    assert sorted(seen) == sorted(ids), "one job.failed callback per job, no more"
+    assert sorted(str(m.message_id) for m in parked) == sorted(ids)
+    assert "outputs for" in str(parked[0].headers["x-attempt-history"])
