@@ -271,6 +271,18 @@ class Broker:
             if not channel.is_closed:
                 await channel.close()
 
+    async def delete_topology(self) -> None:
+        """Delete every queue and the exchange this topology declares (benchmarks, teardown)."""
+        if self._connection is None:
+            raise BrokerUnavailable("not connected")
+        try:
+            async with self._connection.channel() as channel:
+                for spec in self._topology.queues(self._models):
+                    await channel.queue_delete(spec.name)
+                await channel.exchange_delete(self._topology.jobs_exchange)
+        except _CONNECTION_ERRORS as exc:
+            raise BrokerUnavailable(f"cannot delete the topology: {exc!r}") from exc
+
     async def queue_depth(self, queue_name: str) -> tuple[int, int]:
         """(ready messages, consumers) of a queue, via a passive declare."""
         if self._connection is None:

@@ -15,6 +15,7 @@ from typing import Any
 
 from ray import serve
 from ray.util import metrics as ray_metrics
+from starlette.requests import Request
 
 from ray_workers.callback_dispatcher import CallbackDispatcher
 from ray_workers.job_worker import JobWorker
@@ -93,15 +94,24 @@ class ModelWorkerDeployment:
     async def __init__(self, model_name: str, settings: WorkerSettings) -> None:  # type: ignore[misc]
         logging.basicConfig(level=logging.INFO)
         started = time.monotonic()
-        model = await asyncio.to_thread(load_model, model_name)
+        self._model = await asyncio.to_thread(load_model, model_name)
         logger.info("model %s loaded in %.2f s", model_name, time.monotonic() - started)
-        self._worker = JobWorker(model, settings, metrics=RayWorkerMetrics())
+        self._worker = JobWorker(self._model, settings, metrics=RayWorkerMetrics())
         self._drain_timeout_s = settings.drain_timeout_s
         await self._worker.start()
 
     async def check_health(self) -> None:
         if not self._worker.is_healthy:
             raise ReplicaUnhealthy("job loop stopped or broker connection lost")
+
+    async def __call__(self, request: Request) -> Any:
+        """The direct path: one input over Serve's HTTP proxy, no queue, no callback.
+
+        Served only when the stack runs a proxy (`SERVE_HTTP_PORT`); `task bench` uses
+        it as the baseline the queued pipeline's latency is compared with.
+        """
+        prepared = self._model.prepare(await request.json(), 1)
+        return (await asyncio.to_thread(self._model.predict, [prepared]))[0]
 
     # Serve's documented shutdown hook: it awaits `__del__` during graceful shutdown,
     # inside `graceful_shutdown_timeout_s`, so the batch in flight can finish.
@@ -136,7 +146,7 @@ def _options(settings: WorkerSettings, num_replicas: int, num_gpus: float) -> di
 
 
 def run_model_worker(
-    model: str, settings: WorkerSettings, num_replicas: int = 1, num_gpus: float = 0
+    model: str, settings: WorkerSettings, num_replicas: int = 1, num_gpus: float = 0, http: bool = False
 ) -> None:
     """Deploy, or redeploy with a new replica count, the worker application of one model.
 
@@ -150,7 +160,7 @@ def run_model_worker(
     app = ModelWorkerDeployment.options(  # type: ignore[attr-defined]
         name=f"ModelWorker-{model}", **_options(settings, num_replicas, num_gpus)
     ).bind(model, settings)
-    serve.run(app, name=worker_app_name(model), route_prefix=None)
+    serve.run(app, name=worker_app_name(model), route_prefix=f"/direct/{model}" if http else None)
 
 
 def run_callback_dispatcher(settings: WorkerSettings) -> None:

@@ -49,6 +49,8 @@ class StackSettings:
     fixed_replicas: int
     metrics_port: int
     worker_metrics_port: int
+    # Serve's own HTTP proxy, for the direct (no queue) path `task bench` compares with; 0 = off.
+    serve_http_port: int
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> StackSettings:
@@ -62,6 +64,7 @@ class StackSettings:
             fixed_replicas=env_int(env, "WORKER_REPLICAS", 1, minimum=1),
             metrics_port=env_int(env, "AUTOSCALER_METRICS_PORT", 9101, minimum=0),
             worker_metrics_port=env_int(env, "WORKER_METRICS_PORT", 9102, minimum=0),
+            serve_http_port=env_int(env, "SERVE_HTTP_PORT", 0, minimum=0),
         )
 
 
@@ -79,25 +82,33 @@ def _stack_env(env: Mapping[str, str]) -> dict[str, str]:
     return prepared
 
 
-def _start_serve(settings: WorkerSettings, initial_replicas: Mapping[str, int], metrics_port: int) -> None:
+def _start_serve(stack: StackSettings, initial_replicas: Mapping[str, int]) -> None:
     import ray
     from ray import serve
 
     from ray_workers.deployment import run_callback_dispatcher, run_model_worker
 
-    # The workers' metrics (batch sizes, controller decisions, breaker) are exported by
-    # Ray in Prometheus format on this port.
+    # Everything stays on loopback; the workers' metrics (batch sizes, controller
+    # decisions, breaker) are exported by Ray in Prometheus format on this port.
     ray.init(
-        include_dashboard=False, logging_level=logging.WARNING, _metrics_export_port=metrics_port or None
+        include_dashboard=False,
+        logging_level=logging.WARNING,
+        _node_ip_address="127.0.0.1",
+        _metrics_export_port=stack.worker_metrics_port or None,
     )
-    serve.start(proxy_location="Disabled")
-    run_callback_dispatcher(settings)
+    if stack.serve_http_port:
+        serve.start(
+            proxy_location="HeadOnly", http_options={"host": "127.0.0.1", "port": stack.serve_http_port}
+        )
+    else:
+        serve.start(proxy_location="Disabled")
+    run_callback_dispatcher(stack.workers)
     for model, replicas in initial_replicas.items():
         if replicas == 0:
             print(f"worker {model}: 0 replicas until a job arrives", flush=True)
             continue
         started = time.monotonic()
-        run_model_worker(model, settings, num_replicas=replicas)
+        run_model_worker(model, stack.workers, num_replicas=replicas, http=bool(stack.serve_http_port))
         print(f"worker {model}: {replicas} replica(s) in {time.monotonic() - started:.1f} s", flush=True)
 
 
@@ -135,7 +146,7 @@ async def _autoscale(
     workers = stack.workers
 
     async def apply(model: str, replicas: int) -> None:
-        await asyncio.to_thread(run_model_worker, model, workers, replicas)
+        await asyncio.to_thread(run_model_worker, model, workers, replicas, 0, bool(stack.serve_http_port))
 
     registry = CollectorRegistry()
     if stack.metrics_port:
@@ -184,7 +195,7 @@ def main() -> int:
     ingress = subprocess.Popen([sys.executable, "-m", "ingress"], env=env)
     try:
         started = time.monotonic()
-        _start_serve(stack.workers, initial, stack.worker_metrics_port)
+        _start_serve(stack, initial)
         scaling = ", ".join(
             f"{m} autoscaled from 0" if m in policies else f"{m} {n} fixed" for m, n in initial.items()
         )

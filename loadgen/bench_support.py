@@ -1,0 +1,116 @@
+"""What the benchmarks share: open-loop arrivals, percentiles, a bench topology, and a
+collector of finished jobs read straight off the callbacks queue."""
+
+from __future__ import annotations
+
+import asyncio
+import statistics
+import time
+import uuid
+from collections.abc import Callable, Coroutine, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from contract.broker import Broker, Delivery, OutgoingMessage
+from contract.envelope import AMQP_PRIORITY, Job, Priority, decode_callback_delivery, encode
+from contract.topology import Topology
+
+PUBLISH_WINDOW = 256
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    """The q-th percentile (0-100), nearest-rank; NaN for no values."""
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    rank = max(0, min(len(ordered) - 1, round(q / 100 * len(ordered) + 0.5) - 1))
+    return ordered[rank]
+
+
+def median(values: Sequence[float]) -> float:
+    return statistics.median(values) if values else float("nan")
+
+
+def bench_topology() -> Topology:
+    return Topology(prefix=f"bench-{uuid.uuid4().hex[:8]}.")
+
+
+async def open_loop(rate_per_s: float, count: int, fire: Callable[[int], Coroutine[Any, Any, None]]) -> None:
+    """Start `fire(i)` on a fixed schedule, whatever earlier calls take (open loop)."""
+    started = time.monotonic()
+    tasks = []
+    for i in range(count):
+        delay_s = started + i / rate_per_s - time.monotonic()
+        if delay_s > 0:
+            await asyncio.sleep(delay_s)  # the arrival schedule itself
+        tasks.append(asyncio.create_task(fire(i)))
+    await asyncio.gather(*tasks)
+
+
+def make_job(model: str, job_input: Any, priority: Priority = "normal") -> Job:
+    return Job(
+        id=str(uuid.uuid4()),
+        model=model,
+        input=job_input,
+        callback_url="http://127.0.0.1:9/",
+        priority=priority,
+        submitted_at_ms=int(time.time() * 1000),
+    )
+
+
+async def publish_jobs(broker: Broker, jobs: Sequence[Job]) -> None:
+    """Pipelined publishes with confirms, straight onto the jobs exchange."""
+    exchange = broker.topology.jobs_exchange
+    for start in range(0, len(jobs), PUBLISH_WINDOW):
+        await asyncio.gather(
+            *(
+                broker.publish(
+                    OutgoingMessage(encode(job), message_id=job.id, priority=AMQP_PRIORITY[job.priority]),
+                    job.model,
+                    exchange=exchange,
+                )
+                for job in jobs[start : start + PUBLISH_WINDOW]
+            )
+        )
+
+
+@dataclass(frozen=True)
+class Finished:
+    job_id: str
+    done_s: float  # wall clock when the worker finished it (the event's timestamp)
+    inference_ms: float
+    batch_size: int
+
+
+class FinishedJobs:
+    """Consumes the callbacks queue (no HTTP delivery) to see what the workers finished."""
+
+    def __init__(self, broker: Broker) -> None:
+        self._broker = broker
+        self.finished: dict[str, Finished] = {}
+        self._changed = asyncio.Event()
+
+    async def start(self) -> None:
+        await self._broker.consume(self._broker.topology.callbacks_queue, 1000, self._on_delivery)
+
+    async def _on_delivery(self, delivery: Delivery) -> None:
+        event = decode_callback_delivery(delivery.body).event
+        data = event.data
+        done_s = datetime.fromisoformat(event.timestamp).timestamp()
+        self.finished[data.id] = Finished(data.id, done_s, data.timings.inference_ms, data.timings.batch_size)
+        await delivery.ack()
+        self._changed.set()
+
+    async def wait_for(self, ids: set[str], timeout_s: float) -> list[Finished]:
+        deadline = time.monotonic() + timeout_s
+        while not ids <= self.finished.keys():
+            remaining_s = deadline - time.monotonic()
+            if remaining_s <= 0:
+                raise TimeoutError(f"{len(ids - self.finished.keys())} of {len(ids)} jobs unfinished")
+            self._changed.clear()
+            try:
+                await asyncio.wait_for(self._changed.wait(), remaining_s)
+            except TimeoutError:
+                continue
+        return [self.finished[job_id] for job_id in ids]
