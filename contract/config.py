@@ -37,26 +37,23 @@ def env_flag(env: Mapping[str, str], name: str, default: bool = False) -> bool:
 
 
 def env_int(env: Mapping[str, str], name: str, default: int, minimum: int = 0) -> int:
-    raw = env.get(name, "").strip()
-    if not raw:
-        return default
-    try:
-        value = int(raw)
-    except ValueError as exc:
-        raise ConfigError(f"{name}={raw!r} is not an integer") from exc
-    if value < minimum:
-        raise ConfigError(f"{name}={value} is below the minimum {minimum}")
-    return value
+    return int(_env_number(env, name, default, minimum, int))
 
 
 def env_float(env: Mapping[str, str], name: str, default: float, minimum: float = 0.0) -> float:
+    return _env_number(env, name, default, minimum, float)
+
+
+def _env_number(
+    env: Mapping[str, str], name: str, default: float, minimum: float, parse: type[int] | type[float]
+) -> float:
     raw = env.get(name, "").strip()
     if not raw:
         return default
     try:
-        value = float(raw)
+        value = parse(raw)
     except ValueError as exc:
-        raise ConfigError(f"{name}={raw!r} is not a number") from exc
+        raise ConfigError(f"{name}={raw!r} is not {'an integer' if parse is int else 'a number'}") from exc
     if value < minimum:
         raise ConfigError(f"{name}={value} is below the minimum {minimum}")
     return value

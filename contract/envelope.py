@@ -23,6 +23,8 @@ MAX_AMQP_PRIORITY = max(AMQP_PRIORITY.values())
 # Our own attempt count (1 on first delivery), incremented on every republish to a
 # retry tier; RabbitMQ's x-death is not used (4.x stops counting client republishes).
 ATTEMPT_HEADER = "x-attempt"
+# The job's deadline (wall-clock ms), when it has one; the body carries it too.
+DEADLINE_HEADER = "x-deadline-ms"
 # JSON list of {"attempt", "error", "at_ms"}: why each earlier attempt failed.
 HISTORY_HEADER = "x-attempt-history"
 PARK_REASON_HEADER = "x-park-reason"

@@ -19,7 +19,7 @@ from starlette.routing import Route
 
 from contract.broker import Broker, BrokerUnavailable, OutgoingMessage, PublishRejected, redact_url
 from contract.callback_guard import CallbackUrlRejected, check_callback_url
-from contract.envelope import AMQP_PRIORITY, ATTEMPT_HEADER, Job, encode
+from contract.envelope import AMQP_PRIORITY, ATTEMPT_HEADER, DEADLINE_HEADER, Job, encode
 from ingress.auth import authenticate
 from ingress.metrics import IngressMetrics
 from ingress.openapi import openapi_document
@@ -112,7 +112,7 @@ async def _publish(state: IngressState, job: Job) -> None:
         message_id=job.id,
         correlation_id=job.id,
         priority=AMQP_PRIORITY[job.priority],
-        headers={ATTEMPT_HEADER: 1},
+        headers={ATTEMPT_HEADER: 1, **({DEADLINE_HEADER: job.deadline_ms} if job.deadline_ms else {})},
         type="job",
     )
     retry_after = {"Retry-After": str(state.settings.retry_after_s)}

@@ -15,6 +15,7 @@ import aio_pika
 import httpx
 import pytest
 
+from contract.broker import Broker
 from contract.callback_guard import AllowList
 from contract.config import DEFAULT_AMQP_URL
 from contract.retry_tiers import RetrySchedule
@@ -22,6 +23,7 @@ from contract.topology import Topology
 from ingress.app import create_app
 from ingress.settings import IngressSettings
 from loadgen.callback_receiver import CallbackReceiver
+from ray_workers.callback_dispatcher import CallbackDispatcher
 from ray_workers.settings import WorkerSettings
 from ray_workers.signing import generate_secret
 
@@ -116,6 +118,28 @@ def worker_settings(amqp_url: str, topology: Topology, webhook_secret: str) -> W
         callback_timeout_s=2.0,
         drain_timeout_s=5.0,
     )
+
+
+@pytest.fixture
+async def client(ingress_settings: IngressSettings) -> AsyncIterator[httpx.AsyncClient]:
+    async with running_ingress(ingress_settings) as http:
+        yield http
+
+
+@pytest.fixture
+async def dispatcher(worker_settings: WorkerSettings) -> AsyncIterator[CallbackDispatcher]:
+    stage = CallbackDispatcher(worker_settings)
+    await stage.start()
+    yield stage
+    await stage.stop()
+
+
+@pytest.fixture
+async def broker(worker_settings: WorkerSettings) -> AsyncIterator[Broker]:
+    probe = Broker(worker_settings.amqp_url, worker_settings.topology, worker_settings.models)
+    await probe.connect()
+    yield probe
+    await probe.close()
 
 
 @asynccontextmanager

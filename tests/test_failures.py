@@ -7,46 +7,21 @@ from __future__ import annotations
 import itertools
 import json
 import time
-from collections.abc import AsyncIterator
 from dataclasses import replace
 from typing import Any
 
 import httpx
-import pytest
 
 from contract.broker import Broker
 from contract.envelope import HISTORY_HEADER, PARK_REASON_HEADER
-from ingress.settings import IngressSettings
 from loadgen.callback_receiver import CallbackReceiver
 from ray_workers.callback_dispatcher import CallbackDispatcher
 from ray_workers.circuit_breaker import BreakerState
 from ray_workers.job_worker import JobWorker
 from ray_workers.parking_lot import ParkingLot, inspect, replay
 from ray_workers.settings import WorkerSettings
-from tests.conftest import TEST_JOB_RETRIES, running_ingress, wait_until
+from tests.conftest import TEST_JOB_RETRIES, wait_until
 from tests.models import RecordingModel
-
-
-@pytest.fixture
-async def dispatcher(worker_settings: WorkerSettings) -> AsyncIterator[CallbackDispatcher]:
-    stage = CallbackDispatcher(worker_settings)
-    await stage.start()
-    yield stage
-    await stage.stop()
-
-
-@pytest.fixture
-async def client(ingress_settings: IngressSettings) -> AsyncIterator[httpx.AsyncClient]:
-    async with running_ingress(ingress_settings) as http:
-        yield http
-
-
-@pytest.fixture
-async def broker(worker_settings: WorkerSettings) -> AsyncIterator[Broker]:
-    probe = Broker(worker_settings.amqp_url, worker_settings.topology, worker_settings.models)
-    await probe.connect()
-    yield probe
-    await probe.close()
 
 
 async def _submit(client: httpx.AsyncClient, callback_url: str, job_input: Any = "x", **extra: Any) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import AsyncIterator
 from dataclasses import replace
 
@@ -9,17 +10,11 @@ import httpx
 import msgspec
 import pytest
 
-from contract.envelope import ATTEMPT_HEADER, decode_job
+from contract.envelope import ATTEMPT_HEADER, DEADLINE_HEADER, decode_job
 from ingress.settings import IngressSettings
 from tests.conftest import drain_queue, running_ingress
 
 CALLBACK = "http://127.0.0.1:9/callbacks"
-
-
-@pytest.fixture
-async def client(ingress_settings: IngressSettings) -> AsyncIterator[httpx.AsyncClient]:
-    async with running_ingress(ingress_settings) as http:
-        yield http
 
 
 def _problem(response: httpx.Response, status: int) -> dict[str, object]:
@@ -52,6 +47,29 @@ async def test_given_a_valid_job_when_submitted_then_202_and_the_job_is_on_the_m
     assert message.priority == 2 and message.delivery_mode == 2
     assert message.content_type == "application/json" and message.timestamp is not None
     assert message.headers[ATTEMPT_HEADER] == 1
+    assert DEADLINE_HEADER not in message.headers
+
+
+async def test_given_a_ttl_then_the_deadline_travels_in_the_body_and_a_header(
+    client: httpx.AsyncClient, ingress_settings: IngressSettings
+) -> None:
+    before_ms = int(time.time() * 1000)
+    response = await client.post(
+        "/v1/models/echo/jobs", json={"input": 1, "callback_url": CALLBACK, "ttl_s": 30}
+    )
+    assert response.status_code == 202
+    (message,) = await drain_queue(ingress_settings.amqp_url, ingress_settings.topology.main_queue("echo"))
+    job = decode_job(message.body)
+    assert job.deadline_ms is not None and before_ms + 30_000 <= job.deadline_ms <= before_ms + 31_000
+    assert message.headers[DEADLINE_HEADER] == job.deadline_ms
+
+
+@pytest.mark.parametrize("ttl", [0, -1, "soon", 10**9])
+async def test_given_an_invalid_ttl_then_422(client: httpx.AsyncClient, ttl: object) -> None:
+    response = await client.post(
+        "/v1/models/echo/jobs", json={"input": 1, "callback_url": CALLBACK, "ttl_s": ttl}
+    )
+    assert "ttl_s" in str(_problem(response, 422)["detail"])
 
 
 @pytest.mark.parametrize(

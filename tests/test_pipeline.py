@@ -14,22 +14,13 @@ import pytest
 
 from contract.broker import Broker, OutgoingMessage
 from contract.envelope import PARK_REASON_HEADER, Job, decode_callback_delivery, encode
-from ingress.settings import IngressSettings
 from loadgen.callback_receiver import CallbackReceiver
 from ray_workers.callback_dispatcher import CallbackDispatcher
 from ray_workers.job_worker import JobWorker
 from ray_workers.models.echo import EchoModel
 from ray_workers.models.synthetic import SyntheticModel
 from ray_workers.settings import WorkerSettings
-from tests.conftest import drain_queue, running_ingress, wait_until
-
-
-@pytest.fixture
-async def dispatcher(worker_settings: WorkerSettings) -> AsyncIterator[CallbackDispatcher]:
-    stage = CallbackDispatcher(worker_settings)
-    await stage.start()
-    yield stage
-    await stage.stop()
+from tests.conftest import drain_queue, wait_until
 
 
 @pytest.fixture
@@ -42,12 +33,6 @@ async def workers(
     yield started
     for worker in started:
         await worker.stop()
-
-
-@pytest.fixture
-async def client(ingress_settings: IngressSettings) -> AsyncIterator[httpx.AsyncClient]:
-    async with running_ingress(ingress_settings) as http:
-        yield http
 
 
 async def _submit(client: httpx.AsyncClient, model: str, payload: dict[str, Any]) -> str:

@@ -1,0 +1,64 @@
+"""The Kubernetes manifests in cluster/: valid core objects (kubernetes-validate, offline),
+a RabbitmqCluster valid against the operator's CRD, and what KEDA's ScaledObjects need:
+each scale target exists, starts at 0, and outlives its drain on SIGTERM."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import kubernetes_validate
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+CRD_DIR = Path(os.environ.get("RABBITMQ_CRD_DIR", ROOT.parent / "shared" / "schemas" / "rabbitmq"))
+KUBERNETES_VERSION = "1.30"
+
+
+def _documents(folder: str) -> list[dict[str, Any]]:
+    docs: list[dict[str, Any]] = []
+    for path in sorted((ROOT / folder).glob("*.yaml")):
+        docs.extend(doc for doc in yaml.safe_load_all(path.read_text()) if doc)
+    return docs
+
+
+CORE = [d for d in _documents("cluster") if d["apiVersion"] in ("v1", "apps/v1")]
+DEPLOYMENTS = {d["metadata"]["name"]: d for d in CORE if d["kind"] == "Deployment"}
+
+
+@pytest.mark.parametrize("doc", CORE, ids=lambda d: f"{d['kind']}/{d['metadata']['name']}")
+def test_core_objects_validate_against_the_kubernetes_schemas(doc: dict[str, Any]) -> None:
+    kubernetes_validate.validate(doc, KUBERNETES_VERSION, strict=True)
+
+
+def test_the_rabbitmq_cluster_validates_against_the_operator_crd() -> None:
+    crd_path = CRD_DIR / "rabbitmq.com_rabbitmqclusters.yaml"
+    if not crd_path.exists():
+        pytest.skip(f"RabbitMQ operator CRD not found at {CRD_DIR}; set RABBITMQ_CRD_DIR")
+    crd = yaml.safe_load(crd_path.read_text())
+    (cluster,) = [d for d in _documents("cluster") if d["kind"] == "RabbitmqCluster"]
+    version = cluster["apiVersion"].split("/")[1]
+    schema = next(v["schema"]["openAPIV3Schema"] for v in crd["spec"]["versions"] if v["name"] == version)
+    jsonschema.validate(cluster, schema)
+    assert "rabbitmq_management" in cluster["spec"]["rabbitmq"]["additionalPlugins"], (
+        "KEDA reads the management API"
+    )
+
+
+@pytest.mark.parametrize(
+    "scaled",
+    [d for d in _documents("keda") if d["kind"] == "ScaledObject"],
+    ids=lambda d: d["metadata"]["name"],
+)
+def test_each_scale_target_exists_starts_at_zero_and_outlives_its_drain(scaled: dict[str, Any]) -> None:
+    (config,) = [d for d in CORE if d["kind"] == "ConfigMap"]
+    drain_s = float(config["data"]["DRAIN_TIMEOUT_S"])
+    target = DEPLOYMENTS[scaled["spec"]["scaleTargetRef"]["name"]]
+    pod = target["spec"]["template"]["spec"]
+    assert target["spec"]["replicas"] == 0
+    assert pod["terminationGracePeriodSeconds"] > drain_s
+    model = scaled["spec"]["triggers"][0]["metadata"]["queueName"].removeprefix("jobs.")
+    assert pod["containers"][0]["command"][-2:] == ["worker", model]
