@@ -19,13 +19,6 @@ from contract.config import ConfigError, env_float
 from ray_workers.settings import WorkerSettings
 
 
-def _wait_for_sigterm() -> None:
-    stop = threading.Event()
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(signum, lambda _signum, _frame: stop.set())
-    stop.wait()
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="pod", description=__doc__.split("\n\n")[0])
     parser.add_argument("role", choices=["worker", "callbacks"])
@@ -43,17 +36,29 @@ def main(argv: list[str] | None = None) -> int:
     import ray
     from ray import serve
 
-    from ray_workers.deployment import run_callback_dispatcher, run_model_worker
+    from ray_workers.deployment import (
+        DISPATCHER_APP,
+        run_callback_dispatcher,
+        run_model_worker,
+        worker_app_name,
+    )
 
     ray.init(include_dashboard=False, logging_level=logging.WARNING, _node_ip_address="127.0.0.1")
+    # After ray.init, which installs a SIGTERM handler that exits at once: a scale-down
+    # must drain instead, even one that arrives while the replica is still starting.
+    stop = threading.Event()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, lambda _signum, _frame: stop.set())
     serve.start(proxy_location="Disabled")
+    app = worker_app_name(args.model) if args.role == "worker" else DISPATCHER_APP
     try:
         if args.role == "worker":
             run_model_worker(args.model, settings, num_replicas=1, num_gpus=num_gpus)
         else:
             run_callback_dispatcher(settings)
-        _wait_for_sigterm()
+        stop.wait()
     finally:
+        serve.delete(app)  # graceful: the replica drains its batch
         serve.shutdown()  # type: ignore[no-untyped-call]
         ray.shutdown()
     return 0

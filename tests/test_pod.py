@@ -1,0 +1,68 @@
+"""The Kubernetes pod entry point, run as a real process: it consumes its model's queue
+through a one-replica Serve application, and on SIGTERM drains and exits cleanly."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import sys
+
+import pytest
+
+from contract.broker import Broker
+from contract.envelope import decode_callback_delivery
+from contract.topology import Topology
+from loadgen.bench_support import make_job, publish_jobs
+from tests.conftest import drain_queue, wait_until
+
+pytestmark = pytest.mark.stack
+
+POD_STOP_TIMEOUT_S = 60.0
+
+
+async def test_a_worker_pod_consumes_its_model_queue_and_stops_on_sigterm(
+    amqp_url: str, topology: Topology, webhook_secret: str
+) -> None:
+    env = {
+        **os.environ,
+        "AMQP_URL": amqp_url,
+        "QUEUE_PREFIX": topology.prefix,
+        "WEBHOOK_SECRET": webhook_secret,
+        "MODELS": "echo",
+        "RAY_USAGE_STATS_ENABLED": "0",
+        "DRAIN_TIMEOUT_S": "5",
+    }
+    broker = Broker(amqp_url, topology, ("echo",))
+    await broker.connect()
+    pod = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "ray_workers.pod",
+        "worker",
+        "echo",
+        env=env,
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.DEVNULL,
+    )
+    try:
+        jobs = [make_job("echo", n) for n in range(5)]
+        await publish_jobs(broker, jobs)
+        finished: set[str] = set()
+
+        async def all_finished() -> bool:
+            messages = await drain_queue(amqp_url, topology.callbacks_queue)
+            finished.update(decode_callback_delivery(m.body).event.data.id for m in messages)
+            assert pod.returncode is None, "the pod exited early"
+            return finished >= {j.id for j in jobs}
+
+        await wait_until(all_finished, 120, "the pod to finish its jobs")
+        pod.send_signal(signal.SIGTERM)
+        assert await asyncio.wait_for(pod.wait(), POD_STOP_TIMEOUT_S) == 0
+        _ready, consumers = await broker.queue_depth(topology.main_queue("echo"))
+        assert consumers == 0
+    finally:
+        if pod.returncode is None:
+            pod.kill()
+            await pod.wait()
+        await broker.close()
