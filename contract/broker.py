@@ -78,14 +78,14 @@ class OutgoingMessage:
 
 
 class Delivery:
-    """One consumed message; settled exactly once through `ack` or `requeue`."""
+    """One consumed message. Settled by `ack` once its outcome is durable; never nack-requeued
+    (that loops): left unacked, it returns to the queue when its channel closes."""
 
     def __init__(self, message: aio_pika.abc.AbstractIncomingMessage) -> None:
         self._message = message
         self.body: bytes = message.body
         self.headers: Mapping[str, Any] = dict(message.headers or {})
         self.message_id: str | None = message.message_id
-        self.redelivered: bool = bool(message.redelivered)
 
     async def ack(self) -> None:
         try:
@@ -93,12 +93,6 @@ class Delivery:
         except _CONNECTION_ERRORS as exc:
             # The broker will redeliver it: at-least-once, never lost.
             raise BrokerUnavailable(f"ack of {self.message_id} failed: {exc}") from exc
-
-    async def requeue(self) -> None:
-        try:
-            await self._message.nack(requeue=True)
-        except _CONNECTION_ERRORS as exc:
-            raise BrokerUnavailable(f"requeue of {self.message_id} failed: {exc}") from exc
 
 
 DeliveryHandler = Callable[[Delivery], Awaitable[None]]

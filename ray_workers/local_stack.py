@@ -180,6 +180,7 @@ async def _run_until_signal(stack: StackSettings, policies: Mapping[str, Scaling
 
 def main() -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per autoscaler poll otherwise
     try:
         env = _stack_env(os.environ)
         stack = StackSettings.from_env(env)
