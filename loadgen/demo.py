@@ -17,10 +17,12 @@ from typing import Any
 import httpx
 
 from loadgen.callback_receiver import CallbackReceiver, ReceivedCallback
+from loadgen.scale_report import FirstJob, scale_from_zero
 from loadgen.stack_process import StackProcess
 from ray_workers.signing import generate_secret
 
 CALLBACK_TIMEOUT_S = 60.0
+SCALE_LOG_WAIT_S = 10.0
 
 DEMO_JOBS: list[tuple[str, str, Any]] = [
     ("echo", "high", {"greeting": "hello", "n": 1}),
@@ -39,6 +41,7 @@ class Submitted:
     job_id: str
     accepted_ms: float
     submitted_at: float
+    submitted_wall_s: float
 
 
 def _summary(model: str, event: dict[str, Any]) -> str:
@@ -81,7 +84,7 @@ async def _submit_all(base_url: str, callback_url: str) -> list[Submitted]:
     submitted = []
     async with httpx.AsyncClient(base_url=base_url, timeout=30) as client:
         for model, priority, job_input in DEMO_JOBS:
-            started = time.monotonic()
+            started, started_wall_s = time.monotonic(), time.time()
             response = await client.post(
                 f"/v1/models/{model}/jobs",
                 json={
@@ -94,19 +97,56 @@ async def _submit_all(base_url: str, callback_url: str) -> list[Submitted]:
             response.raise_for_status()
             submitted.append(
                 Submitted(
-                    model, priority, response.json()["id"], (time.monotonic() - started) * 1000, started
+                    model,
+                    priority,
+                    response.json()["id"],
+                    (time.monotonic() - started) * 1000,
+                    started,
+                    started_wall_s,
                 )
             )
     return submitted
 
 
-async def _exchange(base_url: str, receiver: CallbackReceiver) -> int:
-    submitted = await _submit_all(base_url, receiver.url)
+async def _exchange(stack: StackProcess, receiver: CallbackReceiver) -> int:
+    submitted = await _submit_all(stack.base_url, receiver.url)
     callbacks = await receiver.wait_for(len(submitted), CALLBACK_TIMEOUT_S)
     received = {c.event["data"]["id"]: (c, c.received_monotonic_s) for c in callbacks}
     _print_table(submitted, received)
+    # The autoscaler logs a wake-up once Serve reports the replica ready, which can be a
+    # moment after the replica already answered: give the log a bounded moment.
+    await stack.wait_for_output([f"autoscaler {job.model}: 0 ->" for job in submitted], SCALE_LOG_WAIT_S)
+    _print_scaling(stack.output(), submitted, received)
     ok = all(c.verified and c.event["type"] == "job.succeeded" for c in callbacks)
     return 0 if ok else 1
+
+
+def _print_scaling(
+    log: str, submitted: list[Submitted], received: dict[str, tuple[ReceivedCallback, float]]
+) -> None:
+    first_jobs: dict[str, FirstJob] = {}
+    for job in submitted:
+        callback, arrived = received[job.job_id]
+        first_jobs.setdefault(
+            job.model,
+            FirstJob(
+                job.submitted_wall_s,
+                arrived - job.submitted_at,
+                callback.event["data"]["timings"]["inference_ms"],
+            ),
+        )
+    report = scale_from_zero(log, first_jobs)
+    if not report:
+        return
+    print("\nscale from zero (local autoscaler applying keda/; detection = pollingInterval + the")
+    print("management API's 5 s statistics refresh):")
+    for wake in report:
+        load = "?" if wake.model_load_s is None else f"{wake.model_load_s:.2f}"
+        print(
+            f"  {wake.model:<13} 0 -> 1: detected after {wake.detection_s:.1f} s, replica up in "
+            f"{wake.replica_start_s:.1f} s (model load {load} s), first batch {wake.first_batch_ms:.0f} ms; "
+            f"callback {wake.callback_s:.1f} s after submission"
+        )
 
 
 async def run_demo() -> int:
@@ -121,13 +161,7 @@ async def run_demo() -> int:
     try:
         ready_s = await stack.start()
         print(f"stack ready in {ready_s:.1f} s; submitting {len(DEMO_JOBS)} jobs\n", flush=True)
-        outcome = await _exchange(stack.base_url, receiver)
-        scaling = [line.split(": ", 1)[-1] for line in stack.output().splitlines() if "autoscaler " in line]
-        if scaling:
-            print("\nlocal autoscaler (applying keda/ ScaledObjects):")
-            for line in scaling:
-                print(f"  {line}")
-        return outcome
+        return await _exchange(stack, receiver)
     finally:
         code = await stack.stop()
         print(f"\nstack stopped (exit {code})")

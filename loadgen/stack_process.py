@@ -74,6 +74,15 @@ class StackProcess:
                 await asyncio.sleep(0.2)
         return time.monotonic() - started
 
+    async def wait_for_output(self, parts: list[str], timeout_s: float) -> bool:
+        """Whether every one of `parts` shows up in the log within `timeout_s`."""
+        deadline = time.monotonic() + timeout_s
+        while not all(part in self.output() for part in parts):
+            if time.monotonic() > deadline:
+                return False
+            await asyncio.sleep(0.2)
+        return True
+
     async def stop(self) -> int:
         """SIGINT, as Ctrl-C would; returns the exit code (killed: negative)."""
         process = self._process
