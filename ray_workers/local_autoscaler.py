@@ -50,6 +50,12 @@ class AutoscalerMetrics:
             ["model"],
             registry=registry,
         )
+        self.decisions = Counter(
+            "inferq_autoscaler_decisions",
+            "Decisions by the rule that made them",
+            ["model", "rule"],
+            registry=registry,
+        )
         self.read_failures = Counter(
             "inferq_autoscaler_metric_read_failures", "Failed queue reads", ["model"], registry=registry
         )
@@ -103,6 +109,7 @@ class LocalAutoscaler:
             self._metrics.read_failures.labels(model).inc()
             metric = None
         decision = decide(policy, state, metric, self._clock())
+        self._metrics.decisions.labels(model, decision.rule).inc()
         if decision.replicas != state.replicas:
             started = time.monotonic()
             try:

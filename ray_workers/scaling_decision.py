@@ -47,6 +47,8 @@ class Decision:
     replicas: int
     state: ScalingState
     reason: str
+    # Which rule decided: activation, below-activation, cooldown, hpa, fallback, no-metric.
+    rule: str
 
 
 def decide(policy: ScalingPolicy, state: ScalingState, metric: float | None, now_s: float) -> Decision:
@@ -59,13 +61,14 @@ def decide(policy: ScalingPolicy, state: ScalingState, metric: float | None, now
     if state.replicas == 0:
         if not active:
             reason = f"metric {metric:g} <= activationValue {policy.activation_value:g}: stay at 0"
-            return Decision(0, state, reason)
+            return Decision(0, state, reason, "below-activation")
         target = max(1, policy.min_replicas)
-        return _changed(state, target, now_s, f"activation: metric {metric:g} > {policy.activation_value:g}")
+        reason = f"activation: metric {metric:g} > {policy.activation_value:g}"
+        return _changed(state, target, now_s, reason, "activation")
     idle_s = now_s - (state.last_active_s if state.last_active_s is not None else now_s)
     if not active and policy.min_replicas == 0 and idle_s >= policy.cooldown_s:
         reason = f"inactive for {idle_s:.0f} s >= cooldownPeriod {policy.cooldown_s:g} s"
-        return _changed(state, 0, now_s, reason)
+        return _changed(state, 0, now_s, reason, "cooldown")
     return _hpa(policy, state, metric, now_s)
 
 
@@ -74,9 +77,12 @@ def _fallback(policy: ScalingPolicy, state: ScalingState, now_s: float) -> Decis
     threshold, replicas = policy.fallback_failure_threshold, policy.fallback_replicas
     if threshold is not None and replicas is not None and state.failed_reads >= threshold:
         if replicas == state.replicas:
-            return Decision(replicas, state, f"fallback: holding {replicas}")
-        return _changed(state, replicas, now_s, f"fallback after {state.failed_reads} failed reads")
-    return Decision(state.replicas, state, f"metric unavailable ({state.failed_reads} in a row): no change")
+            return Decision(replicas, state, f"fallback: holding {replicas}", "fallback")
+        return _changed(
+            state, replicas, now_s, f"fallback after {state.failed_reads} failed reads", "fallback"
+        )
+    reason = f"metric unavailable ({state.failed_reads} in a row): no change"
+    return Decision(state.replicas, state, reason, "no-metric")
 
 
 def _hpa(policy: ScalingPolicy, state: ScalingState, metric: float, now_s: float) -> Decision:
@@ -99,8 +105,9 @@ def _hpa(policy: ScalingPolicy, state: ScalingState, metric: float, now_s: float
     else:
         target = current
     if target == current:
-        return Decision(current, state, f"metric {metric:g}: {current} replica(s) stay (wanted {raw})")
-    return _changed(state, target, now_s, f"metric {metric:g} / value {policy.target_per_replica:g} -> {raw}")
+        return Decision(current, state, f"metric {metric:g}: {current} replica(s) stay (wanted {raw})", "hpa")
+    reason = f"metric {metric:g} / value {policy.target_per_replica:g} -> {raw}"
+    return _changed(state, target, now_s, reason, "hpa")
 
 
 def _limit(rules: DirectionRules, state: ScalingState, now_s: float, up: bool) -> int:
@@ -129,7 +136,7 @@ def _limit(rules: DirectionRules, state: ScalingState, now_s: float, up: bool) -
     return min(limits) if rules.select == "Max" else max(limits)
 
 
-def _changed(state: ScalingState, replicas: int, now_s: float, reason: str) -> Decision:
+def _changed(state: ScalingState, replicas: int, now_s: float, reason: str, rule: str) -> Decision:
     events = tuple(e for e in state.scale_events if now_s - e[0] <= EVENT_MEMORY_S)
     new_state = replace(state, replicas=replicas, scale_events=(*events, (now_s, state.replicas, replicas)))
-    return Decision(replicas, new_state, reason)
+    return Decision(replicas, new_state, reason, rule)

@@ -9,6 +9,7 @@ import pytest
 from ray_workers.scaling_decision import ScalingState, decide
 from ray_workers.scaling_policy import DirectionRules, RatePolicy, ScalingPolicy
 
+RULES = {"activation", "below-activation", "cooldown", "hpa", "fallback", "no-metric"}
 POLICY = ScalingPolicy(
     name="worker-echo",
     model="echo",
@@ -108,7 +109,7 @@ def test_rule(rule: str, state: ScalingState, metric: float | None, now: float, 
     decision = decide(POLICY, state, metric, now)
     assert decision.replicas == expected, decision.reason
     assert decision.state.replicas == expected
-    assert decision.reason
+    assert decision.reason and decision.rule in RULES
 
 
 def test_a_spike_then_idle_runs_0_to_n_and_back_to_0() -> None:

@@ -1,0 +1,95 @@
+"""The autoscaler loop around the pure decision: it applies changes, retries a failed
+apply, counts failed reads, and exports its state (fake queue and fake Serve)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry
+
+from ray_workers.local_autoscaler import AutoscalerMetrics, LocalAutoscaler
+from ray_workers.queue_metrics import QueueMetricUnavailable
+from ray_workers.scaling_policy import ScalingPolicy
+
+POLICY = ScalingPolicy(
+    name="worker-echo",
+    model="echo",
+    queue_name="jobs.echo",
+    target_per_replica=10,
+    activation_value=0,
+    polling_interval_s=1,
+    cooldown_s=30,
+    min_replicas=0,
+    max_replicas=4,
+)
+
+
+class FakeClock:
+    now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class Harness:
+    def __init__(self) -> None:
+        self.backlog: float | None = 0.0
+        self.applied: list[tuple[str, int]] = []
+        self.fail_apply = False
+        self.registry = CollectorRegistry()
+        self.clock = FakeClock()
+        self.autoscaler = LocalAutoscaler(
+            {"echo": POLICY},
+            lambda model: f"jobs.{model}",
+            self.read,
+            self.apply,
+            AutoscalerMetrics(self.registry),
+            self.clock,
+        )
+
+    async def read(self, queue: str) -> float:
+        assert queue == "jobs.echo"
+        if self.backlog is None:
+            raise QueueMetricUnavailable("management API down")
+        return self.backlog
+
+    async def apply(self, model: str, replicas: int) -> None:
+        if self.fail_apply:
+            raise RuntimeError("serve.run failed")
+        self.applied.append((model, replicas))
+
+    def sample(self, name: str, **labels: str) -> float:
+        return self.registry.get_sample_value(name, {"model": "echo", **labels}) or 0.0
+
+
+async def test_activation_is_applied_and_exported() -> None:
+    harness = Harness()
+    await harness.autoscaler.tick("echo")
+    harness.backlog = 25.0
+    await harness.autoscaler.tick("echo")
+
+    assert harness.applied == [("echo", 1)]
+    assert harness.sample("inferq_autoscaler_replicas") == 1
+    assert harness.sample("inferq_autoscaler_queue_messages") == 25
+    assert harness.sample("inferq_autoscaler_scale_events_total", direction="up") == 1
+    assert harness.sample("inferq_autoscaler_decisions_total", rule="activation") == 1
+    assert harness.sample("inferq_autoscaler_decisions_total", rule="below-activation") == 1
+
+
+async def test_a_failed_apply_keeps_the_old_state_and_is_retried_on_the_next_poll() -> None:
+    harness = Harness()
+    harness.backlog, harness.fail_apply = 5.0, True
+    await harness.autoscaler.tick("echo")
+    assert harness.autoscaler.states["echo"].replicas == 0 and harness.applied == []
+
+    harness.fail_apply = False
+    await harness.autoscaler.tick("echo")
+    assert harness.applied == [("echo", 1)]
+
+
+async def test_a_failed_read_is_counted_and_changes_nothing() -> None:
+    harness = Harness()
+    harness.backlog = None
+    await harness.autoscaler.tick("echo")
+
+    assert harness.applied == []
+    assert harness.sample("inferq_autoscaler_metric_read_failures_total") == 1
+    assert harness.sample("inferq_autoscaler_decisions_total", rule="no-metric") == 1
