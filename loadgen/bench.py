@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from contract.config import DEFAULT_AMQP_URL
+from loadgen.bench_chart import batching_chart
 from loadgen.bench_ingress import measure_ingress
 from loadgen.bench_pipeline import measure_pipeline
 from loadgen.bench_workers import measure_batching, measure_priority
@@ -171,10 +172,11 @@ def main(argv: list[str] | None = None) -> int:
     results.update(timestamp=timestamp, reps=size.reps, quick=args.quick, machine=machine)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / f"{timestamp}.json").write_text(json.dumps(results, indent=2))
-    summary = markdown(results, machine, args.quick)
+    batching_chart(results["batching"], args.out / f"{timestamp}-batching.png")
+    summary = markdown(results, machine, args.quick) + f"\n![batching]({timestamp}-batching.png)\n"
     (args.out / f"{timestamp}.md").write_text(summary)
     print("\n" + summary)
-    print(f"written: {args.out / f'{timestamp}.json'} and .md")
+    print(f"written: {args.out / f'{timestamp}.json'}, .md and -batching.png")
     return 0
 
 

@@ -6,6 +6,10 @@ After each batch it looks at how long the batch took and whether work is waiting
     under target, full, and work waiting     -> size += step     (additive increase)
     otherwise                                -> hold
 
+Like TCP, it starts in slow start: until the target is first missed, growth doubles
+the size instead of adding `step`, so a replica reaches a useful size in a handful of
+batches rather than dozens. The backoff is Clipper's 10 %.
+
 and it sets how long the next batch may wait to fill: with no work waiting (low load)
 a lone job is dispatched at once, never held for company; with work waiting the
 batch fills from what is already prefetched, and `max_wait_s` only bounds the wait
@@ -32,7 +36,8 @@ class AdaptiveBatchController:
     min_size: int = 1
     size: int = 1
     step: int = 4
-    backoff: float = 0.7
+    backoff: float = 0.9
+    slow_start: bool = True
     max_wait_s: float = 0.005
     wait_s: float = 0.0
 
@@ -54,9 +59,11 @@ class AdaptiveBatchController:
             if self.size <= self.min_size:
                 return Adjustment.HOLD
             self.size = max(self.min_size, math.floor(min(self.size, batch_size) * self.backoff))
+            self.slow_start = False
             return Adjustment.BACKOFF
         if work_waiting and batch_size >= self.size and self.size < self.max_size:
-            self.size = min(self.max_size, self.size + self.step)
+            grown = self.size * 2 if self.slow_start else self.size + self.step
+            self.size = min(self.max_size, grown)
             return Adjustment.GROW
         return Adjustment.HOLD
 

@@ -9,8 +9,10 @@ from ray_workers.batch_controller import AdaptiveBatchController, Adjustment, Fi
 TARGET_S = 0.1
 
 
-def controller(size: int) -> AdaptiveBatchController:
-    return AdaptiveBatchController(latency_target_s=TARGET_S, max_size=64, size=size, step=4, backoff=0.5)
+def controller(size: int, slow_start: bool = False) -> AdaptiveBatchController:
+    return AdaptiveBatchController(
+        latency_target_s=TARGET_S, max_size=64, size=size, step=4, backoff=0.5, slow_start=slow_start
+    )
 
 
 # (why, size before, batch size, latency, work waiting, adjustment, size after, wait after)
@@ -65,18 +67,27 @@ def test_controller_step(
     assert control.wait_s == wait
 
 
+def test_slow_start_doubles_until_the_target_is_first_missed_then_adds() -> None:
+    control = controller(1, slow_start=True)
+    sizes = []
+    for latency in (0.01, 0.01, 0.01, 0.01, 0.2, 0.01, 0.01):
+        control.record(control.size, latency, work_waiting=True)
+        sizes.append(control.size)
+    assert sizes == [2, 4, 8, 16, 8, 12, 16]
+
+
 def test_under_a_steady_backlog_the_size_converges_below_the_target() -> None:
     """A model whose batch latency is 2 ms + 1 ms per job, target 100 ms: the size
-    climbs, overshoots past ~98, backs off, and keeps oscillating under the target."""
-    control = AdaptiveBatchController(latency_target_s=TARGET_S, max_size=256, size=1, step=4, backoff=0.7)
+    doubles to 128 (over), backs off, and then oscillates just under the target."""
+    control = AdaptiveBatchController(latency_target_s=TARGET_S, max_size=256, size=1, step=4, backoff=0.9)
     sizes = []
     for _ in range(200):
         batch = control.size
         control.record(batch, 0.002 + 0.001 * batch, work_waiting=True)
         sizes.append(control.size)
     settled = sizes[100:]
-    assert max(settled) <= 102 and min(settled) >= 60, settled
-    assert sum(settled) / len(settled) > 75
+    assert max(settled) <= 102 and min(settled) >= 85, settled
+    assert sum(settled) / len(settled) > 90
 
 
 def test_a_fixed_size_never_moves() -> None:
