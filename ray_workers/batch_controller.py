@@ -3,8 +3,12 @@
 After each batch it looks at how long the batch took and whether work is waiting:
 
     batch over the latency target            -> size *= backoff (multiplicative decrease)
-    under target, full, and work waiting     -> size += step     (additive increase)
+    under the headroom (90 % of the target),
+      full, and work waiting                 -> size += step     (additive increase)
     otherwise                                -> hold
+
+The headroom keeps the steady state below the target, not astride it, so the
+target holds for most batches (p95), not just the average one.
 
 Like TCP, it starts in slow start: until the target is first missed, growth doubles
 the size instead of adding `step`, so a replica reaches a useful size in a handful of
@@ -38,6 +42,8 @@ class AdaptiveBatchController:
     step: int = 4
     backoff: float = 0.9
     slow_start: bool = True
+    # Grow only while a batch takes less than this fraction of the target.
+    headroom: float = 0.9
     max_wait_s: float = 0.005
     wait_s: float = 0.0
 
@@ -61,7 +67,8 @@ class AdaptiveBatchController:
             self.size = max(self.min_size, math.floor(min(self.size, batch_size) * self.backoff))
             self.slow_start = False
             return Adjustment.BACKOFF
-        if work_waiting and batch_size >= self.size and self.size < self.max_size:
+        under_headroom = latency_s <= self.latency_target_s * self.headroom
+        if under_headroom and work_waiting and batch_size >= self.size and self.size < self.max_size:
             grown = self.size * 2 if self.slow_start else self.size + self.step
             self.size = min(self.max_size, grown)
             return Adjustment.GROW

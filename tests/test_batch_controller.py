@@ -18,6 +18,7 @@ def controller(size: int, slow_start: bool = False) -> AdaptiveBatchController:
 # (why, size before, batch size, latency, work waiting, adjustment, size after, wait after)
 ROWS = [
     ("full batch under target with backlog grows by the step", 8, 8, 0.05, True, Adjustment.GROW, 12, 0.005),
+    ("between the headroom and the target it holds", 8, 8, 0.095, True, Adjustment.HOLD, 8, 0.005),
     ("growth stops at max_size", 64, 64, 0.05, True, Adjustment.HOLD, 64, 0.005),
     ("a partial batch does not grow (no real backlog)", 8, 5, 0.05, True, Adjustment.HOLD, 8, 0.005),
     (
@@ -78,7 +79,7 @@ def test_slow_start_doubles_until_the_target_is_first_missed_then_adds() -> None
 
 def test_under_a_steady_backlog_the_size_converges_below_the_target() -> None:
     """A model whose batch latency is 2 ms + 1 ms per job, target 100 ms: the size
-    doubles to 128 (over), backs off, and then oscillates just under the target."""
+    doubles to 128 (over), backs off, and settles between the headroom and the target."""
     control = AdaptiveBatchController(latency_target_s=TARGET_S, max_size=256, size=1, step=4, backoff=0.9)
     sizes = []
     for _ in range(200):
