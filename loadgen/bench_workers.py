@@ -27,6 +27,7 @@ from ray_workers.settings import WorkerSettings
 from ray_workers.signing import generate_secret
 
 FINISH_TIMEOUT_S = 300.0
+WARM_UP_FRACTION = 0.3
 SENTENCES = [
     "The cat sits on the mat.",
     "Queues decouple producers from consumers.",
@@ -64,21 +65,28 @@ class WorkerBench:
         return [make_job(self.model.name, job_input, priority) for _ in range(count)]  # type: ignore[arg-type]
 
     async def throughput(self, settings: WorkerSettings, count: int, job_input: Any) -> dict[str, float]:
-        """Jobs/s with the queue kept full: all jobs queued first, then the worker starts."""
+        """Steady-state jobs/s with the queue kept full: all jobs are queued first, then the
+        worker starts; the first WARM_UP_FRACTION of the finished jobs are left out, the
+        same for every variant, so a controller's ramp-up (a once-per-replica cost) and the
+        worker's start do not count."""
         jobs = self.jobs(count, job_input)
         await publish_jobs(self.broker, jobs)
         worker = JobWorker(self.model, settings)
-        started_s = time.time()
         await worker.start()
         try:
             done = await self.finished.wait_for({j.id for j in jobs}, FINISH_TIMEOUT_S)
         finally:
             await worker.stop()
-        batch_latencies_ms = [d.inference_ms for d in done]
+        done.sort(key=lambda d: d.done_s)
+        warm_up = int(len(done) * WARM_UP_FRACTION)
+        steady = done[warm_up:]
+        span_s = steady[-1].done_s - steady[0].done_s
+        if span_s <= 0:
+            raise RuntimeError(f"{count} jobs are too few to measure: the steady part ran as one batch")
         return {
-            "jobs_per_s": count / (max(d.done_s for d in done) - started_s),
-            "batch_latency_p95_ms": percentile(batch_latencies_ms, 95),
-            "mean_batch_size": sum(d.batch_size for d in done) / len(done),
+            "jobs_per_s": (len(steady) - 1) / span_s,
+            "batch_latency_p95_ms": percentile([d.inference_ms for d in steady], 95),
+            "mean_batch_size": sum(d.batch_size for d in steady) / len(steady),
             "final_batch_size": worker.batching.size,
         }
 
