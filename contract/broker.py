@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
@@ -38,6 +39,8 @@ RECONNECT_INTERVAL_S = 1.0
 _CONNECTION_ERRORS = (
     aio_pika.exceptions.AMQPError,
     aiormq.exceptions.AMQPError,
+    # A RuntimeError subclass: an operation on a channel the broker has closed.
+    aiormq.exceptions.ChannelInvalidStateError,
     ConnectionError,
     OSError,
     asyncio.TimeoutError,
@@ -98,8 +101,28 @@ class Delivery:
 DeliveryHandler = Callable[[Delivery], Awaitable[None]]
 
 
+@dataclass
+class _Consumer:
+    """What it takes to (re)start one consumer, and the channel it runs on now."""
+
+    queue_name: str
+    prefetch: int
+    handler: DeliveryHandler
+    channel: aio_pika.abc.AbstractChannel | None = None
+    queue: aio_pika.abc.AbstractQueue | None = None
+    tag: str | None = None
+    cancelled: bool = False
+
+
 class Broker:
-    """A robust connection, a confirming publish channel and consumer channels."""
+    """A robust connection, a confirming publish channel and consumer channels.
+
+    aio-pika's robust connection reconnects and restores channels and consumers, but a
+    channel whose restore races the connection's loss can stay closed. After every
+    reconnect the broker checks its own channels and re-opens what is still closed, and
+    a publish on a closed channel re-opens it first, so a broker restart never leaves a
+    service connected but unable to publish or consume.
+    """
 
     def __init__(self, url: str, topology: Topology, models: tuple[str, ...]) -> None:
         self._url = url
@@ -107,7 +130,9 @@ class Broker:
         self._models = models
         self._connection: aio_pika.abc.AbstractRobustConnection | None = None
         self._publish_channel: aio_pika.abc.AbstractChannel | None = None
-        self._consumers: dict[str, tuple[aio_pika.abc.AbstractQueue, aio_pika.abc.AbstractChannel]] = {}
+        self._channel_lock = asyncio.Lock()
+        self._consumers: dict[str, _Consumer] = {}
+        self._consumer_ids = itertools.count(1)
 
     @property
     def topology(self) -> Topology:
@@ -115,9 +140,9 @@ class Broker:
 
     @property
     def is_ready(self) -> bool:
+        """Connected (not between a loss and the reconnect) with the topology declared."""
         connection = self._connection
-        channel = self._publish_channel
-        return bool(connection and not connection.is_closed and channel and not channel.is_closed)
+        return bool(connection is not None and connection.connected.is_set() and not connection.is_closed)
 
     async def connect(self, timeout_s: float = 10.0) -> None:
         """Connect, declare the topology, open the publish channel."""
@@ -125,13 +150,37 @@ class Broker:
             self._connection = await aio_pika.connect_robust(
                 self._url, timeout=timeout_s, reconnect_interval=RECONNECT_INTERVAL_S
             )
-            self._publish_channel = await self._connection.channel(
-                publisher_confirms=True, on_return_raises=True
-            )
-            await self._declare(self._publish_channel)
+            self._connection.reconnect_callbacks.add(self._heal_after_reconnect)
+            await self._declare(await self._open_publish_channel())
         except _CONNECTION_ERRORS as exc:
             await self.close()
             raise BrokerUnavailable(f"cannot reach RabbitMQ at {redact_url(self._url)}: {exc!r}") from exc
+
+    async def _open_publish_channel(self) -> aio_pika.abc.AbstractChannel:
+        async with self._channel_lock:
+            channel = self._publish_channel
+            if channel is None or channel.is_closed:
+                if self._connection is None:
+                    raise BrokerUnavailable("not connected")
+                try:
+                    channel = await self._connection.channel(publisher_confirms=True, on_return_raises=True)
+                except RuntimeError as exc:  # aiormq: "<Connection ...> closed" mid-reconnect
+                    raise BrokerUnavailable(f"cannot open a channel: {exc}") from exc
+                self._publish_channel = channel
+            return channel
+
+    async def _heal_after_reconnect(self, *_args: object) -> None:
+        try:
+            await self._open_publish_channel()
+            for consumer in self._consumers.values():
+                if not consumer.cancelled and (consumer.channel is None or consumer.channel.is_closed):
+                    logger.warning(
+                        "consumer of %s was not restored after a reconnect; re-opening it",
+                        consumer.queue_name,
+                    )
+                    await self._start(consumer)
+        except BrokerError as exc:
+            logger.warning("healing after a reconnect failed (the next reconnect retries): %r", exc)
 
     async def _declare(self, channel: aio_pika.abc.AbstractChannel) -> None:
         await channel.declare_exchange(
@@ -155,9 +204,8 @@ class Broker:
         timeout_s: float = 10.0,
     ) -> None:
         """Publish persistently and return once the broker confirmed it."""
-        channel = self._publish_channel
-        if channel is None or channel.is_closed:
-            raise BrokerUnavailable("no open channel to RabbitMQ")
+        if not self.is_ready:
+            raise BrokerUnavailable("not connected to RabbitMQ")
         amqp_message = aio_pika.Message(
             message.body,
             content_type="application/json",
@@ -173,6 +221,7 @@ class Broker:
             else timedelta(milliseconds=message.expiration_ms),
         )
         try:
+            channel = await self._open_publish_channel()
             target = (
                 await channel.get_exchange(exchange, ensure=False) if exchange else channel.default_exchange
             )
@@ -190,53 +239,68 @@ class Broker:
             raise BrokerUnavailable(f"publish of {message.message_id} failed: {exc!r}") from exc
 
     async def consume(self, queue_name: str, prefetch: int, handler: DeliveryHandler) -> str:
-        """Start consuming on a channel of its own (prefetch is per channel); returns a tag."""
+        """Start consuming on a channel of its own (prefetch is per channel); returns an id."""
+        consumer = _Consumer(queue_name, prefetch, handler)
+        await self._start(consumer)
+        consumer_id = f"consumer-{next(self._consumer_ids)}"
+        self._consumers[consumer_id] = consumer
+        return consumer_id
+
+    async def _start(self, consumer: _Consumer) -> None:
         if self._connection is None:
             raise BrokerUnavailable("not connected")
         try:
             channel = await self._connection.channel()
             # Channel-wide (global) prefetch: one consumer per channel, and unlike the
             # per-consumer kind it can be changed while the consumer runs.
-            await channel.set_qos(prefetch_count=prefetch, global_=True)
-            queue = await channel.get_queue(queue_name, ensure=True)
+            await channel.set_qos(prefetch_count=consumer.prefetch, global_=True)
+            queue = await channel.get_queue(consumer.queue_name, ensure=True)
 
             async def on_message(message: aio_pika.abc.AbstractIncomingMessage) -> None:
-                await handler(Delivery(message))
+                await consumer.handler(Delivery(message))
 
-            tag = await queue.consume(on_message)
-        except _CONNECTION_ERRORS as exc:
-            raise BrokerUnavailable(f"cannot consume {queue_name}: {exc!r}") from exc
-        self._consumers[tag] = (queue, channel)
-        return tag
+            consumer.tag = await queue.consume(on_message)
+        except (*_CONNECTION_ERRORS, RuntimeError) as exc:  # RuntimeError: connection closed mid-reconnect
+            raise BrokerUnavailable(f"cannot consume {consumer.queue_name}: {exc!r}") from exc
+        consumer.channel, consumer.queue = channel, queue
 
-    async def set_prefetch(self, tag: str, prefetch: int) -> None:
+    async def set_prefetch(self, consumer_id: str, prefetch: int) -> None:
         """Change a consumer's prefetch at runtime (basic.qos on its channel)."""
-        _queue, channel = self._consumers[tag]
+        consumer = self._consumers[consumer_id]
+        consumer.prefetch = prefetch
+        if consumer.channel is None:
+            raise BrokerUnavailable(f"consumer of {consumer.queue_name} has no channel")
         try:
-            await channel.set_qos(prefetch_count=prefetch, global_=True)
+            await consumer.channel.set_qos(prefetch_count=prefetch, global_=True)
         except _CONNECTION_ERRORS as exc:
-            raise BrokerUnavailable(f"cannot set prefetch of consumer {tag}: {exc!r}") from exc
+            raise BrokerUnavailable(f"cannot set prefetch of {consumer.queue_name}: {exc!r}") from exc
 
-    async def cancel(self, tag: str, *, close_channel: bool = False) -> None:
+    async def cancel(self, consumer_id: str, *, close_channel: bool = False) -> None:
         """Stop a consumer (basic.cancel). What it holds unacked stays with it until
         settled, unless `close_channel`, which hands all of it back to the queue."""
-        queue, channel = self._consumers[tag]
+        consumer = self._consumers[consumer_id]
+        consumer.cancelled = True
+        if close_channel:
+            del self._consumers[consumer_id]
         try:
-            await queue.cancel(tag)
-            if close_channel:
-                del self._consumers[tag]
-                await channel.close()
+            if consumer.queue is not None and consumer.tag is not None:
+                await consumer.queue.cancel(consumer.tag)
+            if close_channel and consumer.channel is not None and not consumer.channel.is_closed:
+                await consumer.channel.close()
         except _CONNECTION_ERRORS as exc:
-            logger.warning("cancel of consumer %s failed: %r", tag, exc)
+            logger.warning("cancel of the consumer of %s failed: %r", consumer.queue_name, exc)
 
     async def close(self) -> None:
         """Close consumer channels (unacked messages return to their queues), then the rest."""
-        for _queue, channel in self._consumers.values():
-            if not channel.is_closed:
-                await channel.close()
+        channels = [c.channel for c in self._consumers.values() if c.channel is not None]
         self._consumers.clear()
+        for channel in channels:
+            if not channel.is_closed:
+                with contextlib.suppress(*_CONNECTION_ERRORS):
+                    await channel.close()
         if self._connection is not None and not self._connection.is_closed:
-            await self._connection.close()
+            with contextlib.suppress(*_CONNECTION_ERRORS):
+                await self._connection.close()
         self._connection = None
         self._publish_channel = None
 

@@ -94,13 +94,23 @@ async def test_given_a_broker_restart_under_load_then_no_accepted_job_is_lost(
             # The restart overlapped the load: some submissions were refused while it was away.
             assert statuses[202] > 0 and statuses[503] > 0, dict(statuses)
 
+            # Once the broker is back, the ingress is ready and takes jobs again, no restart.
+            async def ready_again() -> bool:
+                return (await client.get("/readyz")).status_code == 200
+
+            await wait_until(ready_again, 30, "the ingress to be ready again")
+            after = await client.post(
+                "/v1/models/echo/jobs", json={"input": "after", "callback_url": receiver.url}
+            )
+            assert after.status_code == 202, after.text
+            accepted.add(after.json()["id"])
+
             def all_called_back() -> bool:
                 return accepted <= {r.event["data"]["id"] for r in receiver.received}
 
             started = time.monotonic()
             await wait_until(all_called_back, 120, "a callback for every accepted job")
             drained_s = time.monotonic() - started
-            assert (await client.get("/readyz")).status_code == 200
     finally:
         await worker.stop()
         await dispatcher.stop()
@@ -109,7 +119,7 @@ async def test_given_a_broker_restart_under_load_then_no_accepted_job_is_lost(
     duplicates = len(ids) - len(set(ids))
     unknown = set(ids) - accepted  # published, but the confirm was lost with the connection
     report = (
-        f"chaos: submitted {JOBS}, accepted {len(accepted)}, refused {JOBS - len(accepted)} "
+        f"chaos: submitted {JOBS} + 1 after, accepted {len(accepted)}, refused {JOBS + 1 - len(accepted)} "
         f"({dict(statuses)}), terminal {len(accepted & set(ids))}, lost 0, duplicated callbacks "
         f"{duplicates}, called back without a 202 {len(unknown)}, drained {drained_s:.1f} s after load"
     )
@@ -118,3 +128,4 @@ async def test_given_a_broker_restart_under_load_then_no_accepted_job_is_lost(
         await asyncio.to_thread(_append_line, Path(path), report)
     assert all(r.verified for r in receiver.received)
     assert statuses[202] + statuses[503] + statuses[0] == JOBS
+    assert len(accepted) == statuses[202] + 1  # the submissions, and one after the restart
