@@ -33,7 +33,6 @@ class CallbackUrlRejected(ValueError):
 class CallbackTarget:
     """A checked URL and the addresses it may be delivered to."""
 
-    url: str
     scheme: str
     host: str
     port: int
@@ -148,4 +147,4 @@ async def check_callback_url(
                     "only public addresses or CALLBACK_ALLOW_HOSTS entries may be called back"
                 )
     unique = tuple(dict.fromkeys(addresses))
-    return CallbackTarget(url, scheme, host, port, path, unique)
+    return CallbackTarget(scheme, host, port, path, unique)

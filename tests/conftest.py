@@ -24,6 +24,8 @@ from ingress.app import create_app
 from ingress.settings import IngressSettings
 from loadgen.callback_receiver import CallbackReceiver
 from ray_workers.callback_dispatcher import CallbackDispatcher
+from ray_workers.job_worker import JobWorker
+from ray_workers.models.base import Model
 from ray_workers.settings import WorkerSettings
 from ray_workers.signing import generate_secret
 
@@ -140,6 +142,17 @@ async def broker(worker_settings: WorkerSettings) -> AsyncIterator[Broker]:
     await probe.connect()
     yield probe
     await probe.close()
+
+
+@asynccontextmanager
+async def running_worker(model: Model, settings: WorkerSettings) -> AsyncIterator[JobWorker]:
+    """A started JobWorker, stopped (drained) when the block ends, however it ends."""
+    worker = JobWorker(model, settings)
+    await worker.start()
+    try:
+        yield worker
+    finally:
+        await worker.stop()
 
 
 @asynccontextmanager

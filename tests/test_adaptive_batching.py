@@ -11,7 +11,7 @@ from contract.broker import Broker, OutgoingMessage
 from contract.envelope import AMQP_PRIORITY, Job, decode_callback_delivery, encode
 from ray_workers.job_worker import JobWorker
 from ray_workers.settings import WorkerSettings
-from tests.conftest import drain_queue, wait_until
+from tests.conftest import drain_queue, running_worker, wait_until
 from tests.models import LinearLatencyModel, ShortChangingModel
 
 
@@ -62,12 +62,8 @@ async def test_given_a_backlog_then_batches_grow_under_the_target_and_each_job_s
     settings = replace(worker_settings, batch_max_size=64, batch_latency_target_s=0.03)
     ids = await _publish_jobs(settings, 400)
     # 2 ms + 0.4 ms per job: batches up to ~70 stay under 30 ms.
-    worker = JobWorker(LinearLatencyModel(0.002, 0.0004), settings)
-    await worker.start()
-    try:
+    async with running_worker(LinearLatencyModel(0.002, 0.0004), settings) as worker:
         seen = await _callbacks(settings, len(ids))
-    finally:
-        await worker.stop()
 
     assert sorted(seen) == sorted(ids), "every job called back exactly once"
     assert worker.batching.size >= 32
@@ -85,12 +81,8 @@ async def test_given_a_slow_model_then_the_controller_backs_off_to_meet_the_targ
     settings = replace(worker_settings, batch_max_size=64, batch_latency_target_s=0.02)
     ids = await _publish_jobs(settings, 150)
     # 1 ms per job: only batches of <= 19 meet 20 ms.
-    worker = JobWorker(LinearLatencyModel(0.0, 0.001), settings)
-    await worker.start()
-    try:
+    async with running_worker(LinearLatencyModel(0.0, 0.001), settings) as worker:
         seen = await _callbacks(settings, len(ids))
-    finally:
-        await worker.stop()
 
     assert sorted(seen) == sorted(ids)
     assert (
@@ -105,9 +97,7 @@ async def test_given_a_wrong_length_result_then_every_job_of_the_batch_settles_o
 ) -> None:
     settings = replace(worker_settings, breaker_failure_threshold=1000)  # this test is not about the breaker
     ids = await _publish_jobs(settings, 12)
-    worker = JobWorker(ShortChangingModel(0.0, 0.0), settings)
-    await worker.start()
-    try:
+    async with running_worker(ShortChangingModel(0.0, 0.0), settings):
         seen = await _callbacks(settings, len(ids))
         parked = []
 
@@ -118,8 +108,6 @@ async def test_given_a_wrong_length_result_then_every_job_of_the_batch_settles_o
             return len(parked) >= len(ids)
 
         await wait_until(all_parked, 30, "every job in the parking lot")
-    finally:
-        await worker.stop()
 
     assert sorted(seen) == sorted(ids), "one job.failed callback per job, no more"
     assert sorted(str(m.message_id) for m in parked) == sorted(ids)

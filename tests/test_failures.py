@@ -17,10 +17,9 @@ from contract.envelope import HISTORY_HEADER, PARK_REASON_HEADER
 from loadgen.callback_receiver import CallbackReceiver
 from ray_workers.callback_dispatcher import CallbackDispatcher
 from ray_workers.circuit_breaker import BreakerState
-from ray_workers.job_worker import JobWorker
 from ray_workers.parking_lot import ParkingLot, inspect, replay
 from ray_workers.settings import WorkerSettings
-from tests.conftest import TEST_JOB_RETRIES, wait_until
+from tests.conftest import TEST_JOB_RETRIES, running_worker, wait_until
 from tests.models import RecordingModel
 
 
@@ -33,12 +32,6 @@ async def _submit(client: httpx.AsyncClient, callback_url: str, job_input: Any =
     return job_id
 
 
-async def _running(model: RecordingModel, settings: WorkerSettings) -> JobWorker:
-    worker = JobWorker(model, settings)
-    await worker.start()
-    return worker
-
-
 async def test_given_a_transient_failure_then_each_retry_waits_its_tier_and_attempt_3_succeeds(
     client: httpx.AsyncClient,
     receiver: CallbackReceiver,
@@ -46,12 +39,9 @@ async def test_given_a_transient_failure_then_each_retry_waits_its_tier_and_atte
     dispatcher: CallbackDispatcher,
 ) -> None:
     model = RecordingModel(fail_until_attempt=3)
-    worker = await _running(model, worker_settings)
-    try:
+    async with running_worker(model, worker_settings):
         job_id = await _submit(client, receiver.url)
         received = await receiver.wait_for(1, timeout_s=15)
-    finally:
-        await worker.stop()
 
     event = received[0].event
     assert (event["type"], event["data"]["id"], event["data"]["attempts"]) == ("job.succeeded", job_id, 3)
@@ -74,8 +64,7 @@ async def test_given_a_model_that_keeps_failing_then_the_job_is_parked_called_ba
     broker: Broker,
 ) -> None:
     model = RecordingModel(healthy=False)
-    worker = await _running(model, worker_settings)
-    try:
+    async with running_worker(model, worker_settings):
         job_id = await _submit(client, receiver.url, {"keep": "me"})
         failed = (await receiver.wait_for(1, timeout_s=15))[0]
         lot = ParkingLot(worker_settings.topology, "echo")
@@ -84,8 +73,6 @@ async def test_given_a_model_that_keeps_failing_then_the_job_is_parked_called_ba
         model.healthy = True  # the cause is removed
         assert await replay(broker, lot, ids=[job_id]) == 1
         succeeded = (await receiver.wait_for(2, timeout_s=15))[1]
-    finally:
-        await worker.stop()
 
     assert failed.event["type"] == "job.failed" and failed.event["data"]["attempts"] == 3
     assert "model is down" in failed.event["data"]["error"]
@@ -106,17 +93,13 @@ async def test_given_a_permanent_error_then_parked_at_once_with_its_history(
 ) -> None:
     from ray_workers.models.synthetic import SyntheticModel
 
-    worker = JobWorker(SyntheticModel(), worker_settings)
-    await worker.start()
-    try:
+    async with running_worker(SyntheticModel(), worker_settings):
         response = await client.post(
             "/v1/models/synthetic/jobs",
             json={"input": {"fail_permanently": True}, "callback_url": receiver.url},
         )
         job_id = response.json()["id"]
         callback = (await receiver.wait_for(1, timeout_s=15))[0]
-    finally:
-        await worker.stop()
 
     assert callback.event["type"] == "job.failed" and callback.event["data"]["attempts"] == 1
     async with broker.fetching(worker_settings.topology.parking_queue("synthetic")) as next_message:
@@ -137,9 +120,8 @@ async def test_given_a_failing_model_then_the_breaker_stops_consuming_and_recove
 ) -> None:
     settings = replace(worker_settings, batch_max_size=1, breaker_failure_threshold=2, breaker_cooldown_s=1.5)
     model = RecordingModel(healthy=False)
-    worker = await _running(model, settings)
     queue = settings.topology.main_queue("echo")
-    try:
+    async with running_worker(model, settings) as worker:
         job_ids = [await _submit(client, receiver.url, n) for n in range(6)]
 
         # Phase 1: two failed batches open the breaker; the replica stops consuming and
@@ -157,8 +139,6 @@ async def test_given_a_failing_model_then_the_breaker_stops_consuming_and_recove
         # Phase 3: the model recovers; the next probe closes the breaker and all jobs finish.
         model.healthy = True
         received = await receiver.wait_for(6, timeout_s=20)
-    finally:
-        await worker.stop()
 
     assert worker.breaker.state is BreakerState.CLOSED
     assert {r.event["data"]["id"] for r in received} == set(job_ids)
@@ -178,11 +158,8 @@ async def test_given_a_deadline_that_passed_in_the_queue_then_job_expired_and_th
     deadline_s = time.time() + 0.05
     await wait_until(lambda: time.time() > deadline_s, 5, "the short deadline to pass")
     model = RecordingModel()
-    worker = await _running(model, worker_settings)
-    try:
+    async with running_worker(model, worker_settings):
         received = await receiver.wait_for(2, timeout_s=15)
-    finally:
-        await worker.stop()
 
     types = {r.event["data"]["id"]: r.event["type"] for r in received}
     assert types == {expiring: "job.expired", lasting: "job.succeeded"}
@@ -197,12 +174,9 @@ async def test_given_a_callback_target_down_then_up_then_delivered_once_with_the
 ) -> None:
     receiver.scripted_statuses.extend([503, 502])
     model = RecordingModel()
-    worker = await _running(model, worker_settings)
-    try:
+    async with running_worker(model, worker_settings):
         job_id = await _submit(client, receiver.url)
         received = await receiver.wait_for(1, timeout_s=15)
-    finally:
-        await worker.stop()
 
     assert receiver.requests_seen == 3
     assert received[0].webhook_id == f"msg_{job_id}_succeeded" and received[0].verified
@@ -221,18 +195,17 @@ async def test_given_a_target_that_always_times_out_then_another_targets_callbac
     receiver.response_delay_s = 30.0  # never answers within the timeout
     healthy = CallbackReceiver(webhook_secret)
     await healthy.start()
-    worker = await _running(RecordingModel(), settings)
     try:
-        for n in range(20):
-            await _submit(client, receiver.url, n)
-        await wait_until(lambda: receiver.requests_seen >= 4, 10, "the slow target to be busy")
-        started = time.monotonic()
-        # Same machine, another host name: the slow host's breaker and slots do not apply.
-        fast_id = await _submit(client, healthy.url.replace("127.0.0.1", "localhost"))
-        fast = await healthy.wait_for(1, timeout_s=5)
-        fast_latency_s = time.monotonic() - started
+        async with running_worker(RecordingModel(), settings):
+            for n in range(20):
+                await _submit(client, receiver.url, n)
+            await wait_until(lambda: receiver.requests_seen >= 4, 10, "the slow target to be busy")
+            started = time.monotonic()
+            # Same machine, another host name: the slow host's breaker and slots do not apply.
+            fast_id = await _submit(client, healthy.url.replace("127.0.0.1", "localhost"))
+            fast = await healthy.wait_for(1, timeout_s=5)
+            fast_latency_s = time.monotonic() - started
     finally:
-        await worker.stop()
         await stage.stop(drain_timeout_s=0)
         await healthy.stop()
 

@@ -20,7 +20,7 @@ from ray_workers.job_worker import JobWorker
 from ray_workers.models.echo import EchoModel
 from ray_workers.models.synthetic import SyntheticModel
 from ray_workers.settings import WorkerSettings
-from tests.conftest import drain_queue, wait_until
+from tests.conftest import drain_queue, running_worker, wait_until
 
 
 @pytest.fixture
@@ -81,12 +81,8 @@ async def test_given_workers_paused_when_they_start_then_high_runs_before_normal
         )
         submitted[job_id] = priority
     # One job at a time, so the consumption order is the broker's priority order.
-    worker = JobWorker(EchoModel(), replace(worker_settings, batch_max_size=1))
-    await worker.start()
-    try:
+    async with running_worker(EchoModel(), replace(worker_settings, batch_max_size=1)):
         received = await receiver.wait_for(9, timeout_s=15)
-    finally:
-        await worker.stop()
 
     in_run_order = sorted(received, key=lambda r: r.event["timestamp"])
     assert [submitted[r.event["data"]["id"]] for r in in_run_order] == (
