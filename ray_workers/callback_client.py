@@ -1,28 +1,45 @@
-"""The one home of httpx: one signed POST of a callback event to a checked address.
+"""The one home of the callback HTTP client (aiohttp): one signed POST of an event.
 
 Outcomes, never exceptions, come back to the dispatcher:
 
     DeliveryResult(delivered=True)                  2xx
-    DeliveryResult(retryable=True, ...)             timeout, connection error, 5xx, 429, 3xx
-    DeliveryResult(retryable=False, ...)            410 Gone, other 4xx, URL refused by the guard
+    DeliveryResult(retryable=True, ...)             timeout, connection error, 5xx, 429, 408, 3xx
+    DeliveryResult(retryable=False, ...)            410 Gone, other 4xx, URL refused by the guard,
+                                                    a request the client cannot even build
 
-The request goes to the address the guard checked (pinned), with the original Host
-header and TLS server name, so a DNS answer that changes after the check cannot send
-it anywhere else. Redirects are never followed.
+Pinning: the guard resolves and checks the host before every delivery, and records the
+addresses it checked in a `PinnedResolver`; the connector resolves hostnames only
+through it, so a connection can only be opened to a checked address and DNS that
+changes after the check (rebinding) redirects nothing. The URL keeps its hostname, so
+the Host header, TLS server name and certificate check, and the keep-alive pool are all
+the hostname's: a connection authenticated as one host is never reused for another.
+Kept-alive connections are what let one host take thousands of callbacks a second.
+
+Each attempt has an overall deadline (a receiver trickling its answer cannot hold a
+delivery past it), redirects are never followed, and at most RESPONSE_BODY_CAP_BYTES of
+the answer is read (the body is not used; a larger one closes the connection).
 """
 
 from __future__ import annotations
 
+import email.utils
 import ipaddress
+import re
+import socket
 import time
+from collections import OrderedDict
 from dataclasses import dataclass
+from datetime import UTC, datetime
 
-import httpx
+import aiohttp
 import msgspec
+from aiohttp.abc import AbstractResolver, ResolveResult
+from yarl import URL
 
 from contract.callback_guard import (
     AllowList,
     CallbackUrlRejected,
+    IPAddress,
     Resolver,
     check_callback_url,
     resolve_with_system_dns,
@@ -31,6 +48,10 @@ from contract.envelope import CallbackDelivery
 from ray_workers.signing import WebhookSigner
 
 USER_AGENT = "inferq-callbacks/1"
+RESPONSE_BODY_CAP_BYTES = 64 * 1024
+# Hosts whose checked addresses are remembered for the connector (least recently used go).
+PINNED_HOSTS_MAX = 10_000
+_DELTA_SECONDS = re.compile(r"[0-9]{1,10}")
 
 
 @dataclass(frozen=True)
@@ -42,79 +63,144 @@ class DeliveryResult:
     retry_after_s: float | None = None
 
 
+class PinnedResolver(AbstractResolver):
+    """Resolves a hostname only to the addresses the guard last checked for it."""
+
+    def __init__(self, max_hosts: int = PINNED_HOSTS_MAX) -> None:
+        self._checked: OrderedDict[str, tuple[IPAddress, ...]] = OrderedDict()
+        self._max_hosts = max_hosts
+
+    def pin(self, host: str, addresses: tuple[IPAddress, ...]) -> None:
+        self._checked[host] = addresses
+        self._checked.move_to_end(host)
+        while len(self._checked) > self._max_hosts:
+            self._checked.popitem(last=False)
+
+    async def resolve(
+        self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET
+    ) -> list[ResolveResult]:
+        addresses = self._checked.get(host)
+        if not addresses:
+            # Never falls back to DNS: an unchecked host gets no connection at all.
+            raise OSError(f"{host} has no address checked by the callback guard")
+        return [
+            ResolveResult(
+                hostname=host,
+                host=str(address),
+                port=port,
+                family=socket.AF_INET6 if isinstance(address, ipaddress.IPv6Address) else socket.AF_INET,
+                proto=0,
+                flags=socket.AI_NUMERICHOST,
+            )
+            for address in addresses
+        ]
+
+    async def close(self) -> None:
+        """Nothing to close: no sockets of its own."""
+
+
 class CallbackClient:
     def __init__(
         self,
         signer: WebhookSigner,
         allow: AllowList,
         timeout_s: float,
-        transport: httpx.AsyncBaseTransport | None = None,
+        max_connections: int,
+        max_connections_per_host: int,
         resolve: Resolver = resolve_with_system_dns,
     ) -> None:
         self._signer = signer
         self._allow = allow
         self._resolve = resolve
-        self._client = httpx.AsyncClient(
-            timeout=timeout_s,
-            follow_redirects=False,
-            transport=transport,
-            trust_env=False,
-            limits=httpx.Limits(max_connections=256, max_keepalive_connections=64),
-        )
+        self._timeout = aiohttp.ClientTimeout(total=timeout_s)
+        self._limits = (max_connections, max_connections_per_host)
+        self._pins = PinnedResolver()
+        self._session: aiohttp.ClientSession | None = None
+
+    def _open_session(self) -> aiohttp.ClientSession:
+        """The session is made on first use, inside the running event loop, as aiohttp wants."""
+        if self._session is None:
+            connector = aiohttp.TCPConnector(
+                resolver=self._pins,
+                use_dns_cache=False,  # the pins are the only answers, checked per delivery
+                limit=self._limits[0],
+                limit_per_host=self._limits[1],
+            )
+            self._session = aiohttp.ClientSession(
+                connector=connector, timeout=self._timeout, trust_env=False, auto_decompress=False
+            )
+        return self._session
 
     async def close(self) -> None:
-        await self._client.aclose()
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
 
     async def deliver(self, delivery: CallbackDelivery) -> DeliveryResult:
         try:
             target = await check_callback_url(delivery.callback_url, self._allow, self._resolve)
+            url = URL(delivery.callback_url, encoded=False)
         except CallbackUrlRejected as exc:
             return DeliveryResult(delivered=False, retryable=False, error=f"refused: {exc}")
+        except ValueError as exc:
+            return DeliveryResult(delivered=False, retryable=False, error=f"refused: unusable URL: {exc}")
+        if url.raw_host:
+            self._pins.pin(url.raw_host, target.addresses)
         body = msgspec.json.encode(delivery.event)
-        default_port = 443 if target.scheme == "https" else 80
-        host_header = target.host if target.port == default_port else f"{target.host}:{target.port}"
         headers = {
             **self._signer.headers(delivery.webhook_id, int(time.time()), body),
             "content-type": "application/json",
-            "host": host_header,
             "user-agent": USER_AGENT,
         }
-        extensions = {"sni_hostname": target.host} if target.scheme == "https" else {}
-        failure = DeliveryResult(delivered=False, retryable=True, error="no address to connect to")
-        # Only checked addresses are tried, in resolver order, moving on when one refuses.
-        for address in target.addresses:
-            literal = f"[{address}]" if isinstance(address, ipaddress.IPv6Address) else str(address)
-            pinned_url = f"{target.scheme}://{literal}:{target.port}{target.path_and_query}"
-            try:
-                response = await self._client.post(
-                    pinned_url, content=body, headers=headers, extensions=extensions
-                )
-            except httpx.ConnectError as exc:
-                failure = DeliveryResult(delivered=False, retryable=True, error=f"transport: {exc!r}")
-                continue
-            except httpx.TimeoutException as exc:
-                return DeliveryResult(delivered=False, retryable=True, error=f"timeout: {exc!r}")
-            except httpx.HTTPError as exc:
-                return DeliveryResult(delivered=False, retryable=True, error=f"transport: {exc!r}")
-            return _classify(response)
-        return failure
+        try:
+            async with self._open_session().post(
+                url, data=body, headers=headers, allow_redirects=False
+            ) as response:
+                await _discard_body(response)
+                return _classify(response.status, response.headers.get("retry-after"))
+        except TimeoutError as exc:
+            return DeliveryResult(delivered=False, retryable=True, error=f"timeout: {exc!r}")
+        except aiohttp.InvalidURL as exc:
+            return DeliveryResult(delivered=False, retryable=False, error=f"refused: unusable URL: {exc}")
+        except (aiohttp.ClientError, OSError) as exc:
+            return DeliveryResult(delivered=False, retryable=True, error=f"transport: {exc!r}")
 
 
-def _classify(response: httpx.Response) -> DeliveryResult:
-    status = response.status_code
+async def _discard_body(response: aiohttp.ClientResponse) -> None:
+    """Read (and drop) a small answer so the connection stays alive; a large one is cut."""
+    read = 0
+    while read <= RESPONSE_BODY_CAP_BYTES:
+        chunk = await response.content.readany()
+        if not chunk:
+            return
+        read += len(chunk)
+    response.close()
+
+
+def _classify(status: int, retry_after: str | None) -> DeliveryResult:
     if 200 <= status < 300:
         return DeliveryResult(delivered=True, status=status)
-    retryable = status >= 500 or status == 429 or 300 <= status < 400 or status == 408
+    retryable = status >= 500 or status in (408, 429) or 300 <= status < 400
     return DeliveryResult(
         delivered=False,
         retryable=retryable,
         status=status,
         error=f"receiver answered {status}",
-        retry_after_s=_retry_after_s(response.headers.get("retry-after")),
+        retry_after_s=retry_after_s(retry_after),
     )
 
 
-def _retry_after_s(value: str | None) -> float | None:
-    if value is None or not value.strip().isdigit():
+def retry_after_s(value: str | None, now: datetime | None = None) -> float | None:
+    """Seconds from a Retry-After header: delta-seconds or an HTTP-date; None if unusable."""
+    if value is None:
         return None
-    return float(value.strip())
+    value = value.strip()
+    if _DELTA_SECONDS.fullmatch(value):
+        return float(value)
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError, IndexError):
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=UTC)
+    return max(0.0, (when - (now or datetime.now(UTC))).total_seconds())

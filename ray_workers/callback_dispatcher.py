@@ -8,10 +8,13 @@ message is held while it waits. After the last attempt, or on a permanent failur
 (410 Gone, other 4xx, a URL the guard refuses), the event goes to the callbacks
 parking lot with the reason. Every path acks only after its publish is confirmed.
 
-Isolation between targets: each callback host has a circuit breaker and a bound on
-deliveries in flight. A delivery whose host is open or full is deferred to the
-shortest tier without spending an attempt, so one dead or slow target cannot take
-the prefetch window that every other target's deliveries need.
+Back-pressure per host waits instead of re-queueing: `HostSlots` bounds deliveries in
+flight per host (`CALLBACK_HOST_CONCURRENCY`) and in all (`CALLBACK_CONCURRENCY`); a
+delivery for a busy host waits in memory for a slot, hosts take turns, and the broker
+keeps what is beyond the prefetch (`CALLBACK_PREFETCH`). Only two things send a delivery
+back to a delay tier without spending an attempt: its host's breaker is open (it waits
+out the cool-down there), or its host already holds half the prefetch window (a slow
+host must not take the window the other hosts need).
 """
 
 from __future__ import annotations
@@ -19,10 +22,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections import defaultdict
 from urllib.parse import urlsplit
-
-import httpx
 
 from contract.broker import Broker, BrokerError, Delivery, OutgoingMessage
 from contract.callback_guard import Resolver, resolve_with_system_dns
@@ -34,20 +34,24 @@ from contract.envelope import (
     decode_callback_delivery,
 )
 from ray_workers.callback_client import CallbackClient, DeliveryResult
-from ray_workers.circuit_breaker import CircuitBreaker
+from ray_workers.circuit_breaker import BreakerState, CircuitBreaker
+from ray_workers.host_slots import HostSlots
 from ray_workers.settings import WorkerSettings
 from ray_workers.signing import WebhookSigner
 
 logger = logging.getLogger(__name__)
 
 
+def host_key(callback_url: str) -> str:
+    """The host a delivery's slots and breaker belong to ("" for a URL with none)."""
+    try:
+        return (urlsplit(callback_url).hostname or "").lower()
+    except ValueError:
+        return ""
+
+
 class CallbackDispatcher:
-    def __init__(
-        self,
-        settings: WorkerSettings,
-        transport: httpx.AsyncBaseTransport | None = None,
-        resolve: Resolver = resolve_with_system_dns,
-    ) -> None:
+    def __init__(self, settings: WorkerSettings, resolve: Resolver = resolve_with_system_dns) -> None:
         self._settings = settings
         self._topology = settings.topology
         self._schedule = settings.topology.callback_retries
@@ -56,12 +60,19 @@ class CallbackDispatcher:
             WebhookSigner(settings.webhook_secret),
             settings.callback_allow,
             settings.callback_timeout_s,
-            transport,
-            resolve,
+            max_connections=settings.callback_concurrency,
+            max_connections_per_host=settings.callback_host_concurrency,
+            resolve=resolve,
+        )
+        self.slots = HostSlots(
+            settings.callback_concurrency,
+            settings.callback_host_concurrency,
+            max(settings.callback_host_concurrency, settings.callback_prefetch // 2),
         )
         self._tasks: set[asyncio.Task[None]] = set()
         self._consumer_tag: str | None = None
-        self._in_flight: defaultdict[str, int] = defaultdict(int)
+        # Only hosts with failures in their recent past have a breaker here; a closed
+        # breaker with no failures is dropped, so the map does not grow with every host.
         self._breakers: dict[str, CircuitBreaker] = {}
 
     @property
@@ -78,7 +89,7 @@ class CallbackDispatcher:
     async def start(self) -> None:
         await self._broker.connect()
         self._consumer_tag = await self._broker.consume(
-            self._topology.callbacks_queue, self._settings.callback_concurrency, self._on_delivery
+            self._topology.callbacks_queue, self._settings.callback_prefetch, self._on_delivery
         )
 
     async def stop(self, drain_timeout_s: float | None = None) -> None:
@@ -102,32 +113,57 @@ class CallbackDispatcher:
         task.add_done_callback(self._tasks.discard)
 
     async def _handle(self, delivery: Delivery) -> None:
+        """Every delivery ends settled: an error nobody expected parks it with its reason."""
+        try:
+            await self._dispatch(delivery)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            logger.exception("callback %s failed unexpectedly; parking it", delivery.message_id)
+            await self._park(delivery, f"unexpected error in the dispatcher: {exc!r}")
+
+    async def _dispatch(self, delivery: Delivery) -> None:
         try:
             callback = decode_callback_delivery(delivery.body)
         except UndecodableMessage as exc:
             await self._park(delivery, str(exc))
             return
         attempt = int(delivery.headers.get(ATTEMPT_HEADER, 1))
-        host = (urlsplit(callback.callback_url).hostname or "").lower()
-        breaker = self.breaker_for(host)
-        if self._in_flight[host] >= self._settings.callback_host_concurrency or not breaker.allow():
-            await self._defer(delivery, attempt)
+        host = host_key(callback.callback_url)
+        if not self.slots.try_hold(host):
+            await self._defer(delivery, attempt, self._schedule.distinct_delays_s()[0])
             return
-        self._in_flight[host] += 1
         try:
-            result = await self._client.deliver(callback)
+            await self.slots.acquire(host)
+        except asyncio.CancelledError:
+            self.slots.drop(host)
+            raise
+        try:
+            breaker = self.breaker_for(host)
+            result = await self._client.deliver(callback) if breaker.allow() else None
         finally:
-            self._in_flight[host] -= 1
-        if result.delivered:
-            breaker.record_success()
+            self.slots.release(host)
+        if result is None:
+            await self._defer(delivery, attempt, breaker.remaining_cooldown_s())
+        elif result.delivered:
+            self._record(host, breaker, ok=True)
             await self._settle(delivery, [])
         elif result.retryable:
-            breaker.record_failure()
+            self._record(host, breaker, ok=False)
             await self._retry_or_park(delivery, callback, attempt, result)
         else:
-            breaker.record_success()  # the host answered; it is the request that is refused
+            self._record(host, breaker, ok=True)  # the host answered; it is the request that is refused
             logger.warning("callback %s refused for good: %s", callback.webhook_id, result.error)
             await self._park(delivery, result.error or "refused")
+
+    def _record(self, host: str, breaker: CircuitBreaker, ok: bool) -> None:
+        if not ok:
+            breaker.record_failure()
+            return
+        breaker.record_success()
+        # Dropped only while nothing else holds it: a delivery under way records on it.
+        if breaker.state is BreakerState.CLOSED and self.slots.held(host) == 0:
+            self._breakers.pop(host, None)
 
     async def _retry_or_park(
         self, delivery: Delivery, callback: CallbackDelivery, attempt: int, result: DeliveryResult
@@ -140,9 +176,7 @@ class CallbackDispatcher:
             await self._park(delivery, f"gave up after {attempt} attempts: {result.error}")
             return
         if result.retry_after_s is not None:
-            # Honour Retry-After with the shortest tier that waits at least that long.
-            longer = [d for d in self._schedule.distinct_delays_s() if d >= result.retry_after_s]
-            delay_s = max(delay_s, min(longer, default=self._schedule.distinct_delays_s()[-1]))
+            delay_s = max(delay_s, self._tier_at_least(result.retry_after_s))
         logger.info(
             "callback %s attempt %d failed (%s); next in %.1f s",
             callback.webhook_id,
@@ -152,9 +186,14 @@ class CallbackDispatcher:
         )
         await self._republish(delivery, attempt + 1, delay_s)
 
-    async def _defer(self, delivery: Delivery, attempt: int) -> None:
-        """Wait in the shortest tier without spending an attempt (host open or saturated)."""
-        await self._republish(delivery, attempt, self._schedule.distinct_delays_s()[0])
+    def _tier_at_least(self, wait_s: float) -> float:
+        """The shortest delay tier that waits at least `wait_s` (else the longest)."""
+        delays = self._schedule.distinct_delays_s()
+        return min((d for d in delays if d >= wait_s), default=delays[-1])
+
+    async def _defer(self, delivery: Delivery, attempt: int, wait_s: float) -> None:
+        """Wait in a delay tier without spending an attempt (breaker open or host over its share)."""
+        await self._republish(delivery, attempt, self._tier_at_least(wait_s))
 
     async def _republish(self, delivery: Delivery, attempt: int, delay_s: float) -> None:
         message = OutgoingMessage(

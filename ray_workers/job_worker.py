@@ -13,6 +13,12 @@ and after the cool-down lets one single-job probe batch through.
 Batch size is adaptive (`batch_controller`): after each batch the controller sees its
 model time and whether prefetched work is waiting, and sets the next size and wait;
 the consumer's prefetch follows at twice the size.
+
+At a backlog the model does not wait on the broker: a batch's outcomes are published
+(pipelined, one confirm wait for all) and acked (one `basic.ack multiple` where the tags
+allow it) while the next batch already runs; at most one batch settles at a time.
+A delivery whose channel closed before it ran (a reconnect: the broker has already
+handed it to another consumer) is dropped, not run twice.
 """
 
 from __future__ import annotations
@@ -25,7 +31,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from contract.broker import Broker, BrokerError, Delivery
+from contract.broker import Broker, BrokerError, Delivery, ack_all
 from contract.envelope import ATTEMPT_HEADER, Job, JobTimings, UndecodableMessage, decode_job
 from ray_workers.batch_controller import AdaptiveBatchController, FixedBatchSize
 from ray_workers.batching import collect_batch
@@ -72,6 +78,8 @@ class JobWorker:
         self._inbox: asyncio.Queue[Delivery] = asyncio.Queue()
         self._consumer_tag: str | None = None
         self._loop_task: asyncio.Task[None] | None = None
+        self._settling: asyncio.Task[None] | None = None
+        self._stopping = False
         self._resume_task: asyncio.Task[None] | None = None
         self._idle = asyncio.Event()
         self._idle.set()
@@ -117,6 +125,8 @@ class JobWorker:
         """Cancel the consumer and close its channel: what it prefetched goes back."""
         if self._consumer_tag is None:
             return
+        if self._settling is not None:
+            await asyncio.shield(self._settling)  # acks must reach the channel before it closes
         tag, self._consumer_tag = self._consumer_tag, None
         await self._broker.cancel(tag, close_channel=True)
         while not self._inbox.empty():  # deliveries of the closed channel: already returned
@@ -125,6 +135,8 @@ class JobWorker:
     async def stop(self, drain_timeout_s: float | None = None) -> None:
         """Stop taking work, let the batch in flight finish (bounded), give the rest back."""
         timeout_s = self._settings.drain_timeout_s if drain_timeout_s is None else drain_timeout_s
+        deadline = time.monotonic() + timeout_s
+        self._stopping = True  # the loop takes no further batch from the inbox
         if self._resume_task is not None:
             self._resume_task.cancel()
         if self._consumer_tag is not None:
@@ -141,13 +153,17 @@ class JobWorker:
             self._loop_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._loop_task
+        if self._settling is not None:
+            await asyncio.wait([self._settling], timeout=max(0.0, deadline - time.monotonic()))
         # Closing the channels returns every unacked message (prefetched, in the inbox
         # or in an abandoned batch) to the queue.
         await self._broker.close()
 
     async def _run(self) -> None:
-        while True:
+        while not self._stopping:
             batch = await collect_batch(self._inbox, self.batching.size, self.batching.wait_s)
+            if self._stopping:
+                break  # taken during the drain: left unacked, it goes back with the channel
             self._idle.clear()
             try:
                 inference_s = await self._process(batch.items)
@@ -170,11 +186,16 @@ class JobWorker:
                 logger.warning("model %s: prefetch not changed: %s", self._model.name, exc)
 
     async def _process(self, batch: list[Delivery]) -> float:
-        """Settle every delivery of the batch; returns the model's time on it, in seconds."""
+        """Run the batch and start settling it; returns the model's time on it, in seconds.
+
+        Every delivery of the batch is settled by the settling task this starts (after the
+        previous batch's), except those whose channel has closed, which are dropped."""
         now_ms = int(self._wall_clock() * 1000)
         work: list[_Work] = []
-        settles = []
+        outcomes: list[tuple[Delivery, list[Publish]]] = []
         for delivery in batch:
+            if not delivery.channel_open:
+                continue
             try:
                 job = decode_job(delivery.body)
             except UndecodableMessage as exc:
@@ -186,7 +207,7 @@ class JobWorker:
                     str(exc),
                     self._topology.parking_queue(self._model.name),
                 )
-                settles.append(self._settle(delivery, [park]))
+                outcomes.append((delivery, [park]))
                 continue
             work.append(self._prepare(delivery, job, now_ms))
         runnable = [item for item in work if item.error is None and not item.expired]
@@ -197,8 +218,13 @@ class JobWorker:
                 inference_ms=round(inference_s * 1000, 3),
                 batch_size=len(runnable),
             )
-            settles.append(self._settle(item.delivery, self._outcome(item, timings)))
-        await asyncio.gather(*settles)
+            outcomes.append((item.delivery, self._outcome(item, timings)))
+        previous = self._settling
+        if previous is not None:
+            # One batch settling at a time: prefetch stays bounded. Shielded: a cancelled
+            # loop (a drain that timed out) must not cancel acks of work already done.
+            await asyncio.shield(previous)
+        self._settling = asyncio.create_task(self._settle_batch(outcomes))
         if runnable:
             await self._update_breaker(any(item.error is not None for item in runnable))
         return inference_s
@@ -294,15 +320,31 @@ class JobWorker:
             callback_for(job, "failed", attempt, timings, now_s, self._topology, error=item.error),
         ]
 
-    async def _settle(self, delivery: Delivery, publishes: list[Publish]) -> None:
-        """The one place a job is settled: its outcome is made durable, then it is acked."""
+    async def _settle_batch(self, outcomes: list[tuple[Delivery, list[Publish]]]) -> None:
+        """Publish every message the batch's outcomes need (pipelined), then ack each job whose
+        messages were all confirmed; a job whose publish failed goes back to its queue now."""
+        results = await asyncio.gather(*(self._publish_all(publishes) for _, publishes in outcomes))
+        durable = []
+        for (delivery, _), error in zip(outcomes, results, strict=True):
+            if error is None:
+                durable.append(delivery)
+                continue
+            logger.warning("job %s goes back to its queue, not settled: %s", delivery.message_id, error)
+            with contextlib.suppress(BrokerError):  # a closed channel returns it anyway
+                await delivery.requeue()
+        try:
+            await ack_all(durable)
+        except BrokerError as exc:
+            # The channel is gone: the broker redelivers them (at-least-once, never lost).
+            logger.warning("acks of %d jobs failed; they will be redelivered: %s", len(durable), exc)
+
+    async def _publish_all(self, publishes: list[Publish]) -> BrokerError | None:
         try:
             for publish in publishes:
                 await self._broker.publish(publish.message, publish.routing_key, exchange=publish.exchange)
-            await delivery.ack()
         except BrokerError as exc:
-            # Unacked: the broker redelivers it after the connection recovers.
-            logger.warning("job %s left unacked for redelivery: %s", delivery.message_id, exc)
+            return exc
+        return None
 
     async def _update_breaker(self, failed: bool) -> None:
         before = self.breaker.state

@@ -37,12 +37,21 @@ class WorkerSettings:
     breaker_failure_threshold: int = 5
     breaker_cooldown_s: float = 30.0
     callback_timeout_s: float = 10.0
-    callback_concurrency: int = 64
-    callback_host_concurrency: int = 8
+    # Deliveries in flight in all and per host; prefetched ones wait in memory for a slot.
+    callback_concurrency: int = 256
+    callback_host_concurrency: int = 64
+    callback_prefetch: int = 1024
     # Callback-host breaker: consecutive failed deliveries that open it, and its cool-down.
     callback_breaker_threshold: int = 5
     callback_breaker_cooldown_s: float = 30.0
     drain_timeout_s: float = 30.0
+
+    def __post_init__(self) -> None:
+        if self.callback_host_concurrency > self.callback_concurrency:
+            raise ConfigError(
+                f"CALLBACK_HOST_CONCURRENCY={self.callback_host_concurrency} exceeds "
+                f"CALLBACK_CONCURRENCY={self.callback_concurrency}; a host's share must fit in the total"
+            )
 
     def latency_target_s(self, model: str) -> float:
         return self.batch_latency_target_by_model.get(model, self.batch_latency_target_s)
@@ -71,8 +80,9 @@ class WorkerSettings:
             breaker_failure_threshold=env_int(env, "BREAKER_FAILURE_THRESHOLD", 5, minimum=1),
             breaker_cooldown_s=env_float(env, "BREAKER_COOLDOWN_S", 30.0),
             callback_timeout_s=env_float(env, "CALLBACK_TIMEOUT_S", 10.0, minimum=0.1),
-            callback_concurrency=env_int(env, "CALLBACK_CONCURRENCY", 64, minimum=1),
-            callback_host_concurrency=env_int(env, "CALLBACK_HOST_CONCURRENCY", 8, minimum=1),
+            callback_concurrency=env_int(env, "CALLBACK_CONCURRENCY", 256, minimum=1),
+            callback_host_concurrency=env_int(env, "CALLBACK_HOST_CONCURRENCY", 64, minimum=1),
+            callback_prefetch=env_int(env, "CALLBACK_PREFETCH", 1024, minimum=1),
             callback_breaker_threshold=env_int(env, "CALLBACK_BREAKER_THRESHOLD", 5, minimum=1),
             callback_breaker_cooldown_s=env_float(env, "CALLBACK_BREAKER_COOLDOWN_S", 30.0),
             drain_timeout_s=env_float(env, "DRAIN_TIMEOUT_S", 30.0),
