@@ -9,6 +9,7 @@ from contract.callback_guard import AllowList
 from contract.config import (
     DEFAULT_AMQP_URL,
     csv_list,
+    env_flag,
     env_int,
     served_models,
     topology_from_env,
@@ -28,6 +29,8 @@ class IngressSettings:
     topology: Topology = field(default_factory=Topology)
     publish_timeout_s: float = 10.0
     retry_after_s: int = 5
+    # One log line per request costs about a tenth of the ingress's CPU at a backlog.
+    access_log: bool = False
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> IngressSettings:
@@ -41,4 +44,5 @@ class IngressSettings:
             max_body_bytes=env_int(env, "MAX_BODY_BYTES", 1024 * 1024, minimum=1),
             models=models,
             topology=topology_from_env(env, models),
+            access_log=env_flag(env, "INGRESS_ACCESS_LOG"),
         )

@@ -20,9 +20,11 @@ from pathlib import Path
 from typing import Any
 
 from contract.config import DEFAULT_AMQP_URL
+from loadgen.bench_callbacks import measure_callbacks
 from loadgen.bench_chart import batching_chart
 from loadgen.bench_ingress import measure_ingress
 from loadgen.bench_pipeline import measure_pipeline
+from loadgen.bench_user_path import measure_user_path
 from loadgen.bench_workers import measure_batching, measure_priority
 from ray_workers.models.minilm import MiniLMModel
 from ray_workers.models.synthetic import SyntheticModel
@@ -39,6 +41,8 @@ class BenchSize:
     sweep: list[int]
     flood_jobs: int
     high_jobs: int
+    user_path_backlogs: list[tuple[str, int]]
+    callback_deliveries: int
 
 
 FULL = BenchSize(
@@ -49,56 +53,132 @@ FULL = BenchSize(
     sweep=[8, 32, 64, 128],
     flood_jobs=1200,
     high_jobs=20,
+    user_path_backlogs=[("echo", 2000), ("embed-minilm", 500), ("embed-minilm", 2000)],
+    callback_deliveries=3000,
 )
 QUICK = BenchSize(
-    reps=1, ingress_jobs=300, pipeline_jobs=20, batching_jobs=200, sweep=[32], flood_jobs=200, high_jobs=10
+    reps=1,
+    ingress_jobs=300,
+    pipeline_jobs=20,
+    batching_jobs=200,
+    sweep=[32],
+    flood_jobs=200,
+    high_jobs=10,
+    user_path_backlogs=[("echo", 300), ("embed-minilm", 100)],
+    callback_deliveries=300,
 )
+STAGES = ("user-path", "callbacks", "ingress", "pipeline", "batching", "priority")
 
 
-async def run(size: BenchSize, amqp_url: str, latency_target_s: float) -> dict[str, Any]:
+async def run(size: BenchSize, amqp_url: str, latency_target_s: float, stages: list[str]) -> dict[str, Any]:
     results: dict[str, Any] = {}
     started = time.monotonic()
-    print("1/5 ingress efficiency ...", flush=True)
-    results["ingress"] = await measure_ingress(amqp_url, size.reps, size.ingress_jobs)
-    print("2/5 pipeline overhead ...", flush=True)
-    results["pipeline"] = await measure_pipeline(amqp_url, size.reps, rate=20, count=size.pipeline_jobs)
-    print("3-4/5 batching gain and controller quality (embed-minilm) ...", flush=True)
-    results["batching"] = await measure_batching(
-        amqp_url,
-        MiniLMModel(),
-        reps=size.reps,
-        count=size.batching_jobs,
-        sweep=size.sweep,
-        latency_target_s=latency_target_s,
-    )
-    print("5/5 priority isolation ...", flush=True)
-    results["priority"] = await measure_priority(
-        amqp_url, SyntheticModel(), reps=size.reps, flood=size.flood_jobs, high=size.high_jobs
-    )
+    for n, stage in enumerate(stages, 1):
+        print(f"{n}/{len(stages)} {stage} ...", flush=True)
+        if stage == "user-path":
+            results[stage] = await measure_user_path(amqp_url, size.reps, size.user_path_backlogs)
+        elif stage == "callbacks":
+            results[stage] = await measure_callbacks(amqp_url, size.reps, size.callback_deliveries)
+        elif stage == "ingress":
+            results[stage] = await measure_ingress(amqp_url, size.reps, size.ingress_jobs)
+        elif stage == "pipeline":
+            results[stage] = await measure_pipeline(amqp_url, size.reps, rate=20, count=size.pipeline_jobs)
+        elif stage == "batching":
+            results[stage] = await measure_batching(
+                amqp_url,
+                MiniLMModel(),
+                reps=size.reps,
+                count=size.batching_jobs,
+                sweep=size.sweep,
+                latency_target_s=latency_target_s,
+            )
+        else:
+            results[stage] = await measure_priority(
+                amqp_url, SyntheticModel(), reps=size.reps, flood=size.flood_jobs, high=size.high_jobs
+            )
     results["elapsed_s"] = time.monotonic() - started
     return results
 
 
 def ratios(results: dict[str, Any]) -> list[tuple[str, float, str]]:
-    batching, pipeline, priority = results["batching"], results["pipeline"], results["priority"]
+    rows: list[tuple[str, float, str]] = []
+    if "user-path" in results:
+        rows += _user_path_rows(results)
+    if "ingress" in results:
+        ingress = results["ingress"]
+        rows.append(
+            (
+                "Ingress efficiency: HTTP jobs/s accepted / bare pipelined publisher msg/s",
+                ingress["ratio"],
+                f"{_median(ingress['ingress_jobs_per_s']):.0f} / "
+                f"{_median(ingress['bare_publish_msgs_per_s']):.0f}",
+            )
+        )
+    if "pipeline" in results:
+        pipeline = results["pipeline"]
+        rows += [
+            (
+                "Pipeline overhead p50: queued submit-to-callback (less model time) / direct Serve HTTP",
+                pipeline["ratio_p50"],
+                f"queued p50 {pipeline['queued_p50_ms']:.1f} ms",
+            ),
+            (
+                "Pipeline overhead p99: same, p99",
+                pipeline["ratio_p99"],
+                f"queued p99 {pipeline['queued_p99_ms']:.1f} ms",
+            ),
+        ]
+    if "batching" in results:
+        rows += _batching_rows(results["batching"])
+    if "priority" in results:
+        priority = results["priority"]
+        rows.append(
+            (
+                "Priority isolation: high-priority p99 with a low-priority flood / without",
+                priority["ratio"],
+                f"{priority['high_p99_ms_flood']:.0f} / {priority['high_p99_ms_no_flood']:.0f} ms",
+            )
+        )
+    return rows
+
+
+def _user_path_rows(results: dict[str, Any]) -> list[tuple[str, float, str]]:
+    rows = []
+    summary = results["user-path"]["summary"]
+    for name, s in summary.items():
+        rows.append(
+            (
+                f"User path {name}: jobs/s first submit to last verified callback, one host / worker alone",
+                s["path_efficiency"],
+                f"{s['jobs_per_s']:.0f} / {s['worker_alone_jobs_per_s']:.0f} per s; lost {s['lost']}, "
+                f"duplicates {s['duplicates']}, seconds without a callback {s['zero_seconds_max']}",
+            )
+        )
+    callbacks = results.get("callbacks")
+    echo = next((s for name, s in summary.items() if name.startswith("echo-")), None)
+    if callbacks is not None and echo is not None:
+        rows.append(
+            (
+                "Dispatch capacity to one no-op host / user-path echo completion rate",
+                callbacks["capacity_per_s"] / echo["jobs_per_s"],
+                f"{callbacks['capacity_per_s']:.0f} / {echo['jobs_per_s']:.0f} per s",
+            )
+        )
+    if callbacks is not None:
+        rows.append(
+            (
+                f"Slow host: a host's callback rate beside one answering in 2 s "
+                f"({callbacks['slow_host_callbacks']} callbacks) / alone",
+                callbacks["slow_host_ratio"],
+                f"{callbacks['fast_beside_slow_per_s']:.0f} / {callbacks['capacity_per_s']:.0f} per s",
+            )
+        )
+    return rows
+
+
+def _batching_rows(batching: dict[str, Any]) -> list[tuple[str, float, str]]:
     summary, low = batching["summary"], batching["low_load_p50_ms"]
     return [
-        (
-            "Ingress efficiency: HTTP jobs/s accepted / bare pipelined publisher msg/s",
-            results["ingress"]["ratio"],
-            f"{_median(results['ingress']['ingress_jobs_per_s']):.0f} / "
-            f"{_median(results['ingress']['bare_publish_msgs_per_s']):.0f}",
-        ),
-        (
-            "Pipeline overhead p50: queued submit-to-callback (less model time) / direct Serve HTTP",
-            pipeline["ratio_p50"],
-            f"queued p50 {pipeline['queued_p50_ms']:.1f} ms",
-        ),
-        (
-            "Pipeline overhead p99: same, p99",
-            pipeline["ratio_p99"],
-            f"queued p99 {pipeline['queued_p99_ms']:.1f} ms",
-        ),
         (
             "Batching gain: embed-minilm jobs/s adaptive / batch size 1",
             batching["gain_vs_batch_1"],
@@ -115,11 +195,6 @@ def ratios(results: dict[str, Any]) -> list[tuple[str, float, str]]:
             "Low-load latency p50: adaptive / batch size 1",
             batching["low_load_latency_ratio"],
             f"{low['adaptive']:.1f} / {low['fixed-1']:.1f} ms",
-        ),
-        (
-            "Priority isolation: high-priority p99 with a low-priority flood / without",
-            priority["ratio"],
-            f"{priority['high_p99_ms_flood']:.0f} / {priority['high_p99_ms_no_flood']:.0f} ms",
         ),
     ]
 
@@ -138,6 +213,13 @@ def markdown(results: dict[str, Any], machine: str, quick: bool) -> str:
         "|---|---|---|",
     ]
     lines += [f"| {name} | {value:.2f} | {raw} |" for name, value, raw in ratios(results)]
+    if "user-path" in results:
+        lines += ["", "User path, callbacks completed per second from the first submit (median run):", ""]
+        for name, runs in results["user-path"]["runs"].items():
+            run = sorted(runs, key=lambda r: r["jobs_per_s"])[len(runs) // 2]
+            lines.append(f"- {name}: {run['timeline']} (mean batch {run['mean_batch_size']:.0f})")
+    if "batching" not in results:
+        return "\n".join(lines) + "\n"
     summary = results["batching"]["summary"]
     lines += [
         "",
@@ -159,12 +241,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--reps", type=int, help="repetitions per figure (default 3, quick 1)")
     parser.add_argument("--latency-target-ms", type=float, default=100.0, help="batch latency target")
     parser.add_argument("--out", type=Path, default=RESULTS_DIR)
+    parser.add_argument(
+        "--only", action="append", choices=STAGES, help="run only this stage (repeatable); default all"
+    )
     args = parser.parse_args(argv)
     size = QUICK if args.quick else FULL
     if args.reps:
         size = BenchSize(**{**size.__dict__, "reps": args.reps})
     amqp_url = os.environ.get("AMQP_URL", DEFAULT_AMQP_URL)
-    results = asyncio.run(run(size, amqp_url, args.latency_target_ms / 1000))
+    stages = [stage for stage in STAGES if not args.only or stage in args.only]
+    results = asyncio.run(run(size, amqp_url, args.latency_target_ms / 1000, stages))
     timestamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
     machine = (
         f"{platform.machine()}, {os.cpu_count()} cores, {platform.python_implementation()} "
@@ -173,11 +259,13 @@ def main(argv: list[str] | None = None) -> int:
     results.update(timestamp=timestamp, reps=size.reps, quick=args.quick, machine=machine)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / f"{timestamp}.json").write_text(json.dumps(results, indent=2))
-    batching_chart(results["batching"], args.out / f"{timestamp}-batching.png")
-    summary = markdown(results, machine, args.quick) + f"\n![batching]({timestamp}-batching.png)\n"
+    summary = markdown(results, machine, args.quick)
+    if "batching" in results:
+        batching_chart(results["batching"], args.out / f"{timestamp}-batching.png")
+        summary += f"\n![batching]({timestamp}-batching.png)\n"
     (args.out / f"{timestamp}.md").write_text(summary)
     print("\n" + summary)
-    print(f"written: {args.out / f'{timestamp}.json'}, .md and -batching.png")
+    print(f"written: {args.out / f'{timestamp}.json'} and .md")
     return 0
 
 

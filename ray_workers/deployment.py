@@ -139,7 +139,13 @@ def _options(settings: WorkerSettings, num_replicas: int, num_gpus: float) -> di
     return {
         "num_replicas": num_replicas,
         # Replicas mostly wait on the broker; CPU is shared by the OS, GPUs are reserved.
-        "ray_actor_options": {"num_cpus": 0, "num_gpus": num_gpus},
+        # Ray pins OMP_NUM_THREADS to 1 for an actor without num_cpus, which ran MiniLM on
+        # one core of two: the model's threads are a setting of their own instead.
+        "ray_actor_options": {
+            "num_cpus": 0,
+            "num_gpus": num_gpus,
+            "runtime_env": {"env_vars": {"OMP_NUM_THREADS": str(settings.model_threads)}},
+        },
         "graceful_shutdown_timeout_s": settings.drain_timeout_s + 5,
         "graceful_shutdown_wait_loop_s": 0.1,
     }

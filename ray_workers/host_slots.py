@@ -66,14 +66,15 @@ class HostSlots:
             await waiter
         except asyncio.CancelledError:
             if waiter.done() and not waiter.cancelled():
-                self._give_back(host)  # granted, then cancelled before it was used
+                self._give_back_slot(host)  # granted, then cancelled before it was used
             else:
                 self._forget_waiter(host, waiter)
-            raise
+            raise  # the hold stays: the caller ends it with `drop`
 
     def release(self, host: str) -> None:
         """The delivery is done (slot and hold both end)."""
-        self._give_back(host)
+        self._unhold(host)
+        self._give_back_slot(host)
 
     def drop(self, host: str) -> None:
         """End a hold that never acquired a slot (the delivery was deferred or settled early)."""
@@ -86,14 +87,13 @@ class HostSlots:
         self._in_flight_total += 1
         self._in_flight[host] = self._in_flight.get(host, 0) + 1
 
-    def _give_back(self, host: str) -> None:
+    def _give_back_slot(self, host: str) -> None:
         self._in_flight_total -= 1
         remaining = self._in_flight[host] - 1
         if remaining:
             self._in_flight[host] = remaining
         else:
             del self._in_flight[host]
-        self._unhold(host)
         self._grant()
 
     def _unhold(self, host: str) -> None:

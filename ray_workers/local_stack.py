@@ -18,7 +18,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from prometheus_client import CollectorRegistry, start_http_server
@@ -46,6 +46,9 @@ class StackSettings:
     management_url: str
     scaled_objects_dir: Path
     autoscale: bool
+    # Replicas per model this machine can use: the ScaledObjects' maxima are for a cluster,
+    # where each replica brings its own node; here every replica shares these cores.
+    local_max_replicas: int
     fixed_replicas: int
     metrics_port: int
     worker_metrics_port: int
@@ -55,12 +58,15 @@ class StackSettings:
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> StackSettings:
         amqp_url = env.get("AMQP_URL", DEFAULT_AMQP_URL)
+        workers = WorkerSettings.from_env(env)
+        cores_worth = max(1, (os.cpu_count() or 1) // workers.model_threads)
         return cls(
-            workers=WorkerSettings.from_env(env),
+            workers=workers,
             amqp_url=amqp_url,
             management_url=env.get("RABBITMQ_MANAGEMENT_URL", management_url_from_amqp(amqp_url)),
             scaled_objects_dir=Path(env.get("SCALEDOBJECTS_DIR", "keda")),
             autoscale=env_flag(env, "LOCAL_AUTOSCALER", default=True),
+            local_max_replicas=env_int(env, "LOCAL_MAX_REPLICAS", cores_worth, minimum=1),
             fixed_replicas=env_int(env, "WORKER_REPLICAS", 1, minimum=1),
             metrics_port=env_int(env, "AUTOSCALER_METRICS_PORT", 9101, minimum=0),
             worker_metrics_port=env_int(env, "WORKER_METRICS_PORT", 9102, minimum=0),
@@ -161,10 +167,31 @@ async def _autoscale(
         await api.close()
 
 
+def _capped(policy: ScalingPolicy, local_max: int) -> ScalingPolicy:
+    if policy.max_replicas <= local_max:
+        return policy
+    print(
+        f"worker {policy.model}: at most {local_max} replica(s) on this machine (LOCAL_MAX_REPLICAS; "
+        f"its ScaledObject allows {policy.max_replicas} in a cluster)",
+        flush=True,
+    )
+    fallback = policy.fallback_replicas
+    return replace(
+        policy,
+        max_replicas=local_max,
+        min_replicas=min(policy.min_replicas, local_max),
+        fallback_replicas=None if fallback is None else min(fallback, local_max),
+    )
+
+
 def _scaling_plan(stack: StackSettings) -> tuple[dict[str, ScalingPolicy], dict[str, int]]:
     """Models with a ScaledObject start at 0 and are autoscaled; the rest run fixed replicas."""
     policies = load_policies(stack.scaled_objects_dir) if stack.autoscale else {}
-    policies = {model: policy for model, policy in policies.items() if model in stack.workers.models}
+    policies = {
+        model: _capped(policy, stack.local_max_replicas)
+        for model, policy in policies.items()
+        if model in stack.workers.models
+    }
     initial = {model: 0 if model in policies else stack.fixed_replicas for model in stack.workers.models}
     return policies, initial
 

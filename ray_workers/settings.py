@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
@@ -45,6 +46,8 @@ class WorkerSettings:
     callback_breaker_threshold: int = 5
     callback_breaker_cooldown_s: float = 30.0
     drain_timeout_s: float = 30.0
+    # Intra-op threads of a model replica (OMP_NUM_THREADS); default: the machine's cores.
+    model_threads: int = field(default_factory=lambda: os.cpu_count() or 1)
 
     def __post_init__(self) -> None:
         if self.callback_host_concurrency > self.callback_concurrency:
@@ -86,4 +89,5 @@ class WorkerSettings:
             callback_breaker_threshold=env_int(env, "CALLBACK_BREAKER_THRESHOLD", 5, minimum=1),
             callback_breaker_cooldown_s=env_float(env, "CALLBACK_BREAKER_COOLDOWN_S", 30.0),
             drain_timeout_s=env_float(env, "DRAIN_TIMEOUT_S", 30.0),
+            model_threads=env_int(env, "MODEL_THREADS", os.cpu_count() or 1, minimum=1),
         )

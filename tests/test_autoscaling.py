@@ -91,6 +91,7 @@ async def test_scale_from_zero_to_n_and_back_to_zero(
             "MODELS": "echo",
             "ENABLE_TEST_MODELS": "1",
             "SCALEDOBJECTS_DIR": str(tmp_path),
+            "LOCAL_MAX_REPLICAS": str(MAX_REPLICAS),
             "DRAIN_TIMEOUT_S": "5",
             "BATCH_MAX_SIZE": "1",
         }

@@ -1,0 +1,113 @@
+"""The callback stage alone: how fast one dispatcher delivers to one host, and whether a slow
+host slows another.
+
+The callbacks queue is prefilled with signed-callback deliveries, then one
+CallbackDispatcher (in this process, default settings) delivers them to receivers in
+processes of their own: a no-op receiver (answers 204 at once) for capacity, and a
+receiver that answers after 2 s on another loopback address for isolation.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from dataclasses import replace
+from typing import Any
+
+from contract.broker import Broker
+from contract.callback_guard import AllowList
+from contract.envelope import Job, JobTimings
+from contract.topology import Topology
+from loadgen.bench_support import bench_topology, median
+from loadgen.receiver_process import ReceiverProcess
+from ray_workers.callback_dispatcher import CallbackDispatcher
+from ray_workers.outcomes import callback_for
+from ray_workers.settings import WorkerSettings
+from ray_workers.signing import generate_secret
+
+DELIVERY_WAIT_S = 120.0
+PUBLISH_WINDOW = 256
+SLOW_HOST = "127.0.0.3"
+SLOW_ANSWER_S = 2.0
+# More than the slow host's slots (it saturates and deliveries wait for it in memory),
+# within its share of the prefetch window (none bounces through a delay tier).
+SLOW_HOST_CALLBACKS = 200
+
+
+async def _prefill(broker: Broker, topology: Topology, targets: list[tuple[str, int]]) -> list[set[str]]:
+    """Queue deliveries interleaved over `(url, count)` targets; returns the webhook ids per target."""
+    ids: list[set[str]] = [set() for _ in targets]
+    timings = JobTimings(queued_ms=0, inference_ms=0, batch_size=1)
+    publishes = []
+    for n in range(max(count for _, count in targets)):
+        for index, (url, count) in enumerate(targets):
+            if n >= count:
+                continue
+            job = Job(id=str(uuid.uuid4()), model="echo", input=n, callback_url=url, submitted_at_ms=0)
+            publish = callback_for(job, "succeeded", 1, timings, time.time(), topology, output=n)
+            ids[index].add(publish.message.message_id)
+            publishes.append(publish)
+    for start in range(0, len(publishes), PUBLISH_WINDOW):
+        window = publishes[start : start + PUBLISH_WINDOW]
+        await asyncio.gather(*(broker.publish(p.message, p.routing_key) for p in window))
+    return ids
+
+
+async def deliver_rates(settings: WorkerSettings, targets: list[tuple[ReceiverProcess, int]]) -> list[float]:
+    """Deliveries/s reaching each target's receiver, from its first to its last."""
+    topology = bench_topology()
+    run_settings = replace(settings, topology=topology)
+    broker = Broker(settings.amqp_url, topology, ())
+    await broker.connect()
+    dispatcher = CallbackDispatcher(run_settings)
+    try:
+        already = [len(await receiver.refresh()) for receiver, _ in targets]
+        ids = await _prefill(broker, topology, [(receiver.url, count) for receiver, count in targets])
+        await dispatcher.start()
+        fast_receiver = targets[0][0]
+        if not await fast_receiver.wait_for(ids[0], DELIVERY_WAIT_S):
+            raise TimeoutError(f"{len(ids[0])} callbacks were not delivered within {DELIVERY_WAIT_S} s")
+    finally:
+        await dispatcher.stop(drain_timeout_s=0)
+        await broker.delete_topology()
+        await broker.close()
+    rates = []
+    for (receiver, _), seen, start in zip(targets, ids, already, strict=True):
+        times = sorted(r.received_wall_s for r in (await receiver.refresh())[start:] if r.webhook_id in seen)
+        span_s = times[-1] - times[0] if len(times) > 1 else float("nan")
+        rates.append((len(times) - 1) / span_s)
+    return rates
+
+
+async def measure_callbacks(amqp_url: str, reps: int, count: int) -> dict[str, Any]:
+    """Dispatch capacity to one no-op host, and a fast host's rate beside a 2 s host."""
+    settings = WorkerSettings(
+        amqp_url=amqp_url,
+        webhook_secret=generate_secret(),
+        models=(),
+        callback_allow=AllowList.parse(["127.0.0.1", SLOW_HOST]),
+    )
+    fast = ReceiverProcess(None)
+    slow = ReceiverProcess(None, host=SLOW_HOST, delay_s=SLOW_ANSWER_S)
+    await fast.start()
+    await slow.start()
+    alone, beside_slow = [], []
+    try:
+        await deliver_rates(settings, [(fast, min(count, 300))])  # warm-up
+        for _ in range(reps):
+            alone.append((await deliver_rates(settings, [(fast, count)]))[0])
+            beside_slow.append(
+                (await deliver_rates(settings, [(fast, count), (slow, SLOW_HOST_CALLBACKS)]))[0]
+            )
+    finally:
+        await fast.stop()
+        await slow.stop()
+    return {
+        "deliveries_per_run": count,
+        "slow_host_callbacks": SLOW_HOST_CALLBACKS,
+        "capacity_per_s": median(alone),
+        "fast_beside_slow_per_s": median(beside_slow),
+        "slow_host_ratio": median([b / a for a, b in zip(alone, beside_slow, strict=True)]),
+        "runs": {"alone": alone, "beside_slow": beside_slow},
+    }
