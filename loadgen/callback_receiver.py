@@ -38,6 +38,9 @@ class CallbackReceiver:
         self._host = host
         self.received: list[ReceivedCallback] = []
         self.requests_seen = 0
+        # The most requests it was answering at once: what a sender's per-host bound allowed.
+        self.max_concurrent = 0
+        self._concurrent = 0
         self.scripted_statuses: deque[int] = deque()
         # Seconds to wait before answering: a slow receiver, for timeout tests.
         self.response_delay_s = 0.0
@@ -54,8 +57,13 @@ class CallbackReceiver:
     async def _receive(self, request: Request) -> Response:
         body = await request.body()
         self.requests_seen += 1
-        if self.response_delay_s:
-            await asyncio.sleep(self.response_delay_s)
+        self._concurrent += 1
+        self.max_concurrent = max(self.max_concurrent, self._concurrent)
+        try:
+            if self.response_delay_s:
+                await asyncio.sleep(self.response_delay_s)
+        finally:
+            self._concurrent -= 1
         if self.scripted_statuses:
             return Response(status_code=self.scripted_statuses.popleft())
         try:

@@ -74,6 +74,8 @@ class CallbackDispatcher:
         # Only hosts with failures in their recent past have a breaker here; a closed
         # breaker with no failures is dropped, so the map does not grow with every host.
         self._breakers: dict[str, CircuitBreaker] = {}
+        # Deliveries sent back to a delay tier without an attempt (breaker open, host over its share).
+        self.deferrals = 0
 
     @property
     def is_healthy(self) -> bool:
@@ -193,6 +195,7 @@ class CallbackDispatcher:
 
     async def _defer(self, delivery: Delivery, attempt: int, wait_s: float) -> None:
         """Wait in a delay tier without spending an attempt (breaker open or host over its share)."""
+        self.deferrals += 1
         await self._republish(delivery, attempt, self._tier_at_least(wait_s))
 
     async def _republish(self, delivery: Delivery, attempt: int, delay_s: float) -> None:

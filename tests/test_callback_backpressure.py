@@ -1,0 +1,77 @@
+"""Per-host back-pressure in the callback stage: a busy host's deliveries wait in memory
+for a slot instead of lapping through a delay tier. Real broker, real receiver."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from dataclasses import replace
+
+from contract.broker import Broker
+from contract.envelope import Job, JobTimings
+from loadgen.callback_receiver import CallbackReceiver
+from ray_workers.callback_dispatcher import CallbackDispatcher
+from ray_workers.outcomes import callback_for
+from ray_workers.settings import WorkerSettings
+
+
+async def _queue_callbacks(broker: Broker, url: str, count: int) -> set[str]:
+    timings = JobTimings(queued_ms=0, inference_ms=0, batch_size=1)
+    publishes = [
+        callback_for(
+            Job(id=str(uuid.uuid4()), model="echo", input=n, callback_url=url, submitted_at_ms=0),
+            "succeeded",
+            1,
+            timings,
+            time.time(),
+            broker.topology,
+            output=n,
+        )
+        for n in range(count)
+    ]
+    await asyncio.gather(*(broker.publish(p.message, p.routing_key) for p in publishes))
+    return {p.message.message_id for p in publishes}
+
+
+async def test_given_a_backlog_to_one_host_then_callbacks_wait_for_its_slots_not_a_delay_tier(
+    worker_settings: WorkerSettings, broker: Broker, receiver: CallbackReceiver
+) -> None:
+    settings = replace(worker_settings, callback_concurrency=8, callback_host_concurrency=4)
+    receiver.response_delay_s = 0.1
+    expected = await _queue_callbacks(broker, receiver.url, 40)
+    dispatcher = CallbackDispatcher(settings)
+    await dispatcher.start()
+    try:
+        received = await receiver.wait_for(40, timeout_s=20)
+    finally:
+        await dispatcher.stop()
+
+    assert sorted(r.webhook_id for r in received) == sorted(expected)  # each exactly once
+    assert all(r.verified for r in received)
+    assert receiver.max_concurrent == 4  # the host's bound was used, and never exceeded
+    assert dispatcher.deferrals == 0  # nothing went round a delay tier
+    assert receiver.requests_seen == 40
+
+
+async def test_given_a_host_over_its_share_of_the_window_then_the_excess_is_deferred_and_delivered(
+    worker_settings: WorkerSettings, broker: Broker, receiver: CallbackReceiver
+) -> None:
+    # A prefetch of 8 lets one host hold 4 deliveries; the rest of the window stays free
+    # for other hosts, and what does not fit waits in a delay tier (no attempt spent).
+    settings = replace(
+        worker_settings, callback_concurrency=2, callback_host_concurrency=2, callback_prefetch=8
+    )
+    receiver.response_delay_s = 0.2
+    expected = await _queue_callbacks(broker, receiver.url, 12)
+    dispatcher = CallbackDispatcher(settings)
+    await dispatcher.start()
+    try:
+        received = await receiver.wait_for(12, timeout_s=30)
+    finally:
+        await dispatcher.stop()
+
+    assert sorted(r.webhook_id for r in received) == sorted(expected)
+    assert dispatcher.deferrals > 0
+    assert receiver.max_concurrent <= 2
+    assert dispatcher.slots.hosts_tracked == 0  # nothing left held once all is delivered
