@@ -207,6 +207,9 @@ class Broker:
             raise BrokerUnavailable(f"cannot reach RabbitMQ at {redact_url(self._url)}: {exc!r}") from exc
 
     async def _open_publish_channel(self) -> aio_pika.abc.AbstractChannel:
+        channel = self._publish_channel
+        if channel is not None and not channel.is_closed:
+            return channel  # the hot path: no lock to take for every publish
         async with self._channel_lock:
             channel = self._publish_channel
             if channel is None or channel.is_closed:
