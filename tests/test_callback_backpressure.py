@@ -10,7 +10,7 @@ from dataclasses import replace
 
 from contract.broker import Broker
 from contract.envelope import Job, JobTimings
-from loadgen.callback_receiver import CallbackReceiver
+from loadgen.callback_receiver import CallbackReceiver, ReceivedCallback
 from ray_workers.callback_dispatcher import CallbackDispatcher
 from ray_workers.outcomes import callback_for
 from ray_workers.settings import WorkerSettings
@@ -34,18 +34,26 @@ async def _queue_callbacks(broker: Broker, url: str, count: int) -> set[str]:
     return {p.message.message_id for p in publishes}
 
 
+async def _dispatch_all(
+    settings: WorkerSettings, receiver: CallbackReceiver, count: int, timeout_s: float
+) -> tuple[CallbackDispatcher, list[ReceivedCallback]]:
+    """Run a dispatcher until `count` callbacks reached the receiver; stopped however it ends."""
+    dispatcher = CallbackDispatcher(settings)
+    await dispatcher.start()
+    try:
+        return dispatcher, await receiver.wait_for(count, timeout_s=timeout_s)
+    finally:
+        await dispatcher.stop()
+
+
 async def test_given_a_backlog_to_one_host_then_callbacks_wait_for_its_slots_not_a_delay_tier(
     worker_settings: WorkerSettings, broker: Broker, receiver: CallbackReceiver
 ) -> None:
     settings = replace(worker_settings, callback_concurrency=8, callback_host_concurrency=4)
     receiver.response_delay_s = 0.1
     expected = await _queue_callbacks(broker, receiver.url, 40)
-    dispatcher = CallbackDispatcher(settings)
-    await dispatcher.start()
-    try:
-        received = await receiver.wait_for(40, timeout_s=20)
-    finally:
-        await dispatcher.stop()
+
+    dispatcher, received = await _dispatch_all(settings, receiver, 40, timeout_s=20)
 
     assert sorted(r.webhook_id for r in received) == sorted(expected)  # each exactly once
     assert all(r.verified for r in received)
@@ -64,12 +72,8 @@ async def test_given_a_host_over_its_share_of_the_window_then_the_excess_is_defe
     )
     receiver.response_delay_s = 0.2
     expected = await _queue_callbacks(broker, receiver.url, 12)
-    dispatcher = CallbackDispatcher(settings)
-    await dispatcher.start()
-    try:
-        received = await receiver.wait_for(12, timeout_s=30)
-    finally:
-        await dispatcher.stop()
+
+    dispatcher, received = await _dispatch_all(settings, receiver, 12, timeout_s=30)
 
     assert sorted(r.webhook_id for r in received) == sorted(expected)
     assert dispatcher.deferrals > 0
