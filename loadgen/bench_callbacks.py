@@ -55,7 +55,8 @@ async def _prefill(broker: Broker, topology: Topology, targets: list[tuple[str, 
 
 
 async def deliver_rates(settings: WorkerSettings, targets: list[tuple[ReceiverProcess, int]]) -> list[float]:
-    """Deliveries/s reaching each target's receiver, from its first to its last."""
+    """Deliveries/s reaching each target's receiver, from its first to its last, measured
+    until the first target has all of its deliveries (the others may still be waiting)."""
     topology = bench_topology()
     run_settings = replace(settings, topology=topology)
     broker = Broker(settings.amqp_url, topology, ())

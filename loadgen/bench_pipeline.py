@@ -4,14 +4,19 @@ both on one running stack in one run."""
 
 from __future__ import annotations
 
-import os
 import time
 from typing import Any
 
 import httpx
 
-from contract.broker import Broker
-from loadgen.bench_support import bench_topology, median, open_loop, percentile
+from loadgen.bench_support import (
+    bench_stack_env,
+    bench_topology,
+    delete_bench_topology,
+    median,
+    open_loop,
+    percentile,
+)
 from loadgen.callback_receiver import CallbackReceiver
 from loadgen.stack_process import StackProcess, free_port
 from ray_workers.signing import generate_secret
@@ -64,16 +69,9 @@ async def measure_pipeline(amqp_url: str, reps: int, rate: float, count: int) ->
     serve_port = free_port()
     topology = bench_topology()
     stack = StackProcess(
-        {
-            **os.environ,
-            "AMQP_URL": amqp_url,
-            "QUEUE_PREFIX": topology.prefix,
-            "WEBHOOK_SECRET": secret,
-            "CALLBACK_ALLOW_HOSTS": "127.0.0.1",
-            "MODELS": "echo",
-            "LOCAL_AUTOSCALER": "0",
-            "SERVE_HTTP_PORT": str(serve_port),
-        }
+        bench_stack_env(
+            amqp_url, topology, secret, MODELS="echo", LOCAL_AUTOSCALER="0", SERVE_HTTP_PORT=str(serve_port)
+        )
     )
     runs = []
     try:
@@ -95,10 +93,7 @@ async def measure_pipeline(amqp_url: str, reps: int, rate: float, count: int) ->
     finally:
         await stack.stop()
         await receiver.stop()
-        cleanup = Broker(amqp_url, topology, ("echo",))
-        await cleanup.connect()
-        await cleanup.delete_topology()
-        await cleanup.close()
+        await delete_bench_topology(amqp_url, topology, ("echo",))
     return {
         "rate_per_s": rate,
         "jobs_per_run": count,

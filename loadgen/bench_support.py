@@ -4,6 +4,7 @@ collector of finished jobs read straight off the callbacks queue."""
 from __future__ import annotations
 
 import asyncio
+import os
 import statistics
 import time
 import uuid
@@ -34,6 +35,25 @@ def median(values: Sequence[float]) -> float:
 
 def bench_topology() -> Topology:
     return Topology(prefix=f"bench-{uuid.uuid4().hex[:8]}.")
+
+
+def bench_stack_env(amqp_url: str, topology: Topology, secret: str, **extra: str) -> dict[str, str]:
+    """The environment of a benchmark's local stack: its own queues, callbacks to loopback."""
+    return {
+        **os.environ,
+        "AMQP_URL": amqp_url,
+        "QUEUE_PREFIX": topology.prefix,
+        "WEBHOOK_SECRET": secret,
+        "CALLBACK_ALLOW_HOSTS": "127.0.0.1",
+        **extra,
+    }
+
+
+async def delete_bench_topology(amqp_url: str, topology: Topology, models: tuple[str, ...]) -> None:
+    cleanup = Broker(amqp_url, topology, models)
+    await cleanup.connect()
+    await cleanup.delete_topology()
+    await cleanup.close()
 
 
 async def open_loop(rate_per_s: float, count: int, fire: Callable[[int], Coroutine[Any, Any, None]]) -> None:

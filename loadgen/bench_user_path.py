@@ -15,7 +15,6 @@ measured in the same run.
 from __future__ import annotations
 
 import asyncio
-import os
 import time
 from collections import Counter
 from dataclasses import dataclass
@@ -23,16 +22,16 @@ from typing import Any
 
 import aiohttp
 
-from loadgen.bench_support import bench_topology, median
+from loadgen.bench_support import bench_stack_env, bench_topology, delete_bench_topology, median
 from loadgen.bench_workers import SENTENCES, WorkerBench
 from loadgen.receiver_process import ReceiverProcess
 from loadgen.stack_process import StackProcess
 from ray_workers.models.base import Model
 from ray_workers.models.echo import EchoModel
 from ray_workers.models.minilm import MiniLMModel
-from ray_workers.settings import WorkerSettings
 from ray_workers.signing import generate_secret
 
+MODELS = ("echo", "embed-minilm")
 SUBMIT_CONCURRENCY = 32
 WARM_UP_JOBS = 200
 CALLBACK_WAIT_S = 120.0
@@ -118,16 +117,7 @@ async def measure_user_path(amqp_url: str, reps: int, backlogs: list[tuple[str, 
     receiver = ReceiverProcess(secret)
     await receiver.start()
     topology = bench_topology()
-    stack = StackProcess(
-        {
-            **os.environ,
-            "AMQP_URL": amqp_url,
-            "QUEUE_PREFIX": topology.prefix,
-            "WEBHOOK_SECRET": secret,
-            "CALLBACK_ALLOW_HOSTS": "127.0.0.1",
-            "MODELS": "echo,embed-minilm",
-        }
-    )
+    stack = StackProcess(bench_stack_env(amqp_url, topology, secret, MODELS=",".join(MODELS)))
     runs: dict[str, list[dict[str, Any]]] = {f"{m}-{n}": [] for m, n in backlogs}
     try:
         await stack.start()
@@ -150,7 +140,7 @@ async def measure_user_path(amqp_url: str, reps: int, backlogs: list[tuple[str, 
     finally:
         await stack.stop()
         await receiver.stop()
-        await _delete_topology(amqp_url, topology.prefix)
+        await delete_bench_topology(amqp_url, topology, MODELS)
     worker_alone = await _worker_alone(amqp_url, reps, backlogs)
     summary = {}
     for name, rs in runs.items():
@@ -174,20 +164,9 @@ async def _worker_alone(amqp_url: str, reps: int, backlogs: list[tuple[str, int]
     for model_name in dict.fromkeys(m for m, _ in backlogs):
         count = max(n for m, n in backlogs if m == model_name)
         async with WorkerBench(amqp_url, models[model_name]) as bench:
-            settings: WorkerSettings = bench.settings
             text = job_input(model_name, 0)
-            await bench.throughput(settings, min(count, WARM_UP_JOBS), text)
+            await bench.throughput(bench.settings, min(count, WARM_UP_JOBS), text)
             rates[model_name] = median(
-                [(await bench.throughput(settings, count, text))["jobs_per_s"] for _ in range(reps)]
+                [(await bench.throughput(bench.settings, count, text))["jobs_per_s"] for _ in range(reps)]
             )
     return rates
-
-
-async def _delete_topology(amqp_url: str, prefix: str) -> None:
-    from contract.broker import Broker
-    from contract.topology import Topology
-
-    cleanup = Broker(amqp_url, Topology(prefix=prefix), ("echo", "embed-minilm"))
-    await cleanup.connect()
-    await cleanup.delete_topology()
-    await cleanup.close()

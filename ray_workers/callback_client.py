@@ -113,7 +113,8 @@ class CallbackClient:
         self._allow = allow
         self._resolve = resolve
         self._timeout = aiohttp.ClientTimeout(total=timeout_s)
-        self._limits = (max_connections, max_connections_per_host)
+        self._max_connections = max_connections
+        self._max_connections_per_host = max_connections_per_host
         self._pins = PinnedResolver()
         self._session: aiohttp.ClientSession | None = None
 
@@ -123,8 +124,8 @@ class CallbackClient:
             connector = aiohttp.TCPConnector(
                 resolver=self._pins,
                 use_dns_cache=False,  # the pins are the only answers, checked per delivery
-                limit=self._limits[0],
-                limit_per_host=self._limits[1],
+                limit=self._max_connections,
+                limit_per_host=self._max_connections_per_host,
             )
             self._session = aiohttp.ClientSession(
                 connector=connector, timeout=self._timeout, trust_env=False, auto_decompress=False
