@@ -17,9 +17,10 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from contract.broker import Broker, BrokerUnavailable, OutgoingMessage, PublishRejected, redact_url
+from contract.broker import Broker, BrokerUnavailable, PublishRejected, redact_url
 from contract.callback_guard import CallbackUrlRejected, check_callback_url
-from contract.envelope import AMQP_PRIORITY, ATTEMPT_HEADER, DEADLINE_HEADER, Job, encode
+from contract.envelope import Job
+from contract.job_message import job_message
 from ingress.auth import authenticate
 from ingress.metrics import IngressMetrics
 from ingress.openapi import openapi_document
@@ -107,14 +108,7 @@ async def submit_job(request: Request) -> Response:
 
 
 async def _publish(state: IngressState, job: Job) -> None:
-    message = OutgoingMessage(
-        body=encode(job),
-        message_id=job.id,
-        correlation_id=job.id,
-        priority=AMQP_PRIORITY[job.priority],
-        headers={ATTEMPT_HEADER: 1, **({DEADLINE_HEADER: job.deadline_ms} if job.deadline_ms else {})},
-        type="job",
-    )
+    message = job_message(job)
     retry_after = {"Retry-After": str(state.settings.retry_after_s)}
     started = time.monotonic()
     try:

@@ -15,16 +15,16 @@ import uuid
 from dataclasses import replace
 from typing import Any
 
+from callbacks.dispatcher import CallbackDispatcher
+from callbacks.settings import CallbackSettings
+from callbacks.signing import generate_secret
 from contract.broker import Broker
 from contract.callback_guard import AllowList
 from contract.envelope import Job, JobTimings
 from contract.topology import Topology
 from loadgen.bench_support import bench_topology, median
 from loadgen.receiver_process import ReceiverProcess
-from ray_workers.callback_dispatcher import CallbackDispatcher
 from ray_workers.outcomes import callback_for
-from ray_workers.settings import WorkerSettings
-from ray_workers.signing import generate_secret
 
 DELIVERY_WAIT_S = 120.0
 PUBLISH_WINDOW = 256
@@ -54,7 +54,9 @@ async def _prefill(broker: Broker, topology: Topology, targets: list[tuple[str, 
     return ids
 
 
-async def deliver_rates(settings: WorkerSettings, targets: list[tuple[ReceiverProcess, int]]) -> list[float]:
+async def deliver_rates(
+    settings: CallbackSettings, targets: list[tuple[ReceiverProcess, int]]
+) -> list[float]:
     """Deliveries/s reaching each target's receiver, from its first to its last, measured
     until the first target has all of its deliveries (the others may still be waiting)."""
     topology = bench_topology()
@@ -83,7 +85,7 @@ async def deliver_rates(settings: WorkerSettings, targets: list[tuple[ReceiverPr
 
 async def measure_callbacks(amqp_url: str, reps: int, count: int) -> dict[str, Any]:
     """Dispatch capacity to one no-op host, and a fast host's rate beside a 2 s host."""
-    settings = WorkerSettings(
+    settings = CallbackSettings(
         amqp_url=amqp_url,
         webhook_secret=generate_secret(),
         models=(),

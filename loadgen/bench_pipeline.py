@@ -9,6 +9,7 @@ from typing import Any
 
 import httpx
 
+from callbacks.signing import generate_secret
 from loadgen.bench_support import (
     bench_stack_env,
     bench_topology,
@@ -19,7 +20,6 @@ from loadgen.bench_support import (
 )
 from loadgen.callback_receiver import CallbackReceiver
 from loadgen.stack_process import StackProcess, free_port
-from ray_workers.signing import generate_secret
 
 CALLBACK_TIMEOUT_S = 60.0
 

@@ -13,8 +13,9 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from contract.broker import Broker, Delivery, OutgoingMessage
-from contract.envelope import AMQP_PRIORITY, Job, Priority, decode_callback_delivery, encode
+from contract.broker import Broker, Delivery
+from contract.envelope import Job, Priority, decode_callback_delivery
+from contract.job_message import job_message
 from contract.topology import Topology
 
 PUBLISH_WINDOW = 256
@@ -86,7 +87,7 @@ async def publish_jobs(broker: Broker, jobs: Sequence[Job]) -> None:
         await asyncio.gather(
             *(
                 broker.publish(
-                    OutgoingMessage(encode(job), message_id=job.id, priority=AMQP_PRIORITY[job.priority]),
+                    job_message(job),
                     job.model,
                     exchange=exchange,
                 )

@@ -22,6 +22,7 @@ from typing import Any
 
 import aiohttp
 
+from callbacks.signing import generate_secret
 from loadgen.bench_support import bench_stack_env, bench_topology, delete_bench_topology, median
 from loadgen.bench_workers import SENTENCES, WorkerBench
 from loadgen.receiver_process import ReceiverProcess
@@ -29,7 +30,6 @@ from loadgen.stack_process import StackProcess
 from ray_workers.models.base import Model
 from ray_workers.models.echo import EchoModel
 from ray_workers.models.minilm import MiniLMModel
-from ray_workers.signing import generate_secret
 
 MODELS = ("echo", "embed-minilm")
 SUBMIT_CONCURRENCY = 32

@@ -24,7 +24,6 @@ from loadgen.bench_support import (
 from ray_workers.job_worker import JobWorker
 from ray_workers.models.base import Model
 from ray_workers.settings import WorkerSettings
-from ray_workers.signing import generate_secret
 
 FINISH_TIMEOUT_S = 300.0
 WARM_UP_FRACTION = 0.3
@@ -45,7 +44,6 @@ class WorkerBench:
         self.model = model
         self.settings = WorkerSettings(
             amqp_url=amqp_url,
-            webhook_secret=generate_secret(),
             models=(model.name,),
             topology=bench_topology(),
         )

@@ -16,10 +16,10 @@ from typing import Any
 
 import httpx
 
+from callbacks.signing import generate_secret
 from loadgen.callback_receiver import CallbackReceiver, ReceivedCallback
 from loadgen.scale_report import FirstJob, scale_from_zero
 from loadgen.stack_process import StackProcess
-from ray_workers.signing import generate_secret
 
 CALLBACK_TIMEOUT_S = 60.0
 SCALE_LOG_WAIT_S = 10.0

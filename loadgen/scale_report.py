@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from datetime import datetime
 
 _WAKE = re.compile(
-    r"^(?P<at>\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) INFO ray_workers\.local_autoscaler: autoscaler "
+    r"^(?P<at>\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) INFO autoscaler\.loop: autoscaler "
     r"(?P<model>\S+): 0 -> \d+ replicas.*applied in (?P<apply_s>[\d.]+) s$"
 )
 _LOADED = re.compile(r"model (?P<model>\S+) loaded in (?P<load_s>[\d.]+) s")

@@ -1,6 +1,6 @@
 """The local stack as a child process, for the demo, the benchmarks and the tests.
 
-Starts `python -m ray_workers.local_stack` with its output in a log file, waits until
+Starts `python -m local_stack` with its output in a log file, waits until
 it reports ready and the ingress answers /readyz, and stops it with SIGINT (the same
 path as Ctrl-C on `task up`), killing it only if it does not stop in time.
 """
@@ -19,7 +19,7 @@ from pathlib import Path
 
 import httpx
 
-from ray_workers.local_stack import READY_LINE
+from local_stack.launcher import READY_LINE
 
 STACK_START_TIMEOUT_S = 240.0
 STACK_STOP_TIMEOUT_S = 90.0
@@ -58,7 +58,7 @@ class StackProcess:
             self._process = await asyncio.create_subprocess_exec(
                 sys.executable,
                 "-m",
-                "ray_workers.local_stack",
+                "local_stack",
                 env=self._env,
                 stdout=log_file,
                 stderr=asyncio.subprocess.STDOUT,

@@ -1,4 +1,5 @@
-"""The one home of Ray: Serve deployments that host a JobWorker or the CallbackDispatcher.
+"""The one home of Ray: starting and stopping Ray and Serve, and the Serve deployments
+that host a JobWorker or the CallbackDispatcher.
 
 Each replica pulls its own work from RabbitMQ (no requests come through Serve's
 router, whose per-replica `max_ongoing_requests` would throttle a queue consumer), so
@@ -13,11 +14,13 @@ import logging
 import time
 from typing import Any
 
+import ray
 from ray import serve
 from ray.util import metrics as ray_metrics
 from starlette.requests import Request
 
-from ray_workers.callback_dispatcher import CallbackDispatcher
+from callbacks.dispatcher import CallbackDispatcher
+from callbacks.settings import CallbackSettings
 from ray_workers.job_worker import JobWorker
 from ray_workers.models.registry import load_model
 from ray_workers.settings import WorkerSettings
@@ -121,7 +124,7 @@ class ModelWorkerDeployment:
 
 @serve.deployment(health_check_period_s=5, health_check_timeout_s=10)
 class CallbackDispatcherDeployment:
-    async def __init__(self, settings: WorkerSettings) -> None:  # type: ignore[misc]
+    async def __init__(self, settings: CallbackSettings) -> None:  # type: ignore[misc]
         logging.basicConfig(level=logging.INFO)
         self._dispatcher = CallbackDispatcher(settings)
         self._drain_timeout_s = settings.drain_timeout_s
@@ -135,7 +138,9 @@ class CallbackDispatcherDeployment:
         await self._dispatcher.stop(self._drain_timeout_s)
 
 
-def _options(settings: WorkerSettings, num_replicas: int, num_gpus: float) -> dict[str, Any]:
+def _options(
+    drain_timeout_s: float, num_replicas: int, num_gpus: float, env: dict[str, str]
+) -> dict[str, Any]:
     return {
         "num_replicas": num_replicas,
         # Replicas mostly wait on the broker; CPU is shared by the OS, GPUs are reserved.
@@ -144,9 +149,9 @@ def _options(settings: WorkerSettings, num_replicas: int, num_gpus: float) -> di
         "ray_actor_options": {
             "num_cpus": 0,
             "num_gpus": num_gpus,
-            "runtime_env": {"env_vars": {"OMP_NUM_THREADS": str(settings.model_threads)}},
+            "runtime_env": {"env_vars": env},
         },
-        "graceful_shutdown_timeout_s": settings.drain_timeout_s + 5,
+        "graceful_shutdown_timeout_s": drain_timeout_s + 5,
         "graceful_shutdown_wait_loop_s": 0.1,
     }
 
@@ -164,13 +169,50 @@ def run_model_worker(
             serve.delete(worker_app_name(model))
         return
     app = ModelWorkerDeployment.options(  # type: ignore[attr-defined]
-        name=f"ModelWorker-{model}", **_options(settings, num_replicas, num_gpus)
+        name=f"ModelWorker-{model}",
+        **_options(
+            settings.drain_timeout_s,
+            num_replicas,
+            num_gpus,
+            {"OMP_NUM_THREADS": str(settings.model_threads)},
+        ),
     ).bind(model, settings)
     serve.run(app, name=worker_app_name(model), route_prefix=f"/direct/{model}" if http else None)
 
 
-def run_callback_dispatcher(settings: WorkerSettings) -> None:
+def run_callback_dispatcher(settings: CallbackSettings) -> None:
     app = CallbackDispatcherDeployment.options(  # type: ignore[attr-defined]
-        **_options(settings, 1, 0)
+        **_options(settings.drain_timeout_s, 1, 0, {})
     ).bind(settings)
     serve.run(app, name=DISPATCHER_APP, route_prefix=None)
+
+
+def start_ray_and_serve(metrics_export_port: int = 0, http_port: int = 0) -> None:
+    """A node-local Ray instance on loopback and Serve on it; Serve's HTTP proxy only when
+    `http_port` is set (the direct path `task bench` compares with). Ray exports the
+    workers' metrics in Prometheus format on `metrics_export_port` when it is set."""
+    ray.init(
+        include_dashboard=False,
+        logging_level=logging.WARNING,
+        _node_ip_address="127.0.0.1",
+        _metrics_export_port=metrics_export_port or None,
+    )
+    if http_port:
+        serve.start(proxy_location="HeadOnly", http_options={"host": "127.0.0.1", "port": http_port})
+    else:
+        serve.start(proxy_location="Disabled")
+
+
+def stop_ray_and_serve() -> None:
+    """Delete the worker applications first (each replica drains its batch), then the
+    dispatcher (it delivers what they finished), then stop Serve and Ray."""
+    if not ray.is_initialized():
+        return
+    running = serve.status().applications
+    for app in running:
+        if app != DISPATCHER_APP:
+            serve.delete(app)
+    if DISPATCHER_APP in running:
+        serve.delete(DISPATCHER_APP)
+    serve.shutdown()  # type: ignore[no-untyped-call]
+    ray.shutdown()

@@ -14,9 +14,10 @@ Batch size is adaptive (`batch_controller`): after each batch the controller see
 model time and whether prefetched work is waiting, and sets the next size and wait;
 the consumer's prefetch follows at twice the size.
 
-At a backlog the model does not wait on the broker: a batch's outcomes are published
-(pipelined, one confirm wait for all) and acked (one `basic.ack multiple` where the tags
-allow it) while the next batch already runs; at most one batch settles at a time.
+At a backlog the model does not wait on the broker: a batch's outcomes are settled
+(`contract.settlement`: pipelined publishes, one confirm wait, then one `basic.ack
+multiple` where the tags allow it) while the next batch already runs; at most one batch
+settles at a time.
 A delivery whose channel closed before it ran (a reconnect: the broker has already
 handed it to another consumer) is dropped, not run twice.
 """
@@ -31,13 +32,14 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from contract.broker import Broker, BrokerError, Delivery, ack_all
+from contract.broker import Broker, BrokerError, Delivery
+from contract.circuit_breaker import BreakerState, CircuitBreaker
 from contract.envelope import ATTEMPT_HEADER, Job, JobTimings, UndecodableMessage, decode_job
+from contract.settlement import Outcome, Publish, Settled, settle
 from ray_workers.batch_controller import AdaptiveBatchController, FixedBatchSize
 from ray_workers.batching import collect_batch
-from ray_workers.circuit_breaker import BreakerState, CircuitBreaker
 from ray_workers.models.base import InvalidInput, Model, ModelError
-from ray_workers.outcomes import Publish, callback_for, parked, retry_for
+from ray_workers.outcomes import callback_for, parked, retry_for
 from ray_workers.settings import WorkerSettings
 from ray_workers.worker_metrics import PrometheusWorkerMetrics, WorkerMetrics
 
@@ -78,7 +80,7 @@ class JobWorker:
         self._inbox: asyncio.Queue[Delivery] = asyncio.Queue()
         self._consumer_tag: str | None = None
         self._loop_task: asyncio.Task[None] | None = None
-        self._settling: asyncio.Task[None] | None = None
+        self._settling: asyncio.Task[Settled] | None = None
         self._stopping = False
         self._resume_task: asyncio.Task[None] | None = None
         self._idle = asyncio.Event()
@@ -192,7 +194,7 @@ class JobWorker:
         previous batch's), except those whose channel has closed, which are dropped."""
         now_ms = int(self._wall_clock() * 1000)
         work: list[_Work] = []
-        outcomes: list[tuple[Delivery, list[Publish]]] = []
+        outcomes: list[Outcome] = []
         for delivery in batch:
             if not delivery.channel_open:
                 continue
@@ -224,7 +226,7 @@ class JobWorker:
             # One batch settling at a time: prefetch stays bounded. Shielded: a cancelled
             # loop (a drain that timed out) must not cancel acks of work already done.
             await asyncio.shield(previous)
-        self._settling = asyncio.create_task(self._settle_batch(outcomes))
+        self._settling = asyncio.create_task(settle(self._broker, outcomes))
         if runnable:
             await self._update_breaker(any(item.error is not None for item in runnable))
         return inference_s
@@ -319,32 +321,6 @@ class JobWorker:
             ),
             callback_for(job, "failed", attempt, timings, now_s, self._topology, error=item.error),
         ]
-
-    async def _settle_batch(self, outcomes: list[tuple[Delivery, list[Publish]]]) -> None:
-        """Publish every message the batch's outcomes need (pipelined), then ack each job whose
-        messages were all confirmed; a job whose publish failed goes back to its queue now."""
-        results = await asyncio.gather(*(self._publish_all(publishes) for _, publishes in outcomes))
-        durable = []
-        for (delivery, _), error in zip(outcomes, results, strict=True):
-            if error is None:
-                durable.append(delivery)
-                continue
-            logger.warning("job %s goes back to its queue, not settled: %s", delivery.message_id, error)
-            with contextlib.suppress(BrokerError):  # a closed channel returns it anyway
-                await delivery.requeue()
-        try:
-            await ack_all(durable)
-        except BrokerError as exc:
-            # The channel is gone: the broker redelivers them (at-least-once, never lost).
-            logger.warning("acks of %d jobs failed; they will be redelivered: %s", len(durable), exc)
-
-    async def _publish_all(self, publishes: list[Publish]) -> BrokerError | None:
-        try:
-            for publish in publishes:
-                await self._broker.publish(publish.message, publish.routing_key, exchange=publish.exchange)
-        except BrokerError as exc:
-            return exc
-        return None
 
     async def _update_breaker(self, failed: bool) -> None:
         before = self.breaker.state

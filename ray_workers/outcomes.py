@@ -14,13 +14,11 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
 from contract.broker import OutgoingMessage
 from contract.envelope import (
-    AMQP_PRIORITY,
     ATTEMPT_HEADER,
     HISTORY_HEADER,
     PARK_REASON_HEADER,
@@ -34,16 +32,9 @@ from contract.envelope import (
     encode,
     webhook_id_for,
 )
+from contract.job_message import job_message
+from contract.settlement import Publish
 from contract.topology import Topology
-
-
-@dataclass(frozen=True)
-class Publish:
-    """One message to publish: to `routing_key` on `exchange` ("" is the default exchange)."""
-
-    message: OutgoingMessage
-    routing_key: str
-    exchange: str = ""
 
 
 def history_with(headers: Mapping[str, Any], attempt: int, error: str, now_ms: int) -> str:
@@ -102,19 +93,12 @@ def retry_for(
     topology: Topology,
     now_ms: int,
 ) -> Publish:
-    message = OutgoingMessage(
-        body,
-        message_id=job.id,
-        correlation_id=job.id,
-        priority=AMQP_PRIORITY[job.priority],
-        headers={
-            **headers,
-            ATTEMPT_HEADER: attempt + 1,
-            HISTORY_HEADER: history_with(headers, attempt, error, now_ms),
-        },
-        type="job",
-        expiration_ms=expiration_ms,
-    )
+    retried_headers = {
+        **headers,
+        ATTEMPT_HEADER: attempt + 1,
+        HISTORY_HEADER: history_with(headers, attempt, error, now_ms),
+    }
+    message = job_message(job, retried_headers, body=body, expiration_ms=expiration_ms)
     return Publish(message, topology.job_retry_queue(job.model, delay_s))
 
 

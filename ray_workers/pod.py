@@ -15,6 +15,7 @@ import signal
 import sys
 import threading
 
+from callbacks.settings import CallbackSettings
 from contract.config import ConfigError, env_float
 from ray_workers.settings import WorkerSettings
 
@@ -26,41 +27,40 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        settings = WorkerSettings.from_env(os.environ)
+        # Each role reads only its own settings: a model pod needs no webhook secret.
+        settings: WorkerSettings | CallbackSettings
+        if args.role == "worker":
+            settings = WorkerSettings.from_env(os.environ)
+            if args.model not in settings.models:
+                raise ConfigError(f"model {args.model!r} is not in MODELS {list(settings.models)}")
+        else:
+            settings = CallbackSettings.from_env(os.environ)
         num_gpus = env_float(os.environ, "WORKER_NUM_GPUS", 0.0)
-        if args.role == "worker" and args.model not in settings.models:
-            raise ConfigError(f"model {args.model!r} is not in MODELS {list(settings.models)}")
     except ConfigError as exc:
         print(f"cannot start: {exc}", file=sys.stderr)
         return 2
-    import ray
-    from ray import serve
-
+    # Imported here: Ray's import takes seconds and `--help` or a bad setting should not wait.
     from ray_workers.deployment import (
-        DISPATCHER_APP,
         run_callback_dispatcher,
         run_model_worker,
-        worker_app_name,
+        start_ray_and_serve,
+        stop_ray_and_serve,
     )
 
-    ray.init(include_dashboard=False, logging_level=logging.WARNING, _node_ip_address="127.0.0.1")
+    start_ray_and_serve()
     # After ray.init, which installs a SIGTERM handler that exits at once: a scale-down
     # must drain instead, even one that arrives while the replica is still starting.
     stop = threading.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, lambda _signum, _frame: stop.set())
-    serve.start(proxy_location="Disabled")
-    app = worker_app_name(args.model) if args.role == "worker" else DISPATCHER_APP
     try:
-        if args.role == "worker":
+        if isinstance(settings, WorkerSettings):
             run_model_worker(args.model, settings, num_replicas=1, num_gpus=num_gpus)
         else:
             run_callback_dispatcher(settings)
         stop.wait()
     finally:
-        serve.delete(app)  # graceful: the replica drains its batch
-        serve.shutdown()  # type: ignore[no-untyped-call]
-        ray.shutdown()
+        stop_ray_and_serve()  # graceful: the replica drains its batch
     return 0
 
 

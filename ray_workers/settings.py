@@ -1,4 +1,5 @@
-"""The workers' and dispatcher's settings, read once from the environment at start."""
+"""The model workers' settings, read once from the environment at start. No webhook
+secret: a model replica never signs anything (`callbacks.settings` has it)."""
 
 from __future__ import annotations
 
@@ -6,11 +7,8 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from contract.callback_guard import AllowList
 from contract.config import (
     DEFAULT_AMQP_URL,
-    ConfigError,
-    csv_list,
     env_flag,
     env_float,
     env_int,
@@ -24,8 +22,6 @@ from contract.topology import Topology
 @dataclass(frozen=True)
 class WorkerSettings:
     amqp_url: str = field(default=DEFAULT_AMQP_URL, repr=False)
-    webhook_secret: str = field(default="", repr=False)
-    callback_allow: AllowList = field(default_factory=AllowList)
     models: tuple[str, ...] = ("echo", "embed-minilm")
     topology: Topology = field(default_factory=Topology)
     batch_max_size: int = 128
@@ -37,38 +33,18 @@ class WorkerSettings:
     # Model breaker: consecutive failed batches that open it, and its cool-down.
     breaker_failure_threshold: int = 5
     breaker_cooldown_s: float = 30.0
-    callback_timeout_s: float = 10.0
-    # Deliveries in flight in all and per host; prefetched ones wait in memory for a slot.
-    callback_concurrency: int = 256
-    callback_host_concurrency: int = 64
-    callback_prefetch: int = 1024
-    # Callback-host breaker: consecutive failed deliveries that open it, and its cool-down.
-    callback_breaker_threshold: int = 5
-    callback_breaker_cooldown_s: float = 30.0
     drain_timeout_s: float = 30.0
     # Intra-op threads of a model replica (OMP_NUM_THREADS); default: the machine's cores.
     model_threads: int = field(default_factory=lambda: os.cpu_count() or 1)
-
-    def __post_init__(self) -> None:
-        if self.callback_host_concurrency > self.callback_concurrency:
-            raise ConfigError(
-                f"CALLBACK_HOST_CONCURRENCY={self.callback_host_concurrency} exceeds "
-                f"CALLBACK_CONCURRENCY={self.callback_concurrency}; a host's share must fit in the total"
-            )
 
     def latency_target_s(self, model: str) -> float:
         return self.batch_latency_target_by_model.get(model, self.batch_latency_target_s)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> WorkerSettings:
-        secret = env.get("WEBHOOK_SECRET", "")
-        if not secret:
-            raise ConfigError("WEBHOOK_SECRET is not set; expected whsec_<base64> (task up makes one)")
         models = served_models(env)
         return cls(
             amqp_url=env.get("AMQP_URL", DEFAULT_AMQP_URL),
-            webhook_secret=secret,
-            callback_allow=AllowList.parse(csv_list(env.get("CALLBACK_ALLOW_HOSTS", ""))),
             models=models,
             topology=topology_from_env(env, models),
             batch_max_size=env_int(env, "BATCH_MAX_SIZE", 128, minimum=1),
@@ -82,12 +58,6 @@ class WorkerSettings:
             },
             breaker_failure_threshold=env_int(env, "BREAKER_FAILURE_THRESHOLD", 5, minimum=1),
             breaker_cooldown_s=env_float(env, "BREAKER_COOLDOWN_S", 30.0),
-            callback_timeout_s=env_float(env, "CALLBACK_TIMEOUT_S", 10.0, minimum=0.1),
-            callback_concurrency=env_int(env, "CALLBACK_CONCURRENCY", 256, minimum=1),
-            callback_host_concurrency=env_int(env, "CALLBACK_HOST_CONCURRENCY", 64, minimum=1),
-            callback_prefetch=env_int(env, "CALLBACK_PREFETCH", 1024, minimum=1),
-            callback_breaker_threshold=env_int(env, "CALLBACK_BREAKER_THRESHOLD", 5, minimum=1),
-            callback_breaker_cooldown_s=env_float(env, "CALLBACK_BREAKER_COOLDOWN_S", 30.0),
             drain_timeout_s=env_float(env, "DRAIN_TIMEOUT_S", 30.0),
             model_threads=env_int(env, "MODEL_THREADS", os.cpu_count() or 1, minimum=1),
         )

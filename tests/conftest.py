@@ -15,6 +15,9 @@ import aio_pika
 import httpx
 import pytest
 
+from callbacks.dispatcher import CallbackDispatcher
+from callbacks.settings import CallbackSettings
+from callbacks.signing import generate_secret
 from contract.broker import Broker
 from contract.callback_guard import AllowList
 from contract.config import DEFAULT_AMQP_URL
@@ -23,11 +26,9 @@ from contract.topology import Topology
 from ingress.app import create_app
 from ingress.settings import IngressSettings
 from loadgen.callback_receiver import CallbackReceiver
-from ray_workers.callback_dispatcher import CallbackDispatcher
 from ray_workers.job_worker import JobWorker
 from ray_workers.models.base import Model
 from ray_workers.settings import WorkerSettings
-from ray_workers.signing import generate_secret
 
 TEST_MODELS = ("echo", "synthetic")
 # Compressed schedules: the real ones wait minutes to hours.
@@ -110,8 +111,13 @@ def ingress_settings(amqp_url: str, topology: Topology) -> IngressSettings:
 
 
 @pytest.fixture
-def worker_settings(amqp_url: str, topology: Topology, webhook_secret: str) -> WorkerSettings:
-    return WorkerSettings(
+def worker_settings(amqp_url: str, topology: Topology) -> WorkerSettings:
+    return WorkerSettings(amqp_url=amqp_url, models=TEST_MODELS, topology=topology, drain_timeout_s=5.0)
+
+
+@pytest.fixture
+def callback_settings(amqp_url: str, topology: Topology, webhook_secret: str) -> CallbackSettings:
+    return CallbackSettings(
         amqp_url=amqp_url,
         webhook_secret=webhook_secret,
         models=TEST_MODELS,
@@ -129,8 +135,8 @@ async def client(ingress_settings: IngressSettings) -> AsyncIterator[httpx.Async
 
 
 @pytest.fixture
-async def dispatcher(worker_settings: WorkerSettings) -> AsyncIterator[CallbackDispatcher]:
-    stage = CallbackDispatcher(worker_settings)
+async def dispatcher(callback_settings: CallbackSettings) -> AsyncIterator[CallbackDispatcher]:
+    stage = CallbackDispatcher(callback_settings)
     await stage.start()
     yield stage
     await stage.stop()

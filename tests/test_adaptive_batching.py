@@ -7,8 +7,9 @@ import time
 import uuid
 from dataclasses import replace
 
-from contract.broker import Broker, OutgoingMessage
-from contract.envelope import AMQP_PRIORITY, Job, decode_callback_delivery, encode
+from contract.broker import Broker
+from contract.envelope import Job, decode_callback_delivery
+from contract.job_message import job_message
 from ray_workers.job_worker import JobWorker
 from ray_workers.settings import WorkerSettings
 from tests.conftest import drain_queue, running_worker, wait_until
@@ -29,7 +30,7 @@ async def _publish_jobs(settings: WorkerSettings, count: int) -> set[str]:
                 submitted_at_ms=int(time.time() * 1000),
             )
             await broker.publish(
-                OutgoingMessage(encode(job), message_id=job.id, priority=AMQP_PRIORITY["normal"]),
+                job_message(job),
                 job.model,
                 exchange=settings.topology.jobs_exchange,
             )

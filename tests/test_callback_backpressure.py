@@ -8,12 +8,12 @@ import time
 import uuid
 from dataclasses import replace
 
+from callbacks.dispatcher import CallbackDispatcher
+from callbacks.settings import CallbackSettings
 from contract.broker import Broker
 from contract.envelope import Job, JobTimings
 from loadgen.callback_receiver import CallbackReceiver, ReceivedCallback
-from ray_workers.callback_dispatcher import CallbackDispatcher
 from ray_workers.outcomes import callback_for
-from ray_workers.settings import WorkerSettings
 
 
 async def _queue_callbacks(broker: Broker, url: str, count: int) -> set[str]:
@@ -35,7 +35,7 @@ async def _queue_callbacks(broker: Broker, url: str, count: int) -> set[str]:
 
 
 async def _dispatch_all(
-    settings: WorkerSettings, receiver: CallbackReceiver, count: int, timeout_s: float
+    settings: CallbackSettings, receiver: CallbackReceiver, count: int, timeout_s: float
 ) -> tuple[CallbackDispatcher, list[ReceivedCallback]]:
     """Run a dispatcher until `count` callbacks reached the receiver; stopped however it ends."""
     dispatcher = CallbackDispatcher(settings)
@@ -47,9 +47,9 @@ async def _dispatch_all(
 
 
 async def test_given_a_backlog_to_one_host_then_callbacks_wait_for_its_slots_not_a_delay_tier(
-    worker_settings: WorkerSettings, broker: Broker, receiver: CallbackReceiver
+    callback_settings: CallbackSettings, broker: Broker, receiver: CallbackReceiver
 ) -> None:
-    settings = replace(worker_settings, callback_concurrency=8, callback_host_concurrency=4)
+    settings = replace(callback_settings, callback_concurrency=8, callback_host_concurrency=4)
     receiver.response_delay_s = 0.1
     expected = await _queue_callbacks(broker, receiver.url, 40)
 
@@ -63,12 +63,12 @@ async def test_given_a_backlog_to_one_host_then_callbacks_wait_for_its_slots_not
 
 
 async def test_given_a_host_over_its_share_of_the_window_then_the_excess_is_deferred_and_delivered(
-    worker_settings: WorkerSettings, broker: Broker, receiver: CallbackReceiver
+    callback_settings: CallbackSettings, broker: Broker, receiver: CallbackReceiver
 ) -> None:
     # A prefetch of 8 lets one host hold 4 deliveries; the rest of the window stays free
     # for other hosts, and what does not fit waits in a delay tier (no attempt spent).
     settings = replace(
-        worker_settings, callback_concurrency=2, callback_host_concurrency=2, callback_prefetch=8
+        callback_settings, callback_concurrency=2, callback_host_concurrency=2, callback_prefetch=8
     )
     receiver.response_delay_s = 0.2
     expected = await _queue_callbacks(broker, receiver.url, 12)

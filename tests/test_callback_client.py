@@ -8,7 +8,7 @@ from datetime import UTC, datetime
 
 import pytest
 
-from ray_workers.callback_client import PinnedResolver, retry_after_s
+from callbacks.client import PinnedResolver, retry_after_s
 
 NOW = datetime(2026, 11, 29, 12, 0, 0, tzinfo=UTC)
 

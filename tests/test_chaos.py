@@ -18,9 +18,10 @@ from urllib.parse import urlsplit
 import httpx
 import pytest
 
+from callbacks.dispatcher import CallbackDispatcher
+from callbacks.settings import CallbackSettings
 from ingress.settings import IngressSettings
 from loadgen.callback_receiver import CallbackReceiver
-from ray_workers.callback_dispatcher import CallbackDispatcher
 from ray_workers.job_worker import JobWorker
 from ray_workers.models.echo import EchoModel
 from ray_workers.settings import WorkerSettings
@@ -55,13 +56,14 @@ async def test_given_a_broker_restart_under_load_then_no_accepted_job_is_lost(
     amqp_url: str,
     ingress_settings: IngressSettings,
     worker_settings: WorkerSettings,
+    callback_settings: CallbackSettings,
     receiver: CallbackReceiver,
 ) -> None:
     rabbitmqctl = _local_broker_control(amqp_url)
     statuses: Counter[int] = Counter()
     accepted: set[str] = set()
     worker = JobWorker(EchoModel(), worker_settings)
-    dispatcher = CallbackDispatcher(worker_settings)
+    dispatcher = CallbackDispatcher(callback_settings)
     await worker.start()
     await dispatcher.start()
     try:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from ray_workers.circuit_breaker import BreakerState, CircuitBreaker
+from contract.circuit_breaker import BreakerState, CircuitBreaker
 
 
 class FakeClock:

@@ -12,12 +12,13 @@ from typing import Any
 
 import httpx
 
+from callbacks.dispatcher import CallbackDispatcher
+from callbacks.settings import CallbackSettings
 from contract.broker import Broker
+from contract.circuit_breaker import BreakerState
 from contract.envelope import HISTORY_HEADER, PARK_REASON_HEADER
 from loadgen.callback_receiver import CallbackReceiver
-from ray_workers.callback_dispatcher import CallbackDispatcher
-from ray_workers.circuit_breaker import BreakerState
-from ray_workers.parking_lot import ParkingLot, inspect, replay
+from parking_lot.lots import ParkingLot, inspect, replay
 from ray_workers.settings import WorkerSettings
 from tests.conftest import TEST_JOB_RETRIES, running_worker, wait_until
 from tests.models import RecordingModel
@@ -187,16 +188,18 @@ async def test_given_a_target_that_always_times_out_then_another_targets_callbac
     client: httpx.AsyncClient,
     receiver: CallbackReceiver,
     worker_settings: WorkerSettings,
+    callback_settings: CallbackSettings,
     webhook_secret: str,
 ) -> None:
-    settings = replace(worker_settings, callback_timeout_s=1.0, callback_host_concurrency=4)
-    stage = CallbackDispatcher(settings)
+    stage = CallbackDispatcher(
+        replace(callback_settings, callback_timeout_s=1.0, callback_host_concurrency=4)
+    )
     await stage.start()
     receiver.response_delay_s = 30.0  # never answers within the timeout
     healthy = CallbackReceiver(webhook_secret)
     await healthy.start()
     try:
-        async with running_worker(RecordingModel(), settings):
+        async with running_worker(RecordingModel(), worker_settings):
             for n in range(20):
                 await _submit(client, receiver.url, n)
             await wait_until(lambda: receiver.requests_seen >= 4, 10, "the slow target to be busy")

@@ -7,7 +7,7 @@ import asyncio
 
 import pytest
 
-from ray_workers.host_slots import HostSlots
+from callbacks.host_slots import HostSlots
 
 
 async def _hold_and_acquire(slots: HostSlots, host: str, granted: list[str]) -> None:

@@ -15,7 +15,7 @@ import jsonschema
 import pytest
 import yaml
 
-from ray_workers.scaling_policy import policy_from_scaled_object
+from autoscaler.scaling_policy import policy_from_scaled_object
 from ray_workers.settings import WorkerSettings
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -138,7 +138,7 @@ def test_trigger_authentication_reads_a_secret() -> None:
     ],
 )
 def test_a_broken_scaled_object_is_refused_naming_the_value(change: dict[str, Any], message: str) -> None:
-    from ray_workers.scaling_policy import InvalidScaledObject
+    from autoscaler.scaling_policy import InvalidScaledObject
 
     doc = _scaled_objects()[0]
     broken = {**doc, "spec": {**doc["spec"], **change}}

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry
 
-from ray_workers.local_autoscaler import AutoscalerMetrics, LocalAutoscaler
-from ray_workers.queue_metrics import QueueMetricUnavailable
-from ray_workers.scaling_policy import ScalingPolicy
+from autoscaler.loop import AutoscalerMetrics, LocalAutoscaler
+from autoscaler.queue_metrics import QueueMetricUnavailable
+from autoscaler.scaling_policy import ScalingPolicy
 
 POLICY = ScalingPolicy(
     name="worker-echo",

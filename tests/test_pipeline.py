@@ -12,10 +12,11 @@ from typing import Any
 import httpx
 import pytest
 
+from callbacks.dispatcher import CallbackDispatcher
 from contract.broker import Broker, OutgoingMessage
-from contract.envelope import PARK_REASON_HEADER, Job, decode_callback_delivery, encode
+from contract.envelope import PARK_REASON_HEADER, Job, decode_callback_delivery
+from contract.job_message import job_message
 from loadgen.callback_receiver import CallbackReceiver
-from ray_workers.callback_dispatcher import CallbackDispatcher
 from ray_workers.job_worker import JobWorker
 from ray_workers.models.echo import EchoModel
 from ray_workers.models.synthetic import SyntheticModel
@@ -187,9 +188,7 @@ async def _publish_job(settings: WorkerSettings, callback_url: str) -> str:
     broker = Broker(settings.amqp_url, settings.topology, settings.models)
     await broker.connect()
     try:
-        await broker.publish(
-            OutgoingMessage(encode(job), message_id=job.id), settings.topology.main_queue("echo")
-        )
+        await broker.publish(job_message(job), settings.topology.main_queue("echo"))
     finally:
         await broker.close()
     return job.id

@@ -11,11 +11,11 @@ from loadgen.scale_report import FirstJob, scale_from_zero
 LOG = """\
 2026-11-28 08:58:17,552 INFO serve: Application 'callbacks' is ready.
 (ServeReplica:worker-embed-minilm pid=1) INFO:ray_workers.deployment:model embed-minilm loaded in 2.88 s
-2026-11-28 08:58:30,100 INFO ray_workers.local_autoscaler: autoscaler embed-minilm: 0 -> 1 replicas, \
+2026-11-28 08:58:30,100 INFO autoscaler.loop: autoscaler embed-minilm: 0 -> 1 replicas, \
 backlog 3 (activation: metric 3 > 0); applied in 5.1 s
-2026-11-28 08:59:30,100 INFO ray_workers.local_autoscaler: autoscaler embed-minilm: 0 -> 1 replicas, \
+2026-11-28 08:59:30,100 INFO autoscaler.loop: autoscaler embed-minilm: 0 -> 1 replicas, \
 backlog 1 (activation: metric 1 > 0); applied in 1.0 s
-2026-11-28 08:58:31,000 INFO ray_workers.local_autoscaler: autoscaler echo: 1 -> 2 replicas, backlog 900 \
+2026-11-28 08:58:31,000 INFO autoscaler.loop: autoscaler echo: 1 -> 2 replicas, backlog 900 \
 (metric 900 / value 200 -> 5); applied in 1.0 s
 """
 

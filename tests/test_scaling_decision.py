@@ -6,8 +6,8 @@ from dataclasses import replace
 
 import pytest
 
-from ray_workers.scaling_decision import ScalingState, decide
-from ray_workers.scaling_policy import DirectionRules, RatePolicy, ScalingPolicy
+from autoscaler.scaling_decision import ScalingState, decide
+from autoscaler.scaling_policy import DirectionRules, RatePolicy, ScalingPolicy
 
 RULES = {"activation", "below-activation", "cooldown", "hpa", "fallback", "no-metric"}
 POLICY = ScalingPolicy(

@@ -17,9 +17,9 @@ from collections.abc import Awaitable, Callable, Mapping
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
-from ray_workers.queue_metrics import QueueMetricUnavailable
-from ray_workers.scaling_decision import ScalingState, decide
-from ray_workers.scaling_policy import ScalingPolicy
+from autoscaler.queue_metrics import QueueMetricUnavailable
+from autoscaler.scaling_decision import ScalingState, decide
+from autoscaler.scaling_policy import ScalingPolicy
 
 logger = logging.getLogger(__name__)
 

@@ -1,4 +1,4 @@
-"""`python -m ray_workers.local_stack` (`task up`): the whole pipeline on one machine.
+"""The local stack: ingress, Ray Serve workers, callbacks and autoscaler on one machine.
 
 Starts the ingress process, a local Ray cluster with one Serve application per model
 plus the callback dispatcher, and the local autoscaler, which applies the ScaledObjects
@@ -23,13 +23,20 @@ from pathlib import Path
 
 from prometheus_client import CollectorRegistry, start_http_server
 
+from autoscaler.loop import AutoscalerMetrics, LocalAutoscaler
+from autoscaler.queue_metrics import ManagementApi, management_url_from_amqp, vhost_from_amqp
+from autoscaler.scaling_policy import InvalidScaledObject, ScalingPolicy, load_policies
+from callbacks.settings import CallbackSettings
+from callbacks.signing import generate_secret
 from contract.config import DEFAULT_AMQP_URL, ConfigError, env_flag, env_int
-from ray_workers.local_autoscaler import AutoscalerMetrics, LocalAutoscaler
-from ray_workers.local_broker import BrokerNotAvailable, ensure_broker, ensure_management_api
-from ray_workers.queue_metrics import ManagementApi, management_url_from_amqp, vhost_from_amqp
-from ray_workers.scaling_policy import InvalidScaledObject, ScalingPolicy, load_policies
+from local_stack.local_broker import BrokerNotAvailable, ensure_broker, ensure_management_api
+from ray_workers.deployment import (
+    run_callback_dispatcher,
+    run_model_worker,
+    start_ray_and_serve,
+    stop_ray_and_serve,
+)
 from ray_workers.settings import WorkerSettings
-from ray_workers.signing import generate_secret
 
 logger = logging.getLogger(__name__)
 
@@ -42,6 +49,7 @@ class StackSettings:
     """What only the local stack reads: where the ScaledObjects are, and what to run."""
 
     workers: WorkerSettings
+    callbacks: CallbackSettings
     amqp_url: str
     management_url: str
     scaled_objects_dir: Path
@@ -62,6 +70,7 @@ class StackSettings:
         cores_worth = max(1, (os.cpu_count() or 1) // workers.model_threads)
         return cls(
             workers=workers,
+            callbacks=CallbackSettings.from_env(env),
             amqp_url=amqp_url,
             management_url=env.get("RABBITMQ_MANAGEMENT_URL", management_url_from_amqp(amqp_url)),
             scaled_objects_dir=Path(env.get("SCALEDOBJECTS_DIR", "keda")),
@@ -89,26 +98,8 @@ def _stack_env(env: Mapping[str, str]) -> dict[str, str]:
 
 
 def _start_serve(stack: StackSettings, initial_replicas: Mapping[str, int]) -> None:
-    import ray
-    from ray import serve
-
-    from ray_workers.deployment import run_callback_dispatcher, run_model_worker
-
-    # Everything stays on loopback; the workers' metrics (batch sizes, controller
-    # decisions, breaker) are exported by Ray in Prometheus format on this port.
-    ray.init(
-        include_dashboard=False,
-        logging_level=logging.WARNING,
-        _node_ip_address="127.0.0.1",
-        _metrics_export_port=stack.worker_metrics_port or None,
-    )
-    if stack.serve_http_port:
-        serve.start(
-            proxy_location="HeadOnly", http_options={"host": "127.0.0.1", "port": stack.serve_http_port}
-        )
-    else:
-        serve.start(proxy_location="Disabled")
-    run_callback_dispatcher(stack.workers)
+    start_ray_and_serve(stack.worker_metrics_port, stack.serve_http_port)
+    run_callback_dispatcher(stack.callbacks)
     for model, replicas in initial_replicas.items():
         if replicas == 0:
             print(f"worker {model}: 0 replicas until a job arrives", flush=True)
@@ -116,23 +107,6 @@ def _start_serve(stack: StackSettings, initial_replicas: Mapping[str, int]) -> N
         started = time.monotonic()
         run_model_worker(model, stack.workers, num_replicas=replicas, http=bool(stack.serve_http_port))
         print(f"worker {model}: {replicas} replica(s) in {time.monotonic() - started:.1f} s", flush=True)
-
-
-def _stop_serve(settings: WorkerSettings) -> None:
-    import ray
-    from ray import serve
-
-    from ray_workers.deployment import DISPATCHER_APP, worker_app_name
-
-    if not ray.is_initialized():
-        return
-    running = serve.status().applications
-    for model in settings.models:
-        if worker_app_name(model) in running:
-            serve.delete(worker_app_name(model))
-    serve.delete(DISPATCHER_APP)
-    serve.shutdown()  # type: ignore[no-untyped-call]
-    ray.shutdown()
 
 
 def _stop_ingress(ingress: subprocess.Popen[bytes]) -> None:
@@ -147,8 +121,6 @@ def _stop_ingress(ingress: subprocess.Popen[bytes]) -> None:
 async def _autoscale(
     stack: StackSettings, policies: Mapping[str, ScalingPolicy], stop: asyncio.Event
 ) -> None:
-    from ray_workers.deployment import run_model_worker
-
     workers = stack.workers
 
     async def apply(model: str, replicas: int) -> None:
@@ -218,9 +190,12 @@ def main() -> int:
     except (ConfigError, BrokerNotAvailable, InvalidScaledObject) as exc:
         print(f"cannot start: {exc}", file=sys.stderr)
         return 2
-    # Ray's own processes read these from the environment they inherit.
+    # Ray's own processes read these from the environment they inherit; the webhook secret
+    # reaches the dispatcher in its settings and no other process.
     os.environ.update({k: env[k] for k in ("RAY_USAGE_STATS_ENABLED", "HF_HUB_OFFLINE")})
-    ingress = subprocess.Popen([sys.executable, "-m", "ingress"], env=env)
+    os.environ.pop("WEBHOOK_SECRET", None)
+    ingress_env = {k: v for k, v in env.items() if k != "WEBHOOK_SECRET"}
+    ingress = subprocess.Popen([sys.executable, "-m", "ingress"], env=ingress_env)
     try:
         started = time.monotonic()
         _start_serve(stack, initial)
@@ -238,7 +213,7 @@ def main() -> int:
         print("interrupted while starting", flush=True)
     finally:
         _stop_ingress(ingress)
-        _stop_serve(stack.workers)
+        stop_ray_and_serve()
     print("stopped", flush=True)
     return 0
 

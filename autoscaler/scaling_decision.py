@@ -25,7 +25,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, replace
 
-from ray_workers.scaling_policy import DirectionRules, ScalingPolicy
+from autoscaler.scaling_policy import DirectionRules, ScalingPolicy
 
 # Longer than any rate policy's period (the HPA caps periodSeconds at 1800).
 EVENT_MEMORY_S = 1800.0

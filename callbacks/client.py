@@ -36,6 +36,7 @@ import msgspec
 from aiohttp.abc import AbstractResolver, ResolveResult
 from yarl import URL
 
+from callbacks.signing import WebhookSigner
 from contract.callback_guard import (
     AllowList,
     CallbackUrlRejected,
@@ -45,7 +46,6 @@ from contract.callback_guard import (
     resolve_with_system_dns,
 )
 from contract.envelope import CallbackDelivery
-from ray_workers.signing import WebhookSigner
 
 USER_AGENT = "inferq-callbacks/1"
 RESPONSE_BODY_CAP_BYTES = 64 * 1024

@@ -24,8 +24,13 @@ import contextlib
 import logging
 from urllib.parse import urlsplit
 
-from contract.broker import Broker, BrokerError, Delivery, OutgoingMessage
+from callbacks.client import CallbackClient, DeliveryResult
+from callbacks.host_slots import HostSlots
+from callbacks.settings import CallbackSettings
+from callbacks.signing import WebhookSigner
+from contract.broker import Broker, Delivery, OutgoingMessage
 from contract.callback_guard import Resolver, resolve_with_system_dns
+from contract.circuit_breaker import BreakerState, CircuitBreaker
 from contract.envelope import (
     ATTEMPT_HEADER,
     PARK_REASON_HEADER,
@@ -33,11 +38,7 @@ from contract.envelope import (
     UndecodableMessage,
     decode_callback_delivery,
 )
-from ray_workers.callback_client import CallbackClient, DeliveryResult
-from ray_workers.circuit_breaker import BreakerState, CircuitBreaker
-from ray_workers.host_slots import HostSlots
-from ray_workers.settings import WorkerSettings
-from ray_workers.signing import WebhookSigner
+from contract.settlement import Publish, settle
 
 logger = logging.getLogger(__name__)
 
@@ -51,7 +52,7 @@ def host_key(callback_url: str) -> str:
 
 
 class CallbackDispatcher:
-    def __init__(self, settings: WorkerSettings, resolve: Resolver = resolve_with_system_dns) -> None:
+    def __init__(self, settings: CallbackSettings, resolve: Resolver = resolve_with_system_dns) -> None:
         self._settings = settings
         self._topology = settings.topology
         self._schedule = settings.topology.callback_retries
@@ -149,7 +150,7 @@ class CallbackDispatcher:
             await self._defer(delivery, attempt, breaker.remaining_cooldown_s())
         elif result.delivered:
             self._record(host, breaker, ok=True)
-            await self._settle(delivery, [])
+            await settle(self._broker, [(delivery, [])])
         elif result.retryable:
             self._record(host, breaker, ok=False)
             await self._retry_or_park(delivery, callback, attempt, result)
@@ -205,7 +206,8 @@ class CallbackDispatcher:
             headers={**delivery.headers, ATTEMPT_HEADER: attempt},
             expiration_ms=self._schedule.jittered_ms(delay_s),
         )
-        await self._settle(delivery, [(message, self._topology.callback_retry_queue(delay_s))])
+        retry = Publish(message, self._topology.callback_retry_queue(delay_s))
+        await settle(self._broker, [(delivery, [retry])])
 
     async def _park(self, delivery: Delivery, reason: str) -> None:
         message = OutgoingMessage(
@@ -213,13 +215,5 @@ class CallbackDispatcher:
             message_id=delivery.message_id or "unknown",
             headers={**delivery.headers, PARK_REASON_HEADER: reason[:1000]},
         )
-        await self._settle(delivery, [(message, self._topology.callbacks_parking_queue)])
-
-    async def _settle(self, delivery: Delivery, publishes: list[tuple[OutgoingMessage, str]]) -> None:
-        """Ack only after whatever replaces the delivery is confirmed by the broker."""
-        try:
-            for message, queue in publishes:
-                await self._broker.publish(message, queue)
-            await delivery.ack()
-        except BrokerError as exc:
-            logger.warning("callback %s left unacked for redelivery: %s", delivery.message_id, exc)
+        park = Publish(message, self._topology.callbacks_parking_queue)
+        await settle(self._broker, [(delivery, [park])])

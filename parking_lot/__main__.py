@@ -1,0 +1,62 @@
+"""`python -m parking_lot inspect|replay` (`task parked`, `task replay`)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import sys
+from collections.abc import Sequence
+
+from contract.broker import Broker, BrokerError
+from contract.config import DEFAULT_AMQP_URL, ConfigError, served_models, topology_from_env
+from parking_lot.lots import ParkingLot, ReplayStopped, inspect, replay
+
+
+async def _main(args: argparse.Namespace) -> int:
+    env = os.environ
+    models = served_models(env)
+    if args.model is not None and args.model not in models:
+        raise ConfigError(f"--model {args.model!r} is not served; served: {list(models)}")
+    broker = Broker(env.get("AMQP_URL", DEFAULT_AMQP_URL), topology_from_env(env, models), models)
+    await broker.connect()
+    try:
+        lot = ParkingLot(broker.topology, args.model)
+        if args.command == "inspect":
+            report = await inspect(broker, lot, args.sample)
+            print(f"{lot.queue}: {report.count} parked")
+            for reason, count in report.reasons.most_common():
+                print(f"  {count:>6}  {reason}")
+            for message_id, reason in report.sample:
+                print(f"  e.g. {message_id}: {reason}")
+            return 0
+        if not args.all and not args.id:
+            raise ConfigError("say which messages to replay: --id ID (repeatable) or --all")
+        moved = await replay(broker, lot, None if args.all else args.id, args.limit)
+        print(f"replayed {moved} message(s) from {lot.queue}")
+        return 0
+    finally:
+        await broker.close()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="parking_lot", description="Inspect or replay parked jobs and callbacks"
+    )
+    parser.add_argument("command", choices=["inspect", "replay"])
+    target = parser.add_mutually_exclusive_group(required=True)
+    target.add_argument("--model", help="a model's parking lot")
+    target.add_argument("--callbacks", action="store_true", help="the callbacks parking lot")
+    parser.add_argument("--id", action="append", help="replay this message id (repeatable)")
+    parser.add_argument("--all", action="store_true", help="replay every parked message")
+    parser.add_argument("--limit", type=int, help="replay at most this many")
+    parser.add_argument("--sample", type=int, default=5, help="inspect: how many to show")
+    args = parser.parse_args(argv)
+    try:
+        return asyncio.run(_main(args))
+    except (ConfigError, BrokerError, ReplayStopped) as exc:
+        print(f"parking_lot: {exc}", file=sys.stderr)
+        return 2
+
+
+sys.exit(main())

@@ -1,0 +1,112 @@
+"""Settings read from the environment: what each variable accepts, what a bad value says,
+which process gets which secret, and what a machine of this size may run."""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+import pytest
+
+from callbacks.settings import CallbackSettings
+from contract.config import ConfigError
+from ingress.settings import IngressSettings
+from local_stack.launcher import StackSettings, _scaling_plan
+from ray_workers.settings import WorkerSettings
+
+SECRET = "whsec_" + "A" * 44
+KEDA_DIR = Path(__file__).resolve().parent.parent / "keda"
+
+
+def test_given_a_host_share_above_the_total_then_start_fails_naming_both_variables() -> None:
+    env = {"WEBHOOK_SECRET": SECRET, "CALLBACK_CONCURRENCY": "16", "CALLBACK_HOST_CONCURRENCY": "32"}
+    with pytest.raises(ConfigError, match="CALLBACK_HOST_CONCURRENCY=32 exceeds CALLBACK_CONCURRENCY=16"):
+        CallbackSettings.from_env(env)
+
+
+def test_given_the_defaults_then_one_host_may_take_64_callbacks_at_once_from_a_window_of_1024() -> None:
+    settings = CallbackSettings.from_env({"WEBHOOK_SECRET": SECRET})
+    assert (settings.callback_host_concurrency, settings.callback_concurrency) == (64, 256)
+    assert settings.callback_prefetch == 1024
+
+
+@pytest.mark.parametrize(
+    ("local_max", "expected"), [("1", {"echo": 1, "embed-minilm": 1}), ("3", {"echo": 3, "embed-minilm": 3})]
+)
+def test_given_local_max_replicas_then_the_scaledobjects_maxima_are_capped_to_it(
+    local_max: str, expected: dict[str, int]
+) -> None:
+    env = {"WEBHOOK_SECRET": SECRET, "SCALEDOBJECTS_DIR": str(KEDA_DIR), "LOCAL_MAX_REPLICAS": local_max}
+    policies, initial = _scaling_plan(StackSettings.from_env(env))
+
+    assert {model: p.max_replicas for model, p in policies.items()} == expected
+    assert all(
+        p.fallback_replicas is None or p.fallback_replicas <= p.max_replicas for p in policies.values()
+    )
+    assert initial == {"echo": 0, "embed-minilm": 0}
+
+
+def test_given_model_threads_then_a_machine_runs_as_many_replicas_as_its_cores_allow() -> None:
+    env = {"WEBHOOK_SECRET": SECRET, "MODEL_THREADS": "1"}
+    assert StackSettings.from_env(env).local_max_replicas == (os.cpu_count() or 1)
+
+
+def test_given_no_webhook_secret_then_workers_start_and_the_callback_stage_refuses_naming_it() -> None:
+    workers = WorkerSettings.from_env({})
+
+    assert not hasattr(workers, "webhook_secret")  # a model replica never holds the key
+    with pytest.raises(ConfigError, match="WEBHOOK_SECRET is not set"):
+        CallbackSettings.from_env({})
+    with pytest.raises(ConfigError, match="secret 1 of WEBHOOK_SECRET must look like whsec_"):
+        CallbackSettings.from_env({"WEBHOOK_SECRET": "hunter2"})
+
+
+def test_the_secrets_never_appear_in_a_repr() -> None:
+    callbacks = CallbackSettings.from_env({"WEBHOOK_SECRET": SECRET, "AMQP_URL": "amqp://u:pw-9@h/%2F"})
+    ingress = IngressSettings.from_env({"API_KEYS": "key-123", "AMQP_URL": "amqp://u:pw-9@h/%2F"})
+
+    for text in (repr(callbacks), repr(ingress)):
+        assert "A" * 44 not in text and "pw-9" not in text and "key-123" not in text
+
+
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        ({"BATCH_MAX_SIZE": "many"}, "BATCH_MAX_SIZE='many' is not an integer"),
+        ({"BATCH_MAX_SIZE": "0"}, "BATCH_MAX_SIZE=0 is below the minimum 1"),
+        ({"BATCH_ADAPTIVE": "maybe"}, "BATCH_ADAPTIVE='maybe' is not a boolean"),
+        ({"RETRY_DELAYS_S": "5,soon"}, "RETRY_DELAYS_S='5,soon' is not a comma-separated list of seconds"),
+        ({"RETRY_DELAYS_S": "5,-1"}, "needs one or more delays > 0 s"),
+        ({"MODELS": "echo,gpt-9"}, "unknown model"),
+        ({"MODELS": "synthetic"}, "needs ENABLE_TEST_MODELS=1"),
+        ({"RETRY_JITTER": "1.5"}, "RETRY_JITTER=1.5 must be below 1"),
+    ],
+)
+def test_given_a_bad_value_then_start_fails_naming_the_variable_and_what_it_accepts(
+    env: dict[str, str], message: str
+) -> None:
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        WorkerSettings.from_env(env)
+
+
+def test_given_documented_variables_then_they_reach_the_settings_in_their_units() -> None:
+    env = {
+        "MODELS": "echo",
+        "ENABLE_TEST_MODELS": "1",
+        "QUEUE_PREFIX": "t-",
+        "MAX_QUEUE_LENGTH": "7",
+        "RETRY_DELAYS_S": "1,2",
+        "RETRY_DELAYS_S_ECHO": "3",
+        "BATCH_MAX_WAIT_MS": "20",
+        "BATCH_LATENCY_TARGET_MS_ECHO": "50",
+    }
+    settings = WorkerSettings.from_env(env)
+
+    assert settings.models == ("echo", "synthetic")
+    assert settings.topology.main_queue("echo") == "t-jobs.echo"
+    assert settings.topology.max_queue_length == 7
+    assert settings.topology.job_retry_schedule("echo").delays_s == (3.0,)
+    assert settings.topology.job_retry_schedule("synthetic").delays_s == (1.0, 2.0)
+    assert settings.batch_max_wait_s == 0.02
+    assert (settings.latency_target_s("echo"), settings.latency_target_s("synthetic")) == (0.05, 0.2)
