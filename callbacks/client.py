@@ -158,7 +158,7 @@ class CallbackClient:
                 url, data=body, headers=headers, allow_redirects=False
             ) as response:
                 await _discard_body(response)
-                return _classify(response.status, response.headers.get("retry-after"))
+                return classify_response(response.status, response.headers.get("retry-after"))
         except TimeoutError as exc:
             return DeliveryResult(delivered=False, retryable=True, error=f"timeout: {exc!r}")
         except aiohttp.InvalidURL as exc:
@@ -178,7 +178,9 @@ async def _discard_body(response: aiohttp.ClientResponse) -> None:
     response.close()
 
 
-def _classify(status: int, retry_after: str | None) -> DeliveryResult:
+def classify_response(status: int, retry_after: str | None) -> DeliveryResult:
+    """Delivered on 2xx; retried on 3xx (redirects are not followed), 408, 429 and 5xx; every
+    other answer is final. Retry-After is kept for the retry tier to honour."""
     if 200 <= status < 300:
         return DeliveryResult(delivered=True, status=status)
     retryable = status >= 500 or status in (408, 429) or 300 <= status < 400

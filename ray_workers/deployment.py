@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Mapping
 from typing import Any
 
 import ray
@@ -24,7 +25,7 @@ from callbacks.settings import CallbackSettings
 from ray_workers.job_worker import JobWorker
 from ray_workers.models.registry import load_model
 from ray_workers.settings import WorkerSettings
-from ray_workers.worker_metrics import BATCH_SIZE_BUCKETS, BREAKER_STATE_VALUE, SECONDS_BUCKETS
+from ray_workers.worker_metrics import SERIES, WorkerMetrics
 
 logger = logging.getLogger(__name__)
 
@@ -35,54 +36,32 @@ class ReplicaUnhealthy(Exception):
     """Raised from check_health so Serve restarts the replica."""
 
 
-class RayWorkerMetrics:
-    """`WorkerMetrics` through Ray's metrics API: Ray exports them, in Prometheus format,
-    on the node's metrics port (`WORKER_METRICS_PORT` in the local stack), named
-    `ray_inferq_worker_*`."""
+class RaySink:
+    """The worker's series (`worker_metrics.SERIES`) through Ray's metrics API: Ray exports
+    them, in Prometheus format, on the node's metrics port (`WORKER_METRICS_PORT` in the
+    local stack), named `ray_inferq_worker_*`."""
 
     def __init__(self) -> None:
-        model = ("model",)
-        self._batch_size = ray_metrics.Histogram(
-            "inferq_worker_batch_size", "Jobs per batch", list(map(float, BATCH_SIZE_BUCKETS)), model
-        )
-        self._batch_wait = ray_metrics.Histogram(
-            "inferq_worker_batch_wait_seconds", "Time a batch waited to fill", list(SECONDS_BUCKETS), model
-        )
-        self._inference = ray_metrics.Histogram(
-            "inferq_worker_inference_seconds", "Model time per batch", list(SECONDS_BUCKETS), model
-        )
-        self._adjustments = ray_metrics.Counter(
-            "inferq_worker_batch_adjustments", "Batch-size controller decisions", ("model", "adjustment")
-        )
-        self._target_size = ray_metrics.Gauge(
-            "inferq_worker_batch_target_size", "Batch size aimed for", model
-        )
-        self._target_wait = ray_metrics.Gauge(
-            "inferq_worker_batch_max_wait_seconds", "Next batch's wait", model
-        )
-        self._outcomes = ray_metrics.Counter(
-            "inferq_worker_jobs", "Settled jobs by outcome", ("model", "outcome")
-        )
-        self._breaker = ray_metrics.Gauge(
-            "inferq_worker_breaker_state", "0 closed, 1 half-open, 2 open", model
-        )
+        self._series: dict[str, ray_metrics.Histogram | ray_metrics.Counter | ray_metrics.Gauge] = {}
+        for key, series in SERIES.items():
+            if series.kind == "histogram":
+                self._series[key] = ray_metrics.Histogram(
+                    series.name, series.help, list(map(float, series.buckets)), series.labels
+                )
+            elif series.kind == "counter":
+                self._series[key] = ray_metrics.Counter(series.name, series.help, series.labels)
+            else:
+                self._series[key] = ray_metrics.Gauge(series.name, series.help, series.labels)
 
-    def observe_batch(self, model: str, size: int, wait_s: float, inference_s: float) -> None:
-        tags = {"model": model}
-        self._batch_size.observe(size, tags)
-        self._batch_wait.observe(wait_s, tags)
-        self._inference.observe(inference_s, tags)
-
-    def record_adjustment(self, model: str, adjustment: str, target_size: int, wait_s: float) -> None:
-        self._adjustments.inc(1.0, {"model": model, "adjustment": adjustment})
-        self._target_size.set(target_size, {"model": model})
-        self._target_wait.set(wait_s, {"model": model})
-
-    def count_outcome(self, model: str, outcome: str) -> None:
-        self._outcomes.inc(1.0, {"model": model, "outcome": outcome})
-
-    def set_breaker_state(self, model: str, state: str) -> None:
-        self._breaker.set(BREAKER_STATE_VALUE[state], {"model": model})
+    def record(self, key: str, value: float, labels: Mapping[str, str]) -> None:
+        metric = self._series[key]
+        tags = dict(labels)
+        if isinstance(metric, ray_metrics.Histogram):
+            metric.observe(value, tags)
+        elif isinstance(metric, ray_metrics.Counter):
+            metric.inc(value, tags)
+        else:
+            metric.set(value, tags)
 
 
 def worker_app_name(model: str) -> str:
@@ -99,7 +78,7 @@ class ModelWorkerDeployment:
         started = time.monotonic()
         self._model = await asyncio.to_thread(load_model, model_name)
         logger.info("model %s loaded in %.2f s", model_name, time.monotonic() - started)
-        self._worker = JobWorker(self._model, settings, metrics=RayWorkerMetrics())
+        self._worker = JobWorker(self._model, settings, metrics=WorkerMetrics(RaySink()))
         self._drain_timeout_s = settings.drain_timeout_s
         await self._worker.start()
 

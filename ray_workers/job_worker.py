@@ -41,7 +41,7 @@ from ray_workers.batching import collect_batch
 from ray_workers.models.base import InvalidInput, Model, ModelError
 from ray_workers.outcomes import callback_for, parked, retry_for
 from ray_workers.settings import WorkerSettings
-from ray_workers.worker_metrics import PrometheusWorkerMetrics, WorkerMetrics
+from ray_workers.worker_metrics import PrometheusSink, WorkerMetrics
 
 logger = logging.getLogger(__name__)
 
@@ -95,7 +95,7 @@ class JobWorker:
             size=1 if settings.batch_adaptive else settings.batch_max_size,
             max_wait_s=settings.batch_max_wait_s,
         )
-        self.metrics = metrics if metrics is not None else PrometheusWorkerMetrics()
+        self.metrics = metrics if metrics is not None else WorkerMetrics(PrometheusSink())
 
     @property
     def is_healthy(self) -> bool:

@@ -1,14 +1,17 @@
 """What a worker reports: batches, the controller's decisions, outcomes, the breaker.
 
-`WorkerMetrics` is the interface the job loop calls; `PrometheusWorkerMetrics` keeps
-them in a prometheus_client registry (tests, a worker outside Ray). Inside Ray Serve
-replicas `deployment.RayWorkerMetrics` records the same series with Ray's metrics API,
-which Ray exports in Prometheus format on the node's metrics port.
+The series are declared once, in `SERIES`; `WorkerMetrics` is what the job loop calls,
+and it records into a `MetricSink`. `PrometheusSink` keeps them in a prometheus_client
+registry (tests, a worker outside Ray); inside Ray Serve replicas `deployment.RaySink`
+builds the same series from the same table with Ray's metrics API, which Ray exports in
+Prometheus format on the node's metrics port.
 """
 
 from __future__ import annotations
 
-from typing import Protocol
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Literal, Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
@@ -17,80 +20,93 @@ SECONDS_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0
 BREAKER_STATE_VALUE = {"closed": 0, "half_open": 1, "open": 2}
 
 
-class WorkerMetrics(Protocol):
-    def observe_batch(self, model: str, size: int, wait_s: float, inference_s: float) -> None: ...
+@dataclass(frozen=True)
+class Series:
+    name: str
+    help: str
+    kind: Literal["histogram", "counter", "gauge"]
+    labels: tuple[str, ...] = ("model",)
+    buckets: tuple[float, ...] = ()
 
-    def record_adjustment(self, model: str, adjustment: str, target_size: int, wait_s: float) -> None: ...
 
-    def count_outcome(self, model: str, outcome: str) -> None: ...
+SERIES: Mapping[str, Series] = {
+    "batch_size": Series(
+        "inferq_worker_batch_size", "Jobs per batch", "histogram", buckets=BATCH_SIZE_BUCKETS
+    ),
+    "batch_wait": Series(
+        "inferq_worker_batch_wait_seconds",
+        "Time a batch waited to fill",
+        "histogram",
+        buckets=SECONDS_BUCKETS,
+    ),
+    "inference": Series(
+        "inferq_worker_inference_seconds", "Model time per batch", "histogram", buckets=SECONDS_BUCKETS
+    ),
+    "adjustments": Series(
+        "inferq_worker_batch_adjustments",
+        "Batch-size controller decisions",
+        "counter",
+        ("model", "adjustment"),
+    ),
+    "target_size": Series("inferq_worker_batch_target_size", "Batch size the controller aims for", "gauge"),
+    "target_wait": Series(
+        "inferq_worker_batch_max_wait_seconds", "How long the next batch may wait to fill", "gauge"
+    ),
+    "outcomes": Series("inferq_worker_jobs", "Settled jobs by outcome", "counter", ("model", "outcome")),
+    "breaker": Series("inferq_worker_breaker_state", "Model breaker: 0 closed, 1 half-open, 2 open", "gauge"),
+}
 
-    def set_breaker_state(self, model: str, state: str) -> None: ...
+
+class MetricSink(Protocol):
+    """Records a value of one series of `SERIES`, by its key."""
+
+    def record(self, key: str, value: float, labels: Mapping[str, str]) -> None: ...
 
 
-class PrometheusWorkerMetrics:
-    def __init__(self, registry: CollectorRegistry | None = None) -> None:
-        self.registry = registry or CollectorRegistry()
-        self.batch_size = Histogram(
-            "inferq_worker_batch_size",
-            "Jobs per batch",
-            ["model"],
-            buckets=BATCH_SIZE_BUCKETS,
-            registry=self.registry,
-        )
-        self.batch_wait = Histogram(
-            "inferq_worker_batch_wait_seconds",
-            "Time a batch waited to fill",
-            ["model"],
-            buckets=SECONDS_BUCKETS,
-            registry=self.registry,
-        )
-        self.inference = Histogram(
-            "inferq_worker_inference_seconds",
-            "Model time per batch",
-            ["model"],
-            buckets=SECONDS_BUCKETS,
-            registry=self.registry,
-        )
-        self.adjustments = Counter(
-            "inferq_worker_batch_adjustments",
-            "Batch-size controller decisions",
-            ["model", "adjustment"],
-            registry=self.registry,
-        )
-        self.target_size = Gauge(
-            "inferq_worker_batch_target_size",
-            "Batch size the controller aims for",
-            ["model"],
-            registry=self.registry,
-        )
-        self.target_wait = Gauge(
-            "inferq_worker_batch_max_wait_seconds",
-            "How long the next batch may wait to fill",
-            ["model"],
-            registry=self.registry,
-        )
-        self.outcomes = Counter(
-            "inferq_worker_jobs", "Settled jobs by outcome", ["model", "outcome"], registry=self.registry
-        )
-        self.breaker = Gauge(
-            "inferq_worker_breaker_state",
-            "Model breaker: 0 closed, 1 half-open, 2 open",
-            ["model"],
-            registry=self.registry,
-        )
+class WorkerMetrics:
+    def __init__(self, sink: MetricSink) -> None:
+        self.sink = sink
 
     def observe_batch(self, model: str, size: int, wait_s: float, inference_s: float) -> None:
-        self.batch_size.labels(model).observe(size)
-        self.batch_wait.labels(model).observe(wait_s)
-        self.inference.labels(model).observe(inference_s)
+        labels = {"model": model}
+        self.sink.record("batch_size", size, labels)
+        self.sink.record("batch_wait", wait_s, labels)
+        self.sink.record("inference", inference_s, labels)
 
     def record_adjustment(self, model: str, adjustment: str, target_size: int, wait_s: float) -> None:
-        self.adjustments.labels(model, adjustment).inc()
-        self.target_size.labels(model).set(target_size)
-        self.target_wait.labels(model).set(wait_s)
+        self.sink.record("adjustments", 1, {"model": model, "adjustment": adjustment})
+        self.sink.record("target_size", target_size, {"model": model})
+        self.sink.record("target_wait", wait_s, {"model": model})
 
     def count_outcome(self, model: str, outcome: str) -> None:
-        self.outcomes.labels(model, outcome).inc()
+        self.sink.record("outcomes", 1, {"model": model, "outcome": outcome})
 
     def set_breaker_state(self, model: str, state: str) -> None:
-        self.breaker.labels(model).set(BREAKER_STATE_VALUE[state])
+        self.sink.record("breaker", BREAKER_STATE_VALUE[state], {"model": model})
+
+
+class PrometheusSink:
+    """The series in a prometheus_client registry: histograms observe, counters add the
+    value, gauges are set to it."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry()
+        self._series: dict[str, Histogram | Counter | Gauge] = {}
+        for key, series in SERIES.items():
+            if series.kind == "histogram":
+                self._series[key] = Histogram(
+                    series.name, series.help, series.labels, buckets=series.buckets, registry=self.registry
+                )
+            elif series.kind == "counter":
+                self._series[key] = Counter(series.name, series.help, series.labels, registry=self.registry)
+            else:
+                self._series[key] = Gauge(series.name, series.help, series.labels, registry=self.registry)
+
+    def record(self, key: str, value: float, labels: Mapping[str, str]) -> None:
+        metric = self._series[key].labels(**labels)
+        if isinstance(metric, Histogram):
+            metric.observe(value)
+        elif isinstance(metric, Counter):
+            metric.inc(value)
+        else:
+            metric.set(value)

@@ -40,20 +40,31 @@ async def _publish_jobs(settings: WorkerSettings, count: int) -> set[str]:
     return ids
 
 
+async def _callback_ids(settings: WorkerSettings) -> list[str]:
+    messages = await drain_queue(settings.amqp_url, settings.topology.callbacks_queue)
+    return [decode_callback_delivery(m.body).event.data.id for m in messages]
+
+
 async def _callbacks(settings: WorkerSettings, expected: int) -> list[str]:
     seen: list[str] = []
 
     async def all_there() -> bool:
-        messages = await drain_queue(settings.amqp_url, settings.topology.callbacks_queue)
-        seen.extend(decode_callback_delivery(m.body).event.data.id for m in messages)
+        seen.extend(await _callback_ids(settings))
         return len(seen) >= expected
 
     await wait_until(all_there, 60, f"{expected} callbacks on the queue")
     return seen
 
 
+async def _after_stop(settings: WorkerSettings) -> tuple[list[str], int]:
+    """Once the worker has stopped: callbacks published late (a duplicate would be here),
+    and jobs left on the main queue (one not acked would run again)."""
+    left = await drain_queue(settings.amqp_url, settings.topology.main_queue("echo"))
+    return await _callback_ids(settings), len(left)
+
+
 def _sample(worker: JobWorker, name: str, labels: dict[str, str]) -> float:
-    value = worker.metrics.registry.get_sample_value(name, labels)  # type: ignore[attr-defined]
+    value = worker.metrics.sink.registry.get_sample_value(name, labels)  # type: ignore[attr-defined]
     return float(value or 0.0)
 
 
@@ -65,8 +76,10 @@ async def test_given_a_backlog_then_batches_grow_under_the_target_and_each_job_s
     # 2 ms + 0.4 ms per job: batches up to ~70 stay under 30 ms.
     async with running_worker(LinearLatencyModel(0.002, 0.0004), settings) as worker:
         seen = await _callbacks(settings, len(ids))
+    late, unacked = await _after_stop(settings)
 
-    assert sorted(seen) == sorted(ids), "every job called back exactly once"
+    assert sorted(seen + late) == sorted(ids), "every job called back exactly once"
+    assert unacked == 0
     assert worker.batching.size >= 32
     batches = _sample(worker, "inferq_worker_batch_size_count", {"model": "echo"})
     assert batches < 400 / 8, f"{batches} batches for 400 jobs: batching did not grow"
@@ -109,7 +122,10 @@ async def test_given_a_wrong_length_result_then_every_job_of_the_batch_settles_o
             return len(parked) >= len(ids)
 
         await wait_until(all_parked, 30, "every job in the parking lot")
+    late, unacked = await _after_stop(settings)
+    parked += await drain_queue(settings.amqp_url, settings.topology.parking_queue("echo"))
 
-    assert sorted(seen) == sorted(ids), "one job.failed callback per job, no more"
-    assert sorted(str(m.message_id) for m in parked) == sorted(ids)
+    assert sorted(seen + late) == sorted(ids), "one job.failed callback per job, no more"
+    assert sorted(str(m.message_id) for m in parked) == sorted(ids), "each job parked once"
+    assert unacked == 0
     assert "outputs for" in str(parked[0].headers["x-attempt-history"])

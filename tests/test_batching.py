@@ -31,21 +31,41 @@ async def test_a_lone_item_waits_at_most_the_max_wait() -> None:
     assert 0.04 <= elapsed_s < 1.0
 
 
-async def test_items_arriving_before_the_deadline_join_the_batch() -> None:
+async def test_items_arriving_before_the_deadline_join_the_batch_until_it_is_full() -> None:
     source: asyncio.Queue[int] = asyncio.Queue()
 
     async def trickle() -> None:
-        for item in range(3):
+        for item in range(5):
             await source.put(item)
             await asyncio.sleep(0.01)
 
     producer = asyncio.create_task(trickle())
-    batch = (await collect_batch(source, max_size=8, max_wait_s=2.0)).items
+    # The first item starts a 10 s clock; the next two arrive well inside it and fill the
+    # batch, which closes then, not at the deadline; the rest wait for the next batch.
+    batch = await asyncio.wait_for(collect_batch(source, max_size=3, max_wait_s=10.0), timeout=5.0)
     await producer
-    # The first item starts the clock; the others arrive well inside 2 s, but the
-    # batch closes only at the deadline or when full: it holds all three.
-    assert batch[:1] == [0]
-    assert sorted(batch + [source.get_nowait() for _ in range(source.qsize())]) == [0, 1, 2]
+
+    assert batch.items == [0, 1, 2]
+    assert [source.get_nowait() for _ in range(source.qsize())] == [3, 4]
+
+
+async def test_given_the_clock_past_the_deadline_then_the_batch_closes_with_what_is_buffered() -> None:
+    """An injected clock: the deadline is decided by it, not by the loop's time."""
+    source: asyncio.Queue[int] = asyncio.Queue()
+    source.put_nowait(1)
+    readings = iter([100.0, 160.0, 160.0])  # first item, deadline check, batch closed
+
+    async def late_arrival() -> None:
+        await asyncio.sleep(0.2)
+        source.put_nowait(2)
+
+    producer = asyncio.create_task(late_arrival())
+    batch = await collect_batch(source, max_size=8, max_wait_s=50.0, clock=lambda: next(readings))
+    await producer
+
+    assert batch.items == [1]  # 60 s had passed by that clock: no waiting for item 2
+    assert batch.filled_s == 60.0
+    assert source.get_nowait() == 2
 
 
 async def test_a_zero_wait_takes_only_what_is_buffered() -> None:

@@ -1,4 +1,4 @@
-"""The callback client's pure parts: Retry-After parsing and the pinned resolver."""
+"""The callback client's pure parts: answer classification, Retry-After parsing, the pinned resolver."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from datetime import UTC, datetime
 
 import pytest
 
-from callbacks.client import PinnedResolver, retry_after_s
+from callbacks.client import PinnedResolver, classify_response, retry_after_s
 
 NOW = datetime(2026, 11, 29, 12, 0, 0, tzinfo=UTC)
 
@@ -65,3 +65,29 @@ async def test_given_more_hosts_than_its_bound_then_the_least_recently_pinned_is
     with pytest.raises(OSError):
         await resolver.resolve("one.example", 80)
     assert len(await resolver.resolve("three.example", 80)) == 1
+
+
+@pytest.mark.parametrize(
+    ("status", "retry_after", "delivered", "retryable", "wait_s"),
+    [
+        (200, None, True, False, None),
+        (204, "30", True, False, None),  # delivered: nothing to wait for
+        (301, None, False, True, None),  # redirects are not followed: try again later
+        (408, None, False, True, None),
+        (429, "120", False, True, 120.0),
+        (500, None, False, True, None),
+        (503, "60", False, True, 60.0),
+        (400, None, False, False, None),
+        (401, None, False, False, None),
+        (404, "5", False, False, 5.0),
+        (410, None, False, False, None),
+    ],
+)
+def test_a_receivers_answer_is_delivered_retried_or_final(
+    status: int, retry_after: str | None, delivered: bool, retryable: bool, wait_s: float | None
+) -> None:
+    result = classify_response(status, retry_after)
+
+    assert (result.delivered, result.retryable, result.status) == (delivered, retryable, status)
+    assert (result.error is None) == delivered
+    assert result.retry_after_s == wait_s

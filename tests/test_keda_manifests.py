@@ -8,6 +8,7 @@ skips and says why; the invariants are checked regardless.
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -57,10 +58,20 @@ def test_manifest_validates_against_the_keda_crd(path: Path, doc: dict[str, Any]
     jsonschema.validate(doc, _schema(doc["kind"], doc["apiVersion"]))
 
 
-@pytest.mark.parametrize("path", sorted(KEDA_DIR.glob("*.yaml")), ids=lambda p: p.name)
-def test_each_manifest_says_what_behaviour_it_produces(path: Path) -> None:
-    first_line = path.read_text().splitlines()[0]
-    assert first_line.startswith("# Behaviour: ") and len(first_line) > 40, path
+@pytest.mark.parametrize("doc", _scaled_objects(), ids=lambda d: d["metadata"]["name"])
+def test_each_scaled_object_says_the_behaviour_its_fields_produce(doc: dict[str, Any]) -> None:
+    """The first line is what an operator reads; its figures must be the manifest's own."""
+    policy = policy_from_scaled_object(doc)
+    path = KEDA_DIR / f"scaledobject-{policy.model}.yaml"
+    said = re.fullmatch(
+        r"# Behaviour: .* one replica per (\d+) jobs of backlog up to (\d+).* back to 0 after (\d+) min.*",
+        path.read_text().splitlines()[0],
+    )
+    assert said is not None, f"{path.name}: first line must say the per-replica backlog, maximum and cooldown"
+    per_replica, maximum, idle_min = map(int, said.groups())
+    assert per_replica == policy.target_per_replica
+    assert maximum == policy.max_replicas
+    assert idle_min * 60 == policy.cooldown_s
 
 
 def test_every_served_model_has_exactly_one_scaled_object() -> None:
