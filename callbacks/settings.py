@@ -8,17 +8,9 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from callbacks.signing import parse_secrets
+from callbacks.signing import InvalidWebhookSecret, parse_secrets
 from contract.callback_guard import AllowList
-from contract.config import (
-    DEFAULT_AMQP_URL,
-    ConfigError,
-    csv_list,
-    env_float,
-    env_int,
-    served_models,
-    topology_from_env,
-)
+from contract.config import DEFAULT_AMQP_URL, ConfigError, Environment
 from contract.topology import Topology
 
 
@@ -49,25 +41,24 @@ class CallbackSettings:
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> CallbackSettings:
-        secret = env.get("WEBHOOK_SECRET", "")
-        if not secret.strip():
+        read = Environment.read(env)
+        if not read.webhook_secret:
             raise ConfigError("WEBHOOK_SECRET is not set; expected whsec_<base64> (task up makes one)")
         try:
-            parse_secrets(secret)
-        except ValueError as exc:
-            raise ConfigError(f"WEBHOOK_SECRET: {exc}") from exc
-        models = served_models(env)
+            parse_secrets(read.webhook_secret)
+        except InvalidWebhookSecret as exc:
+            raise ConfigError(str(exc)) from None
         return cls(
-            amqp_url=env.get("AMQP_URL", DEFAULT_AMQP_URL),
-            webhook_secret=secret,
-            callback_allow=AllowList.parse(csv_list(env.get("CALLBACK_ALLOW_HOSTS", ""))),
-            models=models,
-            topology=topology_from_env(env, models),
-            callback_timeout_s=env_float(env, "CALLBACK_TIMEOUT_S", 10.0, minimum=0.1),
-            callback_concurrency=env_int(env, "CALLBACK_CONCURRENCY", 256, minimum=1),
-            callback_host_concurrency=env_int(env, "CALLBACK_HOST_CONCURRENCY", 64, minimum=1),
-            callback_prefetch=env_int(env, "CALLBACK_PREFETCH", 1024, minimum=1),
-            callback_breaker_threshold=env_int(env, "CALLBACK_BREAKER_THRESHOLD", 5, minimum=1),
-            callback_breaker_cooldown_s=env_float(env, "CALLBACK_BREAKER_COOLDOWN_S", 30.0),
-            drain_timeout_s=env_float(env, "DRAIN_TIMEOUT_S", 30.0),
+            amqp_url=read.amqp_url,
+            webhook_secret=read.webhook_secret,
+            callback_allow=AllowList.parse(read.callback_allow_hosts),
+            models=read.served_models,
+            topology=read.topology(),
+            callback_timeout_s=read.callback_timeout_s,
+            callback_concurrency=read.callback_concurrency,
+            callback_host_concurrency=read.callback_host_concurrency,
+            callback_prefetch=read.callback_prefetch,
+            callback_breaker_threshold=read.callback_breaker_threshold,
+            callback_breaker_cooldown_s=read.callback_breaker_cooldown_s,
+            drain_timeout_s=read.drain_timeout_s,
         )

@@ -1,92 +1,75 @@
-"""Parsing of the environment variables both services share.
+"""The one place the environment is read: every variable any process accepts, typed and
+validated by pydantic when the process starts.
 
-Each service reads its environment once, at its entry point, into its own typed
-settings object; these helpers keep the shared names and their rules in one place.
+`Environment.read(env)` validates the whole mapping at once; each process then builds its
+own settings object from the result (`IngressSettings`, `WorkerSettings`,
+`CallbackSettings`, `StackSettings`), so a value is parsed, and its rule written, once.
+A bad value stops the process with `ConfigError` naming the variable, the value (unless
+it is a secret) and what the variable accepts. Empty variables count as unset.
+
+pydantic rather than pydantic-settings: the mapping is read explicitly, so tests and the
+entry points take the same path, and the per-model variables (`RETRY_DELAYS_S_<MODEL>`,
+`BATCH_LATENCY_TARGET_MS_<MODEL>`) are gathered here before validation.
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
+from typing import Annotated, Any
+
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    model_validator,
+)
 
 from contract.retry_tiers import RetrySchedule
 from contract.topology import DEFAULT_CALLBACK_RETRY_DELAYS_S, DEFAULT_JOB_RETRY_DELAYS_S, Topology
 
 DEFAULT_AMQP_URL = "amqp://guest:guest@127.0.0.1:5672/%2F"
-DEFAULT_MODELS = "echo,embed-minilm"
+DEFAULT_MODELS = ("echo", "embed-minilm")
 TEST_MODELS = ("synthetic",)
 KNOWN_MODELS = ("echo", "embed-minilm", "synthetic")
+# Never echoed back in an error: they carry credentials.
+SECRET_VARIABLES = frozenset({"AMQP_URL", "WEBHOOK_SECRET", "API_KEYS", "RABBITMQ_MANAGEMENT_URL"})
+# Per-model variables: `<PREFIX><MODEL>`, MODEL as `model_env_suffix` writes it.
+PER_MODEL_PREFIXES = {
+    "RETRY_DELAYS_S_": "retry_delays_s_by_model",
+    "BATCH_LATENCY_TARGET_MS_": "batch_latency_target_ms_by_model",
+}
 
 
 class ConfigError(ValueError):
     """An environment variable holds a value the service cannot use."""
 
 
-def csv_list(value: str) -> tuple[str, ...]:
-    return tuple(item.strip() for item in value.split(",") if item.strip())
-
-
-def env_flag(env: Mapping[str, str], name: str, default: bool = False) -> bool:
-    raw = env.get(name, "").strip().lower()
-    if not raw:
-        return default
-    if raw in ("1", "true", "yes", "on"):
-        return True
-    if raw in ("0", "false", "no", "off"):
-        return False
-    raise ConfigError(f"{name}={raw!r} is not a boolean; expected one of 1/0, true/false, on/off")
-
-
-def env_int(env: Mapping[str, str], name: str, default: int, minimum: int = 0) -> int:
-    return int(_env_number(env, name, default, minimum, int))
-
-
-def env_float(env: Mapping[str, str], name: str, default: float, minimum: float = 0.0) -> float:
-    return _env_number(env, name, default, minimum, float)
-
-
-def _env_number(
-    env: Mapping[str, str], name: str, default: float, minimum: float, parse: type[int] | type[float]
-) -> float:
-    raw = env.get(name, "").strip()
-    if not raw:
-        return default
-    try:
-        value = parse(raw)
-    except ValueError as exc:
-        raise ConfigError(f"{name}={raw!r} is not {'an integer' if parse is int else 'a number'}") from exc
-    if value < minimum:
-        raise ConfigError(f"{name}={value} is below the minimum {minimum}")
+def _split_csv(value: object) -> object:
+    if isinstance(value, str):
+        return tuple(item.strip() for item in value.split(",") if item.strip())
     return value
 
 
-def served_models(env: Mapping[str, str]) -> tuple[str, ...]:
-    """`MODELS`, plus the test models when `ENABLE_TEST_MODELS` is on."""
-    models = csv_list(env.get("MODELS", DEFAULT_MODELS))
+def _known_models(models: tuple[str, ...]) -> tuple[str, ...]:
     unknown = [model for model in models if model not in KNOWN_MODELS]
     if unknown:
-        raise ConfigError(f"MODELS names unknown model(s) {unknown}; known: {list(KNOWN_MODELS)}")
-    test_models = [m for m in models if m in TEST_MODELS]
-    enabled = env_flag(env, "ENABLE_TEST_MODELS")
-    if test_models and not enabled:
-        raise ConfigError(f"MODELS lists {test_models}, which needs ENABLE_TEST_MODELS=1")
-    if enabled:
-        models += tuple(m for m in TEST_MODELS if m not in models)
-    if not models:
-        raise ConfigError("MODELS is empty; name at least one model")
+        raise ValueError(f"names unknown model(s) {unknown}; known: {list(KNOWN_MODELS)}")
     return models
 
 
-def env_delays(env: Mapping[str, str], name: str, default: tuple[float, ...]) -> tuple[float, ...]:
-    raw = env.get(name, "").strip()
-    if not raw:
-        return default
-    try:
-        delays = tuple(float(item) for item in csv_list(raw))
-    except ValueError as exc:
-        raise ConfigError(f"{name}={raw!r} is not a comma-separated list of seconds") from exc
-    if not delays or any(delay <= 0 for delay in delays):
-        raise ConfigError(f"{name}={raw!r} needs one or more delays > 0 s")
-    return delays
+CsvList = Annotated[tuple[str, ...], BeforeValidator(_split_csv)]
+# Comma-separated seconds, each > 0, at least one.
+Delays = Annotated[
+    tuple[Annotated[float, Field(gt=0)], ...], BeforeValidator(_split_csv), Field(min_length=1)
+]
+Models = Annotated[
+    tuple[str, ...], BeforeValidator(_split_csv), Field(min_length=1), AfterValidator(_known_models)
+]
+Port = Annotated[int, Field(ge=0, le=65535)]
 
 
 def model_env_suffix(model: str) -> str:
@@ -94,28 +77,139 @@ def model_env_suffix(model: str) -> str:
     return model.upper().replace("-", "_")
 
 
-def topology_from_env(env: Mapping[str, str], models: tuple[str, ...]) -> Topology:
-    """The topology both services must agree on: names, limits and retry schedules.
+class Environment(BaseModel):
+    """Every variable, by its name, with its default and its rule."""
 
-    `RETRY_DELAYS_S` is the job retry schedule; `RETRY_DELAYS_S_<MODEL>` overrides it
-    for one model (e.g. `RETRY_DELAYS_S_EMBED_MINILM`).
-    """
-    jitter = env_float(env, "RETRY_JITTER", 0.1)
-    if jitter >= 1:
-        raise ConfigError(f"RETRY_JITTER={jitter} must be below 1")
-    default_delays = env_delays(env, "RETRY_DELAYS_S", DEFAULT_JOB_RETRY_DELAYS_S)
-    by_model = {
-        model: RetrySchedule(
-            env_delays(env, f"RETRY_DELAYS_S_{model_env_suffix(model)}", default_delays), jitter
+    model_config = ConfigDict(frozen=True, extra="ignore", hide_input_in_errors=True)
+
+    # Shared by every process: what is served and the topology they must agree on.
+    amqp_url: str = Field(DEFAULT_AMQP_URL, alias="AMQP_URL", repr=False)
+    models: Models = Field(DEFAULT_MODELS, alias="MODELS")
+    enable_test_models: bool = Field(False, alias="ENABLE_TEST_MODELS")
+    queue_prefix: str = Field("", alias="QUEUE_PREFIX")
+    max_queue_length: int = Field(100_000, ge=1, alias="MAX_QUEUE_LENGTH")
+    retry_delays_s: Delays = Field(DEFAULT_JOB_RETRY_DELAYS_S, alias="RETRY_DELAYS_S")
+    retry_delays_s_by_model: dict[str, Delays] = Field(default_factory=dict)
+    callback_retry_delays_s: Delays = Field(DEFAULT_CALLBACK_RETRY_DELAYS_S, alias="CALLBACK_RETRY_DELAYS_S")
+    retry_jitter: float = Field(0.1, ge=0, lt=1, alias="RETRY_JITTER")
+    callback_allow_hosts: CsvList = Field((), alias="CALLBACK_ALLOW_HOSTS")
+    drain_timeout_s: float = Field(30.0, ge=0, alias="DRAIN_TIMEOUT_S")
+
+    # The ingress.
+    ingress_host: str = Field("127.0.0.1", alias="INGRESS_HOST")
+    ingress_port: Port = Field(8000, alias="INGRESS_PORT")
+    api_keys: CsvList = Field((), alias="API_KEYS", repr=False)
+    max_body_bytes: int = Field(1024 * 1024, ge=1, alias="MAX_BODY_BYTES")
+    ingress_access_log: bool = Field(False, alias="INGRESS_ACCESS_LOG")
+
+    # The model workers.
+    batch_max_size: int = Field(128, ge=1, alias="BATCH_MAX_SIZE")
+    batch_max_wait_ms: float = Field(5.0, ge=0, alias="BATCH_MAX_WAIT_MS")
+    batch_adaptive: bool = Field(True, alias="BATCH_ADAPTIVE")
+    batch_latency_target_ms: float = Field(200.0, ge=1, alias="BATCH_LATENCY_TARGET_MS")
+    batch_latency_target_ms_by_model: dict[str, Annotated[float, Field(ge=1)]] = Field(default_factory=dict)
+    breaker_failure_threshold: int = Field(5, ge=1, alias="BREAKER_FAILURE_THRESHOLD")
+    breaker_cooldown_s: float = Field(30.0, ge=0, alias="BREAKER_COOLDOWN_S")
+    model_threads: int = Field(default_factory=lambda: os.cpu_count() or 1, ge=1, alias="MODEL_THREADS")
+    worker_num_gpus: float = Field(0.0, ge=0, alias="WORKER_NUM_GPUS")
+
+    # The callback stage.
+    webhook_secret: str = Field("", alias="WEBHOOK_SECRET", repr=False)
+    callback_timeout_s: float = Field(10.0, ge=0.1, alias="CALLBACK_TIMEOUT_S")
+    callback_concurrency: int = Field(256, ge=1, alias="CALLBACK_CONCURRENCY")
+    callback_host_concurrency: int = Field(64, ge=1, alias="CALLBACK_HOST_CONCURRENCY")
+    callback_prefetch: int = Field(1024, ge=1, alias="CALLBACK_PREFETCH")
+    callback_breaker_threshold: int = Field(5, ge=1, alias="CALLBACK_BREAKER_THRESHOLD")
+    callback_breaker_cooldown_s: float = Field(30.0, ge=0, alias="CALLBACK_BREAKER_COOLDOWN_S")
+
+    # The local stack (`task up`).
+    rabbitmq_management_url: str | None = Field(None, alias="RABBITMQ_MANAGEMENT_URL", repr=False)
+    scaledobjects_dir: str = Field("keda", alias="SCALEDOBJECTS_DIR")
+    local_autoscaler: bool = Field(True, alias="LOCAL_AUTOSCALER")
+    local_max_replicas: int | None = Field(None, ge=1, alias="LOCAL_MAX_REPLICAS")
+    worker_replicas: int = Field(1, ge=1, alias="WORKER_REPLICAS")
+    autoscaler_metrics_port: Port = Field(9101, alias="AUTOSCALER_METRICS_PORT")
+    worker_metrics_port: Port = Field(9102, alias="WORKER_METRICS_PORT")
+    serve_http_port: Port = Field(0, alias="SERVE_HTTP_PORT")
+
+    @model_validator(mode="after")
+    def _cross_field_rules(self) -> Environment:
+        test_models = [m for m in self.models if m in TEST_MODELS]
+        if test_models and not self.enable_test_models:
+            raise ValueError(f"MODELS lists {test_models}, which needs ENABLE_TEST_MODELS=1")
+        if self.callback_host_concurrency > self.callback_concurrency:
+            raise ValueError(
+                f"CALLBACK_HOST_CONCURRENCY={self.callback_host_concurrency} exceeds "
+                f"CALLBACK_CONCURRENCY={self.callback_concurrency}; a host's share must fit in the total"
+            )
+        return self
+
+    @classmethod
+    def read(cls, env: Mapping[str, str]) -> Environment:
+        """Validate `env` (os.environ at an entry point); ConfigError on the first bad value."""
+        values: dict[str, Any] = {name: value for name, value in env.items() if value.strip()}
+        for prefix, field_name in PER_MODEL_PREFIXES.items():
+            values[field_name] = {
+                name.removeprefix(prefix): value for name, value in values.items() if name.startswith(prefix)
+            }
+        try:
+            return cls.model_validate(values)
+        except ValidationError as exc:
+            raise _config_error(exc, env) from None
+
+    @property
+    def served_models(self) -> tuple[str, ...]:
+        """`MODELS`, plus the test models when `ENABLE_TEST_MODELS` is on."""
+        if not self.enable_test_models:
+            return self.models
+        return self.models + tuple(m for m in TEST_MODELS if m not in self.models)
+
+    def topology(self) -> Topology:
+        """The topology every process must agree on: names, limits and retry schedules.
+
+        `RETRY_DELAYS_S` is the job retry schedule; `RETRY_DELAYS_S_<MODEL>` overrides it
+        for one model (e.g. `RETRY_DELAYS_S_EMBED_MINILM`)."""
+        by_model = {
+            model: RetrySchedule(
+                self.retry_delays_s_by_model.get(model_env_suffix(model), self.retry_delays_s),
+                self.retry_jitter,
+            )
+            for model in self.served_models
+        }
+        return Topology(
+            prefix=self.queue_prefix,
+            max_queue_length=self.max_queue_length,
+            job_retries=RetrySchedule(self.retry_delays_s, self.retry_jitter),
+            job_retries_by_model=by_model,
+            callback_retries=RetrySchedule(self.callback_retry_delays_s, self.retry_jitter),
         )
-        for model in models
-    }
-    return Topology(
-        prefix=env.get("QUEUE_PREFIX", ""),
-        max_queue_length=env_int(env, "MAX_QUEUE_LENGTH", 100_000, minimum=1),
-        job_retries=RetrySchedule(default_delays, jitter),
-        job_retries_by_model=by_model,
-        callback_retries=RetrySchedule(
-            env_delays(env, "CALLBACK_RETRY_DELAYS_S", DEFAULT_CALLBACK_RETRY_DELAYS_S), jitter
-        ),
-    )
+
+    def latency_targets_s_by_model(self) -> dict[str, float]:
+        """`BATCH_LATENCY_TARGET_MS_<MODEL>` of the served models, in seconds."""
+        return {
+            model: self.batch_latency_target_ms_by_model[model_env_suffix(model)] / 1000
+            for model in self.served_models
+            if model_env_suffix(model) in self.batch_latency_target_ms_by_model
+        }
+
+
+def _config_error(exc: ValidationError, env: Mapping[str, str]) -> ConfigError:
+    """The first error, as `NAME='value': what it accepts` (no value for a secret)."""
+    error = exc.errors(include_url=False)[0]
+    message = str(error["msg"]).removeprefix("Value error, ")
+    location = [str(part) for part in error["loc"]]
+    if not location:  # a rule across variables: its message names them
+        return ConfigError(message)
+    name = _variable_name(location)
+    if name in SECRET_VARIABLES:
+        return ConfigError(f"{name}: {message}")
+    item = f" (item {int(location[-1]) + 1})" if location[-1].isdigit() else ""
+    return ConfigError(f"{name}={env.get(name, '')!r}{item}: {message}")
+
+
+def _variable_name(location: list[str]) -> str:
+    for prefix, field_name in PER_MODEL_PREFIXES.items():
+        if location[0] == field_name and len(location) > 1:
+            return prefix + location[1]
+    alias = Environment.model_fields[location[0]].alias if location[0] in Environment.model_fields else None
+    return alias or location[0]

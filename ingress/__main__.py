@@ -4,16 +4,22 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 
 import uvicorn
 
+from contract.config import ConfigError
 from ingress.app import create_app
 from ingress.settings import IngressSettings
 
 
-def main() -> None:
+def main() -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    settings = IngressSettings.from_env(os.environ)
+    try:
+        settings = IngressSettings.from_env(os.environ)
+    except ConfigError as exc:
+        print(f"cannot start: {exc}", file=sys.stderr)
+        return 2
     # uvicorn finishes in-flight requests on SIGTERM/SIGINT before the lifespan closes the broker.
     uvicorn.run(
         create_app(settings),
@@ -23,7 +29,8 @@ def main() -> None:
         access_log=settings.access_log,
         timeout_graceful_shutdown=30,
     )
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -6,14 +6,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from contract.callback_guard import AllowList
-from contract.config import (
-    DEFAULT_AMQP_URL,
-    csv_list,
-    env_flag,
-    env_int,
-    served_models,
-    topology_from_env,
-)
+from contract.config import DEFAULT_AMQP_URL, Environment
 from contract.topology import Topology
 
 
@@ -34,15 +27,15 @@ class IngressSettings:
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> IngressSettings:
-        models = served_models(env)
+        read = Environment.read(env)
         return cls(
-            amqp_url=env.get("AMQP_URL", DEFAULT_AMQP_URL),
-            host=env.get("INGRESS_HOST", "127.0.0.1"),
-            port=env_int(env, "INGRESS_PORT", 8000, minimum=0),
-            api_keys=csv_list(env.get("API_KEYS", "")),
-            callback_allow=AllowList.parse(csv_list(env.get("CALLBACK_ALLOW_HOSTS", ""))),
-            max_body_bytes=env_int(env, "MAX_BODY_BYTES", 1024 * 1024, minimum=1),
-            models=models,
-            topology=topology_from_env(env, models),
-            access_log=env_flag(env, "INGRESS_ACCESS_LOG"),
+            amqp_url=read.amqp_url,
+            host=read.ingress_host,
+            port=read.ingress_port,
+            api_keys=read.api_keys,
+            callback_allow=AllowList.parse(read.callback_allow_hosts),
+            max_body_bytes=read.max_body_bytes,
+            models=read.served_models,
+            topology=read.topology(),
+            access_log=read.ingress_access_log,
         )

@@ -28,7 +28,7 @@ from autoscaler.queue_metrics import ManagementApi, management_url_from_amqp, vh
 from autoscaler.scaling_policy import InvalidScaledObject, ScalingPolicy, load_policies
 from callbacks.settings import CallbackSettings
 from callbacks.signing import generate_secret
-from contract.config import DEFAULT_AMQP_URL, ConfigError, env_flag, env_int
+from contract.config import ConfigError, Environment
 from local_stack.local_broker import BrokerNotAvailable, ensure_broker, ensure_management_api
 from ray_workers.deployment import (
     run_callback_dispatcher,
@@ -65,21 +65,21 @@ class StackSettings:
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> StackSettings:
-        amqp_url = env.get("AMQP_URL", DEFAULT_AMQP_URL)
+        read = Environment.read(env)
         workers = WorkerSettings.from_env(env)
         cores_worth = max(1, (os.cpu_count() or 1) // workers.model_threads)
         return cls(
             workers=workers,
             callbacks=CallbackSettings.from_env(env),
-            amqp_url=amqp_url,
-            management_url=env.get("RABBITMQ_MANAGEMENT_URL", management_url_from_amqp(amqp_url)),
-            scaled_objects_dir=Path(env.get("SCALEDOBJECTS_DIR", "keda")),
-            autoscale=env_flag(env, "LOCAL_AUTOSCALER", default=True),
-            local_max_replicas=env_int(env, "LOCAL_MAX_REPLICAS", cores_worth, minimum=1),
-            fixed_replicas=env_int(env, "WORKER_REPLICAS", 1, minimum=1),
-            metrics_port=env_int(env, "AUTOSCALER_METRICS_PORT", 9101, minimum=0),
-            worker_metrics_port=env_int(env, "WORKER_METRICS_PORT", 9102, minimum=0),
-            serve_http_port=env_int(env, "SERVE_HTTP_PORT", 0, minimum=0),
+            amqp_url=read.amqp_url,
+            management_url=read.rabbitmq_management_url or management_url_from_amqp(read.amqp_url),
+            scaled_objects_dir=Path(read.scaledobjects_dir),
+            autoscale=read.local_autoscaler,
+            local_max_replicas=read.local_max_replicas or cores_worth,
+            fixed_replicas=read.worker_replicas,
+            metrics_port=read.autoscaler_metrics_port,
+            worker_metrics_port=read.worker_metrics_port,
+            serve_http_port=read.serve_http_port,
         )
 
 

@@ -9,16 +9,16 @@ import sys
 from collections.abc import Sequence
 
 from contract.broker import Broker, BrokerError
-from contract.config import DEFAULT_AMQP_URL, ConfigError, served_models, topology_from_env
+from contract.config import ConfigError, Environment
 from parking_lot.lots import ParkingLot, ReplayStopped, inspect, replay
 
 
 async def _main(args: argparse.Namespace) -> int:
-    env = os.environ
-    models = served_models(env)
+    read = Environment.read(os.environ)
+    models = read.served_models
     if args.model is not None and args.model not in models:
         raise ConfigError(f"--model {args.model!r} is not served; served: {list(models)}")
-    broker = Broker(env.get("AMQP_URL", DEFAULT_AMQP_URL), topology_from_env(env, models), models)
+    broker = Broker(read.amqp_url, read.topology(), models)
     await broker.connect()
     try:
         lot = ParkingLot(broker.topology, args.model)

@@ -16,7 +16,7 @@ import sys
 import threading
 
 from callbacks.settings import CallbackSettings
-from contract.config import ConfigError, env_float
+from contract.config import ConfigError
 from ray_workers.settings import WorkerSettings
 
 
@@ -35,7 +35,6 @@ def main(argv: list[str] | None = None) -> int:
                 raise ConfigError(f"model {args.model!r} is not in MODELS {list(settings.models)}")
         else:
             settings = CallbackSettings.from_env(os.environ)
-        num_gpus = env_float(os.environ, "WORKER_NUM_GPUS", 0.0)
     except ConfigError as exc:
         print(f"cannot start: {exc}", file=sys.stderr)
         return 2
@@ -55,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
         signal.signal(signum, lambda _signum, _frame: stop.set())
     try:
         if isinstance(settings, WorkerSettings):
-            run_model_worker(args.model, settings, num_replicas=1, num_gpus=num_gpus)
+            run_model_worker(args.model, settings, num_replicas=1, num_gpus=settings.num_gpus)
         else:
             run_callback_dispatcher(settings)
         stop.wait()

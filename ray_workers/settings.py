@@ -7,15 +7,7 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from contract.config import (
-    DEFAULT_AMQP_URL,
-    env_flag,
-    env_float,
-    env_int,
-    model_env_suffix,
-    served_models,
-    topology_from_env,
-)
+from contract.config import DEFAULT_AMQP_URL, Environment
 from contract.topology import Topology
 
 
@@ -36,28 +28,27 @@ class WorkerSettings:
     drain_timeout_s: float = 30.0
     # Intra-op threads of a model replica (OMP_NUM_THREADS); default: the machine's cores.
     model_threads: int = field(default_factory=lambda: os.cpu_count() or 1)
+    # GPUs Ray reserves for each replica (a pod's WORKER_NUM_GPUS).
+    num_gpus: float = 0.0
 
     def latency_target_s(self, model: str) -> float:
         return self.batch_latency_target_by_model.get(model, self.batch_latency_target_s)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> WorkerSettings:
-        models = served_models(env)
+        read = Environment.read(env)
         return cls(
-            amqp_url=env.get("AMQP_URL", DEFAULT_AMQP_URL),
-            models=models,
-            topology=topology_from_env(env, models),
-            batch_max_size=env_int(env, "BATCH_MAX_SIZE", 128, minimum=1),
-            batch_max_wait_s=env_float(env, "BATCH_MAX_WAIT_MS", 5.0) / 1000,
-            batch_adaptive=env_flag(env, "BATCH_ADAPTIVE", default=True),
-            batch_latency_target_s=env_float(env, "BATCH_LATENCY_TARGET_MS", 200.0, minimum=1.0) / 1000,
-            batch_latency_target_by_model={
-                model: env_float(env, f"BATCH_LATENCY_TARGET_MS_{model_env_suffix(model)}", 0.0) / 1000
-                for model in models
-                if env.get(f"BATCH_LATENCY_TARGET_MS_{model_env_suffix(model)}")
-            },
-            breaker_failure_threshold=env_int(env, "BREAKER_FAILURE_THRESHOLD", 5, minimum=1),
-            breaker_cooldown_s=env_float(env, "BREAKER_COOLDOWN_S", 30.0),
-            drain_timeout_s=env_float(env, "DRAIN_TIMEOUT_S", 30.0),
-            model_threads=env_int(env, "MODEL_THREADS", os.cpu_count() or 1, minimum=1),
+            amqp_url=read.amqp_url,
+            models=read.served_models,
+            topology=read.topology(),
+            batch_max_size=read.batch_max_size,
+            batch_max_wait_s=read.batch_max_wait_ms / 1000,
+            batch_adaptive=read.batch_adaptive,
+            batch_latency_target_s=read.batch_latency_target_ms / 1000,
+            batch_latency_target_by_model=read.latency_targets_s_by_model(),
+            breaker_failure_threshold=read.breaker_failure_threshold,
+            breaker_cooldown_s=read.breaker_cooldown_s,
+            drain_timeout_s=read.drain_timeout_s,
+            model_threads=read.model_threads,
+            num_gpus=read.worker_num_gpus,
         )

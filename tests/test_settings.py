@@ -73,14 +73,18 @@ def test_the_secrets_never_appear_in_a_repr() -> None:
 @pytest.mark.parametrize(
     ("env", "message"),
     [
-        ({"BATCH_MAX_SIZE": "many"}, "BATCH_MAX_SIZE='many' is not an integer"),
-        ({"BATCH_MAX_SIZE": "0"}, "BATCH_MAX_SIZE=0 is below the minimum 1"),
-        ({"BATCH_ADAPTIVE": "maybe"}, "BATCH_ADAPTIVE='maybe' is not a boolean"),
-        ({"RETRY_DELAYS_S": "5,soon"}, "RETRY_DELAYS_S='5,soon' is not a comma-separated list of seconds"),
-        ({"RETRY_DELAYS_S": "5,-1"}, "needs one or more delays > 0 s"),
-        ({"MODELS": "echo,gpt-9"}, "unknown model"),
-        ({"MODELS": "synthetic"}, "needs ENABLE_TEST_MODELS=1"),
-        ({"RETRY_JITTER": "1.5"}, "RETRY_JITTER=1.5 must be below 1"),
+        ({"BATCH_MAX_SIZE": "many"}, "BATCH_MAX_SIZE='many': Input should be a valid integer"),
+        ({"BATCH_MAX_SIZE": "0"}, "BATCH_MAX_SIZE='0': Input should be greater than or equal to 1"),
+        ({"BATCH_ADAPTIVE": "maybe"}, "BATCH_ADAPTIVE='maybe': Input should be a valid boolean"),
+        ({"RETRY_DELAYS_S": "5,soon"}, "RETRY_DELAYS_S='5,soon' (item 2): Input should be a valid number"),
+        ({"RETRY_DELAYS_S": "5,-1"}, "RETRY_DELAYS_S='5,-1' (item 2): Input should be greater than 0"),
+        ({"RETRY_DELAYS_S_ECHO": "x"}, "RETRY_DELAYS_S_ECHO='x' (item 1): Input should be a valid number"),
+        ({"MODELS": "echo,gpt-9"}, "MODELS='echo,gpt-9': names unknown model(s) ['gpt-9']"),
+        ({"MODELS": " , "}, "MODELS=' , ': Value should have at least 1 item"),
+        ({"MODELS": "synthetic"}, "MODELS lists ['synthetic'], which needs ENABLE_TEST_MODELS=1"),
+        ({"RETRY_JITTER": "1.5"}, "RETRY_JITTER='1.5': Input should be less than 1"),
+        ({"INGRESS_PORT": "99999"}, "INGRESS_PORT='99999': Input should be less than or equal to 65535"),
+        ({"AMQP_URL": "amqp://u:pw-9@h/", "DRAIN_TIMEOUT_S": "-1"}, "DRAIN_TIMEOUT_S='-1'"),
     ],
 )
 def test_given_a_bad_value_then_start_fails_naming_the_variable_and_what_it_accepts(
@@ -110,3 +114,14 @@ def test_given_documented_variables_then_they_reach_the_settings_in_their_units(
     assert settings.topology.job_retry_schedule("synthetic").delays_s == (1.0, 2.0)
     assert settings.batch_max_wait_s == 0.02
     assert (settings.latency_target_s("echo"), settings.latency_target_s("synthetic")) == (0.05, 0.2)
+
+
+def test_given_a_bad_secret_bearing_value_then_the_error_never_shows_it() -> None:
+    with pytest.raises(ConfigError) as error:
+        IngressSettings.from_env(
+            {"API_KEYS": "k-1", "CALLBACK_CONCURRENCY": "1", "CALLBACK_HOST_CONCURRENCY": "2"}
+        )
+    assert "k-1" not in str(error.value)
+    with pytest.raises(ConfigError, match="WEBHOOK_SECRET") as error:
+        CallbackSettings.from_env({"WEBHOOK_SECRET": "whsec_c2hvcnQ="})
+    assert "c2hvcnQ" not in str(error.value)
