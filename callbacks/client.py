@@ -3,7 +3,8 @@
 Outcomes, never exceptions, come back to the dispatcher:
 
     DeliveryResult(delivered=True)                  2xx
-    DeliveryResult(retryable=True, ...)             timeout, connection error, 5xx, 429, 408, 3xx
+    DeliveryResult(retryable=True, ...)             timeout, connection error, 5xx, 429, 408, 3xx,
+                                                    a temporary DNS failure
     DeliveryResult(retryable=False, ...)            410 Gone, other 4xx, URL refused by the guard,
                                                     a request the client cannot even build
 
@@ -41,9 +42,9 @@ from contract.callback_guard import (
     AllowList,
     CallbackUrlRejected,
     IPAddress,
+    ResolutionUnavailable,
     Resolver,
     check_callback_url,
-    resolve_with_system_dns,
 )
 from contract.envelope import CallbackDelivery
 
@@ -107,7 +108,7 @@ class CallbackClient:
         timeout_s: float,
         max_connections: int,
         max_connections_per_host: int,
-        resolve: Resolver = resolve_with_system_dns,
+        resolve: Resolver,
     ) -> None:
         self._signer = signer
         self._allow = allow
@@ -143,6 +144,8 @@ class CallbackClient:
             url = URL(delivery.callback_url, encoded=False)
         except CallbackUrlRejected as exc:
             return DeliveryResult(delivered=False, retryable=False, error=f"refused: {exc}")
+        except ResolutionUnavailable as exc:
+            return DeliveryResult(delivered=False, retryable=True, error=f"dns: {exc}")
         except ValueError as exc:
             return DeliveryResult(delivered=False, retryable=False, error=f"refused: unusable URL: {exc}")
         if url.raw_host:

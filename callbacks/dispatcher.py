@@ -29,7 +29,7 @@ from callbacks.host_slots import HostSlots
 from callbacks.settings import CallbackSettings
 from callbacks.signing import WebhookSigner
 from contract.broker import Broker, Delivery, OutgoingMessage
-from contract.callback_guard import Resolver, resolve_with_system_dns
+from contract.callback_guard import Resolver, SystemResolver
 from contract.circuit_breaker import BreakerState, CircuitBreaker
 from contract.envelope import (
     ATTEMPT_HEADER,
@@ -42,6 +42,9 @@ from contract.settlement import Publish, settle
 
 logger = logging.getLogger(__name__)
 
+# How many times a delivery went back to a delay tier without an attempt.
+DEFERRALS_HEADER = "x-deferrals"
+
 
 def host_key(callback_url: str) -> str:
     """The host a delivery's slots and breaker belong to ("" for a URL with none)."""
@@ -52,18 +55,20 @@ def host_key(callback_url: str) -> str:
 
 
 class CallbackDispatcher:
-    def __init__(self, settings: CallbackSettings, resolve: Resolver = resolve_with_system_dns) -> None:
+    def __init__(self, settings: CallbackSettings, resolve: Resolver | None = None) -> None:
         self._settings = settings
         self._topology = settings.topology
         self._schedule = settings.topology.callback_retries
-        self._broker = Broker(settings.amqp_url, settings.topology, settings.models)
+        self._broker = Broker(settings.amqp_url, settings.topology, settings.models, role="callbacks")
+        # The guard's lookups run on threads of their own, each with a deadline.
+        self._own_resolver = SystemResolver(timeout_s=settings.dns_timeout_s)
         self._client = CallbackClient(
             WebhookSigner(settings.webhook_secret),
             settings.callback_allow,
             settings.callback_timeout_s,
             max_connections=settings.callback_concurrency,
             max_connections_per_host=settings.callback_host_concurrency,
-            resolve=resolve,
+            resolve=resolve or self._own_resolver,
         )
         self.slots = HostSlots(
             settings.callback_concurrency,
@@ -79,7 +84,8 @@ class CallbackDispatcher:
         self.deferrals = 0
 
     @property
-    def is_healthy(self) -> bool:
+    def is_ready(self) -> bool:
+        """Connected to the broker. Not liveness: a broker outage heals by reconnecting."""
         return self._broker.is_ready
 
     def breaker_for(self, host: str) -> CircuitBreaker:
@@ -109,6 +115,7 @@ class CallbackDispatcher:
                     await task
         await self._broker.close()
         await self._client.close()
+        self._own_resolver.close()
 
     async def _on_delivery(self, delivery: Delivery) -> None:
         task = asyncio.create_task(self._handle(delivery))
@@ -195,15 +202,28 @@ class CallbackDispatcher:
         return min((d for d in delays if d >= wait_s), default=delays[-1])
 
     async def _defer(self, delivery: Delivery, attempt: int, wait_s: float) -> None:
-        """Wait in a delay tier without spending an attempt (breaker open or host over its share)."""
+        """Wait in a delay tier without spending an attempt (breaker open or host over its
+        share), at most CALLBACK_MAX_DEFERRALS times: a host that stays unusable for that
+        long gets its callbacks parked (replayable), not churned through the tiers forever."""
+        deferred = int(delivery.headers.get(DEFERRALS_HEADER, 0))
+        if deferred >= self._settings.callback_max_deferrals:
+            logger.warning("callback %s parked after %d deferrals", delivery.message_id, deferred)
+            await self._park(
+                delivery, f"deferred {deferred} times (its host's breaker open or host saturated)"
+            )
+            return
         self.deferrals += 1
-        await self._republish(delivery, attempt, self._tier_at_least(wait_s))
+        await self._republish(
+            delivery, attempt, self._tier_at_least(wait_s), {DEFERRALS_HEADER: deferred + 1}
+        )
 
-    async def _republish(self, delivery: Delivery, attempt: int, delay_s: float) -> None:
+    async def _republish(
+        self, delivery: Delivery, attempt: int, delay_s: float, extra_headers: dict[str, int] | None = None
+    ) -> None:
         message = OutgoingMessage(
             delivery.body,
             message_id=delivery.message_id or "unknown",
-            headers={**delivery.headers, ATTEMPT_HEADER: attempt},
+            headers={**delivery.headers, ATTEMPT_HEADER: attempt, **(extra_headers or {})},
             expiration_ms=self._schedule.jittered_ms(delay_s),
         )
         retry = Publish(message, self._topology.callback_retry_queue(delay_s))

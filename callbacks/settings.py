@@ -20,6 +20,7 @@ class CallbackSettings:
     # Space-separated `whsec_` secrets; the first signs, all are sent (key rotation).
     webhook_secret: str = field(default="", repr=False)
     callback_allow: AllowList = field(default_factory=AllowList)
+    dns_timeout_s: float = 3.0
     models: tuple[str, ...] = ("echo", "embed-minilm")
     topology: Topology = field(default_factory=Topology)
     callback_timeout_s: float = 10.0
@@ -30,6 +31,8 @@ class CallbackSettings:
     # Callback-host breaker: consecutive failed deliveries that open it, and its cool-down.
     callback_breaker_threshold: int = 5
     callback_breaker_cooldown_s: float = 30.0
+    # Deferrals (no attempt spent) before a delivery is parked: 288 x the 300 s tier = a day.
+    callback_max_deferrals: int = 288
     drain_timeout_s: float = 30.0
 
     def __post_init__(self) -> None:
@@ -52,6 +55,7 @@ class CallbackSettings:
             amqp_url=read.amqp_url,
             webhook_secret=read.webhook_secret,
             callback_allow=AllowList.parse(read.callback_allow_hosts),
+            dns_timeout_s=read.dns_timeout_s,
             models=read.served_models,
             topology=read.topology(),
             callback_timeout_s=read.callback_timeout_s,
@@ -60,5 +64,6 @@ class CallbackSettings:
             callback_prefetch=read.callback_prefetch,
             callback_breaker_threshold=read.callback_breaker_threshold,
             callback_breaker_cooldown_s=read.callback_breaker_cooldown_s,
+            callback_max_deferrals=read.callback_max_deferrals,
             drain_timeout_s=read.drain_timeout_s,
         )

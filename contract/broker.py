@@ -4,12 +4,16 @@ Errors raised here, the only ones callers see:
 
     BrokerError
     ├── BrokerUnavailable   retryable: no connection, channel closed, confirm timed out
-    └── PublishRejected     the broker refused the message: nacked (queue full with
-                            reject-publish) or returned as unroutable (mandatory)
+    ├── PublishRejected     the broker refused the message: nacked or returned as
+    │                       unroutable (mandatory)
+    └── TopologyMismatch    a queue exists with other arguments (an older version or
+                            another setting declared it): an operator must act
 
 Publishes wait for the publisher confirm, so a returned call means the message is on
-disk in a queue (persistent messages, durable queues). The connection is robust: it
-reconnects and restores channels, queues and consumers after a broker restart.
+disk in a queue (persistent messages, durable queues). Publishing and consuming use two
+connections, both robust (they reconnect and restore channels, queues and consumers
+after a broker restart): under a memory or disk alarm the broker blocks publishing
+connections only, so acks still flow, and a publish is refused at once, unwritten.
 """
 
 from __future__ import annotations
@@ -46,6 +50,9 @@ _CONNECTION_ERRORS = (
     OSError,
     asyncio.TimeoutError,
 )
+# Opening a channel while a robust connection is between a loss and its reconnect raises
+# a plain RuntimeError ("Connection was not opened", "... closed").
+_CHANNEL_ERRORS = (*_CONNECTION_ERRORS, RuntimeError)
 
 
 class BrokerError(Exception):
@@ -58,6 +65,10 @@ class BrokerUnavailable(BrokerError):
 
 class PublishRejected(BrokerError):
     """The broker answered but did not take the message."""
+
+
+class TopologyMismatch(BrokerError):
+    """A queue or exchange exists with arguments other than this version declares."""
 
 
 def redact_url(url: str) -> str:
@@ -173,16 +184,23 @@ class Broker:
     service connected but unable to publish or consume.
     """
 
-    def __init__(self, url: str, topology: Topology, models: tuple[str, ...]) -> None:
+    def __init__(self, url: str, topology: Topology, models: tuple[str, ...], role: str = "client") -> None:
         self._url = url
+        # Connections are named `{prefix}{role}.publish|consume` in the broker's management UI.
+        self._connection_name = f"{topology.prefix}{role}"
         self._topology = topology
         self._models = models
-        self._connection: aio_pika.abc.AbstractRobustConnection | None = None
+        # Publishing and consuming use separate connections: under a memory or disk alarm
+        # the broker stops reading publishing connections, and acks must still get through.
+        self._publish_connection: aio_pika.abc.AbstractRobustConnection | None = None
+        self._consume_connection: aio_pika.abc.AbstractRobustConnection | None = None
         self._publish_channel: aio_pika.abc.AbstractChannel | None = None
         self._channel_lock = asyncio.Lock()
         self._consumers: dict[str, _Consumer] = {}
         self._unsettled: UnsettledTags = weakref.WeakKeyDictionary()
         self._consumer_ids = itertools.count(1)
+        # Set once the topology is declared: before that a publish could find no binding.
+        self._declared = False
 
     @property
     def topology(self) -> Topology:
@@ -191,17 +209,45 @@ class Broker:
     @property
     def is_ready(self) -> bool:
         """Connected (not between a loss and the reconnect) with the topology declared."""
-        connection = self._connection
-        return bool(connection is not None and connection.connected.is_set() and not connection.is_closed)
+        connections = (self._publish_connection, self._consume_connection)
+        connected = all(c is not None and c.connected.is_set() and not c.is_closed for c in connections)
+        return self._declared and connected
+
+    @property
+    def publishing_blocked(self) -> bool:
+        """The broker sent connection.blocked (a resource alarm): it reads no publish now."""
+        return self._publish_connection is not None and _blocked_event(self._publish_connection) is not None
+
+    async def wait_until_publishable(self) -> None:
+        """Return once the broker reads publishes again (at once when it is not blocking)."""
+        if (
+            self._publish_connection is not None
+            and (event := _blocked_event(self._publish_connection)) is not None
+        ):
+            await event.wait()
 
     async def connect(self, timeout_s: float = 10.0) -> None:
         """Connect, declare the topology, open the publish channel."""
         try:
-            self._connection = await aio_pika.connect_robust(
-                self._url, timeout=timeout_s, reconnect_interval=RECONNECT_INTERVAL_S
+            self._publish_connection = await aio_pika.connect_robust(
+                self._url,
+                timeout=timeout_s,
+                reconnect_interval=RECONNECT_INTERVAL_S,
+                client_properties={"connection_name": f"{self._connection_name}.publish"},
             )
-            self._connection.reconnect_callbacks.add(self._heal_after_reconnect)
+            self._publish_connection.reconnect_callbacks.add(self._heal_after_reconnect)
+            self._consume_connection = await aio_pika.connect_robust(
+                self._url,
+                timeout=timeout_s,
+                reconnect_interval=RECONNECT_INTERVAL_S,
+                client_properties={"connection_name": f"{self._connection_name}.consume"},
+            )
+            self._consume_connection.reconnect_callbacks.add(self._heal_after_reconnect)
             await self._declare(await self._open_publish_channel())
+            self._declared = True
+        except TopologyMismatch:
+            await self.close()
+            raise
         except _CONNECTION_ERRORS as exc:
             await self.close()
             raise BrokerUnavailable(f"cannot reach RabbitMQ at {redact_url(self._url)}: {exc!r}") from exc
@@ -213,10 +259,12 @@ class Broker:
         async with self._channel_lock:
             channel = self._publish_channel
             if channel is None or channel.is_closed:
-                if self._connection is None:
+                if self._publish_connection is None:
                     raise BrokerUnavailable("not connected")
                 try:
-                    channel = await self._connection.channel(publisher_confirms=True, on_return_raises=True)
+                    channel = await self._publish_connection.channel(
+                        publisher_confirms=True, on_return_raises=True
+                    )
                 except RuntimeError as exc:  # aiormq: "<Connection ...> closed" mid-reconnect
                     raise BrokerUnavailable(f"cannot open a channel: {exc}") from exc
                 self._publish_channel = channel
@@ -244,7 +292,13 @@ class Broker:
 
     @staticmethod
     async def _declare_queue(channel: aio_pika.abc.AbstractChannel, spec: QueueSpec) -> None:
-        queue = await channel.declare_queue(spec.name, durable=True, arguments=spec.arguments)
+        try:
+            queue = await channel.declare_queue(spec.name, durable=True, arguments=spec.arguments)
+        except aiormq.exceptions.ChannelPreconditionFailed as exc:
+            raise TopologyMismatch(
+                f"queue {spec.name} exists with other arguments than {spec.arguments} ({exc}); an older "
+                "version or another setting declared it: drain and delete it, or set another QUEUE_PREFIX"
+            ) from exc
         for exchange, routing_key in spec.bindings:
             await queue.bind(exchange, routing_key)
 
@@ -256,9 +310,14 @@ class Broker:
         exchange: str = "",
         timeout_s: float = 10.0,
     ) -> None:
-        """Publish persistently and return once the broker confirmed it."""
+        """Publish persistently and return once the broker confirmed it. While the broker
+        blocks publishers (a memory or disk alarm) nothing is written: a message written
+        then would sit unread and reach the queue after the alarm, long after its caller
+        was told it failed."""
         if not self.is_ready:
             raise BrokerUnavailable("not connected to RabbitMQ")
+        if self.publishing_blocked:
+            raise BrokerUnavailable("the broker is blocking publishers (a memory or disk alarm)")
         amqp_message = aio_pika.Message(
             message.body,
             content_type="application/json",
@@ -300,10 +359,10 @@ class Broker:
         return consumer_id
 
     async def _start(self, consumer: _Consumer) -> None:
-        if self._connection is None:
+        if self._consume_connection is None:
             raise BrokerUnavailable("not connected")
         try:
-            channel = await self._connection.channel()
+            channel = await self._consume_connection.channel()
             # Channel-wide (global) prefetch: one consumer per channel, and unlike the
             # per-consumer kind it can be changed while the consumer runs.
             await channel.set_qos(prefetch_count=consumer.prefetch, global_=True)
@@ -313,7 +372,7 @@ class Broker:
                 await consumer.handler(Delivery(message, self._unsettled))
 
             consumer.tag = await queue.consume(on_message)
-        except (*_CONNECTION_ERRORS, RuntimeError) as exc:  # RuntimeError: connection closed mid-reconnect
+        except _CHANNEL_ERRORS as exc:
             raise BrokerUnavailable(f"cannot consume {consumer.queue_name}: {exc!r}") from exc
         consumer.channel, consumer.queue = channel, queue
 
@@ -351,22 +410,25 @@ class Broker:
             if not channel.is_closed:
                 with contextlib.suppress(*_CONNECTION_ERRORS):
                     await channel.close()
-        if self._connection is not None and not self._connection.is_closed:
-            with contextlib.suppress(*_CONNECTION_ERRORS):
-                await self._connection.close()
-        self._connection = None
+        for connection in (self._consume_connection, self._publish_connection):
+            if connection is not None and not connection.is_closed:
+                with contextlib.suppress(*_CONNECTION_ERRORS):
+                    await connection.close()
+        self._publish_connection = None
+        self._consume_connection = None
         self._publish_channel = None
+        self._declared = False
 
     @contextlib.asynccontextmanager
     async def fetching(self, queue_name: str) -> AsyncIterator[Callable[[], Awaitable[Delivery | None]]]:
         """Pull messages one by one (basic.get) on a channel of their own. Whatever is not
         acked when the block ends goes back to the queue, in its original order."""
-        if self._connection is None:
+        if self._consume_connection is None:
             raise BrokerUnavailable("not connected")
         try:
-            channel = await self._connection.channel()
+            channel = await self._consume_connection.channel()
             queue = await channel.get_queue(queue_name, ensure=True)
-        except _CONNECTION_ERRORS as exc:
+        except _CHANNEL_ERRORS as exc:
             raise BrokerUnavailable(f"cannot read {queue_name}: {exc!r}") from exc
 
         async def next_message() -> Delivery | None:
@@ -384,24 +446,38 @@ class Broker:
 
     async def delete_topology(self) -> None:
         """Delete every queue and the exchange this topology declares (benchmarks, teardown)."""
-        if self._connection is None:
+        if self._publish_connection is None:
             raise BrokerUnavailable("not connected")
         try:
-            async with self._connection.channel() as channel:
+            async with self._publish_connection.channel() as channel:
                 for spec in self._topology.queues(self._models):
                     await channel.queue_delete(spec.name)
                 await channel.exchange_delete(self._topology.jobs_exchange)
-        except _CONNECTION_ERRORS as exc:
+        except _CHANNEL_ERRORS as exc:
             raise BrokerUnavailable(f"cannot delete the topology: {exc!r}") from exc
 
     async def queue_depth(self, queue_name: str) -> tuple[int, int]:
         """(ready messages, consumers) of a queue, via a passive declare."""
-        if self._connection is None:
+        if self._consume_connection is None:
             raise BrokerUnavailable("not connected")
         try:
-            async with self._connection.channel() as channel:
+            async with self._consume_connection.channel() as channel:
                 queue = await channel.declare_queue(queue_name, passive=True)
-        except _CONNECTION_ERRORS as exc:
+        except _CHANNEL_ERRORS as exc:
             raise BrokerUnavailable(f"cannot inspect {queue_name}: {exc!r}") from exc
         result = queue.declaration_result
         return result.message_count or 0, result.consumer_count or 0
+
+
+# aiormq keeps connection.blocked / connection.unblocked in this event and offers no public
+# accessor; reading it is the only way to refuse a publish the broker would not read.
+_UNBLOCKED_ATTRIBUTE = "_Connection__connection_unblocked"
+
+
+def _blocked_event(connection: aio_pika.abc.AbstractRobustConnection) -> asyncio.Event | None:
+    """The event set when the broker unblocks the connection, while it is blocked; else None."""
+    transport = getattr(connection, "transport", None)
+    unblocked = getattr(getattr(transport, "connection", None), _UNBLOCKED_ATTRIBUTE, None)
+    if isinstance(unblocked, asyncio.Event) and not unblocked.is_set():
+        return unblocked
+    return None

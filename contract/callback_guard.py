@@ -6,27 +6,47 @@ ports). The ingress checks a URL when a job is submitted; the dispatcher checks 
 at delivery time and connects only to an address it checked (the resolved address is
 pinned), so DNS that changes in between (rebinding) cannot redirect the request.
 Hosts or networks in the allow-list (`CALLBACK_ALLOW_HOSTS`) are exempt.
+
+URLs are parsed the way the callback client (aiohttp, through yarl) will parse them, and
+refused at submit when it could not send them as given: control characters or spaces, a
+host that is not a valid DNS name (empty or over-long labels, `_`, an all-numeric last
+label such as the legacy `2130706433`), a zone id, port 0. Unicode host names are sent
+as their IDNA A-label. A lookup that fails for now (EAI_AGAIN, a timeout) is
+`ResolutionUnavailable`, retryable; only a definite answer refuses a URL.
 """
 
 from __future__ import annotations
 
 import asyncio
 import ipaddress
+import re
 import socket
 from collections.abc import Awaitable, Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from urllib.parse import urlsplit
+
+from yarl import URL
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 Resolver = Callable[[str, int], Awaitable[list[IPAddress]]]
 
+MAX_URL_CHARS = 2048
+_CONTROL_OR_SPACE = re.compile(r"[\x00-\x20\x7f]")
+_DNS_LABEL = re.compile(r"(?!-)[a-z0-9-]{1,63}(?<!-)")
+# getaddrinfo errors that say "not now" rather than "no such name".
+_TEMPORARY_DNS_ERRORS = frozenset({socket.EAI_AGAIN})
 _CGNAT = ipaddress.ip_network("100.64.0.0/10")
 _NAT64 = ipaddress.ip_network("64:ff9b::/96")
 
 
 class CallbackUrlRejected(ValueError):
     """The URL may not be called back; the message says why and names the value."""
+
+
+class ResolutionUnavailable(Exception):
+    """The host could not be resolved right now (a temporary DNS failure or a lookup past
+    its deadline): retry later; nothing is known to be wrong with the URL."""
 
 
 @dataclass(frozen=True)
@@ -97,43 +117,98 @@ def _embedded_ipv4(address: ipaddress.IPv6Address) -> ipaddress.IPv4Address | No
 
 
 def parse_callback_url(url: str) -> tuple[str, str, int, str]:
-    """Split a URL into (scheme, host, port, path-and-query), or say what is wrong."""
+    """Split a URL into (scheme, host, port, path-and-query) as the HTTP client will send
+    it (host as an A-label, path percent-encoded), or say what is wrong."""
+    if len(url) > MAX_URL_CHARS:
+        raise CallbackUrlRejected(f"callback_url is {len(url)} characters long; at most {MAX_URL_CHARS}")
+    if _CONTROL_OR_SPACE.search(url):
+        raise CallbackUrlRejected(f"callback_url {url!r} contains a space or a control character")
     try:
-        parts = urlsplit(url)
-        port = parts.port
-    except ValueError as exc:
+        parsed = URL(url)
+        port = parsed.port
+        host = parsed.raw_host
+    except (ValueError, UnicodeError) as exc:
         raise CallbackUrlRejected(f"callback_url {url!r} is not a valid URL: {exc}") from exc
-    if parts.scheme not in ("http", "https"):
+    if parsed.scheme not in ("http", "https"):
         raise CallbackUrlRejected(
-            f"callback_url scheme {parts.scheme!r} is not allowed; expected http or https"
+            f"callback_url scheme {parsed.scheme!r} is not allowed; expected http or https"
         )
-    if parts.username is not None or parts.password is not None:
+    if parsed.raw_user is not None or parsed.raw_password is not None:
         raise CallbackUrlRejected("callback_url must not carry user information (user:pass@)")
-    if not parts.hostname:
+    if not host:
         raise CallbackUrlRejected(f"callback_url {url!r} has no host")
-    path = parts.path or "/"
-    if parts.query:
-        path = f"{path}?{parts.query}"
-    default_port = 443 if parts.scheme == "https" else 80
-    return parts.scheme, parts.hostname.lower(), port or default_port, path
+    if port is None or port == 0:
+        raise CallbackUrlRejected(f"callback_url {url!r} has port 0; expected 1-65535")
+    _check_host(host.lower())
+    return parsed.scheme, host.lower(), port, parsed.raw_path_qs or "/"
 
 
-async def resolve_with_system_dns(host: str, port: int) -> list[IPAddress]:
-    loop = asyncio.get_running_loop()
+def _check_host(host: str) -> None:
+    if "%" in host:
+        raise CallbackUrlRejected(f"callback_url host {host!r} carries a zone id or an escape; not allowed")
     try:
-        infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        ipaddress.ip_address(host)
+        return
+    except ValueError:
+        pass
+    name = host.removesuffix(".")
+    labels = name.split(".")
+    if len(name) > 253 or not all(_DNS_LABEL.fullmatch(label) for label in labels):
+        raise CallbackUrlRejected(
+            f"callback_url host {host!r} is not a valid DNS name (labels of 1-63 letters, digits or "
+            "hyphens, 253 characters in all)"
+        )
+    if labels[-1].isdigit():
+        raise CallbackUrlRejected(
+            f"callback_url host {host!r} ends in an all-numeric label; write an IP address in dotted form"
+        )
+
+
+class SystemResolver:
+    """getaddrinfo on threads of its own, with a deadline, and one lookup per name at a
+    time however many requests ask for it: slow DNS answers 'try later' within the
+    deadline and never holds the event loop's default executor."""
+
+    def __init__(self, threads: int = 16, timeout_s: float = 3.0) -> None:
+        self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="dns")
+        self._timeout_s = timeout_s
+        self._in_flight: dict[tuple[str, int], asyncio.Future[list[IPAddress]]] = {}
+
+    async def __call__(self, host: str, port: int) -> list[IPAddress]:
+        key = (host, port)
+        lookup = self._in_flight.get(key)
+        if lookup is None:
+            lookup = asyncio.get_running_loop().run_in_executor(self._pool, _getaddrinfo, host, port)
+            self._in_flight[key] = lookup
+            lookup.add_done_callback(lambda _done: self._in_flight.pop(key, None))
+        try:
+            return await asyncio.wait_for(asyncio.shield(lookup), self._timeout_s)
+        except TimeoutError:
+            raise ResolutionUnavailable(
+                f"callback_url host {host!r} did not resolve within {self._timeout_s:.0f} s"
+            ) from None
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+def _getaddrinfo(host: str, port: int) -> list[IPAddress]:
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
     except socket.gaierror as exc:
+        if exc.errno in _TEMPORARY_DNS_ERRORS:
+            raise ResolutionUnavailable(f"callback_url host {host!r} cannot be resolved now: {exc}") from exc
         raise CallbackUrlRejected(f"callback_url host {host!r} does not resolve: {exc}") from exc
-    return [ipaddress.ip_address(info[4][0]) for info in infos]
+    except UnicodeError as exc:
+        raise CallbackUrlRejected(f"callback_url host {host!r} is not a valid DNS name: {exc}") from exc
+    return [ipaddress.ip_address(str(info[4][0]).split("%", 1)[0]) for info in infos]
 
 
-async def check_callback_url(
-    url: str, allow: AllowList, resolve: Resolver = resolve_with_system_dns
-) -> CallbackTarget:
+async def check_callback_url(url: str, allow: AllowList, resolve: Resolver) -> CallbackTarget:
     """Resolve the URL's host; every address must be public or allow-listed."""
     scheme, host, port, path = parse_callback_url(url)
     try:
-        addresses = [ipaddress.ip_address(host.strip("[]"))]
+        addresses = [ipaddress.ip_address(host)]
     except ValueError:
         addresses = await resolve(host, port)
     if not addresses:

@@ -93,6 +93,8 @@ class Environment(BaseModel):
     callback_retry_delays_s: Delays = Field(DEFAULT_CALLBACK_RETRY_DELAYS_S, alias="CALLBACK_RETRY_DELAYS_S")
     retry_jitter: float = Field(0.1, ge=0, lt=1, alias="RETRY_JITTER")
     callback_allow_hosts: CsvList = Field((), alias="CALLBACK_ALLOW_HOSTS")
+    # How long the callback-URL guard waits for DNS before answering "try again later".
+    dns_timeout_s: float = Field(3.0, gt=0, alias="DNS_TIMEOUT_S")
     drain_timeout_s: float = Field(30.0, ge=0, alias="DRAIN_TIMEOUT_S")
 
     # The ingress.
@@ -101,6 +103,8 @@ class Environment(BaseModel):
     api_keys: CsvList = Field((), alias="API_KEYS", repr=False)
     max_body_bytes: int = Field(1024 * 1024, ge=1, alias="MAX_BODY_BYTES")
     ingress_access_log: bool = Field(False, alias="INGRESS_ACCESS_LOG")
+    # The explicit opt-out that lets an ingress bound beyond loopback run without API_KEYS.
+    allow_unauthenticated: bool = Field(False, alias="ALLOW_UNAUTHENTICATED")
 
     # The model workers.
     batch_max_size: int = Field(128, ge=1, alias="BATCH_MAX_SIZE")
@@ -121,6 +125,7 @@ class Environment(BaseModel):
     callback_prefetch: int = Field(1024, ge=1, alias="CALLBACK_PREFETCH")
     callback_breaker_threshold: int = Field(5, ge=1, alias="CALLBACK_BREAKER_THRESHOLD")
     callback_breaker_cooldown_s: float = Field(30.0, ge=0, alias="CALLBACK_BREAKER_COOLDOWN_S")
+    callback_max_deferrals: int = Field(288, ge=0, alias="CALLBACK_MAX_DEFERRALS")
 
     # The local stack (`task up`).
     rabbitmq_management_url: str | None = Field(None, alias="RABBITMQ_MANAGEMENT_URL", repr=False)

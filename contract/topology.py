@@ -5,7 +5,7 @@ creates them and a mismatch fails loudly (PRECONDITION_FAILED) instead of drifti
 Delay-tier queues carry their delay in their name, so changing a schedule creates new
 queues instead of clashing with the old ones.
 
-    jobs (direct exchange) --model--> jobs.{model}            priority, reject-publish
+    jobs (direct exchange) --model--> jobs.{model}            priority, no length limit
     jobs.{model}.retry.{delay}  TTL = delay, dead-letters --> jobs / {model}
     jobs.{model}.parked         permanent failures and exhausted attempts (replayable)
     callbacks                   finished jobs' events for the dispatcher
@@ -19,8 +19,11 @@ on 4.x they support only two priority levels (>= 5 is "high"), so the three-leve
 high/normal/low contract needs classic queues on both; with quorum queues one would
 also have to set `x-delivery-limit` explicitly (3.10 has no default) and
 `x-dead-letter-strategy: at-least-once` (4.x). `x-overflow: reject-publish` (not the
-default drop-head) makes a full queue nack new publishes instead of silently dropping
-the oldest accepted jobs. Attempts are counted in our own header, not `x-death`
+default drop-head) would make a full queue nack new publishes instead of silently dropping
+the oldest accepted jobs; but dead-lettering has no confirms, so a retry whose delay
+ends while the queue is full would vanish: the main queues therefore carry no length
+limit at all, and `MAX_QUEUE_LENGTH` is enforced by the ingress on new jobs only
+(`ingress/admission.py`). Attempts are counted in our own header, not `x-death`
 (RabbitMQ 4.x stops counting client republishes there).
 """
 
@@ -89,12 +92,10 @@ class Topology:
     def queues(self, models: tuple[str, ...]) -> list[QueueSpec]:
         specs: list[QueueSpec] = []
         for model in models:
-            main_arguments = {
-                "x-queue-type": "classic",
-                "x-max-priority": MAX_AMQP_PRIORITY,
-                "x-max-length": self.max_queue_length,
-                "x-overflow": "reject-publish",
-            }
+            # No x-max-length: a retry dead-lettered into a full queue would be dropped
+            # (dead-lettering has no confirms). MAX_QUEUE_LENGTH is the ingress's admission
+            # limit on new jobs instead (ingress/admission.py); retries always come back.
+            main_arguments = {"x-queue-type": "classic", "x-max-priority": MAX_AMQP_PRIORITY}
             specs.append(QueueSpec(self.main_queue(model), main_arguments, ((self.jobs_exchange, model),)))
             for delay_s in self.job_retry_schedule(model).distinct_delays_s():
                 specs.append(

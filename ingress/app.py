@@ -17,10 +17,23 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from contract.broker import Broker, BrokerUnavailable, PublishRejected, redact_url
-from contract.callback_guard import CallbackUrlRejected, check_callback_url
+from contract.broker import (
+    Broker,
+    BrokerError,
+    BrokerUnavailable,
+    PublishRejected,
+    TopologyMismatch,
+    redact_url,
+)
+from contract.callback_guard import (
+    CallbackUrlRejected,
+    ResolutionUnavailable,
+    SystemResolver,
+    check_callback_url,
+)
 from contract.envelope import Job
 from contract.job_message import job_message
+from ingress.admission import Admission, QueueFull
 from ingress.auth import authenticate
 from ingress.metrics import IngressMetrics
 from ingress.openapi import openapi_document
@@ -31,6 +44,7 @@ from ingress.settings import IngressSettings
 logger = logging.getLogger(__name__)
 
 BROKER_RETRY_INTERVAL_S = 1.0
+TOPOLOGY_RETRY_INTERVAL_S = 10.0
 
 
 class IngressState:
@@ -38,8 +52,14 @@ class IngressState:
 
     def __init__(self, settings: IngressSettings) -> None:
         self.settings = settings
-        self.broker = Broker(settings.amqp_url, settings.topology, settings.models)
+        self.broker = Broker(settings.amqp_url, settings.topology, settings.models, role="ingress")
         self.metrics = IngressMetrics()
+        self.resolver = SystemResolver(timeout_s=settings.dns_timeout_s)
+        self.admission = Admission(self._queue_depth, settings.topology.max_queue_length)
+
+    async def _queue_depth(self, model: str) -> int:
+        ready, _consumers = await self.broker.queue_depth(self.settings.topology.main_queue(model))
+        return ready
 
 
 async def _connect_until_ready(broker: Broker, url: str) -> None:
@@ -52,6 +72,11 @@ async def _connect_until_ready(broker: Broker, url: str) -> None:
         except BrokerUnavailable as exc:
             logger.warning("broker not ready, retrying in %.0f s: %s", BROKER_RETRY_INTERVAL_S, exc)
             await asyncio.sleep(BROKER_RETRY_INTERVAL_S)
+        except TopologyMismatch as exc:
+            logger.error(
+                "cannot use the broker's queues, retrying in %.0f s: %s", TOPOLOGY_RETRY_INTERVAL_S, exc
+            )
+            await asyncio.sleep(TOPOLOGY_RETRY_INTERVAL_S)
 
 
 def _state(request: Request) -> IngressState:
@@ -75,7 +100,7 @@ async def submit_job(request: Request) -> Response:
         require_json_content_type(request)
         job_request = decode_job_request(await read_limited_body(request, settings.max_body_bytes))
         try:
-            await check_callback_url(job_request.callback_url, settings.callback_allow)
+            await check_callback_url(job_request.callback_url, settings.callback_allow, state.resolver)
         except CallbackUrlRejected as exc:
             raise Problem(
                 422,
@@ -84,6 +109,8 @@ async def submit_job(request: Request) -> Response:
                 str(exc),
                 errors=[{"field": "callback_url", "detail": str(exc)}],
             ) from exc
+        except ResolutionUnavailable as exc:
+            raise _unavailable(state, "dns-unavailable", f"{exc}; the URL may be fine: retry later") from exc
         submitted_at_ms = int(time.time() * 1000)
         job = Job(
             id=str(uuid.uuid4()),
@@ -108,35 +135,35 @@ async def submit_job(request: Request) -> Response:
 
 
 async def _publish(state: IngressState, job: Job) -> None:
-    message = job_message(job)
-    retry_after = {"Retry-After": str(state.settings.retry_after_s)}
+    """Admit the job under MAX_QUEUE_LENGTH, publish it, and wait for the broker's confirm;
+    anything short of a confirm is a 503 with Retry-After (nothing was accepted)."""
     started = time.monotonic()
     try:
-        await state.broker.publish(
-            message,
-            job.model,
-            exchange=state.settings.topology.jobs_exchange,
-            timeout_s=state.settings.publish_timeout_s,
-        )
+        await state.admission.admit(job.model)
+        try:
+            await state.broker.publish(
+                job_message(job),
+                job.model,
+                exchange=state.settings.topology.jobs_exchange,
+                timeout_s=state.settings.publish_timeout_s,
+            )
+        except BrokerError:
+            state.admission.refund(job.model)
+            raise
+    except QueueFull as exc:
+        raise _unavailable(state, "queue-full", f"{exc}; retry later") from exc
     except PublishRejected as exc:
         logger.warning("job %s not taken by the broker: %s", job.id, exc)
-        raise Problem(
-            503,
-            "not-queued",
-            "Service Unavailable",
-            f"the broker did not take the job: {exc}",
-            headers=retry_after,
-        ) from exc
+        raise _unavailable(state, "not-queued", f"the broker did not take the job: {exc}") from exc
     except BrokerUnavailable as exc:
         logger.warning("job %s not published, broker unavailable: %s", job.id, exc)
-        raise Problem(
-            503,
-            "broker-unavailable",
-            "Service Unavailable",
-            "the job queue is unavailable; retry later",
-            headers=retry_after,
-        ) from exc
+        raise _unavailable(state, "broker-unavailable", "the job queue is unavailable; retry later") from exc
     state.metrics.publish_seconds.observe(time.monotonic() - started)
+
+
+def _unavailable(state: IngressState, slug: str, detail: str) -> Problem:
+    retry_after = {"Retry-After": str(state.settings.retry_after_s)}
+    return Problem(503, slug, "Service Unavailable", detail, headers=retry_after)
 
 
 async def list_models(request: Request) -> Response:
@@ -182,6 +209,7 @@ def create_app(settings: IngressSettings) -> Starlette:
             with contextlib.suppress(asyncio.CancelledError):
                 await connecting
             await state.broker.close()
+            state.resolver.close()
 
     app = Starlette(
         routes=[

@@ -76,3 +76,7 @@ def decode_job_request(body: bytes) -> JobRequest:
         ) from exc
     except msgspec.DecodeError as exc:
         raise Problem(400, "malformed-json", "Bad Request", f"body is not valid JSON: {exc}") from exc
+    except RecursionError as exc:  # msgspec's own depth limit (about 1,000 levels)
+        raise Problem(
+            400, "malformed-json", "Bad Request", "body nests JSON arrays or objects too deeply"
+        ) from exc

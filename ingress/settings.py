@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import ipaddress
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from contract.callback_guard import AllowList
-from contract.config import DEFAULT_AMQP_URL, Environment
+from contract.config import DEFAULT_AMQP_URL, ConfigError, Environment
 from contract.topology import Topology
 
 
@@ -17,6 +18,7 @@ class IngressSettings:
     port: int = 8000
     api_keys: tuple[str, ...] = field(default=(), repr=False)
     callback_allow: AllowList = field(default_factory=AllowList)
+    dns_timeout_s: float = 3.0
     max_body_bytes: int = 1024 * 1024
     models: tuple[str, ...] = ("echo", "embed-minilm")
     topology: Topology = field(default_factory=Topology)
@@ -28,14 +30,30 @@ class IngressSettings:
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> IngressSettings:
         read = Environment.read(env)
+        if not read.api_keys and not _is_loopback(read.ingress_host) and not read.allow_unauthenticated:
+            raise ConfigError(
+                f"INGRESS_HOST={read.ingress_host!r} is reachable beyond this machine and API_KEYS is empty: "
+                "anyone could submit jobs and make the callbacks POST to any public URL. Set API_KEYS, "
+                "or ALLOW_UNAUTHENTICATED=1 to run open on purpose"
+            )
         return cls(
             amqp_url=read.amqp_url,
             host=read.ingress_host,
             port=read.ingress_port,
             api_keys=read.api_keys,
             callback_allow=AllowList.parse(read.callback_allow_hosts),
+            dns_timeout_s=read.dns_timeout_s,
             max_body_bytes=read.max_body_bytes,
             models=read.served_models,
             topology=read.topology(),
             access_log=read.ingress_access_log,
         )
+
+
+def _is_loopback(host: str) -> bool:
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False  # a name: it may resolve to anything

@@ -18,7 +18,7 @@ async def _main(args: argparse.Namespace) -> int:
     models = read.served_models
     if args.model is not None and args.model not in models:
         raise ConfigError(f"--model {args.model!r} is not served; served: {list(models)}")
-    broker = Broker(read.amqp_url, read.topology(), models)
+    broker = Broker(read.amqp_url, read.topology(), models, role="parking-lot")
     await broker.connect()
     try:
         lot = ParkingLot(broker.topology, args.model)

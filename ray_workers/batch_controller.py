@@ -58,9 +58,16 @@ class AdaptiveBatchController:
             raise ValueError(f"backoff={self.backoff} must be in (0, 1)")
         self.size = min(max(self.size, self.min_size), self.max_size)
 
-    def record(self, batch_size: int, latency_s: float, work_waiting: bool) -> Adjustment:
-        """Feed one finished batch; returns what the controller did about the size."""
+    def record(
+        self, batch_size: int, latency_s: float, work_waiting: bool, failed: bool = False
+    ) -> Adjustment:
+        """Feed one finished batch; returns what the controller did about the size.
+
+        A failed batch says nothing about how long a good one takes (an out-of-memory error
+        comes back at once): it may shrink the size, never grow it."""
         self.wait_s = self.max_wait_s if work_waiting else 0.0
+        if failed:
+            return Adjustment.HOLD
         if latency_s > self.latency_target_s:
             if self.size <= self.min_size:
                 return Adjustment.HOLD
@@ -76,8 +83,15 @@ class AdaptiveBatchController:
 
 
 class FixedBatchSize(AdaptiveBatchController):
-    """The same interface with the size pinned, for baselines (`BATCH_ADAPTIVE=0`)."""
+    """The same interface with the size pinned, for baselines (`BATCH_ADAPTIVE=0`): every
+    batch, the first included, waits up to `max_wait_s` to fill."""
 
-    def record(self, batch_size: int, latency_s: float, work_waiting: bool) -> Adjustment:
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.wait_s = self.max_wait_s
+
+    def record(
+        self, batch_size: int, latency_s: float, work_waiting: bool, failed: bool = False
+    ) -> Adjustment:
         self.wait_s = self.max_wait_s
         return Adjustment.HOLD

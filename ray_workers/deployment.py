@@ -83,8 +83,9 @@ class ModelWorkerDeployment:
         await self._worker.start()
 
     async def check_health(self) -> None:
-        if not self._worker.is_healthy:
-            raise ReplicaUnhealthy("job loop stopped or broker connection lost")
+        # Liveness only: a broker outage must not restart the replica and reload its model.
+        if not self._worker.is_alive:
+            raise ReplicaUnhealthy("the job loop stopped")
 
     async def __call__(self, request: Request) -> Any:
         """The direct path: one input over Serve's HTTP proxy, no queue, no callback.
@@ -110,8 +111,10 @@ class CallbackDispatcherDeployment:
         await self._dispatcher.start()
 
     async def check_health(self) -> None:
-        if not self._dispatcher.is_healthy:
-            raise ReplicaUnhealthy("broker connection lost")
+        """Answering is the liveness signal: the replica's loop runs. A broker outage heals by
+        reconnecting and must not restart the dispatcher."""
+        if not self._dispatcher.is_ready:
+            logger.warning("callback dispatcher waiting for the broker to come back")
 
     async def __del__(self) -> None:
         await self._dispatcher.stop(self._drain_timeout_s)

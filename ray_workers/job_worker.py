@@ -76,7 +76,9 @@ class JobWorker:
         self._topology = settings.topology
         self._schedule = settings.topology.job_retry_schedule(model.name)
         self._wall_clock = wall_clock
-        self._broker = Broker(settings.amqp_url, settings.topology, settings.models)
+        self._broker = Broker(
+            settings.amqp_url, settings.topology, settings.models, role=f"worker-{model.name}"
+        )
         self._inbox: asyncio.Queue[Delivery] = asyncio.Queue()
         self._consumer_tag: str | None = None
         self._loop_task: asyncio.Task[None] | None = None
@@ -98,9 +100,15 @@ class JobWorker:
         self.metrics = metrics if metrics is not None else WorkerMetrics(PrometheusSink())
 
     @property
-    def is_healthy(self) -> bool:
-        running = self._loop_task is not None and not self._loop_task.done()
-        return running and self._broker.is_ready
+    def is_alive(self) -> bool:
+        """Liveness: the job loop runs. A broker outage does not end it (the connection
+        reconnects), so it must not make Serve restart the replica and reload the model."""
+        return self._loop_task is not None and not self._loop_task.done()
+
+    @property
+    def is_ready(self) -> bool:
+        """Readiness: alive and connected to the broker."""
+        return self.is_alive and self._broker.is_ready
 
     @property
     def is_consuming(self) -> bool:
@@ -163,20 +171,24 @@ class JobWorker:
 
     async def _run(self) -> None:
         while not self._stopping:
+            # Under a resource alarm no outcome could be published: run nothing until it clears.
+            await self._broker.wait_until_publishable()
             batch = await collect_batch(self._inbox, self.batching.size, self.batching.wait_s)
             if self._stopping:
                 break  # taken during the drain: left unacked, it goes back with the channel
             self._idle.clear()
             try:
-                inference_s = await self._process(batch.items)
+                inference_s, model_failed = await self._process(batch.items)
             finally:
                 self._idle.set()
             self.metrics.observe_batch(self._model.name, len(batch.items), batch.filled_s, inference_s)
-            await self._adapt_batch_size(len(batch.items), inference_s)
+            await self._adapt_batch_size(len(batch.items), inference_s, model_failed)
 
-    async def _adapt_batch_size(self, batch_size: int, inference_s: float) -> None:
+    async def _adapt_batch_size(self, batch_size: int, inference_s: float, failed: bool) -> None:
         before = self.batching.size
-        adjustment = self.batching.record(batch_size, inference_s, work_waiting=not self._inbox.empty())
+        adjustment = self.batching.record(
+            batch_size, inference_s, work_waiting=not self._inbox.empty(), failed=failed
+        )
         self.metrics.record_adjustment(
             self._model.name, adjustment.value, self.batching.size, self.batching.wait_s
         )
@@ -187,8 +199,9 @@ class JobWorker:
             except BrokerError as exc:
                 logger.warning("model %s: prefetch not changed: %s", self._model.name, exc)
 
-    async def _process(self, batch: list[Delivery]) -> float:
-        """Run the batch and start settling it; returns the model's time on it, in seconds.
+    async def _process(self, batch: list[Delivery]) -> tuple[float, bool]:
+        """Run the batch and start settling it; returns the model's time on it, in seconds,
+        and whether the model failed it.
 
         Every delivery of the batch is settled by the settling task this starts (after the
         previous batch's), except those whose channel has closed, which are dropped."""
@@ -197,6 +210,7 @@ class JobWorker:
         outcomes: list[Outcome] = []
         for delivery in batch:
             if not delivery.channel_open:
+                logger.info("dropping %s: its channel closed, the broker redelivers it", delivery.message_id)
                 continue
             try:
                 job = decode_job(delivery.body)
@@ -213,7 +227,7 @@ class JobWorker:
                 continue
             work.append(self._prepare(delivery, job, now_ms))
         runnable = [item for item in work if item.error is None and not item.expired]
-        inference_s = await self._infer(runnable)
+        inference_s, model_failed = await self._infer(runnable)
         for item in work:
             timings = JobTimings(
                 queued_ms=round(max(0.0, now_ms - item.job.submitted_at_ms), 3),
@@ -228,8 +242,8 @@ class JobWorker:
             await asyncio.shield(previous)
         self._settling = asyncio.create_task(settle(self._broker, outcomes))
         if runnable:
-            await self._update_breaker(any(item.error is not None for item in runnable))
-        return inference_s
+            await self._update_breaker(model_failed)
+        return inference_s, model_failed
 
     def _prepare(self, delivery: Delivery, job: Job, now_ms: int) -> _Work:
         item = _Work(delivery, job, int(delivery.headers.get(ATTEMPT_HEADER, 1)))
@@ -242,27 +256,52 @@ class JobWorker:
             item.error, item.permanent = str(exc), True
         return item
 
-    async def _infer(self, runnable: Sequence[_Work]) -> float:
-        """Run the model on the batch off the event loop; record outputs or errors; seconds."""
+    async def _infer(self, runnable: Sequence[_Work]) -> tuple[float, bool]:
+        """Run the model on the batch off the event loop and record each item's output or
+        error; returns the seconds it took and whether the model failed (not an input)."""
         if not runnable:
-            return 0.0
+            return 0.0, False
         started = time.monotonic()
+        error = await self._predict_into(runnable)
+        model_failed = error is not None and await self._isolate(runnable, error)
+        return time.monotonic() - started, model_failed
+
+    async def _predict_into(self, items: Sequence[_Work]) -> str | None:
+        """One predict call: records the outputs and returns None, or returns the error."""
         try:
-            outputs = await asyncio.to_thread(self._model.predict, [w.prepared for w in runnable])
-            if len(outputs) != len(runnable):
-                raise ModelError(f"model returned {len(outputs)} outputs for {len(runnable)} inputs")
+            outputs = await asyncio.to_thread(self._model.predict, [w.prepared for w in items])
+            if len(outputs) != len(items):
+                raise ModelError(f"model returned {len(outputs)} outputs for {len(items)} inputs")
         except ModelError as exc:
-            logger.warning("batch of %d for %s failed: %s", len(runnable), self._model.name, exc)
-            for item in runnable:
-                item.error = str(exc)
+            logger.warning("batch of %d for %s failed: %s", len(items), self._model.name, exc)
+            return str(exc)
         except Exception:
             logger.exception("model %s raised unexpectedly", self._model.name)
-            for item in runnable:
-                item.error = "internal model error"
-        else:
-            for item, output in zip(runnable, outputs, strict=True):
-                item.output = output
-        return time.monotonic() - started
+            return "internal model error"
+        for item, output in zip(items, outputs, strict=True):
+            item.output = output
+        return None
+
+    async def _isolate(self, items: Sequence[_Work], error: str) -> bool:
+        """A batch failed: halve it until the failing input is found, so the jobs batched
+        with it are not charged an attempt. When both halves fail it is the model, not an
+        input: every item gets the error (at most 2 log2(n) extra predict calls). Returns
+        whether it was the model."""
+        if len(items) == 1:
+            items[0].error = error
+            return True
+        middle = len(items) // 2
+        halves = (items[:middle], items[middle:])
+        errors = [await self._predict_into(half) for half in halves]
+        if errors[0] is not None and errors[1] is not None:
+            for half, half_error in zip(halves, errors, strict=True):
+                for item in half:
+                    item.error = half_error
+            return True
+        for half, half_error in zip(halves, errors, strict=True):
+            if half_error is not None:
+                await self._isolate(half, half_error)
+        return False
 
     def _outcome(self, item: _Work, timings: JobTimings) -> list[Publish]:
         job, attempt = item.job, item.attempt

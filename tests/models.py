@@ -75,3 +75,51 @@ class ShortChangingModel(LinearLatencyModel):
 
     def predict(self, inputs: Sequence[Any]) -> list[Any]:
         return list(inputs)[:-1]
+
+
+class PoisonModel:
+    """Echo that fails a whole batch, at once, when any input in it is "poison": one
+    caller's bad input in a batch of others' good ones."""
+
+    name = "echo"
+
+    def __init__(self) -> None:
+        self.batch_sizes: list[int] = []
+        self._lock = threading.Lock()
+
+    def prepare(self, raw_input: Any, attempt: int) -> Any:
+        return raw_input
+
+    def predict(self, inputs: Sequence[Any]) -> list[Any]:
+        with self._lock:
+            self.batch_sizes.append(len(inputs))
+        if "poison" in inputs:
+            raise ModelFailure("cannot digest this batch")
+        return list(inputs)
+
+
+class GatedModel:
+    """Echo whose first batch waits until `gate` is set; records every input it ran."""
+
+    name = "echo"
+
+    def __init__(self) -> None:
+        self.gate = threading.Event()
+        self.batches: list[tuple[Any, ...]] = []
+        self._lock = threading.Lock()
+
+    @property
+    def ran(self) -> list[Any]:
+        with self._lock:
+            return [value for batch in self.batches for value in batch]
+
+    def prepare(self, raw_input: Any, attempt: int) -> Any:
+        return raw_input
+
+    def predict(self, inputs: Sequence[Any]) -> list[Any]:
+        with self._lock:
+            first = not self.batches
+            self.batches.append(tuple(inputs))
+        if first:
+            self.gate.wait(30)
+        return list(inputs)

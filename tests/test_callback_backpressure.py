@@ -11,9 +11,10 @@ from dataclasses import replace
 from callbacks.dispatcher import CallbackDispatcher
 from callbacks.settings import CallbackSettings
 from contract.broker import Broker
-from contract.envelope import Job, JobTimings
+from contract.envelope import PARK_REASON_HEADER, Job, JobTimings
 from loadgen.callback_receiver import CallbackReceiver, ReceivedCallback
 from ray_workers.outcomes import callback_for
+from tests.conftest import wait_until
 
 
 async def _queue_callbacks(broker: Broker, url: str, count: int) -> set[str]:
@@ -79,3 +80,42 @@ async def test_given_a_host_over_its_share_of_the_window_then_the_excess_is_defe
     assert dispatcher.deferrals > 0
     assert receiver.max_concurrent <= 2
     assert dispatcher.slots.hosts_tracked == 0  # nothing left held once all is delivered
+
+
+async def test_given_a_host_whose_breaker_stays_open_then_deferrals_are_capped_and_the_rest_parked(
+    callback_settings: CallbackSettings, broker: Broker, receiver: CallbackReceiver
+) -> None:
+    """Hardening item 7: deferrals spend no attempt but are counted; past the cap a delivery
+    is parked with the reason, not republished every few seconds for weeks."""
+    settings = replace(
+        callback_settings,
+        callback_breaker_threshold=1,
+        callback_breaker_cooldown_s=60.0,  # stays open for the whole test
+        callback_max_deferrals=2,
+        callback_concurrency=1,
+        callback_host_concurrency=1,
+    )
+    receiver.scripted_statuses.extend([503] * 10)
+    expected = await _queue_callbacks(broker, receiver.url, 4)
+    dispatcher = CallbackDispatcher(settings)
+    await dispatcher.start()
+    parked: list[str] = []
+    try:
+
+        async def all_parked() -> bool:
+            async with broker.fetching(settings.topology.callbacks_parking_queue) as next_message:
+                while (delivery := await next_message()) is not None:
+                    parked.append(str(delivery.headers.get(PARK_REASON_HEADER)))
+                    await delivery.ack()
+            return len(parked) >= 4
+
+        await wait_until(all_parked, 20, "every callback parked after its deferrals")
+    finally:
+        await dispatcher.stop()
+
+    # Only the first reached the host (its 503 opened the breaker); its retry, like the
+    # three others, was then deferred twice and parked.
+    assert receiver.requests_seen == 1
+    assert len(parked) == len(expected) == 4
+    assert all(reason.startswith("deferred 2 times") for reason in parked), parked
+    assert dispatcher.deferrals == 8

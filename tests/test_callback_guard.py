@@ -3,7 +3,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
+import socket
+import threading
+from typing import Any
 
 import pytest
 
@@ -11,6 +15,8 @@ from contract.callback_guard import (
     AllowList,
     CallbackUrlRejected,
     IPAddress,
+    ResolutionUnavailable,
+    SystemResolver,
     check_callback_url,
     non_public_reason,
 )
@@ -69,7 +75,20 @@ async def _no_dns(host: str, port: int) -> list[IPAddress]:
         ("gopher://8.8.8.8/", "scheme 'gopher' is not allowed"),
         ("http://user@8.8.8.8/", "must not carry user information"),
         ("http:///nohost", "has no host"),
-        ("http://8.8.8.8:99999/", "is not a valid URL: Port out of range"),
+        ("http://8.8.8.8:99999/", "is not a valid URL"),
+        # Hardening item 5: what the HTTP client could not send as given is refused at submit.
+        ("http://93.184.216.34/\u0001", "contains a space or a control character"),
+        ("http://exa mple.com/", "contains a space or a control character"),
+        # Item 13: malformed names answer 422, not 500.
+        ("http://a..com/", "is not a valid DNS name"),
+        ("http://" + "a" * 64 + ".com/", "is not a valid DNS name"),
+        ("http://x_y.example/", "is not a valid DNS name"),
+        ("http://2130706433/", "ends in an all-numeric label"),
+        ("http://0x7f.1/", "ends in an all-numeric label"),
+        # Item 14: zone ids and port 0.
+        ("http://[2606:4700::1111%25eth0]/", "carries a zone id"),
+        ("http://93.184.216.34:0/", "has port 0"),
+        ("http://example.com/" + "p" * 2100, "characters long; at most 2048"),
     ],
 )
 async def test_refused_urls_say_why(url: str, reason: str) -> None:
@@ -106,3 +125,79 @@ async def test_allow_list_admits_named_hosts_and_networks_only() -> None:
 async def test_public_url_passes_with_default_port() -> None:
     target = await check_callback_url("https://8.8.8.8", AllowList(), _no_dns)
     assert (target.scheme, target.port, target.path_and_query) == ("https", 443, "/")
+
+
+async def test_given_a_unicode_host_then_the_a_label_is_what_is_resolved_and_sent() -> None:
+    """Hardening item 5: an IDN host goes out as its A-label, never as raw Unicode."""
+    asked: list[str] = []
+
+    async def public(host: str, port: int) -> list[IPAddress]:
+        asked.append(host)
+        return [ipaddress.ip_address("93.184.216.34")]
+
+    target = await check_callback_url("http://Bücher.example/ä?q=ü", AllowList(), public)
+
+    assert asked == ["xn--bcher-kva.example"]
+    assert (target.host, target.path_and_query) == ("xn--bcher-kva.example", "/%C3%A4?q=%C3%BC")
+
+
+async def test_given_an_ipv6_literal_then_its_host_is_the_bare_address_and_checked() -> None:
+    """Item 14: brackets belong to the URL, not the address; the address is what is checked."""
+    target = await check_callback_url("http://[2606:4700::1111]:8443/x", AllowList(), _no_dns)
+    assert (target.host, target.port, target.addresses) == (
+        "2606:4700::1111",
+        8443,
+        (ipaddress.ip_address("2606:4700::1111"),),
+    )
+
+
+@pytest.mark.parametrize(
+    ("error", "expected"),
+    [(socket.EAI_AGAIN, ResolutionUnavailable), (socket.EAI_NONAME, CallbackUrlRejected)],
+)
+async def test_a_temporary_dns_failure_is_retryable_and_a_definite_one_refuses(
+    monkeypatch: pytest.MonkeyPatch, error: int, expected: type[Exception]
+) -> None:
+    """Item 12: EAI_AGAIN means 'not now' (503 at submit, a retry at delivery); NXDOMAIN refuses."""
+
+    def failing(*_args: Any, **_kwargs: Any) -> Any:
+        raise socket.gaierror(error, "test")
+
+    monkeypatch.setattr(socket, "getaddrinfo", failing)
+    resolver = SystemResolver(threads=1, timeout_s=5)
+    try:
+        with pytest.raises(expected):
+            await resolver("hooks.example.com", 443)
+    finally:
+        resolver.close()
+
+
+async def test_a_slow_lookup_answers_within_its_deadline_and_concurrent_ones_share_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Item 13: a hanging resolver costs a caller at most the deadline, and twenty requests for
+    one name make one lookup, not twenty threads' worth."""
+    release = threading.Event()
+    calls: list[str] = []
+
+    def hanging(host: str, *_args: Any, **_kwargs: Any) -> Any:
+        calls.append(host)
+        release.wait(10)
+        raise socket.gaierror(socket.EAI_AGAIN, "test")
+
+    monkeypatch.setattr(socket, "getaddrinfo", hanging)
+    resolver = SystemResolver(threads=2, timeout_s=0.3)
+    try:
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        results = await asyncio.gather(
+            *(resolver("slow.example", 443) for _ in range(20)), return_exceptions=True
+        )
+        elapsed_s = loop.time() - started
+    finally:
+        release.set()
+        resolver.close()
+
+    assert all(isinstance(r, ResolutionUnavailable) for r in results)
+    assert calls == ["slow.example"]
+    assert elapsed_s < 5  # bounded by the 0.3 s deadline, not by the 10 s the lookup hangs

@@ -12,6 +12,7 @@ import os
 import shutil
 import time
 from collections import Counter
+from dataclasses import replace
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -20,12 +21,13 @@ import pytest
 
 from callbacks.dispatcher import CallbackDispatcher
 from callbacks.settings import CallbackSettings
+from contract.envelope import decode_job
 from ingress.settings import IngressSettings
 from loadgen.callback_receiver import CallbackReceiver
 from ray_workers.job_worker import JobWorker
 from ray_workers.models.echo import EchoModel
 from ray_workers.settings import WorkerSettings
-from tests.conftest import running_ingress, wait_until
+from tests.conftest import drain_queue, running_ingress, wait_until
 
 JOBS = 400
 SUBMIT_INTERVAL_S = 0.02  # open loop: ~50 submissions/s whatever the answers take
@@ -90,9 +92,14 @@ async def test_given_a_broker_restart_under_load_then_no_accepted_job_is_lost(
                 if n == RESTART_AFTER_JOBS:
                     restart = asyncio.create_task(_restart_broker(rabbitmqctl))
                 await asyncio.sleep(SUBMIT_INTERVAL_S)  # the arrival schedule, not a wait for a result
+            alive_throughout = True
+            while not all(task.done() for task in submissions):
+                alive_throughout &= worker.is_alive  # liveness never follows the broker
+                await asyncio.sleep(0.05)
             await asyncio.gather(*submissions)
             assert restart is not None
             await restart
+            assert alive_throughout, "the worker's liveness failed during a broker restart"
             # The restart overlapped the load: some submissions were refused while it was away.
             assert statuses[202] > 0 and statuses[503] > 0, dict(statuses)
 
@@ -131,3 +138,49 @@ async def test_given_a_broker_restart_under_load_then_no_accepted_job_is_lost(
     assert all(r.verified for r in receiver.received)
     assert statuses[202] + statuses[503] + statuses[0] == JOBS
     assert len(accepted) == statuses[202] + 1  # the submissions, and one after the restart
+
+
+async def _rabbitmqctl(rabbitmqctl: str, *args: str) -> str:
+    process = await asyncio.create_subprocess_exec(
+        rabbitmqctl, *args, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL
+    )
+    out, _ = await asyncio.wait_for(process.communicate(), 60)
+    assert process.returncode == 0, f"rabbitmqctl {args} failed"
+    return out.decode().strip()
+
+
+async def test_given_a_memory_alarm_then_submissions_are_refused_unwritten_and_none_runs_later(
+    amqp_url: str, ingress_settings: IngressSettings
+) -> None:
+    """Hardening item 4: while the broker blocks publishers, the ingress answers 503 at once
+    without writing the job; after the alarm clears, no refused job appears in the queue
+    except the publishes that were on the wire when the broker blocked the connection (it
+    blocks a connection at its next publish: here the first one, answered 503 after
+    PUBLISH_TIMEOUT). The broker's watermark is restored whatever happens."""
+    rabbitmqctl = _local_broker_control(amqp_url)
+    original = await _rabbitmqctl(rabbitmqctl, "eval", "vm_memory_monitor:get_vm_memory_high_watermark().")
+    settings = replace(ingress_settings, publish_timeout_s=2.0)
+    queue = settings.topology.main_queue("echo")
+    job = {"input": 1, "callback_url": "http://127.0.0.1:9/"}
+    answers: list[tuple[int, float]] = []
+    async with running_ingress(settings) as client:
+        before = await client.post("/v1/models/echo/jobs", json=job)
+        assert before.status_code == 202
+        try:
+            await _rabbitmqctl(rabbitmqctl, "set_vm_memory_high_watermark", "0.000001")
+            for _ in range(6):
+                started = time.monotonic()
+                response = await client.post("/v1/models/echo/jobs", json=job)
+                answers.append((response.status_code, time.monotonic() - started))
+        finally:
+            await _rabbitmqctl(rabbitmqctl, "set_vm_memory_high_watermark", original)
+        after = await client.post("/v1/models/echo/jobs", json=job)
+        assert after.status_code == 202, after.text
+
+    assert [status for status, _ in answers] == [503] * 6
+    quick = [elapsed_s for _, elapsed_s in answers[1:]]
+    assert max(quick) < 1.0, f"refusals after the first waited {quick}: they were written"
+    queued = await drain_queue(amqp_url, queue)
+    ids = {decode_job(m.body).id for m in queued}
+    assert {before.json()["id"], after.json()["id"]} <= ids
+    assert len(ids) <= 3, "only the publish on the wire when the broker blocked may still arrive"

@@ -17,7 +17,7 @@ import httpx
 from callbacks.dispatcher import CallbackDispatcher
 from callbacks.settings import CallbackSettings
 from contract.broker import Broker
-from contract.callback_guard import AllowList, IPAddress, resolve_with_system_dns
+from contract.callback_guard import AllowList, IPAddress, SystemResolver
 from contract.circuit_breaker import BreakerState
 from contract.envelope import HISTORY_HEADER, PARK_REASON_HEADER, Job
 from contract.job_message import job_message
@@ -211,7 +211,7 @@ async def test_given_a_target_that_never_answers_then_another_targets_callback_d
     async def resolve(host: str, port: int) -> list[IPAddress]:
         if host == "healthy.test":
             return [ipaddress.ip_address("127.0.0.1")]
-        return await resolve_with_system_dns(host, port)
+        return await SystemResolver()(host, port)
 
     settings = replace(
         callback_settings,

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import socket
 import time
 from collections.abc import AsyncIterator
 from dataclasses import replace
+from typing import Any
 
 import httpx
 import msgspec
@@ -109,6 +111,21 @@ async def test_given_an_invalid_ttl_then_422(client: httpx.AsyncClient, ttl: obj
         ),
         (b'{"input": 1, "callback_url": "http://[::1]:9/"}', "application/json", 422, "invalid-callback-url"),
         (b'{"input": 1, "callback_url": "http://127.0.0.1:9/"}', "text/plain", 415, "unsupported-media-type"),
+        # Hardening: a URL the callback client could not send (item 5), a malformed name (13).
+        (
+            b'{"input": 1, "callback_url": "http://93.184.216.34/\\u0001"}',
+            "application/json",
+            422,
+            "invalid-callback-url",
+        ),
+        (b'{"input": 1, "callback_url": "http://a..com/"}', "application/json", 422, "invalid-callback-url"),
+        # Item 15: JSON nested beyond the decoder's depth is a bad request, not a 500.
+        (
+            b'{"input": ' + b"[" * 5000 + b"]" * 5000 + b', "callback_url": "http://127.0.0.1:9/"}',
+            "application/json",
+            400,
+            "malformed-json",
+        ),
     ],
 )
 async def test_given_a_bad_request_when_submitted_then_a_problem_and_nothing_published(
@@ -208,7 +225,7 @@ async def test_given_a_running_ingress_then_models_ready_metrics_and_openapi_are
     _problem(missing, 404)
 
 
-async def test_given_a_full_queue_when_the_broker_nacks_then_503_and_no_202(
+async def test_given_a_full_queue_then_503_and_no_202(
     ingress_settings: IngressSettings,
 ) -> None:
     settings = replace(ingress_settings, topology=replace(ingress_settings.topology, max_queue_length=1))
@@ -218,7 +235,30 @@ async def test_given_a_full_queue_when_the_broker_nacks_then_503_and_no_202(
         second = await client.post("/v1/models/echo/jobs", json=job)
 
     assert first.status_code == 202
-    assert "did not take" in str(_problem(second, 503)["detail"])
+    problem = _problem(second, 503)
+    assert str(problem["type"]).endswith("queue-full") and "MAX_QUEUE_LENGTH=1" in str(problem["detail"])
     assert second.headers["retry-after"].isdigit()
     queued = await drain_queue(settings.amqp_url, settings.topology.main_queue("echo"))
     assert [decode_job(m.body).id for m in queued] == [first.json()["id"]]
+
+
+async def test_given_a_temporary_dns_failure_then_503_with_retry_after_not_422(
+    client: httpx.AsyncClient, ingress_settings: IngressSettings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Hardening item 12: 'try again' from DNS is not a verdict on the URL."""
+    real_getaddrinfo = socket.getaddrinfo
+
+    def flaky(host: str, *args: Any, **kwargs: Any) -> Any:
+        if host == "hooks.flaky.example":
+            raise socket.gaierror(socket.EAI_AGAIN, "Temporary failure in name resolution")
+        return real_getaddrinfo(host, *args, **kwargs)
+
+    monkeypatch.setattr(socket, "getaddrinfo", flaky)
+    response = await client.post(
+        "/v1/models/echo/jobs", json={"input": 1, "callback_url": "https://hooks.flaky.example/cb"}
+    )
+
+    problem = _problem(response, 503)
+    assert str(problem["type"]).endswith("dns-unavailable")
+    assert response.headers["retry-after"].isdigit()
+    assert await drain_queue(ingress_settings.amqp_url, ingress_settings.topology.main_queue("echo")) == []

@@ -125,3 +125,14 @@ def test_given_a_bad_secret_bearing_value_then_the_error_never_shows_it() -> Non
     with pytest.raises(ConfigError, match="WEBHOOK_SECRET") as error:
         CallbackSettings.from_env({"WEBHOOK_SECRET": "whsec_c2hvcnQ="})
     assert "c2hvcnQ" not in str(error.value)
+
+
+@pytest.mark.parametrize("host", ["0.0.0.0", "::", "10.1.2.3", "ingress.internal"])
+def test_given_a_bind_beyond_loopback_and_no_api_keys_then_the_ingress_refuses_to_start(host: str) -> None:
+    """Hardening item 16: no silent open relay; the opt-out is explicit and named."""
+    with pytest.raises(ConfigError, match=r"API_KEYS is empty.*ALLOW_UNAUTHENTICATED=1"):
+        IngressSettings.from_env({"INGRESS_HOST": host})
+
+    assert IngressSettings.from_env({"INGRESS_HOST": host, "API_KEYS": "k1"}).api_keys == ("k1",)
+    assert IngressSettings.from_env({"INGRESS_HOST": host, "ALLOW_UNAUTHENTICATED": "1"}).api_keys == ()
+    assert IngressSettings.from_env({"INGRESS_HOST": "127.0.0.1"}).api_keys == ()  # loopback: fine

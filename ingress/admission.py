@@ -1,0 +1,66 @@
+"""`MAX_QUEUE_LENGTH`, enforced by the ingress on the jobs it admits.
+
+The limit is not a queue argument: a broker-side `x-max-length` also refuses the retries
+that dead-letter back into the queue, and those are dropped without a trace. Here only
+new submissions are counted. The queue's depth is read from the broker (a passive
+declare) at most every `refresh_s` per model, one read at a time; between reads each
+admitted job counts as one more, so a burst cannot overshoot the limit by more than what
+other ingress processes admit in one refresh interval. Retries and replays may take the
+queue past the limit: that is the point.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+
+class QueueFull(Exception):
+    """The model's queue holds at least MAX_QUEUE_LENGTH jobs; try again later."""
+
+
+@dataclass
+class _Depth:
+    read_at: float = float("-inf")
+    depth: int = 0
+    admitted_since_read: int = 0
+
+
+class Admission:
+    def __init__(
+        self,
+        read_depth: Callable[[str], Awaitable[int]],
+        max_length: int,
+        refresh_s: float = 0.25,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._read_depth = read_depth
+        self._max_length = max_length
+        self._refresh_s = refresh_s
+        self._clock = clock
+        self._depths: dict[str, _Depth] = {}
+        self._reading: dict[str, asyncio.Lock] = {}
+
+    async def admit(self, model: str) -> None:
+        """Count one job in, or raise QueueFull; the depth is refreshed when stale."""
+        state = self._depths.setdefault(model, _Depth())
+        if self._clock() - state.read_at >= self._refresh_s:
+            async with self._reading.setdefault(model, asyncio.Lock()):
+                if self._clock() - state.read_at >= self._refresh_s:  # another request may have read it
+                    state.depth = await self._read_depth(model)
+                    state.read_at = self._clock()
+                    state.admitted_since_read = 0
+        if state.depth + state.admitted_since_read >= self._max_length:
+            raise QueueFull(
+                f"the queue for {model} holds about {state.depth + state.admitted_since_read} jobs "
+                f"(MAX_QUEUE_LENGTH={self._max_length})"
+            )
+        state.admitted_since_read += 1
+
+    def refund(self, model: str) -> None:
+        """An admitted job was not published after all: it does not count."""
+        state = self._depths.get(model)
+        if state is not None and state.admitted_since_read > 0:
+            state.admitted_since_read -= 1
