@@ -229,20 +229,8 @@ class Broker:
     async def connect(self, timeout_s: float = 10.0) -> None:
         """Connect, declare the topology, open the publish channel."""
         try:
-            self._publish_connection = await aio_pika.connect_robust(
-                self._url,
-                timeout=timeout_s,
-                reconnect_interval=RECONNECT_INTERVAL_S,
-                client_properties={"connection_name": f"{self._connection_name}.publish"},
-            )
-            self._publish_connection.reconnect_callbacks.add(self._heal_after_reconnect)
-            self._consume_connection = await aio_pika.connect_robust(
-                self._url,
-                timeout=timeout_s,
-                reconnect_interval=RECONNECT_INTERVAL_S,
-                client_properties={"connection_name": f"{self._connection_name}.consume"},
-            )
-            self._consume_connection.reconnect_callbacks.add(self._heal_after_reconnect)
+            self._publish_connection = await self._connect_robust("publish", timeout_s)
+            self._consume_connection = await self._connect_robust("consume", timeout_s)
             await self._declare(await self._open_publish_channel())
             self._declared = True
         except TopologyMismatch:
@@ -251,6 +239,16 @@ class Broker:
         except _CONNECTION_ERRORS as exc:
             await self.close()
             raise BrokerUnavailable(f"cannot reach RabbitMQ at {redact_url(self._url)}: {exc!r}") from exc
+
+    async def _connect_robust(self, purpose: str, timeout_s: float) -> aio_pika.abc.AbstractRobustConnection:
+        connection = await aio_pika.connect_robust(
+            self._url,
+            timeout=timeout_s,
+            reconnect_interval=RECONNECT_INTERVAL_S,
+            client_properties={"connection_name": f"{self._connection_name}.{purpose}"},
+        )
+        connection.reconnect_callbacks.add(self._heal_after_reconnect)
+        return connection
 
     async def _open_publish_channel(self) -> aio_pika.abc.AbstractChannel:
         channel = self._publish_channel
