@@ -30,6 +30,7 @@ class ReceivedCallback:
     verified: bool
     event: dict[str, Any]
     received_monotonic_s: float
+    received_wall_s: float
 
 
 class CallbackReceiver:
@@ -72,7 +73,7 @@ class CallbackReceiver:
         except WebhookVerificationError:
             verified = False
         record = ReceivedCallback(
-            request.headers.get("webhook-id", ""), verified, json.loads(body), time.monotonic()
+            request.headers.get("webhook-id", ""), verified, json.loads(body), time.monotonic(), time.time()
         )
         async with self._arrived:
             self.received.append(record)

@@ -8,11 +8,14 @@ Needs control of the local broker (rabbitmqctl), so it runs where the broker is 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import ipaddress
 import os
 import shutil
 import time
 from collections import Counter
 from dataclasses import replace
+from datetime import datetime
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -21,7 +24,10 @@ import pytest
 
 from callbacks.dispatcher import CallbackDispatcher
 from callbacks.settings import CallbackSettings
-from contract.envelope import decode_job
+from contract.broker import Broker, BrokerUnavailable
+from contract.callback_guard import AllowList, IPAddress
+from contract.envelope import Job, decode_callback_delivery, decode_job
+from contract.job_message import job_message
 from ingress.settings import IngressSettings
 from loadgen.callback_receiver import CallbackReceiver
 from ray_workers.job_worker import JobWorker
@@ -184,3 +190,129 @@ async def test_given_a_memory_alarm_then_submissions_are_refused_unwritten_and_n
     ids = {decode_job(m.body).id for m in queued}
     assert {before.json()["id"], after.json()["id"]} <= ids
     assert len(ids) <= 3, "only the publish on the wire when the broker blocked may still arrive"
+
+
+async def _hostile_receiver(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """One server, three behaviours by Host: trickles its answer, never answers, or answers
+    bytes that are not HTTP."""
+    try:
+        head = await reader.readuntil(b"\r\n\r\n")
+        host = next(
+            line.split(b":", 1)[1].strip().decode()
+            for line in head.split(b"\r\n")
+            if line.lower().startswith(b"host:")
+        )
+        if host.startswith("trickle."):
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 50\r\n\r\n")
+            for _ in range(50):
+                writer.write(b"x")
+                await writer.drain()
+                await asyncio.sleep(0.2)
+        elif host.startswith("hang."):
+            await asyncio.sleep(30)
+        else:
+            writer.write(b"\x00\xffNOT HTTP AT ALL\r\n\r\n")
+            await writer.drain()
+    except (ConnectionError, asyncio.IncompleteReadError, StopIteration):
+        pass
+    finally:
+        writer.close()
+
+
+async def test_given_a_memory_alarm_and_hostile_receivers_then_nothing_lost_and_a_healthy_receiver_keeps_pace(
+    amqp_url: str,
+    ingress_settings: IngressSettings,
+    worker_settings: WorkerSettings,
+    callback_settings: CallbackSettings,
+    receiver: CallbackReceiver,
+    broker: Broker,
+) -> None:
+    """Hardening, the chaos test extended: receivers that trickle, hang and answer garbage,
+    and a memory alarm in the middle of the load. Every accepted job reaches one terminal
+    event, called back to the healthy receiver or parked; none contradicts itself; and the
+    healthy receiver gets each callback within 1 s of its event, throughout."""
+    rabbitmqctl = _local_broker_control(amqp_url)
+    original = await _rabbitmqctl(rabbitmqctl, "eval", "vm_memory_monitor:get_vm_memory_high_watermark().")
+    server = await asyncio.start_server(_hostile_receiver, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    hostile = [f"http://{name}.test:{port}/cb" for name in ("trickle", "hang", "garbage")]
+
+    async def loopback(host: str, port: int) -> list[IPAddress]:
+        return [ipaddress.ip_address("127.0.0.1")]
+
+    callbacks = replace(
+        callback_settings,
+        callback_allow=AllowList.parse(["127.0.0.1", "trickle.test", "hang.test", "garbage.test"]),
+        callback_timeout_s=1.0,
+        callback_max_deferrals=3,
+    )
+    worker = JobWorker(EchoModel(), worker_settings)
+    dispatcher = CallbackDispatcher(callbacks, resolve=loopback)
+    await worker.start()
+    await dispatcher.start()
+    accepted: set[str] = set()
+    alarm_refused = 0
+    try:
+        async with running_ingress(ingress_settings) as client:
+            for n in range(60):
+                if n == 30:
+                    await _rabbitmqctl(rabbitmqctl, "set_vm_memory_high_watermark", "0.000001")
+                if n == 40:
+                    await _rabbitmqctl(rabbitmqctl, "set_vm_memory_high_watermark", original)
+                if n % 4 == 0:  # the healthy receiver, through the ingress
+                    response = await client.post(
+                        "/v1/models/echo/jobs", json={"input": n, "callback_url": receiver.url}
+                    )
+                    if response.status_code == 202:
+                        accepted.add(response.json()["id"])
+                    else:
+                        assert response.status_code == 503 and response.headers["retry-after"]
+                        alarm_refused += 1
+                elif not broker.publishing_blocked:  # hostile receivers, straight onto the queue
+                    job = Job(
+                        id=f"hostile-{n}",
+                        model="echo",
+                        input=n,
+                        callback_url=hostile[n % 4 - 1],
+                        submitted_at_ms=int(time.time() * 1000),
+                    )
+                    with contextlib.suppress(BrokerUnavailable):
+                        await broker.publish(job_message(job), "echo", exchange=broker.topology.jobs_exchange)
+                        accepted.add(job.id)
+                await asyncio.sleep(0.05)
+        parked: dict[str, str] = {}
+
+        async def all_terminal() -> bool:
+            async with broker.fetching(broker.topology.callbacks_parking_queue) as next_message:
+                while (delivery := await next_message()) is not None:
+                    event = decode_callback_delivery(delivery.body).event
+                    parked[event.data.id] = event.type
+                    await delivery.ack()
+            delivered = {r.event["data"]["id"] for r in receiver.received}
+            return accepted <= delivered | set(parked)
+
+        await wait_until(all_terminal, 90, "every accepted job delivered or parked")
+    finally:
+        await _rabbitmqctl(rabbitmqctl, "set_vm_memory_high_watermark", original)
+        await worker.stop()
+        await dispatcher.stop()
+        server.close()
+
+    events: dict[str, set[str]] = {}
+    for record in receiver.received:
+        events.setdefault(record.event["data"]["id"], set()).add(record.event["type"])
+    for job_id, event_type in parked.items():
+        events.setdefault(job_id, set()).add(event_type)
+    assert all(len(types) == 1 for types in events.values()), "a job with two different terminal events"
+    assert alarm_refused > 0  # the alarm overlapped the load
+    assert all(job_id.startswith("hostile-") for job_id in parked)
+    lags_s = [
+        r.received_wall_s - datetime.fromisoformat(r.event["timestamp"]).timestamp()
+        for r in receiver.received
+    ]
+    print(
+        f"\nhostile chaos: accepted {len(accepted)}, delivered {len(receiver.received)}, parked {len(parked)}, "
+        f"refused during the alarm {alarm_refused}, healthy lag max {max(lags_s) * 1000:.0f} ms, lost 0, "
+        "contradictions 0"
+    )
+    assert max(lags_s) < 1.0, f"the healthy receiver waited up to {max(lags_s):.2f} s behind hostile ones"
