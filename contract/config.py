@@ -36,7 +36,9 @@ DEFAULT_MODELS = ("echo", "embed-minilm")
 TEST_MODELS = ("synthetic",)
 KNOWN_MODELS = ("echo", "embed-minilm", "synthetic")
 # Never echoed back in an error: they carry credentials.
-SECRET_VARIABLES = frozenset({"AMQP_URL", "WEBHOOK_SECRET", "API_KEYS", "RABBITMQ_MANAGEMENT_URL"})
+SECRET_VARIABLES = frozenset(
+    {"AMQP_URL", "WEBHOOK_SECRET", "API_KEYS", "RABBITMQ_MANAGEMENT_URL", "REDIS_URL"}
+)
 # Per-model variables: `<PREFIX><MODEL>`, MODEL as `model_env_suffix` writes it.
 PER_MODEL_PREFIXES = {
     "RETRY_DELAYS_S_": "retry_delays_s_by_model",
@@ -96,6 +98,10 @@ class Environment(BaseModel):
     # How long the callback-URL guard waits for DNS before answering "try again later".
     dns_timeout_s: float = Field(3.0, gt=0, alias="DNS_TIMEOUT_S")
     drain_timeout_s: float = Field(30.0, ge=0, alias="DRAIN_TIMEOUT_S")
+
+    # The terminal ledger (contract/terminal_ledger.py): `off` runs without it.
+    redis_url: str = Field("redis://127.0.0.1:6379/0", alias="REDIS_URL", repr=False)
+    result_ttl_s: int = Field(24 * 3600, ge=1, alias="RESULT_TTL_S")
 
     # The ingress.
     ingress_host: str = Field("127.0.0.1", alias="INGRESS_HOST")

@@ -29,7 +29,7 @@ from autoscaler.scaling_policy import InvalidScaledObject, ScalingPolicy, load_p
 from callbacks.settings import CallbackSettings
 from callbacks.signing import generate_secret
 from contract.config import ConfigError, Environment
-from local_stack.local_broker import BrokerNotAvailable, ensure_broker, ensure_management_api
+from local_stack.local_services import BrokerNotAvailable, ensure_broker, ensure_management_api, ensure_redis
 from ray_workers.deployment import (
     run_callback_dispatcher,
     run_model_worker,
@@ -186,6 +186,8 @@ def main() -> int:
         ensure_broker(stack.amqp_url)
         if stack.autoscale:
             ensure_management_api(stack.management_url)
+        if stack.workers.redis_url:
+            ensure_redis(stack.workers.redis_url)
         policies, initial = _scaling_plan(stack)
     except (ConfigError, BrokerNotAvailable, InvalidScaledObject) as exc:
         print(f"cannot start: {exc}", file=sys.stderr)

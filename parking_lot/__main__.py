@@ -10,6 +10,7 @@ from collections.abc import Sequence
 
 from contract.broker import Broker, BrokerError
 from contract.config import ConfigError, Environment
+from contract.terminal_ledger import LedgerUnavailable, TerminalLedger
 from parking_lot.lots import ParkingLot, ReplayStopped, inspect, replay
 
 
@@ -32,7 +33,16 @@ async def _main(args: argparse.Namespace) -> int:
             return 0
         if not args.all and not args.id:
             raise ConfigError("say which messages to replay: --id ID (repeatable) or --all")
-        moved = await replay(broker, lot, None if args.all else args.id, args.limit)
+        ledger = (
+            None
+            if read.redis_url.lower() == "off"
+            else TerminalLedger(read.redis_url, read.queue_prefix, read.result_ttl_s)
+        )
+        try:
+            moved = await replay(broker, lot, None if args.all else args.id, args.limit, ledger)
+        finally:
+            if ledger is not None:
+                await ledger.close()
         print(f"replayed {moved} message(s) from {lot.queue}")
         return 0
     finally:
@@ -54,7 +64,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return asyncio.run(_main(args))
-    except (ConfigError, BrokerError, ReplayStopped) as exc:
+    except (ConfigError, BrokerError, ReplayStopped, LedgerUnavailable) as exc:
         print(f"parking_lot: {exc}", file=sys.stderr)
         return 2
 

@@ -22,6 +22,7 @@ from contract.envelope import (
 )
 from contract.job_message import job_message
 from contract.settlement import Publish, settle
+from contract.terminal_ledger import TerminalLedger
 from contract.topology import Topology
 
 REPLAYED_HEADER = "x-replayed"
@@ -67,9 +68,16 @@ async def inspect(broker: Broker, lot: ParkingLot, sample_size: int = 5) -> Park
 
 
 async def replay(
-    broker: Broker, lot: ParkingLot, ids: Sequence[str] | None = None, limit: int | None = None
+    broker: Broker,
+    lot: ParkingLot,
+    ids: Sequence[str] | None = None,
+    limit: int | None = None,
+    ledger: TerminalLedger | None = None,
 ) -> int:
-    """Move the parked messages with these ids (all when None) back; returns how many moved."""
+    """Move the parked messages with these ids (all when None) back; returns how many moved.
+
+    A replayed job is re-opened on purpose: its record in the terminal ledger is dropped
+    first, so it runs again and may end differently (its callback says so)."""
     wanted = None if ids is None else set(ids)
     moved = 0
     async with broker.fetching(lot.queue) as next_message:
@@ -87,6 +95,8 @@ async def replay(
                     job = decode_job(delivery.body)
                 except UndecodableMessage:
                     continue  # a poison body cannot run again; it stays parked
+                if ledger is not None:
+                    await ledger.forget(job.id)
                 message = job_message(job, headers, body=delivery.body)
                 publish = Publish(message, lot.model, exchange=lot.topology.jobs_exchange)
             if (await settle(broker, [(delivery, [publish])])).acked == 0:

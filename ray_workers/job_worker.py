@@ -28,7 +28,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -36,6 +36,7 @@ from contract.broker import Broker, BrokerError, Delivery
 from contract.circuit_breaker import BreakerState, CircuitBreaker
 from contract.envelope import ATTEMPT_HEADER, Job, JobTimings, UndecodableMessage, decode_job
 from contract.settlement import Outcome, Publish, Settled, settle
+from contract.terminal_ledger import LedgerUnavailable, TerminalLedger
 from ray_workers.batch_controller import AdaptiveBatchController, FixedBatchSize
 from ray_workers.batching import collect_batch
 from ray_workers.models.base import InvalidInput, Model, ModelError
@@ -76,6 +77,11 @@ class JobWorker:
         self._topology = settings.topology
         self._schedule = settings.topology.job_retry_schedule(model.name)
         self._wall_clock = wall_clock
+        self._ledger = (
+            TerminalLedger(settings.redis_url, settings.topology.prefix, settings.result_ttl_s)
+            if settings.redis_url
+            else None
+        )
         self._broker = Broker(
             settings.amqp_url, settings.topology, settings.models, role=f"worker-{model.name}"
         )
@@ -168,6 +174,8 @@ class JobWorker:
         # Closing the channels returns every unacked message (prefetched, in the inbox
         # or in an abandoned batch) to the queue.
         await self._broker.close()
+        if self._ledger is not None:
+            await self._ledger.close()
 
     async def _run(self) -> None:
         while not self._stopping:
@@ -204,8 +212,48 @@ class JobWorker:
         and whether the model failed it.
 
         Every delivery of the batch is settled by the settling task this starts (after the
-        previous batch's), except those whose channel has closed, which are dropped."""
+        previous batch's), except those whose channel has closed, which are dropped. A job
+        the terminal ledger already records as ended is settled without running."""
         now_ms = int(self._wall_clock() * 1000)
+        work, outcomes = self._decode(batch, now_ms)
+        ended = (
+            await self._ledger_call(self._ledger.recorded, [item.job.id for item in work])
+            if self._ledger
+            else {}
+        )
+        fresh = []
+        for item in work:
+            if item.job.id in ended:
+                logger.info(
+                    "job %s already ended as %s; settled without running it", item.job.id, ended[item.job.id]
+                )
+                outcomes.append((item.delivery, []))
+            else:
+                fresh.append(item)
+        runnable = [item for item in fresh if item.error is None and not item.expired]
+        inference_s, model_failed = await self._infer(runnable)
+        timings = [
+            JobTimings(
+                queued_ms=round(max(0.0, now_ms - item.job.submitted_at_ms), 3),
+                inference_ms=round(inference_s * 1000, 3),
+                batch_size=len(runnable),
+            )
+            for item in fresh
+        ]
+        decided = [(item, self._outcome(item, timing)) for item, timing in zip(fresh, timings, strict=True)]
+        outcomes.extend(await self._first_terminal_wins(decided))
+        previous = self._settling
+        if previous is not None:
+            # One batch settling at a time: prefetch stays bounded. Shielded: a cancelled
+            # loop (a drain that timed out) must not cancel acks of work already done.
+            await asyncio.shield(previous)
+        self._settling = asyncio.create_task(settle(self._broker, outcomes))
+        if runnable:
+            await self._update_breaker(model_failed)
+        return inference_s, model_failed
+
+    def _decode(self, batch: list[Delivery], now_ms: int) -> tuple[list[_Work], list[Outcome]]:
+        """The batch's jobs, prepared; undecodable bodies already have their outcome (parked)."""
         work: list[_Work] = []
         outcomes: list[Outcome] = []
         for delivery in batch:
@@ -226,24 +274,43 @@ class JobWorker:
                 outcomes.append((delivery, [park]))
                 continue
             work.append(self._prepare(delivery, job, now_ms))
-        runnable = [item for item in work if item.error is None and not item.expired]
-        inference_s, model_failed = await self._infer(runnable)
-        for item in work:
-            timings = JobTimings(
-                queued_ms=round(max(0.0, now_ms - item.job.submitted_at_ms), 3),
-                inference_ms=round(inference_s * 1000, 3),
-                batch_size=len(runnable),
-            )
-            outcomes.append((item.delivery, self._outcome(item, timings)))
-        previous = self._settling
-        if previous is not None:
-            # One batch settling at a time: prefetch stays bounded. Shielded: a cancelled
-            # loop (a drain that timed out) must not cancel acks of work already done.
-            await asyncio.shield(previous)
-        self._settling = asyncio.create_task(settle(self._broker, outcomes))
-        if runnable:
-            await self._update_breaker(model_failed)
-        return inference_s, model_failed
+        return work, outcomes
+
+    async def _first_terminal_wins(self, decided: list[tuple[_Work, list[Publish]]]) -> list[Outcome]:
+        """Claim each terminal event in the ledger; a copy whose job already ended otherwise
+        publishes nothing (its delivery is only acked), so no job has two terminal events."""
+        claims = {
+            item.job.id: publish.message.type
+            for item, publishes in decided
+            for publish in publishes
+            if publish.routing_key == self._topology.callbacks_queue and publish.message.type
+        }
+        recorded = await self._ledger_call(self._ledger.claim, claims) if self._ledger and claims else {}
+        outcomes: list[Outcome] = []
+        for item, publishes in decided:
+            own = claims.get(item.job.id)
+            if own is not None and recorded.get(item.job.id, own) != own:
+                logger.warning(
+                    "job %s already ended as %s; this copy's %s is not sent",
+                    item.job.id,
+                    recorded[item.job.id],
+                    own,
+                )
+                outcomes.append((item.delivery, []))
+            else:
+                outcomes.append((item.delivery, publishes))
+        return outcomes
+
+    async def _ledger_call(
+        self, call: Callable[[Any], Awaitable[dict[str, str]]], argument: Any
+    ) -> dict[str, str]:
+        """The ledger's answer, or none when Redis is away (at-least-once meanwhile)."""
+        try:
+            return await call(argument)
+        except LedgerUnavailable as exc:
+            if not exc.skipped:
+                logger.warning("terminal ledger unavailable, publishing without the check: %s", exc)
+            return {}
 
     def _prepare(self, delivery: Delivery, job: Job, now_ms: int) -> _Work:
         item = _Work(delivery, job, int(delivery.headers.get(ATTEMPT_HEADER, 1)))

@@ -30,6 +30,9 @@ class WorkerSettings:
     model_threads: int = field(default_factory=lambda: os.cpu_count() or 1)
     # GPUs Ray reserves for each replica (a pod's WORKER_NUM_GPUS).
     num_gpus: float = 0.0
+    # The terminal ledger (first terminal event per job wins); None runs without it.
+    redis_url: str | None = field(default=None, repr=False)
+    result_ttl_s: int = 24 * 3600
 
     def latency_target_s(self, model: str) -> float:
         return self.batch_latency_target_by_model.get(model, self.batch_latency_target_s)
@@ -51,4 +54,6 @@ class WorkerSettings:
             drain_timeout_s=read.drain_timeout_s,
             model_threads=read.model_threads,
             num_gpus=read.worker_num_gpus,
+            redis_url=None if read.redis_url.lower() == "off" else read.redis_url,
+            result_ttl_s=read.result_ttl_s,
         )

@@ -14,6 +14,7 @@ from urllib.parse import urlsplit
 import aio_pika
 import httpx
 import pytest
+import redis.asyncio
 
 from callbacks.dispatcher import CallbackDispatcher
 from callbacks.settings import CallbackSettings
@@ -30,16 +31,17 @@ from ray_workers.job_worker import JobWorker
 from ray_workers.models.base import Model
 from ray_workers.settings import WorkerSettings
 
+DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 TEST_MODELS = ("echo", "synthetic")
 # Compressed schedules: the real ones wait minutes to hours.
 TEST_JOB_RETRIES = RetrySchedule((0.4, 0.8), jitter=0.1)
 TEST_CALLBACK_RETRIES = RetrySchedule((0.2, 0.2), jitter=0.1)
 
 
-def _reachable(url: str) -> bool:
+def _reachable(url: str, default_port: int = 5672) -> bool:
     parts = urlsplit(url)
     try:
-        with socket.create_connection((parts.hostname or "127.0.0.1", parts.port or 5672), 2):
+        with socket.create_connection((parts.hostname or "127.0.0.1", parts.port or default_port), 2):
             return True
     except OSError:
         return False
@@ -70,8 +72,19 @@ def amqp_url() -> Iterator[str]:
         pytest.skip(message)
 
 
+@pytest.fixture(scope="session")
+def redis_url() -> str:
+    """REDIS_URL (or the local default); a test fails, naming what to start, without one."""
+    url = os.environ.get("REDIS_URL", DEFAULT_REDIS_URL)
+    if not _reachable(url, 6379):
+        pytest.fail(
+            f"Redis is not reachable at REDIS_URL={url}; start one with `redis-server --daemonize yes`"
+        )
+    return url
+
+
 @pytest.fixture
-async def topology(amqp_url: str) -> AsyncIterator[Topology]:
+async def topology(amqp_url: str, redis_url: str) -> AsyncIterator[Topology]:
     """A topology under a fresh prefix; its queues and exchange are deleted afterwards."""
     topo = Topology(
         prefix=f"t{uuid.uuid4().hex[:10]}.",
@@ -85,6 +98,11 @@ async def topology(amqp_url: str) -> AsyncIterator[Topology]:
         for spec in topo.queues(("echo", "embed-minilm", "synthetic")):
             await channel.queue_delete(spec.name)
         await channel.exchange_delete(topo.jobs_exchange)
+    store = redis.asyncio.Redis.from_url(redis_url)
+    async with store:
+        keys = [key async for key in store.scan_iter(match=f"{topo.prefix}inferq:*")]
+        if keys:
+            await store.delete(*keys)
 
 
 @pytest.fixture
@@ -111,8 +129,10 @@ def ingress_settings(amqp_url: str, topology: Topology) -> IngressSettings:
 
 
 @pytest.fixture
-def worker_settings(amqp_url: str, topology: Topology) -> WorkerSettings:
-    return WorkerSettings(amqp_url=amqp_url, models=TEST_MODELS, topology=topology, drain_timeout_s=5.0)
+def worker_settings(amqp_url: str, topology: Topology, redis_url: str) -> WorkerSettings:
+    return WorkerSettings(
+        amqp_url=amqp_url, models=TEST_MODELS, topology=topology, drain_timeout_s=5.0, redis_url=redis_url
+    )
 
 
 @pytest.fixture

@@ -9,6 +9,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import redis
+
 from ray_workers.models.base import ModelFailure
 
 
@@ -122,4 +124,27 @@ class GatedModel:
             self.batches.append(tuple(inputs))
         if first:
             self.gate.wait(30)
+        return list(inputs)
+
+
+class ContestedModel:
+    """Echo, except for the input "contested": while it runs, another replica records the
+    job as succeeded (written straight to the ledger's Redis key), and here it fails."""
+
+    name = "echo"
+
+    def __init__(self, redis_url: str, key_prefix: str) -> None:
+        self._redis = redis.Redis.from_url(redis_url)
+        self._key_prefix = key_prefix
+        self.contested_job_id = ""
+
+    def prepare(self, raw_input: Any, attempt: int) -> Any:
+        return raw_input
+
+    def predict(self, inputs: Sequence[Any]) -> list[Any]:
+        if "contested" in inputs:
+            self._redis.set(
+                f"{self._key_prefix}inferq:terminal:{self.contested_job_id}", "job.succeeded", ex=60
+            )
+            raise ModelFailure("failed here, after another copy succeeded")
         return list(inputs)

@@ -311,8 +311,8 @@ async def test_given_a_memory_alarm_and_hostile_receivers_then_nothing_lost_and_
         for r in receiver.received
     ]
     print(
-        f"\nhostile chaos: accepted {len(accepted)}, delivered {len(receiver.received)}, parked {len(parked)}, "
-        f"refused during the alarm {alarm_refused}, healthy lag max {max(lags_s) * 1000:.0f} ms, lost 0, "
-        "contradictions 0"
+        f"\nhostile chaos: accepted {len(accepted)}, delivered {len(receiver.received)}, "
+        f"parked {len(parked)}, refused during the alarm {alarm_refused}, "
+        f"healthy lag max {max(lags_s) * 1000:.0f} ms, lost 0, contradictions 0"
     )
     assert max(lags_s) < 1.0, f"the healthy receiver waited up to {max(lags_s):.2f} s behind hostile ones"

@@ -21,11 +21,12 @@ from contract.broker import Broker, TopologyMismatch
 from contract.envelope import ATTEMPT_HEADER, Job, decode_callback_delivery
 from contract.job_message import job_message
 from contract.settlement import Publish, settle
+from contract.terminal_ledger import TerminalLedger
 from ingress.settings import IngressSettings
 from loadgen.callback_receiver import CallbackReceiver
 from ray_workers.settings import WorkerSettings
 from tests.conftest import drain_queue, running_ingress, running_worker, wait_until
-from tests.models import GatedModel, PoisonModel, RecordingModel
+from tests.models import ContestedModel, GatedModel, PoisonModel, RecordingModel
 
 
 def _jobs(inputs: Sequence[Any]) -> list[Job]:
@@ -289,3 +290,61 @@ class _Management:
 
     async def aclose(self) -> None:
         await self._client.aclose()
+
+
+async def _callbacks_after_barrier(settings: WorkerSettings, model: Any, jobs: Sequence[Job]) -> list[Any]:
+    """Run a worker until the last job (a plain one, queued behind the others) is called
+    back; returns every callback event published meanwhile."""
+    events: list[Any] = []
+
+    async def barrier_done() -> bool:
+        for message in await drain_queue(settings.amqp_url, settings.topology.callbacks_queue):
+            events.append(decode_callback_delivery(message.body).event)
+        return any(event.data.id == jobs[-1].id for event in events)
+
+    async with running_worker(model, settings):
+        await wait_until(barrier_done, 15, "the barrier job's callback")
+    return events
+
+
+async def test_given_a_job_already_recorded_as_ended_then_its_copy_is_settled_without_running(
+    worker_settings: WorkerSettings, broker: Broker, redis_url: str
+) -> None:
+    """Item 2: a redelivered copy of a finished job is acked, not run, not called back again."""
+    again, barrier = _jobs(["again", "barrier"])
+    ledger = TerminalLedger(redis_url, worker_settings.topology.prefix, ttl_s=60)
+    try:
+        await ledger.claim({again.id: "job.succeeded"})
+    finally:
+        await ledger.close()
+    await _publish(broker, [again, barrier])
+    model = RecordingModel()
+
+    events = await _callbacks_after_barrier(worker_settings, model, [again, barrier])
+
+    assert [event.data.id for event in events] == [barrier.id]
+    assert sum(len(batch.attempts) for batch in model.batches) == 1  # only the barrier ran
+    assert await drain_queue(worker_settings.amqp_url, worker_settings.topology.main_queue("echo")) == []
+
+
+async def test_given_a_copy_that_would_end_differently_then_it_sends_nothing_and_is_not_parked(
+    worker_settings: WorkerSettings, broker: Broker, redis_url: str
+) -> None:
+    """Item 2: one job id never produces two different terminal events. Here a copy on its
+    last attempt fails after another copy was recorded as succeeded: it sends no job.failed
+    and parks nothing."""
+    contested, barrier = _jobs(["contested", "barrier"])
+    model = ContestedModel(redis_url, worker_settings.topology.prefix)
+    model.contested_job_id = contested.id
+    last_attempt = len(worker_settings.topology.job_retry_schedule("echo").delays_s) + 1
+    await broker.publish(
+        job_message(contested, {ATTEMPT_HEADER: last_attempt}), "echo", exchange=broker.topology.jobs_exchange
+    )
+    await _publish(broker, [barrier])
+
+    events = await _callbacks_after_barrier(worker_settings, model, [contested, barrier])
+
+    assert [event.data.id for event in events] == [barrier.id]
+    topology = worker_settings.topology
+    assert await drain_queue(worker_settings.amqp_url, topology.parking_queue("echo")) == []
+    assert await drain_queue(worker_settings.amqp_url, topology.main_queue("echo")) == []

@@ -1,8 +1,10 @@
-"""Making sure a RabbitMQ, and its management API, answer before the local stack starts.
+"""Making sure RabbitMQ, its management API and Redis answer before the local stack starts.
 
 `task up` and `task demo` start a local `rabbitmq-server` when nothing answers at
 AMQP_URL and one is installed, enable `rabbitmq_management` when the autoscaler needs
-it and it is off, and otherwise stop with a message saying how to get one.
+it and it is off, and otherwise stop with a message saying how to get one. Redis (the
+terminal ledger) is started the same way when it is missing; without it the stack runs
+on, at-least-once, and says so.
 """
 
 from __future__ import annotations
@@ -68,3 +70,23 @@ def ensure_management_api(management_url: str) -> None:
         ["enable", "rabbitmq_management"],
         "Enable it with `rabbitmq-plugins enable rabbitmq_management`, or set LOCAL_AUTOSCALER=0.",
     )
+
+
+def ensure_redis(redis_url: str) -> bool:
+    """Whether Redis answers at `redis_url`, starting a local `redis-server` if need be."""
+    try:
+        _start_locally(
+            redis_url,
+            6379,
+            "redis-server",
+            ["--daemonize", "yes", "--port", str(urlsplit(redis_url).port or 6379)],
+            "Start Redis (Debian/Ubuntu: `apt-get install redis-server`) or set REDIS_URL.",
+        )
+    except BrokerNotAvailable as exc:
+        print(
+            f"{exc} Running without the terminal ledger: a job run twice could end with two "
+            "different terminal events until Redis is there.",
+            flush=True,
+        )
+        return False
+    return True
