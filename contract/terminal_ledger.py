@@ -19,7 +19,8 @@ costs each batch nothing, not a connect timeout.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import contextlib
+from collections.abc import AsyncIterator, Mapping, Sequence
 
 import redis.asyncio
 import redis.exceptions
@@ -63,15 +64,8 @@ class TerminalLedger:
         """The terminal event already recorded for each of these jobs that has one."""
         if not job_ids:
             return {}
-        self._check_breaker()
-        try:
+        async with self._guarded("read"):
             values = await self._redis.mget([self._key_prefix + job_id for job_id in job_ids])
-        except _ERRORS as exc:
-            self._breaker.record_failure()
-            raise LedgerUnavailable(
-                f"cannot read the terminal ledger at {self._display_url}: {exc!r}"
-            ) from exc
-        self._breaker.record_success()
         return {
             job_id: str(value) for job_id, value in zip(job_ids, values, strict=True) if value is not None
         }
@@ -81,37 +75,33 @@ class TerminalLedger:
         (its own event where the claim won, the earlier one where it lost)."""
         if not events:
             return {}
-        self._check_breaker()
-        try:
-            async with self._redis.pipeline(transaction=False) as pipe:
-                for job_id, event in events.items():
-                    await self._claim(
-                        keys=[self._key_prefix + job_id], args=[event, self._ttl_s], client=pipe
-                    )
-                results = await pipe.execute()
-        except _ERRORS as exc:
-            self._breaker.record_failure()
-            raise LedgerUnavailable(
-                f"cannot claim in the terminal ledger at {self._display_url}: {exc!r}"
-            ) from exc
-        self._breaker.record_success()
+        async with self._guarded("claim in"), self._redis.pipeline(transaction=False) as pipe:
+            for job_id, event in events.items():
+                await self._claim(keys=[self._key_prefix + job_id], args=[event, self._ttl_s], client=pipe)
+            results = await pipe.execute()
         return {job_id: str(result) for job_id, result in zip(events, results, strict=True)}
 
     async def forget(self, job_id: str) -> None:
         """Drop a job's record: replay re-opens a job on purpose, so it may end anew."""
-        try:
+        async with self._guarded("update"):
             await self._redis.delete(self._key_prefix + job_id)
-        except _ERRORS as exc:
-            raise LedgerUnavailable(
-                f"cannot update the terminal ledger at {self._display_url}: {exc!r}"
-            ) from exc
 
-    def _check_breaker(self) -> None:
+    @contextlib.asynccontextmanager
+    async def _guarded(self, action: str) -> AsyncIterator[None]:
+        """Redis errors become LedgerUnavailable; after one, calls are skipped for a while."""
         if not self._breaker.allow():
             raise LedgerUnavailable(
                 f"skipped: Redis at {self._display_url} failed less than {LEDGER_RETRY_S:.0f} s ago",
                 skipped=True,
             )
+        try:
+            yield
+        except _ERRORS as exc:
+            self._breaker.record_failure()
+            raise LedgerUnavailable(
+                f"cannot {action} the terminal ledger at {self._display_url}: {exc!r}"
+            ) from exc
+        self._breaker.record_success()
 
     async def close(self) -> None:
         await self._redis.aclose()
