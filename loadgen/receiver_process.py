@@ -112,8 +112,11 @@ def main(argv: list[str] | None = None) -> int:
 class ReceiverProcess:
     """Starts `python -m loadgen.receiver_process` and reads back what it received."""
 
-    def __init__(self, secret: str | None, host: str = "127.0.0.1", delay_s: float = 0.0) -> None:
-        self._args = ["--host", host, "--delay-s", str(delay_s)] + (["--secret", secret] if secret else [])
+    def __init__(
+        self, secret: str | None, host: str = "127.0.0.1", delay_s: float = 0.0, port: int = 0
+    ) -> None:
+        self._args = ["--host", host, "--port", str(port), "--delay-s", str(delay_s)]
+        self._args += ["--secret", secret] if secret else []
         self._host = host
         self._process: asyncio.subprocess.Process | None = None
         self._session: aiohttp.ClientSession | None = None
