@@ -124,8 +124,9 @@ BUILT_IN: dict[str, Profile] = {
         Profile(
             "priority-flood",
             "a low-priority flood of 300 jobs/s for 40 s with a trickle of 2 % high-priority jobs, "
-            "after 20 s of the trickle alone (its idle latency)",
+            "after 20 s of the high-priority trickle alone (its idle latency) and 15 s of warm-up",
             (
+                Phase("warm-up", 15, 5),
                 Phase("trickle", 20, 5, high_share=1.0),
                 Phase("flood", 40, 300, high_share=0.02, low_share=0.98),
             ),
