@@ -25,6 +25,7 @@ from pathlib import Path
 from urllib.parse import quote, urlsplit
 
 import aiohttp
+import uvloop
 
 from callbacks.signing import generate_secret
 from contract.config import DEFAULT_AMQP_URL
@@ -230,7 +231,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
-        return asyncio.run(_main(args))
+        return uvloop.run(_main(args))
     except InvalidProfile as exc:
         print(f"loadgen: {exc}", file=sys.stderr)
         return 2

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
+import uvloop
 from aiohttp import web
 from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 
@@ -105,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--delay-s", type=float, default=0.0, help="wait before answering")
     args = parser.parse_args(argv)
     with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(_serve(args.host, args.port, args.secret, args.delay_s))
+        uvloop.run(_serve(args.host, args.port, args.secret, args.delay_s))
     return 0
 
 
