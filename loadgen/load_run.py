@@ -22,6 +22,7 @@ import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 from urllib.parse import quote, urlsplit
 
 import aiohttp
@@ -43,6 +44,10 @@ _REPLICAS_LINE = re.compile(
 )
 
 
+class ReplicaReader(Protocol):
+    async def read(self) -> dict[str, int]: ...
+
+
 @dataclass
 class Target:
     """Where the jobs go, where their callbacks come back, and what can be sampled."""
@@ -54,6 +59,8 @@ class Target:
     management_url: str | None = None
     queue_names: tuple[str, ...] = ()
     autoscaler_metrics_url: str | None = None
+    # In a cluster: reads Deployments and HPAs (loadgen.cluster_replicas.ClusterReplicas).
+    cluster_replicas: ReplicaReader | None = None
 
 
 @dataclass
@@ -88,6 +95,8 @@ class _Sampler:
         return depths
 
     async def _replicas(self, session: aiohttp.ClientSession) -> dict[str, int]:
+        if self.target.cluster_replicas is not None:
+            return await self.target.cluster_replicas.read()
         url = self.target.autoscaler_metrics_url
         if url is None:
             return {}
@@ -172,10 +181,15 @@ async def local_target(profile: Profile, amqp_url: str) -> AsyncIterator[Target]
 
 
 @contextlib.asynccontextmanager
-async def remote_target(args: argparse.Namespace) -> AsyncIterator[Target]:
+async def remote_target(profile: Profile, args: argparse.Namespace) -> AsyncIterator[Target]:
     """A deployment at --target; this machine's receiver listens where --callback-url says."""
     parts = urlsplit(args.callback_url)
     receiver = ReceiverProcess(args.webhook_secret, host=args.receiver_bind, port=parts.port or 80)
+    replicas = None
+    if args.kube_namespace:
+        from loadgen.cluster_replicas import ClusterReplicas  # the kubernetes client: only when asked
+
+        replicas = ClusterReplicas(args.kube_namespace, (profile.model,))
     await receiver.start()
     try:
         yield Target(
@@ -185,6 +199,7 @@ async def remote_target(args: argparse.Namespace) -> AsyncIterator[Target]:
             api_key=args.api_key,
             management_url=args.management_url,
             queue_names=tuple(args.queue or ()),
+            cluster_replicas=replicas,
         )
     finally:
         await receiver.stop()
@@ -198,7 +213,7 @@ async def _main(args: argparse.Namespace) -> int:
         f"profile {profile.name}: {len(arrivals)} jobs over {duration_s:.0f} s ({profile.description})",
         flush=True,
     )
-    target = remote_target(args) if args.target else local_target(profile, args.amqp_url)
+    target = remote_target(profile, args) if args.target else local_target(profile, args.amqp_url)
     async with target as where:
         record = await drive(profile, where, arrivals, args.drain_timeout)
     summary = write_report(record, Path(args.out))
@@ -216,6 +231,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--receiver-bind", default="0.0.0.0", help="with --target: the receiver's address")
     parser.add_argument("--management-url", help="with --target: RabbitMQ's management API, to sample queues")
     parser.add_argument("--queue", action="append", help="with --target: a queue to sample (repeatable)")
+    parser.add_argument(
+        "--kube-namespace", help="with --target: read replicas from this namespace's Deployments"
+    )
     parser.add_argument("--duration", type=float, help="seconds at most (default: the profile's)")
     parser.add_argument("--max-jobs", type=int, default=20_000)
     parser.add_argument("--drain-timeout", type=float, default=120.0, help="seconds to wait for callbacks")

@@ -9,7 +9,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from aiohttp import web
+from kubernetes import client
 
+from loadgen.cluster_replicas import ClusterReplicas
 from loadgen.load_report import write_report
 from loadgen.load_run import drive, local_target
 from loadgen.profiles import BUILT_IN, InvalidProfile, load_profile
@@ -70,3 +73,58 @@ async def test_a_short_spike_on_the_local_stack_loses_nothing_and_reports_every_
 def _read(folder: Path, pattern: str, binary: bool = False) -> Any:
     path = next(folder.glob(pattern))
     return path.read_bytes() if binary else path.read_text()
+
+
+async def test_cluster_replicas_are_read_from_the_deployment_and_keda_s_hpa() -> None:
+    """Against a local HTTP server speaking the two Kubernetes API paths it reads (loopback only)."""
+    paths: list[str] = []
+
+    async def deployment(request: web.Request) -> web.Response:
+        paths.append(request.path)
+        return web.json_response(
+            {
+                "apiVersion": "apps/v1",
+                "kind": "Deployment",
+                "metadata": {"name": "worker-echo"},
+                "spec": {
+                    "selector": {"matchLabels": {"app": "w"}},
+                    "template": {"metadata": {"labels": {"app": "w"}}, "spec": {"containers": []}},
+                },
+                "status": {"readyReplicas": 3, "replicas": 3},
+            }
+        )
+
+    async def hpa(request: web.Request) -> web.Response:
+        paths.append(request.path)
+        return web.json_response(
+            {
+                "apiVersion": "autoscaling/v2",
+                "kind": "HorizontalPodAutoscaler",
+                "metadata": {"name": "keda-hpa-worker-echo"},
+                "spec": {
+                    "maxReplicas": 4,
+                    "scaleTargetRef": {"apiVersion": "apps/v1", "kind": "Deployment", "name": "worker-echo"},
+                },
+                "status": {"desiredReplicas": 4, "currentReplicas": 3},
+            }
+        )
+
+    app = web.Application()
+    app.router.add_get("/apis/apps/v1/namespaces/inferq/deployments/worker-echo/status", deployment)
+    app.router.add_get(
+        "/apis/autoscaling/v2/namespaces/inferq/horizontalpodautoscalers/keda-hpa-worker-echo/status", hpa
+    )
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    configuration = client.Configuration(host=f"http://127.0.0.1:{runner.addresses[0][1]}")
+    configuration.client_side_validation = False
+    try:
+        with client.ApiClient(configuration) as api:
+            replicas = await ClusterReplicas("inferq", ("echo", "embed-minilm"), api).read()
+    finally:
+        await runner.cleanup()
+
+    assert replicas == {"echo": 3, "echo desired": 4}  # embed-minilm: 404, no figure this second
+    assert len(paths) == 2
