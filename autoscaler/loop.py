@@ -18,7 +18,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from autoscaler.queue_metrics import QueueMetricUnavailable
-from autoscaler.scaling_decision import ScalingState, decide
+from autoscaler.scaling_decision import Decision, ScalingState, decide, decide_on_demand
 from autoscaler.scaling_policy import ScalingPolicy
 
 logger = logging.getLogger(__name__)
@@ -78,6 +78,8 @@ class LocalAutoscaler:
         self._metrics = metrics
         self._clock = clock
         self.states: dict[str, ScalingState] = {model: ScalingState() for model in policies}
+        # A poll and a demand event never apply a change for one model at the same time.
+        self._locks = {model: asyncio.Lock() for model in policies}
 
     async def run(self, stop: asyncio.Event) -> None:
         """Poll every model on its own interval until `stop` is set."""
@@ -99,6 +101,19 @@ class LocalAutoscaler:
                 await asyncio.wait_for(stop.wait(), policy.polling_interval_s)
 
     async def tick(self, model: str) -> None:
+        async with self._locks[model]:
+            await self._poll(model)
+
+    async def on_demand(self, model: str) -> None:
+        """A demand event for `model`: at zero it wakes now; otherwise it only counts as activity."""
+        if model not in self._policies:
+            return
+        async with self._locks[model]:
+            decision = decide_on_demand(self._policies[model], self.states[model], self._clock())
+            self._metrics.decisions.labels(model, decision.rule).inc()
+            await self._enact(model, decision, None)
+
+    async def _poll(self, model: str) -> None:
         policy, state = self._policies[model], self.states[model]
         metric: float | None
         try:
@@ -110,6 +125,11 @@ class LocalAutoscaler:
             metric = None
         decision = decide(policy, state, metric, self._clock())
         self._metrics.decisions.labels(model, decision.rule).inc()
+        await self._enact(model, decision, metric)
+
+    async def _enact(self, model: str, decision: Decision, metric: float | None) -> None:
+        """Apply the decision's replica count if it changed, then keep its state."""
+        state = self.states[model]
         if decision.replicas != state.replicas:
             started = time.monotonic()
             try:

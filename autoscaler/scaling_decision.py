@@ -72,6 +72,17 @@ def decide(policy: ScalingPolicy, state: ScalingState, metric: float | None, now
     return _hpa(policy, state, metric, now_s)
 
 
+def decide_on_demand(policy: ScalingPolicy, state: ScalingState, now_s: float) -> Decision:
+    """A demand event (jobs are arriving, pushed by the ingress): wake a model at zero at once,
+    as KEDA's external-push activation does. It counts as activity for the cooldown; every
+    other number is still the polled metric's to decide."""
+    state = replace(state, last_active_s=now_s)
+    if state.replicas > 0:
+        return Decision(state.replicas, state, "demand event: already running", "push-hold")
+    target = max(1, policy.min_replicas)
+    return _changed(state, target, now_s, "push activation: demand event", "push-activation")
+
+
 def _fallback(policy: ScalingPolicy, state: ScalingState, now_s: float) -> Decision:
     state = replace(state, failed_reads=state.failed_reads + 1)
     threshold, replicas = policy.fallback_failure_threshold, policy.fallback_replicas

@@ -195,6 +195,7 @@ class Broker:
         self._publish_connection: aio_pika.abc.AbstractRobustConnection | None = None
         self._consume_connection: aio_pika.abc.AbstractRobustConnection | None = None
         self._publish_channel: aio_pika.abc.AbstractChannel | None = None
+        self._events_channel: aio_pika.abc.AbstractChannel | None = None
         self._channel_lock = asyncio.Lock()
         self._consumers: dict[str, _Consumer] = {}
         self._unsettled: UnsettledTags = weakref.WeakKeyDictionary()
@@ -285,6 +286,9 @@ class Broker:
         await channel.declare_exchange(
             self._topology.jobs_exchange, aio_pika.ExchangeType.DIRECT, durable=True
         )
+        await channel.declare_exchange(
+            self._topology.events_exchange, aio_pika.ExchangeType.TOPIC, durable=True
+        )
         for spec in self._topology.queues(self._models):
             await self._declare_queue(channel, spec)
 
@@ -347,6 +351,42 @@ class Broker:
             ) from exc
         except _CONNECTION_ERRORS as exc:
             raise BrokerUnavailable(f"publish of {message.message_id} failed: {exc!r}") from exc
+
+    async def announce(self, routing_key: str, body: bytes) -> None:
+        """Publish a transient event on the events exchange: no confirm, not mandatory, not
+        persistent. Events are hints (losing one costs a polling interval); jobs never go here."""
+        if not self.is_ready or self.publishing_blocked:
+            raise BrokerUnavailable("not connected, or the broker blocks publishers")
+        try:
+            channel = self._events_channel
+            if channel is None or channel.is_closed:
+                if self._publish_connection is None:
+                    raise BrokerUnavailable("not connected")
+                channel = self._events_channel = await self._publish_connection.channel(
+                    publisher_confirms=False
+                )
+            exchange = await channel.get_exchange(self._topology.events_exchange, ensure=False)
+            await exchange.publish(
+                aio_pika.Message(body, delivery_mode=aio_pika.DeliveryMode.NOT_PERSISTENT), routing_key
+            )
+        except _CHANNEL_ERRORS as exc:
+            raise BrokerUnavailable(f"event {routing_key} not published: {exc!r}") from exc
+
+    async def subscribe(self, queue_name: str, binding_key: str, handler: DeliveryHandler) -> str:
+        """Consume events matching `binding_key` through `queue_name`, a queue that survives a
+        broker restart but removes itself a minute after its last consumer went, and drops
+        events older than a few seconds (a stale hint is no hint); returns a consumer id."""
+        if self._consume_connection is None:
+            raise BrokerUnavailable("not connected")
+        try:
+            async with self._consume_connection.channel() as channel:
+                queue = await channel.declare_queue(
+                    queue_name, durable=True, arguments={"x-expires": 60_000, "x-message-ttl": 5_000}
+                )
+                await queue.bind(self._topology.events_exchange, binding_key)
+        except _CHANNEL_ERRORS as exc:
+            raise BrokerUnavailable(f"cannot subscribe to {binding_key}: {exc!r}") from exc
+        return await self.consume(queue_name, 16, handler)
 
     async def consume(self, queue_name: str, prefetch: int, handler: DeliveryHandler) -> str:
         """Start consuming on a channel of its own (prefetch is per channel); returns an id."""
@@ -414,6 +454,7 @@ class Broker:
                     await connection.close()
         self._publish_connection = None
         self._consume_connection = None
+        self._events_channel = None
         self._publish_channel = None
         self._declared = False
 

@@ -137,6 +137,7 @@ class Environment(BaseModel):
     rabbitmq_management_url: str | None = Field(None, alias="RABBITMQ_MANAGEMENT_URL", repr=False)
     scaledobjects_dir: str = Field("keda", alias="SCALEDOBJECTS_DIR")
     local_autoscaler: bool = Field(True, alias="LOCAL_AUTOSCALER")
+    local_push_activation: bool = Field(True, alias="LOCAL_PUSH_ACTIVATION")
     local_max_replicas: int | None = Field(None, ge=1, alias="LOCAL_MAX_REPLICAS")
     worker_replicas: int = Field(1, ge=1, alias="WORKER_REPLICAS")
     autoscaler_metrics_port: Port = Field(9101, alias="AUTOSCALER_METRICS_PORT")

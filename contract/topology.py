@@ -11,6 +11,8 @@ queues instead of clashing with the old ones.
     callbacks                   finished jobs' events for the dispatcher
     callbacks.retry.{delay}     TTL = delay, dead-letters --> callbacks
     callbacks.parked            undeliverable events (replayable)
+    events (topic exchange)     model.{model}.demand: "jobs are arriving" (transient,
+                                coalesced; the local autoscaler wakes a model from 0)
 
 Broker versions: the embedded default is RabbitMQ 3.10, production clusters run 4.x.
 Main queues are *classic* queues with `x-max-priority`, which both versions honour.
@@ -65,6 +67,20 @@ class Topology:
     @property
     def jobs_exchange(self) -> str:
         return f"{self.prefix}jobs"
+
+    @property
+    def events_exchange(self) -> str:
+        """Topic exchange for transient events (demand announcements), never for jobs."""
+        return f"{self.prefix}events"
+
+    @staticmethod
+    def demand_key(model: str) -> str:
+        return f"model.{model}.demand"
+
+    @property
+    def demand_queue(self) -> str:
+        """Where the local autoscaler hears demand events."""
+        return f"{self.prefix}events.demand.autoscaler"
 
     def main_queue(self, model: str) -> str:
         return f"{self.prefix}jobs.{model}"

@@ -35,6 +35,7 @@ from contract.envelope import Job
 from contract.job_message import job_message
 from ingress.admission import Admission, QueueFull
 from ingress.auth import authenticate
+from ingress.demand import DemandAnnouncer
 from ingress.metrics import IngressMetrics
 from ingress.openapi import openapi_document
 from ingress.problems import Problem, handle_http_exception, handle_problem
@@ -56,6 +57,7 @@ class IngressState:
         self.metrics = IngressMetrics()
         self.resolver = SystemResolver(timeout_s=settings.dns_timeout_s)
         self.admission = Admission(self._queue_depth, settings.topology.max_queue_length)
+        self.demand = DemandAnnouncer(self.broker)
 
     async def _queue_depth(self, model: str) -> int:
         ready, _consumers = await self.broker.queue_depth(self.settings.topology.main_queue(model))
@@ -129,6 +131,7 @@ async def submit_job(request: Request) -> Response:
         state.metrics.requests_rejected.labels(str(problem.status)).inc()
         raise
     state.metrics.jobs_accepted.labels(model, job.priority).inc()
+    state.demand.announce(model)
     return JSONResponse(
         {"id": job.id, "model": model, "status": "queued", "priority": job.priority}, status_code=202
     )
@@ -208,6 +211,7 @@ def create_app(settings: IngressSettings) -> Starlette:
             connecting.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await connecting
+            await state.demand.close()
             await state.broker.close()
             state.resolver.close()
 

@@ -25,6 +25,7 @@ from loadgen.bench_chart import batching_chart
 from loadgen.bench_ingress import measure_ingress
 from loadgen.bench_pipeline import measure_pipeline
 from loadgen.bench_user_path import measure_user_path
+from loadgen.bench_wake import measure_wake
 from loadgen.bench_workers import measure_batching, measure_priority
 from ray_workers.models.minilm import MiniLMModel
 from ray_workers.models.synthetic import SyntheticModel
@@ -68,6 +69,8 @@ QUICK = BenchSize(
     callback_deliveries=300,
 )
 STAGES = ("user-path", "callbacks", "ingress", "pipeline", "batching", "priority")
+# Run only when asked (`--only wake`): it starts the whole stack 2 x reps times.
+OPTIONAL_STAGES = ("wake",)
 
 
 async def run(size: BenchSize, amqp_url: str, latency_target_s: float, stages: list[str]) -> dict[str, Any]:
@@ -79,6 +82,8 @@ async def run(size: BenchSize, amqp_url: str, latency_target_s: float, stages: l
             results[stage] = await measure_user_path(amqp_url, size.reps, size.user_path_backlogs)
         elif stage == "callbacks":
             results[stage] = await measure_callbacks(amqp_url, size.reps, size.callback_deliveries)
+        elif stage == "wake":
+            results[stage] = await measure_wake(amqp_url, size.reps)
         elif stage == "ingress":
             results[stage] = await measure_ingress(amqp_url, size.reps, size.ingress_jobs)
         elif stage == "pipeline":
@@ -104,6 +109,19 @@ def ratios(results: dict[str, Any]) -> list[tuple[str, float, str]]:
     rows: list[tuple[str, float, str]] = []
     if "user-path" in results:
         rows += _user_path_rows(results)
+    if "wake" in results:
+        medians = results["wake"]["medians"]
+        for model, push in medians["push"].items():
+            poll = medians["poll"][model]
+            rows.append(
+                (
+                    f"Wake from zero, {model}: first callback, push activation (polling 30 s) / polling 5 s",
+                    push["callback_s"] / poll["callback_s"],
+                    f"{push['callback_s']:.1f} / {poll['callback_s']:.1f} s; push: detection "
+                    f"{push['detection_s']:.2f} s, replica start {push['replica_start_s']:.1f} s (model load "
+                    f"{push['model_load_s']:.2f} s), first batch {push['first_batch_ms']:.0f} ms",
+                )
+            )
     if "ingress" in results:
         ingress = results["ingress"]
         rows.append(
@@ -242,14 +260,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--latency-target-ms", type=float, default=100.0, help="batch latency target")
     parser.add_argument("--out", type=Path, default=RESULTS_DIR)
     parser.add_argument(
-        "--only", action="append", choices=STAGES, help="run only this stage (repeatable); default all"
+        "--only",
+        action="append",
+        choices=STAGES + OPTIONAL_STAGES,
+        help="run only this stage (repeatable); default all but wake",
     )
     args = parser.parse_args(argv)
     size = QUICK if args.quick else FULL
     if args.reps:
         size = BenchSize(**{**size.__dict__, "reps": args.reps})
     amqp_url = os.environ.get("AMQP_URL", DEFAULT_AMQP_URL)
-    stages = [stage for stage in STAGES if not args.only or stage in args.only]
+    stages = [stage for stage in STAGES + OPTIONAL_STAGES if stage in (args.only or STAGES)]
     results = asyncio.run(run(size, amqp_url, args.latency_target_ms / 1000, stages))
     timestamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
     machine = (

@@ -138,8 +138,8 @@ def _print_scaling(
     report = scale_from_zero(log, first_jobs)
     if not report:
         return
-    print("\nscale from zero (local autoscaler applying keda/; detection = pollingInterval + the")
-    print("management API's 5 s statistics refresh):")
+    print("\nscale from zero (local autoscaler applying keda/; detection = the ingress's demand event,")
+    print("or without one a poll: pollingInterval + the management API's 5 s statistics refresh):")
     for wake in report:
         load = "?" if wake.model_load_s is None else f"{wake.model_load_s:.2f}"
         print(

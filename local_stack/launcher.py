@@ -17,17 +17,19 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 from prometheus_client import CollectorRegistry, start_http_server
 
+from autoscaler.demand_events import DemandListener
 from autoscaler.loop import AutoscalerMetrics, LocalAutoscaler
 from autoscaler.queue_metrics import ManagementApi, management_url_from_amqp, vhost_from_amqp
 from autoscaler.scaling_policy import InvalidScaledObject, ScalingPolicy, load_policies
 from callbacks.settings import CallbackSettings
 from callbacks.signing import generate_secret
+from contract.broker import Broker, BrokerError
 from contract.config import ConfigError, Environment
 from local_stack.local_services import BrokerNotAvailable, ensure_broker, ensure_management_api, ensure_redis
 from ray_workers.deployment import (
@@ -60,6 +62,8 @@ class StackSettings:
     fixed_replicas: int
     metrics_port: int
     worker_metrics_port: int
+    # Wake a model from zero on the ingress's demand events, not only on the next poll.
+    push_activation: bool
     # Serve's own HTTP proxy, for the direct (no queue) path `task bench` compares with; 0 = off.
     serve_http_port: int
 
@@ -79,6 +83,7 @@ class StackSettings:
             fixed_replicas=read.worker_replicas,
             metrics_port=read.autoscaler_metrics_port,
             worker_metrics_port=read.worker_metrics_port,
+            push_activation=read.local_push_activation,
             serve_http_port=read.serve_http_port,
         )
 
@@ -119,8 +124,12 @@ def _stop_ingress(ingress: subprocess.Popen[bytes]) -> None:
 
 
 async def _autoscale(
-    stack: StackSettings, policies: Mapping[str, ScalingPolicy], stop: asyncio.Event
+    stack: StackSettings,
+    policies: Mapping[str, ScalingPolicy],
+    stop: asyncio.Event,
+    announce_ready: Callable[[], None],
 ) -> None:
+    """Run the local autoscaler until `stop`; ready (and said so) once it hears demand events."""
     workers = stack.workers
 
     async def apply(model: str, replicas: int) -> None:
@@ -130,13 +139,27 @@ async def _autoscale(
     if stack.metrics_port:
         start_http_server(stack.metrics_port, addr="127.0.0.1", registry=registry)
     api = ManagementApi(stack.management_url, vhost_from_amqp(stack.amqp_url))
+    events = Broker(stack.amqp_url, workers.topology, workers.models, role="autoscaler")
     try:
         autoscaler = LocalAutoscaler(
             policies, workers.topology.main_queue, api.queue_messages, apply, AutoscalerMetrics(registry)
         )
+        if stack.push_activation and policies:
+            await _listen_for_demand(events, autoscaler)
+        announce_ready()  # after the subscription: the first job's event is heard
         await autoscaler.run(stop)
     finally:
+        await events.close()
         await api.close()
+
+
+async def _listen_for_demand(events: Broker, autoscaler: LocalAutoscaler) -> None:
+    """Wake models on the ingress's demand events; polling alone if the broker says no."""
+    try:
+        await events.connect()
+        await DemandListener(events, autoscaler).start()
+    except BrokerError as exc:
+        print(f"push activation off (models wake on polling only): {exc}", flush=True)
 
 
 def _capped(policy: ScalingPolicy, local_max: int) -> ScalingPolicy:
@@ -168,12 +191,14 @@ def _scaling_plan(stack: StackSettings) -> tuple[dict[str, ScalingPolicy], dict[
     return policies, initial
 
 
-async def _run_until_signal(stack: StackSettings, policies: Mapping[str, ScalingPolicy]) -> None:
+async def _run_until_signal(
+    stack: StackSettings, policies: Mapping[str, ScalingPolicy], announce_ready: Callable[[], None]
+) -> None:
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, stop.set)
-    await _autoscale(stack, policies, stop)
+    await _autoscale(stack, policies, stop, announce_ready)
     print("stopping: ingress, then workers (drain), then callbacks", flush=True)
 
 
@@ -204,13 +229,16 @@ def main() -> int:
         scaling = ", ".join(
             f"{m} autoscaled from 0" if m in policies else f"{m} {n} fixed" for m, n in initial.items()
         )
-        print(
-            f"{READY_LINE} in {time.monotonic() - started:.1f} s: ingress on "
-            f"http://{env.get('INGRESS_HOST', '127.0.0.1')}:{env.get('INGRESS_PORT', '8000')}; {scaling}; "
-            "Ctrl-C stops",
-            flush=True,
-        )
-        asyncio.run(_run_until_signal(stack, policies))
+
+        def announce_ready() -> None:
+            print(
+                f"{READY_LINE} in {time.monotonic() - started:.1f} s: ingress on "
+                f"http://{env.get('INGRESS_HOST', '127.0.0.1')}:{env.get('INGRESS_PORT', '8000')}; "
+                f"{scaling}; Ctrl-C stops",
+                flush=True,
+            )
+
+        asyncio.run(_run_until_signal(stack, policies, announce_ready))
     except KeyboardInterrupt:
         print("interrupted while starting", flush=True)
     finally:

@@ -94,6 +94,8 @@ async def test_scale_from_zero_to_n_and_back_to_zero(
             "LOCAL_MAX_REPLICAS": str(MAX_REPLICAS),
             "DRAIN_TIMEOUT_S": "5",
             "BATCH_MAX_SIZE": "1",
+            # Polling alone: a demand event would wake echo below its activationValue.
+            "LOCAL_PUSH_ACTIVATION": "0",
         }
     )
     try:

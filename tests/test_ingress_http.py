@@ -12,9 +12,10 @@ import httpx
 import msgspec
 import pytest
 
+from contract.broker import Broker, Delivery
 from contract.envelope import ATTEMPT_HEADER, DEADLINE_HEADER, decode_job
 from ingress.settings import IngressSettings
-from tests.conftest import drain_queue, running_ingress
+from tests.conftest import drain_queue, running_ingress, wait_until
 
 CALLBACK = "http://127.0.0.1:9/callbacks"
 
@@ -262,3 +263,31 @@ async def test_given_a_temporary_dns_failure_then_503_with_retry_after_not_422(
     assert str(problem["type"]).endswith("dns-unavailable")
     assert response.headers["retry-after"].isdigit()
     assert await drain_queue(ingress_settings.amqp_url, ingress_settings.topology.main_queue("echo")) == []
+
+
+async def test_given_a_burst_of_jobs_then_demand_is_announced_coalesced_off_the_202_path(
+    client: httpx.AsyncClient, ingress_settings: IngressSettings
+) -> None:
+    """Push activation's source: accepted jobs announce `model.echo.demand`, a few per second at
+    most, however many jobs arrive."""
+    listener = Broker(ingress_settings.amqp_url, ingress_settings.topology, ("echo",), role="listener")
+    await listener.connect()
+    heard: list[str] = []
+
+    async def on_event(delivery: Delivery) -> None:
+        heard.append(delivery.body.decode())
+        await delivery.ack()
+
+    try:
+        await listener.subscribe(ingress_settings.topology.demand_queue, "model.*.demand", on_event)
+        started = time.monotonic()
+        for n in range(40):
+            response = await client.post("/v1/models/echo/jobs", json={"input": n, "callback_url": CALLBACK})
+            assert response.status_code == 202
+        elapsed_s = time.monotonic() - started
+        await wait_until(lambda: len(heard) >= 1, 5, "a demand event")
+    finally:
+        await listener.close()
+
+    assert set(heard) == {"echo"}
+    assert len(heard) <= elapsed_s / 0.25 + 1  # coalesced: one per 0.25 s at most, not one per job

@@ -3,6 +3,8 @@ apply, counts failed reads, and exports its state (fake queue and fake Serve).""
 
 from __future__ import annotations
 
+import asyncio
+
 from prometheus_client import CollectorRegistry
 
 from autoscaler.loop import AutoscalerMetrics, LocalAutoscaler
@@ -93,3 +95,26 @@ async def test_a_failed_read_is_counted_and_changes_nothing() -> None:
     assert harness.applied == []
     assert harness.sample("inferq_autoscaler_metric_read_failures_total") == 1
     assert harness.sample("inferq_autoscaler_decisions_total", rule="no-metric") == 1
+
+
+async def test_a_demand_event_wakes_a_model_at_zero_at_once_and_then_only_counts_as_activity() -> None:
+    """Push activation: no poll needed to leave zero; above zero the polled metric decides."""
+    harness = Harness()
+    await harness.autoscaler.tick("echo")  # backlog 0: stays at zero
+    await harness.autoscaler.on_demand("echo")
+    harness.clock.now += 5
+    await harness.autoscaler.on_demand("echo")
+    await harness.autoscaler.on_demand("no-such-model")
+
+    assert harness.applied == [("echo", 1)]
+    assert harness.sample("inferq_autoscaler_decisions_total", rule="push-activation") == 1
+    assert harness.sample("inferq_autoscaler_decisions_total", rule="push-hold") == 1
+    assert harness.autoscaler.states["echo"].last_active_s == 1005.0  # the cooldown restarts from it
+
+
+async def test_a_demand_event_and_a_poll_never_apply_at_the_same_time() -> None:
+    harness = Harness()
+    harness.backlog = 5.0  # one replica's worth
+    await asyncio.gather(harness.autoscaler.on_demand("echo"), harness.autoscaler.tick("echo"))
+
+    assert harness.applied == [("echo", 1)]  # one of them woke it; the other saw it awake
