@@ -50,7 +50,9 @@ def scale_from_zero(log: str, first_jobs: dict[str, FirstJob]) -> list[ScaleFrom
         report.append(
             ScaleFromZero(
                 wake["model"],
-                decided_wall_s - job.submitted_wall_s,
+                # Not below 0: the apply time is logged to 0.1 s, so a push wake-up can
+                # compute a few ms before its own submission.
+                max(0.0, decided_wall_s - job.submitted_wall_s),
                 applied_s,
                 loads.get(wake["model"]),
                 job.first_batch_ms,

@@ -23,6 +23,11 @@ from local_stack.launcher import READY_LINE
 
 STACK_START_TIMEOUT_S = 240.0
 STACK_STOP_TIMEOUT_S = 90.0
+START_ATTEMPTS = 3
+
+
+class PortTaken(RuntimeError):
+    """The stack could not bind a port picked for it: another process took it first."""
 
 
 def free_port() -> int:
@@ -34,25 +39,38 @@ def free_port() -> int:
 
 class StackProcess:
     def __init__(self, env: Mapping[str, str]) -> None:
+        self._base_env = dict(env)
+        self._pick_ports()
+        self.log = Path(tempfile.mkstemp(prefix="inferq-stack-", suffix=".log")[1])
+        self._process: asyncio.subprocess.Process | None = None
+
+    def _pick_ports(self) -> None:
         self.port = free_port()
         self.base_url = f"http://127.0.0.1:{self.port}"
         self.metrics_port = free_port()
         self.worker_metrics_port = free_port()
         self._env = {
-            **env,
+            **self._base_env,
             "INGRESS_HOST": "127.0.0.1",
             "INGRESS_PORT": str(self.port),
             "AUTOSCALER_METRICS_PORT": str(self.metrics_port),
             "WORKER_METRICS_PORT": str(self.worker_metrics_port),
         }
-        self.log = Path(tempfile.mkstemp(prefix="inferq-stack-", suffix=".log")[1])
-        self._process: asyncio.subprocess.Process | None = None
 
     def output(self) -> str:
         return self.log.read_text(errors="replace")
 
     async def start(self) -> float:
-        """Start and wait until ready; returns the seconds it took."""
+        """Start and wait until ready; returns the seconds it took. A port picked free can be
+        taken before the stack binds it (Ray opens many): then it starts again on new ones."""
+        for _ in range(START_ATTEMPTS - 1):
+            try:
+                return await self._start_once()
+            except PortTaken:
+                self._pick_ports()
+        return await self._start_once()
+
+    async def _start_once(self) -> float:
         started = time.monotonic()
         with self.log.open("wb") as log_file:
             self._process = await asyncio.create_subprocess_exec(
@@ -66,6 +84,8 @@ class StackProcess:
         async with httpx.AsyncClient(base_url=self.base_url) as client:
             while READY_LINE not in self.output() or (await _ready_status(client)) != 200:
                 if self._process.returncode is not None:
+                    if "Address already in use" in self.output():
+                        raise PortTaken(f"a port was taken before the stack bound it; see {self.log}")
                     raise RuntimeError(f"the stack exited with {self._process.returncode}; see {self.log}")
                 if time.monotonic() - started > STACK_START_TIMEOUT_S:
                     raise TimeoutError(
