@@ -484,14 +484,16 @@ class Broker:
                 await channel.close()
 
     async def delete_topology(self) -> None:
-        """Delete every queue and the exchange this topology declares (benchmarks, teardown)."""
+        """Delete every queue and exchange this topology declares (benchmarks, teardown)."""
         if self._publish_connection is None:
             raise BrokerUnavailable("not connected")
         try:
             async with self._publish_connection.channel() as channel:
                 for spec in self._topology.queues(self._models):
                     await channel.queue_delete(spec.name)
+                await channel.queue_delete(self._topology.demand_queue)
                 await channel.exchange_delete(self._topology.jobs_exchange)
+                await channel.exchange_delete(self._topology.events_exchange)
         except _CHANNEL_ERRORS as exc:
             raise BrokerUnavailable(f"cannot delete the topology: {exc!r}") from exc
 

@@ -29,7 +29,7 @@ import aiohttp
 import uvloop
 
 from callbacks.signing import generate_secret
-from contract.config import DEFAULT_AMQP_URL
+from contract.config import DEFAULT_AMQP_URL, Environment
 from contract.topology import Topology
 from loadgen.bench_support import bench_stack_env, delete_bench_topology
 from loadgen.load_report import JobRecord, RunRecord, Sample, write_report
@@ -160,9 +160,10 @@ async def local_target(profile: Profile, amqp_url: str) -> AsyncIterator[Target]
     queue prefix; everything is stopped and deleted afterwards."""
     topology = Topology(prefix=f"loadgen-{uuid.uuid4().hex[:8]}.")
     secret = generate_secret()
+    env = bench_stack_env(amqp_url, topology, secret)
     receiver = ReceiverProcess(secret)
     await receiver.start()
-    stack = StackProcess(bench_stack_env(amqp_url, topology, secret))
+    stack = StackProcess(env)
     try:
         started_s = await stack.start()
         print(f"local stack ready in {started_s:.1f} s (workers at 0 replicas until jobs arrive)", flush=True)
@@ -177,7 +178,7 @@ async def local_target(profile: Profile, amqp_url: str) -> AsyncIterator[Target]
     finally:
         await stack.stop()
         await receiver.stop()
-        await delete_bench_topology(amqp_url, topology, (profile.model,))
+        await delete_bench_topology(amqp_url, topology, Environment.read(env).served_models)
 
 
 @contextlib.asynccontextmanager

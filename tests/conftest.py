@@ -97,7 +97,9 @@ async def topology(amqp_url: str, redis_url: str) -> AsyncIterator[Topology]:
         channel = await connection.channel()
         for spec in topo.queues(("echo", "embed-minilm", "synthetic")):
             await channel.queue_delete(spec.name)
+        await channel.queue_delete(topo.demand_queue)
         await channel.exchange_delete(topo.jobs_exchange)
+        await channel.exchange_delete(topo.events_exchange)
     store = redis.asyncio.Redis.from_url(redis_url)
     async with store:
         keys = [key async for key in store.scan_iter(match=f"{topo.prefix}inferq:*")]
