@@ -170,6 +170,11 @@ class Environment(BaseModel):
             raise _config_error(exc, env) from None
 
     @property
+    def ledger_url(self) -> str | None:
+        """Where the terminal ledger lives; None when REDIS_URL is `off`."""
+        return None if self.redis_url.lower() == "off" else self.redis_url
+
+    @property
     def served_models(self) -> tuple[str, ...]:
         """`MODELS`, plus the test models when `ENABLE_TEST_MODELS` is on."""
         if not self.enable_test_models:

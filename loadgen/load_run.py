@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import base64
 import contextlib
 import re
 import sys
@@ -23,11 +22,12 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
-from urllib.parse import quote, urlsplit
+from urllib.parse import urlsplit
 
 import aiohttp
 import uvloop
 
+from autoscaler.queue_metrics import ManagementApi, QueueMetricUnavailable, management_url_from_amqp
 from callbacks.signing import generate_secret
 from contract.config import DEFAULT_AMQP_URL, Environment
 from contract.topology import Topology
@@ -71,27 +71,26 @@ class _Sampler:
 
     async def run(self, session: aiohttp.ClientSession, stop: asyncio.Event) -> None:
         """Every second: queue depths (management API) and replicas (autoscaler metrics)."""
-        while not stop.is_set():
-            sample = Sample(round(time.monotonic() - self.started, 3), await self._depths(session))
-            sample.replicas.update(await self._replicas(session))
-            self.samples.append(sample)
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), SAMPLE_INTERVAL_S)
+        url = self.target.management_url
+        management = None if url is None else ManagementApi(url, "/", timeout_s=2.0)
+        try:
+            while not stop.is_set():
+                sample = Sample(round(time.monotonic() - self.started, 3), await self._depths(management))
+                sample.replicas.update(await self._replicas(session))
+                self.samples.append(sample)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), SAMPLE_INTERVAL_S)
+        finally:
+            if management is not None:
+                await management.close()
 
-    async def _depths(self, session: aiohttp.ClientSession) -> dict[str, int]:
+    async def _depths(self, management: ManagementApi | None) -> dict[str, int]:
         depths: dict[str, int] = {}
-        base = self.target.management_url
-        if base is None:
+        if management is None:
             return depths
-        parts = urlsplit(base)
-        credentials = base64.b64encode(f"{parts.username or 'guest'}:{parts.password or 'guest'}".encode())
-        auth = {"authorization": f"Basic {credentials.decode()}"}
         for queue in self.target.queue_names:
-            url = f"{parts.scheme}://{parts.hostname}:{parts.port}/api/queues/%2F/{quote(queue, safe='')}"
-            with contextlib.suppress(aiohttp.ClientError, TimeoutError, ValueError):
-                async with session.get(url, headers=auth, timeout=aiohttp.ClientTimeout(total=2)) as response:
-                    if response.status == 200:
-                        depths[queue] = int((await response.json()).get("messages", 0) or 0)
+            with contextlib.suppress(QueueMetricUnavailable):
+                depths[queue] = int(await management.queue_messages(queue))
         return depths
 
     async def _replicas(self, session: aiohttp.ClientSession) -> dict[str, int]:
@@ -171,7 +170,7 @@ async def local_target(profile: Profile, amqp_url: str) -> AsyncIterator[Target]
             base_url=stack.base_url,
             callback_url=receiver.url,
             receiver=receiver,
-            management_url=f"http://guest:guest@{urlsplit(amqp_url).hostname or '127.0.0.1'}:15672",
+            management_url=management_url_from_amqp(amqp_url),
             queue_names=(topology.main_queue(profile.model), topology.callbacks_queue),
             autoscaler_metrics_url=f"http://127.0.0.1:{stack.metrics_port}/metrics",
         )

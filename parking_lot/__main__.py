@@ -33,11 +33,8 @@ async def _main(args: argparse.Namespace) -> int:
             return 0
         if not args.all and not args.id:
             raise ConfigError("say which messages to replay: --id ID (repeatable) or --all")
-        ledger = (
-            None
-            if read.redis_url.lower() == "off"
-            else TerminalLedger(read.redis_url, read.queue_prefix, read.result_ttl_s)
-        )
+        url = read.ledger_url
+        ledger = None if url is None else TerminalLedger(url, read.queue_prefix, read.result_ttl_s)
         try:
             moved = await replay(broker, lot, None if args.all else args.id, args.limit, ledger)
         finally:

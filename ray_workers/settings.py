@@ -54,6 +54,6 @@ class WorkerSettings:
             drain_timeout_s=read.drain_timeout_s,
             model_threads=read.model_threads,
             num_gpus=read.worker_num_gpus,
-            redis_url=None if read.redis_url.lower() == "off" else read.redis_url,
+            redis_url=read.ledger_url,
             result_ttl_s=read.result_ttl_s,
         )

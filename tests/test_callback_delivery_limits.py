@@ -128,7 +128,6 @@ async def test_given_a_huge_answer_then_at_most_a_small_part_is_read_and_the_cal
 
     async with raw_server(flood) as port:
         result, _ = await _deliver_once(f"http://127.0.0.1:{port}/cb", timeout_s=10.0)
-        await asyncio.sleep(0)  # let the server see the closed connection
 
     assert result.delivered
     assert sent < 16 * 1024 * 1024, f"{sent} bytes went out before the client hung up"

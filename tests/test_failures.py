@@ -147,7 +147,12 @@ async def test_given_a_failing_model_then_the_breaker_stops_consuming_and_recove
 
         # Phase 1: two failed batches open the breaker; the replica stops consuming and
         # the other jobs wait in the queue with their attempts unspent.
-        await wait_until(lambda: worker.breaker.state is BreakerState.OPEN, 10, "the breaker to open")
+        async def opened_and_cancelled() -> bool:
+            # The breaker opens first; the consumer is cancelled once the batch has settled.
+            open_now = worker.breaker.state is BreakerState.OPEN
+            return open_now and (await broker.queue_depth(queue))[1] == 0
+
+        await wait_until(opened_and_cancelled, 10, "the breaker to open and its consumer to go")
         assert not worker.is_consuming
         ready, consumers = await broker.queue_depth(queue)
         assert consumers == 0 and ready >= 4
