@@ -139,6 +139,8 @@ class CallbackClient:
             self._session = None
 
     async def deliver(self, delivery: CallbackDelivery) -> DeliveryResult:
+        if delivery.callback_url is None:
+            return DeliveryResult(delivered=False, retryable=False, error="refused: no callback URL")
         try:
             target = await check_callback_url(delivery.callback_url, self._allow, self._resolve)
             url = URL(delivery.callback_url, encoded=False)

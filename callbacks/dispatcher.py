@@ -15,6 +15,10 @@ keeps what is beyond the prefetch (`CALLBACK_PREFETCH`). Only two things send a 
 back to a delay tier without spending an attempt: its host's breaker is open (it waits
 out the cool-down there), or its host already holds half the prefetch window (a slow
 host must not take the window the other hosts need).
+
+Each delivery's state goes to the job's record (`delivery_log`). An event without a
+callback URL is there only because the worker could not write the job's record: the
+dispatcher writes it, and while Redis is away the event waits in a delay tier.
 """
 
 from __future__ import annotations
@@ -24,7 +28,10 @@ import contextlib
 import logging
 from urllib.parse import urlsplit
 
+import msgspec
+
 from callbacks.client import CallbackClient, DeliveryResult
+from callbacks.delivery_log import DeliveryLog
 from callbacks.host_slots import HostSlots
 from callbacks.settings import CallbackSettings
 from callbacks.signing import WebhookSigner
@@ -35,9 +42,12 @@ from contract.envelope import (
     ATTEMPT_HEADER,
     PARK_REASON_HEADER,
     CallbackDelivery,
+    Job,
     UndecodableMessage,
     decode_callback_delivery,
+    encode,
 )
+from contract.job_records import JobRecords, RecordsUnavailable
 from contract.settlement import Publish, settle
 
 logger = logging.getLogger(__name__)
@@ -75,6 +85,12 @@ class CallbackDispatcher:
             settings.callback_host_concurrency,
             max(settings.callback_host_concurrency, settings.callback_prefetch // 2),
         )
+        self._records = (
+            JobRecords(settings.redis_url, settings.topology.prefix, settings.result_ttl_s)
+            if settings.redis_url
+            else None
+        )
+        self._delivery_log = DeliveryLog(self._records)
         self._tasks: set[asyncio.Task[None]] = set()
         self._consumer_tag: str | None = None
         # Only hosts with failures in their recent past have a breaker here; a closed
@@ -116,6 +132,9 @@ class CallbackDispatcher:
         await self._broker.close()
         await self._client.close()
         self._own_resolver.close()
+        await self._delivery_log.close()
+        if self._records is not None:
+            await self._records.close()
 
     async def _on_delivery(self, delivery: Delivery) -> None:
         task = asyncio.create_task(self._handle(delivery))
@@ -139,7 +158,31 @@ class CallbackDispatcher:
             await self._park(delivery, str(exc))
             return
         attempt = int(delivery.headers.get(ATTEMPT_HEADER, 1))
-        host = host_key(callback.callback_url)
+        unrecorded: list[Publish] = []
+        if callback.job is not None:  # the worker could not write the job's ending: write it here
+            recorded = await self._record_ending(callback, callback.job)
+            if callback.callback_url is None:
+                if recorded:
+                    await settle(self._broker, [(delivery, [])])
+                else:
+                    await self._defer(delivery, attempt, self._schedule.distinct_delays_s()[0])
+                return
+            unrecorded = [] if recorded else [self._record_only_copy(delivery, callback)]
+        if callback.callback_url is None:
+            await self._park(delivery, "no callback URL and no job to record")
+            return
+        await self._deliver(delivery, callback, callback.callback_url, attempt, unrecorded)
+
+    async def _deliver(
+        self,
+        delivery: Delivery,
+        callback: CallbackDelivery,
+        url: str,
+        attempt: int,
+        unrecorded: list[Publish],
+    ) -> None:
+        """One attempt; `unrecorded` (the ending still to record) goes out with a final settle."""
+        host = host_key(url)
         if not self.slots.try_hold(host):
             await self._defer(delivery, attempt, self._schedule.distinct_delays_s()[0])
             return
@@ -157,14 +200,40 @@ class CallbackDispatcher:
             await self._defer(delivery, attempt, breaker.remaining_cooldown_s())
         elif result.delivered:
             self._record(host, breaker, ok=True)
-            await settle(self._broker, [(delivery, [])])
+            await settle(self._broker, [(delivery, unrecorded)])
+            self._delivery_log.note(callback.event.data.id, "delivered", attempt)
         elif result.retryable:
             self._record(host, breaker, ok=False)
-            await self._retry_or_park(delivery, callback, attempt, result)
+            await self._retry_or_park(delivery, callback, attempt, result, unrecorded)
         else:
             self._record(host, breaker, ok=True)  # the host answered; it is the request that is refused
             logger.warning("callback %s refused for good: %s", callback.webhook_id, result.error)
-            await self._park(delivery, result.error or "refused")
+            await self._park(delivery, result.error or "refused", unrecorded)
+            self._delivery_log.note(callback.event.data.id, "parked", attempt)
+
+    async def _record_ending(self, callback: CallbackDelivery, job: Job) -> bool:
+        """Write the job's ending to its record; False while Redis is away."""
+        if self._records is None:
+            return True  # nowhere to record it: deliver as before
+        data = callback.event.data
+        try:
+            await self._records.finish([(job, data.status, data.attempts, data.output, data.error)])
+        except RecordsUnavailable as exc:
+            if not exc.skipped:
+                logger.warning("job %s: ending not recorded yet: %s", job.id, exc)
+            return False
+        return True
+
+    def _record_only_copy(self, delivery: Delivery, callback: CallbackDelivery) -> Publish:
+        """The event without its URL: it comes back from a delay tier only to be recorded."""
+        delay_s = self._schedule.distinct_delays_s()[0]
+        message = OutgoingMessage(
+            encode(msgspec.structs.replace(callback, callback_url=None)),
+            message_id=delivery.message_id or "unknown",
+            headers={ATTEMPT_HEADER: 1},
+            expiration_ms=self._schedule.jittered_ms(delay_s),
+        )
+        return Publish(message, self._topology.callback_retry_queue(delay_s))
 
     def _record(self, host: str, breaker: CircuitBreaker, ok: bool) -> None:
         if not ok:
@@ -176,14 +245,20 @@ class CallbackDispatcher:
             self._breakers.pop(host, None)
 
     async def _retry_or_park(
-        self, delivery: Delivery, callback: CallbackDelivery, attempt: int, result: DeliveryResult
+        self,
+        delivery: Delivery,
+        callback: CallbackDelivery,
+        attempt: int,
+        result: DeliveryResult,
+        unrecorded: list[Publish],
     ) -> None:
         delay_s = self._schedule.delay_after(attempt)
         if delay_s is None:
             logger.warning(
                 "callback %s given up after %d attempts: %s", callback.webhook_id, attempt, result.error
             )
-            await self._park(delivery, f"gave up after {attempt} attempts: {result.error}")
+            await self._park(delivery, f"gave up after {attempt} attempts: {result.error}", unrecorded)
+            self._delivery_log.note(callback.event.data.id, "parked", attempt)
             return
         if result.retry_after_s is not None:
             delay_s = max(delay_s, self._tier_at_least(result.retry_after_s))
@@ -195,6 +270,7 @@ class CallbackDispatcher:
             delay_s,
         )
         await self._republish(delivery, attempt + 1, delay_s)
+        self._delivery_log.note(callback.event.data.id, "pending", attempt)
 
     def _tier_at_least(self, wait_s: float) -> float:
         """The shortest delay tier that waits at least `wait_s` (else the longest)."""
@@ -229,11 +305,11 @@ class CallbackDispatcher:
         retry = Publish(message, self._topology.callback_retry_queue(delay_s))
         await settle(self._broker, [(delivery, [retry])])
 
-    async def _park(self, delivery: Delivery, reason: str) -> None:
+    async def _park(self, delivery: Delivery, reason: str, also: list[Publish] | None = None) -> None:
         message = OutgoingMessage(
             delivery.body,
             message_id=delivery.message_id or "unknown",
             headers={**delivery.headers, PARK_REASON_HEADER: reason[:1000]},
         )
         park = Publish(message, self._topology.callbacks_parking_queue)
-        await settle(self._broker, [(delivery, [park])])
+        await settle(self._broker, [(delivery, [park, *(also or [])])])

@@ -34,6 +34,9 @@ class CallbackSettings:
     # Deferrals (no attempt spent) before a delivery is parked: 288 x the 300 s tier = a day.
     callback_max_deferrals: int = 288
     drain_timeout_s: float = 30.0
+    # Job records, for the callbacks' delivery state; None runs without them.
+    redis_url: str | None = field(default=None, repr=False)
+    result_ttl_s: int = 24 * 3600
 
     def __post_init__(self) -> None:
         if self.callback_host_concurrency > self.callback_concurrency:
@@ -66,4 +69,6 @@ class CallbackSettings:
             callback_breaker_cooldown_s=read.callback_breaker_cooldown_s,
             callback_max_deferrals=read.callback_max_deferrals,
             drain_timeout_s=read.drain_timeout_s,
+            redis_url=read.records_url,
+            result_ttl_s=read.result_ttl_s,
         )

@@ -269,16 +269,20 @@ class Broker:
                 self._publish_channel = channel
             return channel
 
-    async def _heal_after_reconnect(self, *_args: object) -> None:
+    async def _heal_after_reconnect(self, connection: object, *_args: object) -> None:
+        """Re-open what the reconnected connection carries. Each connection heals its own
+        part: the other may still be reconnecting, and its failure must not stop this one."""
         try:
-            await self._open_publish_channel()
-            for consumer in self._consumers.values():
-                if not consumer.cancelled and (consumer.channel is None or consumer.channel.is_closed):
-                    logger.warning(
-                        "consumer of %s was not restored after a reconnect; re-opening it",
-                        consumer.queue_name,
-                    )
-                    await self._start(consumer)
+            if connection is self._publish_connection:
+                await self._open_publish_channel()
+            if connection is self._consume_connection:
+                for consumer in self._consumers.values():
+                    if not consumer.cancelled and (consumer.channel is None or consumer.channel.is_closed):
+                        logger.warning(
+                            "consumer of %s was not restored after a reconnect; re-opening it",
+                            consumer.queue_name,
+                        )
+                        await self._start(consumer)
         except BrokerError as exc:
             logger.warning("healing after a reconnect failed (the next reconnect retries): %r", exc)
 
@@ -496,6 +500,17 @@ class Broker:
                 await channel.exchange_delete(self._topology.events_exchange)
         except _CHANNEL_ERRORS as exc:
             raise BrokerUnavailable(f"cannot delete the topology: {exc!r}") from exc
+
+    async def purge(self, queue_name: str) -> None:
+        """Drop every ready message of a queue (benchmarks, between phases)."""
+        if self._publish_connection is None:
+            raise BrokerUnavailable("not connected")
+        try:
+            async with self._publish_connection.channel() as channel:
+                queue = await channel.get_queue(queue_name, ensure=False)
+                await queue.purge()
+        except _CHANNEL_ERRORS as exc:
+            raise BrokerUnavailable(f"cannot purge {queue_name}: {exc!r}") from exc
 
     async def queue_depth(self, queue_name: str) -> tuple[int, int]:
         """(ready messages, consumers) of a queue, via a passive declare."""

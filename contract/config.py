@@ -32,6 +32,7 @@ from contract.retry_tiers import RetrySchedule
 from contract.topology import DEFAULT_CALLBACK_RETRY_DELAYS_S, DEFAULT_JOB_RETRY_DELAYS_S, Topology
 
 DEFAULT_AMQP_URL = "amqp://guest:guest@127.0.0.1:5672/%2F"
+DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 DEFAULT_MODELS = ("echo", "embed-minilm")
 TEST_MODELS = ("synthetic",)
 KNOWN_MODELS = ("echo", "embed-minilm", "synthetic")
@@ -99,8 +100,8 @@ class Environment(BaseModel):
     dns_timeout_s: float = Field(3.0, gt=0, alias="DNS_TIMEOUT_S")
     drain_timeout_s: float = Field(30.0, ge=0, alias="DRAIN_TIMEOUT_S")
 
-    # The terminal ledger (contract/terminal_ledger.py): `off` runs without it.
-    redis_url: str = Field("redis://127.0.0.1:6379/0", alias="REDIS_URL", repr=False)
+    # Job records (contract/job_records.py): `off` runs without status, cancel, keys and waits.
+    redis_url: str = Field(DEFAULT_REDIS_URL, alias="REDIS_URL", repr=False)
     result_ttl_s: int = Field(24 * 3600, ge=1, alias="RESULT_TTL_S")
 
     # The ingress.
@@ -170,8 +171,8 @@ class Environment(BaseModel):
             raise _config_error(exc, env) from None
 
     @property
-    def ledger_url(self) -> str | None:
-        """Where the terminal ledger lives; None when REDIS_URL is `off`."""
+    def records_url(self) -> str | None:
+        """Where the job records live; None when REDIS_URL is `off`."""
         return None if self.redis_url.lower() == "off" else self.redis_url
 
     @property

@@ -29,8 +29,8 @@ DEADLINE_HEADER = "x-deadline-ms"
 HISTORY_HEADER = "x-attempt-history"
 PARK_REASON_HEADER = "x-park-reason"
 
-EventType = Literal["job.succeeded", "job.failed", "job.expired"]
-JobStatus = Literal["succeeded", "failed", "expired"]
+EventType = Literal["job.succeeded", "job.failed", "job.expired", "job.canceled"]
+JobStatus = Literal["succeeded", "failed", "expired", "canceled"]
 
 
 class UndecodableMessage(ValueError):
@@ -44,12 +44,15 @@ class Job(msgspec.Struct, frozen=True, kw_only=True):
     id: str
     model: str
     input: Any
-    callback_url: str
+    # None: the caller polls or waits on the job's record instead.
+    callback_url: str | None = None
     priority: Priority = "normal"
     metadata: dict[str, Any] = msgspec.field(default_factory=dict)
     submitted_at_ms: int
     # Wall-clock ms after which the job must not run (from the optional `ttl_s`).
     deadline_ms: int | None = None
+    # Who may read and cancel the job: a digest of the submitting API key ("" with auth off).
+    owner: str = ""
 
 
 class JobTimings(msgspec.Struct, frozen=True, kw_only=True):
@@ -78,12 +81,17 @@ class CallbackEvent(msgspec.Struct, frozen=True, kw_only=True):
 
 
 class CallbackDelivery(msgspec.Struct, frozen=True, kw_only=True):
-    """A finished job's event plus where to send it; durable on the callbacks queue."""
+    """A finished job's event plus where to send it; durable on the callbacks queue.
+
+    Without a `callback_url` the event is only for the job's record: the worker sends
+    one only when it could not write the record itself, and the dispatcher writes it."""
 
     schema_version: int = SCHEMA_VERSION
     webhook_id: str
-    callback_url: str
+    callback_url: str | None
     event: CallbackEvent
+    # The job itself when there is no callback URL: what the dispatcher records.
+    job: Job | None = None
 
 
 _Body = TypeVar("_Body", Job, CallbackDelivery)

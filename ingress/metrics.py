@@ -14,6 +14,12 @@ class IngressMetrics:
             ["model", "priority"],
             registry=self.registry,
         )
+        self.jobs_canceled = Counter(
+            "inferq_ingress_jobs_canceled",
+            "Queued jobs canceled by their callers",
+            ["model"],
+            registry=self.registry,
+        )
         self.requests_rejected = Counter(
             "inferq_ingress_requests_rejected",
             "Job requests answered with an error",

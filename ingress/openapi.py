@@ -5,6 +5,21 @@ from __future__ import annotations
 from typing import Any
 
 _PROBLEM = {"$ref": "#/components/schemas/Problem"}
+_RECORD = {"$ref": "#/components/schemas/JobRecord"}
+_TIME = {"type": ["string", "null"], "format": "date-time"}
+_JOB_ID = {"name": "job_id", "in": "path", "required": True, "schema": {"type": "string"}}
+_PLACEMENT = {
+    "queue_position": {
+        "type": "integer",
+        "description": "While queued, roughly: jobs ahead of it at its priority or higher, plus itself",
+    },
+    "eta_s": {
+        "type": ["number", "null"],
+        "description": "queue_position / the model's completions per second over the last minute; "
+        "null when nothing completed lately (e.g. scaled to zero)",
+    },
+}
+JOB_STATUSES = ("queued", "running", "succeeded", "failed", "expired", "canceled")
 
 
 def _problem_response(description: str) -> dict[str, Any]:
@@ -20,11 +35,15 @@ def openapi_document(models: tuple[str, ...]) -> dict[str, Any]:
             "schemas": {
                 "JobRequest": {
                     "type": "object",
-                    "required": ["input", "callback_url"],
+                    "required": ["input"],
                     "additionalProperties": False,
                     "properties": {
                         "input": {"description": "Any JSON value; the model defines its shape"},
-                        "callback_url": {"type": "string", "format": "uri"},
+                        "callback_url": {
+                            "type": "string",
+                            "format": "uri",
+                            "description": "Where the signed result is POSTed; optional: poll or wait",
+                        },
                         "priority": {"enum": ["high", "normal", "low"], "default": "normal"},
                         "metadata": {"type": "object", "description": "Echoed back in the callback"},
                         "ttl_s": {
@@ -42,6 +61,33 @@ def openapi_document(models: tuple[str, ...]) -> dict[str, Any]:
                         "model": {"type": "string"},
                         "status": {"const": "queued"},
                         "priority": {"enum": ["high", "normal", "low"]},
+                        **_PLACEMENT,
+                    },
+                },
+                "JobRecord": {
+                    "type": "object",
+                    "required": ["id", "model", "status", "priority", "attempts", "created_at", "callback"],
+                    "properties": {
+                        "id": {"type": "string"},
+                        "model": {"type": "string"},
+                        "status": {"enum": list(JOB_STATUSES)},
+                        "priority": {"enum": ["high", "normal", "low"]},
+                        "attempts": {"type": "integer"},
+                        "metadata": {"type": "object"},
+                        "created_at": _TIME,
+                        "started_at": _TIME,
+                        "finished_at": _TIME,
+                        "output": {"description": "Once succeeded: the model's output"},
+                        "error": {"type": "string", "description": "Once failed, expired or canceled"},
+                        "callback": {
+                            "type": ["object", "null"],
+                            "properties": {
+                                "url": {"type": "string"},
+                                "state": {"enum": ["pending", "delivered", "parked"]},
+                                "attempts": {"type": "integer"},
+                            },
+                        },
+                        **_PLACEMENT,
                     },
                 },
                 "Problem": {
@@ -64,6 +110,20 @@ def openapi_document(models: tuple[str, ...]) -> dict[str, Any]:
                     "summary": "Submit a job; the result arrives by signed callback",
                     "parameters": [
                         {"name": "model", "in": "path", "required": True, "schema": {"enum": list(models)}},
+                        {
+                            "name": "Idempotency-Key",
+                            "in": "header",
+                            "schema": {"type": "string", "minLength": 1, "maxLength": 255},
+                            "description": "Same key and body within RESULT_TTL_S return the original job "
+                            "(Idempotent-Replayed: true), per API key",
+                        },
+                        {
+                            "name": "Prefer",
+                            "in": "header",
+                            "schema": {"type": "string"},
+                            "description": "wait=N (N <= 60): answer 200 with the final record if the job "
+                            "ends within N seconds; Preference-Applied says the wait was honoured",
+                        },
                     ],
                     "requestBody": {
                         "required": True,
@@ -72,21 +132,68 @@ def openapi_document(models: tuple[str, ...]) -> dict[str, Any]:
                         },
                     },
                     "responses": {
+                        "200": {
+                            "description": "Prefer: wait was given and the job ended within it",
+                            "content": {"application/json": {"schema": _RECORD}},
+                        },
                         "202": {
-                            "description": "Confirmed by the broker and queued",
+                            "description": "Confirmed by the broker and queued; Location names its record",
                             "content": {
                                 "application/json": {"schema": {"$ref": "#/components/schemas/JobAccepted"}}
                             },
                         },
+                        "409": _problem_response(
+                            "A request with this Idempotency-Key is still being accepted"
+                        ),
+                        "501": _problem_response("Idempotency-Key sent while job records are off"),
                         "400": _problem_response("Malformed JSON"),
                         "401": _problem_response("Missing or wrong API key"),
                         "404": _problem_response("Unknown model"),
                         "413": _problem_response("Body over MAX_BODY_BYTES"),
                         "415": _problem_response("Content-Type is not JSON"),
-                        "422": _problem_response("Schema violation or refused callback_url"),
-                        "503": _problem_response(
-                            "Broker unavailable or did not take the job; see Retry-After"
+                        "422": _problem_response(
+                            "Schema violation, refused callback_url, "
+                            "or Idempotency-Key reused with another body"
                         ),
+                        "503": _problem_response(
+                            "Broker unavailable or did not take the job, or job records unavailable for a "
+                            "keyed request; see Retry-After"
+                        ),
+                    },
+                }
+            },
+            "/v1/jobs/{job_id}": {
+                "get": {
+                    "summary": "A job's record: status, times, output or error, callback delivery state",
+                    "parameters": [_JOB_ID],
+                    "responses": {
+                        "200": {
+                            "description": "The record",
+                            "content": {"application/json": {"schema": _RECORD}},
+                        },
+                        "401": _problem_response("Missing or wrong API key"),
+                        "404": _problem_response("Unknown, expired, or submitted with another API key"),
+                        "501": _problem_response("Job records are off (REDIS_URL=off)"),
+                        "503": _problem_response(
+                            "Job records unavailable, or not yet written; see Retry-After"
+                        ),
+                    },
+                }
+            },
+            "/v1/jobs/{job_id}/cancel": {
+                "post": {
+                    "summary": "Cancel a queued job: it never runs and its callback is job.canceled",
+                    "parameters": [_JOB_ID],
+                    "responses": {
+                        "200": {
+                            "description": "Canceled; the record",
+                            "content": {"application/json": {"schema": _RECORD}},
+                        },
+                        "401": _problem_response("Missing or wrong API key"),
+                        "404": _problem_response("Unknown, expired, or submitted with another API key"),
+                        "409": _problem_response("Not queued any more; `job_status` says what it is"),
+                        "501": _problem_response("Job records are off (REDIS_URL=off)"),
+                        "503": _problem_response("Job records unavailable; see Retry-After"),
                     },
                 }
             },

@@ -27,6 +27,7 @@ class Problem(Exception):
         *,
         headers: dict[str, str] | None = None,
         errors: list[dict[str, Any]] | None = None,
+        extensions: dict[str, Any] | None = None,
     ) -> None:
         super().__init__(detail)
         self.status = status
@@ -35,6 +36,8 @@ class Problem(Exception):
         self.detail = detail
         self.headers = headers or {}
         self.errors = errors
+        # Extension members (RFC 9457 section 3.2), e.g. a job's current status.
+        self.extensions = extensions or {}
 
 
 def problem_response(problem: Problem, instance: str) -> Response:
@@ -47,6 +50,7 @@ def problem_response(problem: Problem, instance: str) -> Response:
     }
     if problem.errors:
         body["errors"] = problem.errors
+    body.update(problem.extensions)
     return Response(
         msgspec.json.encode(body),
         status_code=problem.status,

@@ -18,7 +18,8 @@ from ingress.problems import Problem
 
 class JobRequest(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     input: Any
-    callback_url: str
+    # Optional: without it the caller polls GET /v1/jobs/{id} or waits (Prefer: wait=N).
+    callback_url: str | None = None
     priority: Priority = "normal"
     metadata: dict[str, Any] = msgspec.field(default_factory=dict)
     # Seconds the job may wait; past that it is not run and the caller gets job.expired.

@@ -26,6 +26,9 @@ class IngressSettings:
     retry_after_s: int = 5
     # One log line per request costs about a tenth of the ingress's CPU at a backlog.
     access_log: bool = False
+    # Job records (status, cancel, Idempotency-Key, Prefer: wait); None runs without them.
+    redis_url: str | None = field(default=None, repr=False)
+    result_ttl_s: int = 24 * 3600
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> IngressSettings:
@@ -47,6 +50,8 @@ class IngressSettings:
             models=read.served_models,
             topology=read.topology(),
             access_log=read.ingress_access_log,
+            redis_url=read.records_url,
+            result_ttl_s=read.result_ttl_s,
         )
 
 

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from contract.config import DEFAULT_AMQP_URL
+from contract.config import DEFAULT_AMQP_URL, DEFAULT_REDIS_URL
 from loadgen.bench_callbacks import measure_callbacks
 from loadgen.bench_chart import batching_chart
 from loadgen.bench_ingress import measure_ingress
@@ -73,7 +73,9 @@ STAGES = ("user-path", "callbacks", "ingress", "pipeline", "batching", "priority
 OPTIONAL_STAGES = ("wake",)
 
 
-async def run(size: BenchSize, amqp_url: str, latency_target_s: float, stages: list[str]) -> dict[str, Any]:
+async def run(
+    size: BenchSize, amqp_url: str, redis_url: str, latency_target_s: float, stages: list[str]
+) -> dict[str, Any]:
     results: dict[str, Any] = {}
     started = time.monotonic()
     for n, stage in enumerate(stages, 1):
@@ -85,7 +87,7 @@ async def run(size: BenchSize, amqp_url: str, latency_target_s: float, stages: l
         elif stage == "wake":
             results[stage] = await measure_wake(amqp_url, size.reps)
         elif stage == "ingress":
-            results[stage] = await measure_ingress(amqp_url, size.reps, size.ingress_jobs)
+            results[stage] = await measure_ingress(amqp_url, redis_url, size.reps, size.ingress_jobs)
         elif stage == "pipeline":
             results[stage] = await measure_pipeline(amqp_url, size.reps, rate=20, count=size.pipeline_jobs)
         elif stage == "batching":
@@ -130,6 +132,15 @@ def ratios(results: dict[str, Any]) -> list[tuple[str, float, str]]:
                 ingress["ratio"],
                 f"{_median(ingress['ingress_jobs_per_s']):.0f} / "
                 f"{_median(ingress['bare_publish_msgs_per_s']):.0f}",
+            )
+        )
+        rows.append(
+            (
+                "Job records: HTTP jobs/s accepted with REDIS_URL on / off",
+                ingress["records_ratio"],
+                f"{_median(ingress['ingress_with_records_jobs_per_s']):.0f} / "
+                f"{_median(ingress['ingress_jobs_per_s']):.0f}; Prefer: wait=5 on echo, one at a time: "
+                f"p50 {ingress['wait_p50_ms']:.1f} ms, p99 {ingress['wait_p99_ms']:.1f} ms",
             )
         )
     if "pipeline" in results:
@@ -271,7 +282,8 @@ def main(argv: list[str] | None = None) -> int:
         size = BenchSize(**{**size.__dict__, "reps": args.reps})
     amqp_url = os.environ.get("AMQP_URL", DEFAULT_AMQP_URL)
     stages = [stage for stage in STAGES + OPTIONAL_STAGES if stage in (args.only or STAGES)]
-    results = asyncio.run(run(size, amqp_url, args.latency_target_ms / 1000, stages))
+    redis_url = os.environ.get("REDIS_URL", DEFAULT_REDIS_URL)
+    results = asyncio.run(run(size, amqp_url, redis_url, args.latency_target_ms / 1000, stages))
     timestamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
     machine = (
         f"{platform.machine()}, {os.cpu_count()} cores, {platform.python_implementation()} "

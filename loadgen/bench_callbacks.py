@@ -19,12 +19,12 @@ from callbacks.dispatcher import CallbackDispatcher
 from callbacks.settings import CallbackSettings
 from callbacks.signing import generate_secret
 from contract.broker import Broker
+from contract.callback_events import callback_for
 from contract.callback_guard import AllowList
 from contract.envelope import Job, JobTimings
 from contract.topology import Topology
 from loadgen.bench_support import bench_topology, median
 from loadgen.receiver_process import ReceiverProcess
-from ray_workers.outcomes import callback_for
 
 DELIVERY_WAIT_S = 120.0
 PUBLISH_WINDOW = 256

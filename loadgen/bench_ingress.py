@@ -1,6 +1,8 @@
 """Ingress efficiency: jobs/s the HTTP ingress accepts (202 after the broker's confirm)
 against what a bare aio-pika publisher with pipelined confirms reaches on the same
-broker, measured back to back in one run."""
+broker, and with the job records on (REDIS_URL) against off, measured back to back in
+one run. Then `Prefer: wait=5` on echo at low load: one job at a time, answered 200
+with the output, with an echo worker in this process."""
 
 from __future__ import annotations
 
@@ -14,8 +16,11 @@ import aiohttp
 import httpx
 
 from contract.broker import Broker
-from loadgen.bench_support import bench_topology, make_job, median, publish_jobs
+from loadgen.bench_support import bench_topology, forget_records, make_job, median, percentile, publish_jobs
 from loadgen.stack_process import free_port
+from ray_workers.job_worker import JobWorker
+from ray_workers.models.echo import EchoModel
+from ray_workers.settings import WorkerSettings
 
 INGRESS_START_TIMEOUT_S = 30.0
 
@@ -25,6 +30,22 @@ async def _bare_rate(broker: Broker, count: int) -> float:
     started = time.monotonic()
     await publish_jobs(broker, jobs)
     return count / (time.monotonic() - started)
+
+
+async def _wait_latencies_ms(base_url: str, count: int) -> list[float]:
+    latencies_ms = []
+    async with aiohttp.ClientSession(base_url) as session:
+        for n in range(count + 20):  # the first 20 warm the connection and the worker up
+            started = time.perf_counter()
+            async with session.post(
+                "/v1/models/echo/jobs", json={"input": {"n": n}}, headers={"Prefer": "wait=5"}
+            ) as response:
+                await response.read()
+                if response.status != 200:
+                    raise RuntimeError(f"Prefer: wait=5 answered {response.status}, not 200")
+            if n >= 20:
+                latencies_ms.append((time.perf_counter() - started) * 1000)
+    return latencies_ms
 
 
 async def _ingress_rate(base_url: str, count: int, concurrency: int) -> float:
@@ -70,43 +91,70 @@ async def _wait_ready(base_url: str, ingress: asyncio.subprocess.Process) -> Non
             await asyncio.sleep(0.1)
 
 
-async def measure_ingress(amqp_url: str, reps: int, count: int, concurrency: int = 64) -> dict[str, Any]:
-    topology = bench_topology()
+async def _start_ingress(env: dict[str, str]) -> tuple[asyncio.subprocess.Process, str]:
     port = free_port()
+    ingress = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "ingress",
+        env={**env, "INGRESS_PORT": str(port)},
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.DEVNULL,
+    )
+    base_url = f"http://127.0.0.1:{port}"
+    await _wait_ready(base_url, ingress)
+    return ingress, base_url
+
+
+async def measure_ingress(
+    amqp_url: str, redis_url: str, reps: int, count: int, concurrency: int = 64, waits: int = 200
+) -> dict[str, Any]:
+    topology = bench_topology()
     env = {
         **os.environ,
         "AMQP_URL": amqp_url,
         "QUEUE_PREFIX": topology.prefix,
         "MODELS": "echo",
-        "INGRESS_PORT": str(port),
         "CALLBACK_ALLOW_HOSTS": "127.0.0.1",
     }
-    ingress = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "ingress",
-        env=env,
-        stdout=asyncio.subprocess.DEVNULL,
-        stderr=asyncio.subprocess.DEVNULL,
-    )
     broker = Broker(amqp_url, topology, ("echo",))
     await broker.connect()
-    bare, via_ingress = [], []
+    started: list[asyncio.subprocess.Process] = []
+    bare, records_off, records_on = [], [], []
     try:
-        await _wait_ready(f"http://127.0.0.1:{port}", ingress)
+        without, without_url = await _start_ingress({**env, "REDIS_URL": "off"})
+        started.append(without)
+        with_records, with_url = await _start_ingress({**env, "REDIS_URL": redis_url})
+        started.append(with_records)
         for _ in range(reps):
             bare.append(await _bare_rate(broker, count))
-            via_ingress.append(await _ingress_rate(f"http://127.0.0.1:{port}", count, concurrency))
+            records_off.append(await _ingress_rate(without_url, count, concurrency))
+            records_on.append(await _ingress_rate(with_url, count, concurrency))
+        await broker.purge(topology.main_queue("echo"))
+        settings = WorkerSettings(amqp_url=amqp_url, models=("echo",), topology=topology, redis_url=redis_url)
+        worker = JobWorker(EchoModel(), settings)
+        await worker.start()
+        try:
+            wait_ms = await _wait_latencies_ms(with_url, waits)
+        finally:
+            await worker.stop()
     finally:
-        ingress.terminate()
-        await ingress.wait()
+        for process in started:
+            process.terminate()
+            await process.wait()
         await broker.delete_topology()
         await broker.close()
-    ratios = [i / b for i, b in zip(via_ingress, bare, strict=True)]
+        await forget_records(redis_url, topology.prefix)
+    ratios = [i / b for i, b in zip(records_off, bare, strict=True)]
     return {
         "jobs": count,
         "concurrency": concurrency,
         "bare_publish_msgs_per_s": bare,
-        "ingress_jobs_per_s": via_ingress,
+        "ingress_jobs_per_s": records_off,
+        "ingress_with_records_jobs_per_s": records_on,
         "ratio": median(ratios),
+        "records_ratio": median([on / off for on, off in zip(records_on, records_off, strict=True)]),
+        "wait_p50_ms": median(wait_ms),
+        "wait_p99_ms": percentile(wait_ms, 99),
+        "waits": waits,
     }

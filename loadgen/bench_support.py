@@ -16,6 +16,7 @@ from typing import Any
 from contract.broker import Broker, Delivery
 from contract.envelope import Job, Priority, decode_callback_delivery
 from contract.job_message import job_message
+from contract.job_records import JobRecords
 from contract.topology import Topology
 
 PUBLISH_WINDOW = 256
@@ -55,6 +56,15 @@ async def delete_bench_topology(amqp_url: str, topology: Topology, models: tuple
     await cleanup.connect()
     await cleanup.delete_topology()
     await cleanup.close()
+
+
+async def forget_records(redis_url: str, prefix: str) -> None:
+    """Delete a benchmark's job records and counters."""
+    records = JobRecords(redis_url, prefix, ttl_s=60)
+    try:
+        await records.delete_all()
+    finally:
+        await records.close()
 
 
 async def open_loop(rate_per_s: float, count: int, fire: Callable[[int], Coroutine[Any, Any, None]]) -> None:

@@ -2,6 +2,7 @@
 
 Jobs go over HTTP to the ingress; results come back as signed callbacks to a receiver
 inside this process, which verifies each signature with a Standard Webhooks library.
+Then jobs without a callback: waited for, replayed, polled and canceled (`demo_records`).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import httpx
 
 from callbacks.signing import generate_secret
 from loadgen.callback_receiver import CallbackReceiver, ReceivedCallback
+from loadgen.demo_records import records_tour
 from loadgen.scale_report import FirstJob, scale_from_zero
 from loadgen.stack_process import StackProcess
 
@@ -118,6 +120,7 @@ async def _exchange(stack: StackProcess, receiver: CallbackReceiver) -> int:
     await stack.wait_for_output([f"autoscaler {job.model}: 0 ->" for job in submitted], SCALE_LOG_WAIT_S)
     _print_scaling(stack.output(), submitted, received)
     ok = all(c.verified and c.event["type"] == "job.succeeded" for c in callbacks)
+    ok &= await records_tour(stack.base_url)
     return 0 if ok else 1
 
 

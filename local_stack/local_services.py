@@ -2,9 +2,9 @@
 
 `task up` and `task demo` start a local `rabbitmq-server` when nothing answers at
 AMQP_URL and one is installed, enable `rabbitmq_management` when the autoscaler needs
-it and it is off, and otherwise stop with a message saying how to get one. Redis (the
-terminal ledger) is started the same way when it is missing; without it the stack runs
-on, at-least-once, and says so.
+it and it is off, and otherwise stop with a message saying how to get one. Redis (the job
+records) is started the same way when it is missing; without it the stack runs on,
+without job status, cancel, idempotency keys or waits, and says so.
 """
 
 from __future__ import annotations
@@ -84,8 +84,8 @@ def ensure_redis(redis_url: str) -> bool:
         )
     except BrokerNotAvailable as exc:
         print(
-            f"{exc} Running without the terminal ledger: a job run twice could end with two "
-            "different terminal events until Redis is there.",
+            f"{exc} Running without job records: no job status, cancel, Idempotency-Key or "
+            "Prefer: wait, and a job run twice could end with two different terminal events.",
             flush=True,
         )
         return False

@@ -10,7 +10,7 @@ from collections.abc import Sequence
 
 from contract.broker import Broker, BrokerError
 from contract.config import ConfigError, Environment
-from contract.terminal_ledger import LedgerUnavailable, TerminalLedger
+from contract.job_records import JobRecords, RecordsUnavailable
 from parking_lot.lots import ParkingLot, ReplayStopped, inspect, replay
 
 
@@ -33,13 +33,13 @@ async def _main(args: argparse.Namespace) -> int:
             return 0
         if not args.all and not args.id:
             raise ConfigError("say which messages to replay: --id ID (repeatable) or --all")
-        url = read.ledger_url
-        ledger = None if url is None else TerminalLedger(url, read.queue_prefix, read.result_ttl_s)
+        url = read.records_url
+        records = None if url is None else JobRecords(url, read.queue_prefix, read.result_ttl_s)
         try:
-            moved = await replay(broker, lot, None if args.all else args.id, args.limit, ledger)
+            moved = await replay(broker, lot, None if args.all else args.id, args.limit, records)
         finally:
-            if ledger is not None:
-                await ledger.close()
+            if records is not None:
+                await records.close()
         print(f"replayed {moved} message(s) from {lot.queue}")
         return 0
     finally:
@@ -61,7 +61,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return asyncio.run(_main(args))
-    except (ConfigError, BrokerError, ReplayStopped, LedgerUnavailable) as exc:
+    except (ConfigError, BrokerError, ReplayStopped, RecordsUnavailable) as exc:
         print(f"parking_lot: {exc}", file=sys.stderr)
         return 2
 

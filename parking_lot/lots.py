@@ -21,8 +21,8 @@ from contract.envelope import (
     decode_job,
 )
 from contract.job_message import job_message
+from contract.job_records import JobRecords
 from contract.settlement import Publish, settle
-from contract.terminal_ledger import TerminalLedger
 from contract.topology import Topology
 
 REPLAYED_HEADER = "x-replayed"
@@ -72,12 +72,12 @@ async def replay(
     lot: ParkingLot,
     ids: Sequence[str] | None = None,
     limit: int | None = None,
-    ledger: TerminalLedger | None = None,
+    records: JobRecords | None = None,
 ) -> int:
     """Move the parked messages with these ids (all when None) back; returns how many moved.
 
-    A replayed job is re-opened on purpose: its record in the terminal ledger is dropped
-    first, so it runs again and may end differently (its callback says so)."""
+    A replayed job is re-opened on purpose: its record goes back to queued first (its
+    ending cleared), so it runs again and may end differently (its callback says so)."""
     wanted = None if ids is None else set(ids)
     moved = 0
     async with broker.fetching(lot.queue) as next_message:
@@ -95,8 +95,8 @@ async def replay(
                     job = decode_job(delivery.body)
                 except UndecodableMessage:
                     continue  # a poison body cannot run again; it stays parked
-                if ledger is not None:
-                    await ledger.forget(job.id)
+                if records is not None:
+                    await records.reopen(job.id)
                 message = job_message(job, headers, body=delivery.body)
                 publish = Publish(message, lot.model, exchange=lot.topology.jobs_exchange)
             if (await settle(broker, [(delivery, [publish])])).acked == 0:

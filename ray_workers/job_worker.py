@@ -28,23 +28,27 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from contract.broker import Broker, BrokerError, Delivery
+from contract.callback_events import callback_for, canceled_callback, carrying_job
 from contract.circuit_breaker import BreakerState, CircuitBreaker
-from contract.envelope import ATTEMPT_HEADER, Job, JobTimings, UndecodableMessage, decode_job
+from contract.envelope import ATTEMPT_HEADER, Job, JobStatus, JobTimings, UndecodableMessage, decode_job
+from contract.job_records import JobRecords, RecordsUnavailable, Started
 from contract.settlement import Outcome, Publish, Settled, settle
-from contract.terminal_ledger import LedgerUnavailable, TerminalLedger
 from ray_workers.batch_controller import AdaptiveBatchController, FixedBatchSize
 from ray_workers.batching import collect_batch
 from ray_workers.models.base import InvalidInput, Model, ModelError
-from ray_workers.outcomes import callback_for, parked, retry_for
+from ray_workers.outcomes import parked, retry_for
 from ray_workers.settings import WorkerSettings
 from ray_workers.worker_metrics import PrometheusSink, WorkerMetrics
 
 logger = logging.getLogger(__name__)
+
+EXPIRED_ERROR = "deadline passed before the job ran"
+RUNNING = Started("running")
 
 
 @dataclass
@@ -77,8 +81,8 @@ class JobWorker:
         self._topology = settings.topology
         self._schedule = settings.topology.job_retry_schedule(model.name)
         self._wall_clock = wall_clock
-        self._ledger = (
-            TerminalLedger(settings.redis_url, settings.topology.prefix, settings.result_ttl_s)
+        self._records = (
+            JobRecords(settings.redis_url, settings.topology.prefix, settings.result_ttl_s)
             if settings.redis_url
             else None
         )
@@ -174,8 +178,8 @@ class JobWorker:
         # Closing the channels returns every unacked message (prefetched, in the inbox
         # or in an abandoned batch) to the queue.
         await self._broker.close()
-        if self._ledger is not None:
-            await self._ledger.close()
+        if self._records is not None:
+            await self._records.close()
 
     async def _run(self) -> None:
         while not self._stopping:
@@ -213,23 +217,17 @@ class JobWorker:
 
         Every delivery of the batch is settled by the settling task this starts (after the
         previous batch's), except those whose channel has closed, which are dropped. A job
-        the terminal ledger already records as ended is settled without running."""
+        whose record says it ended or was canceled is settled without running."""
         now_ms = int(self._wall_clock() * 1000)
         work, outcomes = self._decode(batch, now_ms)
-        ended = (
-            await self._ledger_call(self._ledger.recorded, [item.job.id for item in work])
-            if self._ledger
-            else {}
-        )
         fresh = []
+        started = await self._started(work, now_ms)
         for item in work:
-            if item.job.id in ended:
-                logger.info(
-                    "job %s already ended as %s; settled without running it", item.job.id, ended[item.job.id]
-                )
-                outcomes.append((item.delivery, []))
-            else:
+            start = started.get(item.job.id, RUNNING)
+            if start.status == "running":
                 fresh.append(item)
+            else:
+                outcomes.append((item.delivery, self._ended_before(item, start, now_ms)))
         runnable = [item for item in fresh if item.error is None and not item.expired]
         inference_s, model_failed = await self._infer(runnable)
         timings = [
@@ -276,20 +274,70 @@ class JobWorker:
             work.append(self._prepare(delivery, job, now_ms))
         return work, outcomes
 
+    def _ended_before(self, item: _Work, start: Started, now_ms: int) -> list[Publish]:
+        """A copy of a job that already ended (or was canceled) is not run. A finished one
+        sends its recorded ending again: the copy that recorded it may have died before
+        its event was confirmed, and only this redelivery can still send it (same
+        webhook-id: a receiver may see it twice, never two different endings)."""
+        job = item.job
+        if start.status == "canceled":
+            owed = start.owes_canceled_callback(now_ms) and job.callback_url
+            logger.info("job %s was canceled; not run%s", job.id, ", job.canceled sent here" if owed else "")
+            return [canceled_callback(job, now_ms / 1000, self._topology)] if owed else []
+        logger.info("job %s already %s; its ending is sent again, the model not run", job.id, start.status)
+        if not job.callback_url:
+            return []
+        status: JobStatus = start.status  # type: ignore[assignment]
+        timings = JobTimings(queued_ms=0.0, inference_ms=0.0, batch_size=0)
+        ending = callback_for(
+            job, status, start.attempts, timings, now_ms / 1000, self._topology, start.output, start.error
+        )
+        if status != "failed":
+            return [ending]
+        park = parked(
+            item.delivery.body,
+            job.id,
+            item.delivery.headers,
+            "failed (sent again after a redelivery)",
+            self._topology.parking_queue(job.model),
+            start.attempts,
+            start.error or "",
+            now_ms,
+        )
+        return [park, ending]
+
+    async def _started(self, work: list[_Work], now_ms: int) -> dict[str, Started]:
+        """What marking each job running found; empty without the records."""
+        if self._records is None or not work:
+            return {}
+        try:
+            return await self._records.start([(item.job, item.attempt) for item in work], now_ms)
+        except RecordsUnavailable as exc:
+            if not exc.skipped:
+                logger.warning("job records unavailable, running without the check: %s", exc)
+            return {}
+
     async def _first_terminal_wins(self, decided: list[tuple[_Work, list[Publish]]]) -> list[Outcome]:
-        """Claim each terminal event in the ledger; a copy whose job already ended otherwise
-        publishes nothing (its delivery is only acked), so no job has two terminal events."""
-        claims = {
-            item.job.id: publish.message.type
+        """Record each terminal status; a copy whose job already ended otherwise publishes
+        nothing (its delivery is only acked), so no job has two terminal events. A job
+        without a callback URL needs its event only when its record could not be written."""
+        endings = {
+            item.job.id: (item, publish.message.type.removeprefix("job."))
             for item, publishes in decided
             for publish in publishes
             if publish.routing_key == self._topology.callbacks_queue and publish.message.type
         }
-        recorded = await self._ledger_call(self._ledger.claim, claims) if self._ledger and claims else {}
+        recorded = await self._finish(list(endings.values())) if endings else None
         outcomes: list[Outcome] = []
         for item, publishes in decided:
-            own = claims.get(item.job.id)
-            if own is not None and recorded.get(item.job.id, own) != own:
+            own = endings[item.job.id][1] if item.job.id in endings else None
+            if own is None:
+                outcomes.append((item.delivery, publishes))
+            elif recorded is None:
+                # Not recorded: the event carries its job, and the dispatcher records it.
+                carried = [self._carrying(p, item.job) for p in publishes] if self._records else publishes
+                outcomes.append((item.delivery, carried))
+            elif recorded.get(item.job.id, own) != own:
                 logger.warning(
                     "job %s already ended as %s; this copy's %s is not sent",
                     item.job.id,
@@ -297,20 +345,38 @@ class JobWorker:
                     own,
                 )
                 outcomes.append((item.delivery, []))
+            elif not item.job.callback_url:
+                kept = [p for p in publishes if p.routing_key != self._topology.callbacks_queue]
+                outcomes.append((item.delivery, kept))
             else:
                 outcomes.append((item.delivery, publishes))
         return outcomes
 
-    async def _ledger_call(
-        self, call: Callable[[Any], Awaitable[dict[str, str]]], argument: Any
-    ) -> dict[str, str]:
-        """The ledger's answer, or none when Redis is away (at-least-once meanwhile)."""
+    def _carrying(self, publish: Publish, job: Job) -> Publish:
+        return (
+            carrying_job(publish, job) if publish.routing_key == self._topology.callbacks_queue else publish
+        )
+
+    async def _finish(self, endings: list[tuple[_Work, str]]) -> dict[str, str] | None:
+        """The status each job is recorded with now; None when there are no records or
+        Redis is away (at-least-once meanwhile)."""
+        if self._records is None:
+            return None
         try:
-            return await call(argument)
-        except LedgerUnavailable as exc:
+            return await self._records.finish(
+                [
+                    (item.job, status, item.attempt, item.output, self._ending_error(item))
+                    for item, status in endings
+                ]
+            )
+        except RecordsUnavailable as exc:
             if not exc.skipped:
-                logger.warning("terminal ledger unavailable, publishing without the check: %s", exc)
-            return {}
+                logger.warning("job records unavailable, publishing without the check: %s", exc)
+            return None
+
+    @staticmethod
+    def _ending_error(item: _Work) -> str | None:
+        return EXPIRED_ERROR if item.expired else item.error
 
     def _prepare(self, delivery: Delivery, job: Job, now_ms: int) -> _Work:
         item = _Work(delivery, job, int(delivery.headers.get(ATTEMPT_HEADER, 1)))
@@ -385,7 +451,7 @@ class JobWorker:
                     timings,
                     now_s,
                     self._topology,
-                    error="deadline passed before the job ran",
+                    error=EXPIRED_ERROR,
                 )
             ]
         if item.error is None:

@@ -7,6 +7,8 @@
                               and callback job.failed
     undecodable body       -> the body to the parking lot (nobody to call back)
 
+The callback itself is built by `contract.callback_events`.
+
 Pure: builds messages, publishes nothing, so every branch is tested without a broker.
 """
 
@@ -14,24 +16,10 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping
-from datetime import UTC, datetime
 from typing import Any
 
 from contract.broker import OutgoingMessage
-from contract.envelope import (
-    ATTEMPT_HEADER,
-    HISTORY_HEADER,
-    PARK_REASON_HEADER,
-    CallbackDelivery,
-    CallbackEvent,
-    EventData,
-    EventType,
-    Job,
-    JobStatus,
-    JobTimings,
-    encode,
-    webhook_id_for,
-)
+from contract.envelope import ATTEMPT_HEADER, HISTORY_HEADER, PARK_REASON_HEADER, Job
 from contract.job_message import job_message
 from contract.settlement import Publish
 from contract.topology import Topology
@@ -42,44 +30,6 @@ def history_with(headers: Mapping[str, Any], attempt: int, error: str, now_ms: i
     history: list[dict[str, Any]] = json.loads(raw) if isinstance(raw, str | bytes) else []
     history.append({"attempt": attempt, "error": error[:500], "at_ms": now_ms})
     return json.dumps(history)
-
-
-def callback_for(
-    job: Job,
-    status: JobStatus,
-    attempt: int,
-    timings: JobTimings,
-    now_s: float,
-    topology: Topology,
-    output: Any = None,
-    error: str | None = None,
-) -> Publish:
-    event_type: EventType = f"job.{status}"  # type: ignore[assignment]
-    event = CallbackEvent(
-        type=event_type,
-        timestamp=datetime.fromtimestamp(now_s, UTC).isoformat(),
-        data=EventData(
-            id=job.id,
-            model=job.model,
-            status=status,
-            attempts=attempt,
-            metadata=job.metadata,
-            timings=timings,
-            output=output,
-            error=error,
-        ),
-    )
-    delivery = CallbackDelivery(
-        webhook_id=webhook_id_for(job.id, event_type), callback_url=job.callback_url, event=event
-    )
-    message = OutgoingMessage(
-        encode(delivery),
-        message_id=delivery.webhook_id,
-        correlation_id=job.id,
-        headers={ATTEMPT_HEADER: 1},
-        type=event_type,
-    )
-    return Publish(message, topology.callbacks_queue)
 
 
 def retry_for(

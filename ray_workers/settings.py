@@ -30,7 +30,7 @@ class WorkerSettings:
     model_threads: int = field(default_factory=lambda: os.cpu_count() or 1)
     # GPUs Ray reserves for each replica (a pod's WORKER_NUM_GPUS).
     num_gpus: float = 0.0
-    # The terminal ledger (first terminal event per job wins); None runs without it.
+    # Job records (first terminal status per job wins, cancel); None runs without them.
     redis_url: str | None = field(default=None, repr=False)
     result_ttl_s: int = 24 * 3600
 
@@ -54,6 +54,6 @@ class WorkerSettings:
             drain_timeout_s=read.drain_timeout_s,
             model_threads=read.model_threads,
             num_gpus=read.worker_num_gpus,
-            redis_url=read.ledger_url,
+            redis_url=read.records_url,
             result_ttl_s=read.result_ttl_s,
         )

@@ -121,12 +121,13 @@ async def receiver(webhook_secret: str) -> AsyncIterator[CallbackReceiver]:
 
 
 @pytest.fixture
-def ingress_settings(amqp_url: str, topology: Topology) -> IngressSettings:
+def ingress_settings(amqp_url: str, topology: Topology, redis_url: str) -> IngressSettings:
     return IngressSettings(
         amqp_url=amqp_url,
         models=TEST_MODELS,
         topology=topology,
         callback_allow=AllowList.parse(["127.0.0.1"]),
+        redis_url=redis_url,
     )
 
 
@@ -138,8 +139,11 @@ def worker_settings(amqp_url: str, topology: Topology, redis_url: str) -> Worker
 
 
 @pytest.fixture
-def callback_settings(amqp_url: str, topology: Topology, webhook_secret: str) -> CallbackSettings:
+def callback_settings(
+    amqp_url: str, topology: Topology, webhook_secret: str, redis_url: str
+) -> CallbackSettings:
     return CallbackSettings(
+        redis_url=redis_url,
         amqp_url=amqp_url,
         webhook_secret=webhook_secret,
         models=TEST_MODELS,

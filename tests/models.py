@@ -129,7 +129,7 @@ class GatedModel:
 
 class ContestedModel:
     """Echo, except for the input "contested": while it runs, another replica records the
-    job as succeeded (written straight to the ledger's Redis key), and here it fails."""
+    job as succeeded (written straight to the job's record in Redis), and here it fails."""
 
     name = "echo"
 
@@ -143,8 +143,8 @@ class ContestedModel:
 
     def predict(self, inputs: Sequence[Any]) -> list[Any]:
         if "contested" in inputs:
-            self._redis.set(
-                f"{self._key_prefix}inferq:terminal:{self.contested_job_id}", "job.succeeded", ex=60
+            self._redis.hset(
+                f"{self._key_prefix}inferq:job:{self.contested_job_id}", mapping={"status": "succeeded"}
             )
             raise ModelFailure("failed here, after another copy succeeded")
         return list(inputs)

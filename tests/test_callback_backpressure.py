@@ -11,9 +11,9 @@ from dataclasses import replace
 from callbacks.dispatcher import CallbackDispatcher
 from callbacks.settings import CallbackSettings
 from contract.broker import Broker
+from contract.callback_events import callback_for
 from contract.envelope import PARK_REASON_HEADER, Job, JobTimings
 from loadgen.callback_receiver import CallbackReceiver, ReceivedCallback
-from ray_workers.outcomes import callback_for
 from tests.conftest import wait_until
 
 

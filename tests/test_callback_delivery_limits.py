@@ -18,11 +18,11 @@ from callbacks.dispatcher import CallbackDispatcher
 from callbacks.settings import CallbackSettings
 from callbacks.signing import WebhookSigner, generate_secret
 from contract.broker import Broker
+from contract.callback_events import callback_for
 from contract.callback_guard import AllowList, IPAddress, Resolver
 from contract.envelope import PARK_REASON_HEADER, CallbackDelivery, Job, JobTimings, decode_callback_delivery
 from contract.settlement import Publish
 from contract.topology import Topology
-from ray_workers.outcomes import callback_for
 from tests.conftest import wait_until
 
 StreamHandler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]

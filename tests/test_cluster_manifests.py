@@ -62,3 +62,17 @@ def test_each_scale_target_exists_starts_at_zero_and_outlives_its_drain(scaled: 
     assert pod["terminationGracePeriodSeconds"] > drain_s
     model = scaled["spec"]["triggers"][0]["metadata"]["queueName"].removeprefix("jobs.")
     assert pod["containers"][0]["command"][-2:] == ["worker", model]
+
+
+def test_the_job_records_redis_keeps_its_data_and_every_pod_points_at_it() -> None:
+    (config,) = [d for d in CORE if d["kind"] == "ConfigMap"]
+    (redis,) = [d for d in CORE if d["kind"] == "StatefulSet" and d["metadata"]["name"] == "redis"]
+    (service,) = [d for d in CORE if d["kind"] == "Service" and d["metadata"]["name"] == "redis"]
+    container = redis["spec"]["template"]["spec"]["containers"][0]
+    mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
+
+    assert config["data"]["REDIS_URL"] == f"redis://redis.{service['metadata']['namespace']}.svc:6379/0"
+    assert service["spec"]["selector"] == redis["spec"]["selector"]["matchLabels"]
+    assert container["args"][:2] == ["--appendonly", "yes"]  # every write reaches the volume
+    assert [t["metadata"]["name"] for t in redis["spec"]["volumeClaimTemplates"]] == ["data"]
+    assert mounts["data"] == container["args"][container["args"].index("--dir") + 1]

@@ -21,7 +21,7 @@ from contract.callback_guard import AllowList, IPAddress, SystemResolver
 from contract.circuit_breaker import BreakerState
 from contract.envelope import HISTORY_HEADER, PARK_REASON_HEADER, Job
 from contract.job_message import job_message
-from contract.terminal_ledger import TerminalLedger
+from contract.job_records import JobRecords
 from loadgen.callback_receiver import CallbackReceiver
 from parking_lot.lots import ParkingLot, inspect, replay
 from ray_workers.settings import WorkerSettings
@@ -88,11 +88,11 @@ async def test_given_a_model_that_keeps_failing_then_the_job_is_parked_called_ba
         report = await inspect(broker, lot)
 
         model.healthy = True  # the cause is removed
-        ledger = TerminalLedger(redis_url, worker_settings.topology.prefix, ttl_s=60)
+        records = JobRecords(redis_url, worker_settings.topology.prefix, ttl_s=60)
         try:
-            assert await replay(broker, lot, ids=[job_id], ledger=ledger) == 1
+            assert await replay(broker, lot, ids=[job_id], records=records) == 1
         finally:
-            await ledger.close()
+            await records.close()
         succeeded = (await receiver.wait_for(2, timeout_s=15))[1]
 
     assert failed.event["type"] == "job.failed" and failed.event["data"]["attempts"] == 3

@@ -20,8 +20,8 @@ from callbacks.dispatcher import CallbackDispatcher
 from contract.broker import Broker, TopologyMismatch
 from contract.envelope import ATTEMPT_HEADER, Job, decode_callback_delivery
 from contract.job_message import job_message
+from contract.job_records import JobRecords
 from contract.settlement import Publish, settle
-from contract.terminal_ledger import TerminalLedger
 from ingress.settings import IngressSettings
 from loadgen.callback_receiver import CallbackReceiver
 from ray_workers.settings import WorkerSettings
@@ -307,22 +307,26 @@ async def _callbacks_after_barrier(settings: WorkerSettings, model: Any, jobs: S
     return events
 
 
-async def test_given_a_job_already_recorded_as_ended_then_its_copy_is_settled_without_running(
+async def test_given_a_job_already_recorded_as_ended_then_its_copy_resends_that_ending_without_running(
     worker_settings: WorkerSettings, broker: Broker, redis_url: str
 ) -> None:
-    """Item 2: a redelivered copy of a finished job is acked, not run, not called back again."""
+    """Item 2: a redelivered copy of a finished job is not run; it sends the recorded ending
+    again (the copy that recorded it may have died before its event was confirmed), with
+    the same webhook-id, so a receiver may see it twice but never a different ending."""
     again, barrier = _jobs(["again", "barrier"])
-    ledger = TerminalLedger(redis_url, worker_settings.topology.prefix, ttl_s=60)
+    records = JobRecords(redis_url, worker_settings.topology.prefix, ttl_s=60)
     try:
-        await ledger.claim({again.id: "job.succeeded"})
+        await records.finish([(again, "succeeded", 1, "earlier output", None)])
     finally:
-        await ledger.close()
+        await records.close()
     await _publish(broker, [again, barrier])
     model = RecordingModel()
 
     events = await _callbacks_after_barrier(worker_settings, model, [again, barrier])
 
-    assert [event.data.id for event in events] == [barrier.id]
+    by_id = {event.data.id: event for event in events}
+    assert set(by_id) == {again.id, barrier.id}
+    assert by_id[again.id].type == "job.succeeded" and by_id[again.id].data.output == "earlier output"
     assert sum(len(batch.attempts) for batch in model.batches) == 1  # only the barrier ran
     assert await drain_queue(worker_settings.amqp_url, worker_settings.topology.main_queue("echo")) == []
 

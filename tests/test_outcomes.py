@@ -7,6 +7,7 @@ import json
 import pytest
 
 from contract.broker import redact_url
+from contract.callback_events import callback_for
 from contract.envelope import (
     AMQP_PRIORITY,
     ATTEMPT_HEADER,
@@ -19,7 +20,7 @@ from contract.envelope import (
 )
 from contract.retry_tiers import RetrySchedule
 from contract.topology import Topology
-from ray_workers.outcomes import callback_for, parked, retry_for
+from ray_workers.outcomes import parked, retry_for
 
 TOPOLOGY = Topology(prefix="t-", job_retries=RetrySchedule((5.0, 30.0)))
 JOB = Job(

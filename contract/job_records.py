@@ -1,0 +1,512 @@
+"""Job records in Redis: what became of each job, first terminal write wins.
+
+The broker is the source of truth for *work*; this store is the source of truth for a
+job's *story*, which the caller reads (`GET /v1/jobs/{id}`), waits on (`Prefer: wait`)
+and cancels. Every state change is one Lua script, so it is atomic:
+
+    create   (ingress, before the publish)  -> queued, unless the record already moved on
+    start    (worker, before the model)     -> running; answers a canceled or finished
+                                               status instead, and the job is not run
+    finish   (worker)                       -> succeeded | failed | expired; the first
+                                               terminal write wins, later ones learn it
+    cancel   (ingress)                      -> canceled, only from queued
+    delivery (dispatcher)                   -> the callback's state and attempts
+
+So a job can never read as both succeeded and failed, a redelivered copy of a finished
+job is settled without running, and cancel racing the worker has one winner. A record
+written by `start` or `finish` when `create` could not run (Redis was down at submit)
+carries the same fields, taken from the job itself.
+
+Waiting costs no polling: `finish` and `cancel` PUBLISH the job id on one channel, and
+each ingress keeps a single subscriber (`finished_jobs`) that wakes its waiters.
+
+Idempotency keys (`reserve_key` / `complete_key` / `release_key`) live here too: a key
+is `accepting` while its first request is being accepted (a short lease, so a crashed
+ingress does not block the key for a day), then `done` with the job id and status code.
+
+Queue position is rough by design: per model and priority the store counts jobs
+submitted and jobs started (or canceled); a queued job's position is the jobs of its priority
+submitted before it and not started, plus every job of a higher priority not started.
+Jobs that vanish without starting (expired records, lost ingress writes) make it drift;
+it is clamped at 1. The completion rate behind the ETA is counted in 10 s buckets over
+the last minute.
+
+The one home of redis-py: its errors become `RecordsUnavailable`. After a failure the
+store is skipped for RECORDS_RETRY_S (a breaker), so a Redis that is gone costs each
+call nothing, not a connect timeout. Keys are `{QUEUE_PREFIX}inferq:...`; records
+expire after RESULT_TTL_S.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import time
+from collections.abc import AsyncIterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import msgspec
+import redis.asyncio
+import redis.exceptions
+
+from contract.broker import redact_url
+from contract.circuit_breaker import CircuitBreaker
+from contract.envelope import AMQP_PRIORITY, Job
+
+TERMINAL_STATUSES = frozenset({"succeeded", "failed", "expired", "canceled"})
+RECORDS_RETRY_S = 5.0
+RATE_BUCKET_S = 10
+RATE_WINDOW_BUCKETS = 6
+KEY_LEASE_S = 60
+# Past this, a canceled job's callback still pending is the worker's to send: the
+# ingress publishes it within its publish timeout (10 s) or hands it over.
+CANCEL_HANDOFF_S = 60
+_ERRORS = (redis.exceptions.RedisError, OSError, TimeoutError)
+
+# Jobs waiting ahead of (and including) a job and the model's recent completions.
+# KEYS[first..]: submitted/started counter pairs, the job's own priority first, then
+# the completion-rate buckets. `seq` stands in for its own level's submitted count.
+_PLACEMENT = """
+local function placement(first, levels, seq)
+  local waiting = 0
+  for i = 0, levels - 1 do
+    local submitted = tonumber(redis.call('GET', KEYS[first + 2 * i]) or '0')
+    if i == 0 and seq then submitted = seq end
+    waiting = waiting + submitted - tonumber(redis.call('GET', KEYS[first + 2 * i + 1]) or '0')
+  end
+  local done = 0
+  for j = first + 2 * levels, #KEYS do done = done + tonumber(redis.call('GET', KEYS[j]) or '0') end
+  return {waiting, done}
+end
+"""
+# KEYS: record, then the placement keys. ARGV: ttl, levels, then the job's fields.
+_CREATE = (
+    _PLACEMENT
+    + """
+local seq = tonumber(redis.call('HGET', KEYS[1], 'seq'))
+if not seq and redis.call('HEXISTS', KEYS[1], 'started_ms') == 0 then
+  seq = redis.call('INCR', KEYS[2])
+  redis.call('HSET', KEYS[1], 'seq', seq)
+end
+for i = 3, #ARGV, 2 do redis.call('HSETNX', KEYS[1], ARGV[i], ARGV[i + 1]) end
+redis.call('EXPIRE', KEYS[1], ARGV[1])
+local where = placement(2, tonumber(ARGV[2]), seq)
+return {seq or 0, where[1], where[2]}
+"""
+)
+# KEYS: the placement keys. ARGV: levels, seq.
+_PLACE = (
+    _PLACEMENT
+    + """
+return placement(1, tonumber(ARGV[1]), tonumber(ARGV[2]))
+"""
+)
+# KEYS: record, started counter. ARGV: ttl, attempt, now, then the job's fields.
+_START = """
+local status = redis.call('HGET', KEYS[1], 'status')
+if status and status ~= 'queued' and status ~= 'running' then
+  local e = redis.call('HMGET', KEYS[1], 'delivery', 'finished_ms', 'attempts', 'output', 'error')
+  return {status, e[1] or '', e[2] or '0', e[3] or '0', e[4] or '', e[5] or ''}
+end
+for i = 4, #ARGV, 2 do redis.call('HSETNX', KEYS[1], ARGV[i], ARGV[i + 1]) end
+local first_start = redis.call('HSETNX', KEYS[1], 'started_ms', ARGV[3]) == 1
+if first_start and redis.call('HEXISTS', KEYS[1], 'seq') == 1 then redis.call('INCR', KEYS[2]) end
+redis.call('HSET', KEYS[1], 'status', 'running', 'attempts', ARGV[2])
+redis.call('EXPIRE', KEYS[1], ARGV[1])
+return {'running', '', '0', '0', '', ''}
+"""
+# KEYS: record, rate bucket.
+# ARGV: ttl, status, now, attempts, result field, result, channel, id, then the job's fields.
+_FINISH = """
+local status = redis.call('HGET', KEYS[1], 'status')
+if status == 'succeeded' or status == 'failed' or status == 'expired' or status == 'canceled' then
+  return status
+end
+for i = 9, #ARGV, 2 do redis.call('HSETNX', KEYS[1], ARGV[i], ARGV[i + 1]) end
+redis.call('HSET', KEYS[1], 'status', ARGV[2], 'finished_ms', ARGV[3], 'attempts', ARGV[4])
+redis.call('HSET', KEYS[1], ARGV[5], ARGV[6])
+redis.call('EXPIRE', KEYS[1], ARGV[1])
+redis.call('INCR', KEYS[2])
+redis.call('EXPIRE', KEYS[2], 120)
+redis.call('PUBLISH', ARGV[7], ARGV[8])
+return ARGV[2]
+"""
+# KEYS: record, started counter. ARGV: now, channel, id.
+_CANCEL = """
+local status = redis.call('HGET', KEYS[1], 'status')
+if status ~= 'queued' then return {0, status or 'expired'} end
+redis.call('HSET', KEYS[1], 'status', 'canceled', 'finished_ms', ARGV[1])
+if redis.call('HEXISTS', KEYS[1], 'seq') == 1 then redis.call('INCR', KEYS[2]) end
+redis.call('PUBLISH', ARGV[2], ARGV[3])
+return {1, 'canceled'}
+"""
+# ARGV: field, expected value ('' = any existing record), new value, then more field/value pairs.
+_UPDATE_IF = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+if ARGV[2] ~= '' and redis.call('HGET', KEYS[1], ARGV[1]) ~= ARGV[2] then return 0 end
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[3], unpack(ARGV, 4))
+return 1
+"""
+# KEYS: the key's hash. ARGV: fingerprint, job id, lease.
+_RESERVE = """
+if redis.call('EXISTS', KEYS[1]) == 0 then
+  redis.call('HSET', KEYS[1], 'fingerprint', ARGV[1], 'job_id', ARGV[2], 'state', 'accepting')
+  redis.call('EXPIRE', KEYS[1], ARGV[3])
+  return {'new', ARGV[2], ''}
+end
+local stored = redis.call('HMGET', KEYS[1], 'fingerprint', 'state', 'job_id', 'status_code')
+if stored[1] ~= ARGV[1] then return {'mismatch', '', ''} end
+if stored[2] ~= 'done' then return {'in_flight', '', ''} end
+return {'replay', stored[3], stored[4]}
+"""
+
+
+class RecordsUnavailable(Exception):
+    """Redis did not answer (or failed moments ago: `skipped`)."""
+
+    def __init__(self, message: str, skipped: bool = False) -> None:
+        super().__init__(message)
+        self.skipped = skipped
+
+
+class JobRecord(msgspec.Struct, frozen=True, kw_only=True):
+    """A job's record as stored; `output` and `error` once it is terminal."""
+
+    id: str
+    status: str
+    model: str
+    priority: str
+    owner: str
+    attempts: int
+    created_ms: int | None
+    started_ms: int | None
+    finished_ms: int | None
+    callback_url: str | None
+    delivery: str
+    delivery_attempts: int
+    metadata: dict[str, Any] = msgspec.field(default_factory=dict)
+    output: Any = None
+    error: str | None = None
+    seq: int | None = None
+
+    @property
+    def terminal(self) -> bool:
+        return self.status in TERMINAL_STATUSES
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where a queued job stands: jobs ahead of it plus itself, and the model's recent rate."""
+
+    queue_position: int
+    completions_per_s: float
+
+    @property
+    def eta_s(self) -> float | None:
+        if self.completions_per_s <= 0:
+            return None
+        return round(self.queue_position / self.completions_per_s, 1)
+
+
+@dataclass(frozen=True)
+class Started:
+    """What `start` found: `running` (run it), or the status that says not to, with the
+    ending recorded for it (so a redelivered copy can send that ending again)."""
+
+    status: str
+    delivery: str = ""
+    finished_ms: int = 0
+    attempts: int = 0
+    output: Any = None
+    error: str | None = None
+
+    def owes_canceled_callback(self, now_ms: int) -> bool:
+        """Canceled, and its job.canceled is the worker's to send: the ingress handed it
+        over (`unsent`), or it is long overdue (an ingress that died before publishing)."""
+        if self.status != "canceled":
+            return False
+        return self.delivery == "unsent" or (
+            self.delivery == "pending" and now_ms - self.finished_ms > CANCEL_HANDOFF_S * 1000
+        )
+
+
+@dataclass(frozen=True)
+class KeyClaim:
+    """What an Idempotency-Key's reservation found: `new`, `mismatch`, `in_flight` or `replay`."""
+
+    outcome: str
+    job_id: str = ""
+    status_code: int = 0
+
+
+def job_fields(job: Job, owner: str | None = None) -> dict[str, str]:
+    """The fields any writer may fill in when the record lacks them."""
+    return {
+        "model": job.model,
+        "priority": job.priority,
+        "owner": job.owner if owner is None else owner,
+        "created_ms": str(job.submitted_at_ms),
+        "callback_url": job.callback_url or "",
+        "delivery": "pending" if job.callback_url else "none",
+        "metadata": msgspec.json.encode(job.metadata).decode(),
+    }
+
+
+class JobRecords:
+    def __init__(self, url: str, key_prefix: str, ttl_s: int, timeout_s: float = 1.0) -> None:
+        self._display_url = redact_url(url)
+        self._redis = redis.asyncio.Redis.from_url(
+            url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s, decode_responses=True
+        )
+        self._scripts = {
+            name: self._redis.register_script(source)
+            for name, source in {
+                "create": _CREATE,
+                "place": _PLACE,
+                "start": _START,
+                "finish": _FINISH,
+                "cancel": _CANCEL,
+                "update_if": _UPDATE_IF,
+                "reserve": _RESERVE,
+            }.items()
+        }
+        self._prefix = f"{key_prefix}inferq:"
+        self.finished_channel = f"{self._prefix}finished"
+        self._ttl_s = ttl_s
+        self._breaker = CircuitBreaker(failure_threshold=1, cooldown_s=RECORDS_RETRY_S)
+
+    def __repr__(self) -> str:
+        return f"JobRecords({self._display_url})"
+
+    def _record_key(self, job_id: str) -> str:
+        return f"{self._prefix}job:{job_id}"
+
+    def _counter_key(self, kind: str, model: str, priority: str) -> str:
+        return f"{self._prefix}{kind}:{model}:{priority}"
+
+    def _rate_key(self, model: str, now_s: float) -> str:
+        return f"{self._prefix}done:{model}:{int(now_s) // RATE_BUCKET_S}"
+
+    async def create(self, job: Job) -> Placement:
+        """Record a job about to be published as queued; returns where it stands."""
+        keys, levels = self._placement_keys(job.model, job.priority)
+        args: list[str | int] = [self._ttl_s, levels, "status", "queued", *_flat(job_fields(job))]
+        async with self._guarded("create a record in"):
+            _seq, waiting, done = await self._scripts["create"](
+                keys=[self._record_key(job.id), *keys], args=args
+            )
+        return self._placement(int(waiting), int(done))
+
+    def _placement_keys(self, model: str, priority: str) -> tuple[list[str], int]:
+        """The counters a placement reads (own priority first) and how many levels they span."""
+        own = AMQP_PRIORITY.get(priority, 0)
+        levels = [priority] + [p for p, level in AMQP_PRIORITY.items() if level > own]
+        now_s = time.time()
+        keys = [
+            self._counter_key(kind, model, level) for level in levels for kind in ("submitted", "started")
+        ]
+        keys += [self._rate_key(model, now_s - i * RATE_BUCKET_S) for i in range(RATE_WINDOW_BUCKETS)]
+        return keys, len(levels)
+
+    @staticmethod
+    def _placement(waiting: int, done: int) -> Placement:
+        # The current bucket is partly filled: the window spans its elapsed part only.
+        window_s = (RATE_WINDOW_BUCKETS - 1) * RATE_BUCKET_S + time.time() % RATE_BUCKET_S
+        return Placement(max(1, waiting), done / window_s)
+
+    async def discard(self, job: Job) -> None:
+        """Undo `create` for a job the broker did not take (the counters stay balanced)."""
+        async with self._guarded("discard a record in"), self._redis.pipeline(transaction=True) as pipe:
+            pipe.delete(self._record_key(job.id))
+            pipe.incr(self._counter_key("started", job.model, job.priority))
+            await pipe.execute()
+
+    async def start(self, jobs: Sequence[tuple[Job, int]], now_ms: int) -> dict[str, Started]:
+        """Mark each (job, attempt) running; returns per job `running`, or the canceled or
+        terminal status that means the job must not run."""
+        if not jobs:
+            return {}
+        async with self._guarded("start jobs in"), self._redis.pipeline(transaction=False) as pipe:
+            for job, attempt in jobs:
+                keys = [self._record_key(job.id), self._counter_key("started", job.model, job.priority)]
+                args: list[str | int] = [self._ttl_s, attempt, now_ms, *_flat(job_fields(job))]
+                await self._scripts["start"](keys=keys, args=args, client=pipe)
+            results = await pipe.execute()
+        return {job.id: _started_from(r) for (job, _), r in zip(jobs, results, strict=True)}
+
+    async def finish(self, endings: Sequence[tuple[Job, str, int, Any, str | None]]) -> dict[str, str]:
+        """Claim each (job, status, attempts, output, error) as the job's end; returns the
+        status each job is recorded with now (its own where the claim won)."""
+        if not endings:
+            return {}
+        now_s = time.time()
+        async with self._guarded("finish jobs in"), self._redis.pipeline(transaction=False) as pipe:
+            for job, status, attempts, output, error in endings:
+                field, value = (
+                    ("error", error)
+                    if error is not None
+                    else ("output", msgspec.json.encode(output).decode())
+                )
+                keys = [self._record_key(job.id), self._rate_key(job.model, now_s)]
+                args: list[str | int] = [self._ttl_s, status, int(now_s * 1000), attempts, field, value]
+                args += [self.finished_channel, job.id, *_flat(job_fields(job))]
+                await self._scripts["finish"](keys=keys, args=args, client=pipe)
+            results = await pipe.execute()
+        return {job.id: str(result) for (job, *_), result in zip(endings, results, strict=True)}
+
+    async def cancel(self, record: JobRecord) -> tuple[bool, str]:
+        """Cancel a queued job: (True, `canceled`), or (False, the status that kept it from it)."""
+        keys = [self._record_key(record.id), self._counter_key("started", record.model, record.priority)]
+        async with self._guarded("cancel in"):
+            won, status = await self._scripts["cancel"](
+                keys=keys, args=[int(time.time() * 1000), self.finished_channel, record.id]
+            )
+        return bool(won), str(status)
+
+    async def record_delivery(self, updates: Sequence[tuple[str, str, int]]) -> None:
+        """Set (job id, delivery state, attempts) on records that exist; one round trip."""
+        if not updates:
+            return
+        async with self._guarded("record deliveries in"), self._redis.pipeline(transaction=False) as pipe:
+            for job_id, state, attempts in updates:
+                args: list[str | int] = ["delivery", "", state, "delivery_attempts", attempts]
+                await self._scripts["update_if"](keys=[self._record_key(job_id)], args=args, client=pipe)
+            await pipe.execute()
+
+    async def hand_cancel_to_worker(self, job_id: str) -> None:
+        """The ingress could not queue the job.canceled callback: the worker sends it."""
+        async with self._guarded("update"):
+            await self._scripts["update_if"](
+                keys=[self._record_key(job_id)], args=["delivery", "pending", "unsent"]
+            )
+
+    async def reopen(self, job_id: str) -> None:
+        """A replayed job runs again on purpose: back to queued, its ending cleared."""
+        async with self._guarded("reopen a record in"), self._redis.pipeline(transaction=False) as pipe:
+            key = self._record_key(job_id)
+            pipe.hdel(key, "output", "error", "finished_ms")
+            await self._scripts["update_if"](keys=[key], args=["status", "", "queued"], client=pipe)
+            await pipe.execute()
+
+    async def get(self, job_id: str) -> JobRecord | None:
+        async with self._guarded("read"):
+            fields: dict[str, str] = await self._redis.hgetall(self._record_key(job_id))  # type: ignore[assignment]
+        return _record_from(job_id, fields) if fields.get("status") else None
+
+    async def placement(self, record: JobRecord) -> Placement:
+        """The rough queue position of a queued job and its model's recent completion rate."""
+        keys, levels = self._placement_keys(record.model, record.priority)
+        async with self._guarded("read"):
+            waiting, done = await self._scripts["place"](keys=keys, args=[levels, record.seq or ""])
+        return self._placement(int(waiting), int(done))
+
+    async def reserve_key(self, owner: str, key: str, fingerprint: str, job_id: str) -> KeyClaim:
+        async with self._guarded("reserve an idempotency key in"):
+            outcome, stored_id, code = await self._scripts["reserve"](
+                keys=[self._key_key(owner, key)], args=[fingerprint, job_id, KEY_LEASE_S]
+            )
+        return KeyClaim(str(outcome), str(stored_id), int(code or 0))
+
+    async def complete_key(self, owner: str, key: str, status_code: int) -> None:
+        async with self._guarded("complete an idempotency key in"), self._redis.pipeline() as pipe:
+            pipe.hset(self._key_key(owner, key), mapping={"state": "done", "status_code": status_code})
+            pipe.expire(self._key_key(owner, key), self._ttl_s)
+            await pipe.execute()
+
+    async def release_key(self, owner: str, key: str) -> None:
+        async with self._guarded("release an idempotency key in"):
+            await self._redis.delete(self._key_key(owner, key))
+
+    def _key_key(self, owner: str, key: str) -> str:
+        digest = hashlib.sha256(key.encode()).hexdigest()
+        return f"{self._prefix}idem:{owner}:{digest}"
+
+    async def finished_jobs(self) -> AsyncIterator[str]:
+        """The ids of jobs as they end (from one subscription); ends when the connection
+        drops, raising RecordsUnavailable, so the owner resubscribes."""
+        pubsub = self._redis.pubsub(ignore_subscribe_messages=True)
+        try:
+            async with self._guarded("subscribe to"):
+                await pubsub.subscribe(self.finished_channel)
+            while True:
+                try:
+                    message = await pubsub.get_message(timeout=None)
+                except _ERRORS as exc:
+                    raise RecordsUnavailable(
+                        f"lost the subscription at {self._display_url}: {exc!r}"
+                    ) from exc
+                if message is not None:
+                    yield str(message["data"])
+        finally:
+            with contextlib.suppress(*_ERRORS):
+                await pubsub.aclose()  # type: ignore[no-untyped-call]
+
+    @contextlib.asynccontextmanager
+    async def _guarded(self, action: str) -> AsyncIterator[None]:
+        """Redis errors become RecordsUnavailable; after one, calls are skipped for a while."""
+        if not self._breaker.allow():
+            raise RecordsUnavailable(
+                f"skipped: Redis at {self._display_url} failed less than {RECORDS_RETRY_S:.0f} s ago",
+                skipped=True,
+            )
+        try:
+            yield
+        except _ERRORS as exc:
+            self._breaker.record_failure()
+            raise RecordsUnavailable(
+                f"cannot {action} the job records at {self._display_url}: {exc!r}"
+            ) from exc
+        self._breaker.record_success()
+
+    async def delete_all(self) -> None:
+        """Delete every key under this prefix (benchmarks, teardown)."""
+        async with self._guarded("delete keys in"):
+            keys = [key async for key in self._redis.scan_iter(match=f"{self._prefix}*")]
+            if keys:
+                await self._redis.delete(*keys)
+
+    async def close(self) -> None:
+        await self._redis.aclose()
+
+
+def _flat(fields: Mapping[str, str]) -> list[str]:
+    return [item for pair in fields.items() for item in pair]
+
+
+def _started_from(result: Sequence[str]) -> Started:
+    status, delivery, finished_ms, attempts, output, error = (str(value) for value in result)
+    return Started(
+        status,
+        delivery,
+        int(finished_ms),
+        int(attempts),
+        msgspec.json.decode(output) if output else None,
+        error or None,
+    )
+
+
+def _int_or_none(value: str | None) -> int | None:
+    return None if value in (None, "") else int(value)
+
+
+def _record_from(job_id: str, fields: Mapping[str, str]) -> JobRecord:
+    output = fields.get("output")
+    return JobRecord(
+        id=job_id,
+        status=fields["status"],
+        model=fields.get("model", ""),
+        priority=fields.get("priority", "normal"),
+        owner=fields.get("owner", ""),
+        attempts=int(fields.get("attempts", 0)),
+        created_ms=_int_or_none(fields.get("created_ms")),
+        started_ms=_int_or_none(fields.get("started_ms")),
+        finished_ms=_int_or_none(fields.get("finished_ms")),
+        callback_url=fields.get("callback_url") or None,
+        delivery=fields.get("delivery", "none"),
+        delivery_attempts=int(fields.get("delivery_attempts", 0)),
+        metadata=msgspec.json.decode(fields.get("metadata", "{}")),
+        output=None if output is None else msgspec.json.decode(output),
+        error=fields.get("error"),
+        seq=_int_or_none(fields.get("seq")),
+    )

@@ -1,0 +1,109 @@
+"""`GET /v1/jobs/{id}` and `POST /v1/jobs/{id}/cancel`: a job's record, for its owner only.
+
+A job another API key submitted answers 404, like one that never existed or whose
+record expired (RESULT_TTL_S): no caller learns which ids exist. Cancel wins only
+over a queued job (an atomic compare-and-set against the worker's start); the
+`job.canceled` callback is queued here; if that publish fails the ingress hands it to
+the worker, which sends it when it meets the canceled job in the queue (and sends it
+anyway if it is overdue by CANCEL_HANDOFF_S: an ingress that died in between).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+
+from contract.broker import BrokerError
+from contract.callback_events import canceled_callback
+from contract.envelope import Job
+from contract.job_records import JobRecord, RecordsUnavailable
+from ingress.auth import authenticate
+from ingress.job_view import job_view
+from ingress.problems import Problem
+from ingress.state import IngressState, ingress_state
+
+logger = logging.getLogger(__name__)
+
+
+async def get_job(request: Request) -> Response:
+    state = ingress_state(request)
+    record = await _owned_record(state, request)
+    try:
+        placement = await state.require_records().placement(record) if record.status == "queued" else None
+    except RecordsUnavailable:
+        placement = None  # the record is what matters; its position is a hint
+    return JSONResponse(job_view(record, placement))
+
+
+async def cancel_job(request: Request) -> Response:
+    state = ingress_state(request)
+    record = await _owned_record(state, request)
+    won, status = False, record.status
+    if status == "queued":
+        try:
+            won, status = await state.require_records().cancel(record)
+        except RecordsUnavailable as exc:
+            raise state.unavailable(
+                "records-unavailable", "the job records are unavailable; retry later"
+            ) from exc
+    if not won:
+        raise Problem(
+            409,
+            "not-cancelable",
+            "Conflict",
+            f"job {record.id} is {status}; only a queued job can be canceled",
+            extensions={"job_status": status},
+        )
+    if record.callback_url:
+        await _send_canceled(state, record)
+    state.metrics.jobs_canceled.labels(record.model).inc()
+    canceled = await _owned_record(state, request)
+    return JSONResponse(job_view(canceled))
+
+
+async def _send_canceled(state: IngressState, record: JobRecord) -> None:
+    job = Job(
+        id=record.id,
+        model=record.model,
+        input=None,
+        callback_url=record.callback_url,
+        priority=record.priority,  # type: ignore[arg-type]
+        metadata=record.metadata,
+        submitted_at_ms=record.created_ms or int(time.time() * 1000),
+        owner=record.owner,
+    )
+    publish = canceled_callback(job, time.time(), state.settings.topology)
+    try:
+        await state.broker.publish(
+            publish.message, publish.routing_key, timeout_s=state.settings.publish_timeout_s
+        )
+    except BrokerError as exc:
+        logger.warning("job %s canceled; its callback is left to the worker: %s", record.id, exc)
+        with contextlib.suppress(RecordsUnavailable):  # else the worker's overdue rule sends it
+            await state.require_records().hand_cancel_to_worker(record.id)
+
+
+async def _owned_record(state: IngressState, request: Request) -> JobRecord:
+    owner = authenticate(request, state.settings.api_keys)
+    records = state.require_records()
+    job_id = request.path_params["job_id"]
+    pending = None if state.pending is None else state.pending.get(job_id)
+    if pending is not None and pending.owner == owner:
+        raise state.unavailable(
+            "record-pending", f"job {job_id} is accepted; its record is written when Redis is back"
+        )
+    try:
+        record = await records.get(job_id)
+    except RecordsUnavailable as exc:
+        raise state.unavailable(
+            "records-unavailable", "the job records are unavailable; retry later"
+        ) from exc
+    if record is None or record.owner != owner:
+        raise Problem(
+            404, "job-not-found", "Not Found", f"no job {job_id!r} (unknown, expired, or not yours)"
+        )
+    return record

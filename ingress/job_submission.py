@@ -1,0 +1,201 @@
+"""Accepting a job: record it, publish it, and answer 202, or 200 if the caller waits.
+
+    reserve the Idempotency-Key (if any)  -> 422 other body, 409 in flight, replay if done
+    create the record (queued)            -> Redis away: kept in `pending_records`
+    publish and wait for the confirm      -> anything short of it: 503, record and key undone
+    complete the key (202)
+    Prefer: wait=N                        -> 200 with the final record if it ends in time
+
+A job is accepted exactly when the broker confirmed it. A keyed submission needs
+Redis (its promise is kept there), so it answers 503 + Retry-After without it; an
+unkeyed one does not.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Iterator
+from typing import Any
+
+from starlette.responses import JSONResponse, Response
+
+from contract.broker import BrokerError, BrokerUnavailable, PublishRejected
+from contract.envelope import Job
+from contract.job_message import job_message
+from contract.job_records import KeyClaim, Placement, RecordsUnavailable
+from ingress.admission import QueueFull
+from ingress.job_view import job_view, placement_view
+from ingress.problems import Problem
+from ingress.state import IngressState
+
+logger = logging.getLogger(__name__)
+
+
+async def accept(state: IngressState, job: Job, wait_s: int | None) -> Response:
+    return await _accept(state, job, wait_s, key=None)
+
+
+async def accept_once(
+    state: IngressState, job: Job, key: str, fingerprint: str, wait_s: int | None
+) -> Response:
+    """`accept` under an Idempotency-Key: one job per (API key, key, body) for RESULT_TTL_S."""
+    records = state.require_records()
+    try:
+        claim = await records.reserve_key(job.owner, key, fingerprint, job.id)
+    except RecordsUnavailable as exc:
+        raise state.unavailable(
+            "idempotency-unavailable",
+            "the job records are unavailable, so an Idempotency-Key cannot be honoured",
+        ) from exc
+    if claim.outcome == "mismatch":
+        raise Problem(
+            422,
+            "idempotency-key-reused",
+            "Unprocessable Content",
+            "this Idempotency-Key was used with a different request body; use a new key for a new job",
+        )
+    if claim.outcome == "in_flight":
+        raise Problem(
+            409,
+            "idempotency-key-in-flight",
+            "Conflict",
+            "a request with this Idempotency-Key is still being accepted; retry shortly",
+            headers={"Retry-After": "1"},
+        )
+    if claim.outcome == "replay":
+        return await _replay(state, claim)
+    try:
+        return await _accept(state, job, wait_s, key=key)
+    except Problem:
+        with contextlib.suppress(RecordsUnavailable):
+            await records.release_key(job.owner, key)  # nothing accepted: the key is free again
+        raise
+
+
+async def _accept(state: IngressState, job: Job, wait_s: int | None, key: str | None) -> Response:
+    placement = await _create_record(state, job, required=key is not None)
+    with _watching(state, job.id, wait_s) as finished:
+        try:
+            await _publish(state, job)
+        except Problem:
+            if placement is not None:
+                with contextlib.suppress(RecordsUnavailable):
+                    await state.require_records().discard(job)
+            raise
+        if placement is None and state.pending is not None:
+            state.pending.add(job)
+        state.metrics.jobs_accepted.labels(job.model, job.priority).inc()
+        state.demand.announce(job.model)
+        if key is not None:
+            await _complete_key(state, job, key, 202)
+        if finished is not None and wait_s is not None:
+            final = await _wait(state, job.id, finished, wait_s)
+            if final is not None:
+                if key is not None:
+                    await _complete_key(state, job, key, 200)
+                return JSONResponse(
+                    final, headers={"Preference-Applied": f"wait={wait_s}", **_location(job.id)}
+                )
+    headers = _location(job.id)
+    if finished is not None:
+        headers["Preference-Applied"] = f"wait={wait_s}"
+    return JSONResponse(_accepted_view(job, placement), status_code=202, headers=headers)
+
+
+async def _create_record(state: IngressState, job: Job, required: bool) -> Placement | None:
+    if state.records is None:
+        return None
+    try:
+        return await state.records.create(job)
+    except RecordsUnavailable as exc:
+        if required:
+            raise state.unavailable(
+                "records-unavailable", "the job records are unavailable; retry later"
+            ) from exc
+        if not exc.skipped:
+            logger.warning("job %s accepted without its record for now: %s", job.id, exc)
+        return None
+
+
+@contextlib.contextmanager
+def _watching(state: IngressState, job_id: str, wait_s: int | None) -> Iterator[asyncio.Future[None] | None]:
+    """A future for the job's end when the caller waits (registered before the publish)."""
+    if not wait_s or state.waiters is None:
+        yield None
+        return
+    with state.waiters.watch(job_id) as finished:
+        yield finished
+
+
+async def _wait(
+    state: IngressState, job_id: str, finished: asyncio.Future[None], wait_s: int
+) -> dict[str, Any] | None:
+    """The job's final record if it ends within `wait_s`, else None."""
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(asyncio.shield(finished), timeout=wait_s)
+    try:
+        record = await state.require_records().get(job_id)  # also when a wake-up was lost
+    except RecordsUnavailable:
+        return None
+    return job_view(record) if record is not None and record.terminal else None
+
+
+async def _complete_key(state: IngressState, job: Job, key: str, status_code: int) -> None:
+    try:
+        await state.require_records().complete_key(job.owner, key, status_code)
+    except RecordsUnavailable as exc:
+        # The job is accepted; the key's lease runs out and a retry after that makes a new job.
+        logger.warning("job %s accepted, but its Idempotency-Key was not completed: %s", job.id, exc)
+
+
+async def _replay(state: IngressState, claim: KeyClaim) -> Response:
+    try:
+        record = await state.require_records().get(claim.job_id)
+    except RecordsUnavailable as exc:
+        raise state.unavailable(
+            "records-unavailable", "the job records are unavailable; retry later"
+        ) from exc
+    body: dict[str, Any] = {"id": claim.job_id} if record is None else job_view(record)
+    headers = {"Idempotent-Replayed": "true", **_location(claim.job_id)}
+    return JSONResponse(body, status_code=claim.status_code or 202, headers=headers)
+
+
+def _location(job_id: str) -> dict[str, str]:
+    return {"Location": f"/v1/jobs/{job_id}"}
+
+
+def _accepted_view(job: Job, placement: Placement | None) -> dict[str, Any]:
+    view: dict[str, Any] = {"id": job.id, "model": job.model, "status": "queued", "priority": job.priority}
+    if placement is not None:
+        view.update(placement_view(placement))
+    return view
+
+
+async def _publish(state: IngressState, job: Job) -> None:
+    """Admit the job under MAX_QUEUE_LENGTH, publish it, and wait for the broker's confirm;
+    anything short of a confirm is a 503 with Retry-After (nothing was accepted)."""
+    started = time.monotonic()
+    try:
+        await state.admission.admit(job.model)
+        try:
+            await state.broker.publish(
+                job_message(job),
+                job.model,
+                exchange=state.settings.topology.jobs_exchange,
+                timeout_s=state.settings.publish_timeout_s,
+            )
+        except BrokerError:
+            state.admission.refund(job.model)
+            raise
+    except QueueFull as exc:
+        raise state.unavailable("queue-full", f"{exc}; retry later") from exc
+    except PublishRejected as exc:
+        logger.warning("job %s not taken by the broker: %s", job.id, exc)
+        raise state.unavailable("not-queued", f"the broker did not take the job: {exc}") from exc
+    except BrokerUnavailable as exc:
+        logger.warning("job %s not published, broker unavailable: %s", job.id, exc)
+        raise state.unavailable("broker-unavailable", "the job queue is unavailable; retry later") from exc
+    state.metrics.publish_seconds.observe(time.monotonic() - started)

@@ -1,0 +1,65 @@
+"""What the ingress's handlers share: settings, the broker, the job records and metrics."""
+
+from __future__ import annotations
+
+from starlette.requests import Request
+
+from contract.broker import Broker
+from contract.callback_guard import SystemResolver
+from contract.job_records import JobRecords
+from ingress.admission import Admission
+from ingress.demand import DemandAnnouncer
+from ingress.finished_waiters import FinishedWaiters
+from ingress.metrics import IngressMetrics
+from ingress.pending_records import PendingRecords
+from ingress.problems import Problem
+from ingress.settings import IngressSettings
+
+
+class IngressState:
+    def __init__(self, settings: IngressSettings) -> None:
+        self.settings = settings
+        self.broker = Broker(settings.amqp_url, settings.topology, settings.models, role="ingress")
+        self.metrics = IngressMetrics()
+        self.resolver = SystemResolver(timeout_s=settings.dns_timeout_s)
+        self.admission = Admission(self._queue_depth, settings.topology.max_queue_length)
+        self.demand = DemandAnnouncer(self.broker)
+        self.records = (
+            JobRecords(settings.redis_url, settings.topology.prefix, settings.result_ttl_s)
+            if settings.redis_url
+            else None
+        )
+        self.waiters = None if self.records is None else FinishedWaiters(self.records)
+        self.pending = None if self.records is None else PendingRecords(self.records)
+
+    async def _queue_depth(self, model: str) -> int:
+        ready, _consumers = await self.broker.queue_depth(self.settings.topology.main_queue(model))
+        return ready
+
+    def require_records(self) -> JobRecords:
+        """The job records, or 501 when this deployment runs without them (REDIS_URL=off)."""
+        if self.records is None:
+            raise Problem(
+                501,
+                "job-records-off",
+                "Not Implemented",
+                "job records are off here (REDIS_URL=off): no job status, cancel, Idempotency-Key or wait",
+            )
+        return self.records
+
+    def unavailable(self, slug: str, detail: str) -> Problem:
+        retry_after = {"Retry-After": str(self.settings.retry_after_s)}
+        return Problem(503, slug, "Service Unavailable", detail, headers=retry_after)
+
+    async def close(self) -> None:
+        if self.waiters is not None:
+            await self.waiters.close()
+        if self.pending is not None:
+            await self.pending.close()
+        if self.records is not None:
+            await self.records.close()
+
+
+def ingress_state(request: Request) -> IngressState:
+    state: IngressState = request.app.state.ingress
+    return state

@@ -1,0 +1,204 @@
+"""The job records against the real Redis: the state machine is monotonic, the first
+terminal write wins, cancel and start have one winner, and placement counts what waits."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator
+
+import pytest
+import redis.asyncio
+
+from contract.envelope import Job, Priority
+from contract.job_records import CANCEL_HANDOFF_S, JobRecords, RecordsUnavailable
+from tests.conftest import wait_until
+
+
+def _job(priority: Priority = "normal", callback_url: str | None = "http://127.0.0.1:9/cb") -> Job:
+    return Job(
+        id=str(uuid.uuid4()),
+        model="echo",
+        input=1,
+        callback_url=callback_url,
+        priority=priority,
+        submitted_at_ms=1_000,
+        owner="owner-a",
+    )
+
+
+@pytest.fixture
+async def records(redis_url: str) -> AsyncIterator[JobRecords]:
+    prefix = f"t{uuid.uuid4().hex[:10]}."
+    store = JobRecords(redis_url, prefix, ttl_s=60)
+    yield store
+    await store.close()
+    client = redis.asyncio.Redis.from_url(redis_url)
+    async with client:
+        keys = [key async for key in client.scan_iter(match=f"{prefix}*")]
+        if keys:
+            await client.delete(*keys)
+
+
+async def test_given_a_created_job_then_it_reads_queued_with_its_fields(records: JobRecords) -> None:
+    job = _job()
+    placement = await records.create(job)
+
+    record = await records.get(job.id)
+
+    assert record is not None and record.status == "queued"
+    assert (record.model, record.priority, record.owner) == ("echo", "normal", "owner-a")
+    assert record.callback_url == job.callback_url and record.delivery == "pending"
+    assert placement.queue_position == 1
+    assert await records.get("no-such-job") is None
+
+
+async def test_given_two_copies_ending_differently_then_the_first_finish_wins_for_both(
+    records: JobRecords,
+) -> None:
+    one, two = _job(), _job()
+    first = await records.finish([(one, "succeeded", 1, {"out": 1}, None), (two, "failed", 3, None, "boom")])
+    second = await records.finish([(one, "failed", 2, None, "late"), (two, "succeeded", 4, "late", None)])
+
+    assert first == {one.id: "succeeded", two.id: "failed"}
+    assert second == first
+    record = await records.get(one.id)
+    assert record is not None and record.output == {"out": 1} and record.error is None
+    assert record.owner == "owner-a"  # written from the job itself: no create came first
+
+
+async def test_given_racing_finishes_then_exactly_one_wins(records: JobRecords) -> None:
+    job = _job()
+    statuses = ["succeeded", "failed", "expired"] * 10
+    results = await asyncio.gather(*(records.finish([(job, s, 1, None, "x")]) for s in statuses))
+
+    assert len({result[job.id] for result in results}) == 1  # every claimant was told the same winner
+
+
+async def test_given_a_finished_job_then_start_answers_its_status_and_does_not_reopen_it(
+    records: JobRecords,
+) -> None:
+    job = _job()
+    await records.create(job)
+    assert (await records.start([(job, 1)], now_ms=2_000))[job.id].status == "running"
+    await records.finish([(job, "succeeded", 1, "out", None)])
+
+    assert (await records.start([(job, 1)], now_ms=3_000))[job.id].status == "succeeded"
+    record = await records.get(job.id)
+    assert record is not None and record.status == "succeeded" and record.started_ms == 2_000
+
+
+async def test_given_cancel_racing_start_then_exactly_one_wins(records: JobRecords) -> None:
+    jobs = [_job() for _ in range(40)]
+    for job in jobs:
+        await records.create(job)
+    created = {job.id: await records.get(job.id) for job in jobs}
+
+    async def cancel(job: Job) -> bool:
+        record = created[job.id]
+        assert record is not None
+        won, _status = await records.cancel(record)
+        return won
+
+    cancels = await asyncio.gather(
+        *(cancel(job) for job in jobs[::2]), records.start([(j, 1) for j in jobs], 5)
+    )
+    started = cancels[-1]
+    assert isinstance(started, dict)
+    for job, outcome in zip(jobs[::2], cancels[:-1], strict=True):
+        assert outcome != (started[job.id].status == "running"), job.id
+        if outcome:  # the ingress sends job.canceled, not the worker
+            assert not started[job.id].owes_canceled_callback(now_ms=started[job.id].finished_ms + 1)
+    assert all(started[job.id].status == "running" for job in jobs[1::2])
+
+
+async def test_given_a_cancel_handed_over_or_overdue_then_the_worker_owes_its_callback(
+    records: JobRecords,
+) -> None:
+    handed, overdue = _job(), _job()
+    for job in (handed, overdue):
+        await records.create(job)
+        record = await records.get(job.id)
+        assert record is not None and (await records.cancel(record))[0]
+    await records.hand_cancel_to_worker(handed.id)
+
+    found = await records.start([(handed, 1), (overdue, 1)], now_ms=0)
+    finished_ms = found[overdue.id].finished_ms
+
+    assert found[handed.id].owes_canceled_callback(now_ms=finished_ms)
+    assert not found[overdue.id].owes_canceled_callback(now_ms=finished_ms + 1_000)
+    assert found[overdue.id].owes_canceled_callback(now_ms=finished_ms + (CANCEL_HANDOFF_S + 1) * 1000)
+
+
+async def test_given_queued_jobs_then_placement_counts_higher_priorities_and_earlier_jobs(
+    records: JobRecords,
+) -> None:
+    low = [_job("low") for _ in range(3)]
+    for job in low:
+        await records.create(job)
+    high = _job("high")
+    assert (await records.create(high)).queue_position == 1  # high jumps the low ones
+    await records.start([(low[0], 1)], now_ms=5)
+
+    last_low = await records.get(low[2].id)
+    assert last_low is not None
+    assert (await records.placement(last_low)).queue_position == 3  # low[1], itself, and high
+
+
+async def test_given_finished_jobs_then_placement_reports_a_rate_and_an_eta(records: JobRecords) -> None:
+    for _ in range(30):
+        await records.finish([(_job(), "succeeded", 1, None, None)])
+    waiting = _job()
+
+    placement = await records.create(waiting)
+
+    assert placement.completions_per_s > 0 and placement.eta_s is not None and placement.eta_s > 0
+
+
+async def test_given_an_idempotency_key_then_reserve_tells_new_in_flight_mismatch_and_replay(
+    records: JobRecords,
+) -> None:
+    assert (await records.reserve_key("o", "k", "fp1", "job-1")).outcome == "new"
+    assert (await records.reserve_key("o", "k", "fp1", "job-2")).outcome == "in_flight"
+    assert (await records.reserve_key("o", "k", "fp2", "job-3")).outcome == "mismatch"
+    await records.complete_key("o", "k", 202)
+
+    replay = await records.reserve_key("o", "k", "fp1", "job-4")
+
+    assert (replay.outcome, replay.job_id, replay.status_code) == ("replay", "job-1", 202)
+    assert (await records.reserve_key("other-owner", "k", "fp1", "job-5")).outcome == "new"
+
+
+async def test_given_a_finish_then_subscribers_hear_the_job_id(records: JobRecords, redis_url: str) -> None:
+    job = _job()
+
+    async def first_heard() -> str:
+        async for job_id in records.finished_jobs():
+            return job_id
+        raise AssertionError("the subscription ended")
+
+    async def subscribed() -> bool:
+        counts = await probe.pubsub_numsub(records.finished_channel)
+        return bool(counts and counts[0][1])
+
+    listening = asyncio.create_task(first_heard())
+    probe = redis.asyncio.Redis.from_url(redis_url)
+    async with probe:
+        await wait_until(subscribed, 5, "the subscription")
+    await records.finish([(job, "succeeded", 1, None, None)])
+
+    assert await asyncio.wait_for(listening, 5) == job.id
+
+
+async def test_given_no_redis_then_unavailable_at_once_and_skipped_for_a_while() -> None:
+    records = JobRecords("redis://127.0.0.1:1/0", "t.", ttl_s=60, timeout_s=0.5)
+    try:
+        with pytest.raises(RecordsUnavailable) as first:
+            await records.start([(_job(), 1)], now_ms=1)
+        with pytest.raises(RecordsUnavailable) as second:
+            await records.finish([(_job(), "succeeded", 1, None, None)])
+    finally:
+        await records.close()
+
+    assert not first.value.skipped
+    assert second.value.skipped  # no second connect timeout within RECORDS_RETRY_S
