@@ -2,8 +2,8 @@
 
 A caller reading a job sees whether its callback is pending, delivered or parked, and
 after how many attempts. At thousands of callbacks a second one Redis round trip each
-would cost the dispatcher a tenth of its CPU, so notes made in one turn of the event
-loop go out in one pipeline. Best effort: the callback itself is what the caller is
+would cost the dispatcher a tenth of its CPU, so notes made within FLUSH_INTERVAL_S go
+out in one pipeline. Best effort: the callback itself is what the caller is
 promised; a state that could not be written is logged and the record shows the last
 one that was.
 """
@@ -16,6 +16,8 @@ import logging
 from contract.job_records import JobRecords, RecordsUnavailable
 
 logger = logging.getLogger(__name__)
+
+FLUSH_INTERVAL_S = 0.02
 
 
 class DeliveryLog:
@@ -34,7 +36,7 @@ class DeliveryLog:
 
     async def _flush(self, records: JobRecords) -> None:
         while self._notes:
-            await asyncio.sleep(0)  # let this turn's other notes join the batch
+            await asyncio.sleep(FLUSH_INTERVAL_S)  # let the notes of the next moments join the batch
             notes, self._notes = self._notes, []
             try:
                 await records.record_delivery(notes)

@@ -39,6 +39,7 @@ expire after RESULT_TTL_S.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import hashlib
 import time
@@ -59,6 +60,7 @@ RECORDS_RETRY_S = 5.0
 RATE_BUCKET_S = 10
 RATE_WINDOW_BUCKETS = 6
 KEY_LEASE_S = 60
+QUIET_TICK_S = 1.0
 # Past this, a canceled job's callback still pending is the worker's to send: the
 # ingress publishes it within its publish timeout (10 s) or hands it over.
 CANCEL_HANDOFF_S = 60
@@ -102,35 +104,52 @@ _PLACE = (
 return placement(1, tonumber(ARGV[1]), tonumber(ARGV[2]))
 """
 )
-# KEYS: record, started counter. ARGV: ttl, attempt, now, then the job's fields.
+# One call per batch. KEYS: per job its record and started counter. ARGV: ttl, now,
+# the count of per-job arguments, then per job: attempt and its fields.
 _START = """
-local status = redis.call('HGET', KEYS[1], 'status')
-if status and status ~= 'queued' and status ~= 'running' then
-  local e = redis.call('HMGET', KEYS[1], 'delivery', 'finished_ms', 'attempts', 'output', 'error')
-  return {status, e[1] or '', e[2] or '0', e[3] or '0', e[4] or '', e[5] or ''}
+local ttl, now, per = ARGV[1], ARGV[2], tonumber(ARGV[3])
+local results = {}
+for j = 0, #KEYS / 2 - 1 do
+  local record, started, base = KEYS[2 * j + 1], KEYS[2 * j + 2], 4 + j * per
+  local status = redis.call('HGET', record, 'status')
+  if status and status ~= 'queued' and status ~= 'running' then
+    local e = redis.call('HMGET', record, 'delivery', 'finished_ms', 'attempts', 'output', 'error')
+    results[j + 1] = {status, e[1] or '', e[2] or '0', e[3] or '0', e[4] or '', e[5] or ''}
+  else
+    for i = base + 1, base + per - 1, 2 do redis.call('HSETNX', record, ARGV[i], ARGV[i + 1]) end
+    local first_start = redis.call('HSETNX', record, 'started_ms', now) == 1
+    if first_start and redis.call('HEXISTS', record, 'seq') == 1 then redis.call('INCR', started) end
+    redis.call('HSET', record, 'status', 'running', 'attempts', ARGV[base])
+    redis.call('EXPIRE', record, ttl)
+    results[j + 1] = {'running', '', '0', '0', '', ''}
+  end
 end
-for i = 4, #ARGV, 2 do redis.call('HSETNX', KEYS[1], ARGV[i], ARGV[i + 1]) end
-local first_start = redis.call('HSETNX', KEYS[1], 'started_ms', ARGV[3]) == 1
-if first_start and redis.call('HEXISTS', KEYS[1], 'seq') == 1 then redis.call('INCR', KEYS[2]) end
-redis.call('HSET', KEYS[1], 'status', 'running', 'attempts', ARGV[2])
-redis.call('EXPIRE', KEYS[1], ARGV[1])
-return {'running', '', '0', '0', '', ''}
+return results
 """
-# KEYS: record, rate bucket.
-# ARGV: ttl, status, now, attempts, result field, result, channel, id, then the job's fields.
+# One call per batch. KEYS: per job its record and rate bucket. ARGV: ttl, now, channel,
+# the count of per-job arguments, then per job: status, attempts, result field, result,
+# id and its fields.
 _FINISH = """
-local status = redis.call('HGET', KEYS[1], 'status')
-if status == 'succeeded' or status == 'failed' or status == 'expired' or status == 'canceled' then
-  return status
+local ttl, now, channel, per = ARGV[1], ARGV[2], ARGV[3], tonumber(ARGV[4])
+local terminal = {succeeded = true, failed = true, expired = true, canceled = true}
+local results = {}
+for j = 0, #KEYS / 2 - 1 do
+  local record, rate, base = KEYS[2 * j + 1], KEYS[2 * j + 2], 5 + j * per
+  local status = redis.call('HGET', record, 'status')
+  if status and terminal[status] then
+    results[j + 1] = status
+  else
+    for i = base + 5, base + per - 1, 2 do redis.call('HSETNX', record, ARGV[i], ARGV[i + 1]) end
+    redis.call('HSET', record, 'status', ARGV[base], 'finished_ms', now, 'attempts', ARGV[base + 1])
+    redis.call('HSET', record, ARGV[base + 2], ARGV[base + 3])
+    redis.call('EXPIRE', record, ttl)
+    redis.call('INCR', rate)
+    redis.call('EXPIRE', rate, 120)
+    redis.call('PUBLISH', channel, ARGV[base + 4])
+    results[j + 1] = ARGV[base]
+  end
 end
-for i = 9, #ARGV, 2 do redis.call('HSETNX', KEYS[1], ARGV[i], ARGV[i + 1]) end
-redis.call('HSET', KEYS[1], 'status', ARGV[2], 'finished_ms', ARGV[3], 'attempts', ARGV[4])
-redis.call('HSET', KEYS[1], ARGV[5], ARGV[6])
-redis.call('EXPIRE', KEYS[1], ARGV[1])
-redis.call('INCR', KEYS[2])
-redis.call('EXPIRE', KEYS[2], 120)
-redis.call('PUBLISH', ARGV[7], ARGV[8])
-return ARGV[2]
+return results
 """
 # KEYS: record, started counter. ARGV: now, channel, id.
 _CANCEL = """
@@ -324,35 +343,36 @@ class JobRecords:
 
     async def start(self, jobs: Sequence[tuple[Job, int]], now_ms: int) -> dict[str, Started]:
         """Mark each (job, attempt) running; returns per job `running`, or the canceled or
-        terminal status that means the job must not run."""
+        terminal status that means the job must not run. One round trip, one script."""
         if not jobs:
             return {}
-        async with self._guarded("start jobs in"), self._redis.pipeline(transaction=False) as pipe:
-            for job, attempt in jobs:
-                keys = [self._record_key(job.id), self._counter_key("started", job.model, job.priority)]
-                args: list[str | int] = [self._ttl_s, attempt, now_ms, *_flat(job_fields(job))]
-                await self._scripts["start"](keys=keys, args=args, client=pipe)
-            results = await pipe.execute()
+        keys: list[str] = []
+        per_job: list[list[str | int]] = []
+        for job, attempt in jobs:
+            keys += [self._record_key(job.id), self._counter_key("started", job.model, job.priority)]
+            per_job.append([attempt, *_flat(job_fields(job))])
+        args: list[str | int] = [self._ttl_s, now_ms, len(per_job[0])]
+        args += [arg for job_args in per_job for arg in job_args]
+        async with self._guarded("start jobs in"):
+            results = await self._scripts["start"](keys=keys, args=args)
         return {job.id: _started_from(r) for (job, _), r in zip(jobs, results, strict=True)}
 
     async def finish(self, endings: Sequence[tuple[Job, str, int, Any, str | None]]) -> dict[str, str]:
         """Claim each (job, status, attempts, output, error) as the job's end; returns the
-        status each job is recorded with now (its own where the claim won)."""
+        status each job is recorded with now (its own where the claim won). One round trip."""
         if not endings:
             return {}
         now_s = time.time()
-        async with self._guarded("finish jobs in"), self._redis.pipeline(transaction=False) as pipe:
-            for job, status, attempts, output, error in endings:
-                field, value = (
-                    ("error", error)
-                    if error is not None
-                    else ("output", msgspec.json.encode(output).decode())
-                )
-                keys = [self._record_key(job.id), self._rate_key(job.model, now_s)]
-                args: list[str | int] = [self._ttl_s, status, int(now_s * 1000), attempts, field, value]
-                args += [self.finished_channel, job.id, *_flat(job_fields(job))]
-                await self._scripts["finish"](keys=keys, args=args, client=pipe)
-            results = await pipe.execute()
+        keys: list[str] = []
+        per_job: list[list[str | int]] = []
+        for job, status, attempts, output, error in endings:
+            field, value = ("error", error) if error is not None else ("output", _json(output))
+            keys += [self._record_key(job.id), self._rate_key(job.model, now_s)]
+            per_job.append([status, attempts, field, value, job.id, *_flat(job_fields(job))])
+        args: list[str | int] = [self._ttl_s, int(now_s * 1000), self.finished_channel, len(per_job[0])]
+        args += [arg for job_args in per_job for arg in job_args]
+        async with self._guarded("finish jobs in"):
+            results = await self._scripts["finish"](keys=keys, args=args)
         return {job.id: str(result) for (job, *_), result in zip(endings, results, strict=True)}
 
     async def cancel(self, record: JobRecord) -> tuple[bool, str]:
@@ -422,22 +442,23 @@ class JobRecords:
         digest = hashlib.sha256(key.encode()).hexdigest()
         return f"{self._prefix}idem:{owner}:{digest}"
 
-    async def finished_jobs(self) -> AsyncIterator[str]:
-        """The ids of jobs as they end (from one subscription); ends when the connection
+    async def finished_jobs(self, subscribed: asyncio.Event) -> AsyncIterator[str | None]:
+        """The ids of jobs as they end, from one subscription (`subscribed` is set once it
+        is in place), and None after each quiet QUIET_TICK_S; ends when the connection
         drops, raising RecordsUnavailable, so the owner resubscribes."""
         pubsub = self._redis.pubsub(ignore_subscribe_messages=True)
         try:
             async with self._guarded("subscribe to"):
                 await pubsub.subscribe(self.finished_channel)
+            subscribed.set()
             while True:
                 try:
-                    message = await pubsub.get_message(timeout=None)
+                    message = await pubsub.get_message(timeout=QUIET_TICK_S)
                 except _ERRORS as exc:
                     raise RecordsUnavailable(
                         f"lost the subscription at {self._display_url}: {exc!r}"
                     ) from exc
-                if message is not None:
-                    yield str(message["data"])
+                yield None if message is None else str(message["data"])
         finally:
             with contextlib.suppress(*_ERRORS):
                 await pubsub.aclose()  # type: ignore[no-untyped-call]
@@ -472,6 +493,10 @@ class JobRecords:
 
 def _flat(fields: Mapping[str, str]) -> list[str]:
     return [item for pair in fields.items() for item in pair]
+
+
+def _json(value: Any) -> str:
+    return msgspec.json.encode(value).decode()
 
 
 def _started_from(result: Sequence[str]) -> Started:

@@ -156,8 +156,6 @@ def create_app(settings: IngressSettings) -> Starlette:
         if not settings.api_keys:
             logger.warning("API_KEYS is empty: AUTHENTICATION IS OFF, anyone can submit jobs")
         connecting = asyncio.create_task(_connect_until_ready(state.broker, settings.amqp_url))
-        if state.waiters is not None:
-            state.waiters.start()
         try:
             yield
         finally:

@@ -17,7 +17,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator
 from typing import Any
 
 from starlette.responses import JSONResponse, Response
@@ -77,7 +77,7 @@ async def accept_once(
 
 async def _accept(state: IngressState, job: Job, wait_s: int | None, key: str | None) -> Response:
     placement = await _create_record(state, job, required=key is not None)
-    with _watching(state, job.id, wait_s) as finished:
+    async with _watching(state, job.id, wait_s) as finished:
         try:
             await _publish(state, job)
         except Problem:
@@ -120,13 +120,15 @@ async def _create_record(state: IngressState, job: Job, required: bool) -> Place
         return None
 
 
-@contextlib.contextmanager
-def _watching(state: IngressState, job_id: str, wait_s: int | None) -> Iterator[asyncio.Future[None] | None]:
+@contextlib.asynccontextmanager
+async def _watching(
+    state: IngressState, job_id: str, wait_s: int | None
+) -> AsyncIterator[asyncio.Future[None] | None]:
     """A future for the job's end when the caller waits (registered before the publish)."""
     if not wait_s or state.waiters is None:
         yield None
         return
-    with state.waiters.watch(job_id) as finished:
+    async with state.waiters.watch(job_id) as finished:
         yield finished
 
 

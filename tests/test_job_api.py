@@ -11,6 +11,7 @@ from collections import Counter
 from typing import Any
 
 import httpx
+import redis.asyncio
 
 from callbacks.dispatcher import CallbackDispatcher
 from ingress.settings import IngressSettings
@@ -253,3 +254,19 @@ async def test_given_records_off_then_job_routes_answer_501(ingress_settings: In
     assert accepted.status_code == 202 and "preference-applied" not in accepted.headers
     assert status.status_code == 501 and keyed.status_code == 501
     assert nowhere.status_code == 422 and nowhere.json()["type"].endswith("/callback-url-required")
+
+
+async def test_given_no_waiting_request_then_the_ingress_reads_no_job_endings(
+    client: httpx.AsyncClient, worker_settings: WorkerSettings, redis_url: str
+) -> None:
+    channel = f"{worker_settings.topology.prefix}inferq:finished"
+    probe = redis.asyncio.Redis.from_url(redis_url)
+    async with probe:
+        async with running_worker(RecordingModel(), worker_settings):
+            await _submit(client, {"input": 1})
+            before = (await probe.pubsub_numsub(channel))[0][1]
+            waited = await _submit(client, {"input": 2}, Prefer="wait=5")
+        after = (await probe.pubsub_numsub(channel))[0][1]
+
+    assert waited.status_code == 200
+    assert (before, after) == (0, 1)  # subscribed for waiters only (and a while after)

@@ -12,7 +12,6 @@ import redis.asyncio
 
 from contract.envelope import Job, Priority
 from contract.job_records import CANCEL_HANDOFF_S, JobRecords, RecordsUnavailable
-from tests.conftest import wait_until
 
 
 def _job(priority: Priority = "normal", callback_url: str | None = "http://127.0.0.1:9/cb") -> Job:
@@ -169,22 +168,19 @@ async def test_given_an_idempotency_key_then_reserve_tells_new_in_flight_mismatc
     assert (await records.reserve_key("other-owner", "k", "fp1", "job-5")).outcome == "new"
 
 
-async def test_given_a_finish_then_subscribers_hear_the_job_id(records: JobRecords, redis_url: str) -> None:
+async def test_given_a_finish_then_subscribers_hear_the_job_id(records: JobRecords) -> None:
     job = _job()
 
+    subscribed = asyncio.Event()
+
     async def first_heard() -> str:
-        async for job_id in records.finished_jobs():
-            return job_id
+        async for job_id in records.finished_jobs(subscribed):
+            if job_id is not None:
+                return job_id
         raise AssertionError("the subscription ended")
 
-    async def subscribed() -> bool:
-        counts = await probe.pubsub_numsub(records.finished_channel)
-        return bool(counts and counts[0][1])
-
     listening = asyncio.create_task(first_heard())
-    probe = redis.asyncio.Redis.from_url(redis_url)
-    async with probe:
-        await wait_until(subscribed, 5, "the subscription")
+    await asyncio.wait_for(subscribed.wait(), 5)
     await records.finish([(job, "succeeded", 1, None, None)])
 
     assert await asyncio.wait_for(listening, 5) == job.id
