@@ -67,8 +67,10 @@ CANCEL_HANDOFF_S = 60
 _ERRORS = (redis.exceptions.RedisError, OSError, TimeoutError)
 
 # Jobs waiting ahead of (and including) a job and the model's recent completions.
-# KEYS[first..]: submitted/started counter pairs, the job's own priority first, then
-# the completion-rate buckets. `seq` stands in for its own level's submitted count.
+# KEYS[first..first+5]: submitted/started counter pairs, the job's own priority first,
+# then the higher ones, then the lower ones (`levels` pairs are counted); then the
+# RATE_WINDOW_BUCKETS completion-rate buckets. `seq` stands in for its own level's
+# submitted count.
 _PLACEMENT = """
 local function placement(first, levels, seq)
   local waiting = 0
@@ -78,23 +80,31 @@ local function placement(first, levels, seq)
     waiting = waiting + submitted - tonumber(redis.call('GET', KEYS[first + 2 * i + 1]) or '0')
   end
   local done = 0
-  for j = first + 2 * levels, #KEYS do done = done + tonumber(redis.call('GET', KEYS[j]) or '0') end
+  for j = first + 6, first + 11 do done = done + tonumber(redis.call('GET', KEYS[j]) or '0') end
   return {waiting, done}
 end
 """
-# KEYS: record, then the placement keys. ARGV: ttl, levels, then the job's fields.
+# One call for any number of jobs. KEYS per job (13): its record, then the placement
+# keys. ARGV: ttl, the count of per-job arguments, then per job: levels and its fields.
 _CREATE = (
     _PLACEMENT
     + """
-local seq = tonumber(redis.call('HGET', KEYS[1], 'seq'))
-if not seq and redis.call('HEXISTS', KEYS[1], 'started_ms') == 0 then
-  seq = redis.call('INCR', KEYS[2])
-  redis.call('HSET', KEYS[1], 'seq', seq)
+local ttl, per = ARGV[1], tonumber(ARGV[2])
+local results = {}
+for j = 0, #KEYS / 13 - 1 do
+  local k, base = 13 * j, 3 + j * per
+  local record = KEYS[k + 1]
+  local seq = tonumber(redis.call('HGET', record, 'seq'))
+  if not seq and redis.call('HEXISTS', record, 'started_ms') == 0 then
+    seq = redis.call('INCR', KEYS[k + 2])
+    redis.call('HSET', record, 'seq', seq)
+  end
+  for i = base + 1, base + per - 1, 2 do redis.call('HSETNX', record, ARGV[i], ARGV[i + 1]) end
+  redis.call('EXPIRE', record, ttl)
+  local where = placement(k + 2, tonumber(ARGV[base]), seq)
+  results[j + 1] = {seq or 0, where[1], where[2]}
 end
-for i = 3, #ARGV, 2 do redis.call('HSETNX', KEYS[1], ARGV[i], ARGV[i + 1]) end
-redis.call('EXPIRE', KEYS[1], ARGV[1])
-local where = placement(2, tonumber(ARGV[2]), seq)
-return {seq or 0, where[1], where[2]}
+return results
 """
 )
 # KEYS: the placement keys. ARGV: levels, seq.
@@ -259,17 +269,22 @@ class KeyClaim:
     status_code: int = 0
 
 
-def job_fields(job: Job, owner: str | None = None) -> dict[str, str]:
-    """The fields any writer may fill in when the record lacks them."""
-    return {
-        "model": job.model,
-        "priority": job.priority,
-        "owner": job.owner if owner is None else owner,
-        "created_ms": str(job.submitted_at_ms),
-        "callback_url": job.callback_url or "",
-        "delivery": "pending" if job.callback_url else "none",
-        "metadata": msgspec.json.encode(job.metadata).decode(),
-    }
+class JobFacts(msgspec.Struct, frozen=True):
+    """What a record keeps of the job itself: fixed at submission, stored as one field."""
+
+    model: str
+    priority: str
+    owner: str
+    created_ms: int
+    callback_url: str | None
+    metadata: dict[str, Any]
+
+
+def job_fields(job: Job) -> dict[str, str]:
+    """The fields any writer may fill in when the record lacks them (two, to keep every
+    script's arguments few: their encoding is most of a call's cost)."""
+    facts = JobFacts(job.model, job.priority, job.owner, job.submitted_at_ms, job.callback_url, job.metadata)
+    return {"job": _json(facts), "delivery": "pending" if job.callback_url else "none"}
 
 
 class JobRecords:
@@ -307,26 +322,35 @@ class JobRecords:
     def _rate_key(self, model: str, now_s: float) -> str:
         return f"{self._prefix}done:{model}:{int(now_s) // RATE_BUCKET_S}"
 
-    async def create(self, job: Job) -> Placement:
-        """Record a job about to be published as queued; returns where it stands."""
-        keys, levels = self._placement_keys(job.model, job.priority)
-        args: list[str | int] = [self._ttl_s, levels, "status", "queued", *_flat(job_fields(job))]
-        async with self._guarded("create a record in"):
-            _seq, waiting, done = await self._scripts["create"](
-                keys=[self._record_key(job.id), *keys], args=args
-            )
-        return self._placement(int(waiting), int(done))
+    async def create(self, jobs: Sequence[Job]) -> list[Placement]:
+        """Record jobs about to be published as queued (one script for all of them);
+        returns where each stands."""
+        keys: list[str] = []
+        per_job: list[list[str | int]] = []
+        for job in jobs:
+            placement_keys, levels = self._placement_keys(job.model, job.priority)
+            keys += [self._record_key(job.id), *placement_keys]
+            per_job.append([levels, "status", "queued", *_flat(job_fields(job))])
+        args: list[str | int] = [self._ttl_s, len(per_job[0])]
+        args += [arg for job_args in per_job for arg in job_args]
+        async with self._guarded("create records in"):
+            results = await self._scripts["create"](keys=keys, args=args)
+        return [self._placement(int(waiting), int(done)) for _seq, waiting, done in results]
 
     def _placement_keys(self, model: str, priority: str) -> tuple[list[str], int]:
-        """The counters a placement reads (own priority first) and how many levels they span."""
+        """The 12 keys a placement reads and how many priority levels it counts: its own
+        and the higher ones."""
         own = AMQP_PRIORITY.get(priority, 0)
-        levels = [priority] + [p for p, level in AMQP_PRIORITY.items() if level > own]
-        now_s = time.time()
+        higher = [p for p, level in sorted(AMQP_PRIORITY.items(), key=lambda i: -i[1]) if level > own]
+        lower = [p for p, level in AMQP_PRIORITY.items() if level < own]
         keys = [
-            self._counter_key(kind, model, level) for level in levels for kind in ("submitted", "started")
+            self._counter_key(kind, model, level)
+            for level in [priority, *higher, *lower]
+            for kind in ("submitted", "started")
         ]
+        now_s = time.time()
         keys += [self._rate_key(model, now_s - i * RATE_BUCKET_S) for i in range(RATE_WINDOW_BUCKETS)]
-        return keys, len(levels)
+        return keys, 1 + len(higher)
 
     @staticmethod
     def _placement(waiting: int, done: int) -> Placement:
@@ -385,13 +409,16 @@ class JobRecords:
         return bool(won), str(status)
 
     async def record_delivery(self, updates: Sequence[tuple[str, str, int]]) -> None:
-        """Set (job id, delivery state, attempts) on records that exist; one round trip."""
+        """Set (job id, delivery state, attempts); one round trip. Plain commands, no
+        script: a pipeline with scripts asks SCRIPT EXISTS first, a second round trip. A
+        record that does not exist yet gets these fields only, and its TTL."""
         if not updates:
             return
         async with self._guarded("record deliveries in"), self._redis.pipeline(transaction=False) as pipe:
             for job_id, state, attempts in updates:
-                args: list[str | int] = ["delivery", "", state, "delivery_attempts", attempts]
-                await self._scripts["update_if"](keys=[self._record_key(job_id)], args=args, client=pipe)
+                key = self._record_key(job_id)
+                pipe.hset(key, mapping={"delivery": state, "delivery_attempts": attempts})
+                pipe.expire(key, self._ttl_s)
             await pipe.execute()
 
     async def hand_cancel_to_worker(self, job_id: str) -> None:
@@ -515,22 +542,26 @@ def _int_or_none(value: str | None) -> int | None:
     return None if value in (None, "") else int(value)
 
 
+_NO_FACTS = JobFacts("", "normal", "", 0, None, {})
+
+
 def _record_from(job_id: str, fields: Mapping[str, str]) -> JobRecord:
     output = fields.get("output")
+    facts = msgspec.json.decode(fields["job"], type=JobFacts) if "job" in fields else _NO_FACTS
     return JobRecord(
         id=job_id,
         status=fields["status"],
-        model=fields.get("model", ""),
-        priority=fields.get("priority", "normal"),
-        owner=fields.get("owner", ""),
+        model=facts.model,
+        priority=facts.priority,
+        owner=facts.owner,
         attempts=int(fields.get("attempts", 0)),
-        created_ms=_int_or_none(fields.get("created_ms")),
+        created_ms=facts.created_ms or None,
         started_ms=_int_or_none(fields.get("started_ms")),
         finished_ms=_int_or_none(fields.get("finished_ms")),
-        callback_url=fields.get("callback_url") or None,
+        callback_url=facts.callback_url,
         delivery=fields.get("delivery", "none"),
         delivery_attempts=int(fields.get("delivery_attempts", 0)),
-        metadata=msgspec.json.decode(fields.get("metadata", "{}")),
+        metadata=facts.metadata,
         output=None if output is None else msgspec.json.decode(output),
         error=fields.get("error"),
         seq=_int_or_none(fields.get("seq")),

@@ -106,10 +106,10 @@ async def _accept(state: IngressState, job: Job, wait_s: int | None, key: str | 
 
 
 async def _create_record(state: IngressState, job: Job, required: bool) -> Placement | None:
-    if state.records is None:
+    if state.creation is None:
         return None
     try:
-        return await state.records.create(job)
+        return await state.creation.create(job)
     except RecordsUnavailable as exc:
         if required:
             raise state.unavailable(

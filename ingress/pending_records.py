@@ -50,7 +50,7 @@ class PendingRecords:
             while self._jobs:
                 job_id, job = next(iter(self._jobs.items()))
                 try:
-                    await self._records.create(job)
+                    await self._records.create([job])
                 except RecordsUnavailable:
                     break  # still away: try again after the interval
                 self._jobs.pop(job_id, None)

@@ -13,6 +13,7 @@ from ingress.finished_waiters import FinishedWaiters
 from ingress.metrics import IngressMetrics
 from ingress.pending_records import PendingRecords
 from ingress.problems import Problem
+from ingress.record_creation import RecordCreation
 from ingress.settings import IngressSettings
 
 
@@ -30,6 +31,7 @@ class IngressState:
             else None
         )
         self.waiters = None if self.records is None else FinishedWaiters(self.records)
+        self.creation = None if self.records is None else RecordCreation(self.records)
         self.pending = None if self.records is None else PendingRecords(self.records)
 
     async def _queue_depth(self, model: str) -> int:

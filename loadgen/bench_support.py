@@ -14,6 +14,7 @@ from datetime import datetime
 from typing import Any
 
 from contract.broker import Broker, Delivery
+from contract.config import Environment
 from contract.envelope import Job, Priority, decode_callback_delivery
 from contract.job_message import job_message
 from contract.job_records import JobRecords
@@ -52,10 +53,14 @@ def bench_stack_env(amqp_url: str, topology: Topology, secret: str, **extra: str
 
 
 async def delete_bench_topology(amqp_url: str, topology: Topology, models: tuple[str, ...]) -> None:
+    """Delete a run's queues and exchanges, and the job records its stack wrote (REDIS_URL)."""
     cleanup = Broker(amqp_url, topology, models)
     await cleanup.connect()
     await cleanup.delete_topology()
     await cleanup.close()
+    records_url = Environment.read(os.environ).records_url
+    if records_url is not None:
+        await forget_records(records_url, topology.prefix)
 
 
 async def forget_records(redis_url: str, prefix: str) -> None:

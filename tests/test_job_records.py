@@ -41,7 +41,7 @@ async def records(redis_url: str) -> AsyncIterator[JobRecords]:
 
 async def test_given_a_created_job_then_it_reads_queued_with_its_fields(records: JobRecords) -> None:
     job = _job()
-    placement = await records.create(job)
+    placement = (await records.create([job]))[0]
 
     record = await records.get(job.id)
 
@@ -78,7 +78,7 @@ async def test_given_a_finished_job_then_start_answers_its_status_and_does_not_r
     records: JobRecords,
 ) -> None:
     job = _job()
-    await records.create(job)
+    await records.create([job])
     assert (await records.start([(job, 1)], now_ms=2_000))[job.id].status == "running"
     await records.finish([(job, "succeeded", 1, "out", None)])
 
@@ -90,7 +90,7 @@ async def test_given_a_finished_job_then_start_answers_its_status_and_does_not_r
 async def test_given_cancel_racing_start_then_exactly_one_wins(records: JobRecords) -> None:
     jobs = [_job() for _ in range(40)]
     for job in jobs:
-        await records.create(job)
+        await records.create([job])
     created = {job.id: await records.get(job.id) for job in jobs}
 
     async def cancel(job: Job) -> bool:
@@ -116,7 +116,7 @@ async def test_given_a_cancel_handed_over_or_overdue_then_the_worker_owes_its_ca
 ) -> None:
     handed, overdue = _job(), _job()
     for job in (handed, overdue):
-        await records.create(job)
+        await records.create([job])
         record = await records.get(job.id)
         assert record is not None and (await records.cancel(record))[0]
     await records.hand_cancel_to_worker(handed.id)
@@ -134,9 +134,9 @@ async def test_given_queued_jobs_then_placement_counts_higher_priorities_and_ear
 ) -> None:
     low = [_job("low") for _ in range(3)]
     for job in low:
-        await records.create(job)
+        await records.create([job])
     high = _job("high")
-    assert (await records.create(high)).queue_position == 1  # high jumps the low ones
+    assert ((await records.create([high]))[0]).queue_position == 1  # high jumps the low ones
     await records.start([(low[0], 1)], now_ms=5)
 
     last_low = await records.get(low[2].id)
@@ -144,12 +144,21 @@ async def test_given_queued_jobs_then_placement_counts_higher_priorities_and_ear
     assert (await records.placement(last_low)).queue_position == 3  # low[1], itself, and high
 
 
+async def test_given_one_call_for_jobs_of_every_priority_then_each_gets_its_own_placement(
+    records: JobRecords,
+) -> None:
+    placements = await records.create([_job("low"), _job("high"), _job("normal"), _job("high")])
+
+    # Each as it was created, in order: what is queued at its priority or higher is ahead.
+    assert [p.queue_position for p in placements] == [1, 1, 2, 2]
+
+
 async def test_given_finished_jobs_then_placement_reports_a_rate_and_an_eta(records: JobRecords) -> None:
     for _ in range(30):
         await records.finish([(_job(), "succeeded", 1, None, None)])
     waiting = _job()
 
-    placement = await records.create(waiting)
+    placement = (await records.create([waiting]))[0]
 
     assert placement.completions_per_s > 0 and placement.eta_s is not None and placement.eta_s > 0
 
