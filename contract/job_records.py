@@ -29,7 +29,8 @@ submitted and jobs started (or canceled); a queued job's position is the jobs of
 submitted before it and not started, plus every job of a higher priority not started.
 Jobs that vanish without starting (expired records, lost ingress writes) make it drift;
 it is clamped at 1. The completion rate behind the ETA is counted in 10 s buckets over
-the last minute.
+the last minute, over the buckets with completions only (the rate while the model
+worked, not diluted by idle time).
 
 The one home of redis-py: its errors become `RecordsUnavailable`. After a failure the
 store is skipped for RECORDS_RETRY_S (a breaker), so a Redis that is gone costs each
@@ -79,9 +80,13 @@ local function placement(first, levels, seq)
     if i == 0 and seq then submitted = seq end
     waiting = waiting + submitted - tonumber(redis.call('GET', KEYS[first + 2 * i + 1]) or '0')
   end
-  local done = 0
-  for j = first + 6, first + 11 do done = done + tonumber(redis.call('GET', KEYS[j]) or '0') end
-  return {waiting, done}
+  local done, active = 0, 0
+  for j = first + 6, first + 11 do
+    local count = tonumber(redis.call('GET', KEYS[j]) or '0')
+    done = done + count
+    if count > 0 then active = active + 1 end
+  end
+  return {waiting, done, active}
 end
 """
 # One call for any number of jobs. KEYS per job (13): its record, then the placement
@@ -102,7 +107,7 @@ for j = 0, #KEYS / 13 - 1 do
   for i = base + 1, base + per - 1, 2 do redis.call('HSETNX', record, ARGV[i], ARGV[i + 1]) end
   redis.call('EXPIRE', record, ttl)
   local where = placement(k + 2, tonumber(ARGV[base]), seq)
-  results[j + 1] = {seq or 0, where[1], where[2]}
+  results[j + 1] = {where[1], where[2], where[3]}
 end
 return results
 """
@@ -335,7 +340,7 @@ class JobRecords:
         args += [arg for job_args in per_job for arg in job_args]
         async with self._guarded("create records in"):
             results = await self._scripts["create"](keys=keys, args=args)
-        return [self._placement(int(waiting), int(done)) for _seq, waiting, done in results]
+        return [self._placement(int(waiting), int(done), int(active)) for waiting, done, active in results]
 
     def _placement_keys(self, model: str, priority: str) -> tuple[list[str], int]:
         """The 12 keys a placement reads and how many priority levels it counts: its own
@@ -353,10 +358,10 @@ class JobRecords:
         return keys, 1 + len(higher)
 
     @staticmethod
-    def _placement(waiting: int, done: int) -> Placement:
-        # The current bucket is partly filled: the window spans its elapsed part only.
-        window_s = (RATE_WINDOW_BUCKETS - 1) * RATE_BUCKET_S + time.time() % RATE_BUCKET_S
-        return Placement(max(1, waiting), done / window_s)
+    def _placement(waiting: int, done: int, active_buckets: int) -> Placement:
+        # The rate while the model worked: completions over the buckets that had any, so
+        # a model idle most of the minute is not taken for a slow one.
+        return Placement(max(1, waiting), done / (max(1, active_buckets) * RATE_BUCKET_S))
 
     async def discard(self, job: Job) -> None:
         """Undo `create` for a job the broker did not take (the counters stay balanced)."""
@@ -445,8 +450,8 @@ class JobRecords:
         """The rough queue position of a queued job and its model's recent completion rate."""
         keys, levels = self._placement_keys(record.model, record.priority)
         async with self._guarded("read"):
-            waiting, done = await self._scripts["place"](keys=keys, args=[levels, record.seq or ""])
-        return self._placement(int(waiting), int(done))
+            waiting, done, active = await self._scripts["place"](keys=keys, args=[levels, record.seq or ""])
+        return self._placement(int(waiting), int(done), int(active))
 
     async def reserve_key(self, owner: str, key: str, fingerprint: str, job_id: str) -> KeyClaim:
         async with self._guarded("reserve an idempotency key in"):

@@ -15,8 +15,8 @@ _PLACEMENT = {
     },
     "eta_s": {
         "type": ["number", "null"],
-        "description": "queue_position / the model's completions per second over the last minute; "
-        "null when nothing completed lately (e.g. scaled to zero)",
+        "description": "queue_position / the model's completions per second while it worked in the "
+        "last minute; null when nothing completed lately (e.g. scaled to zero)",
     },
 }
 JOB_STATUSES = ("queued", "running", "succeeded", "failed", "expired", "canceled")
