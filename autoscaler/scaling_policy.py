@@ -99,15 +99,21 @@ def _rules(raw: Mapping[str, Any] | None, default: DirectionRules, where: str) -
 
 
 def policy_from_scaled_object(doc: Mapping[str, Any], source: str = "ScaledObject") -> ScalingPolicy:
-    """Parse, validate, construct. Only the rabbitmq QueueLength trigger over http is supported."""
+    """Parse, validate, construct. One rabbitmq QueueLength trigger over http is required;
+    an `external-push` trigger for the same model may sit beside it (KEDA's push scaler,
+    which the local stack's own push activation stands in for: it is not polled here)."""
     if doc.get("kind") != "ScaledObject":
         raise InvalidScaledObject(f"{source}: kind={doc.get('kind')!r}; expected ScaledObject")
     spec = doc.get("spec") or {}
     name = (doc.get("metadata") or {}).get("name", "?")
     triggers = spec.get("triggers") or []
-    if len(triggers) != 1 or triggers[0].get("type") != "rabbitmq":
-        raise InvalidScaledObject(f"{source}: expected exactly one rabbitmq trigger, got {triggers!r}")
-    meta = triggers[0].get("metadata") or {}
+    rabbitmq = [t for t in triggers if t.get("type") == "rabbitmq"]
+    others = [t.get("type") for t in triggers if t.get("type") not in ("rabbitmq", "external-push")]
+    if len(rabbitmq) != 1 or others:
+        raise InvalidScaledObject(
+            f"{source}: expected one rabbitmq trigger (and optionally external-push), got {triggers!r}"
+        )
+    meta = rabbitmq[0].get("metadata") or {}
     if meta.get("protocol") != "http":
         raise InvalidScaledObject(
             f"{source}: trigger protocol={meta.get('protocol')!r}; expected http (unacked jobs count)"
@@ -117,6 +123,13 @@ def policy_from_scaled_object(doc: Mapping[str, Any], source: str = "ScaledObjec
     queue_name = str(meta.get("queueName", ""))
     if not queue_name.startswith("jobs."):
         raise InvalidScaledObject(f"{source}: queueName={queue_name!r}; expected jobs.<model>")
+    for push in (t for t in triggers if t.get("type") == "external-push"):
+        pushed = (push.get("metadata") or {}).get("model")
+        if pushed != queue_name.removeprefix("jobs."):
+            raise InvalidScaledObject(
+                f"{source}: external-push trigger model={pushed!r}; expected the queue's model "
+                f"{queue_name.removeprefix('jobs.')!r}"
+            )
     behavior = ((spec.get("advanced") or {}).get("horizontalPodAutoscalerConfig") or {}).get("behavior") or {}
     fallback = spec.get("fallback") or {}
     policy = ScalingPolicy(

@@ -496,6 +496,7 @@ class Broker:
                 for spec in self._topology.queues(self._models):
                     await channel.queue_delete(spec.name)
                 await channel.queue_delete(self._topology.demand_queue)
+                await channel.queue_delete(self._topology.push_scaler_demand_queue)
                 await channel.exchange_delete(self._topology.jobs_exchange)
                 await channel.exchange_delete(self._topology.events_exchange)
         except _CHANNEL_ERRORS as exc:

@@ -82,6 +82,11 @@ class Topology:
         """Where the local autoscaler hears demand events."""
         return f"{self.prefix}events.demand.autoscaler"
 
+    @property
+    def push_scaler_demand_queue(self) -> str:
+        """Where the KEDA push scaler hears demand events."""
+        return f"{self.prefix}events.demand.push-scaler"
+
     def main_queue(self, model: str) -> str:
         return f"{self.prefix}jobs.{model}"
 

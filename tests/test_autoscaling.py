@@ -44,6 +44,8 @@ def _test_scaled_object(model: str, activation: int) -> dict[str, Any]:
     spec["triggers"][0]["metadata"].update(
         queueName=f"jobs.{model}", value=str(VALUE), activationValue=str(activation)
     )
+    for push in spec["triggers"][1:]:
+        push["metadata"]["model"] = model
     return doc
 
 

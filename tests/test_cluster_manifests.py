@@ -25,7 +25,7 @@ def _documents(folder: str) -> list[dict[str, Any]]:
     return docs
 
 
-CORE = [d for d in _documents("cluster") if d["apiVersion"] in ("v1", "apps/v1")]
+CORE = [d for d in _documents("cluster") if d["apiVersion"] in ("v1", "apps/v1", "networking.k8s.io/v1")]
 DEPLOYMENTS = {d["metadata"]["name"]: d for d in CORE if d["kind"] == "Deployment"}
 
 
@@ -76,3 +76,18 @@ def test_the_job_records_redis_keeps_its_data_and_every_pod_points_at_it() -> No
     assert container["args"][:2] == ["--appendonly", "yes"]  # every write reaches the volume
     assert [t["metadata"]["name"] for t in redis["spec"]["volumeClaimTemplates"]] == ["data"]
     assert mounts["data"] == container["args"][container["args"].index("--dir") + 1]
+
+
+def test_only_keda_reaches_the_push_scaler_and_its_service_fronts_its_pods() -> None:
+    (deployment,) = [d for d in CORE if d["kind"] == "Deployment" and d["metadata"]["name"] == "push-scaler"]
+    (service,) = [d for d in CORE if d["kind"] == "Service" and d["metadata"]["name"] == "push-scaler"]
+    (policy,) = [d for d in CORE if d["kind"] == "NetworkPolicy" and d["metadata"]["name"] == "push-scaler"]
+    pod_labels = deployment["spec"]["template"]["metadata"]["labels"]
+    container = deployment["spec"]["template"]["spec"]["containers"][0]
+    (rule,) = policy["spec"]["ingress"]
+
+    assert container["command"] == ["python", "-m", "push_scaler"]
+    assert policy["spec"]["podSelector"]["matchLabels"].items() <= pod_labels.items()
+    assert service["spec"]["selector"].items() <= pod_labels.items()
+    assert [p["port"] for p in rule["ports"]] == [p["containerPort"] for p in container["ports"]]
+    assert rule["from"][0]["namespaceSelector"]["matchLabels"] == {"kubernetes.io/metadata.name": "keda"}

@@ -16,6 +16,7 @@ PACKAGES = (
     "ray_workers",
     "callbacks",
     "autoscaler",
+    "push_scaler",
     "local_stack",
     "parking_lot",
     "loadgen",
@@ -58,6 +59,7 @@ def test_the_tree_as_committed_keeps_every_contract(tree: Path) -> None:
         ("local_stack/launcher.py", "import ray", "Ray only in the Ray glue"),
         ("ingress/app.py", "import httpx", "httpx only in the queue-metrics reader"),
         ("contract/circuit_breaker.py", "import contract.broker", "Pure policies"),
+        ("ingress/app.py", "import grpc", "grpc only in the push scaler's service"),
         ("contract/envelope.py", "import ingress.problems", "Layers"),
     ],
 )

@@ -100,6 +100,23 @@ def test_scaled_object_invariants(doc: dict[str, Any]) -> None:
     assert trigger["authenticationRef"]["name"] in auth_names
 
 
+@pytest.mark.parametrize("doc", _scaled_objects(), ids=lambda d: d["metadata"]["name"])
+def test_each_scaled_object_is_woken_by_the_push_scaler_in_cluster(doc: dict[str, Any]) -> None:
+    policy = policy_from_scaled_object(doc)
+    (push,) = [t for t in doc["spec"]["triggers"] if t["type"] == "external-push"]
+    cluster_docs = [
+        d for p in sorted((ROOT / "cluster").glob("*.yaml")) for d in yaml.safe_load_all(p.read_text()) if d
+    ]
+    (service,) = [
+        d for d in cluster_docs if d["kind"] == "Service" and d["metadata"]["name"] == "push-scaler"
+    ]
+    (port,) = [p["port"] for p in service["spec"]["ports"]]
+
+    assert push["metadata"]["model"] == policy.model
+    expected = f"{service['metadata']['name']}.{service['metadata']['namespace']}.svc:{port}"
+    assert push["metadata"]["scalerAddress"] == expected
+
+
 def test_trigger_authentication_reads_a_secret() -> None:
     auths = [doc for _path, doc in _documents() if doc["kind"] == "TriggerAuthentication"]
     assert auths
@@ -146,6 +163,24 @@ def test_trigger_authentication_reads_a_secret() -> None:
             },
             "value=0",
         ),
+        (
+            {
+                "triggers": [
+                    {
+                        "type": "rabbitmq",
+                        "metadata": {
+                            "protocol": "http",
+                            "mode": "QueueLength",
+                            "queueName": "jobs.echo",
+                            "value": "5",
+                        },
+                    },
+                    {"type": "external-push", "metadata": {"scalerAddress": "x:1", "model": "other"}},
+                ]
+            },
+            "external-push trigger model='other'",
+        ),
+        ({"triggers": [{"type": "cpu", "metadata": {}}]}, "expected one rabbitmq trigger"),
     ],
 )
 def test_a_broken_scaled_object_is_refused_naming_the_value(change: dict[str, Any], message: str) -> None:

@@ -1,0 +1,109 @@
+"""KEDA's external scaler gRPC service (`externalscaler.proto`), answered from demand events.
+
+KEDA calls it for each ScaledObject whose trigger is `external-push` with metadata
+`scalerAddress` and `model`:
+
+    IsActive        whether the model had demand in the last PUSH_SCALER_ACTIVE_S
+    StreamIsActive  the same, pushed: the current state at once, then every change (a
+                    demand event makes it true at once, the window's end false)
+    GetMetricSpec   one metric, `demand-<model>`, target 1
+    GetMetrics      1 while active, else 0: with target 1 this trigger asks for one
+                    replica; the rabbitmq trigger beside it asks for more
+
+A request without `model` in its metadata is INVALID_ARGUMENT, naming what is expected.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+from typing import Any
+
+import grpc
+
+from push_scaler import externalscaler_pb2 as pb
+from push_scaler import externalscaler_pb2_grpc as pb_grpc
+from push_scaler.demand_window import DemandWindow
+
+logger = logging.getLogger(__name__)
+
+Context = grpc.aio.ServicerContext[Any, Any]
+
+
+class DemandScaler(pb_grpc.ExternalScalerServicer):
+    def __init__(self, window: DemandWindow) -> None:
+        self._window = window
+        self._changed: dict[str, asyncio.Event] = {}
+
+    def on_demand(self, model: str) -> None:
+        """A demand event: the model is active now; streams hear it if it was not."""
+        if self._window.record(model):
+            logger.info("demand for %s: active", model)
+            self._notify(model)
+
+    def _notify(self, model: str) -> None:
+        event = self._changed.pop(model, None)
+        if event is not None:
+            event.set()
+
+    async def IsActive(self, request: pb.ScaledObjectRef, context: Context) -> pb.IsActiveResponse:
+        model = await _model_of(request, context)
+        return pb.IsActiveResponse(result=self._window.is_active(model))
+
+    async def StreamIsActive(
+        self, request: pb.ScaledObjectRef, context: Context
+    ) -> AsyncIterator[pb.IsActiveResponse]:
+        model = await _model_of(request, context)
+        active = self._window.is_active(model)
+        yield pb.IsActiveResponse(result=active)
+        while True:
+            changed = self._changed.setdefault(model, asyncio.Event())
+            # Wake on new demand, or when the window runs out while active.
+            timeout_s = self._window.remaining_s(model) if active else None
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(changed.wait(), timeout_s)
+            now_active = self._window.is_active(model)
+            if now_active != active:
+                active = now_active
+                yield pb.IsActiveResponse(result=active)
+
+    async def GetMetricSpec(self, request: pb.ScaledObjectRef, context: Context) -> pb.GetMetricSpecResponse:
+        model = await _model_of(request, context)
+        spec = pb.MetricSpec(metricName=metric_name(model), targetSize=1, targetSizeFloat=1.0)
+        return pb.GetMetricSpecResponse(metricSpecs=[spec])
+
+    async def GetMetrics(self, request: pb.GetMetricsRequest, context: Context) -> pb.GetMetricsResponse:
+        model = await _model_of(request.scaledObjectRef, context)
+        value = 1 if self._window.is_active(model) else 0
+        metric = pb.MetricValue(
+            metricName=metric_name(model), metricValue=value, metricValueFloat=float(value)
+        )
+        return pb.GetMetricsResponse(metricValues=[metric])
+
+
+def metric_name(model: str) -> str:
+    return f"demand-{model}"
+
+
+async def _model_of(ref: pb.ScaledObjectRef, context: Context) -> str:
+    model = ref.scalerMetadata.get("model", "").strip()
+    if not model:
+        await context.abort(
+            grpc.StatusCode.INVALID_ARGUMENT,
+            f"ScaledObject {ref.namespace}/{ref.name}: the external-push trigger needs metadata "
+            "`model` (the model whose demand wakes it), e.g. model: echo",
+        )
+    return model
+
+
+async def serve(scaler: DemandScaler, host: str, port: int) -> tuple[grpc.aio.Server, int]:
+    """Start the gRPC server; returns it and the port it bound (0 picks a free one)."""
+    server = grpc.aio.server()
+    pb_grpc.add_ExternalScalerServicer_to_server(scaler, server)  # type: ignore[no-untyped-call]
+    bound = server.add_insecure_port(f"{host}:{port}")
+    if bound == 0:
+        raise OSError(f"cannot listen on {host}:{port}")
+    await server.start()
+    return server, bound

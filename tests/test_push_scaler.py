@@ -1,0 +1,168 @@
+"""The KEDA external push scaler: its demand window with a fake clock, its gRPC service
+over real gRPC against KEDA's own service definition, and the whole path from a job
+accepted by the ingress to KEDA's stream saying "active"."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import grpc
+import httpx
+import pytest
+
+from contract.broker import Broker
+from ingress.settings import IngressSettings
+from push_scaler import externalscaler_pb2 as pb
+from push_scaler import externalscaler_pb2_grpc as pb_grpc
+from push_scaler.__main__ import _subscribe_until_ready
+from push_scaler.demand_window import DemandWindow
+from push_scaler.scaler_service import DemandScaler, serve
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now_s = 100.0
+
+    def __call__(self) -> float:
+        return self.now_s
+
+
+@pytest.mark.parametrize(
+    ("demand_at_s", "asked_at_s", "active"),
+    [
+        ([], 0.0, False),
+        ([0.0], 0.0, True),
+        ([0.0], 9.9, True),
+        ([0.0], 10.0, False),
+        ([0.0, 8.0], 17.9, True),  # each event restarts the window
+        ([0.0, 8.0], 18.0, False),
+    ],
+)
+def test_demand_keeps_a_model_active_for_the_window(
+    demand_at_s: list[float], asked_at_s: float, active: bool
+) -> None:
+    clock = FakeClock()
+    window = DemandWindow(active_for_s=10.0, clock=clock)
+    start = clock.now_s
+    for at_s in demand_at_s:
+        clock.now_s = start + at_s
+        window.record("echo")
+    clock.now_s = start + asked_at_s
+
+    assert window.is_active("echo") is active
+    assert window.is_active("embed-minilm") is False
+
+
+def test_record_says_whether_the_model_just_became_active() -> None:
+    clock = FakeClock()
+    window = DemandWindow(active_for_s=10.0, clock=clock)
+
+    assert window.record("echo") is True
+    assert window.record("echo") is False
+    clock.now_s += 10.0
+    assert window.record("echo") is True
+
+
+def _stub(channel: grpc.aio.Channel) -> pb_grpc.ExternalScalerStub:
+    return pb_grpc.ExternalScalerStub(channel)  # type: ignore[no-untyped-call]  # generated, untyped
+
+
+def _ref(model: str | None = "echo") -> pb.ScaledObjectRef:
+    metadata = {} if model is None else {"model": model}
+    return pb.ScaledObjectRef(name=f"worker-{model}", namespace="inferq", scalerMetadata=metadata)
+
+
+@pytest.fixture
+async def scaler() -> AsyncIterator[tuple[DemandScaler, pb_grpc.ExternalScalerStub]]:
+    service = DemandScaler(DemandWindow(active_for_s=0.5))
+    server, port = await serve(service, "127.0.0.1", 0)
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
+    try:
+        yield service, _stub(channel)
+    finally:
+        await channel.close()
+        await server.stop(0)
+
+
+async def test_given_demand_then_is_active_and_metrics_say_so_over_grpc(
+    scaler: tuple[DemandScaler, pb_grpc.ExternalScalerStub],
+) -> None:
+    service, stub = scaler
+    spec = await stub.GetMetricSpec(_ref())
+    before = await stub.IsActive(_ref())
+    idle_metrics = await stub.GetMetrics(
+        pb.GetMetricsRequest(scaledObjectRef=_ref(), metricName="demand-echo")
+    )
+    service.on_demand("echo")
+    after = await stub.IsActive(_ref())
+    busy_metrics = await stub.GetMetrics(
+        pb.GetMetricsRequest(scaledObjectRef=_ref(), metricName="demand-echo")
+    )
+    other = await stub.IsActive(_ref("embed-minilm"))
+
+    assert [(s.metricName, s.targetSize, s.targetSizeFloat) for s in spec.metricSpecs] == [
+        ("demand-echo", 1, 1.0)
+    ]
+    assert (before.result, after.result, other.result) == (False, True, False)
+    assert [(m.metricName, m.metricValue) for m in idle_metrics.metricValues] == [("demand-echo", 0)]
+    assert [(m.metricName, m.metricValueFloat) for m in busy_metrics.metricValues] == [("demand-echo", 1.0)]
+
+
+async def test_stream_is_active_pushes_the_state_then_each_change(
+    scaler: tuple[DemandScaler, pb_grpc.ExternalScalerStub],
+) -> None:
+    service, stub = scaler
+    stream = stub.StreamIsActive(_ref())
+    updates: list[bool] = []
+
+    async def next_update() -> bool:
+        update = await asyncio.wait_for(stream.read(), 5)
+        assert update is not grpc.aio.EOF
+        return bool(update.result)
+
+    updates.append(await next_update())  # the current state, at once
+    service.on_demand("echo")
+    updates.append(await next_update())  # pushed on the event, not polled
+    updates.append(await next_update())  # the window (0.5 s) ran out
+    stream.cancel()
+
+    assert updates == [False, True, False]
+
+
+async def test_a_trigger_without_model_metadata_is_refused_naming_it(
+    scaler: tuple[DemandScaler, pb_grpc.ExternalScalerStub],
+) -> None:
+    _service, stub = scaler
+    with pytest.raises(grpc.aio.AioRpcError) as refused:
+        await stub.IsActive(_ref(None))
+
+    assert refused.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+    assert "needs metadata `model`" in str(refused.value.details())
+
+
+async def test_given_a_job_accepted_by_the_ingress_then_keda_hears_active_at_once(
+    ingress_settings: IngressSettings, client: httpx.AsyncClient
+) -> None:
+    service = DemandScaler(DemandWindow(active_for_s=30.0))
+    server, port = await serve(service, "127.0.0.1", 0)
+    broker = Broker(ingress_settings.amqp_url, ingress_settings.topology, ingress_settings.models)
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
+    try:
+        await _subscribe_until_ready(broker, service, ingress_settings.amqp_url)
+        stream = _stub(channel).StreamIsActive(_ref())
+        first = await asyncio.wait_for(stream.read(), 5)
+        accepted = await client.post("/v1/models/echo/jobs", json={"input": 1})
+        started = asyncio.get_running_loop().time()
+        woke = await asyncio.wait_for(stream.read(), 5)
+        waited_s = asyncio.get_running_loop().time() - started
+        stream.cancel()
+    finally:
+        await channel.close()
+        await server.stop(0)
+        await broker.close()
+
+    assert accepted.status_code == 202
+    assert (first.result, woke.result) == (False, True)
+    assert waited_s < 2.0  # the event path (coalesced 0.25 s), not a polling interval
+    print(f"\npush scaler: job accepted -> KEDA stream active in {waited_s * 1000:.0f} ms")
