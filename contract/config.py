@@ -110,6 +110,8 @@ class Environment(BaseModel):
     api_keys: CsvList = Field((), alias="API_KEYS", repr=False)
     max_body_bytes: int = Field(1024 * 1024, ge=1, alias="MAX_BODY_BYTES")
     ingress_access_log: bool = Field(False, alias="INGRESS_ACCESS_LOG")
+    # Announce demand events (push activation: the local autoscaler and the KEDA push scaler hear them).
+    demand_events: bool = Field(True, alias="DEMAND_EVENTS")
     # The explicit opt-out that lets an ingress bound beyond loopback run without API_KEYS.
     allow_unauthenticated: bool = Field(False, alias="ALLOW_UNAUTHENTICATED")
 

@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import hashlib
 import time
 from collections.abc import AsyncIterator, Mapping, Sequence
@@ -68,45 +69,59 @@ CANCEL_HANDOFF_S = 60
 _ERRORS = (redis.exceptions.RedisError, OSError, TimeoutError)
 
 # Jobs waiting ahead of (and including) a job and the model's recent completions.
+# Counters are read once per call (`count`; one call places a whole batch), and an
+# INCR in the same call updates the cached value.
 # KEYS[first..first+5]: submitted/started counter pairs, the job's own priority first,
 # then the higher ones, then the lower ones (`levels` pairs are counted); then the
 # RATE_WINDOW_BUCKETS completion-rate buckets. `seq` stands in for its own level's
 # submitted count.
 _PLACEMENT = """
+local counts = {}
+local function count(key)
+  local value = counts[key]
+  if value == nil then
+    value = tonumber(redis.call('GET', key) or '0')
+    counts[key] = value
+  end
+  return value
+end
 local function placement(first, levels, seq)
   local waiting = 0
   for i = 0, levels - 1 do
-    local submitted = tonumber(redis.call('GET', KEYS[first + 2 * i]) or '0')
+    local submitted = count(KEYS[first + 2 * i])
     if i == 0 and seq then submitted = seq end
-    waiting = waiting + submitted - tonumber(redis.call('GET', KEYS[first + 2 * i + 1]) or '0')
+    waiting = waiting + submitted - count(KEYS[first + 2 * i + 1])
   end
   local done, active = 0, 0
   for j = first + 6, first + 11 do
-    local count = tonumber(redis.call('GET', KEYS[j]) or '0')
-    done = done + count
-    if count > 0 then active = active + 1 end
+    local n = count(KEYS[j])
+    done = done + n
+    if n > 0 then active = active + 1 end
   end
   return {waiting, done, active}
 end
 """
-# One call for any number of jobs. KEYS per job (13): its record, then the placement
-# keys. ARGV: ttl, the count of per-job arguments, then per job: levels and its fields.
+# One call for any number of jobs. KEYS: the 12 placement keys of each (model,
+# priority) group among the jobs, then each job's record. ARGV: ttl, the count of
+# per-job arguments, the count of groups, then per job: its group, levels and fields.
 _CREATE = (
     _PLACEMENT
     + """
-local ttl, per = ARGV[1], tonumber(ARGV[2])
+local ttl, per, groups = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
+local first_record = 12 * groups
 local results = {}
-for j = 0, #KEYS / 13 - 1 do
-  local k, base = 13 * j, 3 + j * per
-  local record = KEYS[k + 1]
+for j = 0, #KEYS - first_record - 1 do
+  local base = 4 + j * per
+  local record, group = KEYS[first_record + j + 1], 12 * tonumber(ARGV[base]) + 1
   local seq = tonumber(redis.call('HGET', record, 'seq'))
   if not seq and redis.call('HEXISTS', record, 'started_ms') == 0 then
-    seq = redis.call('INCR', KEYS[k + 2])
+    seq = redis.call('INCR', KEYS[group])
+    counts[KEYS[group]] = seq
     redis.call('HSET', record, 'seq', seq)
   end
-  for i = base + 1, base + per - 1, 2 do redis.call('HSETNX', record, ARGV[i], ARGV[i + 1]) end
+  for i = base + 2, base + per - 1, 2 do redis.call('HSETNX', record, ARGV[i], ARGV[i + 1]) end
   redis.call('EXPIRE', record, ttl)
-  local where = placement(k + 2, tonumber(ARGV[base]), seq)
+  local where = placement(group, tonumber(ARGV[base + 1]), seq)
   results[j + 1] = {where[1], where[2], where[3]}
 end
 return results
@@ -330,32 +345,28 @@ class JobRecords:
     async def create(self, jobs: Sequence[Job]) -> list[Placement]:
         """Record jobs about to be published as queued (one script for all of them);
         returns where each stands."""
-        keys: list[str] = []
+        groups: dict[tuple[str, str], tuple[int, int]] = {}
+        group_keys: list[str] = []
         per_job: list[list[str | int]] = []
         for job in jobs:
-            placement_keys, levels = self._placement_keys(job.model, job.priority)
-            keys += [self._record_key(job.id), *placement_keys]
-            per_job.append([levels, "status", "queued", *_flat(job_fields(job))])
-        args: list[str | int] = [self._ttl_s, len(per_job[0])]
+            group = groups.get((job.model, job.priority))
+            if group is None:
+                placement_keys, levels = self._placement_keys(job.model, job.priority)
+                group = groups[(job.model, job.priority)] = (len(groups), levels)
+                group_keys += placement_keys
+            per_job.append([*group, "status", "queued", *_flat(job_fields(job))])
+        keys = group_keys + [self._record_key(job.id) for job in jobs]
+        args: list[str | int] = [self._ttl_s, len(per_job[0]), len(groups)]
         args += [arg for job_args in per_job for arg in job_args]
         async with self._guarded("create records in"):
             results = await self._scripts["create"](keys=keys, args=args)
         return [self._placement(int(waiting), int(done), int(active)) for waiting, done, active in results]
 
-    def _placement_keys(self, model: str, priority: str) -> tuple[list[str], int]:
+    def _placement_keys(self, model: str, priority: str) -> tuple[tuple[str, ...], int]:
         """The 12 keys a placement reads and how many priority levels it counts: its own
         and the higher ones."""
-        own = AMQP_PRIORITY.get(priority, 0)
-        higher = [p for p, level in sorted(AMQP_PRIORITY.items(), key=lambda i: -i[1]) if level > own]
-        lower = [p for p, level in AMQP_PRIORITY.items() if level < own]
-        keys = [
-            self._counter_key(kind, model, level)
-            for level in [priority, *higher, *lower]
-            for kind in ("submitted", "started")
-        ]
-        now_s = time.time()
-        keys += [self._rate_key(model, now_s - i * RATE_BUCKET_S) for i in range(RATE_WINDOW_BUCKETS)]
-        return keys, 1 + len(higher)
+        bucket = int(time.time()) // RATE_BUCKET_S
+        return _placement_keys(self._prefix, model, priority, bucket)
 
     @staticmethod
     def _placement(waiting: int, done: int, active_buckets: int) -> Placement:
@@ -450,7 +461,9 @@ class JobRecords:
         """The rough queue position of a queued job and its model's recent completion rate."""
         keys, levels = self._placement_keys(record.model, record.priority)
         async with self._guarded("read"):
-            waiting, done, active = await self._scripts["place"](keys=keys, args=[levels, record.seq or ""])
+            waiting, done, active = await self._scripts["place"](
+                keys=list(keys), args=[levels, record.seq or ""]
+            )
         return self._placement(int(waiting), int(done), int(active))
 
     async def reserve_key(self, owner: str, key: str, fingerprint: str, job_id: str) -> KeyClaim:
@@ -525,6 +538,18 @@ class JobRecords:
 
 def _flat(fields: Mapping[str, str]) -> list[str]:
     return [item for pair in fields.items() for item in pair]
+
+
+@functools.lru_cache(maxsize=256)
+def _placement_keys(prefix: str, model: str, priority: str, bucket: int) -> tuple[tuple[str, ...], int]:
+    """Cached: the same dozen names for every job of a model and priority in a 10 s bucket."""
+    own = AMQP_PRIORITY.get(priority, 0)
+    higher = [p for p, level in sorted(AMQP_PRIORITY.items(), key=lambda i: -i[1]) if level > own]
+    lower = [p for p, level in AMQP_PRIORITY.items() if level < own]
+    levels = [priority, *higher, *lower]
+    counters = [f"{prefix}{kind}:{model}:{level}" for level in levels for kind in ("submitted", "started")]
+    buckets = [f"{prefix}done:{model}:{bucket - i}" for i in range(RATE_WINDOW_BUCKETS)]
+    return (*counters, *buckets), 1 + len(higher)
 
 
 def _json(value: Any) -> str:

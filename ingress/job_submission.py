@@ -88,7 +88,8 @@ async def _accept(state: IngressState, job: Job, wait_s: int | None, key: str | 
         if placement is None and state.pending is not None:
             state.pending.add(job)
         state.metrics.jobs_accepted.labels(job.model, job.priority).inc()
-        state.demand.announce(job.model)
+        if state.settings.demand_events:
+            state.demand.announce(job.model)
         if key is not None:
             await _complete_key(state, job, key, 202)
         if finished is not None and wait_s is not None:

@@ -26,6 +26,8 @@ class IngressSettings:
     retry_after_s: int = 5
     # One log line per request costs about a tenth of the ingress's CPU at a backlog.
     access_log: bool = False
+    # Demand events for push activation (ingress.demand).
+    demand_events: bool = True
     # Job records (status, cancel, Idempotency-Key, Prefer: wait); None runs without them.
     redis_url: str | None = field(default=None, repr=False)
     result_ttl_s: int = 24 * 3600
@@ -50,6 +52,7 @@ class IngressSettings:
             models=read.served_models,
             topology=read.topology(),
             access_log=read.ingress_access_log,
+            demand_events=read.demand_events,
             redis_url=read.records_url,
             result_ttl_s=read.result_ttl_s,
         )

@@ -136,6 +136,14 @@ def ratios(results: dict[str, Any]) -> list[tuple[str, float, str]]:
         )
         rows.append(
             (
+                "Demand events: HTTP jobs/s accepted with DEMAND_EVENTS on / off",
+                ingress["demand_events_ratio"],
+                f"{_median(ingress['ingress_jobs_per_s']):.0f} / "
+                f"{_median(ingress['ingress_without_demand_events_jobs_per_s']):.0f}",
+            )
+        )
+        rows.append(
+            (
                 "Job records: HTTP jobs/s accepted with REDIS_URL on / off",
                 ingress["records_ratio"],
                 f"{_median(ingress['ingress_with_records_jobs_per_s']):.0f} / "

@@ -1,8 +1,9 @@
 """Ingress efficiency: jobs/s the HTTP ingress accepts (202 after the broker's confirm)
 against what a bare aio-pika publisher with pipelined confirms reaches on the same
-broker, and with the job records on (REDIS_URL) against off, measured back to back in
-one run. Then `Prefer: wait=5` on echo at low load: one job at a time, answered 200
-with the output, with an echo worker in this process."""
+broker, with the job records on (REDIS_URL) against off, and with demand events on
+(DEMAND_EVENTS) against off, measured back to back in one run, their order rotated
+from one repetition to the next. Then `Prefer: wait=5` on echo at low load: one job at
+a time, answered 200 with the output, with an echo worker in this process."""
 
 from __future__ import annotations
 
@@ -120,16 +121,23 @@ async def measure_ingress(
     broker = Broker(amqp_url, topology, ("echo",))
     await broker.connect()
     started: list[asyncio.subprocess.Process] = []
-    bare, records_off, records_on = [], [], []
+    bare: list[float] = []
+    records_off: list[float] = []
+    records_on: list[float] = []
+    events_off: list[float] = []
     try:
         without, without_url = await _start_ingress({**env, "REDIS_URL": "off"})
         started.append(without)
         with_records, with_url = await _start_ingress({**env, "REDIS_URL": redis_url})
         started.append(with_records)
-        for _ in range(reps):
+        silent, silent_url = await _start_ingress({**env, "REDIS_URL": "off", "DEMAND_EVENTS": "0"})
+        started.append(silent)
+        variants = [(records_off, without_url), (records_on, with_url), (events_off, silent_url)]
+        for rep in range(reps):
             bare.append(await _bare_rate(broker, count))
-            records_off.append(await _ingress_rate(without_url, count, concurrency))
-            records_on.append(await _ingress_rate(with_url, count, concurrency))
+            # Rotated: the queue grows through a repetition, and no variant always goes last.
+            for rates, url in variants[rep % 3 :] + variants[: rep % 3]:
+                rates.append(await _ingress_rate(url, count, concurrency))
         await broker.purge(topology.main_queue("echo"))
         settings = WorkerSettings(amqp_url=amqp_url, models=("echo",), topology=topology, redis_url=redis_url)
         worker = JobWorker(EchoModel(), settings)
@@ -152,6 +160,8 @@ async def measure_ingress(
         "bare_publish_msgs_per_s": bare,
         "ingress_jobs_per_s": records_off,
         "ingress_with_records_jobs_per_s": records_on,
+        "ingress_without_demand_events_jobs_per_s": events_off,
+        "demand_events_ratio": median([on / off for on, off in zip(records_off, events_off, strict=True)]),
         "ratio": median(ratios),
         "records_ratio": median([on / off for on, off in zip(records_on, records_off, strict=True)]),
         "wait_p50_ms": median(wait_ms),
