@@ -40,6 +40,7 @@ logger = logging.getLogger(__name__)
 
 # How often a lost connection is retried; short, since a restart usually takes seconds.
 RECONNECT_INTERVAL_S = 1.0
+HEAL_ATTEMPTS = 30
 
 _CONNECTION_ERRORS = (
     aio_pika.exceptions.AMQPError,
@@ -198,6 +199,7 @@ class Broker:
         self._events_channel: aio_pika.abc.AbstractChannel | None = None
         self._channel_lock = asyncio.Lock()
         self._consumers: dict[str, _Consumer] = {}
+        self._healing: set[asyncio.Task[None]] = set()
         self._unsettled: UnsettledTags = weakref.WeakKeyDictionary()
         self._consumer_ids = itertools.count(1)
         # Set once the topology is declared: before that a publish could find no binding.
@@ -271,20 +273,37 @@ class Broker:
 
     async def _heal_after_reconnect(self, connection: object, *_args: object) -> None:
         """Re-open what the reconnected connection carries. Each connection heals its own
-        part: the other may still be reconnecting, and its failure must not stop this one."""
+        part: the other may still be reconnecting, and its failure must not stop this one.
+        A failed heal is tried again (HEAL_ATTEMPTS, a second apart) in the background:
+        a reconnect that succeeds leaves no next reconnect to retry it."""
         try:
-            if connection is self._publish_connection:
-                await self._open_publish_channel()
-            if connection is self._consume_connection:
-                for consumer in self._consumers.values():
-                    if not consumer.cancelled and (consumer.channel is None or consumer.channel.is_closed):
-                        logger.warning(
-                            "consumer of %s was not restored after a reconnect; re-opening it",
-                            consumer.queue_name,
-                        )
-                        await self._start(consumer)
+            await self._heal(connection)
         except BrokerError as exc:
-            logger.warning("healing after a reconnect failed (the next reconnect retries): %r", exc)
+            logger.warning("healing after a reconnect failed, retrying in the background: %r", exc)
+            task = asyncio.create_task(self._heal_in_background(connection))
+            self._healing.add(task)
+            task.add_done_callback(self._healing.discard)
+
+    async def _heal_in_background(self, connection: object) -> None:
+        for _ in range(HEAL_ATTEMPTS):
+            await asyncio.sleep(RECONNECT_INTERVAL_S)
+            try:
+                await self._heal(connection)
+                return
+            except BrokerError as exc:
+                logger.warning("healing after a reconnect failed again: %r", exc)
+
+    async def _heal(self, connection: object) -> None:
+        if connection is self._publish_connection:
+            await self._open_publish_channel()
+        if connection is self._consume_connection:
+            for consumer in self._consumers.values():
+                if not consumer.cancelled and (consumer.channel is None or consumer.channel.is_closed):
+                    logger.warning(
+                        "consumer of %s was not restored after a reconnect; re-opening it",
+                        consumer.queue_name,
+                    )
+                    await self._start(consumer)
 
     async def _declare(self, channel: aio_pika.abc.AbstractChannel) -> None:
         await channel.declare_exchange(
@@ -370,8 +389,12 @@ class Broker:
                     publisher_confirms=False
                 )
             exchange = await channel.get_exchange(self._topology.events_exchange, ensure=False)
+            # Not mandatory: with nobody listening (no autoscaler at zero) the broker drops
+            # it quietly instead of returning it.
             await exchange.publish(
-                aio_pika.Message(body, delivery_mode=aio_pika.DeliveryMode.NOT_PERSISTENT), routing_key
+                aio_pika.Message(body, delivery_mode=aio_pika.DeliveryMode.NOT_PERSISTENT),
+                routing_key,
+                mandatory=False,
             )
         except _CHANNEL_ERRORS as exc:
             raise BrokerUnavailable(f"event {routing_key} not published: {exc!r}") from exc
@@ -446,6 +469,8 @@ class Broker:
 
     async def close(self) -> None:
         """Close consumer channels (unacked messages return to their queues), then the rest."""
+        for task in self._healing:
+            task.cancel()
         channels = [c.channel for c in self._consumers.values() if c.channel is not None]
         self._consumers.clear()
         for channel in channels:
