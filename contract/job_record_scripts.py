@@ -1,0 +1,149 @@
+"""The Lua scripts behind `contract.job_records`: each state change of a job record is
+one script, so it is atomic in Redis.
+
+Kept apart from the client so the state machine reads in one place. Each script says
+its KEYS and ARGV layout; the client builds them. Batched scripts (CREATE, START,
+FINISH) take any number of jobs in one call: one round trip, and the argument
+encoding, most of a redis-py call's cost, done once.
+"""
+
+# Counters are read once per call (`count`; one call places a whole batch), and an
+# INCR in the same call updates the cached value.
+# KEYS[first..first+5]: submitted/started counter pairs, the job's own priority first,
+# then the higher ones, then the lower ones (`levels` pairs are counted); then the
+# RATE_WINDOW_BUCKETS completion-rate buckets. `seq` stands in for its own level's
+# submitted count.
+PLACEMENT = """
+local counts = {}
+local function count(key)
+  local value = counts[key]
+  if value == nil then
+    value = tonumber(redis.call('GET', key) or '0')
+    counts[key] = value
+  end
+  return value
+end
+local function placement(first, levels, seq)
+  local waiting = 0
+  for i = 0, levels - 1 do
+    local submitted = count(KEYS[first + 2 * i])
+    if i == 0 and seq then submitted = seq end
+    waiting = waiting + submitted - count(KEYS[first + 2 * i + 1])
+  end
+  local done, active = 0, 0
+  for j = first + 6, first + 11 do
+    local n = count(KEYS[j])
+    done = done + n
+    if n > 0 then active = active + 1 end
+  end
+  return {waiting, done, active}
+end
+"""
+# One call for any number of jobs. KEYS: the 12 placement keys of each (model,
+# priority) group among the jobs, then each job's record. ARGV: ttl, the count of
+# per-job arguments, the count of groups, then per job: its group, levels and fields.
+CREATE = (
+    PLACEMENT
+    + """
+local ttl, per, groups = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
+local first_record = 12 * groups
+local results = {}
+for j = 0, #KEYS - first_record - 1 do
+  local base = 4 + j * per
+  local record, group = KEYS[first_record + j + 1], 12 * tonumber(ARGV[base]) + 1
+  local seq = tonumber(redis.call('HGET', record, 'seq'))
+  if not seq and redis.call('HEXISTS', record, 'started_ms') == 0 then
+    seq = redis.call('INCR', KEYS[group])
+    counts[KEYS[group]] = seq
+    redis.call('HSET', record, 'seq', seq)
+  end
+  for i = base + 2, base + per - 1, 2 do redis.call('HSETNX', record, ARGV[i], ARGV[i + 1]) end
+  redis.call('EXPIRE', record, ttl)
+  local where = placement(group, tonumber(ARGV[base + 1]), seq)
+  results[j + 1] = {where[1], where[2], where[3]}
+end
+return results
+"""
+)
+# KEYS: the placement keys. ARGV: levels, seq.
+PLACE = (
+    PLACEMENT
+    + """
+return placement(1, tonumber(ARGV[1]), tonumber(ARGV[2]))
+"""
+)
+# One call per batch. KEYS: per job its record and started counter. ARGV: ttl, now,
+# the count of per-job arguments, then per job: attempt and its fields.
+START = """
+local ttl, now, per = ARGV[1], ARGV[2], tonumber(ARGV[3])
+local results = {}
+for j = 0, #KEYS / 2 - 1 do
+  local record, started, base = KEYS[2 * j + 1], KEYS[2 * j + 2], 4 + j * per
+  local status = redis.call('HGET', record, 'status')
+  if status and status ~= 'queued' and status ~= 'running' then
+    local e = redis.call('HMGET', record, 'delivery', 'finished_ms', 'attempts', 'output', 'error')
+    results[j + 1] = {status, e[1] or '', e[2] or '0', e[3] or '0', e[4] or '', e[5] or ''}
+  else
+    for i = base + 1, base + per - 1, 2 do redis.call('HSETNX', record, ARGV[i], ARGV[i + 1]) end
+    local first_start = redis.call('HSETNX', record, 'started_ms', now) == 1
+    if first_start and redis.call('HEXISTS', record, 'seq') == 1 then redis.call('INCR', started) end
+    redis.call('HSET', record, 'status', 'running', 'attempts', ARGV[base])
+    redis.call('EXPIRE', record, ttl)
+    results[j + 1] = {'running', '', '0', '0', '', ''}
+  end
+end
+return results
+"""
+# One call per batch. KEYS: per job its record and rate bucket. ARGV: ttl, now, channel,
+# the count of per-job arguments, then per job: status, attempts, result field, result,
+# id and its fields.
+FINISH = """
+local ttl, now, channel, per = ARGV[1], ARGV[2], ARGV[3], tonumber(ARGV[4])
+local terminal = {succeeded = true, failed = true, expired = true, canceled = true}
+local results = {}
+for j = 0, #KEYS / 2 - 1 do
+  local record, rate, base = KEYS[2 * j + 1], KEYS[2 * j + 2], 5 + j * per
+  local status = redis.call('HGET', record, 'status')
+  if status and terminal[status] then
+    results[j + 1] = status
+  else
+    for i = base + 5, base + per - 1, 2 do redis.call('HSETNX', record, ARGV[i], ARGV[i + 1]) end
+    redis.call('HSET', record, 'status', ARGV[base], 'finished_ms', now, 'attempts', ARGV[base + 1])
+    redis.call('HSET', record, ARGV[base + 2], ARGV[base + 3])
+    redis.call('EXPIRE', record, ttl)
+    redis.call('INCR', rate)
+    redis.call('EXPIRE', rate, 120)
+    redis.call('PUBLISH', channel, ARGV[base + 4])
+    results[j + 1] = ARGV[base]
+  end
+end
+return results
+"""
+# KEYS: record, started counter. ARGV: now, channel, id.
+CANCEL = """
+local status = redis.call('HGET', KEYS[1], 'status')
+if status ~= 'queued' then return {0, status or 'expired'} end
+redis.call('HSET', KEYS[1], 'status', 'canceled', 'finished_ms', ARGV[1])
+if redis.call('HEXISTS', KEYS[1], 'seq') == 1 then redis.call('INCR', KEYS[2]) end
+redis.call('PUBLISH', ARGV[2], ARGV[3])
+return {1, 'canceled'}
+"""
+# ARGV: field, expected value ('' = any existing record), new value, then more field/value pairs.
+UPDATE_IF = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+if ARGV[2] ~= '' and redis.call('HGET', KEYS[1], ARGV[1]) ~= ARGV[2] then return 0 end
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[3], unpack(ARGV, 4))
+return 1
+"""
+# KEYS: the key's hash. ARGV: fingerprint, job id, lease.
+RESERVE = """
+if redis.call('EXISTS', KEYS[1]) == 0 then
+  redis.call('HSET', KEYS[1], 'fingerprint', ARGV[1], 'job_id', ARGV[2], 'state', 'accepting')
+  redis.call('EXPIRE', KEYS[1], ARGV[3])
+  return {'new', ARGV[2], ''}
+end
+local stored = redis.call('HMGET', KEYS[1], 'fingerprint', 'state', 'job_id', 'status_code')
+if stored[1] ~= ARGV[1] then return {'mismatch', '', ''} end
+if stored[2] ~= 'done' then return {'in_flight', '', ''} end
+return {'replay', stored[3], stored[4]}
+"""
