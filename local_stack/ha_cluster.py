@@ -1,0 +1,204 @@
+"""A three-node RabbitMQ cluster on this one machine, beside the broker already running.
+
+`task ha:up` / `task ha:down` (`python -m local_stack.ha_cluster up|down|status`) start
+and stop three extra `rabbitmq-server` nodes, `rabbit-ha1@localhost` to
+`rabbit-ha3@localhost`, AMQP on 5701-5703, and join the second and third to the first
+with `rabbitmqctl join_cluster`. Each node has its own distribution port
+(RABBITMQ_DIST_PORT), config file (the system one pins the listener to 5672), plugins
+file (none: the management plugin would want 15672 too), Mnesia and log directories
+and pid file, all under HA_BASE, owned by the `rabbitmq` user, which the nodes run as.
+
+The broker on 5672 is never joined, stopped or reset: every `rabbitmqctl` call here
+names one of these nodes with `-n`. `down` stops the nodes it started and removes
+their directories.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+HA_BASE = Path("/var/lib/rabbitmq/inferq-ha")
+START_TIMEOUT_S = 90
+RABBITMQ_USER = "rabbitmq"
+
+
+class ClusterError(Exception):
+    """A node did not start, join or stop; the message says which and why."""
+
+
+@dataclass(frozen=True)
+class HaNode:
+    name: str
+    amqp_port: int
+    dist_port: int
+
+    @property
+    def node(self) -> str:
+        return f"{self.name}@localhost"
+
+    @property
+    def amqp_url(self) -> str:
+        return f"amqp://guest:guest@127.0.0.1:{self.amqp_port}/%2F"
+
+    @property
+    def directory(self) -> Path:
+        return HA_BASE / self.name
+
+
+NODES = (
+    HaNode("rabbit-ha1", 5701, 25701),
+    HaNode("rabbit-ha2", 5702, 25702),
+    HaNode("rabbit-ha3", 5703, 25703),
+)
+
+
+def rabbitmqctl(node: HaNode, *args: str, timeout_s: float = 60) -> str:
+    """`rabbitmqctl -n NODE ...`, always naming one of these nodes; ClusterError on failure."""
+    try:
+        result = subprocess.run(
+            ["rabbitmqctl", "-n", node.node, *args],
+            capture_output=True,
+            text=True,
+            timeout=timeout_s,
+            check=False,
+        )
+    except subprocess.TimeoutExpired as exc:
+        raise ClusterError(
+            f"rabbitmqctl -n {node.node} {' '.join(args)}: no answer in {timeout_s} s"
+        ) from exc
+    if result.returncode != 0:
+        raise ClusterError(
+            f"rabbitmqctl -n {node.node} {' '.join(args)} failed ({result.returncode}): "
+            f"{(result.stderr or result.stdout).strip()[-500:]}"
+        )
+    return result.stdout
+
+
+def _prepare(node: HaNode) -> dict[str, str]:
+    """The node's own files, owned by the rabbitmq user; returns its environment."""
+    directory = node.directory
+    (directory / "mnesia").mkdir(parents=True, exist_ok=True)
+    (directory / "log").mkdir(parents=True, exist_ok=True)
+    (directory / "rabbitmq.conf").write_text(f"listeners.tcp.local = 127.0.0.1:{node.amqp_port}\n")
+    (directory / "enabled_plugins").write_text("[].\n")
+    shutil.chown(HA_BASE, RABBITMQ_USER, RABBITMQ_USER)
+    for path in [directory, *directory.rglob("*")]:
+        shutil.chown(path, RABBITMQ_USER, RABBITMQ_USER)
+    return {
+        "RABBITMQ_NODENAME": node.node,
+        "RABBITMQ_NODE_PORT": str(node.amqp_port),
+        "RABBITMQ_DIST_PORT": str(node.dist_port),
+        "RABBITMQ_CONFIG_FILE": str(directory / "rabbitmq.conf"),
+        "RABBITMQ_ENABLED_PLUGINS_FILE": str(directory / "enabled_plugins"),
+        "RABBITMQ_MNESIA_BASE": str(directory / "mnesia"),
+        "RABBITMQ_LOG_BASE": str(directory / "log"),
+        "RABBITMQ_PID_FILE": str(directory / "rabbitmq.pid"),
+    }
+
+
+def start_node(node: HaNode) -> None:
+    env = _prepare(node)
+    command = ["runuser", "-u", RABBITMQ_USER, "--", "env", *(f"{k}={v}" for k, v in env.items())]
+    command += ["rabbitmq-server", "-detached"]
+    started = subprocess.run(command, capture_output=True, text=True, timeout=60, check=False)
+    if started.returncode != 0:
+        raise ClusterError(f"{node.node} did not start: {(started.stderr or started.stdout).strip()[-500:]}")
+    # -detached returns before the node registers with epmd: wait for it to answer at all.
+    deadline = time.monotonic() + START_TIMEOUT_S
+    while not is_running(node):
+        if time.monotonic() > deadline:
+            raise ClusterError(
+                f"{node.node} did not answer within {START_TIMEOUT_S} s; see {node.directory}/log"
+            )
+        time.sleep(0.5)
+    rabbitmqctl(node, "--timeout", str(START_TIMEOUT_S), "await_startup", timeout_s=START_TIMEOUT_S + 10)
+
+
+def is_running(node: HaNode) -> bool:
+    try:
+        rabbitmqctl(node, "ping", timeout_s=15)
+    except ClusterError:
+        return False
+    return True
+
+
+def up(nodes: Sequence[HaNode] = NODES) -> None:
+    """Start the nodes that are not running and join them to the first."""
+    first, *others = nodes
+    if not is_running(first):
+        start_node(first)
+    for node in others:
+        if is_running(node):
+            continue
+        start_node(node)
+        rabbitmqctl(node, "stop_app")
+        rabbitmqctl(node, "join_cluster", first.node)
+        rabbitmqctl(node, "start_app")
+
+
+def down(nodes: Sequence[HaNode] = NODES) -> None:
+    """Stop every node of this cluster that runs, then remove their directories."""
+    for node in reversed(nodes):
+        if is_running(node):
+            pid_file = node.directory / "rabbitmq.pid"
+            rabbitmqctl(node, "stop", *([str(pid_file)] if pid_file.exists() else []), timeout_s=90)
+    shutil.rmtree(HA_BASE, ignore_errors=True)
+
+
+def running_nodes(node: HaNode) -> list[str]:
+    """The cluster's running nodes, as `node` sees them."""
+    status = rabbitmqctl(node, "cluster_status", "--formatter", "json")
+    running: list[str] = json.loads(status).get("running_nodes", [])
+    return running
+
+
+def wait_until_running(nodes: Sequence[HaNode], timeout_s: float = START_TIMEOUT_S) -> None:
+    deadline = time.monotonic() + timeout_s
+    expected = {node.node for node in nodes}
+    while True:
+        try:
+            if set(running_nodes(nodes[0])) >= expected:
+                return
+        except ClusterError:
+            pass
+        if time.monotonic() > deadline:
+            raise ClusterError(f"the cluster did not show {sorted(expected)} running within {timeout_s} s")
+        time.sleep(0.5)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="ha_cluster", description=__doc__.split("\n\n")[0])
+    parser.add_argument("command", choices=["up", "down", "status"])
+    args = parser.parse_args(argv)
+    if os.geteuid() != 0:
+        print("ha_cluster: run as root (the nodes run as the rabbitmq user)", file=sys.stderr)
+        return 2
+    try:
+        if args.command == "up":
+            up()
+            wait_until_running(NODES)
+            print("running: " + ", ".join(f"{n.node} (AMQP {n.amqp_port})" for n in NODES))
+            print("AMQP_URL=" + ",".join(n.amqp_url for n in NODES))
+        elif args.command == "down":
+            down()
+            print("stopped and removed: " + ", ".join(n.node for n in NODES))
+        else:
+            for node in NODES:
+                print(f"{node.node}: {'running' if is_running(node) else 'stopped'}")
+    except ClusterError as exc:
+        print(f"ha_cluster: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

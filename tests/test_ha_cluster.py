@@ -1,0 +1,98 @@
+"""The local three-node cluster (`task ha:up`) and what it is for: a quorum queue keeps
+every confirmed message when the node leading it stops.
+
+The first brick of high availability (quorum topology for jobs, clients that know
+every node, chaos under load) is this harness; it never touches the broker on 5672."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+import uuid
+from collections.abc import Iterator
+
+import aio_pika
+import pytest
+
+from local_stack.ha_cluster import NODES, HaNode, down, rabbitmqctl, running_nodes, up, wait_until_running
+
+MESSAGES = 300
+
+
+@pytest.fixture(scope="module")
+def ha_cluster() -> Iterator[tuple[HaNode, ...]]:
+    if os.geteuid() != 0 or shutil.which("rabbitmq-server") is None:
+        message = "the local HA cluster needs root and rabbitmq-server (apt-get install rabbitmq-server)"
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
+    try:
+        up()
+        wait_until_running(NODES)
+        yield NODES
+    finally:
+        down()
+
+
+def _leader(node: HaNode, queue: str) -> str:
+    rows = json.loads(rabbitmqctl(node, "list_queues", "name", "leader", "--formatter", "json"))
+    (leader,) = [row["leader"] for row in rows if row["name"] == queue]
+    return str(leader)
+
+
+async def _new_leader(node: HaNode, queue_name: str, old: HaNode, timeout_s: float = 30) -> str:
+    """The queue's leader once another node took over (the election takes a moment)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    while (leader := _leader(node, queue_name)) == old.node:
+        if loop.time() > deadline:
+            raise AssertionError(f"{queue_name} still led by the stopped {old.node} after {timeout_s} s")
+        await asyncio.sleep(0.2)
+    return leader
+
+
+async def _consume_all(node: HaNode, queue_name: str) -> set[str]:
+    """Every message of the queue, through `node`, then the queue deleted."""
+    received: set[str] = set()
+    async with await aio_pika.connect(node.amqp_url) as connection:
+        channel = await connection.channel()
+        queue = await channel.get_queue(queue_name, ensure=False)
+        while (message := await queue.get(fail=False, timeout=10)) is not None:
+            received.add(message.body.decode())
+            await message.ack()
+        await channel.queue_delete(queue_name)
+    return received
+
+
+def test_the_cluster_is_three_nodes_and_not_the_broker_on_5672(ha_cluster: tuple[HaNode, ...]) -> None:
+    assert sorted(running_nodes(ha_cluster[0])) == sorted(node.node for node in ha_cluster)
+    assert "rabbit@localhost" not in running_nodes(ha_cluster[1])
+
+
+async def test_given_the_leader_stopped_then_a_quorum_queue_keeps_every_confirmed_message(
+    ha_cluster: tuple[HaNode, ...],
+) -> None:
+    queue_name = f"t{uuid.uuid4().hex[:10]}.ha-probe"
+    first = ha_cluster[0]
+    async with await aio_pika.connect(first.amqp_url) as connection:
+        channel = await connection.channel(publisher_confirms=True)
+        await channel.declare_queue(
+            queue_name, durable=True, arguments={"x-queue-type": "quorum", "x-delivery-limit": 5}
+        )
+        for n in range(MESSAGES):
+            persistent = aio_pika.Message(str(n).encode(), delivery_mode=aio_pika.DeliveryMode.PERSISTENT)
+            await channel.default_exchange.publish(persistent, queue_name)  # waits for the confirm
+
+    leader = next(node for node in ha_cluster if node.node == _leader(first, queue_name))
+    survivor = next(node for node in ha_cluster if node is not leader)
+    rabbitmqctl(leader, "stop_app")
+    try:
+        new_leader = await _new_leader(survivor, queue_name, leader)
+        received = await _consume_all(survivor, queue_name)
+    finally:
+        rabbitmqctl(leader, "start_app")
+
+    assert received == {str(n) for n in range(MESSAGES)}  # none lost, none invented
+    assert new_leader != leader.node
