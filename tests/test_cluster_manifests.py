@@ -1,6 +1,6 @@
 """The Kubernetes manifests in cluster/: valid core objects (kubernetes-validate, offline),
 a RabbitmqCluster valid against the operator's CRD, and what KEDA's ScaledObjects need:
-each scale target exists, starts at 0, and outlives its drain on SIGTERM."""
+each scale target exists, leaves its replica count to KEDA, and outlives its drain on SIGTERM."""
 
 from __future__ import annotations
 
@@ -53,12 +53,12 @@ def test_the_rabbitmq_cluster_validates_against_the_operator_crd() -> None:
     [d for d in _documents("keda") if d["kind"] == "ScaledObject"],
     ids=lambda d: d["metadata"]["name"],
 )
-def test_each_scale_target_exists_starts_at_zero_and_outlives_its_drain(scaled: dict[str, Any]) -> None:
+def test_each_scale_target_exists_is_left_to_keda_and_outlives_its_drain(scaled: dict[str, Any]) -> None:
     (config,) = [d for d in CORE if d["kind"] == "ConfigMap"]
     drain_s = float(config["data"]["DRAIN_TIMEOUT_S"])
     target = DEPLOYMENTS[scaled["spec"]["scaleTargetRef"]["name"]]
     pod = target["spec"]["template"]["spec"]
-    assert target["spec"]["replicas"] == 0
+    assert "replicas" not in target["spec"], "KEDA owns the count: an apply must not reset it"
     assert pod["terminationGracePeriodSeconds"] > drain_s
     model = scaled["spec"]["triggers"][0]["metadata"]["queueName"].removeprefix("jobs.")
     assert pod["containers"][0]["command"][-2:] == ["worker", model]
@@ -91,3 +91,12 @@ def test_only_keda_reaches_the_push_scaler_and_its_service_fronts_its_pods() -> 
     assert service["spec"]["selector"].items() <= pod_labels.items()
     assert [p["port"] for p in rule["ports"]] == [p["containerPort"] for p in container["ports"]]
     assert rule["from"][0]["namespaceSelector"]["matchLabels"] == {"kubernetes.io/metadata.name": "keda"}
+
+
+def test_every_container_image_is_used_as_built_never_pulled_for_a_moving_tag() -> None:
+    for doc in CORE:
+        if doc["kind"] not in ("Deployment", "StatefulSet"):
+            continue
+        for container in doc["spec"]["template"]["spec"]["containers"]:
+            name = f"{doc['kind']}/{doc['metadata']['name']}/{container['name']}"
+            assert container.get("imagePullPolicy") == "IfNotPresent", name
