@@ -16,10 +16,10 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Annotated, Any
 
 from pydantic import (
-    AfterValidator,
     BaseModel,
     BeforeValidator,
     ConfigDict,
@@ -28,14 +28,13 @@ from pydantic import (
     model_validator,
 )
 
+from contract.model_catalogue import DEFAULT_CATALOGUE, Catalogue, CatalogueError, load_catalogue
 from contract.retry_tiers import RetrySchedule
 from contract.topology import DEFAULT_CALLBACK_RETRY_DELAYS_S, DEFAULT_JOB_RETRY_DELAYS_S, Topology
 
 DEFAULT_AMQP_URL = "amqp://guest:guest@127.0.0.1:5672/%2F"
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 DEFAULT_MODELS = ("echo", "embed-minilm")
-TEST_MODELS = ("synthetic",)
-KNOWN_MODELS = ("echo", "embed-minilm", "synthetic")
 # Never echoed back in an error: they carry credentials.
 SECRET_VARIABLES = frozenset(
     {"AMQP_URL", "WEBHOOK_SECRET", "API_KEYS", "RABBITMQ_MANAGEMENT_URL", "REDIS_URL"}
@@ -57,21 +56,12 @@ def _split_csv(value: object) -> object:
     return value
 
 
-def _known_models(models: tuple[str, ...]) -> tuple[str, ...]:
-    unknown = [model for model in models if model not in KNOWN_MODELS]
-    if unknown:
-        raise ValueError(f"names unknown model(s) {unknown}; known: {list(KNOWN_MODELS)}")
-    return models
-
-
 CsvList = Annotated[tuple[str, ...], BeforeValidator(_split_csv)]
 # Comma-separated seconds, each > 0, at least one.
 Delays = Annotated[
     tuple[Annotated[float, Field(gt=0)], ...], BeforeValidator(_split_csv), Field(min_length=1)
 ]
-Models = Annotated[
-    tuple[str, ...], BeforeValidator(_split_csv), Field(min_length=1), AfterValidator(_known_models)
-]
+Models = Annotated[tuple[str, ...], BeforeValidator(_split_csv), Field(min_length=1)]
 Port = Annotated[int, Field(ge=0, le=65535)]
 
 
@@ -89,6 +79,7 @@ class Environment(BaseModel):
     amqp_url: str = Field(DEFAULT_AMQP_URL, alias="AMQP_URL", repr=False)
     models: Models = Field(DEFAULT_MODELS, alias="MODELS")
     enable_test_models: bool = Field(False, alias="ENABLE_TEST_MODELS")
+    model_catalogue: str = Field(str(DEFAULT_CATALOGUE), alias="MODEL_CATALOGUE")
     queue_prefix: str = Field("", alias="QUEUE_PREFIX")
     max_queue_length: int = Field(100_000, ge=1, alias="MAX_QUEUE_LENGTH")
     retry_delays_s: Delays = Field(DEFAULT_JOB_RETRY_DELAYS_S, alias="RETRY_DELAYS_S")
@@ -154,7 +145,14 @@ class Environment(BaseModel):
 
     @model_validator(mode="after")
     def _cross_field_rules(self) -> Environment:
-        test_models = [m for m in self.models if m in TEST_MODELS]
+        catalogue = self.catalogue
+        unknown = [model for model in self.models if model not in catalogue.entries]
+        if unknown:
+            raise ValueError(
+                f"MODELS={','.join(self.models)!r}: names unknown model(s) {unknown}; "
+                f"the catalogue ({catalogue.source}) has {list(catalogue.names)}"
+            )
+        test_models = [m for m in self.models if m in catalogue.test_only]
         if test_models and not self.enable_test_models:
             raise ValueError(f"MODELS lists {test_models}, which needs ENABLE_TEST_MODELS=1")
         if self.callback_host_concurrency > self.callback_concurrency:
@@ -183,11 +181,19 @@ class Environment(BaseModel):
         return None if self.redis_url.lower() == "off" else self.redis_url
 
     @property
+    def catalogue(self) -> Catalogue:
+        """The model catalogue at MODEL_CATALOGUE (default: the project's models.yaml)."""
+        try:
+            return load_catalogue(Path(self.model_catalogue))
+        except CatalogueError as exc:
+            raise ValueError(str(exc)) from None
+
+    @property
     def served_models(self) -> tuple[str, ...]:
-        """`MODELS`, plus the test models when `ENABLE_TEST_MODELS` is on."""
+        """`MODELS`, plus the catalogue's test-only models when `ENABLE_TEST_MODELS` is on."""
         if not self.enable_test_models:
             return self.models
-        return self.models + tuple(m for m in TEST_MODELS if m not in self.models)
+        return self.models + tuple(m for m in self.catalogue.test_only if m not in self.models)
 
     def topology(self) -> Topology:
         """The topology every process must agree on: names, limits and retry schedules.

@@ -69,6 +69,7 @@ async def submit_job(request: Request) -> Response:
         require_json_content_type(request)
         body = await read_limited_body(request, settings.max_body_bytes)
         job_request = decode_job_request(body)
+        _check_input(state, model, job_request.input)
         key = idempotency_key(request)
         wait_s = preferred_wait_s(request)
         if job_request.callback_url is not None:
@@ -104,6 +105,20 @@ async def submit_job(request: Request) -> Response:
         raise
 
 
+def _check_input(state: IngressState, model: str, job_input: object) -> None:
+    """The model's input schema (models.yaml), before anything is queued."""
+    problem = state.input_schemas.problem(model, job_input)
+    if problem is not None:
+        pointer, message = problem
+        raise Problem(
+            422,
+            "invalid-input",
+            "Unprocessable Content",
+            f"input does not match {model}'s input schema at {pointer}: {message}",
+            errors=[{"pointer": pointer, "detail": message}],
+        )
+
+
 async def _check_callback_url(state: IngressState, callback_url: str) -> None:
     try:
         await check_callback_url(callback_url, state.settings.callback_allow, state.resolver)
@@ -120,9 +135,31 @@ async def _check_callback_url(state: IngressState, callback_url: str) -> None:
 
 
 async def list_models(request: Request) -> Response:
-    settings = ingress_state(request).settings
-    authenticate(request, settings.api_keys)
-    return JSONResponse({"models": [{"name": model} for model in settings.models]})
+    state = ingress_state(request)
+    authenticate(request, state.settings.api_keys)
+    return JSONResponse(
+        {
+            "models": [
+                {"name": model, "description": state.catalogue.entry(model).description}
+                for model in state.settings.models
+            ]
+        }
+    )
+
+
+async def describe_model(request: Request) -> Response:
+    state = ingress_state(request)
+    authenticate(request, state.settings.api_keys)
+    model = request.path_params["model"]
+    if model not in state.settings.models:
+        raise Problem(
+            404,
+            "unknown-model",
+            "Not Found",
+            f"model {model!r} is not served; served models: {list(state.settings.models)}",
+        )
+    entry = state.catalogue.entry(model)
+    return JSONResponse({"name": model, "description": entry.description, "input_schema": entry.input_schema})
 
 
 async def healthz(request: Request) -> Response:
@@ -142,8 +179,9 @@ async def metrics(request: Request) -> Response:
 
 
 async def openapi(request: Request) -> Response:
+    state = ingress_state(request)
     return Response(
-        msgspec.json.encode(openapi_document(ingress_state(request).settings.models)),
+        msgspec.json.encode(openapi_document(state.settings.models, state.catalogue)),
         media_type="application/json",
     )
 
@@ -173,6 +211,7 @@ def create_app(settings: IngressSettings) -> Starlette:
             Route("/v1/jobs/{job_id}", get_job, methods=["GET"]),
             Route("/v1/jobs/{job_id}/cancel", cancel_job, methods=["POST"]),
             Route("/v1/models", list_models, methods=["GET"]),
+            Route("/v1/models/{model}", describe_model, methods=["GET"]),
             Route("/healthz", healthz, methods=["GET"]),
             Route("/readyz", readyz, methods=["GET"]),
             Route("/metrics", metrics, methods=["GET"]),

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from contract.model_catalogue import Catalogue
+
 _PROBLEM = {"$ref": "#/components/schemas/Problem"}
 _RECORD = {"$ref": "#/components/schemas/JobRecord"}
 _TIME = {"type": ["string", "null"], "format": "date-time"}
@@ -26,7 +28,15 @@ def _problem_response(description: str) -> dict[str, Any]:
     return {"description": description, "content": {"application/problem+json": {"schema": _PROBLEM}}}
 
 
-def openapi_document(models: tuple[str, ...]) -> dict[str, Any]:
+def openapi_document(models: tuple[str, ...], catalogue: Catalogue) -> dict[str, Any]:
+    document = _document(models)
+    # Each model's input schema (models.yaml), as the ingress enforces it at submit.
+    for model in models:
+        document["components"]["schemas"][f"Input-{model}"] = catalogue.entry(model).input_schema
+    return document
+
+
+def _document(models: tuple[str, ...]) -> dict[str, Any]:
     return {
         "openapi": "3.1.0",
         "info": {"title": "inferq ingress", "version": "1"},
@@ -38,7 +48,10 @@ def openapi_document(models: tuple[str, ...]) -> dict[str, Any]:
                     "required": ["input"],
                     "additionalProperties": False,
                     "properties": {
-                        "input": {"description": "Any JSON value; the model defines its shape"},
+                        "input": {
+                            "description": "JSON matching the model's input schema "
+                            "(components/schemas/Input-<model>, GET /v1/models/{model}); else 422"
+                        },
                         "callback_url": {
                             "type": "string",
                             "format": "uri",
@@ -152,8 +165,8 @@ def openapi_document(models: tuple[str, ...]) -> dict[str, Any]:
                         "413": _problem_response("Body over MAX_BODY_BYTES"),
                         "415": _problem_response("Content-Type is not JSON"),
                         "422": _problem_response(
-                            "Schema violation, refused callback_url, "
-                            "or Idempotency-Key reused with another body"
+                            "Schema violation, an input its model's schema refuses (`pointer` names "
+                            "the field), refused callback_url, or Idempotency-Key reused with another body"
                         ),
                         "503": _problem_response(
                             "Broker unavailable or did not take the job, or job records unavailable for a "
@@ -198,6 +211,19 @@ def openapi_document(models: tuple[str, ...]) -> dict[str, Any]:
                 }
             },
             "/v1/models": {"get": {"summary": "Served models", "responses": {"200": {"description": "OK"}}}},
+            "/v1/models/{model}": {
+                "get": {
+                    "summary": "One model: its description and input schema",
+                    "parameters": [
+                        {"name": "model", "in": "path", "required": True, "schema": {"type": "string"}},
+                    ],
+                    "responses": {
+                        "200": {"description": "name, description, input_schema"},
+                        "401": _problem_response("Missing or wrong API key"),
+                        "404": _problem_response("Unknown model"),
+                    },
+                }
+            },
             "/healthz": {
                 "get": {
                     "summary": "Process alive",

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 
 from contract.callback_guard import AllowList
 from contract.config import DEFAULT_AMQP_URL, ConfigError, Environment
+from contract.model_catalogue import DEFAULT_CATALOGUE
 from contract.topology import Topology
 
 
@@ -21,6 +22,8 @@ class IngressSettings:
     dns_timeout_s: float = 3.0
     max_body_bytes: int = 1024 * 1024
     models: tuple[str, ...] = ("echo", "embed-minilm")
+    # The model catalogue (models.yaml): descriptions and input schemas of the models.
+    model_catalogue: str = str(DEFAULT_CATALOGUE)
     topology: Topology = field(default_factory=Topology)
     publish_timeout_s: float = 10.0
     retry_after_s: int = 5
@@ -50,6 +53,7 @@ class IngressSettings:
             dns_timeout_s=read.dns_timeout_s,
             max_body_bytes=read.max_body_bytes,
             models=read.served_models,
+            model_catalogue=read.model_catalogue,
             topology=read.topology(),
             access_log=read.ingress_access_log,
             demand_events=read.demand_events,

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from starlette.requests import Request
 
 from contract.broker import Broker
 from contract.callback_guard import SystemResolver
 from contract.job_records import JobRecords
+from contract.model_catalogue import InputSchemas, load_catalogue
 from ingress.admission import Admission
 from ingress.demand import DemandAnnouncer
 from ingress.finished_waiters import FinishedWaiters
@@ -24,6 +27,8 @@ class IngressState:
         self.metrics = IngressMetrics()
         self.resolver = SystemResolver(timeout_s=settings.dns_timeout_s)
         self.admission = Admission(self._queue_depth, settings.topology.max_queue_length)
+        self.catalogue = load_catalogue(Path(settings.model_catalogue))
+        self.input_schemas = InputSchemas(self.catalogue, settings.models)
         self.demand = DemandAnnouncer(self.broker)
         self.records = (
             JobRecords(settings.redis_url, settings.topology.prefix, settings.result_ttl_s)

@@ -31,6 +31,7 @@ from callbacks.settings import CallbackSettings
 from callbacks.signing import generate_secret
 from contract.broker import Broker, BrokerError
 from contract.config import ConfigError, Environment
+from contract.model_catalogue import CatalogueError, load_catalogue, model_class
 from local_stack.local_services import BrokerNotAvailable, ensure_broker, ensure_management_api, ensure_redis
 from ray_workers.deployment import (
     run_callback_dispatcher,
@@ -202,19 +203,28 @@ async def _run_until_signal(
     print("stopping: ingress, then workers (drain), then callbacks", flush=True)
 
 
+def _check_model_classes(stack: StackSettings) -> None:
+    """Every served model's class imports and is a model, before anything starts (the
+    replicas would otherwise fail one by one, minutes later, in Ray's logs)."""
+    catalogue = load_catalogue(Path(stack.workers.model_catalogue))
+    for model in stack.workers.models:
+        model_class(catalogue.entry(model))
+
+
 def main() -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per autoscaler poll otherwise
     try:
         env = _stack_env(os.environ)
         stack = StackSettings.from_env(env)
+        _check_model_classes(stack)
         ensure_broker(stack.amqp_url)
         if stack.autoscale:
             ensure_management_api(stack.management_url)
         if stack.workers.redis_url:
             ensure_redis(stack.workers.redis_url)
         policies, initial = _scaling_plan(stack)
-    except (ConfigError, BrokerNotAvailable, InvalidScaledObject) as exc:
+    except (ConfigError, CatalogueError, BrokerNotAvailable, InvalidScaledObject) as exc:
         print(f"cannot start: {exc}", file=sys.stderr)
         return 2
     # Ray's own processes read these from the environment they inherit; the webhook secret

@@ -76,7 +76,7 @@ class ModelWorkerDeployment:
     async def __init__(self, model_name: str, settings: WorkerSettings) -> None:  # type: ignore[misc]
         logging.basicConfig(level=logging.INFO)
         started = time.monotonic()
-        self._model = await asyncio.to_thread(load_model, model_name)
+        self._model = await asyncio.to_thread(load_model, model_name, settings.model_catalogue)
         logger.info("model %s loaded in %.2f s", model_name, time.monotonic() - started)
         self._worker = JobWorker(self._model, settings, metrics=WorkerMetrics(RaySink()))
         self._drain_timeout_s = settings.drain_timeout_s

@@ -8,6 +8,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from contract.config import DEFAULT_AMQP_URL, Environment
+from contract.model_catalogue import DEFAULT_CATALOGUE
 from contract.topology import Topology
 
 
@@ -15,6 +16,8 @@ from contract.topology import Topology
 class WorkerSettings:
     amqp_url: str = field(default=DEFAULT_AMQP_URL, repr=False)
     models: tuple[str, ...] = ("echo", "embed-minilm")
+    # Where each model's class is found (models.yaml).
+    model_catalogue: str = str(DEFAULT_CATALOGUE)
     topology: Topology = field(default_factory=Topology)
     batch_max_size: int = 128
     batch_max_wait_s: float = 0.005
@@ -53,6 +56,7 @@ class WorkerSettings:
             breaker_cooldown_s=read.breaker_cooldown_s,
             drain_timeout_s=read.drain_timeout_s,
             model_threads=read.model_threads,
+            model_catalogue=read.model_catalogue,
             num_gpus=read.worker_num_gpus,
             redis_url=read.records_url,
             result_ttl_s=read.result_ttl_s,

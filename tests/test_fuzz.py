@@ -32,6 +32,7 @@ from contract.callback_guard import (
     check_callback_url,
 )
 from contract.config import Environment
+from contract.model_catalogue import load_catalogue
 from ingress.openapi import openapi_document
 from ingress.problems import Problem
 from ingress.request_body import JobRequest, decode_job_request
@@ -175,12 +176,12 @@ def _delete_topology(amqp_url: str, prefix: str) -> None:
 
 # The document the ingress serves at /openapi.json (the test below checks they are equal):
 # loaded at import, since schemathesis's lazy fixture loading does not run on pytest 9.
-schema = schemathesis.openapi.from_dict(openapi_document(("echo",)))
+schema = schemathesis.openapi.from_dict(openapi_document(("echo",), load_catalogue()))
 
 
 def test_the_served_openapi_document_is_the_one_fuzzed(ingress_url: str) -> None:
     served = httpx.get(f"{ingress_url}/openapi.json", timeout=5).json()
-    assert served == json.loads(json.dumps(openapi_document(("echo",))))
+    assert served == json.loads(json.dumps(openapi_document(("echo",), load_catalogue())))
 
 
 @schemathesis.check

@@ -1,0 +1,161 @@
+"""The model catalogue (models.yaml): what it accepts, how it refuses a bad entry (naming
+the model and the field), and a model whose code lives outside the platform's source
+tree served end to end: its input schema enforced at submit, its output returned."""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+import textwrap
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from contract.broker import Broker
+from contract.config import ConfigError, Environment
+from contract.model_catalogue import CatalogueError, load_catalogue, model_class
+from ingress.settings import IngressSettings
+from ray_workers.models.registry import load_model
+from ray_workers.settings import WorkerSettings
+from tests.conftest import drain_queue, running_ingress, running_worker
+
+
+def _write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / f"models-{uuid.uuid4().hex[:8]}.yaml"
+    path.write_text(textwrap.dedent(text))
+    return path
+
+
+def test_the_shipped_catalogue_lists_the_models_and_each_class_is_a_model() -> None:
+    catalogue = load_catalogue()
+
+    assert catalogue.names == ("echo", "embed-minilm", "synthetic")
+    assert catalogue.test_only == ("synthetic",)
+    for name in catalogue.names:
+        assert callable(getattr(model_class(catalogue.entry(name)), "predict", None))
+
+
+@pytest.mark.parametrize(
+    ("entry", "message"),
+    [
+        ("echo: {class: echo}", "model 'echo': class='echo'; expected `package.module:Class`"),
+        ("echo: {class: 'a.b:C', inputs: {}}", "model 'echo': unknown field(s) ['inputs']"),
+        (
+            "echo: {class: 'a.b:C', input_schema: {type: 12}}",
+            "model 'echo': input_schema is not a valid JSON Schema",
+        ),
+        ("echo: {class: 'a.b:C', test_only: maybe}", "model 'echo': test_only='maybe'"),
+        ("Echo_1: {class: 'a.b:C'}", "model name 'Echo_1' must be lowercase"),
+    ],
+)
+def test_a_bad_entry_is_refused_naming_the_model_and_the_field(
+    tmp_path: Path, entry: str, message: str
+) -> None:
+    path = _write(tmp_path, f"models:\n  {entry}\n")
+    with pytest.raises(CatalogueError) as refused:
+        load_catalogue(path)
+
+    assert message in str(refused.value)
+
+
+@pytest.mark.parametrize(
+    ("class_path", "message"),
+    [
+        ("no_such_package.models:Model", "cannot import no_such_package.models"),
+        ("ray_workers.models.echo:Missing", "ray_workers.models.echo has no class Missing"),
+        ("contract.model_catalogue:ModelEntry", "the class has no prepare or predict"),
+    ],
+)
+def test_a_class_that_is_not_a_model_is_refused_at_start(
+    tmp_path: Path, class_path: str, message: str
+) -> None:
+    path = _write(tmp_path, f"models:\n  mine: {{class: '{class_path}'}}\n")
+    with pytest.raises(CatalogueError) as refused:
+        model_class(load_catalogue(path).entry("mine"))
+
+    assert f"model 'mine': class='{class_path}': {message}" in str(refused.value)
+
+
+def test_models_must_name_catalogue_entries(tmp_path: Path) -> None:
+    path = _write(tmp_path, "models:\n  mine: {class: 'ray_workers.models.echo:EchoModel'}\n")
+
+    served = Environment.read({"MODEL_CATALOGUE": str(path), "MODELS": "mine"}).served_models
+    with pytest.raises(ConfigError, match=r"names unknown model\(s\) \['echo'\]"):
+        Environment.read({"MODEL_CATALOGUE": str(path), "MODELS": "echo"})
+
+    assert served == ("mine",)
+
+
+SHOUT_MODEL = '''
+"""A user's model, outside the platform's source tree."""
+
+
+class ShoutModel:
+    def prepare(self, raw_input, attempt):
+        return raw_input["text"]
+
+    def predict(self, inputs):
+        return [text.upper() + "!" for text in inputs]
+'''
+
+
+@pytest.fixture
+def user_model(tmp_path: Path) -> Iterator[Path]:
+    """A package `acme_<id>` with one model, importable, and a catalogue naming it."""
+    package = f"acme_{uuid.uuid4().hex[:8]}"
+    (tmp_path / package).mkdir()
+    (tmp_path / package / "__init__.py").write_text("")
+    (tmp_path / package / "shout.py").write_text(SHOUT_MODEL)
+    catalogue = _write(
+        tmp_path,
+        f"""
+        models:
+          shout:
+            class: {package}.shout:ShoutModel
+            description: Shouts its text.
+            input_schema:
+              type: object
+              required: [text]
+              additionalProperties: false
+              properties:
+                text: {{type: string, maxLength: 100}}
+        """,
+    )
+    sys.path.insert(0, str(tmp_path))
+    try:
+        yield catalogue
+    finally:
+        sys.path.remove(str(tmp_path))
+
+
+async def test_a_model_from_outside_the_tree_is_described_validated_and_served(
+    user_model: Path, ingress_settings: IngressSettings, worker_settings: WorkerSettings
+) -> None:
+    models = ("shout",)
+    ingress = dataclasses.replace(ingress_settings, models=models, model_catalogue=str(user_model))
+    workers = dataclasses.replace(worker_settings, models=models, model_catalogue=str(user_model))
+    broker = Broker(workers.amqp_url, workers.topology, models)
+    await broker.connect()
+    try:
+        async with running_ingress(ingress) as client:
+            described = await client.get("/v1/models/shout")
+            listed = await client.get("/v1/models")
+            refused = await client.post("/v1/models/shout/jobs", json={"input": {"text": 42}})
+            unknown_field = await client.post("/v1/models/shout/jobs", json={"input": {"txt": "hi"}})
+            queued_after_refusals = await drain_queue(workers.amqp_url, workers.topology.main_queue("shout"))
+            async with running_worker(load_model("shout", str(user_model)), workers):
+                served = await client.post(
+                    "/v1/models/shout/jobs", json={"input": {"text": "hello"}}, headers={"Prefer": "wait=10"}
+                )
+    finally:
+        await broker.delete_topology()
+        await broker.close()
+
+    assert described.json()["input_schema"]["required"] == ["text"]
+    assert listed.json()["models"] == [{"name": "shout", "description": "Shouts its text."}]
+    assert refused.status_code == 422 and refused.json()["errors"][0]["pointer"] == "/input/text"
+    assert unknown_field.status_code == 422 and unknown_field.json()["type"].endswith("/invalid-input")
+    assert queued_after_refusals == []  # refused before anything was queued
+    assert served.status_code == 200 and served.json()["output"] == "HELLO!"
