@@ -6,6 +6,11 @@ Read once at start (`load_catalogue`), validated whole: a bad entry stops the pr
 with a `CatalogueError` naming the file, the model and the field. `MODELS` then picks
 which entries run; entries marked `test_only` run only with ENABLE_TEST_MODELS=1.
 
+Installed packages add models through the entry-point group `inferq.models` (name =
+model name, value = `package.module:Class`): such a model needs no catalogue entry (its
+input schema is then `{}`, any JSON), and a catalogue entry of the same name may leave
+out `class` to use it while giving the schema and description.
+
 Checked here: the entry's fields, the class path's shape (`package.module:Class`) and
 that each input schema is a valid JSON Schema (2020-12). Importing the class (and
 checking it has `prepare` and `predict`) is `model_class`'s job, done by the processes
@@ -16,6 +21,7 @@ from __future__ import annotations
 
 import functools
 import importlib
+import importlib.metadata
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -62,9 +68,18 @@ class Catalogue:
         return self.entries[name]
 
 
+ENTRY_POINT_GROUP = "inferq.models"
+
+
+def installed_models() -> dict[str, str]:
+    """Models that installed packages declare: name -> `package.module:Class`."""
+    return {point.name: point.value for point in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP)}
+
+
 @functools.lru_cache(maxsize=8)
 def load_catalogue(path: Path = DEFAULT_CATALOGUE) -> Catalogue:
-    """Parse and validate the catalogue file (cached: every process reads it once)."""
+    """Parse and validate the catalogue file, plus the models installed packages declare
+    (cached: every process reads it once)."""
     source = str(path)
     try:
         document = yaml.safe_load(path.read_text())
@@ -75,10 +90,15 @@ def load_catalogue(path: Path = DEFAULT_CATALOGUE) -> Catalogue:
     models = document.get("models") if isinstance(document, dict) else None
     if not isinstance(models, dict) or not models:
         raise CatalogueError(f"{source}: expected a mapping `models:` of at least one model")
-    return Catalogue(source, {name: _entry(source, name, fields) for name, fields in models.items()})
+    installed = installed_models()
+    entries = {name: _entry(source, name, fields, installed) for name, fields in models.items()}
+    for name, class_path in installed.items():
+        if name not in entries:
+            entries[name] = _entry(f"entry point {ENTRY_POINT_GROUP}", name, {"class": class_path}, {})
+    return Catalogue(source, entries)
 
 
-def _entry(source: str, name: object, fields: object) -> ModelEntry:
+def _entry(source: str, name: object, fields: object, installed: dict[str, str]) -> ModelEntry:
     if not isinstance(name, str) or not _NAME.match(name):
         raise CatalogueError(f"{source}: model name {name!r} must be lowercase letters, digits and '-'")
     where = f"{source}: model {name!r}"
@@ -87,7 +107,11 @@ def _entry(source: str, name: object, fields: object) -> ModelEntry:
     unknown = sorted(set(fields) - _FIELDS)
     if unknown:
         raise CatalogueError(f"{where}: unknown field(s) {unknown}; expected {sorted(_FIELDS)}")
-    class_path = fields.get("class")
+    class_path = fields.get("class", installed.get(name))
+    if class_path is None:
+        raise CatalogueError(
+            f"{where}: no class, and no installed package declares the entry point {ENTRY_POINT_GROUP}:{name}"
+        )
     if not isinstance(class_path, str) or not _CLASS_PATH.match(class_path):
         raise CatalogueError(f"{where}: class={class_path!r}; expected `package.module:Class`")
     schema = fields.get("input_schema", {})

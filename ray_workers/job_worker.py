@@ -26,11 +26,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 from contract.broker import Broker, BrokerError, Delivery
 from contract.callback_events import callback_for, canceled_callback, carrying_job
@@ -402,7 +403,12 @@ class JobWorker:
     async def _predict_into(self, items: Sequence[_Work]) -> str | None:
         """One predict call: records the outputs and returns None, or returns the error."""
         try:
-            outputs = await asyncio.to_thread(self._model.predict, [w.prepared for w in items])
+            prepared = [w.prepared for w in items]
+            predict = self._model.predict
+            if inspect.iscoroutinefunction(predict):  # an async model awaits on the loop itself
+                outputs = await cast(Awaitable[list[Any]], predict(prepared))
+            else:
+                outputs = await asyncio.to_thread(predict, prepared)
             if len(outputs) != len(items):
                 raise ModelError(f"model returned {len(outputs)} outputs for {len(items)} inputs")
         except ModelError as exc:

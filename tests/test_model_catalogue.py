@@ -5,6 +5,8 @@ tree served end to end: its input schema enforced at submit, its output returned
 from __future__ import annotations
 
 import dataclasses
+import importlib
+import subprocess
 import sys
 import textwrap
 import uuid
@@ -48,6 +50,10 @@ def test_the_shipped_catalogue_lists_the_models_and_each_class_is_a_model() -> N
         ),
         ("echo: {class: 'a.b:C', test_only: maybe}", "model 'echo': test_only='maybe'"),
         ("Echo_1: {class: 'a.b:C'}", "model name 'Echo_1' must be lowercase"),
+        (
+            "echo: {description: no code}",
+            "model 'echo': no class, and no installed package declares the entry point inferq.models:echo",
+        ),
     ],
 )
 def test_a_bad_entry_is_refused_naming_the_model_and_the_field(
@@ -159,3 +165,92 @@ async def test_a_model_from_outside_the_tree_is_described_validated_and_served(
     assert unknown_field.status_code == 422 and unknown_field.json()["type"].endswith("/invalid-input")
     assert queued_after_refusals == []  # refused before anything was queued
     assert served.status_code == 200 and served.json()["output"] == "HELLO!"
+
+
+WHISPER_MODEL = '''
+"""An installed user model: async predict, and a warm-up before the first job."""
+
+import asyncio
+
+
+class WhisperModel:
+    def __init__(self):
+        self.warm = False
+
+    def warm_up(self):
+        self.warm = True
+
+    def prepare(self, raw_input, attempt):
+        return str(raw_input)
+
+    async def predict(self, inputs):
+        await asyncio.sleep(0)
+        return [f"{text.lower()} ({'warm' if self.warm else 'cold'})" for text in inputs]
+'''
+
+
+@pytest.fixture
+def installed_model(tmp_path: Path) -> Iterator[str]:
+    """A package installed into this venv (pip), declaring its model by entry point."""
+    suffix = uuid.uuid4().hex[:8]
+    package, name = f"acme_whisper_{suffix}", f"whisper-{suffix}"
+    source = tmp_path / "dist"
+    (source / package).mkdir(parents=True)
+    (source / package / "__init__.py").write_text("")
+    (source / package / "model.py").write_text(WHISPER_MODEL)
+    (source / "pyproject.toml").write_text(
+        textwrap.dedent(
+            f"""
+            [build-system]
+            requires = ["setuptools>=68"]
+            build-backend = "setuptools.build_meta"
+
+            [project]
+            name = "{package}"
+            version = "0.1.0"
+
+            [project.entry-points."inferq.models"]
+            {name} = "{package}.model:WhisperModel"
+
+            [tool.setuptools]
+            packages = ["{package}"]
+            """
+        )
+    )
+    pip = [sys.executable, "-m", "pip", "-q", "--disable-pip-version-check"]
+    install = [*pip, "install", "--no-deps", "--no-build-isolation", "--no-index", str(source)]
+    subprocess.run(install, check=True, capture_output=True, timeout=120)
+    importlib.invalidate_caches()
+    try:
+        yield name
+    finally:
+        subprocess.run([*pip, "uninstall", "-y", package], check=True, capture_output=True, timeout=120)
+
+
+async def test_a_model_of_an_installed_package_is_found_by_entry_point_warmed_up_and_served(
+    installed_model: str, tmp_path: Path, ingress_settings: IngressSettings, worker_settings: WorkerSettings
+) -> None:
+    listed = _write(tmp_path, f"models:\n  {installed_model}:\n    input_schema: {{type: string}}\n")
+    unlisted = _write(tmp_path, "models:\n  echo: {class: 'ray_workers.models.echo:EchoModel'}\n")
+    models = (installed_model,)
+    ingress = dataclasses.replace(ingress_settings, models=models, model_catalogue=str(listed))
+    workers = dataclasses.replace(worker_settings, models=models, model_catalogue=str(listed))
+    broker = Broker(workers.amqp_url, workers.topology, models)
+    await broker.connect()
+    try:
+        async with running_ingress(ingress) as client:
+            refused = await client.post(f"/v1/models/{installed_model}/jobs", json={"input": 7})
+            async with running_worker(load_model(installed_model, str(listed)), workers):
+                served = await client.post(
+                    f"/v1/models/{installed_model}/jobs",
+                    json={"input": "HELLO"},
+                    headers={"Prefer": "wait=10"},
+                )
+    finally:
+        await broker.delete_topology()
+        await broker.close()
+
+    discovered = load_catalogue(unlisted).entry(installed_model)
+    assert refused.status_code == 422  # the catalogue's schema for the installed model holds
+    assert served.status_code == 200 and served.json()["output"] == "hello (warm)"
+    assert discovered.input_schema == {} and discovered.class_path.endswith(".model:WhisperModel")

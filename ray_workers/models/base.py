@@ -1,7 +1,12 @@
 """The model interface: load once, validate each input, predict on a batch.
 
 `prepare` runs per job so one bad input fails only its own job; `predict` runs on the
-whole batch, off the event loop, and must return one output per input, in order.
+whole batch and must return one output per input, in order: a plain `def predict` runs
+on a thread, off the event loop; an `async def predict` is awaited on the loop (for a
+model that calls out, e.g. to a GPU server). An optional `warm_up()` runs once per
+replica after loading, before the replica takes any job (compile, allocate, load
+caches: the first job should not pay for it). The class is constructed with no
+arguments; it picks its device itself.
 """
 
 from __future__ import annotations

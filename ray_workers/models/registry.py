@@ -1,5 +1,5 @@
-"""Model names to instances, through the catalogue (`models.yaml`); loading happens once
-per replica."""
+"""Model names to instances, through the catalogue (`models.yaml`); loading (and the
+model's optional `warm_up`) happens once per replica, before it takes any job."""
 
 from __future__ import annotations
 
@@ -16,4 +16,7 @@ def load_model(name: str, catalogue_path: str = str(DEFAULT_CATALOGUE)) -> Model
     model = cast(Model, model_class(entry)())
     if getattr(model, "name", None) != name:
         model.name = name  # the catalogue's name is the one the queues and callbacks use
+    warm_up = getattr(model, "warm_up", None)
+    if callable(warm_up):
+        warm_up()
     return model
