@@ -36,6 +36,7 @@ from contract.model_catalogue import load_catalogue
 from ingress.openapi import openapi_document
 from ingress.problems import Problem
 from ingress.request_body import JobRequest, decode_job_request
+from loadgen.bench_support import forget_records
 
 ADDRESSES = [
     ipaddress.ip_address(a) for a in ("93.184.216.34", "10.0.0.1", "127.0.0.1", "169.254.169.254", "::1")
@@ -170,6 +171,8 @@ def _delete_topology(amqp_url: str, prefix: str) -> None:
             await broker.delete_topology()
         finally:
             await broker.close()
+        if read.records_url is not None:
+            await forget_records(read.records_url, prefix)  # the records and counters it wrote
 
     asyncio.run(delete())
 
