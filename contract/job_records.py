@@ -13,7 +13,8 @@ and cancels. Every state change is one Lua script, so it is atomic:
     delivery (dispatcher)                   -> the callback's state and attempts
 
 So a job can never read as both succeeded and failed, a redelivered copy of a finished
-job is settled without running, and cancel racing the worker has one winner. A record
+job is not run again (it sends the recorded ending again), and cancel racing the worker
+has one winner. A record
 written by `start` or `finish` when `create` could not run (Redis was down at submit)
 carries the same fields, taken from the job itself.
 
@@ -70,7 +71,6 @@ CANCEL_HANDOFF_S = 60
 _ERRORS = (redis.exceptions.RedisError, OSError, TimeoutError)
 
 
-# Jobs waiting ahead of (and including) a job and the model's recent completions.
 class RecordsUnavailable(Exception):
     """Redis did not answer (or failed moments ago: `skipped`)."""
 
@@ -197,10 +197,10 @@ class JobRecords:
         return f"{self._prefix}job:{job_id}"
 
     def _counter_key(self, kind: str, model: str, priority: str) -> str:
-        return f"{self._prefix}{kind}:{model}:{priority}"
+        return _counter_key(self._prefix, kind, model, priority)
 
     def _rate_key(self, model: str, now_s: float) -> str:
-        return f"{self._prefix}done:{model}:{int(now_s) // RATE_BUCKET_S}"
+        return _rate_key(self._prefix, model, int(now_s) // RATE_BUCKET_S)
 
     async def create(self, jobs: Sequence[Job]) -> list[Placement]:
         """Record jobs about to be published as queued (one script for all of them);
@@ -275,12 +275,14 @@ class JobRecords:
             results = await self._scripts["finish"](keys=keys, args=args)
         return {job.id: str(result) for (job, *_), result in zip(endings, results, strict=True)}
 
-    async def cancel(self, record: JobRecord) -> tuple[bool, str]:
-        """Cancel a queued job: (True, `canceled`), or (False, the status that kept it from it)."""
+    async def cancel(self, record: JobRecord, now_ms: int | None = None) -> tuple[bool, str]:
+        """Cancel a queued job at `now_ms` (default: now): (True, `canceled`), or (False,
+        the status that kept it from it)."""
         keys = [self._record_key(record.id), self._counter_key("started", record.model, record.priority)]
+        finished_ms = int(time.time() * 1000) if now_ms is None else now_ms
         async with self._guarded("cancel in"):
             won, status = await self._scripts["cancel"](
-                keys=keys, args=[int(time.time() * 1000), self.finished_channel, record.id]
+                keys=keys, args=[finished_ms, self.finished_channel, record.id]
             )
         return bool(won), str(status)
 
@@ -407,9 +409,21 @@ def _placement_keys(prefix: str, model: str, priority: str, bucket: int) -> tupl
     higher = [p for p, level in sorted(AMQP_PRIORITY.items(), key=lambda i: -i[1]) if level > own]
     lower = [p for p, level in AMQP_PRIORITY.items() if level < own]
     levels = [priority, *higher, *lower]
-    counters = [f"{prefix}{kind}:{model}:{level}" for level in levels for kind in ("submitted", "started")]
-    buckets = [f"{prefix}done:{model}:{bucket - i}" for i in range(RATE_WINDOW_BUCKETS)]
+    counters = [
+        _counter_key(prefix, kind, model, level) for level in levels for kind in ("submitted", "started")
+    ]
+    buckets = [_rate_key(prefix, model, bucket - i) for i in range(RATE_WINDOW_BUCKETS)]
     return (*counters, *buckets), 1 + len(higher)
+
+
+def _counter_key(prefix: str, kind: str, model: str, priority: str) -> str:
+    """Jobs `submitted` or `started` (or canceled) of a model at a priority."""
+    return f"{prefix}{kind}:{model}:{priority}"
+
+
+def _rate_key(prefix: str, model: str, bucket: int) -> str:
+    """Completions of a model in one RATE_BUCKET_S bucket."""
+    return f"{prefix}done:{model}:{bucket}"
 
 
 def _json(value: Any) -> str:

@@ -34,7 +34,6 @@ class DemandAnnouncer:
         self._clock = clock
         self._last_s: dict[str, float] = {}
         self._sending: set[asyncio.Task[None]] = set()
-        self.sent = 0
 
     def announce(self, model: str) -> None:
         """Note one accepted job; publishes only when the model's last event is old enough."""
@@ -49,7 +48,6 @@ class DemandAnnouncer:
     async def _send(self, model: str) -> None:
         try:
             await self._broker.announce(self._broker.topology.demand_key(model), model.encode())
-            self.sent += 1
         except BrokerError as exc:
             logger.debug("demand event for %s not sent (polling will see the queue): %s", model, exc)
 

@@ -14,6 +14,7 @@ import contextlib
 import logging
 import time
 
+import msgspec
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
@@ -43,13 +44,12 @@ async def cancel_job(request: Request) -> Response:
     state = ingress_state(request)
     record = await _owned_record(state, request)
     won, status = False, record.status
+    now_ms = int(time.time() * 1000)
     if status == "queued":
         try:
-            won, status = await state.require_records().cancel(record)
+            won, status = await state.require_records().cancel(record, now_ms)
         except RecordsUnavailable as exc:
-            raise state.unavailable(
-                "records-unavailable", "the job records are unavailable; retry later"
-            ) from exc
+            raise state.records_unavailable() from exc
     if not won:
         raise Problem(
             409,
@@ -61,8 +61,9 @@ async def cancel_job(request: Request) -> Response:
     if record.callback_url:
         await _send_canceled(state, record)
     state.metrics.jobs_canceled.labels(record.model).inc()
-    canceled = await _owned_record(state, request)
-    return JSONResponse(job_view(canceled))
+    # The record as the cancel wrote it; reading it back would cost a round trip and,
+    # with Redis gone meanwhile, turn a done cancel into a 503.
+    return JSONResponse(job_view(msgspec.structs.replace(record, status="canceled", finished_ms=now_ms)))
 
 
 async def _send_canceled(state: IngressState, record: JobRecord) -> None:
@@ -99,9 +100,7 @@ async def _owned_record(state: IngressState, request: Request) -> JobRecord:
     try:
         record = await records.get(job_id)
     except RecordsUnavailable as exc:
-        raise state.unavailable(
-            "records-unavailable", "the job records are unavailable; retry later"
-        ) from exc
+        raise state.records_unavailable() from exc
     if record is None or record.owner != owner:
         raise Problem(
             404, "job-not-found", "Not Found", f"no job {job_id!r} (unknown, expired, or not yours)"

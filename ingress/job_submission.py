@@ -113,9 +113,7 @@ async def _create_record(state: IngressState, job: Job, required: bool) -> Place
         return await state.creation.create(job)
     except RecordsUnavailable as exc:
         if required:
-            raise state.unavailable(
-                "records-unavailable", "the job records are unavailable; retry later"
-            ) from exc
+            raise state.records_unavailable() from exc
         if not exc.skipped:
             logger.warning("job %s accepted without its record for now: %s", job.id, exc)
         return None
@@ -158,9 +156,7 @@ async def _replay(state: IngressState, claim: KeyClaim) -> Response:
     try:
         record = await state.require_records().get(claim.job_id)
     except RecordsUnavailable as exc:
-        raise state.unavailable(
-            "records-unavailable", "the job records are unavailable; retry later"
-        ) from exc
+        raise state.records_unavailable() from exc
     body: dict[str, Any] = {"id": claim.job_id} if record is None else job_view(record)
     headers = {"Idempotent-Replayed": "true", **_location(claim.job_id)}
     return JSONResponse(body, status_code=claim.status_code or 202, headers=headers)

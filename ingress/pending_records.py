@@ -33,9 +33,6 @@ class PendingRecords:
     def get(self, job_id: str) -> Job | None:
         return self._jobs.get(job_id)
 
-    def __len__(self) -> int:
-        return len(self._jobs)
-
     def add(self, job: Job) -> None:
         self._jobs[job.id] = job
         while len(self._jobs) > MAX_PENDING:

@@ -58,6 +58,9 @@ class IngressState:
         retry_after = {"Retry-After": str(self.settings.retry_after_s)}
         return Problem(503, slug, "Service Unavailable", detail, headers=retry_after)
 
+    def records_unavailable(self) -> Problem:
+        return self.unavailable("records-unavailable", "the job records are unavailable; retry later")
+
     async def close(self) -> None:
         if self.waiters is not None:
             await self.waiters.close()
