@@ -3,7 +3,8 @@
 It applies the rules KEDA and the HPA apply to a ScaledObject, in their order:
 
 1. Fallback (KEDA): after `failureThreshold` failed metric reads in a row, hold
-   `fallback.replicas`; a single failed read changes nothing.
+   `fallback.replicas`, or more as `fallback.behavior` says (`currentReplicasIfHigher`
+   keeps what runs); a single failed read changes nothing.
 2. Activation (KEDA): the scaler is active while metric > activationValue. At 0
    replicas an active scaler wakes the target to max(1, minReplicaCount); an inactive
    one leaves it at 0.
@@ -85,7 +86,7 @@ def decide_on_demand(policy: ScalingPolicy, state: ScalingState, now_s: float) -
 
 def _fallback(policy: ScalingPolicy, state: ScalingState, now_s: float) -> Decision:
     state = replace(state, failed_reads=state.failed_reads + 1)
-    threshold, replicas = policy.fallback_failure_threshold, policy.fallback_replicas
+    threshold, replicas = policy.fallback_failure_threshold, _fallback_replicas(policy, state.replicas)
     if threshold is not None and replicas is not None and state.failed_reads >= threshold:
         if replicas == state.replicas:
             return Decision(replicas, state, f"fallback: holding {replicas}", "fallback")
@@ -94,6 +95,18 @@ def _fallback(policy: ScalingPolicy, state: ScalingState, now_s: float) -> Decis
         )
     reason = f"metric unavailable ({state.failed_reads} in a row): no change"
     return Decision(state.replicas, state, reason, "no-metric")
+
+
+def _fallback_replicas(policy: ScalingPolicy, current: int) -> int | None:
+    """KEDA's `fallback.behavior`: `currentReplicasIfHigher` never cuts what runs."""
+    replicas = policy.fallback_replicas
+    if replicas is None or policy.fallback_behavior == "static":
+        return replicas
+    if policy.fallback_behavior == "currentReplicas":
+        return current
+    if policy.fallback_behavior == "currentReplicasIfHigher":
+        return max(current, replicas)
+    return min(current, replicas)
 
 
 def _hpa(policy: ScalingPolicy, state: ScalingState, metric: float, now_s: float) -> Decision:

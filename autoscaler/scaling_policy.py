@@ -16,6 +16,9 @@ import yaml
 
 RateKind = Literal["Pods", "Percent"]
 SelectPolicy = Literal["Max", "Min", "Disabled"]
+# KEDA's fallback behaviours this autoscaler applies (not `scalingModifiers`).
+FallbackBehavior = Literal["static", "currentReplicas", "currentReplicasIfHigher", "currentReplicasIfLower"]
+FALLBACK_BEHAVIORS = ("static", "currentReplicas", "currentReplicasIfHigher", "currentReplicasIfLower")
 
 KEDA_DEFAULT_POLLING_INTERVAL_S = 30.0
 KEDA_DEFAULT_COOLDOWN_S = 300.0
@@ -66,6 +69,7 @@ class ScalingPolicy:
     scale_down: DirectionRules = HPA_DEFAULT_SCALE_DOWN
     fallback_failure_threshold: int | None = None
     fallback_replicas: int | None = None
+    fallback_behavior: FallbackBehavior = "static"
     tolerance: float = HPA_TOLERANCE
 
 
@@ -148,6 +152,7 @@ def policy_from_scaled_object(doc: Mapping[str, Any], source: str = "ScaledObjec
         scale_down=_rules(behavior.get("scaleDown"), HPA_DEFAULT_SCALE_DOWN, "scaleDown"),
         fallback_failure_threshold=fallback.get("failureThreshold"),
         fallback_replicas=fallback.get("replicas"),
+        fallback_behavior=fallback.get("behavior", "static"),
     )
     _validate(policy, source)
     return policy
@@ -164,6 +169,10 @@ def _validate(policy: ScalingPolicy, source: str) -> None:
         raise InvalidScaledObject(
             f"{source}: minReplicaCount={policy.min_replicas} and maxReplicaCount={policy.max_replicas} "
             "need 0 <= min <= max and max >= 1"
+        )
+    if policy.fallback_behavior not in FALLBACK_BEHAVIORS:
+        raise InvalidScaledObject(
+            f"{source}: fallback.behavior={policy.fallback_behavior!r}; expected one of {FALLBACK_BEHAVIORS}"
         )
     if policy.fallback_replicas is not None and policy.fallback_replicas > policy.max_replicas:
         raise InvalidScaledObject(

@@ -29,6 +29,7 @@ from pydantic import (
 )
 
 from contract.model_catalogue import DEFAULT_CATALOGUE, Catalogue, CatalogueError, load_catalogue
+from contract.model_sections import Batching
 from contract.retry_tiers import RetrySchedule
 from contract.topology import DEFAULT_CALLBACK_RETRY_DELAYS_S, DEFAULT_JOB_RETRY_DELAYS_S, Topology
 
@@ -82,7 +83,8 @@ class Environment(BaseModel):
     model_catalogue: str = Field(str(DEFAULT_CATALOGUE), alias="MODEL_CATALOGUE")
     queue_prefix: str = Field("", alias="QUEUE_PREFIX")
     max_queue_length: int = Field(100_000, ge=1, alias="MAX_QUEUE_LENGTH")
-    retry_delays_s: Delays = Field(DEFAULT_JOB_RETRY_DELAYS_S, alias="RETRY_DELAYS_S")
+    # Unset: each model's `jobs.retry_delays_s` in the catalogue, else DEFAULT_JOB_RETRY_DELAYS_S.
+    retry_delays_s: Delays | None = Field(None, alias="RETRY_DELAYS_S")
     retry_delays_s_by_model: dict[str, Delays] = Field(default_factory=dict)
     callback_retry_delays_s: Delays = Field(DEFAULT_CALLBACK_RETRY_DELAYS_S, alias="CALLBACK_RETRY_DELAYS_S")
     retry_jitter: float = Field(0.1, ge=0, lt=1, alias="RETRY_JITTER")
@@ -107,10 +109,11 @@ class Environment(BaseModel):
     allow_unauthenticated: bool = Field(False, alias="ALLOW_UNAUTHENTICATED")
 
     # The model workers.
-    batch_max_size: int = Field(128, ge=1, alias="BATCH_MAX_SIZE")
-    batch_max_wait_ms: float = Field(5.0, ge=0, alias="BATCH_MAX_WAIT_MS")
-    batch_adaptive: bool = Field(True, alias="BATCH_ADAPTIVE")
-    batch_latency_target_ms: float = Field(200.0, ge=1, alias="BATCH_LATENCY_TARGET_MS")
+    # Batching: unset, each model's `batching` section in the catalogue; set, it wins for every model.
+    batch_max_size: int | None = Field(None, ge=1, alias="BATCH_MAX_SIZE")
+    batch_max_wait_ms: float | None = Field(None, ge=0, alias="BATCH_MAX_WAIT_MS")
+    batch_adaptive: bool | None = Field(None, alias="BATCH_ADAPTIVE")
+    batch_latency_target_ms: float | None = Field(None, ge=1, alias="BATCH_LATENCY_TARGET_MS")
     batch_latency_target_ms_by_model: dict[str, Annotated[float, Field(ge=1)]] = Field(default_factory=dict)
     breaker_failure_threshold: int = Field(5, ge=1, alias="BREAKER_FAILURE_THRESHOLD")
     breaker_cooldown_s: float = Field(30.0, ge=0, alias="BREAKER_COOLDOWN_S")
@@ -134,7 +137,8 @@ class Environment(BaseModel):
 
     # The local stack (`task up`).
     rabbitmq_management_url: str | None = Field(None, alias="RABBITMQ_MANAGEMENT_URL", repr=False)
-    scaledobjects_dir: str = Field("keda", alias="SCALEDOBJECTS_DIR")
+    # Unset: the ScaledObjects `task manifests` writes from the catalogue (those in keda/).
+    scaledobjects_dir: str | None = Field(None, alias="SCALEDOBJECTS_DIR")
     local_autoscaler: bool = Field(True, alias="LOCAL_AUTOSCALER")
     local_push_activation: bool = Field(True, alias="LOCAL_PUSH_ACTIVATION")
     local_max_replicas: int | None = Field(None, ge=1, alias="LOCAL_MAX_REPLICAS")
@@ -198,11 +202,16 @@ class Environment(BaseModel):
     def topology(self) -> Topology:
         """The topology every process must agree on: names, limits and retry schedules.
 
-        `RETRY_DELAYS_S` is the job retry schedule; `RETRY_DELAYS_S_<MODEL>` overrides it
-        for one model (e.g. `RETRY_DELAYS_S_EMBED_MINILM`)."""
+        A model's job retry schedule, first found: `RETRY_DELAYS_S_<MODEL>` (e.g.
+        `RETRY_DELAYS_S_EMBED_MINILM`), `RETRY_DELAYS_S`, the catalogue's
+        `jobs.retry_delays_s`, the platform's default."""
+        catalogue = self.catalogue
         by_model = {
             model: RetrySchedule(
-                self.retry_delays_s_by_model.get(model_env_suffix(model), self.retry_delays_s),
+                self.retry_delays_s_by_model.get(model_env_suffix(model))
+                or self.retry_delays_s
+                or catalogue.entry(model).jobs.retry_delays_s
+                or DEFAULT_JOB_RETRY_DELAYS_S,
                 self.retry_jitter,
             )
             for model in self.served_models
@@ -210,18 +219,24 @@ class Environment(BaseModel):
         return Topology(
             prefix=self.queue_prefix,
             max_queue_length=self.max_queue_length,
-            job_retries=RetrySchedule(self.retry_delays_s, self.retry_jitter),
+            job_retries=RetrySchedule(self.retry_delays_s or DEFAULT_JOB_RETRY_DELAYS_S, self.retry_jitter),
             job_retries_by_model=by_model,
             callback_retries=RetrySchedule(self.callback_retry_delays_s, self.retry_jitter),
         )
 
-    def latency_targets_s_by_model(self) -> dict[str, float]:
-        """`BATCH_LATENCY_TARGET_MS_<MODEL>` of the served models, in seconds."""
-        return {
-            model: self.batch_latency_target_ms_by_model[model_env_suffix(model)] / 1000
-            for model in self.served_models
-            if model_env_suffix(model) in self.batch_latency_target_ms_by_model
+    def batching(self, model: str) -> Batching:
+        """The model's batching: its catalogue section, then each BATCH_* variable that is
+        set, then `BATCH_LATENCY_TARGET_MS_<MODEL>`."""
+        overrides = {
+            "max_size": self.batch_max_size,
+            "max_wait_ms": self.batch_max_wait_ms,
+            "adaptive": self.batch_adaptive,
+            "latency_target_ms": self.batch_latency_target_ms_by_model.get(
+                model_env_suffix(model), self.batch_latency_target_ms
+            ),
         }
+        update = {name: value for name, value in overrides.items() if value is not None}
+        return self.catalogue.entry(model).batching.model_copy(update=update)
 
 
 def _config_error(exc: ValidationError, env: Mapping[str, str]) -> ConfigError:

@@ -11,6 +11,9 @@ model name, value = `package.module:Class`): such a model needs no catalogue ent
 input schema is then `{}`, any JSON), and a catalogue entry of the same name may leave
 out `class` to use it while giving the schema and description.
 
+Each entry may also say how the model runs (`resources`, `batching`, `scaling`, `jobs`:
+`contract.model_sections`); what it leaves out takes the platform's defaults.
+
 Checked here: the entry's fields, the class path's shape (`package.module:Class`) and
 that each input schema is a valid JSON Schema (2020-12). Importing the class (and
 checking it has `prepare` and `predict`) is `model_class`'s job, done by the processes
@@ -23,17 +26,19 @@ import functools
 import importlib
 import importlib.metadata
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import jsonschema
 import yaml
 
+from contract.model_sections import Batching, Jobs, Resources, Scaling, SectionError, parse_section
+
 DEFAULT_CATALOGUE = Path(__file__).resolve().parent.parent / "models.yaml"
 _CLASS_PATH = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
 _NAME = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
-_FIELDS = {"class", "description", "input_schema", "test_only"}
+_FIELDS = {"class", "description", "input_schema", "test_only", "resources", "batching", "scaling", "jobs"}
 
 
 class CatalogueError(ValueError):
@@ -47,6 +52,10 @@ class ModelEntry:
     description: str
     input_schema: dict[str, Any]
     test_only: bool = False
+    resources: Resources = field(default_factory=Resources)
+    batching: Batching = field(default_factory=Batching)
+    scaling: Scaling = field(default_factory=Scaling)
+    jobs: Jobs = field(default_factory=Jobs)
 
 
 @dataclass(frozen=True)
@@ -124,7 +133,23 @@ def _entry(source: str, name: object, fields: object, installed: dict[str, str])
     test_only = fields.get("test_only", False)
     if not isinstance(test_only, bool):
         raise CatalogueError(f"{where}: test_only={test_only!r}; expected true or false")
-    return ModelEntry(name, class_path, str(fields.get("description", "")), schema, test_only)
+    try:
+        sections = {
+            "resources": parse_section("resources", Resources, fields.get("resources")),
+            "batching": parse_section("batching", Batching, fields.get("batching")),
+            "scaling": parse_section("scaling", Scaling, fields.get("scaling")),
+            "jobs": parse_section("jobs", Jobs, fields.get("jobs")),
+        }
+    except SectionError as exc:
+        raise CatalogueError(f"{where}: {exc}") from None
+    return ModelEntry(
+        name,
+        class_path,
+        str(fields.get("description", "")),
+        schema,
+        test_only,
+        **sections,  # type: ignore[arg-type]
+    )
 
 
 def model_class(entry: ModelEntry) -> type:

@@ -84,6 +84,12 @@ async def submit_job(request: Request) -> Response:
                 errors=[{"field": "callback_url", "detail": "required when REDIS_URL=off"}],
             )
         submitted_at_ms = int(time.time() * 1000)
+        # The request's ttl_s, else the model's default (models.yaml `jobs.default_ttl_s`).
+        ttl_s = (
+            job_request.ttl_s
+            if job_request.ttl_s is not None
+            else state.catalogue.entry(model).jobs.default_ttl_s
+        )
         job = Job(
             id=str(uuid.uuid4()),
             model=model,
@@ -92,9 +98,7 @@ async def submit_job(request: Request) -> Response:
             priority=job_request.priority,
             metadata=job_request.metadata,
             submitted_at_ms=submitted_at_ms,
-            deadline_ms=None
-            if job_request.ttl_s is None
-            else submitted_at_ms + round(job_request.ttl_s * 1000),
+            deadline_ms=None if ttl_s is None else submitted_at_ms + round(ttl_s * 1000),
             owner=owner,
         )
         if key is None:

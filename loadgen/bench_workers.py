@@ -12,6 +12,7 @@ import msgspec
 
 from contract.broker import Broker
 from contract.envelope import Job
+from contract.model_sections import Batching
 from loadgen.bench_support import (
     FinishedJobs,
     bench_topology,
@@ -114,9 +115,11 @@ async def measure_batching(
     """Adaptive vs batch size 1 (gain), vs the best fixed size under the target (quality),
     and low-load latency adaptive vs batch size 1."""
     async with WorkerBench(amqp_url, model) as bench:
-        base = replace(bench.settings, batch_max_size=max(sweep), batch_latency_target_s=latency_target_s)
+        base = replace(
+            bench.settings, batching=Batching(max_size=max(sweep), latency_target_ms=latency_target_s * 1000)
+        )
         adaptive = base
-        size_one = replace(base, batch_adaptive=False, batch_max_size=1)
+        size_one = replace(base, batching=base.batching.model_copy(update={"adaptive": False, "max_size": 1}))
         text = {"texts": [SENTENCES[0]]}
         await bench.throughput(adaptive, min(count, 200), text)  # warm-up
         runs: dict[str, list[dict[str, float]]] = {"adaptive": [], "fixed-1": []}
@@ -126,7 +129,9 @@ async def measure_batching(
             runs["adaptive"].append(await bench.throughput(adaptive, count, text))
             runs["fixed-1"].append(await bench.throughput(size_one, max(count // 4, 50), text))
             for size in sweep:
-                fixed = replace(base, batch_adaptive=False, batch_max_size=size)
+                fixed = replace(
+                    base, batching=base.batching.model_copy(update={"adaptive": False, "max_size": size})
+                )
                 runs[f"fixed-{size}"].append(await bench.throughput(fixed, count, text))
         low_adaptive = [await bench.low_load_latency(adaptive, 10, 30, text) for _ in range(reps)]
         low_one = [await bench.low_load_latency(size_one, 10, 30, text) for _ in range(reps)]
@@ -161,7 +166,7 @@ async def measure_batching(
 async def measure_priority(amqp_url: str, model: Model, reps: int, flood: int, high: int) -> dict[str, Any]:
     """p99 of high-priority jobs while a flood of low ones saturates the worker, vs no flood."""
     async with WorkerBench(amqp_url, model) as bench:
-        settings = replace(bench.settings, batch_adaptive=False, batch_max_size=8)
+        settings = replace(bench.settings, batching=Batching(adaptive=False, max_size=8))
         job_input = {"sleep_ms": 20}
         with_flood, without = [], []
         for _ in range(reps):

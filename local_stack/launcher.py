@@ -1,8 +1,9 @@
 """The local stack: ingress, Ray Serve workers, callbacks and autoscaler on one machine.
 
 Starts the ingress process, a local Ray cluster with one Serve application per model
-plus the callback dispatcher, and the local autoscaler, which applies the ScaledObjects
-in `keda/` to the worker applications: they start at 0 replicas and the first job
+plus the callback dispatcher, and the local autoscaler, which applies the models'
+ScaledObjects (those `task manifests` writes to keda/, from the catalogue) to the worker
+applications: they start at 0 replicas and the first job
 wakes them. Runs until SIGINT/SIGTERM. Shutdown goes in the order that loses nothing:
 the ingress stops taking jobs, the workers drain, then the dispatcher delivers what
 they finished; Ray's processes go with `ray.shutdown()`.
@@ -26,13 +27,19 @@ from prometheus_client import CollectorRegistry, start_http_server
 from autoscaler.demand_events import DemandListener
 from autoscaler.loop import AutoscalerMetrics, LocalAutoscaler
 from autoscaler.queue_metrics import ManagementApi, management_url_from_amqp, vhost_from_amqp
-from autoscaler.scaling_policy import InvalidScaledObject, ScalingPolicy, load_policies
+from autoscaler.scaling_policy import (
+    InvalidScaledObject,
+    ScalingPolicy,
+    load_policies,
+    policy_from_scaled_object,
+)
 from callbacks.settings import CallbackSettings
 from callbacks.signing import generate_secret
 from contract.broker import Broker, BrokerError
 from contract.config import ConfigError, Environment
 from contract.model_catalogue import CatalogueError, load_catalogue, model_class
 from local_stack.local_services import BrokerNotAvailable, ensure_broker, ensure_management_api, ensure_redis
+from manifests.scaled_objects import scaled_object
 from ray_workers.deployment import (
     run_callback_dispatcher,
     run_model_worker,
@@ -55,7 +62,8 @@ class StackSettings:
     callbacks: CallbackSettings
     amqp_url: str
     management_url: str
-    scaled_objects_dir: Path
+    # None: the ScaledObjects `task manifests` writes, generated from the catalogue.
+    scaled_objects_dir: Path | None
     autoscale: bool
     # Replicas per model this machine can use: the ScaledObjects' maxima are for a cluster,
     # where each replica brings its own node; here every replica shares these cores.
@@ -78,7 +86,7 @@ class StackSettings:
             callbacks=CallbackSettings.from_env(env),
             amqp_url=read.amqp_url,
             management_url=read.rabbitmq_management_url or management_url_from_amqp(read.amqp_url),
-            scaled_objects_dir=Path(read.scaledobjects_dir),
+            scaled_objects_dir=Path(read.scaledobjects_dir) if read.scaledobjects_dir else None,
             autoscale=read.local_autoscaler,
             local_max_replicas=read.local_max_replicas or cores_worth,
             fixed_replicas=read.worker_replicas,
@@ -180,9 +188,29 @@ def _capped(policy: ScalingPolicy, local_max: int) -> ScalingPolicy:
     )
 
 
+def _catalogue_policies(stack: StackSettings) -> dict[str, ScalingPolicy]:
+    """The ScaledObjects `task manifests` writes (keda/), generated from the catalogue, so a
+    model added to it is autoscaled here before any manifest is regenerated."""
+    workers = stack.workers
+    catalogue = load_catalogue(Path(workers.model_catalogue))
+    policies = {}
+    for model in workers.models:
+        entry = catalogue.entry(model)
+        if not entry.test_only:
+            policies[model] = policy_from_scaled_object(
+                scaled_object(entry), f"{catalogue.source}: model {model!r}"
+            )
+    return policies
+
+
 def _scaling_plan(stack: StackSettings) -> tuple[dict[str, ScalingPolicy], dict[str, int]]:
     """Models with a ScaledObject start at 0 and are autoscaled; the rest run fixed replicas."""
-    policies = load_policies(stack.scaled_objects_dir) if stack.autoscale else {}
+    if not stack.autoscale:
+        policies = {}
+    elif stack.scaled_objects_dir is None:
+        policies = _catalogue_policies(stack)
+    else:
+        policies = load_policies(stack.scaled_objects_dir)
     policies = {
         model: _capped(policy, stack.local_max_replicas)
         for model, policy in policies.items()

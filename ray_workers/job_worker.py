@@ -101,12 +101,13 @@ class JobWorker:
         self.breaker = CircuitBreaker(
             settings.breaker_failure_threshold, settings.breaker_cooldown_s, monotonic
         )
-        batching = AdaptiveBatchController if settings.batch_adaptive else FixedBatchSize
+        rules = settings.batching_for(model.name)
+        batching = AdaptiveBatchController if rules.adaptive else FixedBatchSize
         self.batching = batching(
-            latency_target_s=settings.latency_target_s(model.name),
-            max_size=settings.batch_max_size,
-            size=1 if settings.batch_adaptive else settings.batch_max_size,
-            max_wait_s=settings.batch_max_wait_s,
+            latency_target_s=rules.latency_target_s,
+            max_size=rules.max_size,
+            size=1 if rules.adaptive else rules.max_size,
+            max_wait_s=rules.max_wait_s,
         )
         self.metrics = metrics if metrics is not None else WorkerMetrics(PrometheusSink())
 

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 
 from contract.config import DEFAULT_AMQP_URL, Environment
 from contract.model_catalogue import DEFAULT_CATALOGUE
+from contract.model_sections import Batching
 from contract.topology import Topology
 
 
@@ -19,12 +20,11 @@ class WorkerSettings:
     # Where each model's class is found (models.yaml).
     model_catalogue: str = str(DEFAULT_CATALOGUE)
     topology: Topology = field(default_factory=Topology)
-    batch_max_size: int = 128
-    batch_max_wait_s: float = 0.005
-    # Adaptive batching: the controller keeps each batch's model time under the target.
-    batch_adaptive: bool = True
-    batch_latency_target_s: float = 0.2
-    batch_latency_target_by_model: Mapping[str, float] = field(default_factory=dict)
+    # Each served model's batching (its catalogue section and the BATCH_* overrides);
+    # `batching` for a model without one. Adaptive: the controller keeps each batch's
+    # model time under the latency target.
+    batching: Batching = field(default_factory=Batching)
+    batching_by_model: Mapping[str, Batching] = field(default_factory=dict)
     # Model breaker: consecutive failed batches that open it, and its cool-down.
     breaker_failure_threshold: int = 5
     breaker_cooldown_s: float = 30.0
@@ -37,8 +37,8 @@ class WorkerSettings:
     redis_url: str | None = field(default=None, repr=False)
     result_ttl_s: int = 24 * 3600
 
-    def latency_target_s(self, model: str) -> float:
-        return self.batch_latency_target_by_model.get(model, self.batch_latency_target_s)
+    def batching_for(self, model: str) -> Batching:
+        return self.batching_by_model.get(model, self.batching)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> WorkerSettings:
@@ -47,11 +47,7 @@ class WorkerSettings:
             amqp_url=read.amqp_url,
             models=read.served_models,
             topology=read.topology(),
-            batch_max_size=read.batch_max_size,
-            batch_max_wait_s=read.batch_max_wait_ms / 1000,
-            batch_adaptive=read.batch_adaptive,
-            batch_latency_target_s=read.batch_latency_target_ms / 1000,
-            batch_latency_target_by_model=read.latency_targets_s_by_model(),
+            batching_by_model={model: read.batching(model) for model in read.served_models},
             breaker_failure_threshold=read.breaker_failure_threshold,
             breaker_cooldown_s=read.breaker_cooldown_s,
             drain_timeout_s=read.drain_timeout_s,

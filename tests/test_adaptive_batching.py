@@ -10,6 +10,7 @@ from dataclasses import replace
 from contract.broker import Broker
 from contract.envelope import Job, decode_callback_delivery
 from contract.job_message import job_message
+from contract.model_sections import Batching
 from ray_workers.job_worker import JobWorker
 from ray_workers.settings import WorkerSettings
 from tests.conftest import drain_queue, running_worker, wait_until
@@ -71,7 +72,7 @@ def _sample(worker: JobWorker, name: str, labels: dict[str, str]) -> float:
 async def test_given_a_backlog_then_batches_grow_under_the_target_and_each_job_settles_once(
     worker_settings: WorkerSettings,
 ) -> None:
-    settings = replace(worker_settings, batch_max_size=64, batch_latency_target_s=0.03)
+    settings = replace(worker_settings, batching=Batching(max_size=64, latency_target_ms=30))
     ids = await _publish_jobs(settings, 400)
     # 2 ms + 0.4 ms per job: batches up to ~70 stay under 30 ms.
     async with running_worker(LinearLatencyModel(0.002, 0.0004), settings) as worker:
@@ -92,7 +93,7 @@ async def test_given_a_backlog_then_batches_grow_under_the_target_and_each_job_s
 async def test_given_a_slow_model_then_the_controller_backs_off_to_meet_the_target(
     worker_settings: WorkerSettings,
 ) -> None:
-    settings = replace(worker_settings, batch_max_size=64, batch_latency_target_s=0.02)
+    settings = replace(worker_settings, batching=Batching(max_size=64, latency_target_ms=20))
     ids = await _publish_jobs(settings, 150)
     # 1 ms per job: only batches of <= 19 meet 20 ms.
     async with running_worker(LinearLatencyModel(0.0, 0.001), settings) as worker:

@@ -22,6 +22,7 @@ from contract.circuit_breaker import BreakerState
 from contract.envelope import HISTORY_HEADER, PARK_REASON_HEADER, Job
 from contract.job_message import job_message
 from contract.job_records import JobRecords
+from contract.model_sections import Batching
 from loadgen.callback_receiver import CallbackReceiver
 from parking_lot.lots import ParkingLot, inspect, replay
 from ray_workers.settings import WorkerSettings
@@ -139,7 +140,9 @@ async def test_given_a_failing_model_then_the_breaker_stops_consuming_and_recove
     dispatcher: CallbackDispatcher,
     broker: Broker,
 ) -> None:
-    settings = replace(worker_settings, batch_max_size=1, breaker_failure_threshold=2, breaker_cooldown_s=1.5)
+    settings = replace(
+        worker_settings, batching=Batching(max_size=1), breaker_failure_threshold=2, breaker_cooldown_s=1.5
+    )
     model = RecordingModel(healthy=False)
     queue = settings.topology.main_queue("echo")
     async with running_worker(model, settings) as worker:

@@ -21,6 +21,7 @@ from contract.broker import Broker, TopologyMismatch
 from contract.envelope import ATTEMPT_HEADER, Job, decode_callback_delivery
 from contract.job_message import job_message
 from contract.job_records import JobRecords
+from contract.model_sections import Batching
 from contract.settlement import Publish, settle
 from ingress.settings import IngressSettings
 from loadgen.callback_receiver import CallbackReceiver
@@ -54,7 +55,7 @@ async def test_given_one_poison_input_in_a_batch_then_only_its_job_is_charged_an
     """Item 8: the failing input is isolated (halving); the seven jobs batched with it succeed
     on their first attempt instead of burning it."""
     settings = replace(
-        worker_settings, batch_adaptive=False, batch_max_size=8, breaker_failure_threshold=1000
+        worker_settings, batching=Batching(adaptive=False, max_size=8), breaker_failure_threshold=1000
     )
     jobs = _jobs([0, 1, 2, "poison", 4, 5, 6, 7])
     await _publish(broker, jobs)
@@ -79,7 +80,7 @@ async def test_given_a_model_failing_fast_then_the_batch_size_does_not_grow(
     worker_settings: WorkerSettings, broker: Broker
 ) -> None:
     """Item 8: a batch that fails at once is not a fast batch; slow start must not double on it."""
-    settings = replace(worker_settings, batch_max_size=64, breaker_failure_threshold=1000)
+    settings = replace(worker_settings, batching=Batching(max_size=64), breaker_failure_threshold=1000)
     await _publish(broker, _jobs(range(200)))
     model = RecordingModel(healthy=False)
 
@@ -95,7 +96,7 @@ async def test_given_a_drain_then_no_batch_is_taken_from_the_inbox_after_it_bega
 ) -> None:
     """Item 10: stop() lets the batch in flight finish and takes no new one: every job either
     ran to a callback or is back on the queue, none was cut off mid-inference."""
-    settings = replace(worker_settings, batch_adaptive=False, batch_max_size=4)
+    settings = replace(worker_settings, batching=Batching(adaptive=False, max_size=4))
     jobs = _jobs(range(40))
     await _publish(broker, jobs)
     model = RecordingModel()
@@ -139,7 +140,7 @@ async def test_given_a_full_queue_when_a_retry_delay_ends_then_the_retry_still_c
     """Item 1: MAX_QUEUE_LENGTH guards new jobs only; a retry dead-lettering into a full queue
     is not dropped, and the job reaches its terminal state."""
     topology = replace(worker_settings.topology, max_queue_length=1)
-    settings = replace(worker_settings, topology=topology, batch_max_size=1)
+    settings = replace(worker_settings, topology=topology, batching=Batching(max_size=1))
     model = RecordingModel(fail_until_attempt=2)  # attempt 1 fails transiently
     async with running_ingress(replace(ingress_settings, topology=topology)) as client:
         job = {"input": "retried", "callback_url": receiver.url}
@@ -215,7 +216,7 @@ async def test_given_a_connection_lost_with_prefetched_jobs_then_they_are_not_ru
 ) -> None:
     """Item 2: deliveries waiting in the inbox when their connection is lost are dropped, not
     run: the broker hands them out again after the reconnect and they run once, there."""
-    settings = replace(worker_settings, batch_adaptive=False, batch_max_size=2, batch_max_wait_s=0.5)
+    settings = replace(worker_settings, batching=Batching(adaptive=False, max_size=2, max_wait_ms=500))
     jobs = _jobs(range(6))
     await _publish(broker, jobs)
     management = _Management(management_url_from_amqp(settings.amqp_url))

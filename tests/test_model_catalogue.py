@@ -54,6 +54,22 @@ def test_the_shipped_catalogue_lists_the_models_and_each_class_is_a_model() -> N
             "echo: {description: no code}",
             "model 'echo': no class, and no installed package declares the entry point inferq.models:echo",
         ),
+        (
+            "echo: {class: 'a.b:C', scaling: {min_replicas: 3, max_replicas: 2}}",
+            "model 'echo': scaling: min_replicas=3 exceeds max_replicas=2",
+        ),
+        (
+            "echo: {class: 'a.b:C', scaling: {max_replica: 2}}",
+            "model 'echo': scaling.max_replica=2: unknown field; expected one of",
+        ),
+        ("echo: {class: 'a.b:C', resources: {memory: 4GB}}", "model 'echo': resources.memory='4GB'"),
+        ("echo: {class: 'a.b:C', resources: {gpus: -1}}", "model 'echo': resources.gpus=-1"),
+        ("echo: {class: 'a.b:C', batching: {max_size: 0}}", "model 'echo': batching.max_size=0"),
+        (
+            "echo: {class: 'a.b:C', jobs: {retry_delays_s: [1, -2]}}",
+            "model 'echo': jobs.retry_delays_s=[1, -2]: Input should be greater than 0",
+        ),
+        ("echo: {class: 'a.b:C', jobs: 7}", "model 'echo': jobs must be a mapping"),
     ],
 )
 def test_a_bad_entry_is_refused_naming_the_model_and_the_field(

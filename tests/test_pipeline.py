@@ -16,6 +16,7 @@ from callbacks.dispatcher import CallbackDispatcher
 from contract.broker import Broker, OutgoingMessage
 from contract.envelope import PARK_REASON_HEADER, Job, decode_callback_delivery
 from contract.job_message import job_message
+from contract.model_sections import Batching
 from loadgen.callback_receiver import CallbackReceiver
 from ray_workers.job_worker import JobWorker
 from ray_workers.models.echo import EchoModel
@@ -82,7 +83,7 @@ async def test_given_workers_paused_when_they_start_then_high_runs_before_normal
         )
         submitted[job_id] = priority
     # One job at a time, so the consumption order is the broker's priority order.
-    async with running_worker(EchoModel(), replace(worker_settings, batch_max_size=1)):
+    async with running_worker(EchoModel(), replace(worker_settings, batching=Batching(max_size=1))):
         received = await receiver.wait_for(9, timeout_s=15)
 
     in_run_order = sorted(received, key=lambda r: r.event["timestamp"])

@@ -7,7 +7,7 @@ from dataclasses import replace
 import pytest
 
 from autoscaler.scaling_decision import ScalingState, decide
-from autoscaler.scaling_policy import DirectionRules, RatePolicy, ScalingPolicy
+from autoscaler.scaling_policy import DirectionRules, FallbackBehavior, RatePolicy, ScalingPolicy
 
 RULES = {"activation", "below-activation", "cooldown", "hpa", "fallback", "no-metric"}
 POLICY = ScalingPolicy(
@@ -110,6 +110,25 @@ def test_rule(rule: str, state: ScalingState, metric: float | None, now: float, 
     assert decision.replicas == expected, decision.reason
     assert decision.state.replicas == expected
     assert decision.reason and decision.rule in RULES
+
+
+@pytest.mark.parametrize(
+    ("behavior", "running", "expected"),
+    [
+        ("static", 4, 1),
+        ("currentReplicasIfHigher", 4, 4),
+        ("currentReplicasIfHigher", 0, 1),
+        ("currentReplicasIfLower", 4, 1),
+        ("currentReplicasIfLower", 0, 0),
+        ("currentReplicas", 4, 4),
+    ],
+)
+def test_keda_fallback_behavior_decides_what_a_metric_outage_holds(
+    behavior: FallbackBehavior, running: int, expected: int
+) -> None:
+    policy = replace(POLICY, fallback_behavior=behavior)
+    decision = decide(policy, at(running, failed_reads=2), None, 100.0)
+    assert (decision.replicas, decision.rule) == (expected, "fallback"), decision.reason
 
 
 def test_a_spike_then_idle_runs_0_to_n_and_back_to_0() -> None:

@@ -11,6 +11,7 @@ import pytest
 
 from callbacks.settings import CallbackSettings
 from contract.config import ConfigError
+from contract.topology import DEFAULT_JOB_RETRY_DELAYS_S
 from ingress.settings import IngressSettings
 from local_stack.launcher import StackSettings, _scaling_plan
 from ray_workers.settings import WorkerSettings
@@ -112,8 +113,9 @@ def test_given_documented_variables_then_they_reach_the_settings_in_their_units(
     assert settings.topology.max_queue_length == 7
     assert settings.topology.job_retry_schedule("echo").delays_s == (3.0,)
     assert settings.topology.job_retry_schedule("synthetic").delays_s == (1.0, 2.0)
-    assert settings.batch_max_wait_s == 0.02
-    assert (settings.latency_target_s("echo"), settings.latency_target_s("synthetic")) == (0.05, 0.2)
+    echo, synthetic = settings.batching_for("echo"), settings.batching_for("synthetic")
+    assert (echo.max_wait_s, synthetic.max_wait_s) == (0.02, 0.02)
+    assert (echo.latency_target_s, synthetic.latency_target_s) == (0.05, 0.2)
 
 
 def test_given_a_bad_secret_bearing_value_then_the_error_never_shows_it() -> None:
@@ -136,3 +138,33 @@ def test_given_a_bind_beyond_loopback_and_no_api_keys_then_the_ingress_refuses_t
     assert IngressSettings.from_env({"INGRESS_HOST": host, "API_KEYS": "k1"}).api_keys == ("k1",)
     assert IngressSettings.from_env({"INGRESS_HOST": host, "ALLOW_UNAUTHENTICATED": "1"}).api_keys == ()
     assert IngressSettings.from_env({"INGRESS_HOST": "127.0.0.1"}).api_keys == ()  # loopback: fine
+
+
+def test_given_a_catalogue_then_each_model_runs_by_its_sections_and_a_set_variable_wins(
+    tmp_path: Path,
+) -> None:
+    catalogue = tmp_path / "models.yaml"
+    catalogue.write_text(
+        "models:\n"
+        "  echo:\n"
+        "    class: ray_workers.models.echo:EchoModel\n"
+        "    batching: {max_size: 16, latency_target_ms: 40, adaptive: false}\n"
+        "    jobs: {retry_delays_s: [2, 4]}\n"
+        "  other:\n"
+        "    class: ray_workers.models.echo:EchoModel\n"
+    )
+    base = {"MODEL_CATALOGUE": str(catalogue), "MODELS": "echo,other"}
+
+    by_catalogue = WorkerSettings.from_env(base)
+    by_variables = WorkerSettings.from_env({**base, "BATCH_MAX_SIZE": "8", "RETRY_DELAYS_S": "9"})
+    by_model_variable = WorkerSettings.from_env({**base, "RETRY_DELAYS_S_ECHO": "7"})
+
+    echo = by_catalogue.batching_for("echo")
+    assert (echo.max_size, echo.latency_target_s, echo.adaptive) == (16, 0.04, False)
+    assert by_catalogue.batching_for("other").max_size == 128  # the platform's default
+    assert by_catalogue.topology.job_retry_schedule("echo").delays_s == (2.0, 4.0)
+    assert by_catalogue.topology.job_retry_schedule("other").delays_s == DEFAULT_JOB_RETRY_DELAYS_S
+    assert by_variables.batching_for("echo").max_size == by_variables.batching_for("other").max_size == 8
+    assert by_variables.batching_for("echo").latency_target_s == 0.04  # unset variables keep the catalogue's
+    assert by_variables.topology.job_retry_schedule("echo").delays_s == (9.0,)
+    assert by_model_variable.topology.job_retry_schedule("echo").delays_s == (7.0,)

@@ -1,0 +1,113 @@
+"""A model's KEDA ScaledObject, from its catalogue entry's `scaling` section.
+
+What the catalogue does not say is fixed here, the same for every model, and why:
+- the rabbitmq trigger reads the management API (`protocol: http`): unacked jobs count,
+  so a busy worker is never seen as idle;
+- an `external-push` trigger (cluster/push-scaler.yaml) wakes the model the moment a job
+  is accepted; polling every `polling_interval_s` is the safety net;
+- scale up at once, doubling (or +2 pods) per 15 s on a spike; scale down one pod at a
+  time, after a window of half the cooldown, so a burst's tail does not thrash;
+- `fallback` when the management API cannot be read 3 times in a row:
+  `currentReplicasIfHigher` keeps whatever runs (never cuts capacity mid-backlog) and
+  holds at least one replica (or `min_replicas`).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from contract.model_catalogue import ModelEntry
+from contract.topology import Topology
+
+NAMESPACE = "inferq"
+PUSH_SCALER_ADDRESS = "push-scaler.inferq.svc:9095"
+MANAGEMENT_AUTH = "rabbitmq-management"
+FALLBACK_FAILURE_THRESHOLD = 3
+MIN_SCALE_DOWN_WINDOW_S = 60
+MIN_SCALE_DOWN_PERIOD_S = 15
+
+
+def worker_name(model: str) -> str:
+    """The scale target's name: the model's worker Deployment."""
+    return f"worker-{model}"
+
+
+def _duration(seconds: int) -> str:
+    return f"{seconds // 60} min" if seconds % 60 == 0 and seconds else f"{seconds} s"
+
+
+def behaviour(entry: ModelEntry) -> str:
+    """One line an operator reads first, with the manifest's own figures."""
+    scaling = entry.scaling
+    return (
+        f"{entry.name} workers sit at {scaling.min_replicas} replicas; the first accepted job wakes one "
+        f"at once (push scaler; polling within ~{scaling.polling_interval_s} s is the safety net), "
+        f"one replica per {scaling.backlog_per_replica} jobs of backlog up to {scaling.max_replicas}, "
+        f"back to {scaling.min_replicas} after {_duration(scaling.cooldown_s)} idle."
+    )
+
+
+def scaled_object(entry: ModelEntry) -> dict[str, Any]:
+    """The ScaledObject for `entry`, scaling on the model's job queue as a cluster names it
+    (no QUEUE_PREFIX; the local autoscaler reads the prefixed queue through its topology)."""
+    scaling = entry.scaling
+    return {
+        "apiVersion": "keda.sh/v1alpha1",
+        "kind": "ScaledObject",
+        "metadata": {
+            "name": worker_name(entry.name),
+            "namespace": NAMESPACE,
+            "labels": {"app.kubernetes.io/part-of": "inferq", "inferq.dev/model": entry.name},
+        },
+        "spec": {
+            "scaleTargetRef": {"name": worker_name(entry.name)},
+            "pollingInterval": scaling.polling_interval_s,
+            "cooldownPeriod": scaling.cooldown_s,
+            "minReplicaCount": scaling.min_replicas,
+            "maxReplicaCount": scaling.max_replicas,
+            "fallback": {
+                "failureThreshold": FALLBACK_FAILURE_THRESHOLD,
+                "replicas": max(1, scaling.min_replicas),
+                "behavior": "currentReplicasIfHigher",
+            },
+            "advanced": {"horizontalPodAutoscalerConfig": {"behavior": _hpa_behavior(scaling.cooldown_s)}},
+            "triggers": [
+                {
+                    "type": "rabbitmq",
+                    "metadata": {
+                        "protocol": "http",
+                        "mode": "QueueLength",
+                        "queueName": Topology().main_queue(entry.name),
+                        "vhostName": "/",
+                        "value": str(scaling.backlog_per_replica),
+                        "activationValue": "0",
+                    },
+                    "authenticationRef": {"name": MANAGEMENT_AUTH},
+                },
+                {
+                    "type": "external-push",
+                    "metadata": {"scalerAddress": PUSH_SCALER_ADDRESS, "model": entry.name},
+                },
+            ],
+        },
+    }
+
+
+def _hpa_behavior(cooldown_s: int) -> dict[str, Any]:
+    return {
+        "scaleUp": {
+            "stabilizationWindowSeconds": 0,
+            "selectPolicy": "Max",
+            "policies": [
+                {"type": "Percent", "value": 100, "periodSeconds": 15},
+                {"type": "Pods", "value": 2, "periodSeconds": 15},
+            ],
+        },
+        "scaleDown": {
+            "stabilizationWindowSeconds": max(MIN_SCALE_DOWN_WINDOW_S, cooldown_s // 2),
+            "selectPolicy": "Max",
+            "policies": [
+                {"type": "Pods", "value": 1, "periodSeconds": max(MIN_SCALE_DOWN_PERIOD_S, cooldown_s // 4)}
+            ],
+        },
+    }
