@@ -141,7 +141,8 @@ def _print_scaling(
     report = scale_from_zero(log, first_jobs)
     if not report:
         return
-    print("\nscale from zero (local autoscaler applying keda/; detection = the ingress's demand event,")
+    print("\nscale from zero (local autoscaler applying each model's ScaledObject;")
+    print("detection = the ingress's demand event,")
     print("or without one a poll: pollingInterval + the management API's 5 s statistics refresh):")
     for wake in report:
         load = "?" if wake.model_load_s is None else f"{wake.model_load_s:.2f}"

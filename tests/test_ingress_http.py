@@ -6,6 +6,7 @@ import socket
 import time
 from collections.abc import AsyncIterator
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -65,6 +66,27 @@ async def test_given_a_ttl_then_the_deadline_travels_in_the_body_and_a_header(
     job = decode_job(message.body)
     assert job.deadline_ms is not None and before_ms + 30_000 <= job.deadline_ms <= before_ms + 31_000
     assert message.headers[DEADLINE_HEADER] == job.deadline_ms
+
+
+async def test_given_a_model_with_a_default_ttl_then_a_job_without_one_gets_it_and_ttl_s_still_wins(
+    ingress_settings: IngressSettings, tmp_path: Path
+) -> None:
+    catalogue = tmp_path / "models.yaml"
+    catalogue.write_text(
+        "models:\n  echo:\n    class: ray_workers.models.echo:EchoModel\n    jobs: {default_ttl_s: 20}\n"
+    )
+    settings = replace(ingress_settings, models=("echo",), model_catalogue=str(catalogue))
+    before_ms = int(time.time() * 1000)
+    async with running_ingress(settings) as client:
+        for ttl in ({}, {"ttl_s": 30}):
+            response = await client.post(
+                "/v1/models/echo/jobs", json={"input": 1, "callback_url": CALLBACK, **ttl}
+            )
+            assert response.status_code == 202, response.text
+    defaulted, explicit = await drain_queue(settings.amqp_url, settings.topology.main_queue("echo"))
+
+    assert before_ms + 20_000 <= defaulted.headers[DEADLINE_HEADER] <= before_ms + 21_000  # type: ignore[operator]
+    assert before_ms + 30_000 <= explicit.headers[DEADLINE_HEADER] <= before_ms + 31_000  # type: ignore[operator]
 
 
 @pytest.mark.parametrize("ttl", [0, -1, "soon", 10**9])

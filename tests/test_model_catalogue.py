@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import os
 import subprocess
 import sys
 import textwrap
@@ -270,3 +271,38 @@ async def test_a_model_of_an_installed_package_is_found_by_entry_point_warmed_up
     assert refused.status_code == 422  # the catalogue's schema for the installed model holds
     assert served.status_code == 200 and served.json()["output"] == "hello (warm)"
     assert discovered.input_schema == {} and discovered.class_path.endswith(".model:WhisperModel")
+
+
+@pytest.mark.parametrize(
+    ("entry", "message"),
+    [
+        (
+            "{class: 'no_such_package.models:Model'}",
+            "model 'mine': class='no_such_package.models:Model': cannot",
+        ),
+        ("{class: 'contract.model_catalogue:ModelEntry'}", "model 'mine': class="),
+        (
+            "{class: 'a.b:C', input_schema: {type: 12}}",
+            "model 'mine': input_schema is not a valid JSON Schema",
+        ),
+        (
+            "{class: 'a.b:C', scaling: {min_replicas: 2, max_replicas: 1}}",
+            "model 'mine': scaling: min_replicas=2 exceeds max_replicas=1",
+        ),
+    ],
+)
+def test_a_bad_catalogue_stops_task_up_at_start_naming_the_model_and_the_field(
+    tmp_path: Path, entry: str, message: str
+) -> None:
+    catalogue = _write(tmp_path, f"models:\n  mine: {entry}\n")
+    started = subprocess.run(
+        [sys.executable, "-m", "local_stack"],
+        env={**os.environ, "MODEL_CATALOGUE": str(catalogue), "MODELS": "mine", "WEBHOOK_SECRET": ""},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+    assert started.returncode == 2, started.stdout + started.stderr
+    assert message in started.stderr
+    assert "inferq stack ready" not in started.stdout
