@@ -135,6 +135,10 @@ class Environment(BaseModel):
     push_scaler_port: Port = Field(9095, alias="PUSH_SCALER_PORT")
     push_scaler_active_s: float = Field(30.0, gt=0, alias="PUSH_SCALER_ACTIVE_S")
 
+    # A Kubernetes pod (`python -m ray_workers.pod`): its probes' endpoint (/livez, /readyz).
+    pod_health_host: str = Field("127.0.0.1", alias="POD_HEALTH_HOST")
+    pod_health_port: Port = Field(8080, alias="POD_HEALTH_PORT")
+
     # The local stack (`task up`).
     rabbitmq_management_url: str | None = Field(None, alias="RABBITMQ_MANAGEMENT_URL", repr=False)
     # Unset: the ScaledObjects `task manifests` writes from the catalogue (those in keda/).

@@ -1,9 +1,15 @@
-"""A model's worker Deployment, from its catalogue entry's `resources` section.
+"""A model's worker Deployment and its PodDisruptionBudget, from its catalogue entry's
+`resources` section.
 
 No `replicas` field: KEDA owns the count (its ScaledObject), so applying the manifests
 never resets what it scaled to. A replica gets AMQP_URL and no WEBHOOK_SECRET (it never
 signs), and a grace period longer than its drain (DRAIN_TIMEOUT_S, 30 s) plus Ray's
-shutdown, so a batch in flight finishes on SIGTERM.
+shutdown, so a batch in flight finishes on SIGTERM. The pod runs hardened (non-root,
+read-only root, no capabilities, no service-account token): Ray writes only to its
+`/tmp` and `/dev/shm` volumes. A model with GPUs uses the `inferq-cuda` image, asks for
+them as a limit and carries the label `inferq.dev/accelerator: gpu`, which the overlays
+patch by: kind maps the image to the CPU one and drops the GPUs, GKE adds the GPU node
+pool's selector and toleration.
 """
 
 from __future__ import annotations
@@ -13,15 +19,52 @@ from typing import Any
 from contract.model_catalogue import ModelEntry
 from manifests.scaled_objects import NAMESPACE, worker_name
 
-IMAGE = "inferq:latest"
+IMAGE, CUDA_IMAGE = "inferq", "inferq-cuda"
+ACCELERATOR_LABEL = "inferq.dev/accelerator"
 TERMINATION_GRACE_S = 60
+HEALTH_PORT, METRICS_PORT = 8080, 9102
+# Ray's object store lives in shared memory: the container default (64 MiB) is too small.
+SHM_SIZE = "1Gi"
+POD_SECURITY = {
+    "runAsNonRoot": True,
+    "runAsUser": 1000,
+    "runAsGroup": 1000,
+    "fsGroup": 1000,
+    "seccompProfile": {"type": "RuntimeDefault"},
+}
+CONTAINER_SECURITY = {
+    "allowPrivilegeEscalation": False,
+    "readOnlyRootFilesystem": True,
+    "capabilities": {"drop": ["ALL"]},
+}
+
+
+def _labels(entry: ModelEntry) -> dict[str, str]:
+    labels = {
+        "app.kubernetes.io/part-of": "inferq",
+        "app.kubernetes.io/component": "worker",
+        "inferq.dev/model": entry.name,
+        "inferq.dev/broker-client": "true",
+    }
+    if entry.resources.gpus:
+        labels[ACCELERATOR_LABEL] = "gpu"
+    return labels
+
+
+def _probe(path: str, period_s: int, failures: int) -> dict[str, Any]:
+    return {
+        "httpGet": {"path": path, "port": "health"},
+        "periodSeconds": period_s,
+        "failureThreshold": failures,
+    }
 
 
 def worker_deployment(entry: ModelEntry) -> dict[str, Any]:
     resources = entry.resources
-    labels = {"app.kubernetes.io/part-of": "inferq", "inferq.dev/model": entry.name}
     env: list[dict[str, Any]] = [
-        {"name": "AMQP_URL", "valueFrom": {"secretKeyRef": {"name": "inferq", "key": "AMQP_URL"}}}
+        {"name": "AMQP_URL", "valueFrom": {"secretKeyRef": {"name": "inferq", "key": "AMQP_URL"}}},
+        {"name": "POD_HEALTH_HOST", "value": "0.0.0.0"},
+        {"name": "HOME", "value": "/tmp"},
     ]
     limits: dict[str, str] = {"memory": resources.memory}
     if resources.gpus:
@@ -30,30 +73,60 @@ def worker_deployment(entry: ModelEntry) -> dict[str, Any]:
     return {
         "apiVersion": "apps/v1",
         "kind": "Deployment",
-        "metadata": {"name": worker_name(entry.name), "namespace": NAMESPACE, "labels": labels},
+        "metadata": {"name": worker_name(entry.name), "namespace": NAMESPACE, "labels": _labels(entry)},
         "spec": {
             "selector": {"matchLabels": {"inferq.dev/model": entry.name}},
             "template": {
-                "metadata": {"labels": labels},
+                "metadata": {"labels": _labels(entry)},
                 "spec": {
                     "terminationGracePeriodSeconds": TERMINATION_GRACE_S,
+                    "automountServiceAccountToken": False,
+                    "securityContext": POD_SECURITY,
                     "containers": [
                         {
                             "name": "worker",
-                            "image": IMAGE,
+                            "image": CUDA_IMAGE if resources.gpus else IMAGE,
                             "imagePullPolicy": "IfNotPresent",
                             "command": ["python", "-m", "ray_workers.pod", "worker", entry.name],
                             "env": env,
                             "envFrom": [{"configMapRef": {"name": "inferq"}}],
+                            "ports": [
+                                {"name": "health", "containerPort": HEALTH_PORT},
+                                {"name": "metrics", "containerPort": METRICS_PORT},
+                            ],
+                            # Model load can take minutes (a GPU image, large weights): the
+                            # startup probe holds liveness off for up to 10 minutes.
+                            "startupProbe": _probe("/livez", 10, 60),
+                            "readinessProbe": _probe("/readyz", 5, 3),
+                            "livenessProbe": _probe("/livez", 10, 3),
                             "resources": {
                                 "requests": {"cpu": _cpu(resources.cpus), "memory": resources.memory},
                                 "limits": limits,
                             },
+                            "securityContext": CONTAINER_SECURITY,
+                            "volumeMounts": [
+                                {"name": "tmp", "mountPath": "/tmp"},
+                                {"name": "shm", "mountPath": "/dev/shm"},
+                            ],
                         }
+                    ],
+                    "volumes": [
+                        {"name": "tmp", "emptyDir": {}},
+                        {"name": "shm", "emptyDir": {"medium": "Memory", "sizeLimit": SHM_SIZE}},
                     ],
                 },
             },
         },
+    }
+
+
+def worker_disruption_budget(entry: ModelEntry) -> dict[str, Any]:
+    """A drain takes one replica of the model at a time (each drains its batch first)."""
+    return {
+        "apiVersion": "policy/v1",
+        "kind": "PodDisruptionBudget",
+        "metadata": {"name": worker_name(entry.name), "namespace": NAMESPACE, "labels": _labels(entry)},
+        "spec": {"maxUnavailable": 1, "selector": {"matchLabels": {"inferq.dev/model": entry.name}}},
     }
 
 

@@ -56,14 +56,17 @@ class DemandScaler(pb_grpc.ExternalScalerServicer):
         self, request: pb.ScaledObjectRef, context: Context
     ) -> AsyncIterator[pb.IsActiveResponse]:
         model = await _model_of(request, context)
+        # Armed before each state is read and sent: a generator resumes only after the
+        # client took what it yielded, and demand arriving in between must not be missed.
+        changed = self._changed.setdefault(model, asyncio.Event())
         active = self._window.is_active(model)
         yield pb.IsActiveResponse(result=active)
         while True:
-            changed = self._changed.setdefault(model, asyncio.Event())
             # Wake on new demand, or when the window runs out while active.
             timeout_s = self._window.remaining_s(model) if active else None
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(changed.wait(), timeout_s)
+            changed = self._changed.setdefault(model, asyncio.Event())
             now_active = self._window.is_active(model)
             if now_active != active:
                 active = now_active

@@ -185,6 +185,13 @@ def start_ray_and_serve(metrics_export_port: int = 0, http_port: int = 0) -> Non
         serve.start(proxy_location="Disabled")
 
 
+def application_status(app: str) -> str:
+    """Serve's status of one application (RUNNING, DEPLOYING, DEPLOY_FAILED, UNHEALTHY,
+    ...), or NOT_STARTED before it is deployed."""
+    running = serve.status().applications.get(app)
+    return "NOT_STARTED" if running is None else running.status.value
+
+
 def stop_ray_and_serve() -> None:
     """Delete the worker applications first (each replica drains its batch), then the
     dispatcher (it delivers what they finished), then stop Serve and Ray."""

@@ -3,7 +3,9 @@
 Under KEDA a pod is one replica: it starts a node-local Ray instance, runs one Serve
 replica of one model's worker (or of the callback dispatcher), and on SIGTERM (a
 scale-down) deletes the application, which drains the replica's batch before the pod
-exits. `terminationGracePeriodSeconds` must exceed `DRAIN_TIMEOUT_S` (cluster/ does).
+exits; `terminationGracePeriodSeconds` must exceed `DRAIN_TIMEOUT_S` (cluster/ does).
+The kubelet probes `/livez` and `/readyz` (`ray_workers.pod_health`, on
+POD_HEALTH_PORT); Ray exports the replica's metrics on WORKER_METRICS_PORT.
 """
 
 from __future__ import annotations
@@ -16,7 +18,8 @@ import sys
 import threading
 
 from callbacks.settings import CallbackSettings
-from contract.config import ConfigError
+from contract.config import ConfigError, Environment
+from ray_workers.pod_health import PodHealth
 from ray_workers.settings import WorkerSettings
 
 
@@ -29,6 +32,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         # Each role reads only its own settings: a model pod needs no webhook secret.
         settings: WorkerSettings | CallbackSettings
+        read = Environment.read(os.environ)
         if args.role == "worker":
             settings = WorkerSettings.from_env(os.environ)
             if args.model not in settings.models:
@@ -40,13 +44,20 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     # Imported here: Ray's import takes seconds and `--help` or a bad setting should not wait.
     from ray_workers.deployment import (
+        DISPATCHER_APP,
+        application_status,
         run_callback_dispatcher,
         run_model_worker,
         start_ray_and_serve,
         stop_ray_and_serve,
+        worker_app_name,
     )
 
-    start_ray_and_serve()
+    # Metrics on a fixed port, so a PodMonitor can scrape them.
+    start_ray_and_serve(read.worker_metrics_port)
+    app = worker_app_name(args.model) if args.role == "worker" else DISPATCHER_APP
+    health = PodHealth(read.pod_health_host, read.pod_health_port, lambda: application_status(app))
+    health.start()
     # After ray.init, which installs a SIGTERM handler that exits at once: a scale-down
     # must drain instead, even one that arrives while the replica is still starting.
     stop = threading.Event()
@@ -60,6 +71,7 @@ def main(argv: list[str] | None = None) -> int:
         stop.wait()
     finally:
         stop_ray_and_serve()  # graceful: the replica drains its batch
+        health.stop()
     return 0
 
 

@@ -1,73 +1,179 @@
-"""The Kubernetes manifests in cluster/: valid core objects (kubernetes-validate, offline),
-a RabbitmqCluster valid against the operator's CRD, and what KEDA's ScaledObjects need:
-each scale target exists, leaves its replica count to KEDA, and outlives its drain on SIGTERM."""
+"""The cluster as `kubectl kustomize` renders each overlay (kind, gke): every object valid
+and every rule of `task cluster:verify` kept; each rule fails on a manifest that breaks
+it; and what KEDA, the broker and the job records need of the objects holds."""
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
+import copy
+from collections.abc import Callable
 from typing import Any
 
-import jsonschema
-import kubernetes_validate
 import pytest
-import yaml
 
-ROOT = Path(__file__).resolve().parent.parent
-CRD_DIR = Path(os.environ.get("RABBITMQ_CRD_DIR", ROOT.parent / "shared" / "schemas" / "rabbitmq"))
-KUBERNETES_VERSION = "1.30"
+from contract.config import Environment
+from manifests.cluster_verify import OVERLAYS, render, violations
 
-
-def _documents(folder: str) -> list[dict[str, Any]]:
-    docs: list[dict[str, Any]] = []
-    for path in sorted((ROOT / folder).glob("*.yaml")):
-        docs.extend(doc for doc in yaml.safe_load_all(path.read_text()) if doc)
-    return docs
+Manifest = dict[str, Any]
+RENDERED = {overlay: render(path) for overlay, path in OVERLAYS.items()}
 
 
-CORE = [d for d in _documents("cluster") if d["apiVersion"] in ("v1", "apps/v1", "networking.k8s.io/v1")]
-DEPLOYMENTS = {d["metadata"]["name"]: d for d in CORE if d["kind"] == "Deployment"}
+def _one(docs: list[Manifest], kind: str, name: str) -> Manifest:
+    (doc,) = [d for d in docs if d["kind"] == kind and d["metadata"]["name"] == name]
+    return doc
 
 
-@pytest.mark.parametrize("doc", CORE, ids=lambda d: f"{d['kind']}/{d['metadata']['name']}")
-def test_core_objects_validate_against_the_kubernetes_schemas(doc: dict[str, Any]) -> None:
-    kubernetes_validate.validate(doc, KUBERNETES_VERSION, strict=True)
+def _container(docs: list[Manifest], name: str) -> Manifest:
+    container: Manifest = _one(docs, "Deployment", name)["spec"]["template"]["spec"]["containers"][0]
+    return container
 
 
-def test_the_rabbitmq_cluster_validates_against_the_operator_crd() -> None:
-    crd_path = CRD_DIR / "rabbitmq.com_rabbitmqclusters.yaml"
-    if not crd_path.exists():
-        pytest.skip(f"RabbitMQ operator CRD not found at {CRD_DIR}; set RABBITMQ_CRD_DIR")
-    crd = yaml.safe_load(crd_path.read_text())
-    (cluster,) = [d for d in _documents("cluster") if d["kind"] == "RabbitmqCluster"]
-    version = cluster["apiVersion"].split("/")[1]
-    schema = next(v["schema"]["openAPIV3Schema"] for v in crd["spec"]["versions"] if v["name"] == version)
-    jsonschema.validate(cluster, schema)
-    assert "rabbitmq_management" in cluster["spec"]["rabbitmq"]["additionalPlugins"], (
-        "KEDA reads the management API"
-    )
+@pytest.mark.parametrize("overlay", list(OVERLAYS))
+def test_each_overlay_renders_valid_objects_that_keep_every_rule(overlay: str) -> None:
+    assert violations(overlay, RENDERED[overlay]) == []
+
+
+def _set(path: list[Any], value: Any) -> Callable[[Manifest], None]:
+    def change(doc: Any) -> None:
+        for key in path[:-1]:
+            doc = doc[key]
+        doc[path[-1]] = value
+
+    return change
+
+
+def _drop(path: list[Any]) -> Callable[[Manifest], None]:
+    def change(doc: Any) -> None:
+        for key in path[:-1]:
+            doc = doc[key]
+        del doc[path[-1]]
+
+    return change
+
+
+CONTAINER: list[Any] = ["spec", "template", "spec", "containers", 0]
+POD: list[Any] = ["spec", "template", "spec"]
+# (rule broken, object changed, change, words of the violation)
+BREAKS = [
+    ("moving tag", ("Deployment", "ingress"), _set([*CONTAINER, "image"], "inferq:latest"), "is not pinned"),
+    ("untagged", ("Deployment", "ingress"), _set([*CONTAINER, "image"], "inferq"), "is not pinned"),
+    (
+        "pull policy",
+        ("Deployment", "ingress"),
+        _set([*CONTAINER, "imagePullPolicy"], "Always"),
+        "imagePullPolicy",
+    ),
+    (
+        "replicas on a KEDA target",
+        ("Deployment", "worker-echo"),
+        _set(["spec", "replicas"], 0),
+        "KEDA scales it",
+    ),
+    ("root", ("Deployment", "callbacks"), _drop([*POD, "securityContext", "runAsNonRoot"]), "runAsNonRoot"),
+    ("token", ("Deployment", "worker-echo"), _drop([*POD, "automountServiceAccountToken"]), "automount"),
+    (
+        "writable root",
+        ("Deployment", "push-scaler"),
+        _set([*CONTAINER, "securityContext", "readOnlyRootFilesystem"], False),
+        "readOnlyRootFilesystem",
+    ),
+    (
+        "no probe",
+        ("Deployment", "worker-embed-minilm"),
+        _drop([*CONTAINER, "readinessProbe"]),
+        "no readinessProbe",
+    ),
+    ("no limit", ("StatefulSet", "redis"), _drop([*CONTAINER, "resources", "limits"]), "memory limit"),
+    ("invalid core field", ("Deployment", "ingress"), _set(["spec", "replica"], 2), "invalid apps/v1"),
+    ("invalid CR field", ("ScaledObject", "worker-echo"), _set(["spec", "pollingInterval"], "5s"), "its CRD"),
+]
+
+
+@pytest.mark.parametrize(("rule", "target", "change", "words"), BREAKS, ids=[b[0] for b in BREAKS])
+def test_each_rule_fails_on_a_manifest_that_breaks_it(
+    rule: str, target: tuple[str, str], change: Callable[[Manifest], None], words: str
+) -> None:
+    docs = copy.deepcopy(RENDERED["kind"])
+    change(_one(docs, *target))
+
+    found = [str(v) for v in violations("kind", docs)]
+    assert any(f"{target[0]}/{target[1]}" in v and words in v for v in found), found
 
 
 @pytest.mark.parametrize(
-    "scaled",
-    [d for d in _documents("keda") if d["kind"] == "ScaledObject"],
-    ids=lambda d: d["metadata"]["name"],
+    ("rule", "remove", "words"),
+    [
+        ("default deny", ("NetworkPolicy", "default-deny"), "no default-deny NetworkPolicy"),
+        ("disruption budget", ("PodDisruptionBudget", "worker-echo"), "no PodDisruptionBudget"),
+        ("scale target", ("Deployment", "worker-echo"), "its scale target is not a Deployment"),
+        ("trigger auth", ("TriggerAuthentication", "rabbitmq-management"), "authenticationRef"),
+    ],
 )
-def test_each_scale_target_exists_is_left_to_keda_and_outlives_its_drain(scaled: dict[str, Any]) -> None:
-    (config,) = [d for d in CORE if d["kind"] == "ConfigMap"]
-    drain_s = float(config["data"]["DRAIN_TIMEOUT_S"])
-    target = DEPLOYMENTS[scaled["spec"]["scaleTargetRef"]["name"]]
-    pod = target["spec"]["template"]["spec"]
-    assert "replicas" not in target["spec"], "KEDA owns the count: an apply must not reset it"
-    assert pod["terminationGracePeriodSeconds"] > drain_s
-    model = scaled["spec"]["triggers"][0]["metadata"]["queueName"].removeprefix("jobs.")
-    assert pod["containers"][0]["command"][-2:] == ["worker", model]
+def test_each_cross_object_rule_fails_when_its_object_is_missing(
+    rule: str, remove: tuple[str, str], words: str
+) -> None:
+    docs = [d for d in RENDERED["kind"] if (d["kind"], d["metadata"]["name"]) != remove]
+    assert any(words in str(v) for v in violations("kind", docs))
+
+
+def test_a_kind_with_no_crd_to_check_it_against_is_a_violation() -> None:
+    monitor = {"apiVersion": "monitoring.coreos.com/v1", "kind": "ServiceMonitor", "metadata": {"name": "x"}}
+    assert [v.rule for v in violations("kind", [*RENDERED["kind"], monitor])] == [
+        "no CRD for monitoring.coreos.com/v1 ServiceMonitor to validate it against"
+    ]
+
+
+def test_kind_runs_every_model_on_cpu_with_one_small_broker() -> None:
+    docs = RENDERED["kind"]
+    minilm = _container(docs, "worker-embed-minilm")
+    env = {e["name"]: e.get("value") for e in minilm["env"]}
+
+    assert "nvidia.com/gpu" not in str(docs)
+    assert env["WORKER_NUM_GPUS"] == "0" and minilm["image"] == "inferq:0.1.0"
+    assert _one(docs, "RabbitmqCluster", "rabbitmq")["spec"]["replicas"] == 1
+
+
+def test_gke_puts_gpu_models_on_the_gpu_pool_and_speaks_tls_to_three_brokers() -> None:
+    docs = RENDERED["gke"]
+    minilm = _one(docs, "Deployment", "worker-embed-minilm")["spec"]["template"]["spec"]
+    echo = _one(docs, "Deployment", "worker-echo")["spec"]["template"]["spec"]
+    rabbitmq = _one(docs, "RabbitmqCluster", "rabbitmq")["spec"]
+
+    assert minilm["nodeSelector"] == {"cloud.google.com/gke-accelerator": "nvidia-l4"}
+    assert minilm["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == "1"
+    assert minilm["containers"][0]["image"].endswith(":0.1.0-cuda")
+    assert "nodeSelector" not in echo and echo["containers"][0]["image"].endswith(":0.1.0")
+    assert rabbitmq["replicas"] == 3 and rabbitmq["tls"]["disableNonTLSListeners"] is True
+    assert "rabbitmq_management" in rabbitmq["rabbitmq"]["additionalPlugins"], "KEDA reads the management API"
+
+
+@pytest.mark.parametrize("overlay", list(OVERLAYS))
+def test_each_scale_target_outlives_its_drain_and_runs_its_model(overlay: str) -> None:
+    docs = RENDERED[overlay]
+    drain_s = float(_one(docs, "ConfigMap", "inferq")["data"]["DRAIN_TIMEOUT_S"])
+    for scaled in (d for d in docs if d["kind"] == "ScaledObject"):
+        target = _one(docs, "Deployment", scaled["spec"]["scaleTargetRef"]["name"])
+        pod = target["spec"]["template"]["spec"]
+        queue = scaled["spec"]["triggers"][0]["metadata"]["queueName"]
+        assert pod["terminationGracePeriodSeconds"] > drain_s
+        expected = ["callbacks"] if queue == "callbacks" else ["worker", queue.removeprefix("jobs.")]
+        assert pod["containers"][0]["command"][3:] == expected
+
+
+def test_the_pods_read_their_settings_and_a_valid_configuration() -> None:
+    docs = RENDERED["kind"]
+    config = _one(docs, "ConfigMap", "inferq")["data"]
+    health = _container(docs, "worker-echo")
+
+    Environment.read(config)  # the ConfigMap's values pass the services' own validation
+    assert {p["containerPort"] for p in health["ports"]} == {8080, 9102}
+    assert health["livenessProbe"]["httpGet"]["path"] == "/livez"
 
 
 def test_the_job_records_redis_keeps_its_data_and_every_pod_points_at_it() -> None:
-    (config,) = [d for d in CORE if d["kind"] == "ConfigMap"]
-    (redis,) = [d for d in CORE if d["kind"] == "StatefulSet" and d["metadata"]["name"] == "redis"]
-    (service,) = [d for d in CORE if d["kind"] == "Service" and d["metadata"]["name"] == "redis"]
+    docs = RENDERED["kind"]
+    config = _one(docs, "ConfigMap", "inferq")
+    redis = _one(docs, "StatefulSet", "redis")
+    service = _one(docs, "Service", "redis")
     container = redis["spec"]["template"]["spec"]["containers"][0]
     mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
 
@@ -79,9 +185,10 @@ def test_the_job_records_redis_keeps_its_data_and_every_pod_points_at_it() -> No
 
 
 def test_only_keda_reaches_the_push_scaler_and_its_service_fronts_its_pods() -> None:
-    (deployment,) = [d for d in CORE if d["kind"] == "Deployment" and d["metadata"]["name"] == "push-scaler"]
-    (service,) = [d for d in CORE if d["kind"] == "Service" and d["metadata"]["name"] == "push-scaler"]
-    (policy,) = [d for d in CORE if d["kind"] == "NetworkPolicy" and d["metadata"]["name"] == "push-scaler"]
+    docs = RENDERED["kind"]
+    deployment = _one(docs, "Deployment", "push-scaler")
+    service = _one(docs, "Service", "push-scaler")
+    policy = _one(docs, "NetworkPolicy", "push-scaler")
     pod_labels = deployment["spec"]["template"]["metadata"]["labels"]
     container = deployment["spec"]["template"]["spec"]["containers"][0]
     (rule,) = policy["spec"]["ingress"]
@@ -93,10 +200,12 @@ def test_only_keda_reaches_the_push_scaler_and_its_service_fronts_its_pods() -> 
     assert rule["from"][0]["namespaceSelector"]["matchLabels"] == {"kubernetes.io/metadata.name": "keda"}
 
 
-def test_every_container_image_is_used_as_built_never_pulled_for_a_moving_tag() -> None:
-    for doc in CORE:
-        if doc["kind"] not in ("Deployment", "StatefulSet"):
-            continue
-        for container in doc["spec"]["template"]["spec"]["containers"]:
-            name = f"{doc['kind']}/{doc['metadata']['name']}/{container['name']}"
-            assert container.get("imagePullPolicy") == "IfNotPresent", name
+def test_webhooks_leave_only_for_public_addresses() -> None:
+    policy = _one(RENDERED["kind"], "NetworkPolicy", "callbacks-to-public-webhooks")
+    (rule,) = policy["spec"]["egress"]
+    (block,) = rule["to"]
+
+    assert block["ipBlock"]["cidr"] == "0.0.0.0/0"
+    assert {"10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "169.254.0.0/16"} <= set(
+        block["ipBlock"]["except"]
+    )

@@ -16,10 +16,10 @@ import yaml
 
 from autoscaler.scaling_policy import policy_from_scaled_object
 from contract.model_catalogue import Catalogue, load_catalogue
+from manifests.cluster_verify import KUBERNETES_VERSION
 from manifests.rendering import drifted, rendered_files, write
 from manifests.scaled_objects import scaled_object
 from manifests.worker_deployments import worker_deployment
-from tests.test_cluster_manifests import KUBERNETES_VERSION
 from tests.test_keda_manifests import keda_crd_schema
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -66,7 +66,8 @@ def test_a_changed_catalogue_is_drift_until_the_manifests_are_rewritten(tmp_path
 
     # vision is new, embed-minilm left the catalogue, echo's figures went back to the defaults.
     expected = [
-        "cluster/workers.yaml",
+        "cluster/base/workers.yaml",
+        "keda/kustomization.yaml",
         "keda/scaledobject-echo.yaml",
         "keda/scaledobject-embed-minilm.yaml",
         "keda/scaledobject-vision.yaml",
@@ -120,7 +121,7 @@ def test_every_generated_file_says_what_it_does_and_where_it_comes_from(tmp_path
 
 
 def test_the_cluster_serves_the_catalogues_models() -> None:
-    (config,) = yaml.safe_load_all((ROOT / "cluster" / "config.yaml").read_text())
+    (config,) = yaml.safe_load_all((ROOT / "cluster" / "base" / "config.yaml").read_text())
     catalogue = load_catalogue()
 
     served = config["data"]["MODELS"].split(",")

@@ -1,5 +1,6 @@
 """The Kubernetes pod entry point, run as a real process: it consumes its model's queue
-through a one-replica Serve application, and on SIGTERM drains and exits cleanly."""
+through a one-replica Serve application, answers the kubelet's probes, exports its metrics
+on a fixed port, and on SIGTERM drains and exits cleanly."""
 
 from __future__ import annotations
 
@@ -8,12 +9,14 @@ import os
 import signal
 import sys
 
+import httpx
 import pytest
 
 from contract.broker import Broker
 from contract.envelope import decode_callback_delivery
 from contract.topology import Topology
 from loadgen.bench_support import make_job, publish_jobs
+from loadgen.stack_process import free_port
 from tests.conftest import drain_queue, wait_until
 
 pytestmark = pytest.mark.stack
@@ -24,6 +27,7 @@ POD_STOP_TIMEOUT_S = 60.0
 async def test_a_worker_pod_consumes_its_model_queue_and_stops_on_sigterm(
     amqp_url: str, topology: Topology, webhook_secret: str
 ) -> None:
+    health_port, metrics_port = free_port(), free_port()
     env = {
         **os.environ,
         "AMQP_URL": amqp_url,
@@ -32,6 +36,8 @@ async def test_a_worker_pod_consumes_its_model_queue_and_stops_on_sigterm(
         "MODELS": "echo",
         "RAY_USAGE_STATS_ENABLED": "0",
         "DRAIN_TIMEOUT_S": "5",
+        "POD_HEALTH_PORT": str(health_port),
+        "WORKER_METRICS_PORT": str(metrics_port),
     }
     broker = Broker(amqp_url, topology, ("echo",))
     await broker.connect()
@@ -57,6 +63,12 @@ async def test_a_worker_pod_consumes_its_model_queue_and_stops_on_sigterm(
             return finished >= {j.id for j in jobs}
 
         await wait_until(all_finished, 120, "the pod to finish its jobs")
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{health_port}") as probe:
+            ready, live = await probe.get("/readyz"), await probe.get("/livez")
+        async with httpx.AsyncClient() as scraper:
+            metrics = await scraper.get(f"http://127.0.0.1:{metrics_port}/metrics")
+        assert (ready.status_code, ready.text, live.status_code) == (200, "RUNNING", 200)
+        assert "ray_inferq_worker_" in metrics.text, "the replica's metrics on the fixed port"
         pod.send_signal(signal.SIGTERM)
         assert await asyncio.wait_for(pod.wait(), POD_STOP_TIMEOUT_S) == 0
         _ready, consumers = await broker.queue_depth(topology.main_queue("echo"))

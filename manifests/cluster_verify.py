@@ -1,0 +1,250 @@
+"""`task cluster:verify`: render each overlay (`kubectl kustomize`) and check every object
+offline, as a cluster would and as our rules require.
+
+- Core kinds validate with kubernetes-validate, strict, at KUBERNETES_VERSION.
+- Custom resources validate against the upstream CRDs (../shared/schemas, or
+  KEDA_CRD_DIR / RABBITMQ_CRD_DIR): kubernetes-validate passes an unknown kind
+  silently, so a kind with no CRD here is itself a violation.
+- The rules (`POLICIES`): pinned images pulled IfNotPresent, no `replicas` on a
+  Deployment KEDA scales, every scale target and TriggerAuthentication present,
+  hardened pods (non-root, seccomp RuntimeDefault, no service-account token) and
+  containers (no privilege escalation, read-only root, every capability dropped),
+  probes, requests and a memory limit on every container, a default-deny
+  NetworkPolicy per namespace, a PodDisruptionBudget over every workload.
+
+Each violation names the overlay, the object and the rule; the exit status is 1 when
+there is any.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import kubernetes_validate
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+OVERLAYS = {"kind": ROOT / "cluster" / "overlays" / "kind", "gke": ROOT / "cluster" / "overlays" / "gke"}
+KUBERNETES_VERSION = "1.30"
+SCHEMAS = ROOT.parent / "shared" / "schemas"
+CRD_FILES = {
+    ("keda.sh", "ScaledObject"): ("KEDA_CRD_DIR", "keda", "keda.sh_scaledobjects.yaml"),
+    ("keda.sh", "TriggerAuthentication"): ("KEDA_CRD_DIR", "keda", "keda.sh_triggerauthentications.yaml"),
+    ("rabbitmq.com", "RabbitmqCluster"): (
+        "RABBITMQ_CRD_DIR",
+        "rabbitmq",
+        "rabbitmq.com_rabbitmqclusters.yaml",
+    ),
+}
+WORKLOADS = ("Deployment", "StatefulSet")
+
+Manifest = dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Violation:
+    overlay: str
+    subject: str
+    rule: str
+
+    def __str__(self) -> str:
+        return f"{self.overlay}: {self.subject}: {self.rule}"
+
+
+def render(overlay: Path) -> list[Manifest]:
+    """`kubectl kustomize overlay`, parsed."""
+    rendered = subprocess.run(
+        ["kubectl", "kustomize", str(overlay)], check=True, capture_output=True, text=True, timeout=60
+    )
+    return [doc for doc in yaml.safe_load_all(rendered.stdout) if doc]
+
+
+def _name(doc: Manifest) -> str:
+    return f"{doc['kind']}/{doc['metadata']['name']}"
+
+
+def _pods(docs: list[Manifest]) -> Iterator[tuple[Manifest, Manifest]]:
+    """(workload, pod spec) for every Deployment and StatefulSet."""
+    for doc in docs:
+        if doc["kind"] in WORKLOADS:
+            yield doc, doc["spec"]["template"]["spec"]
+
+
+def _containers(docs: list[Manifest]) -> Iterator[tuple[Manifest, Manifest]]:
+    for workload, pod in _pods(docs):
+        for container in pod.get("initContainers", []) + pod["containers"]:
+            yield workload, container
+
+
+def schema_violations(docs: list[Manifest]) -> Iterator[tuple[str, str]]:
+    for doc in docs:
+        group = doc["apiVersion"].split("/")[0] if "/" in doc["apiVersion"] else ""
+        if "." not in group or group.endswith(".k8s.io"):  # built-in: apps, policy, networking.k8s.io
+            problem = _core_problem(json.dumps(doc, sort_keys=True))
+            if problem is not None:
+                yield _name(doc), f"invalid {doc['apiVersion']} {doc['kind']}: {problem}"
+            continue
+        crd = _crd_schema(group, doc["kind"], doc["apiVersion"].split("/")[1])
+        if crd is None:
+            yield _name(doc), f"no CRD for {doc['apiVersion']} {doc['kind']} to validate it against"
+            continue
+        try:
+            jsonschema.validate(doc, crd)
+        except jsonschema.ValidationError as exc:
+            yield _name(doc), f"invalid against its CRD: {exc.message} at {list(exc.absolute_path)}"
+
+
+@functools.lru_cache(maxsize=1024)
+def _core_problem(doc_json: str) -> str | None:
+    """kubernetes-validate's verdict on one object (cached: it reads a schema file per call)."""
+    try:
+        kubernetes_validate.validate(json.loads(doc_json), KUBERNETES_VERSION, strict=True)
+    except (kubernetes_validate.ValidationError, kubernetes_validate.SchemaNotFoundError) as exc:
+        return str(exc)
+    return None
+
+
+def _crd_schema(group: str, kind: str, version: str) -> Manifest | None:
+    where = CRD_FILES.get((group, kind))
+    if where is None:
+        return None
+    variable, folder, filename = where
+    path = Path(os.environ.get(variable, SCHEMAS / folder)) / filename
+    if not path.exists():
+        return None
+    crd = yaml.safe_load(path.read_text())
+    for served in crd["spec"]["versions"]:
+        if served["name"] == version:
+            schema: Manifest = served["schema"]["openAPIV3Schema"]
+            return schema
+    return None
+
+
+def _images(docs: list[Manifest]) -> Iterator[tuple[str, str]]:
+    for workload, container in _containers(docs):
+        image = container["image"]
+        tag = image.rsplit("/", 1)[-1].partition(":")[2]
+        if "@sha256:" not in image and (not tag or tag == "latest"):
+            yield _name(workload), f"image {image!r} is not pinned (a version tag or a digest)"
+        if container.get("imagePullPolicy") != "IfNotPresent":
+            yield _name(workload), f"container {container['name']}: imagePullPolicy must be IfNotPresent"
+
+
+def _scaling(docs: list[Manifest]) -> Iterator[tuple[str, str]]:
+    workloads = {doc["metadata"]["name"]: doc for doc in docs if doc["kind"] == "Deployment"}
+    auths = {doc["metadata"]["name"] for doc in docs if doc["kind"] == "TriggerAuthentication"}
+    for scaled in (doc for doc in docs if doc["kind"] == "ScaledObject"):
+        target = workloads.get(scaled["spec"]["scaleTargetRef"]["name"])
+        if target is None:
+            yield _name(scaled), "its scale target is not a Deployment here"
+        elif "replicas" in target["spec"]:
+            yield _name(target), "KEDA scales it: a replicas field would reset it on every apply"
+        for trigger in scaled["spec"]["triggers"]:
+            auth = (trigger.get("authenticationRef") or {}).get("name")
+            if auth is not None and auth not in auths:
+                yield _name(scaled), f"authenticationRef {auth!r} is not a TriggerAuthentication here"
+
+
+def _hardening(docs: list[Manifest]) -> Iterator[tuple[str, str]]:
+    for workload, pod in _pods(docs):
+        context = pod.get("securityContext") or {}
+        if context.get("runAsNonRoot") is not True:
+            yield _name(workload), "pod securityContext.runAsNonRoot must be true"
+        if (context.get("seccompProfile") or {}).get("type") != "RuntimeDefault":
+            yield _name(workload), "pod securityContext.seccompProfile must be RuntimeDefault"
+        if pod.get("automountServiceAccountToken") is not False:
+            yield _name(workload), "automountServiceAccountToken must be false (no pod here calls the API)"
+    for workload, container in _containers(docs):
+        context = container.get("securityContext") or {}
+        where = f"container {container['name']}"
+        if context.get("allowPrivilegeEscalation") is not False:
+            yield _name(workload), f"{where}: allowPrivilegeEscalation must be false"
+        if context.get("readOnlyRootFilesystem") is not True:
+            yield _name(workload), f"{where}: readOnlyRootFilesystem must be true"
+        if (context.get("capabilities") or {}).get("drop") != ["ALL"]:
+            yield _name(workload), f"{where}: capabilities must drop ALL"
+
+
+def _operations(docs: list[Manifest]) -> Iterator[tuple[str, str]]:
+    for workload, container in _containers(docs):
+        where = f"container {container['name']}"
+        for probe in ("readinessProbe", "livenessProbe"):
+            if probe not in container:
+                yield _name(workload), f"{where}: no {probe}"
+        resources = container.get("resources") or {}
+        if not resources.get("requests") or "memory" not in (resources.get("limits") or {}):
+            yield _name(workload), f"{where}: needs resource requests and a memory limit"
+
+
+def _isolation(docs: list[Manifest]) -> Iterator[tuple[str, str]]:
+    namespaces = {doc["metadata"]["name"] for doc in docs if doc["kind"] == "Namespace"}
+    denied = {
+        doc["metadata"]["namespace"]
+        for doc in docs
+        if doc["kind"] == "NetworkPolicy"
+        and doc["spec"].get("podSelector") == {}
+        and set(doc["spec"].get("policyTypes", [])) == {"Ingress", "Egress"}
+        and not doc["spec"].get("ingress")
+        and not doc["spec"].get("egress")
+    }
+    for namespace in sorted(namespaces - denied):
+        yield (
+            f"Namespace/{namespace}",
+            "no default-deny NetworkPolicy (empty podSelector, Ingress and Egress)",
+        )
+    budgets = [doc for doc in docs if doc["kind"] == "PodDisruptionBudget"]
+    for workload, _pod in _pods(docs):
+        labels = workload["spec"]["template"]["metadata"]["labels"]
+        covered = any(
+            budget["metadata"]["namespace"] == workload["metadata"]["namespace"]
+            and budget["spec"]["selector"]["matchLabels"].items() <= labels.items()
+            for budget in budgets
+        )
+        if not covered:
+            yield _name(workload), "no PodDisruptionBudget selects its pods"
+
+
+POLICIES: dict[str, Callable[[list[Manifest]], Iterator[tuple[str, str]]]] = {
+    "schemas": schema_violations,
+    "images": _images,
+    "scaling": _scaling,
+    "hardening": _hardening,
+    "operations": _operations,
+    "isolation": _isolation,
+}
+
+
+def violations(overlay: str, docs: list[Manifest]) -> list[Violation]:
+    return [Violation(overlay, subject, rule) for check in POLICIES.values() for subject, rule in check(docs)]
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(prog="task cluster:verify", description=__doc__.split("\n\n")[0])
+    parser.add_argument("overlays", nargs="*", metavar="OVERLAY", help=f"default: all of {list(OVERLAYS)}")
+    args = parser.parse_args()
+    unknown = [name for name in args.overlays if name not in OVERLAYS]
+    if unknown:
+        parser.error(f"unknown overlay(s) {unknown}; expected some of {list(OVERLAYS)}")
+    found: list[Violation] = []
+    for overlay in args.overlays or list(OVERLAYS):
+        docs = render(OVERLAYS[overlay])
+        found += violations(overlay, docs)
+        print(f"{overlay}: {len(docs)} objects rendered and checked")
+    for violation in found:
+        print(violation, file=sys.stderr)
+    print("cluster manifests: OK" if not found else f"cluster manifests: {len(found)} violation(s)")
+    return 1 if found else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
