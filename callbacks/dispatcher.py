@@ -26,12 +26,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from urllib.parse import urlsplit
 
 import msgspec
 
 from callbacks.client import CallbackClient, DeliveryResult
 from callbacks.delivery_log import DeliveryLog
+from callbacks.delivery_metrics import CALLBACK_SERIES, DeliveryMetrics
 from callbacks.host_slots import HostSlots
 from callbacks.settings import CallbackSettings
 from callbacks.signing import WebhookSigner
@@ -48,6 +50,7 @@ from contract.envelope import (
     encode,
 )
 from contract.job_records import JobRecords, RecordsUnavailable
+from contract.metric_series import PrometheusSink
 from contract.settlement import Publish, settle
 
 logger = logging.getLogger(__name__)
@@ -65,8 +68,14 @@ def host_key(callback_url: str) -> str:
 
 
 class CallbackDispatcher:
-    def __init__(self, settings: CallbackSettings, resolve: Resolver | None = None) -> None:
+    def __init__(
+        self,
+        settings: CallbackSettings,
+        resolve: Resolver | None = None,
+        metrics: DeliveryMetrics | None = None,
+    ) -> None:
         self._settings = settings
+        self.metrics = metrics if metrics is not None else DeliveryMetrics(PrometheusSink(CALLBACK_SERIES))
         self._topology = settings.topology
         self._schedule = settings.topology.callback_retries
         self._broker = Broker(settings.amqp_url, settings.topology, settings.models, role="callbacks")
@@ -165,7 +174,9 @@ class CallbackDispatcher:
                 if recorded:
                     await settle(self._broker, [(delivery, [])])
                 else:
-                    await self._defer(delivery, attempt, self._schedule.distinct_delays_s()[0])
+                    await self._defer(
+                        delivery, attempt, self._schedule.distinct_delays_s()[0], "records_unavailable"
+                    )
                 return
             unrecorded = [] if recorded else [self._record_only_copy(delivery, callback)]
         if callback.callback_url is None:
@@ -184,20 +195,24 @@ class CallbackDispatcher:
         """One attempt; `unrecorded` (the ending still to record) goes out with a final settle."""
         host = host_key(url)
         if not self.slots.try_hold(host):
-            await self._defer(delivery, attempt, self._schedule.distinct_delays_s()[0])
+            await self._defer(delivery, attempt, self._schedule.distinct_delays_s()[0], "host_busy")
             return
         try:
             await self.slots.acquire(host)
         except asyncio.CancelledError:
             self.slots.drop(host)
             raise
+        started = time.monotonic()
         try:
             breaker = self.breaker_for(host)
             result = await self._client.deliver(callback) if breaker.allow() else None
         finally:
             self.slots.release(host)
+        if result is not None:
+            outcome = "delivered" if result.delivered else "retry" if result.retryable else "refused"
+            self.metrics.attempted(outcome, time.monotonic() - started)
         if result is None:
-            await self._defer(delivery, attempt, breaker.remaining_cooldown_s())
+            await self._defer(delivery, attempt, breaker.remaining_cooldown_s(), "breaker_open")
         elif result.delivered:
             self._record(host, breaker, ok=True)
             await settle(self._broker, [(delivery, unrecorded)])
@@ -277,7 +292,7 @@ class CallbackDispatcher:
         delays = self._schedule.distinct_delays_s()
         return min((d for d in delays if d >= wait_s), default=delays[-1])
 
-    async def _defer(self, delivery: Delivery, attempt: int, wait_s: float) -> None:
+    async def _defer(self, delivery: Delivery, attempt: int, wait_s: float, reason: str) -> None:
         """Wait in a delay tier without spending an attempt (breaker open or host over its
         share), at most CALLBACK_MAX_DEFERRALS times: a host that stays unusable for that
         long gets its callbacks parked (replayable), not churned through the tiers forever."""
@@ -289,6 +304,7 @@ class CallbackDispatcher:
             )
             return
         self.deferrals += 1
+        self.metrics.deferred(reason)
         await self._republish(
             delivery, attempt, self._tier_at_least(wait_s), {DEFERRALS_HEADER: deferred + 1}
         )
@@ -313,3 +329,4 @@ class CallbackDispatcher:
         )
         park = Publish(message, self._topology.callbacks_parking_queue)
         await settle(self._broker, [(delivery, [park, *(also or [])])])
+        self.metrics.parked()

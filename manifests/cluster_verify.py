@@ -12,6 +12,9 @@ offline, as a cluster would and as our rules require.
   probes, requests and a memory limit on every container, a default-deny
   NetworkPolicy per namespace, a PodDisruptionBudget over every workload.
 
+The monitoring component (`cluster/monitoring`, applied once kube-prometheus-stack runs)
+is checked by `manifests.monitoring_verify` against each overlay.
+
 Each violation names the overlay, the object and the rule; the exit status is 1 when
 there is any.
 """
@@ -32,6 +35,8 @@ from typing import Any
 import jsonschema
 import kubernetes_validate
 import yaml
+
+from manifests.monitoring_verify import MONITORING, monitoring_violations
 
 ROOT = Path(__file__).resolve().parent.parent
 OVERLAYS = {"kind": ROOT / "cluster" / "overlays" / "kind", "gke": ROOT / "cluster" / "overlays" / "gke"}
@@ -94,14 +99,20 @@ def schema_violations(docs: list[Manifest]) -> Iterator[tuple[str, str]]:
             if problem is not None:
                 yield _name(doc), f"invalid {doc['apiVersion']} {doc['kind']}: {problem}"
             continue
-        crd = _crd_schema(group, doc["kind"], doc["apiVersion"].split("/")[1])
-        if crd is None:
-            yield _name(doc), f"no CRD for {doc['apiVersion']} {doc['kind']} to validate it against"
+        validator = _crd_validator(group, doc["kind"], doc["apiVersion"].split("/")[1])
+        if validator is None:
+            yield (
+                _name(doc),
+                (
+                    f"no CRD for {doc['apiVersion']} {doc['kind']} to validate it against "
+                    f"(known: {sorted(kind for _group, kind in CRD_FILES)}, read from {SCHEMAS} "
+                    "or KEDA_CRD_DIR / RABBITMQ_CRD_DIR)"
+                ),
+            )
             continue
-        try:
-            jsonschema.validate(doc, crd)
-        except jsonschema.ValidationError as exc:
-            yield _name(doc), f"invalid against its CRD: {exc.message} at {list(exc.absolute_path)}"
+        error = jsonschema.exceptions.best_match(validator.iter_errors(doc))
+        if error is not None:
+            yield _name(doc), f"invalid against its CRD: {error.message} at {list(error.absolute_path)}"
 
 
 @functools.lru_cache(maxsize=1024)
@@ -114,7 +125,9 @@ def _core_problem(doc_json: str) -> str | None:
     return None
 
 
-def _crd_schema(group: str, kind: str, version: str) -> Manifest | None:
+@functools.lru_cache(maxsize=16)
+def _crd_validator(group: str, kind: str, version: str) -> jsonschema.protocols.Validator | None:
+    """The CRD's schema for `version`, compiled once (the files are large)."""
     where = CRD_FILES.get((group, kind))
     if where is None:
         return None
@@ -122,11 +135,11 @@ def _crd_schema(group: str, kind: str, version: str) -> Manifest | None:
     path = Path(os.environ.get(variable, SCHEMAS / folder)) / filename
     if not path.exists():
         return None
-    crd = yaml.safe_load(path.read_text())
+    crd = yaml.load(path.read_text(), Loader=yaml.CSafeLoader)
     for served in crd["spec"]["versions"]:
         if served["name"] == version:
             schema: Manifest = served["schema"]["openAPIV3Schema"]
-            return schema
+            return jsonschema.validators.validator_for(schema)(schema)
     return None
 
 
@@ -236,10 +249,12 @@ def main() -> int:
     if unknown:
         parser.error(f"unknown overlay(s) {unknown}; expected some of {list(OVERLAYS)}")
     found: list[Violation] = []
+    monitoring = render(MONITORING)
     for overlay in args.overlays or list(OVERLAYS):
         docs = render(OVERLAYS[overlay])
         found += violations(overlay, docs)
-        print(f"{overlay}: {len(docs)} objects rendered and checked")
+        found += [Violation(overlay, s, r) for s, r in monitoring_violations(monitoring, docs)]
+        print(f"{overlay}: {len(docs)} objects and {len(monitoring)} monitoring objects rendered and checked")
     for violation in found:
         print(violation, file=sys.stderr)
     print("cluster manifests: OK" if not found else f"cluster manifests: {len(found)} violation(s)")

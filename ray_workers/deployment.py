@@ -20,8 +20,10 @@ from ray import serve
 from ray.util import metrics as ray_metrics
 from starlette.requests import Request
 
+from callbacks.delivery_metrics import CALLBACK_SERIES, DeliveryMetrics
 from callbacks.dispatcher import CallbackDispatcher
 from callbacks.settings import CallbackSettings
+from contract.metric_series import SeriesTable
 from ray_workers.job_worker import JobWorker
 from ray_workers.models.registry import load_model
 from ray_workers.settings import WorkerSettings
@@ -37,13 +39,13 @@ class ReplicaUnhealthy(Exception):
 
 
 class RaySink:
-    """The worker's series (`worker_metrics.SERIES`) through Ray's metrics API: Ray exports
-    them, in Prometheus format, on the node's metrics port (`WORKER_METRICS_PORT` in the
-    local stack), named `ray_inferq_worker_*`."""
+    """A table of series (`contract.metric_series`) through Ray's metrics API: Ray exports
+    them, in Prometheus format, on the node's metrics port (`WORKER_METRICS_PORT`), named
+    `ray_<name>` (`ray_inferq_worker_*`, `ray_inferq_callbacks_*`)."""
 
-    def __init__(self) -> None:
+    def __init__(self, table: SeriesTable) -> None:
         self._series: dict[str, ray_metrics.Histogram | ray_metrics.Counter | ray_metrics.Gauge] = {}
-        for key, series in SERIES.items():
+        for key, series in table.items():
             if series.kind == "histogram":
                 self._series[key] = ray_metrics.Histogram(
                     series.name, series.help, list(map(float, series.buckets)), series.labels
@@ -78,7 +80,7 @@ class ModelWorkerDeployment:
         started = time.monotonic()
         self._model = await asyncio.to_thread(load_model, model_name, settings.model_catalogue)
         logger.info("model %s loaded in %.2f s", model_name, time.monotonic() - started)
-        self._worker = JobWorker(self._model, settings, metrics=WorkerMetrics(RaySink()))
+        self._worker = JobWorker(self._model, settings, metrics=WorkerMetrics(RaySink(SERIES)))
         self._drain_timeout_s = settings.drain_timeout_s
         await self._worker.start()
 
@@ -106,7 +108,7 @@ class ModelWorkerDeployment:
 class CallbackDispatcherDeployment:
     async def __init__(self, settings: CallbackSettings) -> None:  # type: ignore[misc]
         logging.basicConfig(level=logging.INFO)
-        self._dispatcher = CallbackDispatcher(settings)
+        self._dispatcher = CallbackDispatcher(settings, metrics=DeliveryMetrics(RaySink(CALLBACK_SERIES)))
         self._drain_timeout_s = settings.drain_timeout_s
         await self._dispatcher.start()
 

@@ -38,13 +38,14 @@ from contract.callback_events import callback_for, canceled_callback, carrying_j
 from contract.circuit_breaker import BreakerState, CircuitBreaker
 from contract.envelope import ATTEMPT_HEADER, Job, JobStatus, JobTimings, UndecodableMessage, decode_job
 from contract.job_records import JobRecords, RecordsUnavailable, Started
+from contract.metric_series import PrometheusSink
 from contract.settlement import Outcome, Publish, Settled, settle
 from ray_workers.batch_controller import AdaptiveBatchController, FixedBatchSize
 from ray_workers.batching import collect_batch
 from ray_workers.models.base import InvalidInput, Model, ModelError
 from ray_workers.outcomes import parked, retry_for
 from ray_workers.settings import WorkerSettings
-from ray_workers.worker_metrics import PrometheusSink, WorkerMetrics
+from ray_workers.worker_metrics import SERIES, WorkerMetrics
 
 logger = logging.getLogger(__name__)
 
@@ -109,7 +110,7 @@ class JobWorker:
             size=1 if rules.adaptive else rules.max_size,
             max_wait_s=rules.max_wait_s,
         )
-        self.metrics = metrics if metrics is not None else WorkerMetrics(PrometheusSink())
+        self.metrics = metrics if metrics is not None else WorkerMetrics(PrometheusSink(SERIES))
 
     @property
     def is_alive(self) -> bool:

@@ -1,35 +1,19 @@
 """What a worker reports: batches, the controller's decisions, outcomes, the breaker.
 
 The series are declared once, in `SERIES`; `WorkerMetrics` is what the job loop calls,
-and it records into a `MetricSink`. `PrometheusSink` keeps them in a prometheus_client
-registry (tests, a worker outside Ray); inside Ray Serve replicas `deployment.RaySink`
-builds the same series from the same table with Ray's metrics API, which Ray exports in
-Prometheus format on the node's metrics port.
+and it records into a `MetricSink` (`contract.metric_series`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from dataclasses import dataclass
-from typing import Literal, Protocol
-
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from contract.metric_series import MetricSink, Series, SeriesTable
 
 BATCH_SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 SECONDS_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5)
 BREAKER_STATE_VALUE = {"closed": 0, "half_open": 1, "open": 2}
 
 
-@dataclass(frozen=True)
-class Series:
-    name: str
-    help: str
-    kind: Literal["histogram", "counter", "gauge"]
-    labels: tuple[str, ...] = ("model",)
-    buckets: tuple[float, ...] = ()
-
-
-SERIES: Mapping[str, Series] = {
+SERIES: SeriesTable = {
     "batch_size": Series(
         "inferq_worker_batch_size", "Jobs per batch", "histogram", buckets=BATCH_SIZE_BUCKETS
     ),
@@ -57,12 +41,6 @@ SERIES: Mapping[str, Series] = {
 }
 
 
-class MetricSink(Protocol):
-    """Records a value of one series of `SERIES`, by its key."""
-
-    def record(self, key: str, value: float, labels: Mapping[str, str]) -> None: ...
-
-
 class WorkerMetrics:
     def __init__(self, sink: MetricSink) -> None:
         self.sink = sink
@@ -83,30 +61,3 @@ class WorkerMetrics:
 
     def set_breaker_state(self, model: str, state: str) -> None:
         self.sink.record("breaker", BREAKER_STATE_VALUE[state], {"model": model})
-
-
-class PrometheusSink:
-    """The series in a prometheus_client registry: histograms observe, counters add the
-    value, gauges are set to it."""
-
-    def __init__(self, registry: CollectorRegistry | None = None) -> None:
-        self.registry = registry or CollectorRegistry()
-        self._series: dict[str, Histogram | Counter | Gauge] = {}
-        for key, series in SERIES.items():
-            if series.kind == "histogram":
-                self._series[key] = Histogram(
-                    series.name, series.help, series.labels, buckets=series.buckets, registry=self.registry
-                )
-            elif series.kind == "counter":
-                self._series[key] = Counter(series.name, series.help, series.labels, registry=self.registry)
-            else:
-                self._series[key] = Gauge(series.name, series.help, series.labels, registry=self.registry)
-
-    def record(self, key: str, value: float, labels: Mapping[str, str]) -> None:
-        metric = self._series[key].labels(**labels)
-        if isinstance(metric, Histogram):
-            metric.observe(value)
-        elif isinstance(metric, Counter):
-            metric.inc(value)
-        else:
-            metric.set(value)

@@ -12,6 +12,8 @@ import pytest
 
 from contract.config import Environment
 from manifests.cluster_verify import OVERLAYS, render, violations
+from manifests.exported_metrics import metric_names
+from manifests.monitoring_verify import MONITORING, monitoring_violations
 
 Manifest = dict[str, Any]
 RENDERED = {overlay: render(path) for overlay, path in OVERLAYS.items()}
@@ -117,9 +119,8 @@ def test_each_cross_object_rule_fails_when_its_object_is_missing(
 
 def test_a_kind_with_no_crd_to_check_it_against_is_a_violation() -> None:
     monitor = {"apiVersion": "monitoring.coreos.com/v1", "kind": "ServiceMonitor", "metadata": {"name": "x"}}
-    assert [v.rule for v in violations("kind", [*RENDERED["kind"], monitor])] == [
-        "no CRD for monitoring.coreos.com/v1 ServiceMonitor to validate it against"
-    ]
+    (found,) = violations("kind", [*RENDERED["kind"], monitor])
+    assert found.rule.startswith("no CRD for monitoring.coreos.com/v1 ServiceMonitor to validate it against")
 
 
 def test_kind_runs_every_model_on_cpu_with_one_small_broker() -> None:
@@ -209,3 +210,61 @@ def test_webhooks_leave_only_for_public_addresses() -> None:
     assert {"10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "169.254.0.0/16"} <= set(
         block["ipBlock"]["except"]
     )
+
+
+MONITORING_DOCS = render(MONITORING)
+
+
+def _monitoring_with(change: Callable[[list[Manifest]], None]) -> list[str]:
+    docs = copy.deepcopy(MONITORING_DOCS)
+    change(docs)
+    return [f"{subject}: {rule}" for subject, rule in monitoring_violations(docs, RENDERED["kind"])]
+
+
+def _rule(docs: list[Manifest], index: int = 0) -> Manifest:
+    (rules,) = [d for d in docs if d["kind"] == "PrometheusRule"]
+    rule: Manifest = rules["spec"]["groups"][0]["rules"][index]
+    return rule
+
+
+@pytest.mark.parametrize("overlay", list(OVERLAYS))
+def test_the_monitoring_scrapes_what_each_overlay_runs_and_its_promql_is_sound(overlay: str) -> None:
+    assert monitoring_violations(MONITORING_DOCS, RENDERED[overlay]) == []
+
+
+def test_a_metric_nothing_exports_is_caught_in_a_rule() -> None:
+    found = _monitoring_with(
+        lambda docs: _rule(docs).update(expr="rate(ray_inferq_worker_jobz_total[5m]) > 0")
+    )
+    assert any("['ray_inferq_worker_jobz_total'] exported by nothing" in v for v in found), found
+
+
+def test_a_rule_promtool_refuses_is_caught() -> None:
+    found = _monitoring_with(
+        lambda docs: _rule(docs).update(expr="sum(rate(ray_inferq_worker_jobs_total[5m]")
+    )
+    assert any("PrometheusRule/inferq: promtool check rules" in v for v in found), found
+
+
+def test_a_monitor_that_selects_nothing_or_scrapes_a_missing_port_is_caught() -> None:
+    def retarget(docs: list[Manifest]) -> None:
+        ingress = _one(docs, "ServiceMonitor", "ingress")
+        ingress["spec"]["selector"]["matchLabels"] = {"app.kubernetes.io/component": "nothing"}
+        _one(docs, "PodMonitor", "ray-replicas")["spec"]["podMetricsEndpoints"][0]["port"] = "stats"
+
+    found = _monitoring_with(retarget)
+    assert "ServiceMonitor/ingress: selects nothing the platform renders" in found
+    assert "PodMonitor/ray-replicas: a selected object has none of the ports ['stats']" in found
+
+
+@pytest.mark.parametrize(
+    ("expr", "names"),
+    [
+        ('sum by (le, model) (rate(a_bucket{x=~"y|z"}[5m]))', {"a_bucket"}),
+        ("b_total / on (job) group_left c > 0.1", {"b_total", "c"}),
+        ("histogram_quantile(0.99, sum without (pod) (rate(d_bucket[1m]))) offset 5m", {"d_bucket"}),
+        ("max(e) == 2 and f unless g", {"e", "f", "g"}),
+    ],
+)
+def test_the_metric_names_of_a_promql_expression(expr: str, names: set[str]) -> None:
+    assert metric_names(expr) == names

@@ -1,0 +1,206 @@
+#!/usr/bin/env bash
+# `task cluster-up PROVIDER=kind|gke` / `task cluster-down PROVIDER=...`: from nothing to a
+# working platform, every version pinned below, waiting on readiness at every step.
+#
+#   cluster/provision.sh up kind
+#   PROJECT=my-project ZONE=europe-west4-a REGISTRY=europe-west4-docker.pkg.dev/my-project/inferq \
+#     cluster/provision.sh up gke
+#   cluster/provision.sh down kind|gke
+#
+# Secrets are generated or read from the operator's Secret, never typed: the broker's
+# credentials come from RabbitMQ's `rabbitmq-default-user`, the webhook signing secret
+# and an API key are generated (kept in the Secret `inferq`; printed once at the end).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+KIND_NODE_IMAGE="kindest/node:v1.30.13"
+CERT_MANAGER_VERSION="v1.16.2"
+RABBITMQ_OPERATOR_VERSION="v2.14.0"
+KEDA_CHART_VERSION="2.20.1"
+PROMETHEUS_STACK_CHART_VERSION="65.1.1"
+IMAGE_TAG="$(sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)"
+CLUSTER="${CLUSTER:-inferq}"
+NAMESPACE="inferq"
+GPU_MACHINE="${GPU_MACHINE:-g2-standard-8}"   # one NVIDIA L4 per node
+GPU_MAX_NODES="${GPU_MAX_NODES:-4}"
+
+say() { printf '\n== %s\n' "$*"; }
+need() { for tool in "$@"; do command -v "$tool" >/dev/null || { echo "needs $tool on PATH" >&2; exit 2; }; done; }
+
+create_kind() {
+  need docker kind kubectl helm
+  if ! kind get clusters | grep -qx "$CLUSTER"; then
+    say "kind cluster $CLUSTER ($KIND_NODE_IMAGE)"
+    kind create cluster --name "$CLUSTER" --image "$KIND_NODE_IMAGE" --wait 5m
+  fi
+  say "image inferq:$IMAGE_TAG (CPU), loaded into kind"
+  docker build -f cluster/Dockerfile --target cpu -t "inferq:$IMAGE_TAG" .
+  kind load docker-image "inferq:$IMAGE_TAG" --name "$CLUSTER"
+}
+
+create_gke() {
+  need docker gcloud kubectl helm openssl
+  : "${PROJECT:?set PROJECT}" "${ZONE:?set ZONE}" "${REGISTRY:?set REGISTRY (an Artifact Registry repository)}"
+  if ! gcloud container clusters describe "$CLUSTER" --project "$PROJECT" --zone "$ZONE" >/dev/null 2>&1; then
+    say "GKE cluster $CLUSTER (3 x e2-standard-4) and a GPU pool (L4, 0..$GPU_MAX_NODES nodes)"
+    gcloud container clusters create "$CLUSTER" --project "$PROJECT" --zone "$ZONE" \
+      --release-channel regular --machine-type e2-standard-4 --num-nodes 3 --enable-network-policy
+    gcloud container node-pools create gpu --cluster "$CLUSTER" --project "$PROJECT" --zone "$ZONE" \
+      --machine-type "$GPU_MACHINE" --accelerator "type=nvidia-l4,count=1,gpu-driver-version=default" \
+      --enable-autoscaling --num-nodes 0 --min-nodes 0 --max-nodes "$GPU_MAX_NODES"
+  fi
+  gcloud container clusters get-credentials "$CLUSTER" --project "$PROJECT" --zone "$ZONE"
+  say "images $REGISTRY/inferq:$IMAGE_TAG (CPU) and :$IMAGE_TAG-cuda"
+  docker build -f cluster/Dockerfile --target cpu -t "$REGISTRY/inferq:$IMAGE_TAG" .
+  docker build -f cluster/Dockerfile --target cuda -t "$REGISTRY/inferq:$IMAGE_TAG-cuda" .
+  docker push "$REGISTRY/inferq:$IMAGE_TAG"
+  docker push "$REGISTRY/inferq:$IMAGE_TAG-cuda"
+}
+
+install_platform_services() {
+  say "cert-manager $CERT_MANAGER_VERSION (the operators' webhooks need it)"
+  kubectl apply -f "https://github.com/cert-manager/cert-manager/releases/download/$CERT_MANAGER_VERSION/cert-manager.yaml"
+  kubectl -n cert-manager wait --for=condition=Available deployment --all --timeout=5m
+
+  say "RabbitMQ cluster operator $RABBITMQ_OPERATOR_VERSION"
+  kubectl apply -f "https://github.com/rabbitmq/cluster-operator/releases/download/$RABBITMQ_OPERATOR_VERSION/cluster-operator.yml"
+  kubectl wait --for=condition=Established crd/rabbitmqclusters.rabbitmq.com --timeout=2m
+  kubectl -n rabbitmq-system wait --for=condition=Available deployment --all --timeout=5m
+
+  # Before KEDA: its chart's ServiceMonitors need the monitoring CRDs.
+  say "kube-prometheus-stack $PROMETHEUS_STACK_CHART_VERSION (Prometheus, Grafana)"
+  helm repo add prometheus-community https://prometheus-community.github.io/helm-charts --force-update >/dev/null
+  helm upgrade --install monitoring prometheus-community/kube-prometheus-stack \
+    --version "$PROMETHEUS_STACK_CHART_VERSION" --namespace monitoring --create-namespace --wait --timeout 15m \
+    --set prometheus.prometheusSpec.podMonitorSelectorNilUsesHelmValues=false \
+    --set prometheus.prometheusSpec.serviceMonitorSelectorNilUsesHelmValues=false \
+    --set prometheus.prometheusSpec.ruleSelectorNilUsesHelmValues=false \
+    --set grafana.sidecar.dashboards.searchNamespace=ALL
+
+  say "KEDA $KEDA_CHART_VERSION (its scaler errors scraped for the InferqScalerErrors alert)"
+  helm repo add kedacore https://kedacore.github.io/charts --force-update >/dev/null
+  helm upgrade --install keda kedacore/keda --version "$KEDA_CHART_VERSION" \
+    --namespace keda --create-namespace --wait --timeout 10m \
+    --set prometheus.operator.enabled=true --set prometheus.operator.serviceMonitor.enabled=true
+}
+
+# GKE: the broker speaks TLS. A CA of this cluster's own signs the broker's certificate
+# (its Service and every node's name); the pods trust that CA (Secret rabbitmq-ca).
+broker_tls_secrets() {
+  local dir
+  if kubectl -n "$NAMESPACE" get secret rabbitmq-ca >/dev/null 2>&1; then
+    return 0  # kept across re-runs: a new CA would cut every client off
+  fi
+  dir="$(mktemp -d)"
+  openssl req -x509 -newkey rsa:3072 -nodes -days 825 -subj "/CN=inferq broker CA" \
+    -keyout "$dir/ca.key" -out "$dir/ca.crt" 2>/dev/null
+  openssl req -newkey rsa:3072 -nodes -subj "/CN=rabbitmq.$NAMESPACE.svc" \
+    -keyout "$dir/tls.key" -out "$dir/tls.csr" 2>/dev/null
+  printf 'subjectAltName=DNS:rabbitmq.%s.svc,DNS:rabbitmq.%s.svc.cluster.local,DNS:*.rabbitmq-nodes.%s.svc' \
+    "$NAMESPACE" "$NAMESPACE" "$NAMESPACE" > "$dir/san.ext"
+  openssl x509 -req -in "$dir/tls.csr" -CA "$dir/ca.crt" -CAkey "$dir/ca.key" -CAcreateserial \
+    -days 825 -extfile "$dir/san.ext" -out "$dir/tls.crt" 2>/dev/null
+  kubectl -n "$NAMESPACE" create secret tls rabbitmq-tls --cert "$dir/tls.crt" --key "$dir/tls.key" \
+    --dry-run=client -o yaml | kubectl apply -f -
+  kubectl -n "$NAMESPACE" create secret generic rabbitmq-ca --from-file=ca.crt="$dir/ca.crt" \
+    --dry-run=client -o yaml | kubectl apply -f -
+  rm -rf "$dir"
+}
+
+render() {
+  if [ "$1" = gke ]; then
+    kubectl kustomize cluster/overlays/gke | sed "s|registry.invalid/inferq|$REGISTRY/inferq|g"
+  else
+    kubectl kustomize "cluster/overlays/$1"
+  fi
+}
+
+platform_secrets() {
+  local provider="$1" user password amqp management webhook_secret api_key
+  user="$(kubectl -n "$NAMESPACE" get secret rabbitmq-default-user -o jsonpath='{.data.username}' | base64 -d)"
+  password="$(kubectl -n "$NAMESPACE" get secret rabbitmq-default-user -o jsonpath='{.data.password}' | base64 -d)"
+  if [ "$provider" = gke ]; then
+    amqp="amqps://$user:$password@rabbitmq.$NAMESPACE.svc:5671/%2F?cafile=/etc/inferq/broker-ca/ca.crt"
+    management="https://$user:$password@rabbitmq.$NAMESPACE.svc:15671/%2F"
+  else
+    amqp="amqp://$user:$password@rabbitmq.$NAMESPACE.svc:5672/%2F"
+    management="http://$user:$password@rabbitmq.$NAMESPACE.svc:15672/%2F"
+  fi
+  # Kept across re-runs: rotating them would break callers and receivers already set up.
+  webhook_secret="$(kubectl -n "$NAMESPACE" get secret inferq -o jsonpath='{.data.WEBHOOK_SECRET}' 2>/dev/null | base64 -d || true)"
+  api_key="$(kubectl -n "$NAMESPACE" get secret inferq -o jsonpath='{.data.API_KEYS}' 2>/dev/null | base64 -d || true)"
+  webhook_secret="${webhook_secret:-whsec_$(openssl rand -base64 32)}"
+  api_key="${api_key:-iq_$(openssl rand -hex 24)}"
+  kubectl -n "$NAMESPACE" create secret generic inferq --dry-run=client -o yaml \
+    --from-literal=AMQP_URL="$amqp" --from-literal=WEBHOOK_SECRET="$webhook_secret" \
+    --from-literal=API_KEYS="$api_key" | kubectl apply -f -
+  if [ "$provider" = gke ]; then
+    # KEDA reads the management API over HTTPS, trusting the broker's CA.
+    kubectl -n "$NAMESPACE" get secret rabbitmq-ca -o jsonpath='{.data.ca\.crt}' | base64 -d > /tmp/inferq-ca.crt
+    kubectl -n "$NAMESPACE" create secret generic rabbitmq-management --dry-run=client -o yaml \
+      --from-literal=host="$management" --from-literal=tls=enable --from-file=ca=/tmp/inferq-ca.crt \
+      | kubectl apply -f -
+    rm -f /tmp/inferq-ca.crt
+  else
+    kubectl -n "$NAMESPACE" create secret generic rabbitmq-management --dry-run=client -o yaml \
+      --from-literal=host="$management" | kubectl apply -f -
+  fi
+}
+
+up() {
+  local provider="$1"
+  case "$provider" in
+    kind) create_kind ;;
+    gke) create_gke ;;
+    *) echo "PROVIDER must be kind or gke, got '$provider'" >&2; exit 2 ;;
+  esac
+  install_platform_services
+  say "inferq ($provider overlay)"
+  kubectl apply -f cluster/base/namespace.yaml
+  if [ "$provider" = gke ]; then broker_tls_secrets; fi
+  render "$provider" | kubectl apply -f -
+  kubectl -n "$NAMESPACE" wait --for=condition=AllReplicasReady rabbitmqcluster/rabbitmq --timeout=15m
+  kubectl -n "$NAMESPACE" wait --for=jsonpath='{.data.password}' secret/rabbitmq-default-user --timeout=2m
+  platform_secrets "$provider"
+  kubectl -n "$NAMESPACE" rollout status statefulset/redis --timeout=5m
+  kubectl apply -k cluster/monitoring
+  for deployment in ingress push-scaler callbacks; do
+    kubectl -n "$NAMESPACE" rollout restart "deployment/$deployment"  # they now read the Secret
+    kubectl -n "$NAMESPACE" rollout status "deployment/$deployment" --timeout=10m
+  done
+  summary
+}
+
+summary() {
+  local api_key
+  api_key="$(kubectl -n "$NAMESPACE" get secret inferq -o jsonpath='{.data.API_KEYS}' | base64 -d)"
+  cat <<EOF
+
+inferq is up. Models start at zero replicas; the first job wakes one.
+  kubectl -n $NAMESPACE port-forward service/ingress 8000:80 &
+  curl -s -X POST http://127.0.0.1:8000/v1/models/echo/jobs \\
+    -H "Authorization: Bearer $api_key" -H 'Content-Type: application/json' \\
+    -H 'Prefer: wait=30' -d '{"input": "hello"}'
+Callbacks are signed with the WEBHOOK_SECRET in the Secret $NAMESPACE/inferq:
+  kubectl -n $NAMESPACE get secret inferq -o jsonpath='{.data.WEBHOOK_SECRET}' | base64 -d
+Grafana (dashboard "inferq"): kubectl -n monitoring port-forward service/monitoring-grafana 3000:80
+EOF
+}
+
+down() {
+  case "$1" in
+    kind) need kind; kind delete cluster --name "$CLUSTER" ;;
+    gke)
+      need gcloud
+      : "${PROJECT:?set PROJECT}" "${ZONE:?set ZONE}"
+      gcloud container clusters delete "$CLUSTER" --project "$PROJECT" --zone "$ZONE" --quiet
+      ;;
+    *) echo "PROVIDER must be kind or gke, got '$1'" >&2; exit 2 ;;
+  esac
+}
+
+case "${1:-}" in
+  up) up "${2:-kind}" ;;
+  down) down "${2:-kind}" ;;
+  *) echo "usage: $0 up|down kind|gke" >&2; exit 2 ;;
+esac
