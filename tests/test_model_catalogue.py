@@ -5,7 +5,6 @@ tree served end to end: its input schema enforced at submit, its output returned
 from __future__ import annotations
 
 import dataclasses
-import importlib
 import os
 import subprocess
 import sys
@@ -23,6 +22,7 @@ from ingress.settings import IngressSettings
 from ray_workers.models.registry import load_model
 from ray_workers.settings import WorkerSettings
 from tests.conftest import drain_queue, running_ingress, running_worker
+from tests.model_packages import installed_package
 
 
 def _write(tmp_path: Path, text: str) -> Path:
@@ -211,37 +211,8 @@ def installed_model(tmp_path: Path) -> Iterator[str]:
     """A package installed into this venv (pip), declaring its model by entry point."""
     suffix = uuid.uuid4().hex[:8]
     package, name = f"acme_whisper_{suffix}", f"whisper-{suffix}"
-    source = tmp_path / "dist"
-    (source / package).mkdir(parents=True)
-    (source / package / "__init__.py").write_text("")
-    (source / package / "model.py").write_text(WHISPER_MODEL)
-    (source / "pyproject.toml").write_text(
-        textwrap.dedent(
-            f"""
-            [build-system]
-            requires = ["setuptools>=68"]
-            build-backend = "setuptools.build_meta"
-
-            [project]
-            name = "{package}"
-            version = "0.1.0"
-
-            [project.entry-points."inferq.models"]
-            {name} = "{package}.model:WhisperModel"
-
-            [tool.setuptools]
-            packages = ["{package}"]
-            """
-        )
-    )
-    pip = [sys.executable, "-m", "pip", "-q", "--disable-pip-version-check"]
-    install = [*pip, "install", "--no-deps", "--no-build-isolation", "--no-index", str(source)]
-    subprocess.run(install, check=True, capture_output=True, timeout=120)
-    importlib.invalidate_caches()
-    try:
+    with installed_package(tmp_path, package, {"model": WHISPER_MODEL}, {name: "model:WhisperModel"}):
         yield name
-    finally:
-        subprocess.run([*pip, "uninstall", "-y", package], check=True, capture_output=True, timeout=120)
 
 
 async def test_a_model_of_an_installed_package_is_found_by_entry_point_warmed_up_and_served(

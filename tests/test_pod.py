@@ -65,10 +65,15 @@ async def test_a_worker_pod_consumes_its_model_queue_and_stops_on_sigterm(
         await wait_until(all_finished, 120, "the pod to finish its jobs")
         async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{health_port}") as probe:
             ready, live = await probe.get("/readyz"), await probe.get("/livez")
-        async with httpx.AsyncClient() as scraper:
-            metrics = await scraper.get(f"http://127.0.0.1:{metrics_port}/metrics")
         assert (ready.status_code, ready.text, live.status_code) == (200, "RUNNING", 200)
-        assert "ray_inferq_worker_" in metrics.text, "the replica's metrics on the fixed port"
+
+        async def exported() -> bool:
+            async with httpx.AsyncClient() as scraper:
+                metrics = await scraper.get(f"http://127.0.0.1:{metrics_port}/metrics")
+            return "ray_inferq_worker_jobs_total" in metrics.text
+
+        # Ray exports what its workers recorded every few seconds, not at once.
+        await wait_until(exported, 60, "the replica's metrics on the fixed port")
         pod.send_signal(signal.SIGTERM)
         assert await asyncio.wait_for(pod.wait(), POD_STOP_TIMEOUT_S) == 0
         _ready, consumers = await broker.queue_depth(topology.main_queue("echo"))

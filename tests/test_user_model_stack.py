@@ -1,4 +1,5 @@
-"""A user's model, from a package outside the platform's source tree, run by `task up`
+"""A user's model, from a package outside the platform's source tree (built in a temporary
+directory and pip-installed into the venv), run by `task up`
 (the local stack) from nothing but its catalogue entry: the ingress enforces its input
 schema before anything is queued, the local autoscaler wakes it from zero by the
 ScaledObject its `scaling` section implies (no SCALEDOBJECTS_DIR), its jobs are batched
@@ -22,6 +23,7 @@ from contract.topology import Topology
 from loadgen.callback_receiver import CallbackReceiver
 from loadgen.stack_process import StackProcess
 from tests.conftest import drain_queue, wait_until
+from tests.model_packages import installed_package
 
 pytestmark = pytest.mark.stack
 
@@ -41,12 +43,8 @@ class CountingModel:
 '''
 
 
-def _user_package(tmp_path: Path) -> tuple[Path, Path]:
-    """(folder to put on PYTHONPATH, catalogue naming the model `counter`)."""
-    package = f"acme_{uuid.uuid4().hex[:8]}"
-    (tmp_path / package).mkdir()
-    (tmp_path / package / "__init__.py").write_text("")
-    (tmp_path / package / "counting.py").write_text(COUNTING_MODEL)
+def _catalogue(tmp_path: Path, package: str) -> Path:
+    """A catalogue naming the installed package's model `counter`, with its sections."""
     catalogue = tmp_path / "models.yaml"
     catalogue.write_text(
         textwrap.dedent(
@@ -64,7 +62,7 @@ def _user_package(tmp_path: Path) -> tuple[Path, Path]:
             """
         )
     )
-    return tmp_path, catalogue
+    return catalogue
 
 
 async def _replicas(process: StackProcess) -> int:
@@ -77,11 +75,17 @@ async def _replicas(process: StackProcess) -> int:
 async def test_a_users_model_package_is_validated_woken_from_zero_batched_and_called_back(
     amqp_url: str, topology: Topology, receiver: CallbackReceiver, webhook_secret: str, tmp_path: Path
 ) -> None:
-    code_dir, catalogue = _user_package(tmp_path)
+    package = f"acme_counter_{uuid.uuid4().hex[:8]}"
+    with installed_package(tmp_path, package, {"counting": COUNTING_MODEL}):
+        await _serve_and_check(_catalogue(tmp_path, package), amqp_url, topology, receiver, webhook_secret)
+
+
+async def _serve_and_check(
+    catalogue: Path, amqp_url: str, topology: Topology, receiver: CallbackReceiver, webhook_secret: str
+) -> None:
     process = StackProcess(
         {
             **os.environ,
-            "PYTHONPATH": os.pathsep.join(filter(None, [str(code_dir), os.environ.get("PYTHONPATH")])),
             "AMQP_URL": amqp_url,
             "QUEUE_PREFIX": topology.prefix,
             "WEBHOOK_SECRET": webhook_secret,
