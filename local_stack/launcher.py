@@ -38,9 +38,11 @@ from callbacks.signing import generate_secret
 from contract.broker import Broker, BrokerError
 from contract.config import ConfigError, Environment
 from contract.model_catalogue import CatalogueError, load_catalogue, model_class
+from local_stack.gpu_placement import GpuPlacement, gpu_placement
 from local_stack.local_services import BrokerNotAvailable, ensure_broker, ensure_management_api, ensure_redis
 from manifests.scaled_objects import scaled_object
 from ray_workers.deployment import (
+    gpus_on_this_node,
     run_callback_dispatcher,
     run_model_worker,
     start_ray_and_serve,
@@ -111,16 +113,43 @@ def _stack_env(env: Mapping[str, str]) -> dict[str, str]:
     return prepared
 
 
-def _start_serve(stack: StackSettings, initial_replicas: Mapping[str, int]) -> None:
+def _start_serve(
+    stack: StackSettings, policies: Mapping[str, ScalingPolicy], initial_replicas: Mapping[str, int]
+) -> tuple[dict[str, ScalingPolicy], dict[str, float]]:
+    """Start Ray, Serve, the dispatcher and the fixed-replica models; returns the policies
+    capped at what this machine's GPUs hold, and each model's GPUs per replica."""
     start_ray_and_serve(stack.worker_metrics_port, stack.serve_http_port)
+    placements = _gpu_placements(stack, gpus_on_this_node())
+    capped = {
+        model: _capped(policy, placements[model].max_replicas or policy.max_replicas, "its GPUs")
+        for model, policy in policies.items()
+    }
     run_callback_dispatcher(stack.callbacks)
     for model, replicas in initial_replicas.items():
         if replicas == 0:
             print(f"worker {model}: 0 replicas until a job arrives", flush=True)
             continue
+        replicas = min(replicas, placements[model].max_replicas or replicas)
         started = time.monotonic()
-        run_model_worker(model, stack.workers, num_replicas=replicas, http=bool(stack.serve_http_port))
+        run_model_worker(
+            model,
+            stack.workers,
+            num_replicas=replicas,
+            num_gpus=placements[model].gpus_per_replica,
+            http=bool(stack.serve_http_port),
+        )
         print(f"worker {model}: {replicas} replica(s) in {time.monotonic() - started:.1f} s", flush=True)
+    return capped, {model: placement.gpus_per_replica for model, placement in placements.items()}
+
+
+def _gpu_placements(stack: StackSettings, node_gpus: float) -> dict[str, GpuPlacement]:
+    catalogue = load_catalogue(Path(stack.workers.model_catalogue))
+    placements = {}
+    for model in stack.workers.models:
+        placements[model] = gpu_placement(model, catalogue.entry(model).resources.gpus, node_gpus)
+        if placements[model].note:
+            print(placements[model].note, flush=True)
+    return placements
 
 
 def _stop_ingress(ingress: subprocess.Popen[bytes]) -> None:
@@ -135,6 +164,7 @@ def _stop_ingress(ingress: subprocess.Popen[bytes]) -> None:
 async def _autoscale(
     stack: StackSettings,
     policies: Mapping[str, ScalingPolicy],
+    gpus_by_model: Mapping[str, float],
     stop: asyncio.Event,
     announce_ready: Callable[[], None],
 ) -> None:
@@ -142,7 +172,8 @@ async def _autoscale(
     workers = stack.workers
 
     async def apply(model: str, replicas: int) -> None:
-        await asyncio.to_thread(run_model_worker, model, workers, replicas, 0, bool(stack.serve_http_port))
+        gpus = gpus_by_model.get(model, 0.0)
+        await asyncio.to_thread(run_model_worker, model, workers, replicas, gpus, bool(stack.serve_http_port))
 
     registry = CollectorRegistry()
     if stack.metrics_port:
@@ -171,11 +202,11 @@ async def _listen_for_demand(events: Broker, autoscaler: LocalAutoscaler) -> Non
         print(f"push activation off (models wake on polling only): {exc}", flush=True)
 
 
-def _capped(policy: ScalingPolicy, local_max: int) -> ScalingPolicy:
+def _capped(policy: ScalingPolicy, local_max: int, why: str = "LOCAL_MAX_REPLICAS") -> ScalingPolicy:
     if policy.max_replicas <= local_max:
         return policy
     print(
-        f"worker {policy.model}: at most {local_max} replica(s) on this machine (LOCAL_MAX_REPLICAS; "
+        f"worker {policy.model}: at most {local_max} replica(s) on this machine ({why}; "
         f"its ScaledObject allows {policy.max_replicas} in a cluster)",
         flush=True,
     )
@@ -221,13 +252,16 @@ def _scaling_plan(stack: StackSettings) -> tuple[dict[str, ScalingPolicy], dict[
 
 
 async def _run_until_signal(
-    stack: StackSettings, policies: Mapping[str, ScalingPolicy], announce_ready: Callable[[], None]
+    stack: StackSettings,
+    policies: Mapping[str, ScalingPolicy],
+    gpus_by_model: Mapping[str, float],
+    announce_ready: Callable[[], None],
 ) -> None:
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, stop.set)
-    await _autoscale(stack, policies, stop, announce_ready)
+    await _autoscale(stack, policies, gpus_by_model, stop, announce_ready)
     print("stopping: ingress, then workers (drain), then callbacks", flush=True)
 
 
@@ -263,7 +297,7 @@ def main() -> int:
     ingress = subprocess.Popen([sys.executable, "-m", "ingress"], env=ingress_env)
     try:
         started = time.monotonic()
-        _start_serve(stack, initial)
+        policies, gpus_by_model = _start_serve(stack, policies, initial)
         scaling = ", ".join(
             f"{m} autoscaled from 0" if m in policies else f"{m} {n} fixed" for m, n in initial.items()
         )
@@ -276,7 +310,7 @@ def main() -> int:
                 flush=True,
             )
 
-        asyncio.run(_run_until_signal(stack, policies, announce_ready))
+        asyncio.run(_run_until_signal(stack, policies, gpus_by_model, announce_ready))
     except KeyboardInterrupt:
         print("interrupted while starting", flush=True)
     finally:

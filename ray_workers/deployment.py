@@ -187,6 +187,12 @@ def start_ray_and_serve(metrics_export_port: int = 0, http_port: int = 0) -> Non
         serve.start(proxy_location="Disabled")
 
 
+def gpus_on_this_node() -> float:
+    """The GPUs Ray found on this machine (0 without any)."""
+    resources: dict[str, float] = ray.cluster_resources()  # type: ignore[no-untyped-call]
+    return float(resources.get("GPU", 0.0))
+
+
 def application_status(app: str) -> str:
     """Serve's status of one application (RUNNING, DEPLOYING, DEPLOY_FAILED, UNHEALTHY,
     ...), or NOT_STARTED before it is deployed."""
