@@ -64,8 +64,15 @@ async def test_a_worker_pod_consumes_its_model_queue_and_stops_on_sigterm(
 
         await wait_until(all_finished, 120, "the pod to finish its jobs")
         async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{health_port}") as probe:
-            ready, live = await probe.get("/readyz"), await probe.get("/livez")
-        assert (ready.status_code, ready.text, live.status_code) == (200, "RUNNING", 200)
+
+            async def ready() -> bool:
+                # Serve marks the application RUNNING once the replica's health check
+                # passed, which can come after its consumer already took jobs.
+                return (await probe.get("/readyz")).status_code == 200
+
+            await wait_until(ready, 30, "the pod to report ready")
+            live = await probe.get("/livez")
+            assert (live.status_code, live.text) == (200, "RUNNING")
 
         async def exported() -> bool:
             async with httpx.AsyncClient() as scraper:
