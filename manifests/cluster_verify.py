@@ -25,6 +25,7 @@ import argparse
 import functools
 import json
 import os
+import shutil
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
@@ -66,11 +67,20 @@ class Violation:
         return f"{self.overlay}: {self.subject}: {self.rule}"
 
 
+class RenderFailed(RuntimeError):
+    """kubectl is missing, or it could not render a kustomization; the message says which."""
+
+
 def render(overlay: Path) -> list[Manifest]:
     """`kubectl kustomize overlay`, parsed."""
+    kubectl = shutil.which("kubectl")
+    if kubectl is None:
+        raise RenderFailed("kubectl not found on PATH: it renders the kustomizations (`kubectl kustomize`)")
     rendered = subprocess.run(
-        ["kubectl", "kustomize", str(overlay)], check=True, capture_output=True, text=True, timeout=60
+        [kubectl, "kustomize", str(overlay)], capture_output=True, text=True, timeout=60, check=False
     )
+    if rendered.returncode != 0:
+        raise RenderFailed(f"kubectl kustomize {overlay}: {rendered.stderr.strip()}")
     return [doc for doc in yaml.safe_load_all(rendered.stdout) if doc]
 
 
@@ -249,9 +259,13 @@ def main() -> int:
     if unknown:
         parser.error(f"unknown overlay(s) {unknown}; expected some of {list(OVERLAYS)}")
     found: list[Violation] = []
-    monitoring = render(MONITORING)
-    for overlay in args.overlays or list(OVERLAYS):
-        docs = render(OVERLAYS[overlay])
+    try:
+        monitoring = render(MONITORING)
+        rendered = {overlay: render(OVERLAYS[overlay]) for overlay in args.overlays or list(OVERLAYS)}
+    except RenderFailed as exc:
+        print(f"cannot verify: {exc}", file=sys.stderr)
+        return 2
+    for overlay, docs in rendered.items():
         found += violations(overlay, docs)
         found += [Violation(overlay, s, r) for s, r in monitoring_violations(monitoring, docs)]
         print(f"{overlay}: {len(docs)} objects and {len(monitoring)} monitoring objects rendered and checked")
