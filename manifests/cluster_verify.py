@@ -135,6 +135,15 @@ def _core_problem(doc_json: str) -> str | None:
     return None
 
 
+def missing_crds() -> list[str]:
+    """The CRD files this checkout cannot find (then their kinds cannot be verified)."""
+    paths = [
+        Path(os.environ.get(variable, SCHEMAS / folder)) / filename
+        for variable, folder, filename in CRD_FILES.values()
+    ]
+    return [str(path) for path in paths if not path.exists()]
+
+
 @functools.lru_cache(maxsize=16)
 def _crd_validator(group: str, kind: str, version: str) -> jsonschema.protocols.Validator | None:
     """The CRD's schema for `version`, compiled once (the files are large)."""
