@@ -12,7 +12,7 @@ from urllib.parse import quote, unquote, urlsplit
 
 import httpx
 
-from contract.broker import redact_url
+from contract.broker import broker_urls, redact_url
 
 MANAGEMENT_PORT = 15672
 
@@ -22,14 +22,15 @@ class QueueMetricUnavailable(Exception):
 
 
 def management_url_from_amqp(amqp_url: str) -> str:
-    """`amqp://u:p@host:5672/vhost` -> `http://u:p@host:15672` (the same credentials)."""
-    parts = urlsplit(amqp_url)
+    """`amqp://u:p@host:5672/vhost` -> `http://u:p@host:15672` (the same credentials); of
+    a list of nodes, the first's (RABBITMQ_MANAGEMENT_URL names another)."""
+    parts = urlsplit(broker_urls(amqp_url)[0])
     userinfo = f"{parts.username or 'guest'}:{parts.password or 'guest'}"
     return f"http://{userinfo}@{parts.hostname or '127.0.0.1'}:{MANAGEMENT_PORT}"
 
 
 def vhost_from_amqp(amqp_url: str) -> str:
-    path = urlsplit(amqp_url).path
+    path = urlsplit(broker_urls(amqp_url)[0]).path
     return unquote(path[1:]) if len(path) > 1 else "/"
 
 

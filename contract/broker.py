@@ -14,6 +14,12 @@ disk in a queue (persistent messages, durable queues). Publishing and consuming 
 connections, both robust (they reconnect and restore channels, queues and consumers
 after a broker restart): under a memory or disk alarm the broker blocks publishing
 connections only, so acks still flow, and a publish is refused at once, unwritten.
+
+AMQP_URL may name several nodes of one cluster, comma-separated. Each connection goes
+to the first that answers; when its node stays away longer than FAILOVER_AFTER_S the
+connection moves to another node and re-opens its channels and consumers there (what a
+node's death takes with it, a classic queue that lived on it, comes back with the node;
+replicated quorum queues carry on).
 """
 
 from __future__ import annotations
@@ -41,6 +47,8 @@ logger = logging.getLogger(__name__)
 # How often a lost connection is retried; short, since a restart usually takes seconds.
 RECONNECT_INTERVAL_S = 1.0
 HEAL_ATTEMPTS = 30
+# How long a lost connection may try its own node again before it moves to another one.
+FAILOVER_AFTER_S = 3.0
 
 _CONNECTION_ERRORS = (
     aio_pika.exceptions.AMQPError,
@@ -72,8 +80,17 @@ class TopologyMismatch(BrokerError):
     """A queue or exchange exists with arguments other than this version declares."""
 
 
+def broker_urls(url: str) -> tuple[str, ...]:
+    """AMQP_URL as the nodes it names: one URL, or several separated by commas."""
+    return tuple(part.strip() for part in url.split(",") if part.strip())
+
+
 def redact_url(url: str) -> str:
-    """The AMQP URL with its password replaced, for logs and errors."""
+    """The AMQP URL(s) with passwords replaced, for logs and errors."""
+    return ",".join(_redact_one(one) for one in broker_urls(url)) or url
+
+
+def _redact_one(url: str) -> str:
     parts = urlsplit(url)
     if parts.password is None:
         return url
@@ -169,6 +186,8 @@ class _Consumer:
     queue_name: str
     prefetch: int
     handler: DeliveryHandler
+    # Channel-wide prefetch can change while the consumer runs; quorum queues refuse it.
+    channel_wide_prefetch: bool = True
     channel: aio_pika.abc.AbstractChannel | None = None
     queue: aio_pika.abc.AbstractQueue | None = None
     tag: str | None = None
@@ -187,6 +206,11 @@ class Broker:
 
     def __init__(self, url: str, topology: Topology, models: tuple[str, ...], role: str = "client") -> None:
         self._url = url
+        self._urls = broker_urls(url)
+        # The node each live connection went to, so a failover starts with the others.
+        self._node_of: weakref.WeakKeyDictionary[object, int] = weakref.WeakKeyDictionary()
+        self._failovers: set[asyncio.Task[None]] = set()
+        self._closing = False
         # Connections are named `{prefix}{role}.publish|consume` in the broker's management UI.
         self._connection_name = f"{topology.prefix}{role}"
         self._topology = topology
@@ -217,6 +241,16 @@ class Broker:
         return self._declared and connected
 
     @property
+    def nodes(self) -> tuple[str, ...]:
+        """The nodes (redacted URLs) the publish and consume connections use now."""
+        connections = (self._publish_connection, self._consume_connection)
+        return tuple(
+            redact_url(self._urls[self._node_of[c]])
+            for c in connections
+            if c is not None and c in self._node_of
+        )
+
+    @property
     def publishing_blocked(self) -> bool:
         """The broker sent connection.blocked (a resource alarm): it reads no publish now."""
         return self._publish_connection is not None and _blocked_event(self._publish_connection) is not None
@@ -243,15 +277,78 @@ class Broker:
             await self.close()
             raise BrokerUnavailable(f"cannot reach RabbitMQ at {redact_url(self._url)}: {exc!r}") from exc
 
-    async def _connect_robust(self, purpose: str, timeout_s: float) -> aio_pika.abc.AbstractRobustConnection:
-        connection = await aio_pika.connect_robust(
-            self._url,
-            timeout=timeout_s,
-            reconnect_interval=RECONNECT_INTERVAL_S,
-            client_properties={"connection_name": f"{self._connection_name}.{purpose}"},
+    async def _connect_robust(
+        self, purpose: str, timeout_s: float, after: int = -1
+    ) -> aio_pika.abc.AbstractRobustConnection:
+        """A robust connection to the first node that answers, trying those after node
+        `after` first (a failover leaves the lost node for last)."""
+        order = [(after + 1 + step) % len(self._urls) for step in range(len(self._urls))]
+        failure: BaseException | None = None
+        for index in order:
+            try:
+                connection = await aio_pika.connect_robust(
+                    self._urls[index],
+                    timeout=timeout_s,
+                    reconnect_interval=RECONNECT_INTERVAL_S,
+                    client_properties={"connection_name": f"{self._connection_name}.{purpose}"},
+                )
+            except _CONNECTION_ERRORS as exc:
+                failure = exc
+                continue
+            self._node_of[connection] = index
+            connection.reconnect_callbacks.add(self._heal_after_reconnect)
+            if len(self._urls) > 1:
+                connection.close_callbacks.add(self._on_connection_lost)
+            return connection
+        if failure is None:
+            raise BrokerUnavailable("AMQP_URL names no broker")
+        raise failure
+
+    def _on_connection_lost(self, connection: object, *_args: object) -> None:
+        if self._closing or connection not in (self._publish_connection, self._consume_connection):
+            return
+        if not isinstance(connection, aio_pika.abc.AbstractRobustConnection):
+            return
+        task = asyncio.create_task(self._fail_over(connection))
+        self._failovers.add(task)
+        task.add_done_callback(self._failovers.discard)
+
+    async def _fail_over(self, lost: aio_pika.abc.AbstractRobustConnection) -> None:
+        """Give the lost connection FAILOVER_AFTER_S to come back to its node, then move
+        its role to another node and re-open what it carried there."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(lost.connected.wait(), FAILOVER_AFTER_S)
+            return
+        purpose = "publish" if lost is self._publish_connection else "consume"
+        while not self._closing:
+            try:
+                replacement = await self._connect_robust(
+                    purpose, FAILOVER_AFTER_S, self._node_of.get(lost, -1)
+                )
+                break
+            except _CONNECTION_ERRORS as exc:
+                logger.warning("%s connection: no node answers yet (%r); trying again", purpose, exc)
+                await asyncio.sleep(RECONNECT_INTERVAL_S)
+        else:
+            return
+        if lost is self._publish_connection:
+            self._publish_connection, self._publish_channel, self._events_channel = replacement, None, None
+        elif lost is self._consume_connection:
+            self._consume_connection = replacement
+            for consumer in self._consumers.values():
+                consumer.channel = None  # on the lost connection: re-opened on the new one
+        else:
+            await replacement.close()  # the broker closed meanwhile
+            return
+        logger.warning(
+            "%s connection moved to %s after its node stayed away %.0f s",
+            purpose,
+            redact_url(self._urls[self._node_of[replacement]]),
+            FAILOVER_AFTER_S,
         )
-        connection.reconnect_callbacks.add(self._heal_after_reconnect)
-        return connection
+        with contextlib.suppress(*_CONNECTION_ERRORS):
+            await lost.close()  # ends its own reconnect loop
+        await self._heal_after_reconnect(replacement)
 
     async def _open_publish_channel(self) -> aio_pika.abc.AbstractChannel:
         channel = self._publish_channel
@@ -415,9 +512,15 @@ class Broker:
             raise BrokerUnavailable(f"cannot subscribe to {binding_key}: {exc!r}") from exc
         return await self.consume(queue_name, 16, handler)
 
-    async def consume(self, queue_name: str, prefetch: int, handler: DeliveryHandler) -> str:
-        """Start consuming on a channel of its own (prefetch is per channel); returns an id."""
-        consumer = _Consumer(queue_name, prefetch, handler)
+    async def consume(
+        self, queue_name: str, prefetch: int, handler: DeliveryHandler, *, replicated: bool = False
+    ) -> str:
+        """Start consuming on a channel of its own (prefetch is per channel); returns an id.
+
+        `replicated`: a quorum queue, which refuses channel-wide prefetch (the broker
+        closes the whole connection): its prefetch is the consumer's own, fixed while it
+        runs."""
+        consumer = _Consumer(queue_name, prefetch, handler, channel_wide_prefetch=not replicated)
         await self._start(consumer)
         consumer_id = f"consumer-{next(self._consumer_ids)}"
         self._consumers[consumer_id] = consumer
@@ -430,7 +533,7 @@ class Broker:
             channel = await self._consume_connection.channel()
             # Channel-wide (global) prefetch: one consumer per channel, and unlike the
             # per-consumer kind it can be changed while the consumer runs.
-            await channel.set_qos(prefetch_count=consumer.prefetch, global_=True)
+            await channel.set_qos(prefetch_count=consumer.prefetch, global_=consumer.channel_wide_prefetch)
             queue = await channel.get_queue(consumer.queue_name, ensure=True)
 
             async def on_message(message: aio_pika.abc.AbstractIncomingMessage) -> None:
@@ -444,6 +547,8 @@ class Broker:
     async def set_prefetch(self, consumer_id: str, prefetch: int) -> None:
         """Change a consumer's prefetch at runtime (basic.qos on its channel)."""
         consumer = self._consumers[consumer_id]
+        if not consumer.channel_wide_prefetch:
+            raise BrokerError(f"the prefetch of {consumer.queue_name} (a replicated queue) is fixed")
         consumer.prefetch = prefetch
         if consumer.channel is None:
             raise BrokerUnavailable(f"consumer of {consumer.queue_name} has no channel")
@@ -469,7 +574,8 @@ class Broker:
 
     async def close(self) -> None:
         """Close consumer channels (unacked messages return to their queues), then the rest."""
-        for task in self._healing:
+        self._closing = True
+        for task in (*self._healing, *self._failovers):
             task.cancel()
         channels = [c.channel for c in self._consumers.values() if c.channel is not None]
         self._consumers.clear()

@@ -15,7 +15,7 @@ import subprocess
 import time
 from urllib.parse import urlsplit
 
-from contract.broker import redact_url
+from contract.broker import broker_urls, redact_url
 
 START_TIMEOUT_S = 60.0
 LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
@@ -51,8 +51,13 @@ def _start_locally(url: str, default_port: int, tool: str, arguments: list[str],
 
 
 def ensure_broker(amqp_url: str) -> None:
+    """A node AMQP_URL names answers (the first is started here when none does and it is
+    this machine's)."""
+    urls = broker_urls(amqp_url)
+    if any(answers(url, 5672) for url in urls[1:]):
+        return
     _start_locally(
-        amqp_url,
+        urls[0],
         5672,
         "rabbitmq-server",
         ["-detached"],

@@ -11,12 +11,15 @@ import json
 import os
 import shutil
 import uuid
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 
 import aio_pika
 import pytest
 
+from contract.broker import Broker, BrokerError, Delivery, OutgoingMessage
+from contract.topology import Topology
 from local_stack.ha_cluster import NODES, HaNode, down, rabbitmqctl, running_nodes, up, wait_until_running
+from tests.conftest import wait_until
 
 MESSAGES = 300
 
@@ -96,3 +99,70 @@ async def test_given_the_leader_stopped_then_a_quorum_queue_keeps_every_confirme
 
     assert received == {str(n) for n in range(MESSAGES)}  # none lost, none invented
     assert new_leader != leader.node
+
+
+async def test_given_every_node_in_amqp_url_then_a_client_moves_to_another_node_when_its_own_stops(
+    ha_cluster: tuple[HaNode, ...],
+) -> None:
+    """Clients that know every node: the publish and consume connections leave a stopped
+    node for another within FAILOVER_AFTER_S and carry on (confirmed publishes, the
+    consumer re-opened) on a replicated queue."""
+    first = ha_cluster[0]
+    prefix = f"t{uuid.uuid4().hex[:10]}."
+    queue_name = f"{prefix}failover"
+    async with await aio_pika.connect(ha_cluster[1].amqp_url) as connection:
+        channel = await connection.channel()
+        await channel.declare_queue(queue_name, durable=True, arguments={"x-queue-type": "quorum"})
+    broker = Broker(",".join(node.amqp_url for node in ha_cluster), Topology(prefix=prefix), ())
+    received: list[str] = []
+
+    async def handle(delivery: Delivery) -> None:
+        received.append(delivery.body.decode())
+        await delivery.ack()
+
+    async def publish(body: str) -> None:
+        await broker.publish(OutgoingMessage(body.encode(), message_id=body), queue_name)
+
+    await broker.connect()
+    try:
+        await broker.consume(queue_name, 10, handle, replicated=True)
+        first_nodes = broker.nodes
+        await publish("before")
+        await wait_until(lambda: "before" in received, 10, "the message before the stop")
+        rabbitmqctl(first, "stop_app")
+        try:
+            moved_at = asyncio.get_running_loop().time()
+            await wait_until(
+                lambda: broker.is_ready and f":{first.amqp_port}/" not in " ".join(broker.nodes),
+                30,
+                "both connections to leave the stopped node",
+            )
+            moved_s = asyncio.get_running_loop().time() - moved_at
+            await _publish_when_accepted(publish, "after")
+            await wait_until(lambda: "after" in received, 30, "the consumer to carry on on another node")
+        finally:
+            rabbitmqctl(first, "start_app")
+            wait_until_running(ha_cluster)
+    finally:
+        await broker.delete_topology()
+        await broker.close()
+        async with await aio_pika.connect(ha_cluster[1].amqp_url) as connection:
+            await (await connection.channel()).queue_delete(queue_name)
+
+    assert all(f":{first.amqp_port}/" in node for node in first_nodes)
+    assert received == ["before", "after"]
+    assert moved_s < 20
+
+
+async def _publish_when_accepted(publish: Callable[[str], Awaitable[None]], body: str) -> None:
+    """Publish once the new node takes it (the queue's new leader may still be elected)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 30
+    while True:
+        try:
+            await publish(body)
+            return
+        except BrokerError:
+            if loop.time() > deadline:
+                raise
+            await asyncio.sleep(0.5)
