@@ -6,7 +6,9 @@ on a thread, off the event loop; an `async def predict` is awaited on the loop (
 model that calls out, e.g. to a GPU server). An optional `warm_up()` runs once per
 replica after loading, before the replica takes any job (compile, allocate, load
 caches: the first job should not pay for it). The class is constructed with no
-arguments; it picks its device itself.
+arguments, once per replica, and picks its device itself from what it can see: Ray makes
+visible exactly the GPUs the replica reserved (its catalogue entry's `resources.gpus`;
+none without them), so "CUDA if available" is the device it got.
 """
 
 from __future__ import annotations
