@@ -130,7 +130,7 @@ class Environment(BaseModel):
     callback_breaker_cooldown_s: float = Field(30.0, ge=0, alias="CALLBACK_BREAKER_COOLDOWN_S")
     callback_max_deferrals: int = Field(288, ge=0, alias="CALLBACK_MAX_DEFERRALS")
 
-    # The KEDA external push scaler (`python -m push_scaler`, cluster/push-scaler.yaml).
+    # The KEDA external push scaler (`python -m push_scaler`, cluster/base/push-scaler.yaml).
     push_scaler_host: str = Field("127.0.0.1", alias="PUSH_SCALER_HOST")
     push_scaler_port: Port = Field(9095, alias="PUSH_SCALER_PORT")
     push_scaler_active_s: float = Field(30.0, gt=0, alias="PUSH_SCALER_ACTIVE_S")

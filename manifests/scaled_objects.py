@@ -3,7 +3,7 @@
 What the catalogue does not say is fixed here, the same for every model, and why:
 - the rabbitmq trigger reads the management API (`protocol: http`): unacked jobs count,
   so a busy worker is never seen as idle;
-- an `external-push` trigger (cluster/push-scaler.yaml) wakes the model the moment a job
+- an `external-push` trigger (cluster/base/push-scaler.yaml) wakes the model the moment a job
   is accepted; polling every `polling_interval_s` is the safety net;
 - scale up at once, doubling (or +2 pods) per 15 s on a spike; scale down one pod at a
   time, after a window of half the cooldown, so a burst's tail does not thrash;
