@@ -22,11 +22,15 @@ class QueueMetricUnavailable(Exception):
 
 
 def management_url_from_amqp(amqp_url: str) -> str:
-    """`amqp://u:p@host:5672/vhost` -> `http://u:p@host:15672` (the same credentials); of
-    a list of nodes, the first's (RABBITMQ_MANAGEMENT_URL names another)."""
-    parts = urlsplit(broker_urls(amqp_url)[0])
-    userinfo = f"{parts.username or 'guest'}:{parts.password or 'guest'}"
-    return f"http://{userinfo}@{parts.hostname or '127.0.0.1'}:{MANAGEMENT_PORT}"
+    """`amqp://u:p@host:5672/vhost` -> `http://u:p@host:15672` (the same credentials), for
+    each node AMQP_URL lists (comma-separated, as it is). Nodes whose management API
+    listens elsewhere (several nodes on one machine) are named by RABBITMQ_MANAGEMENT_URL."""
+    urls = []
+    for url in broker_urls(amqp_url):
+        parts = urlsplit(url)
+        userinfo = f"{parts.username or 'guest'}:{parts.password or 'guest'}"
+        urls.append(f"http://{userinfo}@{parts.hostname or '127.0.0.1'}:{MANAGEMENT_PORT}")
+    return ",".join(urls)
 
 
 def vhost_from_amqp(amqp_url: str) -> str:
@@ -35,26 +39,42 @@ def vhost_from_amqp(amqp_url: str) -> str:
 
 
 class ManagementApi:
+    """The management API of one node, or of a cluster's nodes (comma-separated URLs):
+    a read goes to the node that answered last and moves on to the others when it
+    fails, so one node's death does not blind the autoscaler."""
+
     def __init__(self, base_url: str, vhost: str, timeout_s: float = 5.0) -> None:
-        parts = urlsplit(base_url)
-        self._display_url = redact_url(base_url)
         self._vhost = vhost
-        self._client = httpx.AsyncClient(
-            base_url=f"{parts.scheme}://{parts.hostname}:{parts.port or MANAGEMENT_PORT}",
-            auth=(parts.username or "guest", parts.password or "guest"),
-            timeout=timeout_s,
-            trust_env=False,
-        )
+        self._nodes: list[tuple[str, httpx.AsyncClient]] = []
+        for url in broker_urls(base_url):
+            parts = urlsplit(url)
+            client = httpx.AsyncClient(
+                base_url=f"{parts.scheme}://{parts.hostname}:{parts.port or MANAGEMENT_PORT}",
+                auth=(parts.username or "guest", parts.password or "guest"),
+                timeout=timeout_s,
+                trust_env=False,
+            )
+            self._nodes.append((redact_url(url), client))
+        self._current = 0
 
     async def close(self) -> None:
-        await self._client.aclose()
+        for _display, client in self._nodes:
+            await client.aclose()
 
     async def queue_messages(self, queue: str) -> float:
         """Ready + unacked messages of `queue`."""
         path = f"/api/queues/{quote(self._vhost, safe='')}/{quote(queue, safe='')}"
-        try:
-            response = await self._client.get(path)
-            response.raise_for_status()
-            return float(response.json().get("messages", 0) or 0)
-        except (httpx.HTTPError, ValueError) as exc:
-            raise QueueMetricUnavailable(f"cannot read {queue} from {self._display_url}: {exc!r}") from exc
+        failures = []
+        for step in range(len(self._nodes)):
+            index = (self._current + step) % len(self._nodes)
+            display, client = self._nodes[index]
+            try:
+                response = await client.get(path)
+                response.raise_for_status()
+                messages = float(response.json().get("messages", 0) or 0)
+            except (httpx.HTTPError, ValueError) as exc:
+                failures.append(f"{display}: {exc!r}")
+                continue
+            self._current = index
+            return messages
+        raise QueueMetricUnavailable(f"cannot read {queue}: {'; '.join(failures)}")

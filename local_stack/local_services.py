@@ -67,9 +67,13 @@ def ensure_broker(amqp_url: str) -> None:
 
 
 def ensure_management_api(management_url: str) -> None:
-    """The autoscaler reads queue lengths from the management API, as KEDA's http protocol does."""
+    """The autoscaler reads queue lengths from the management API, as KEDA's http protocol
+    does (of several nodes, one answering is enough; the first is started if none does)."""
+    urls = broker_urls(management_url)
+    if any(answers(url, 15672) for url in urls[1:]):
+        return
     _start_locally(
-        management_url,
+        urls[0],
         15672,
         "rabbitmq-plugins",
         ["enable", "rabbitmq_management"],
