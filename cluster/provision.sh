@@ -136,11 +136,11 @@ platform_secrets() {
     --from-literal=API_KEYS="$api_key" | kubectl apply -f -
   if [ "$provider" = gke ]; then
     # KEDA reads the management API over HTTPS, trusting the broker's CA.
-    kubectl -n "$NAMESPACE" get secret rabbitmq-ca -o jsonpath='{.data.ca\.crt}' | base64 -d > /tmp/inferq-ca.crt
+    local ca
+    ca="$(kubectl -n "$NAMESPACE" get secret rabbitmq-ca -o jsonpath='{.data.ca\.crt}' | base64 -d)"
     kubectl -n "$NAMESPACE" create secret generic rabbitmq-management --dry-run=client -o yaml \
-      --from-literal=host="$management" --from-literal=tls=enable --from-file=ca=/tmp/inferq-ca.crt \
+      --from-literal=host="$management" --from-literal=tls=enable --from-literal=ca="$ca" \
       | kubectl apply -f -
-    rm -f /tmp/inferq-ca.crt
   else
     kubectl -n "$NAMESPACE" create secret generic rabbitmq-management --dry-run=client -o yaml \
       --from-literal=host="$management" | kubectl apply -f -

@@ -134,22 +134,19 @@ def _entry(source: str, name: object, fields: object, installed: dict[str, str])
     if not isinstance(test_only, bool):
         raise CatalogueError(f"{where}: test_only={test_only!r}; expected true or false")
     try:
-        sections = {
-            "resources": parse_section("resources", Resources, fields.get("resources")),
-            "batching": parse_section("batching", Batching, fields.get("batching")),
-            "scaling": parse_section("scaling", Scaling, fields.get("scaling")),
-            "jobs": parse_section("jobs", Jobs, fields.get("jobs")),
-        }
+        return ModelEntry(
+            name,
+            class_path,
+            str(fields.get("description", "")),
+            schema,
+            test_only,
+            resources=parse_section("resources", Resources, fields.get("resources")),
+            batching=parse_section("batching", Batching, fields.get("batching")),
+            scaling=parse_section("scaling", Scaling, fields.get("scaling")),
+            jobs=parse_section("jobs", Jobs, fields.get("jobs")),
+        )
     except SectionError as exc:
         raise CatalogueError(f"{where}: {exc}") from None
-    return ModelEntry(
-        name,
-        class_path,
-        str(fields.get("description", "")),
-        schema,
-        test_only,
-        **sections,  # type: ignore[arg-type]
-    )
 
 
 def model_class(entry: ModelEntry) -> type:

@@ -135,24 +135,26 @@ def _core_problem(doc_json: str) -> str | None:
     return None
 
 
+def _crd_path(group: str, kind: str) -> Path | None:
+    """Where the CRD of (group, kind) is read from: ../shared/schemas or its variable."""
+    where = CRD_FILES.get((group, kind))
+    if where is None:
+        return None
+    variable, folder, filename = where
+    return Path(os.environ.get(variable, SCHEMAS / folder)) / filename
+
+
 def missing_crds() -> list[str]:
     """The CRD files this checkout cannot find (then their kinds cannot be verified)."""
-    paths = [
-        Path(os.environ.get(variable, SCHEMAS / folder)) / filename
-        for variable, folder, filename in CRD_FILES.values()
-    ]
-    return [str(path) for path in paths if not path.exists()]
+    paths = [_crd_path(group, kind) for group, kind in CRD_FILES]
+    return [str(path) for path in paths if path is not None and not path.exists()]
 
 
 @functools.lru_cache(maxsize=16)
 def _crd_validator(group: str, kind: str, version: str) -> jsonschema.protocols.Validator | None:
     """The CRD's schema for `version`, compiled once (the files are large)."""
-    where = CRD_FILES.get((group, kind))
-    if where is None:
-        return None
-    variable, folder, filename = where
-    path = Path(os.environ.get(variable, SCHEMAS / folder)) / filename
-    if not path.exists():
+    path = _crd_path(group, kind)
+    if path is None or not path.exists():
         return None
     crd = yaml.load(path.read_text(), Loader=yaml.CSafeLoader)
     for served in crd["spec"]["versions"]:

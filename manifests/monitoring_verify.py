@@ -22,6 +22,7 @@ import yaml
 from manifests.exported_metrics import unknown_metrics
 
 Manifest = dict[str, Any]
+MONITORING = Path(__file__).resolve().parent.parent / "cluster" / "monitoring"
 
 
 def _name(doc: Manifest) -> str:
@@ -123,6 +124,3 @@ def monitoring_violations(docs: list[Manifest], platform: list[Manifest]) -> lis
     if not _rule_exprs(docs) or not _dashboard_exprs(docs):
         found.append(("monitoring", "expected alerting rules and a dashboard"))
     return found
-
-
-MONITORING = Path(__file__).resolve().parent.parent / "cluster" / "monitoring"

@@ -71,22 +71,27 @@ def rendered_files(catalogue: Catalogue, root: Path, source: str = "models.yaml"
     return files
 
 
+def _drift(files: dict[Path, str], root: Path) -> tuple[list[Path], list[Path]]:
+    """(generated files that differ from disk, ScaledObjects on disk not generated)."""
+    changed = [path for path, text in files.items() if not path.exists() or path.read_text() != text]
+    stale = [path for path in (root / "keda").glob(SCALED_OBJECT_GLOB) if path not in files]
+    return changed, stale
+
+
 def drifted(catalogue: Catalogue, root: Path, source: str = "models.yaml") -> list[str]:
     """The generated files that differ from what is on disk, and ScaledObjects on disk the
     catalogue no longer implies; empty when the committed manifests match the catalogue."""
-    files = rendered_files(catalogue, root, source)
-    stale = [path for path in (root / "keda").glob(SCALED_OBJECT_GLOB) if path not in files]
-    changed = [path for path, text in files.items() if not path.exists() or path.read_text() != text]
+    changed, stale = _drift(rendered_files(catalogue, root, source), root)
     return sorted(str(path.relative_to(root)) for path in changed + stale)
 
 
 def write(catalogue: Catalogue, root: Path, source: str = "models.yaml") -> list[str]:
-    """Write the generated files and remove stale ScaledObjects; returns what changed."""
-    changes = drifted(catalogue, root, source)
+    """Write the generated files that changed and remove stale ScaledObjects; returns what
+    changed."""
     files = rendered_files(catalogue, root, source)
-    for path in (root / "keda").glob(SCALED_OBJECT_GLOB):
-        if path not in files:
-            path.unlink()
-    for path, text in files.items():
-        path.write_text(text)
-    return changes
+    changed, stale = _drift(files, root)
+    for path in stale:
+        path.unlink()
+    for path in changed:
+        path.write_text(files[path])
+    return sorted(str(path.relative_to(root)) for path in changed + stale)

@@ -40,10 +40,6 @@ class PodHealth:
         self._server = ThreadingHTTPServer((host, port), Handler)
         self._thread = threading.Thread(target=self._server.serve_forever, name="pod-health", daemon=True)
 
-    @property
-    def port(self) -> int:
-        return int(self._server.server_address[1])
-
     def answer(self, path: str) -> tuple[int, str]:
         try:
             status = self._status()

@@ -11,9 +11,10 @@ from typing import Any
 import pytest
 
 from contract.config import Environment
-from manifests.cluster_verify import OVERLAYS, missing_crds, render, violations
+from manifests.cluster_verify import OVERLAYS, render, violations
 from manifests.exported_metrics import metric_names
 from manifests.monitoring_verify import MONITORING, monitoring_violations
+from tests.conftest import require_upstream_crds
 
 Manifest = dict[str, Any]
 RENDERED = {overlay: render(path) for overlay, path in OVERLAYS.items()}
@@ -29,14 +30,9 @@ def _container(docs: list[Manifest], name: str) -> Manifest:
     return container
 
 
-def _needs_crds() -> None:
-    if missing_crds():
-        pytest.skip(f"upstream CRDs not found: {missing_crds()}; set KEDA_CRD_DIR / RABBITMQ_CRD_DIR")
-
-
 @pytest.mark.parametrize("overlay", list(OVERLAYS))
 def test_each_overlay_renders_valid_objects_that_keep_every_rule(overlay: str) -> None:
-    _needs_crds()
+    require_upstream_crds()
     assert violations(overlay, RENDERED[overlay]) == []
 
 
@@ -100,7 +96,7 @@ BREAKS = [
 def test_each_rule_fails_on_a_manifest_that_breaks_it(
     rule: str, target: tuple[str, str], change: Callable[[Manifest], None], words: str
 ) -> None:
-    _needs_crds()
+    require_upstream_crds()
     docs = copy.deepcopy(RENDERED["kind"])
     change(_one(docs, *target))
 
@@ -125,7 +121,7 @@ def test_each_cross_object_rule_fails_when_its_object_is_missing(
 
 
 def test_a_kind_with_no_crd_to_check_it_against_is_a_violation() -> None:
-    _needs_crds()
+    require_upstream_crds()
     monitor = {"apiVersion": "monitoring.coreos.com/v1", "kind": "ServiceMonitor", "metadata": {"name": "x"}}
     (found,) = violations("kind", [*RENDERED["kind"], monitor])
     assert found.rule.startswith("no CRD for monitoring.coreos.com/v1 ServiceMonitor to validate it against")

@@ -41,7 +41,7 @@ def _scaled_objects() -> list[dict[str, Any]]:
     return [doc for _path, doc in _documents() if doc["kind"] == "ScaledObject"]
 
 
-def keda_crd_schema(kind: str, api_version: str) -> dict[str, Any]:
+def _schema(kind: str, api_version: str) -> dict[str, Any]:
     crd_path = CRD_DIR / f"keda.sh_{PLURALS[kind]}.yaml"
     if not crd_path.exists():
         pytest.skip(
@@ -59,7 +59,7 @@ def keda_crd_schema(kind: str, api_version: str) -> dict[str, Any]:
 @pytest.mark.parametrize(("path", "doc"), _documents(), ids=lambda v: v.name if isinstance(v, Path) else "")
 def test_manifest_validates_against_the_keda_crd(path: Path, doc: dict[str, Any]) -> None:
     assert doc["apiVersion"].startswith("keda.sh/"), path
-    jsonschema.validate(doc, keda_crd_schema(doc["kind"], doc["apiVersion"]))
+    jsonschema.validate(doc, _schema(doc["kind"], doc["apiVersion"]))
 
 
 @pytest.mark.parametrize("doc", _scaled_objects(), ids=lambda d: d["metadata"]["name"])
