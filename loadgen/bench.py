@@ -191,6 +191,14 @@ def _user_path_rows(results: dict[str, Any]) -> list[tuple[str, float, str]]:
                 f"duplicates {s['duplicates']}, seconds without a callback {s['zero_seconds_max']}",
             )
         )
+    for name, s in summary.items():
+        rows.append(
+            (
+                f"User path {name}: jobs/s / the box's CPU ceiling (cores / CPU ms per job, all processes)",
+                s["jobs_per_s"] / s["cpu_ceiling_jobs_per_s"],
+                f"{s['jobs_per_s']:.0f} / {s['cpu_ceiling_jobs_per_s']:.0f} per s",
+            )
+        )
     callbacks = results.get("callbacks")
     echo = next((s for name, s in summary.items() if name.startswith("echo-")), None)
     if callbacks is not None and echo is not None:
@@ -255,6 +263,12 @@ def markdown(results: dict[str, Any], machine: str, quick: bool) -> str:
         for name, runs in results["user-path"]["runs"].items():
             run = sorted(runs, key=lambda r: r["jobs_per_s"])[len(runs) // 2]
             lines.append(f"- {name}: {run['timeline']} (mean batch {run['mean_batch_size']:.0f})")
+        lines += ["", "User path, where the CPU went: milliseconds per job by process (median run):", ""]
+        for name, runs in results["user-path"]["runs"].items():
+            run = sorted(runs, key=lambda r: r["jobs_per_s"])[len(runs) // 2]
+            cpu = run["cpu_ms_per_job"]
+            parts = ", ".join(f"{role} {ms:.2f}" for role, ms in cpu.items() if ms >= 0.005)
+            lines.append(f"- {name}: total {sum(cpu.values()):.2f} ms: {parts}")
     if "batching" not in results:
         return "\n".join(lines) + "\n"
     summary = results["batching"]["summary"]

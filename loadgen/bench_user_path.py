@@ -23,6 +23,7 @@ from typing import Any
 import aiohttp
 
 from callbacks.signing import generate_secret
+from loadgen import cpu_accounting
 from loadgen.bench_support import bench_stack_env, bench_topology, delete_bench_topology, median
 from loadgen.bench_workers import SENTENCES, WorkerBench
 from loadgen.receiver_process import ReceiverProcess
@@ -78,9 +79,11 @@ async def backlog_run(
 ) -> dict[str, Any]:
     """One backlog: its rate, 202 span, per-second completion timeline, lost and duplicates."""
     already = len(await receiver.refresh())
+    cpu_before = cpu_accounting.snapshot()
     submitted = await submit_backlog(stack.base_url, model, count, receiver.url)
     ids = set(submitted.accepted)
     await receiver.wait_for(ids, CALLBACK_WAIT_S)
+    cpu_ms = cpu_accounting.cpu_ms_per_job(cpu_before, cpu_accounting.snapshot(), len(ids))
     records = [r for r in receiver.records[already:] if r.job_id in ids]
     per_webhook = Counter(r.webhook_id for r in records)
     done = {r.job_id for r in records}
@@ -102,6 +105,8 @@ async def backlog_run(
         "zero_seconds": sum(1 for n in timeline[first_second:] if n == 0),
         "mean_batch_size": sum(r.batch_size for r in records) / max(1, len(records)),
         "timeline": timeline,
+        "cpu_ms_per_job": cpu_ms,
+        "cpu_ceiling_jobs_per_s": 1000 * cpu_accounting.cores() / max(1e-9, sum(cpu_ms.values())),
     }
 
 
@@ -153,6 +158,7 @@ async def measure_user_path(amqp_url: str, reps: int, backlogs: list[tuple[str, 
             "lost": sum(r["lost"] for r in rs),
             "duplicates": sum(r["duplicates"] for r in rs),
             "zero_seconds_max": max(r["zero_seconds"] for r in rs),
+            "cpu_ceiling_jobs_per_s": median([r["cpu_ceiling_jobs_per_s"] for r in rs]),
         }
     return {"runs": runs, "worker_alone": worker_alone, "summary": summary}
 
