@@ -248,7 +248,7 @@ class CallbackDispatcher:
             headers={ATTEMPT_HEADER: 1},
             expiration_ms=self._schedule.jittered_ms(delay_s),
         )
-        return Publish(message, self._topology.callback_retry_queue(delay_s))
+        return self._callback_outcome(message, self._topology.callback_retry_queue(delay_s))
 
     def _record(self, host: str, breaker: CircuitBreaker, ok: bool) -> None:
         if not ok:
@@ -318,7 +318,7 @@ class CallbackDispatcher:
             headers={**delivery.headers, ATTEMPT_HEADER: attempt, **(extra_headers or {})},
             expiration_ms=self._schedule.jittered_ms(delay_s),
         )
-        retry = Publish(message, self._topology.callback_retry_queue(delay_s))
+        retry = self._callback_outcome(message, self._topology.callback_retry_queue(delay_s))
         await settle(self._broker, [(delivery, [retry])])
 
     async def _park(self, delivery: Delivery, reason: str, also: list[Publish] | None = None) -> None:
@@ -327,6 +327,10 @@ class CallbackDispatcher:
             message_id=delivery.message_id or "unknown",
             headers={**delivery.headers, PARK_REASON_HEADER: reason[:1000]},
         )
-        park = Publish(message, self._topology.callbacks_parking_queue)
+        park = self._callback_outcome(message, self._topology.callbacks_parking_queue)
         await settle(self._broker, [(delivery, [park, *(also or [])])])
         self.metrics.parked()
+
+    def _callback_outcome(self, message: OutgoingMessage, queue: str) -> Publish:
+        """To `queue` through the dispatcher's own exchange (never the default one)."""
+        return Publish(message, queue, exchange=self._topology.callback_outcomes_exchange)

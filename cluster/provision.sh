@@ -21,6 +21,7 @@ PROMETHEUS_STACK_CHART_VERSION="65.1.1"
 IMAGE_TAG="$(sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)"
 CLUSTER="${CLUSTER:-inferq}"
 NAMESPACE="inferq"
+VHOST="inferq"   # the platform's own virtual host: its users have permissions here only
 GPU_MACHINE="${GPU_MACHINE:-g2-standard-8}"   # one NVIDIA L4 per node
 GPU_MAX_NODES="${GPU_MAX_NODES:-4}"
 
@@ -115,36 +116,63 @@ render() {
   fi
 }
 
-platform_secrets() {
-  local provider="$1" user password amqp management webhook_secret api_key
-  user="$(kubectl -n "$NAMESPACE" get secret rabbitmq-default-user -o jsonpath='{.data.username}' | base64 -d)"
-  password="$(kubectl -n "$NAMESPACE" get secret rabbitmq-default-user -o jsonpath='{.data.password}' | base64 -d)"
+# A Secret's key, decoded; empty when the Secret or the key does not exist.
+secret_value() {
+  kubectl -n "$NAMESPACE" get secret "$1" -o jsonpath="{.data.$2}" 2>/dev/null | base64 -d || true
+}
+
+apply_secret() {
+  local name="$1"; shift
+  kubectl -n "$NAMESPACE" create secret generic "$name" --dry-run=client -o yaml "$@" | kubectl apply -f -
+}
+
+# Each component connects as its own broker user in the vhost `inferq` (least privilege,
+# broker_access/roles.py): a password per role (kept across re-runs), the Secret
+# inferq-broker-<role> holding that user's AMQP_URL, the Secret inferq-broker-users the
+# Job broker-access reads to grant them, and the administrator's URLs for that Job alone.
+broker_secrets() {
+  local provider="$1" admin admin_password amqp_base amqp_scheme management_base management_scheme
+  local role user password monitor_url=""
+  local -a users=()
+  admin="$(secret_value rabbitmq-default-user username)"
+  admin_password="$(secret_value rabbitmq-default-user password)"
   if [ "$provider" = gke ]; then
-    amqp="amqps://$user:$password@rabbitmq.$NAMESPACE.svc:5671/%2F?cafile=/etc/inferq/broker-ca/ca.crt"
-    management="https://$user:$password@rabbitmq.$NAMESPACE.svc:15671/%2F"
+    amqp_base="rabbitmq.$NAMESPACE.svc:5671/$VHOST?cafile=/etc/inferq/broker-ca/ca.crt"; amqp_scheme=amqps
+    management_base="rabbitmq.$NAMESPACE.svc:15671"; management_scheme=https
   else
-    amqp="amqp://$user:$password@rabbitmq.$NAMESPACE.svc:5672/%2F"
-    management="http://$user:$password@rabbitmq.$NAMESPACE.svc:15672/%2F"
+    amqp_base="rabbitmq.$NAMESPACE.svc:5672/$VHOST"; amqp_scheme=amqp
+    management_base="rabbitmq.$NAMESPACE.svc:15672"; management_scheme=http
   fi
+  apply_secret inferq-broker-admin \
+    --from-literal=AMQP_URL="$amqp_scheme://$admin:$admin_password@$amqp_base" \
+    --from-literal=RABBITMQ_MANAGEMENT_URL="$management_scheme://$admin:$admin_password@$management_base"
+  while read -r role user; do
+    password="$(secret_value inferq-broker-users "$role")"
+    password="${password:-$(openssl rand -hex 24)}"
+    users+=("--from-literal=$role=$password")
+    apply_secret "inferq-broker-$role" --from-literal=AMQP_URL="$amqp_scheme://$user:$password@$amqp_base"
+    if [ "$role" = monitor ]; then monitor_url="$management_scheme://$user:$password@$management_base/$VHOST"; fi
+  done < <(MODELS="$(sed -n 's/^  MODELS: //p' cluster/base/config.yaml)" .venv/bin/python -m broker_access roles)
+  apply_secret inferq-broker-users "${users[@]}"
+  # KEDA reads queue lengths from the management API as the monitor user (over HTTPS on
+  # GKE, trusting the broker's CA).
+  if [ "$provider" = gke ]; then
+    apply_secret rabbitmq-management --from-literal=host="$monitor_url" --from-literal=tls=enable \
+      --from-literal=ca="$(secret_value rabbitmq-ca 'ca\.crt')"
+  else
+    apply_secret rabbitmq-management --from-literal=host="$monitor_url"
+  fi
+}
+
+platform_secrets() {
+  local webhook_secret api_key
+  broker_secrets "$1"
   # Kept across re-runs: rotating them would break callers and receivers already set up.
-  webhook_secret="$(kubectl -n "$NAMESPACE" get secret inferq -o jsonpath='{.data.WEBHOOK_SECRET}' 2>/dev/null | base64 -d || true)"
-  api_key="$(kubectl -n "$NAMESPACE" get secret inferq -o jsonpath='{.data.API_KEYS}' 2>/dev/null | base64 -d || true)"
+  webhook_secret="$(secret_value inferq WEBHOOK_SECRET)"
+  api_key="$(secret_value inferq API_KEYS)"
   webhook_secret="${webhook_secret:-whsec_$(openssl rand -base64 32)}"
   api_key="${api_key:-iq_$(openssl rand -hex 24)}"
-  kubectl -n "$NAMESPACE" create secret generic inferq --dry-run=client -o yaml \
-    --from-literal=AMQP_URL="$amqp" --from-literal=WEBHOOK_SECRET="$webhook_secret" \
-    --from-literal=API_KEYS="$api_key" | kubectl apply -f -
-  if [ "$provider" = gke ]; then
-    # KEDA reads the management API over HTTPS, trusting the broker's CA.
-    local ca
-    ca="$(kubectl -n "$NAMESPACE" get secret rabbitmq-ca -o jsonpath='{.data.ca\.crt}' | base64 -d)"
-    kubectl -n "$NAMESPACE" create secret generic rabbitmq-management --dry-run=client -o yaml \
-      --from-literal=host="$management" --from-literal=tls=enable --from-literal=ca="$ca" \
-      | kubectl apply -f -
-  else
-    kubectl -n "$NAMESPACE" create secret generic rabbitmq-management --dry-run=client -o yaml \
-      --from-literal=host="$management" | kubectl apply -f -
-  fi
+  apply_secret inferq --from-literal=WEBHOOK_SECRET="$webhook_secret" --from-literal=API_KEYS="$api_key"
 }
 
 up() {
@@ -158,14 +186,18 @@ up() {
   say "inferq ($provider overlay)"
   kubectl apply -f cluster/base/namespace.yaml
   if [ "$provider" = gke ]; then broker_tls_secrets; fi
+  # A Job's template cannot change in place, and each bring-up grants access again.
+  kubectl -n "$NAMESPACE" delete job broker-access --ignore-not-found
   render "$provider" | kubectl apply -f -
   kubectl -n "$NAMESPACE" wait --for=condition=AllReplicasReady rabbitmqcluster/rabbitmq --timeout=15m
   kubectl -n "$NAMESPACE" wait --for=jsonpath='{.data.password}' secret/rabbitmq-default-user --timeout=2m
   platform_secrets "$provider"
+  # The components' users and the topology exist before any component starts on them.
+  kubectl -n "$NAMESPACE" wait --for=condition=complete job/broker-access --timeout=10m
   kubectl -n "$NAMESPACE" rollout status statefulset/redis --timeout=5m
   kubectl apply -k cluster/monitoring
   for deployment in ingress push-scaler callbacks; do
-    kubectl -n "$NAMESPACE" rollout restart "deployment/$deployment"  # they now read the Secret
+    kubectl -n "$NAMESPACE" rollout restart "deployment/$deployment"  # they now read their Secrets
     kubectl -n "$NAMESPACE" rollout status "deployment/$deployment" --timeout=10m
   done
   summary

@@ -6,8 +6,10 @@ Errors raised here, the only ones callers see:
     ├── BrokerUnavailable   retryable: no connection, channel closed, confirm timed out
     ├── PublishRejected     the broker refused the message: nacked or returned as
     │                       unroutable (mandatory)
-    └── TopologyMismatch    a queue exists with other arguments (an older version or
-                            another setting declared it): an operator must act
+    ├── TopologyMismatch    a queue exists with other arguments (an older version or
+    │                       another setting declared it): an operator must act
+    └── TopologyMissing     DECLARE_TOPOLOGY=false and a queue or exchange does not
+                            exist yet (`python -m broker_access apply` declares them)
 
 Publishes wait for the publisher confirm, so a returned call means the message is on
 disk in a queue (persistent messages, durable queues). Publishing and consuming use two
@@ -78,6 +80,10 @@ class PublishRejected(BrokerError):
 
 class TopologyMismatch(BrokerError):
     """A queue or exchange exists with arguments other than this version declares."""
+
+
+class TopologyMissing(BrokerError):
+    """A queue or exchange this component uses does not exist, and it may not declare it."""
 
 
 def broker_urls(url: str) -> tuple[str, ...]:
@@ -270,7 +276,7 @@ class Broker:
             self._consume_connection = await self._connect_robust("consume", timeout_s)
             await self._declare(await self._open_publish_channel())
             self._declared = True
-        except TopologyMismatch:
+        except (TopologyMismatch, TopologyMissing):
             await self.close()
             raise
         except _CONNECTION_ERRORS as exc:
@@ -403,14 +409,30 @@ class Broker:
                     await self._start(consumer)
 
     async def _declare(self, channel: aio_pika.abc.AbstractChannel) -> None:
-        await channel.declare_exchange(
-            self._topology.jobs_exchange, aio_pika.ExchangeType.DIRECT, durable=True
-        )
-        await channel.declare_exchange(
-            self._topology.events_exchange, aio_pika.ExchangeType.TOPIC, durable=True
-        )
+        if not self._topology.declared_by_clients:
+            await self._check_declared(channel)
+            return
+        for exchange in self._topology.exchanges(self._models):
+            await channel.declare_exchange(exchange.name, aio_pika.ExchangeType(exchange.kind), durable=True)
         for spec in self._topology.queues(self._models):
             await self._declare_queue(channel, spec)
+
+    async def _check_declared(self, channel: aio_pika.abc.AbstractChannel) -> None:
+        """Passive declares (they need no permission): each exchange and queue exists.
+        The first missing one closes the channel and stops the start, naming it."""
+        names = [(e.name, "exchange") for e in self._topology.exchanges(self._models)]
+        names += [(q.name, "queue") for q in self._topology.queues(self._models)]
+        for name, kind in names:
+            try:
+                if kind == "exchange":
+                    await channel.declare_exchange(name, passive=True)
+                else:
+                    await channel.declare_queue(name, passive=True)
+            except aiormq.exceptions.ChannelNotFoundEntity as exc:
+                raise TopologyMissing(
+                    f"{kind} {name} does not exist and DECLARE_TOPOLOGY is false: run "
+                    "`python -m broker_access apply` (the cluster's broker-access Job) first"
+                ) from exc
 
     @staticmethod
     async def _declare_queue(channel: aio_pika.abc.AbstractChannel, spec: QueueSpec) -> None:
@@ -628,8 +650,8 @@ class Broker:
                     await channel.queue_delete(spec.name)
                 await channel.queue_delete(self._topology.demand_queue)
                 await channel.queue_delete(self._topology.push_scaler_demand_queue)
-                await channel.exchange_delete(self._topology.jobs_exchange)
-                await channel.exchange_delete(self._topology.events_exchange)
+                for exchange in self._topology.exchanges(self._models):
+                    await channel.exchange_delete(exchange.name)
         except _CHANNEL_ERRORS as exc:
             raise BrokerUnavailable(f"cannot delete the topology: {exc!r}") from exc
 

@@ -68,7 +68,7 @@ def callback_for(
         headers={ATTEMPT_HEADER: 1},
         type=event_type,
     )
-    return Publish(message, topology.callbacks_queue)
+    return Publish(message, topology.callbacks_queue, exchange=topology.job_outcomes_exchange(job.model))
 
 
 def carrying_job(publish: Publish, job: Job) -> Publish:

@@ -82,6 +82,9 @@ class Environment(BaseModel):
     enable_test_models: bool = Field(False, alias="ENABLE_TEST_MODELS")
     model_catalogue: str = Field(str(DEFAULT_CATALOGUE), alias="MODEL_CATALOGUE")
     queue_prefix: str = Field("", alias="QUEUE_PREFIX")
+    # False where `python -m broker_access apply` declared the topology and each
+    # component's broker user may not (least privilege): components only check it.
+    declare_topology: bool = Field(True, alias="DECLARE_TOPOLOGY")
     max_queue_length: int = Field(100_000, ge=1, alias="MAX_QUEUE_LENGTH")
     # Unset: each model's `jobs.retry_delays_s` in the catalogue, else DEFAULT_JOB_RETRY_DELAYS_S.
     retry_delays_s: Delays | None = Field(None, alias="RETRY_DELAYS_S")
@@ -226,6 +229,7 @@ class Environment(BaseModel):
             job_retries=RetrySchedule(self.retry_delays_s or DEFAULT_JOB_RETRY_DELAYS_S, self.retry_jitter),
             job_retries_by_model=by_model,
             callback_retries=RetrySchedule(self.callback_retry_delays_s, self.retry_jitter),
+            declared_by_clients=self.declare_topology,
         )
 
     def batching(self, model: str) -> Batching:

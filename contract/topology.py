@@ -2,6 +2,9 @@
 
 Both sides declare the same specs idempotently at start, so whichever starts first
 creates them and a mismatch fails loudly (PRECONDITION_FAILED) instead of drifting.
+Where each component has its own broker user (a cluster: `DECLARE_TOPOLOGY=false`),
+`python -m broker_access apply` declares them once as the administrator and the
+components only check, passively, that what they use exists.
 Delay-tier queues carry their delay in their name, so changing a schedule creates new
 queues instead of clashing with the old ones.
 
@@ -13,6 +16,14 @@ queues instead of clashing with the old ones.
     callbacks.parked            undeliverable events (replayable)
     events (topic exchange)     model.{model}.demand: "jobs are arriving" (transient,
                                 coalesced; the local autoscaler wakes a model from 0)
+    job-outcomes.{model}        (direct) what a model's worker publishes: its retry tiers,
+                                its parking lot and callbacks, each bound by queue name
+    callback-outcomes           (direct) what the dispatcher publishes: callbacks' retry
+                                tiers and parking lot, bound by queue name
+
+Nothing is published through the default exchange: write access to it reaches every
+queue, so with the outcome exchanges each component's broker user can be granted only
+the queues its role fills (`broker_access.roles`).
 
 Broker versions: the embedded default is RabbitMQ 3.10, production clusters run 4.x.
 Main queues are *classic* queues with `x-max-priority`, which both versions honour.
@@ -33,7 +44,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 from contract.envelope import MAX_AMQP_PRIORITY
 from contract.retry_tiers import RetrySchedule, tier_name
@@ -41,6 +52,12 @@ from contract.retry_tiers import RetrySchedule, tier_name
 DEFAULT_JOB_RETRY_DELAYS_S = (1.0, 10.0, 60.0, 600.0)
 # Standard Webhooks/Svix-like: immediately, then 5 s, 5 min, 30 min, 2 h, 5 h, 10 h, 10 h.
 DEFAULT_CALLBACK_RETRY_DELAYS_S = (5.0, 300.0, 1800.0, 7200.0, 18000.0, 36000.0, 36000.0)
+
+
+@dataclass(frozen=True)
+class ExchangeSpec:
+    name: str
+    kind: Literal["direct", "topic"]
 
 
 @dataclass(frozen=True)
@@ -63,6 +80,9 @@ class Topology:
     callback_retries: RetrySchedule = field(
         default_factory=lambda: RetrySchedule(DEFAULT_CALLBACK_RETRY_DELAYS_S)
     )
+    # Each client declares at start (one machine, one broker user); False: a setup
+    # declared it and the clients' users may not, so they only check it exists.
+    declared_by_clients: bool = True
 
     @property
     def jobs_exchange(self) -> str:
@@ -86,6 +106,23 @@ class Topology:
     def push_scaler_demand_queue(self) -> str:
         """Where the KEDA push scaler hears demand events."""
         return f"{self.prefix}events.demand.push-scaler"
+
+    def job_outcomes_exchange(self, model: str) -> str:
+        """Where a model's worker publishes outcomes (retries, parked jobs, callbacks)."""
+        return f"{self.prefix}job-outcomes.{model}"
+
+    @property
+    def callback_outcomes_exchange(self) -> str:
+        """Where the dispatcher publishes callbacks' retries and parked callbacks."""
+        return f"{self.prefix}callback-outcomes"
+
+    def exchanges(self, models: tuple[str, ...]) -> list[ExchangeSpec]:
+        return [
+            ExchangeSpec(self.jobs_exchange, "direct"),
+            ExchangeSpec(self.events_exchange, "topic"),
+            *(ExchangeSpec(self.job_outcomes_exchange(model), "direct") for model in models),
+            ExchangeSpec(self.callback_outcomes_exchange, "direct"),
+        ]
 
     def main_queue(self, model: str) -> str:
         return f"{self.prefix}jobs.{model}"
@@ -118,26 +155,33 @@ class Topology:
             # limit on new jobs instead (ingress/admission.py); retries always come back.
             main_arguments = {"x-queue-type": "classic", "x-max-priority": MAX_AMQP_PRIORITY}
             specs.append(QueueSpec(self.main_queue(model), main_arguments, ((self.jobs_exchange, model),)))
+            outcomes = self.job_outcomes_exchange(model)
             for delay_s in self.job_retry_schedule(model).distinct_delays_s():
-                specs.append(
-                    _delay_queue(self.job_retry_queue(model, delay_s), delay_s, self.jobs_exchange, model)
-                )
-            specs.append(QueueSpec(self.parking_queue(model), {"x-queue-type": "classic"}))
-        specs.append(QueueSpec(self.callbacks_queue, {"x-queue-type": "classic"}))
+                name = self.job_retry_queue(model, delay_s)
+                specs.append(_delay_queue(name, delay_s, self.jobs_exchange, model, outcomes))
+            parking = self.parking_queue(model)
+            specs.append(QueueSpec(parking, {"x-queue-type": "classic"}, ((outcomes, parking),)))
+        callbacks = self.callbacks_queue
+        from_workers = tuple((self.job_outcomes_exchange(model), callbacks) for model in models)
+        specs.append(QueueSpec(callbacks, {"x-queue-type": "classic"}, from_workers))
         for delay_s in self.callback_retries.distinct_delays_s():
-            # "" is the default exchange: routing by queue name straight back to callbacks.
-            specs.append(_delay_queue(self.callback_retry_queue(delay_s), delay_s, "", self.callbacks_queue))
-        specs.append(QueueSpec(self.callbacks_parking_queue, {"x-queue-type": "classic"}))
+            # Dead-lettered through "", the default exchange: by queue name straight back to
+            # callbacks (the broker does it; no user needs write access there).
+            name = self.callback_retry_queue(delay_s)
+            specs.append(_delay_queue(name, delay_s, "", callbacks, self.callback_outcomes_exchange))
+        parking = self.callbacks_parking_queue
+        bindings = ((self.callback_outcomes_exchange, parking),)
+        specs.append(QueueSpec(parking, {"x-queue-type": "classic"}, bindings))
         return specs
 
 
-def _delay_queue(name: str, delay_s: float, target_exchange: str, target_key: str) -> QueueSpec:
-    return QueueSpec(
-        name,
-        {
-            "x-queue-type": "classic",
-            "x-message-ttl": round(delay_s * 1000),
-            "x-dead-letter-exchange": target_exchange,
-            "x-dead-letter-routing-key": target_key,
-        },
-    )
+def _delay_queue(name: str, delay_s: float, target_exchange: str, target_key: str, fed_by: str) -> QueueSpec:
+    """A delay tier: filled through `fed_by` (bound by its own name), dead-letters its
+    messages to `target_exchange` with `target_key` when their TTL ends."""
+    arguments = {
+        "x-queue-type": "classic",
+        "x-message-ttl": round(delay_s * 1000),
+        "x-dead-letter-exchange": target_exchange,
+        "x-dead-letter-routing-key": target_key,
+    }
+    return QueueSpec(name, arguments, ((fed_by, name),))

@@ -17,7 +17,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from contract.broker import Broker, BrokerUnavailable, TopologyMismatch, redact_url
+from contract.broker import Broker, BrokerUnavailable, TopologyMismatch, TopologyMissing, redact_url
 from contract.callback_guard import CallbackUrlRejected, ResolutionUnavailable, check_callback_url
 from contract.envelope import Job
 from ingress.auth import authenticate
@@ -46,7 +46,7 @@ async def _connect_until_ready(broker: Broker, url: str) -> None:
         except BrokerUnavailable as exc:
             logger.warning("broker not ready, retrying in %.0f s: %s", BROKER_RETRY_INTERVAL_S, exc)
             await asyncio.sleep(BROKER_RETRY_INTERVAL_S)
-        except TopologyMismatch as exc:
+        except (TopologyMismatch, TopologyMissing) as exc:
             logger.error(
                 "cannot use the broker's queues, retrying in %.0f s: %s", TOPOLOGY_RETRY_INTERVAL_S, exc
             )

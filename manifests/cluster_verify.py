@@ -10,7 +10,10 @@ offline, as a cluster would and as our rules require.
   hardened pods (non-root, seccomp RuntimeDefault, no service-account token) and
   containers (no privilege escalation, read-only root, every capability dropped),
   probes, requests and a memory limit on every container, a default-deny
-  NetworkPolicy per namespace, a PodDisruptionBudget over every workload.
+  NetworkPolicy per namespace, a PodDisruptionBudget over every workload; every broker
+  client connects as its own user (`inferq-broker-<role>`, named by its
+  `inferq.dev/broker-role` label), the components may not declare the topology, and only
+  the broker-access Job reads the administrator's credentials.
 
 The monitoring component (`cluster/monitoring`, applied once kube-prometheus-stack runs)
 is checked by `manifests.monitoring_verify` against each overlay.
@@ -38,6 +41,7 @@ import kubernetes_validate
 import yaml
 
 from manifests.monitoring_verify import MONITORING, monitoring_violations
+from manifests.worker_deployments import BROKER_ROLE_LABEL
 
 ROOT = Path(__file__).resolve().parent.parent
 OVERLAYS = {"kind": ROOT / "cluster" / "overlays" / "kind", "gke": ROOT / "cluster" / "overlays" / "gke"}
@@ -53,6 +57,7 @@ CRD_FILES = {
     ),
 }
 WORKLOADS = ("Deployment", "StatefulSet")
+ADMIN_SECRETS = ("inferq-broker-admin", "inferq-broker-users", "rabbitmq-default-user")
 
 Manifest = dict[str, Any]
 
@@ -95,8 +100,18 @@ def _pods(docs: list[Manifest]) -> Iterator[tuple[Manifest, Manifest]]:
             yield doc, doc["spec"]["template"]["spec"]
 
 
-def _containers(docs: list[Manifest]) -> Iterator[tuple[Manifest, Manifest]]:
-    for workload, pod in _pods(docs):
+def _every_pod(docs: list[Manifest]) -> Iterator[tuple[Manifest, Manifest]]:
+    """(owner, pod spec) for the workloads and the Jobs (which run once: no probes, no PDB)."""
+    yield from _pods(docs)
+    for doc in docs:
+        if doc["kind"] == "Job":
+            yield doc, doc["spec"]["template"]["spec"]
+
+
+def _containers(
+    docs: list[Manifest], pods: Callable[[list[Manifest]], Iterator[tuple[Manifest, Manifest]]] = _pods
+) -> Iterator[tuple[Manifest, Manifest]]:
+    for workload, pod in pods(docs):
         for container in pod.get("initContainers", []) + pod["containers"]:
             yield workload, container
 
@@ -165,7 +180,7 @@ def _crd_validator(group: str, kind: str, version: str) -> jsonschema.protocols.
 
 
 def _images(docs: list[Manifest]) -> Iterator[tuple[str, str]]:
-    for workload, container in _containers(docs):
+    for workload, container in _containers(docs, _every_pod):
         image = container["image"]
         tag = image.rsplit("/", 1)[-1].partition(":")[2]
         if "@sha256:" not in image and (not tag or tag == "latest"):
@@ -190,7 +205,7 @@ def _scaling(docs: list[Manifest]) -> Iterator[tuple[str, str]]:
 
 
 def _hardening(docs: list[Manifest]) -> Iterator[tuple[str, str]]:
-    for workload, pod in _pods(docs):
+    for workload, pod in _every_pod(docs):
         context = pod.get("securityContext") or {}
         if context.get("runAsNonRoot") is not True:
             yield _name(workload), "pod securityContext.runAsNonRoot must be true"
@@ -198,7 +213,7 @@ def _hardening(docs: list[Manifest]) -> Iterator[tuple[str, str]]:
             yield _name(workload), "pod securityContext.seccompProfile must be RuntimeDefault"
         if pod.get("automountServiceAccountToken") is not False:
             yield _name(workload), "automountServiceAccountToken must be false (no pod here calls the API)"
-    for workload, container in _containers(docs):
+    for workload, container in _containers(docs, _every_pod):
         context = container.get("securityContext") or {}
         where = f"container {container['name']}"
         if context.get("allowPrivilegeEscalation") is not False:
@@ -248,6 +263,41 @@ def _isolation(docs: list[Manifest]) -> Iterator[tuple[str, str]]:
             yield _name(workload), "no PodDisruptionBudget selects its pods"
 
 
+def _secret_refs(container: Manifest) -> Iterator[tuple[str, str]]:
+    """(variable or "*", Secret name) for each Secret a container's environment reads."""
+    for variable in container.get("env", []):
+        ref = (variable.get("valueFrom") or {}).get("secretKeyRef")
+        if ref is not None:
+            yield variable["name"], ref["name"]
+    for source in container.get("envFrom", []):
+        if "secretRef" in source:
+            yield "*", source["secretRef"]["name"]
+
+
+def _broker_access(docs: list[Manifest]) -> Iterator[tuple[str, str]]:
+    """Each component connects as its own broker user and may not declare; only the
+    broker-access Job holds the administrator's credentials."""
+    config = next((d for d in docs if d["kind"] == "ConfigMap" and d["metadata"]["name"] == "inferq"), None)
+    if config is None or config.get("data", {}).get("DECLARE_TOPOLOGY") != "false":
+        yield "ConfigMap/inferq", 'DECLARE_TOPOLOGY must be "false" (the broker-access Job declares)'
+    for workload, pod in _every_pod(docs):
+        labels = workload["spec"]["template"]["metadata"].get("labels", {})
+        role = labels.get(BROKER_ROLE_LABEL)
+        if labels.get("inferq.dev/broker-client") == "true" and role is None:
+            yield _name(workload), f"a broker client without the label {BROKER_ROLE_LABEL} (its broker user)"
+        for container in pod.get("initContainers", []) + pod["containers"]:
+            for variable, secret in _secret_refs(container):
+                if secret in ADMIN_SECRETS and role != "admin":
+                    yield (
+                        _name(workload),
+                        f"reads {secret}, the administrator's: only the broker-access Job may",
+                    )
+                elif variable == "AMQP_URL" and role != "admin" and secret != f"inferq-broker-{role}":
+                    yield _name(workload), f"AMQP_URL from {secret}, not its own user's inferq-broker-{role}"
+                elif variable == "*" and secret.startswith("inferq-broker-"):
+                    yield _name(workload), f"envFrom the whole Secret {secret}: name the variables it needs"
+
+
 POLICIES: dict[str, Callable[[list[Manifest]], Iterator[tuple[str, str]]]] = {
     "schemas": schema_violations,
     "images": _images,
@@ -255,6 +305,7 @@ POLICIES: dict[str, Callable[[list[Manifest]], Iterator[tuple[str, str]]]] = {
     "hardening": _hardening,
     "operations": _operations,
     "isolation": _isolation,
+    "broker access": _broker_access,
 }
 
 

@@ -20,6 +20,9 @@ from contract.model_catalogue import ModelEntry
 from contract.topology import Topology
 
 NAMESPACE = "inferq"
+# The broker's virtual host for the platform, where each component has its own user
+# (cluster/base/broker-access.yaml).
+BROKER_VHOST = "inferq"
 PUSH_SCALER_ADDRESS = "push-scaler.inferq.svc:9095"
 MANAGEMENT_AUTH = "rabbitmq-management"
 FALLBACK_FAILURE_THRESHOLD = 3
@@ -78,7 +81,7 @@ def scaled_object(entry: ModelEntry) -> dict[str, Any]:
                         "protocol": "http",
                         "mode": "QueueLength",
                         "queueName": Topology().main_queue(entry.name),
-                        "vhostName": "/",
+                        "vhostName": BROKER_VHOST,
                         "value": str(scaling.backlog_per_replica),
                         "activationValue": "0",
                     },

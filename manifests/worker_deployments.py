@@ -2,14 +2,14 @@
 `resources` section.
 
 No `replicas` field: KEDA owns the count (its ScaledObject), so applying the manifests
-never resets what it scaled to. A replica gets AMQP_URL and no WEBHOOK_SECRET (it never
-signs), and a grace period longer than its drain (DRAIN_TIMEOUT_S, 30 s) plus Ray's
-shutdown, so a batch in flight finishes on SIGTERM. The pod runs hardened (non-root,
-read-only root, no capabilities, no service-account token): Ray writes only to its
-`/tmp` and `/dev/shm` volumes. A model with GPUs uses the `inferq-cuda` image, asks for
-them as a limit and carries the label `inferq.dev/accelerator: gpu`, which the overlays
-patch by: kind maps the image to the CPU one and drops the GPUs, GKE adds the GPU node
-pool's selector and toleration.
+never resets what it scaled to. A replica gets the AMQP_URL of its model's own broker
+user (it may consume only its model's queue) and no WEBHOOK_SECRET (it never signs), and
+a grace period longer than its drain (DRAIN_TIMEOUT_S, 30 s) plus Ray's shutdown, so a
+batch in flight finishes on SIGTERM. The pod runs hardened (non-root, read-only root, no
+capabilities, no service-account token): Ray writes only to its `/tmp` and `/dev/shm`
+volumes. A model with GPUs uses the `inferq-cuda` image, asks for them as a limit and
+carries the label `inferq.dev/accelerator: gpu`, which the overlays patch by: kind maps
+the image to the CPU one and drops the GPUs, GKE adds the GPU node pool's selector and toleration.
 """
 
 from __future__ import annotations
@@ -21,6 +21,9 @@ from manifests.scaled_objects import NAMESPACE, worker_name
 
 IMAGE, CUDA_IMAGE = "inferq", "inferq-cuda"
 ACCELERATOR_LABEL = "inferq.dev/accelerator"
+# The broker user a pod connects as (broker_access.roles); its AMQP_URL is in the Secret
+# `inferq-broker-<role>`, written by cluster-up.
+BROKER_ROLE_LABEL = "inferq.dev/broker-role"
 TERMINATION_GRACE_S = 60
 HEALTH_PORT, METRICS_PORT = 8080, 9102
 # Ray's object store lives in shared memory: the container default (64 MiB) is too small.
@@ -45,10 +48,15 @@ def _labels(entry: ModelEntry) -> dict[str, str]:
         "app.kubernetes.io/component": "worker",
         "inferq.dev/model": entry.name,
         "inferq.dev/broker-client": "true",
+        BROKER_ROLE_LABEL: f"worker-{entry.name}",
     }
     if entry.resources.gpus:
         labels[ACCELERATOR_LABEL] = "gpu"
     return labels
+
+
+def _amqp_url_ref(entry: ModelEntry) -> dict[str, str]:
+    return {"name": f"inferq-broker-worker-{entry.name}", "key": "AMQP_URL"}
 
 
 def _probe(path: str, period_s: int, failures: int) -> dict[str, Any]:
@@ -62,7 +70,7 @@ def _probe(path: str, period_s: int, failures: int) -> dict[str, Any]:
 def worker_deployment(entry: ModelEntry) -> dict[str, Any]:
     resources = entry.resources
     env: list[dict[str, Any]] = [
-        {"name": "AMQP_URL", "valueFrom": {"secretKeyRef": {"name": "inferq", "key": "AMQP_URL"}}},
+        {"name": "AMQP_URL", "valueFrom": {"secretKeyRef": _amqp_url_ref(entry)}},
         {"name": "POD_HEALTH_HOST", "value": "0.0.0.0"},
         {"name": "HOME", "value": "/tmp"},
     ]

@@ -270,7 +270,8 @@ class JobWorker:
                     delivery.message_id or "unknown",
                     delivery.headers,
                     str(exc),
-                    self._topology.parking_queue(self._model.name),
+                    self._model.name,
+                    self._topology,
                 )
                 outcomes.append((delivery, [park]))
                 continue
@@ -302,7 +303,8 @@ class JobWorker:
             job.id,
             item.delivery.headers,
             "failed (sent again after a redelivery)",
-            self._topology.parking_queue(job.model),
+            job.model,
+            self._topology,
             start.attempts,
             start.error or "",
             now_ms,
@@ -494,7 +496,8 @@ class JobWorker:
                 job.id,
                 item.delivery.headers,
                 reason,
-                self._topology.parking_queue(job.model),
+                job.model,
+                self._topology,
                 attempt,
                 item.error,
                 now_ms,

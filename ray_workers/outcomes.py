@@ -49,7 +49,8 @@ def retry_for(
         HISTORY_HEADER: history_with(headers, attempt, error, now_ms),
     }
     message = job_message(job, retried_headers, body=body, expiration_ms=expiration_ms)
-    return Publish(message, topology.job_retry_queue(job.model, delay_s))
+    queue = topology.job_retry_queue(job.model, delay_s)
+    return Publish(message, queue, exchange=topology.job_outcomes_exchange(job.model))
 
 
 def parked(
@@ -57,7 +58,8 @@ def parked(
     message_id: str,
     headers: Mapping[str, Any],
     reason: str,
-    queue: str,
+    model: str,
+    topology: Topology,
     attempt: int | None = None,
     error: str | None = None,
     now_ms: int = 0,
@@ -65,4 +67,5 @@ def parked(
     parked_headers = {**headers, PARK_REASON_HEADER: reason[:1000]}
     if attempt is not None and error is not None:
         parked_headers[HISTORY_HEADER] = history_with(headers, attempt, error, now_ms)
-    return Publish(OutgoingMessage(body, message_id=message_id, headers=parked_headers), queue)
+    message = OutgoingMessage(body, message_id=message_id, headers=parked_headers)
+    return Publish(message, topology.parking_queue(model), exchange=topology.job_outcomes_exchange(model))

@@ -96,11 +96,12 @@ async def topology(amqp_url: str, redis_url: str) -> AsyncIterator[Topology]:
     connection = await aio_pika.connect(amqp_url)
     async with connection:
         channel = await connection.channel()
-        for spec in topo.queues(("echo", "embed-minilm", "synthetic")):
+        models = ("echo", "embed-minilm", "synthetic")
+        for spec in topo.queues(models):
             await channel.queue_delete(spec.name)
         await channel.queue_delete(topo.demand_queue)
-        await channel.exchange_delete(topo.jobs_exchange)
-        await channel.exchange_delete(topo.events_exchange)
+        for exchange in topo.exchanges(models):
+            await channel.exchange_delete(exchange.name)
     store = redis.asyncio.Redis.from_url(redis_url)
     async with store:
         keys = [key async for key in store.scan_iter(match=f"{topo.prefix}inferq:*")]

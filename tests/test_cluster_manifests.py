@@ -89,6 +89,31 @@ BREAKS = [
     ("no limit", ("StatefulSet", "redis"), _drop([*CONTAINER, "resources", "limits"]), "memory limit"),
     ("invalid core field", ("Deployment", "ingress"), _set(["spec", "replica"], 2), "invalid apps/v1"),
     ("invalid CR field", ("ScaledObject", "worker-echo"), _set(["spec", "pollingInterval"], "5s"), "its CRD"),
+    (
+        "another role's broker user",
+        ("Deployment", "worker-echo"),
+        _set([*CONTAINER, "env", 0, "valueFrom", "secretKeyRef", "name"], "inferq-broker-ingress"),
+        "not its own user's inferq-broker-worker-echo",
+    ),
+    (
+        "the administrator's credentials",
+        ("Deployment", "ingress"),
+        _set([*CONTAINER, "envFrom"], [{"secretRef": {"name": "inferq-broker-admin"}}]),
+        "the administrator's",
+    ),
+    (
+        "a broker client with no user",
+        ("Deployment", "callbacks"),
+        _drop(["spec", "template", "metadata", "labels", "inferq.dev/broker-role"]),
+        "without the label inferq.dev/broker-role",
+    ),
+    ("components declaring", ("ConfigMap", "inferq"), _set(["data", "DECLARE_TOPOLOGY"], "true"), "must be"),
+    (
+        "a root Job",
+        ("Job", "broker-access"),
+        _drop([*POD, "securityContext", "runAsNonRoot"]),
+        "runAsNonRoot",
+    ),
 ]
 
 

@@ -40,7 +40,7 @@ def test_given_a_success_then_one_callback_to_the_callbacks_queue_with_a_stable_
     publish = callback_for(JOB, "succeeded", 2, TIMINGS, NOW_S, TOPOLOGY, output={"echo": "hi"})
 
     delivery = decode_callback_delivery(publish.message.body)
-    assert (publish.routing_key, publish.exchange) == (TOPOLOGY.callbacks_queue, "")
+    assert (publish.routing_key, publish.exchange) == (TOPOLOGY.callbacks_queue, "t-job-outcomes.echo")
     assert publish.message.message_id == delivery.webhook_id == "msg_job-1_succeeded"
     assert publish.message.correlation_id == "job-1"
     assert publish.message.headers == {ATTEMPT_HEADER: 1}  # the callback's own first attempt
@@ -76,6 +76,7 @@ def test_given_a_transient_failure_then_the_same_body_goes_to_its_tier_with_the_
 
     message = publish.message
     assert publish.routing_key == TOPOLOGY.job_retry_queue("echo", 30.0)
+    assert publish.exchange == TOPOLOGY.job_outcomes_exchange("echo")
     assert message.body is body
     assert (message.message_id, message.priority, message.type) == ("job-1", AMQP_PRIORITY["high"], "job")
     assert message.expiration_ms == 29_000
@@ -89,18 +90,26 @@ def test_given_a_transient_failure_then_the_same_body_goes_to_its_tier_with_the_
 
 def test_given_a_permanent_failure_then_the_job_is_parked_with_reason_and_history() -> None:
     publish = parked(
-        encode(JOB), "job-1", {ATTEMPT_HEADER: 3}, "failed after 3 attempt(s)", "t-parked", 3, "x" * 900, 30
+        encode(JOB),
+        "job-1",
+        {ATTEMPT_HEADER: 3},
+        "failed after 3 attempt(s)",
+        "echo",
+        TOPOLOGY,
+        3,
+        "x" * 900,
+        30,
     )
 
     headers = dict(publish.message.headers or {})
-    assert publish.routing_key == "t-parked"
+    assert (publish.routing_key, publish.exchange) == ("t-jobs.echo.parked", "t-job-outcomes.echo")
     assert headers[PARK_REASON_HEADER] == "failed after 3 attempt(s)"
     (entry,) = json.loads(headers[HISTORY_HEADER])
     assert entry == {"attempt": 3, "error": "x" * 500, "at_ms": 30}  # errors are capped
 
 
 def test_given_an_undecodable_body_then_it_is_parked_as_is_without_history() -> None:
-    publish = parked(b"\x00junk", "unknown", {}, "not JSON: " + "y" * 2000, "t-parked")
+    publish = parked(b"\x00junk", "unknown", {}, "not JSON: " + "y" * 2000, "echo", TOPOLOGY)
 
     headers = dict(publish.message.headers or {})
     assert publish.message.body == b"\x00junk"
