@@ -65,14 +65,14 @@ class LocalAutoscaler:
     def __init__(
         self,
         policies: Mapping[str, ScalingPolicy],
-        queue_for: Callable[[str], str],
+        queues_for: Callable[[str], tuple[str, ...]],
         read_metric: ReadMetric,
         apply: ApplyReplicas,
         metrics: AutoscalerMetrics,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._policies = policies
-        self._queue_for = queue_for
+        self._queues_for = queues_for
         self._read_metric = read_metric
         self._apply = apply
         self._metrics = metrics
@@ -117,7 +117,8 @@ class LocalAutoscaler:
         policy, state = self._policies[model], self.states[model]
         metric: float | None
         try:
-            metric = await self._read_metric(self._queue_for(model))
+            # KEDA's `operation: sum` over a model's queues (one per priority on quorum).
+            metric = sum([await self._read_metric(queue) for queue in self._queues_for(model)])
             self._metrics.queue_messages.labels(model).set(metric)
         except QueueMetricUnavailable as exc:
             logger.warning("autoscaler %s: %s", model, exc)

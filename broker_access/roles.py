@@ -61,7 +61,7 @@ def roles(topology: Topology, models: tuple[str, ...]) -> tuple[Role, ...]:
     demand = t.push_scaler_demand_queue
     outcomes = [t.job_outcomes_exchange(model) for model in models]
     workers = (
-        Role(f"worker-{model}", write=_only(t.job_outcomes_exchange(model)), read=_only(t.main_queue(model)))
+        Role(f"worker-{model}", write=_only(t.job_outcomes_exchange(model)), read=_only(*t.job_queues(model)))
         for model in models
     )
     return (

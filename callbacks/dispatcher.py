@@ -123,7 +123,10 @@ class CallbackDispatcher:
     async def start(self) -> None:
         await self._broker.connect()
         self._consumer_tag = await self._broker.consume(
-            self._topology.callbacks_queue, self._settings.callback_prefetch, self._on_delivery
+            self._topology.callbacks_queue,
+            self._settings.callback_prefetch,
+            self._on_delivery,
+            replicated=self._topology.queue_type == "quorum",
         )
 
     async def stop(self, drain_timeout_s: float | None = None) -> None:

@@ -31,7 +31,12 @@ from pydantic import (
 from contract.model_catalogue import DEFAULT_CATALOGUE, Catalogue, CatalogueError, load_catalogue
 from contract.model_sections import Batching
 from contract.retry_tiers import RetrySchedule
-from contract.topology import DEFAULT_CALLBACK_RETRY_DELAYS_S, DEFAULT_JOB_RETRY_DELAYS_S, Topology
+from contract.topology import (
+    DEFAULT_CALLBACK_RETRY_DELAYS_S,
+    DEFAULT_JOB_RETRY_DELAYS_S,
+    QueueType,
+    Topology,
+)
 
 DEFAULT_AMQP_URL = "amqp://guest:guest@127.0.0.1:5672/%2F"
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
@@ -85,6 +90,9 @@ class Environment(BaseModel):
     # False where `python -m broker_access apply` declared the topology and each
     # component's broker user may not (least privilege): components only check it.
     declare_topology: bool = Field(True, alias="DECLARE_TOPOLOGY")
+    # classic (one node: priority queues) or quorum (a cluster: replicated, one queue per
+    # priority); see contract/topology.py.
+    queue_type: QueueType = Field("classic", alias="QUEUE_TYPE")
     max_queue_length: int = Field(100_000, ge=1, alias="MAX_QUEUE_LENGTH")
     # Unset: each model's `jobs.retry_delays_s` in the catalogue, else DEFAULT_JOB_RETRY_DELAYS_S.
     retry_delays_s: Delays | None = Field(None, alias="RETRY_DELAYS_S")
@@ -230,6 +238,7 @@ class Environment(BaseModel):
             job_retries_by_model=by_model,
             callback_retries=RetrySchedule(self.callback_retry_delays_s, self.retry_jitter),
             declared_by_clients=self.declare_topology,
+            queue_type=self.queue_type,
         )
 
     def batching(self, model: str) -> Batching:

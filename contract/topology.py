@@ -9,7 +9,9 @@ Delay-tier queues carry their delay in their name, so changing a schedule create
 queues instead of clashing with the old ones.
 
     jobs (direct exchange) --model--> jobs.{model}            priority, no length limit
+                                (quorum: --{model}.{priority}--> jobs.{model}.{priority})
     jobs.{model}.retry.{delay}  TTL = delay, dead-letters --> jobs / {model}
+                                (quorum: one per priority, .{priority})
     jobs.{model}.parked         permanent failures and exhausted attempts (replayable)
     callbacks                   finished jobs' events for the dispatcher
     callbacks.retry.{delay}     TTL = delay, dead-letters --> callbacks
@@ -25,19 +27,30 @@ Nothing is published through the default exchange: write access to it reaches ev
 queue, so with the outcome exchanges each component's broker user can be granted only
 the queues its role fills (`broker_access.roles`).
 
-Broker versions: the embedded default is RabbitMQ 3.10, production clusters run 4.x.
-Main queues are *classic* queues with `x-max-priority`, which both versions honour.
-Quorum queues would replicate, but on 3.10 they reject `x-max-priority` outright and
-on 4.x they support only two priority levels (>= 5 is "high"), so the three-level
-high/normal/low contract needs classic queues on both; with quorum queues one would
-also have to set `x-delivery-limit` explicitly (3.10 has no default) and
-`x-dead-letter-strategy: at-least-once` (4.x). `x-overflow: reject-publish` (not the
-default drop-head) would make a full queue nack new publishes instead of silently dropping
-the oldest accepted jobs; but dead-lettering has no confirms, so a retry whose delay
-ends while the queue is full would vanish: the main queues therefore carry no length
-limit at all, and `MAX_QUEUE_LENGTH` is enforced by the ingress on new jobs only
-(`ingress/admission.py`). Attempts are counted in our own header, not `x-death`
-(RabbitMQ 4.x stops counting client republishes there).
+Two queue types, one setting (`QUEUE_TYPE`), the same names everywhere else:
+
+- `classic` (the default; one machine): a model's jobs wait in one classic queue with
+  `x-max-priority`, which RabbitMQ 3.10 and 4.x both honour. Not replicated: the queue
+  lives on one node.
+- `quorum` (a cluster of nodes): every queue is a replicated quorum queue. Quorum queues
+  refuse `x-max-priority` on 3.10 and have two levels on 4.x, so the three levels are
+  three queues, `jobs.{model}.high|normal|low` (routing key `{model}.{priority}`), each
+  with its own delay tiers `jobs.{model}.retry.{delay}.{priority}` that dead-letter back
+  to it; the worker consumes all three and serves high first (`ray_workers.priority_inbox`).
+  A message delivered DELIVERY_LIMIT times is dead-lettered to the parking lot
+  (`x-delivery-limit`: 3.10 has no default), and every dead-lettering is
+  `at-least-once` (with the `reject-publish` overflow it needs), so a retry whose delay
+  ends is never dropped on its way back.
+
+Switching type is one setting; the parking lots, callbacks and their tiers keep their
+names, so a broker holding the other type refuses the declaration
+(PRECONDITION_FAILED, `TopologyMismatch`) instead of mixing them.
+
+No queue carries a length limit: a retry dead-lettered into a full classic queue would
+vanish (classic dead-lettering has no confirms), so `MAX_QUEUE_LENGTH` is enforced by
+the ingress on new jobs only (`ingress/admission.py`) and retries always come back.
+Attempts are counted in our own header, not `x-death` (RabbitMQ 4.x stops counting
+client republishes there).
 """
 
 from __future__ import annotations
@@ -46,9 +59,16 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from contract.envelope import MAX_AMQP_PRIORITY
+from contract.envelope import MAX_AMQP_PRIORITY, Priority
 from contract.retry_tiers import RetrySchedule, tier_name
 
+QueueType = Literal["classic", "quorum"]
+# The order a worker serves them in.
+PRIORITIES: tuple[Priority, ...] = ("high", "normal", "low")
+# Quorum queues: a message delivered this many times (say, a job that kills its consumer
+# again and again) is dead-lettered to the parking lot. Generous, because a breaker giving
+# prefetched jobs back and a node failing over count as deliveries too.
+DELIVERY_LIMIT = 20
 DEFAULT_JOB_RETRY_DELAYS_S = (1.0, 10.0, 60.0, 600.0)
 # Standard Webhooks/Svix-like: immediately, then 5 s, 5 min, 30 min, 2 h, 5 h, 10 h, 10 h.
 DEFAULT_CALLBACK_RETRY_DELAYS_S = (5.0, 300.0, 1800.0, 7200.0, 18000.0, 36000.0, 36000.0)
@@ -83,6 +103,7 @@ class Topology:
     # Each client declares at start (one machine, one broker user); False: a setup
     # declared it and the clients' users may not, so they only check it exists.
     declared_by_clients: bool = True
+    queue_type: QueueType = "classic"
 
     @property
     def jobs_exchange(self) -> str:
@@ -125,7 +146,23 @@ class Topology:
         ]
 
     def main_queue(self, model: str) -> str:
+        """The classic topology's one queue of a model's jobs (priorities inside it)."""
         return f"{self.prefix}jobs.{model}"
+
+    def job_queue(self, model: str, priority: Priority) -> str:
+        """Where a job of this priority waits: the classic queue, or its priority's quorum queue."""
+        if self.queue_type == "classic":
+            return self.main_queue(model)
+        return f"{self.prefix}jobs.{model}.{priority}"
+
+    def job_queues(self, model: str) -> tuple[str, ...]:
+        """Every queue a model's jobs wait in, highest priority first (what a worker
+        consumes and what its backlog sums)."""
+        return tuple(dict.fromkeys(self.job_queue(model, priority) for priority in PRIORITIES))
+
+    def job_routing_key(self, model: str, priority: Priority) -> str:
+        """The key a job is published with on the jobs exchange."""
+        return model if self.queue_type == "classic" else f"{model}.{priority}"
 
     def parking_queue(self, model: str) -> str:
         return f"{self.prefix}jobs.{model}.parked"
@@ -133,8 +170,11 @@ class Topology:
     def job_retry_schedule(self, model: str) -> RetrySchedule:
         return self.job_retries_by_model.get(model, self.job_retries)
 
-    def job_retry_queue(self, model: str, delay_s: float) -> str:
-        return f"{self.prefix}jobs.{model}.retry.{tier_name(delay_s)}"
+    def job_retry_queue(self, model: str, delay_s: float, priority: Priority) -> str:
+        """A delay tier; the quorum topology has one per priority, since each dead-letters
+        back to its own priority's queue."""
+        tier = f"{self.prefix}jobs.{model}.retry.{tier_name(delay_s)}"
+        return tier if self.queue_type == "classic" else f"{tier}.{priority}"
 
     @property
     def callbacks_queue(self) -> str:
@@ -150,38 +190,67 @@ class Topology:
     def queues(self, models: tuple[str, ...]) -> list[QueueSpec]:
         specs: list[QueueSpec] = []
         for model in models:
-            # No x-max-length: a retry dead-lettered into a full queue would be dropped
-            # (dead-lettering has no confirms). MAX_QUEUE_LENGTH is the ingress's admission
-            # limit on new jobs instead (ingress/admission.py); retries always come back.
-            main_arguments = {"x-queue-type": "classic", "x-max-priority": MAX_AMQP_PRIORITY}
-            specs.append(QueueSpec(self.main_queue(model), main_arguments, ((self.jobs_exchange, model),)))
-            outcomes = self.job_outcomes_exchange(model)
-            for delay_s in self.job_retry_schedule(model).distinct_delays_s():
-                name = self.job_retry_queue(model, delay_s)
-                specs.append(_delay_queue(name, delay_s, self.jobs_exchange, model, outcomes))
-            parking = self.parking_queue(model)
-            specs.append(QueueSpec(parking, {"x-queue-type": "classic"}, ((outcomes, parking),)))
+            specs += self._model_queues(model)
         callbacks = self.callbacks_queue
         from_workers = tuple((self.job_outcomes_exchange(model), callbacks) for model in models)
-        specs.append(QueueSpec(callbacks, {"x-queue-type": "classic"}, from_workers))
+        dead_letters = self._dead_letters(self.callback_outcomes_exchange, self.callbacks_parking_queue)
+        specs.append(QueueSpec(callbacks, self._kind() | dead_letters, from_workers))
         for delay_s in self.callback_retries.distinct_delays_s():
             # Dead-lettered through "", the default exchange: by queue name straight back to
             # callbacks (the broker does it; no user needs write access there).
             name = self.callback_retry_queue(delay_s)
-            specs.append(_delay_queue(name, delay_s, "", callbacks, self.callback_outcomes_exchange))
+            specs.append(self._delay_queue(name, delay_s, "", callbacks, self.callback_outcomes_exchange))
         parking = self.callbacks_parking_queue
         bindings = ((self.callback_outcomes_exchange, parking),)
-        specs.append(QueueSpec(parking, {"x-queue-type": "classic"}, bindings))
+        specs.append(QueueSpec(parking, self._kind(), bindings))
         return specs
 
+    def _model_queues(self, model: str) -> list[QueueSpec]:
+        # No x-max-length: a retry dead-lettered into a full queue would be dropped (classic
+        # dead-lettering has no confirms). MAX_QUEUE_LENGTH is the ingress's admission limit
+        # on new jobs instead (ingress/admission.py); retries always come back.
+        outcomes, parking = self.job_outcomes_exchange(model), self.parking_queue(model)
+        if self.queue_type == "classic":
+            arguments = self._kind() | {"x-max-priority": MAX_AMQP_PRIORITY}
+        else:
+            arguments = self._kind() | self._dead_letters(outcomes, parking)
+        specs = []
+        for priority in PRIORITIES if self.queue_type == "quorum" else ("normal",):
+            key = self.job_routing_key(model, priority)
+            specs.append(QueueSpec(self.job_queue(model, priority), arguments, ((self.jobs_exchange, key),)))
+            for delay_s in self.job_retry_schedule(model).distinct_delays_s():
+                name = self.job_retry_queue(model, delay_s, priority)
+                specs.append(self._delay_queue(name, delay_s, self.jobs_exchange, key, outcomes))
+        specs.append(QueueSpec(parking, self._kind(), ((outcomes, parking),)))
+        return specs
 
-def _delay_queue(name: str, delay_s: float, target_exchange: str, target_key: str, fed_by: str) -> QueueSpec:
-    """A delay tier: filled through `fed_by` (bound by its own name), dead-letters its
-    messages to `target_exchange` with `target_key` when their TTL ends."""
-    arguments = {
-        "x-queue-type": "classic",
-        "x-message-ttl": round(delay_s * 1000),
-        "x-dead-letter-exchange": target_exchange,
-        "x-dead-letter-routing-key": target_key,
-    }
-    return QueueSpec(name, arguments, ((fed_by, name),))
+    def _kind(self) -> dict[str, Any]:
+        return {"x-queue-type": self.queue_type}
+
+    def _dead_letters(self, exchange: str, routing_key: str) -> dict[str, Any]:
+        """Quorum only: a message delivered DELIVERY_LIMIT times goes to `routing_key`
+        (a parking lot), dead-lettered at-least-once (which needs reject-publish)."""
+        if self.queue_type == "classic":
+            return {}
+        return {
+            "x-delivery-limit": DELIVERY_LIMIT,
+            "x-dead-letter-exchange": exchange,
+            "x-dead-letter-routing-key": routing_key,
+            "x-dead-letter-strategy": "at-least-once",
+            "x-overflow": "reject-publish",
+        }
+
+    def _delay_queue(
+        self, name: str, delay_s: float, target_exchange: str, target_key: str, fed_by: str
+    ) -> QueueSpec:
+        """A delay tier: filled through `fed_by` (bound by its own name), dead-letters its
+        messages to `target_exchange` with `target_key` when their TTL ends (at-least-once
+        on the quorum topology: an expiring retry is never dropped)."""
+        arguments = self._kind() | {
+            "x-message-ttl": round(delay_s * 1000),
+            "x-dead-letter-exchange": target_exchange,
+            "x-dead-letter-routing-key": target_key,
+        }
+        if self.queue_type == "quorum":
+            arguments |= {"x-dead-letter-strategy": "at-least-once", "x-overflow": "reject-publish"}
+        return QueueSpec(name, arguments, ((fed_by, name),))

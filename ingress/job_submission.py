@@ -182,7 +182,7 @@ async def _publish(state: IngressState, job: Job) -> None:
         try:
             await state.broker.publish(
                 job_message(job),
-                job.model,
+                state.settings.topology.job_routing_key(job.model, job.priority),
                 exchange=state.settings.topology.jobs_exchange,
                 timeout_s=state.settings.publish_timeout_s,
             )

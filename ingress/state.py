@@ -40,8 +40,12 @@ class IngressState:
         self.pending = None if self.records is None else PendingRecords(self.records)
 
     async def _queue_depth(self, model: str) -> int:
-        ready, _consumers = await self.broker.queue_depth(self.settings.topology.main_queue(model))
-        return ready
+        """Ready jobs of the model, in all its queues (the quorum topology has one per priority)."""
+        total = 0
+        for queue in self.settings.topology.job_queues(model):
+            ready, _consumers = await self.broker.queue_depth(queue)
+            total += ready
+        return total
 
     def require_records(self) -> JobRecords:
         """The job records, or 501 when this deployment runs without them (REDIS_URL=off)."""

@@ -26,7 +26,7 @@ from loadgen.bench_ingress import measure_ingress
 from loadgen.bench_pipeline import measure_pipeline
 from loadgen.bench_user_path import measure_user_path
 from loadgen.bench_wake import measure_wake
-from loadgen.bench_workers import measure_batching, measure_priority
+from loadgen.bench_workers import measure_batching, measure_priority, measure_queue_types
 from ray_workers.models.minilm import MiniLMModel
 from ray_workers.models.synthetic import SyntheticModel
 
@@ -44,6 +44,7 @@ class BenchSize:
     high_jobs: int
     user_path_backlogs: list[tuple[str, int]]
     callback_deliveries: int
+    queue_type_backlogs: dict[str, int]
 
 
 FULL = BenchSize(
@@ -56,6 +57,7 @@ FULL = BenchSize(
     high_jobs=20,
     user_path_backlogs=[("echo", 2000), ("embed-minilm", 500), ("embed-minilm", 2000)],
     callback_deliveries=3000,
+    queue_type_backlogs={"echo": 2000, "embed-minilm": 1000},
 )
 QUICK = BenchSize(
     reps=1,
@@ -67,8 +69,9 @@ QUICK = BenchSize(
     high_jobs=10,
     user_path_backlogs=[("echo", 300), ("embed-minilm", 100)],
     callback_deliveries=300,
+    queue_type_backlogs={"echo": 300},
 )
-STAGES = ("user-path", "callbacks", "ingress", "pipeline", "batching", "priority")
+STAGES = ("user-path", "callbacks", "ingress", "pipeline", "batching", "priority", "queue-types")
 # Run only when asked (`--only wake`): it starts the whole stack 2 x reps times.
 OPTIONAL_STAGES = ("wake",)
 
@@ -99,10 +102,20 @@ async def run(
                 sweep=size.sweep,
                 latency_target_s=latency_target_s,
             )
+        elif stage == "queue-types":
+            results[stage] = await measure_queue_types(amqp_url, size.reps, size.queue_type_backlogs)
         else:
-            results[stage] = await measure_priority(
-                amqp_url, SyntheticModel(), reps=size.reps, flood=size.flood_jobs, high=size.high_jobs
-            )
+            results[stage] = {
+                queue_type: await measure_priority(
+                    amqp_url,
+                    SyntheticModel(),
+                    reps=size.reps,
+                    flood=size.flood_jobs,
+                    high=size.high_jobs,
+                    queue_type=queue_type,
+                )
+                for queue_type in ("classic", "quorum")
+            }
     results["elapsed_s"] = time.monotonic() - started
     return results
 
@@ -167,13 +180,20 @@ def ratios(results: dict[str, Any]) -> list[tuple[str, float, str]]:
         ]
     if "batching" in results:
         rows += _batching_rows(results["batching"])
-    if "priority" in results:
-        priority = results["priority"]
+    for queue_type, priority in results.get("priority", {}).items():
         rows.append(
             (
-                "Priority isolation: high-priority p99 with a low-priority flood / without",
+                f"Priority isolation ({queue_type}): high-priority p99 with a low-priority flood / without",
                 priority["ratio"],
                 f"{priority['high_p99_ms_flood']:.0f} / {priority['high_p99_ms_no_flood']:.0f} ms",
+            )
+        )
+    for model, rates in results.get("queue-types", {}).items():
+        rows.append(
+            (
+                f"Replication cost, {model} worker alone: jobs/s on quorum queues / on classic queues",
+                rates["ratio"],
+                f"{rates['quorum']:.0f} / {rates['classic']:.0f} per s",
             )
         )
     return rows

@@ -18,7 +18,7 @@ from contract.config import Environment
 from contract.envelope import Job, Priority, decode_callback_delivery
 from contract.job_message import job_message
 from contract.job_records import JobRecords
-from contract.topology import Topology
+from contract.topology import QueueType, Topology
 
 PUBLISH_WINDOW = 256
 
@@ -36,8 +36,8 @@ def median(values: Sequence[float]) -> float:
     return statistics.median(values) if values else float("nan")
 
 
-def bench_topology() -> Topology:
-    return Topology(prefix=f"bench-{uuid.uuid4().hex[:8]}.")
+def bench_topology(queue_type: QueueType = "classic") -> Topology:
+    return Topology(prefix=f"bench-{uuid.uuid4().hex[:8]}.", queue_type=queue_type)
 
 
 def bench_stack_env(amqp_url: str, topology: Topology, secret: str, **extra: str) -> dict[str, str]:
@@ -97,14 +97,14 @@ def make_job(model: str, job_input: Any, priority: Priority = "normal") -> Job:
 
 async def publish_jobs(broker: Broker, jobs: Sequence[Job]) -> None:
     """Pipelined publishes with confirms, straight onto the jobs exchange."""
-    exchange = broker.topology.jobs_exchange
+    topology = broker.topology
     for start in range(0, len(jobs), PUBLISH_WINDOW):
         await asyncio.gather(
             *(
                 broker.publish(
                     job_message(job),
-                    job.model,
-                    exchange=exchange,
+                    topology.job_routing_key(job.model, job.priority),
+                    exchange=topology.jobs_exchange,
                 )
                 for job in jobs[start : start + PUBLISH_WINDOW]
             )
@@ -128,7 +128,9 @@ class FinishedJobs:
         self._changed = asyncio.Event()
 
     async def start(self) -> None:
-        await self._broker.consume(self._broker.topology.callbacks_queue, 1000, self._on_delivery)
+        topology = self._broker.topology
+        replicated = topology.queue_type == "quorum"
+        await self._broker.consume(topology.callbacks_queue, 1000, self._on_delivery, replicated=replicated)
 
     async def _on_delivery(self, delivery: Delivery) -> None:
         event = decode_callback_delivery(delivery.body).event

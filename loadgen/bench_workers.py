@@ -13,6 +13,7 @@ import msgspec
 from contract.broker import Broker
 from contract.envelope import Job
 from contract.model_sections import Batching
+from contract.topology import QueueType
 from loadgen.bench_support import (
     FinishedJobs,
     bench_topology,
@@ -24,6 +25,8 @@ from loadgen.bench_support import (
 )
 from ray_workers.job_worker import JobWorker
 from ray_workers.models.base import Model
+from ray_workers.models.echo import EchoModel
+from ray_workers.models.minilm import MiniLMModel
 from ray_workers.settings import WorkerSettings
 
 FINISH_TIMEOUT_S = 300.0
@@ -41,12 +44,12 @@ SENTENCES = [
 class WorkerBench:
     """One bench topology, one broker connection, and a collector of finished jobs."""
 
-    def __init__(self, amqp_url: str, model: Model) -> None:
+    def __init__(self, amqp_url: str, model: Model, queue_type: QueueType = "classic") -> None:
         self.model = model
         self.settings = WorkerSettings(
             amqp_url=amqp_url,
             models=(model.name,),
-            topology=bench_topology(),
+            topology=bench_topology(queue_type),
         )
         self.broker = Broker(amqp_url, self.settings.topology, (model.name,))
         self.finished = FinishedJobs(self.broker)
@@ -163,9 +166,11 @@ async def measure_batching(
     }
 
 
-async def measure_priority(amqp_url: str, model: Model, reps: int, flood: int, high: int) -> dict[str, Any]:
+async def measure_priority(
+    amqp_url: str, model: Model, reps: int, flood: int, high: int, queue_type: QueueType = "classic"
+) -> dict[str, Any]:
     """p99 of high-priority jobs while a flood of low ones saturates the worker, vs no flood."""
-    async with WorkerBench(amqp_url, model) as bench:
+    async with WorkerBench(amqp_url, model, queue_type) as bench:
         settings = replace(bench.settings, batching=Batching(adaptive=False, max_size=8))
         job_input = {"sleep_ms": 20}
         with_flood, without = [], []
@@ -181,6 +186,22 @@ async def measure_priority(amqp_url: str, model: Model, reps: int, flood: int, h
         "high_p99_ms_flood": median(with_flood) * 1000,
         "ratio": median(with_flood) / median(without),
     }
+
+
+async def measure_queue_types(amqp_url: str, reps: int, backlogs: dict[str, int]) -> dict[str, Any]:
+    """Worker-alone jobs/s on the quorum topology and the classic one, per model, the same
+    run: what replication costs (every message written to a Raft log) on this box."""
+    models: dict[str, Model] = {"echo": EchoModel(), "embed-minilm": MiniLMModel()}
+    rates: dict[str, dict[str, float]] = {}
+    for name, count in backlogs.items():
+        rates[name] = {}
+        for queue_type in ("classic", "quorum"):
+            async with WorkerBench(amqp_url, models[name], queue_type) as bench:
+                job_input = {"texts": [SENTENCES[0]]} if name == "embed-minilm" else {"n": 1}
+                await bench.throughput(bench.settings, min(count, 200), job_input)  # warm-up
+                runs = [await bench.throughput(bench.settings, count, job_input) for _ in range(reps)]
+                rates[name][queue_type] = median([run["jobs_per_s"] for run in runs])
+    return {name: {**r, "ratio": r["quorum"] / r["classic"]} for name, r in rates.items()}
 
 
 async def _high_p99(

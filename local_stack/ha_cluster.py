@@ -154,6 +154,12 @@ def down(nodes: Sequence[HaNode] = NODES) -> None:
     shutil.rmtree(HA_BASE, ignore_errors=True)
 
 
+def queue_leaders(node: HaNode) -> dict[str, str]:
+    """Each quorum queue's leading node, as `node` sees them (queue name -> node name)."""
+    rows = json.loads(rabbitmqctl(node, "list_queues", "name", "leader", "--formatter", "json"))
+    return {row["name"]: str(row["leader"]) for row in rows if row.get("leader")}
+
+
 def running_nodes(node: HaNode) -> list[str]:
     """The cluster's running nodes, as `node` sees them."""
     status = rabbitmqctl(node, "cluster_status", "--formatter", "json")

@@ -13,7 +13,8 @@ offline, as a cluster would and as our rules require.
   NetworkPolicy per namespace, a PodDisruptionBudget over every workload; every broker
   client connects as its own user (`inferq-broker-<role>`, named by its
   `inferq.dev/broker-role` label), the components may not declare the topology, and only
-  the broker-access Job reads the administrator's credentials.
+  the broker-access Job reads the administrator's credentials; each model's ScaledObject
+  counts exactly the queues its jobs wait in for the overlay's QUEUE_TYPE.
 
 The monitoring component (`cluster/monitoring`, applied once kube-prometheus-stack runs)
 is checked by `manifests.monitoring_verify` against each overlay.
@@ -28,6 +29,7 @@ import argparse
 import functools
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -40,6 +42,7 @@ import jsonschema
 import kubernetes_validate
 import yaml
 
+from contract.config import Environment
 from manifests.monitoring_verify import MONITORING, monitoring_violations
 from manifests.worker_deployments import BROKER_ROLE_LABEL
 
@@ -263,6 +266,40 @@ def _isolation(docs: list[Manifest]) -> Iterator[tuple[str, str]]:
             yield _name(workload), "no PodDisruptionBudget selects its pods"
 
 
+def _settings(docs: list[Manifest]) -> dict[str, str]:
+    """The ConfigMap every inferq pod reads its settings from (empty when missing)."""
+    config = next((d for d in docs if d["kind"] == "ConfigMap" and d["metadata"]["name"] == "inferq"), {})
+    data: dict[str, str] = config.get("data") or {}
+    return data
+
+
+def _queue_counting(docs: list[Manifest]) -> Iterator[tuple[str, str]]:
+    """Each model's ScaledObject counts exactly the queues its jobs wait in, for the
+    overlay's QUEUE_TYPE (the quorum topology has three: a regex, summed)."""
+    environment = Environment.read(_settings(docs))
+    topology, models = environment.topology(), environment.served_models
+    every_queue = {spec.name for spec in topology.queues(models)}
+    for scaled in (doc for doc in docs if doc["kind"] == "ScaledObject"):
+        model = scaled["metadata"].get("labels", {}).get("inferq.dev/model")
+        if model is None:
+            continue
+        expected = set(topology.job_queues(model))
+        for trigger in (t for t in scaled["spec"]["triggers"] if t["type"] == "rabbitmq"):
+            meta = trigger["metadata"]
+            if meta.get("useRegex") == "true":
+                if meta.get("operation") != "sum":
+                    yield _name(scaled), "a queueName regex must be summed (operation: sum)"
+                counted = {queue for queue in every_queue if re.fullmatch(meta["queueName"], queue)}
+            else:
+                counted = {meta["queueName"]}
+            if counted != expected:
+                yield (
+                    _name(scaled),
+                    f"counts {sorted(counted)}, but {model}'s jobs wait in {sorted(expected)} "
+                    f"(QUEUE_TYPE={topology.queue_type})",
+                )
+
+
 def _secret_refs(container: Manifest) -> Iterator[tuple[str, str]]:
     """(variable or "*", Secret name) for each Secret a container's environment reads."""
     for variable in container.get("env", []):
@@ -277,8 +314,7 @@ def _secret_refs(container: Manifest) -> Iterator[tuple[str, str]]:
 def _broker_access(docs: list[Manifest]) -> Iterator[tuple[str, str]]:
     """Each component connects as its own broker user and may not declare; only the
     broker-access Job holds the administrator's credentials."""
-    config = next((d for d in docs if d["kind"] == "ConfigMap" and d["metadata"]["name"] == "inferq"), None)
-    if config is None or config.get("data", {}).get("DECLARE_TOPOLOGY") != "false":
+    if _settings(docs).get("DECLARE_TOPOLOGY") != "false":
         yield "ConfigMap/inferq", 'DECLARE_TOPOLOGY must be "false" (the broker-access Job declares)'
     for workload, pod in _every_pod(docs):
         labels = workload["spec"]["template"]["metadata"].get("labels", {})
@@ -306,6 +342,7 @@ POLICIES: dict[str, Callable[[list[Manifest]], Iterator[tuple[str, str]]]] = {
     "operations": _operations,
     "isolation": _isolation,
     "broker access": _broker_access,
+    "queue counting": _queue_counting,
 }
 
 

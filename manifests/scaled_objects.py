@@ -16,6 +16,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import yaml
+
 from contract.model_catalogue import ModelEntry
 from contract.topology import Topology
 
@@ -94,6 +96,28 @@ def scaled_object(entry: ModelEntry) -> dict[str, Any]:
             ],
         },
     }
+
+
+def quorum_trigger_patch(entry: ModelEntry) -> dict[str, Any]:
+    """A kustomize patch: the model's ScaledObject counts its three quorum queues, one per
+    priority, summed (KEDA matches queueName as a regex through the management API)."""
+    queues = Topology(queue_type="quorum").job_queues(entry.name)
+    pattern = "^(" + "|".join(queue.replace(".", "\\.") for queue in queues) + ")$"
+    return {
+        "target": {"kind": "ScaledObject", "name": worker_name(entry.name)},
+        "patch": yaml_json_patch(
+            [
+                {"op": "replace", "path": "/spec/triggers/0/metadata/queueName", "value": pattern},
+                {"op": "add", "path": "/spec/triggers/0/metadata/useRegex", "value": "true"},
+                {"op": "add", "path": "/spec/triggers/0/metadata/operation", "value": "sum"},
+            ]
+        ),
+    }
+
+
+def yaml_json_patch(operations: list[dict[str, str]]) -> str:
+    """A JSON 6902 patch as kustomize takes it inline: a YAML list of operations."""
+    return yaml.safe_dump(operations, sort_keys=False, width=200)
 
 
 def _hpa_behavior(cooldown_s: int) -> dict[str, Any]:

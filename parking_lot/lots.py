@@ -98,7 +98,8 @@ async def replay(
                 if records is not None:
                     await records.reopen(job.id)
                 message = job_message(job, headers, body=delivery.body)
-                publish = Publish(message, lot.model, exchange=lot.topology.jobs_exchange)
+                key = lot.topology.job_routing_key(job.model, job.priority)
+                publish = Publish(message, key, exchange=lot.topology.jobs_exchange)
             if (await settle(broker, [(delivery, [publish])])).acked == 0:
                 raise ReplayStopped(f"{delivery.message_id} could not be moved; it stays in {lot.queue}")
             moved += 1

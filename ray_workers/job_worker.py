@@ -44,6 +44,7 @@ from ray_workers.batch_controller import AdaptiveBatchController, FixedBatchSize
 from ray_workers.batching import collect_batch
 from ray_workers.models.base import InvalidInput, Model, ModelError
 from ray_workers.outcomes import parked, retry_for
+from ray_workers.priority_inbox import PriorityInbox
 from ray_workers.settings import WorkerSettings
 from ray_workers.worker_metrics import SERIES, WorkerMetrics
 
@@ -91,8 +92,10 @@ class JobWorker:
         self._broker = Broker(
             settings.amqp_url, settings.topology, settings.models, role=f"worker-{model.name}"
         )
-        self._inbox: asyncio.Queue[Delivery] = asyncio.Queue()
-        self._consumer_tag: str | None = None
+        self._inbox: asyncio.Queue[Delivery] = PriorityInbox()
+        # One consumer per queue of the model (the quorum topology has one per priority).
+        self._consumer_tags: list[str] = []
+        self._replicated = settings.topology.queue_type == "quorum"
         self._loop_task: asyncio.Task[None] | None = None
         self._settling: asyncio.Task[Settled] | None = None
         self._stopping = False
@@ -125,7 +128,7 @@ class JobWorker:
 
     @property
     def is_consuming(self) -> bool:
-        return self._consumer_tag is not None
+        return bool(self._consumer_tags)
 
     async def start(self) -> None:
         await self._broker.connect()
@@ -135,24 +138,26 @@ class JobWorker:
 
     def _prefetch(self) -> int:
         # Twice the batch size: a replica holds at most one batch beyond the one it runs,
-        # which keeps the model busy and bounds how long a high-priority job can wait
-        # behind lower ones already prefetched.
-        return 2 * self.batching.size
+        # which keeps the model busy (the inbox serves high priority first whatever came
+        # in). A quorum queue's consumer keeps the prefetch it started with, so there it is
+        # twice the largest batch, per priority.
+        return 2 * (self.batching.max_size if self._replicated else self.batching.size)
 
     async def _consume(self, prefetch: int) -> None:
-        self._consumer_tag = await self._broker.consume(
-            self._topology.main_queue(self._model.name), prefetch, self._inbox.put
-        )
+        for queue in self._topology.job_queues(self._model.name):
+            tag = await self._broker.consume(queue, prefetch, self._inbox.put, replicated=self._replicated)
+            self._consumer_tags.append(tag)
 
     async def _stop_consuming(self) -> None:
-        """Cancel the consumer and close its channel: what it prefetched goes back."""
-        if self._consumer_tag is None:
+        """Cancel the consumers and close their channels: what they prefetched goes back."""
+        if not self._consumer_tags:
             return
         if self._settling is not None:
             await asyncio.shield(self._settling)  # acks must reach the channel before it closes
-        tag, self._consumer_tag = self._consumer_tag, None
-        await self._broker.cancel(tag, close_channel=True)
-        while not self._inbox.empty():  # deliveries of the closed channel: already returned
+        tags, self._consumer_tags = self._consumer_tags, []
+        for tag in tags:
+            await self._broker.cancel(tag, close_channel=True)
+        while not self._inbox.empty():  # deliveries of the closed channels: already returned
             self._inbox.get_nowait()
 
     async def stop(self, drain_timeout_s: float | None = None) -> None:
@@ -162,8 +167,8 @@ class JobWorker:
         self._stopping = True  # the loop takes no further batch from the inbox
         if self._resume_task is not None:
             self._resume_task.cancel()
-        if self._consumer_tag is not None:
-            await self._broker.cancel(self._consumer_tag)
+        for tag in self._consumer_tags:
+            await self._broker.cancel(tag)
         try:
             await asyncio.wait_for(self._idle.wait(), timeout=timeout_s)
         except TimeoutError:
@@ -188,7 +193,11 @@ class JobWorker:
         while not self._stopping:
             # Under a resource alarm no outcome could be published: run nothing until it clears.
             await self._broker.wait_until_publishable()
-            batch = await collect_batch(self._inbox, self.batching.size, self.batching.wait_s)
+            # A half-open breaker's probe is one job, even where each of a model's queues
+            # gave the probe consumer one (the quorum topology).
+            probing = self.breaker.state is BreakerState.HALF_OPEN
+            size = 1 if probing else self.batching.size
+            batch = await collect_batch(self._inbox, size, self.batching.wait_s)
             if self._stopping:
                 break  # taken during the drain: left unacked, it goes back with the channel
             self._idle.clear()
@@ -208,11 +217,12 @@ class JobWorker:
             self._model.name, adjustment.value, self.batching.size, self.batching.wait_s
         )
         closed = self.breaker.state is BreakerState.CLOSED
-        if self.batching.size != before and closed and self._consumer_tag is not None:
-            try:
-                await self._broker.set_prefetch(self._consumer_tag, self._prefetch())
-            except BrokerError as exc:
-                logger.warning("model %s: prefetch not changed: %s", self._model.name, exc)
+        if self.batching.size != before and closed and not self._replicated:
+            for tag in self._consumer_tags:
+                try:
+                    await self._broker.set_prefetch(tag, self._prefetch())
+                except BrokerError as exc:
+                    logger.warning("model %s: prefetch not changed: %s", self._model.name, exc)
 
     async def _process(self, batch: list[Delivery]) -> tuple[float, bool]:
         """Run the batch and start settling it; returns the model's time on it, in seconds,

@@ -49,7 +49,7 @@ def retry_for(
         HISTORY_HEADER: history_with(headers, attempt, error, now_ms),
     }
     message = job_message(job, retried_headers, body=body, expiration_ms=expiration_ms)
-    queue = topology.job_retry_queue(job.model, delay_s)
+    queue = topology.job_retry_queue(job.model, delay_s, job.priority)
     return Publish(message, queue, exchange=topology.job_outcomes_exchange(job.model))
 
 

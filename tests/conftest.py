@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 import socket
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -23,10 +24,14 @@ from contract.broker import Broker
 from contract.callback_guard import AllowList
 from contract.config import DEFAULT_AMQP_URL
 from contract.retry_tiers import RetrySchedule
-from contract.topology import Topology
+from contract.topology import QueueType, Topology
 from ingress.app import create_app
 from ingress.settings import IngressSettings
 from loadgen.callback_receiver import CallbackReceiver
+from local_stack.ha_cluster import NODES as HA_NODES
+from local_stack.ha_cluster import HaNode, wait_until_running
+from local_stack.ha_cluster import down as ha_down
+from local_stack.ha_cluster import up as ha_up
 from manifests.cluster_verify import missing_crds
 from ray_workers.job_worker import JobWorker
 from ray_workers.models.base import Model
@@ -87,10 +92,19 @@ def redis_url() -> str:
 @pytest.fixture
 async def topology(amqp_url: str, redis_url: str) -> AsyncIterator[Topology]:
     """A topology under a fresh prefix; its queues and exchange are deleted afterwards."""
+    async with fresh_topology(amqp_url, redis_url, "classic") as topo:
+        yield topo
+
+
+@asynccontextmanager
+async def fresh_topology(amqp_url: str, redis_url: str, queue_type: QueueType) -> AsyncIterator[Topology]:
+    """A topology of this queue type under a fresh prefix; its queues, exchanges and job
+    records are deleted when the block ends (a module overrides `topology` with it)."""
     topo = Topology(
         prefix=f"t{uuid.uuid4().hex[:10]}.",
         job_retries=TEST_JOB_RETRIES,
         callback_retries=TEST_CALLBACK_RETRIES,
+        queue_type=queue_type,
     )
     yield topo
     connection = await aio_pika.connect(amqp_url)
@@ -107,6 +121,23 @@ async def topology(amqp_url: str, redis_url: str) -> AsyncIterator[Topology]:
         keys = [key async for key in store.scan_iter(match=f"{topo.prefix}inferq:*")]
         if keys:
             await store.delete(*keys)
+
+
+@pytest.fixture(scope="session")
+def ha_cluster() -> Iterator[tuple[HaNode, ...]]:
+    """The local three-node cluster (`task ha:up`), beside the broker on 5672, stopped and
+    removed when the session ends."""
+    if os.geteuid() != 0 or shutil.which("rabbitmq-server") is None:
+        message = "the local HA cluster needs root and rabbitmq-server (apt-get install rabbitmq-server)"
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
+    try:
+        ha_up()
+        wait_until_running(HA_NODES)
+        yield HA_NODES
+    finally:
+        ha_down()
 
 
 @pytest.fixture

@@ -109,6 +109,12 @@ BREAKS = [
     ),
     ("components declaring", ("ConfigMap", "inferq"), _set(["data", "DECLARE_TOPOLOGY"], "true"), "must be"),
     (
+        "a queue the model's jobs are not in",
+        ("ScaledObject", "worker-echo"),
+        _set(["spec", "triggers", 0, "metadata", "queueName"], "jobs.echo.parked"),
+        "counts ['jobs.echo.parked'], but echo's jobs wait in ['jobs.echo']",
+    ),
+    (
         "a root Job",
         ("Job", "broker-access"),
         _drop([*POD, "securityContext", "runAsNonRoot"]),
@@ -162,6 +168,32 @@ def test_kind_runs_every_model_on_cpu_with_one_small_broker() -> None:
     assert _one(docs, "RabbitmqCluster", "rabbitmq")["spec"]["replicas"] == 1
 
 
+def test_gke_runs_the_quorum_topology_and_each_model_scales_on_its_three_queues_summed() -> None:
+    docs = RENDERED["gke"]
+    trigger = _one(docs, "ScaledObject", "worker-embed-minilm")["spec"]["triggers"][0]["metadata"]
+
+    assert _one(docs, "ConfigMap", "inferq")["data"]["QUEUE_TYPE"] == "quorum"
+    assert (trigger["useRegex"], trigger["operation"]) == ("true", "sum")
+    assert violations("gke", docs) == []
+
+
+@pytest.mark.parametrize(
+    ("change", "words"),
+    [
+        (_set(["spec", "triggers", 0, "metadata", "operation"], "max"), "must be summed"),
+        (_set(["spec", "triggers", 0, "metadata", "queueName"], "^jobs\\.echo\\..*$"), "jobs.echo.parked"),
+        (_set(["spec", "triggers", 0, "metadata", "queueName"], "^jobs\\.echo\\.high$"), "counts ["),
+    ],
+)
+def test_a_quorum_scaled_object_that_misses_or_overcounts_a_queue_is_caught(
+    change: Callable[[Manifest], None], words: str
+) -> None:
+    docs = copy.deepcopy(RENDERED["gke"])
+    change(_one(docs, "ScaledObject", "worker-echo"))
+
+    assert any(words in str(v) for v in violations("gke", docs)), violations("gke", docs)
+
+
 def test_gke_puts_gpu_models_on_the_gpu_pool_and_speaks_tls_to_three_brokers() -> None:
     docs = RENDERED["gke"]
     minilm = _one(docs, "Deployment", "worker-embed-minilm")["spec"]["template"]["spec"]
@@ -183,9 +215,9 @@ def test_each_scale_target_outlives_its_drain_and_runs_its_model(overlay: str) -
     for scaled in (d for d in docs if d["kind"] == "ScaledObject"):
         target = _one(docs, "Deployment", scaled["spec"]["scaleTargetRef"]["name"])
         pod = target["spec"]["template"]["spec"]
-        queue = scaled["spec"]["triggers"][0]["metadata"]["queueName"]
+        model = scaled["metadata"]["labels"].get("inferq.dev/model")
         assert pod["terminationGracePeriodSeconds"] > drain_s
-        expected = ["callbacks"] if queue == "callbacks" else ["worker", queue.removeprefix("jobs.")]
+        expected = ["callbacks"] if model is None else ["worker", model]
         assert pod["containers"][0]["command"][3:] == expected
 
 

@@ -7,49 +7,24 @@ every node, chaos under load) is this harness; it never touches the broker on 56
 from __future__ import annotations
 
 import asyncio
-import json
-import os
-import shutil
 import uuid
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable
 
 import aio_pika
-import pytest
 
 from contract.broker import Broker, BrokerError, Delivery, OutgoingMessage
 from contract.topology import Topology
-from local_stack.ha_cluster import NODES, HaNode, down, rabbitmqctl, running_nodes, up, wait_until_running
+from local_stack.ha_cluster import HaNode, queue_leaders, rabbitmqctl, running_nodes, wait_until_running
 from tests.conftest import wait_until
 
 MESSAGES = 300
-
-
-@pytest.fixture(scope="module")
-def ha_cluster() -> Iterator[tuple[HaNode, ...]]:
-    if os.geteuid() != 0 or shutil.which("rabbitmq-server") is None:
-        message = "the local HA cluster needs root and rabbitmq-server (apt-get install rabbitmq-server)"
-        if os.environ.get("CI"):
-            pytest.fail(message)
-        pytest.skip(message)
-    try:
-        up()
-        wait_until_running(NODES)
-        yield NODES
-    finally:
-        down()
-
-
-def _leader(node: HaNode, queue: str) -> str:
-    rows = json.loads(rabbitmqctl(node, "list_queues", "name", "leader", "--formatter", "json"))
-    (leader,) = [row["leader"] for row in rows if row["name"] == queue]
-    return str(leader)
 
 
 async def _new_leader(node: HaNode, queue_name: str, old: HaNode, timeout_s: float = 30) -> str:
     """The queue's leader once another node took over (the election takes a moment)."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout_s
-    while (leader := _leader(node, queue_name)) == old.node:
+    while (leader := queue_leaders(node)[queue_name]) == old.node:
         if loop.time() > deadline:
             raise AssertionError(f"{queue_name} still led by the stopped {old.node} after {timeout_s} s")
         await asyncio.sleep(0.2)
@@ -88,7 +63,7 @@ async def test_given_the_leader_stopped_then_a_quorum_queue_keeps_every_confirme
             persistent = aio_pika.Message(str(n).encode(), delivery_mode=aio_pika.DeliveryMode.PERSISTENT)
             await channel.default_exchange.publish(persistent, queue_name)  # waits for the confirm
 
-    leader = next(node for node in ha_cluster if node.node == _leader(first, queue_name))
+    leader = next(node for node in ha_cluster if node.node == queue_leaders(first)[queue_name])
     survivor = next(node for node in ha_cluster if node is not leader)
     rabbitmqctl(leader, "stop_app")
     try:

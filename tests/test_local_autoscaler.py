@@ -32,7 +32,9 @@ class FakeClock:
 
 
 class Harness:
-    def __init__(self) -> None:
+    def __init__(self, queues: tuple[str, ...] = ("jobs.echo",)) -> None:
+        self.queues = queues
+        self.read_from: list[str] = []
         self.backlog: float | None = 0.0
         self.applied: list[tuple[str, int]] = []
         self.fail_apply = False
@@ -40,7 +42,7 @@ class Harness:
         self.clock = FakeClock()
         self.autoscaler = LocalAutoscaler(
             {"echo": POLICY},
-            lambda model: f"jobs.{model}",
+            lambda model: self.queues,
             self.read,
             self.apply,
             AutoscalerMetrics(self.registry),
@@ -48,7 +50,7 @@ class Harness:
         )
 
     async def read(self, queue: str) -> float:
-        assert queue == "jobs.echo"
+        self.read_from.append(queue)
         if self.backlog is None:
             raise QueueMetricUnavailable("management API down")
         return self.backlog
@@ -74,6 +76,19 @@ async def test_activation_is_applied_and_exported() -> None:
     assert harness.sample("inferq_autoscaler_scale_events_total", direction="up") == 1
     assert harness.sample("inferq_autoscaler_decisions_total", rule="activation") == 1
     assert harness.sample("inferq_autoscaler_decisions_total", rule="below-activation") == 1
+
+
+async def test_a_model_with_a_queue_per_priority_scales_on_their_sum() -> None:
+    """The quorum topology: KEDA's `operation: sum` over the model's three queues."""
+    harness = Harness(("jobs.echo.high", "jobs.echo.normal", "jobs.echo.low"))
+    harness.backlog = 10.0  # in each of them
+    await harness.autoscaler.tick("echo")
+
+    assert harness.read_from == ["jobs.echo.high", "jobs.echo.normal", "jobs.echo.low"]
+    assert harness.sample("inferq_autoscaler_queue_messages") == 30
+    assert harness.applied == [("echo", 1)]  # activation from zero goes to one first
+    await harness.autoscaler.tick("echo")
+    assert harness.applied[-1] == ("echo", 3)  # 30 waiting / 10 per replica
 
 
 async def test_a_failed_apply_keeps_the_old_state_and_is_retried_on_the_next_poll() -> None:

@@ -75,7 +75,7 @@ def test_given_a_transient_failure_then_the_same_body_goes_to_its_tier_with_the_
     )
 
     message = publish.message
-    assert publish.routing_key == TOPOLOGY.job_retry_queue("echo", 30.0)
+    assert publish.routing_key == TOPOLOGY.job_retry_queue("echo", 30.0, "high")
     assert publish.exchange == TOPOLOGY.job_outcomes_exchange("echo")
     assert message.body is body
     assert (message.message_id, message.priority, message.type) == ("job-1", AMQP_PRIORITY["high"], "job")
