@@ -4,7 +4,7 @@ with the committed ones, and what the writer puts on disk.
 Every model of the catalogue except the `test_only` ones gets a ScaledObject
 (`keda/scaledobject-<model>.yaml`), a worker Deployment and a PodDisruptionBudget (in
 `cluster/base/workers.yaml`), and the quorum component's patch of its ScaledObject
-(`cluster/components/quorum`, which the GKE overlay uses).
+(`cluster/components/quorum`, which cluster/base uses).
 """
 
 from __future__ import annotations

@@ -112,7 +112,7 @@ BREAKS = [
         "a queue the model's jobs are not in",
         ("ScaledObject", "worker-echo"),
         _set(["spec", "triggers", 0, "metadata", "queueName"], "jobs.echo.parked"),
-        "counts ['jobs.echo.parked'], but echo's jobs wait in ['jobs.echo']",
+        "counts ['jobs.echo.parked'], but echo's jobs wait in ['jobs.echo.high',",
     ),
     (
         "a root Job",
@@ -168,13 +168,16 @@ def test_kind_runs_every_model_on_cpu_with_one_small_broker() -> None:
     assert _one(docs, "RabbitmqCluster", "rabbitmq")["spec"]["replicas"] == 1
 
 
-def test_gke_runs_the_quorum_topology_and_each_model_scales_on_its_three_queues_summed() -> None:
-    docs = RENDERED["gke"]
+@pytest.mark.parametrize("overlay", list(OVERLAYS))
+def test_clusters_run_the_quorum_topology_and_each_model_scales_on_its_three_queues_summed(
+    overlay: str,
+) -> None:
+    docs = RENDERED[overlay]
     trigger = _one(docs, "ScaledObject", "worker-embed-minilm")["spec"]["triggers"][0]["metadata"]
 
     assert _one(docs, "ConfigMap", "inferq")["data"]["QUEUE_TYPE"] == "quorum"
     assert (trigger["useRegex"], trigger["operation"]) == ("true", "sum")
-    assert violations("gke", docs) == []
+    assert violations(overlay, docs) == []
 
 
 @pytest.mark.parametrize(
