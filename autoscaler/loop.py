@@ -14,6 +14,7 @@ import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import replace
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
@@ -153,5 +154,11 @@ class LocalAutoscaler:
                 decision.reason,
                 took_s,
             )
+            if decision.replicas > state.replicas:
+                # A scale-up means demand, and while the apply ran (Serve can take tens
+                # of seconds under load) nothing was observed: that time must not count
+                # towards the cooldown, or the next poll, reading a backlog the broker's
+                # statistics have not caught up with, would scale straight back to zero.
+                decision = replace(decision, state=replace(decision.state, last_active_s=self._clock()))
         self.states[model] = decision.state
         self._metrics.replicas.labels(model).set(decision.replicas)

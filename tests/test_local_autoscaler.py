@@ -38,6 +38,7 @@ class Harness:
         self.backlog: float | None = 0.0
         self.applied: list[tuple[str, int]] = []
         self.fail_apply = False
+        self.apply_takes_s = 0.0
         self.registry = CollectorRegistry()
         self.clock = FakeClock()
         self.autoscaler = LocalAutoscaler(
@@ -58,6 +59,7 @@ class Harness:
     async def apply(self, model: str, replicas: int) -> None:
         if self.fail_apply:
             raise RuntimeError("serve.run failed")
+        self.clock.now += self.apply_takes_s
         self.applied.append((model, replicas))
 
     def sample(self, name: str, **labels: str) -> float:
@@ -89,6 +91,21 @@ async def test_a_model_with_a_queue_per_priority_scales_on_their_sum() -> None:
     assert harness.applied == [("echo", 1)]  # activation from zero goes to one first
     await harness.autoscaler.tick("echo")
     assert harness.applied[-1] == ("echo", 3)  # 30 waiting / 10 per replica
+
+
+async def test_the_time_a_scale_up_takes_to_apply_does_not_count_towards_the_cooldown() -> None:
+    """Serve took 40 s (> the 30 s cooldown) to add the replica; the next poll reads 0
+    (the broker's statistics lag): the model stays up, the cooldown starts now."""
+    harness = Harness()
+    harness.backlog, harness.apply_takes_s = 25.0, 40.0
+    await harness.autoscaler.tick("echo")
+    harness.backlog = 0.0
+    await harness.autoscaler.tick("echo")
+
+    assert harness.applied == [("echo", 1)]
+    harness.clock.now += 31
+    await harness.autoscaler.tick("echo")
+    assert harness.applied == [("echo", 1), ("echo", 0)]  # once idle for the cooldown, observed
 
 
 async def test_a_failed_apply_keeps_the_old_state_and_is_retried_on_the_next_poll() -> None:
