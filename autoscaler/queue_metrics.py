@@ -8,6 +8,7 @@ passive declare sees only ready messages.) The API refreshes its figures every
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from urllib.parse import quote, unquote, urlsplit
 
 import httpx
@@ -38,6 +39,29 @@ def vhost_from_amqp(amqp_url: str) -> str:
     return unquote(path[1:]) if len(path) > 1 else "/"
 
 
+@dataclass(frozen=True)
+class ManagementNode:
+    """One node's management API: where it listens, its credentials, and how to name it
+    in a message (password redacted)."""
+
+    base_url: str
+    username: str
+    password: str = field(repr=False)
+    shown: str
+
+
+def management_nodes(base_url: str) -> list[ManagementNode]:
+    """Each node of RABBITMQ_MANAGEMENT_URL (comma-separated), guest/guest when unnamed."""
+    nodes = []
+    for url in broker_urls(base_url):
+        parts = urlsplit(url)
+        base = f"{parts.scheme}://{parts.hostname}:{parts.port or MANAGEMENT_PORT}"
+        nodes.append(
+            ManagementNode(base, parts.username or "guest", parts.password or "guest", redact_url(url))
+        )
+    return nodes
+
+
 class ManagementApi:
     """The management API of one node, or of a cluster's nodes (comma-separated URLs):
     a read goes to the node that answered last and moves on to the others when it
@@ -45,16 +69,18 @@ class ManagementApi:
 
     def __init__(self, base_url: str, vhost: str, timeout_s: float = 5.0) -> None:
         self._vhost = vhost
-        self._nodes: list[tuple[str, httpx.AsyncClient]] = []
-        for url in broker_urls(base_url):
-            parts = urlsplit(url)
-            client = httpx.AsyncClient(
-                base_url=f"{parts.scheme}://{parts.hostname}:{parts.port or MANAGEMENT_PORT}",
-                auth=(parts.username or "guest", parts.password or "guest"),
-                timeout=timeout_s,
-                trust_env=False,
+        self._nodes: list[tuple[str, httpx.AsyncClient]] = [
+            (
+                node.shown,
+                httpx.AsyncClient(
+                    base_url=node.base_url,
+                    auth=(node.username, node.password),
+                    timeout=timeout_s,
+                    trust_env=False,
+                ),
             )
-            self._nodes.append((redact_url(url), client))
+            for node in management_nodes(base_url)
+        ]
         self._current = 0
 
     async def close(self) -> None:

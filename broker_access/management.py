@@ -12,10 +12,9 @@ import json
 import urllib.error
 import urllib.request
 from typing import Any
-from urllib.parse import quote, urlsplit
+from urllib.parse import quote
 
-from autoscaler.queue_metrics import MANAGEMENT_PORT
-from contract.broker import broker_urls, redact_url
+from autoscaler.queue_metrics import management_nodes
 
 
 class AccessSetupFailed(Exception):
@@ -24,13 +23,7 @@ class AccessSetupFailed(Exception):
 
 class ManagementAdmin:
     def __init__(self, base_url: str, timeout_s: float = 10.0) -> None:
-        self._nodes: list[tuple[str, str, str]] = []  # (base, authorization, shown)
-        for url in broker_urls(base_url):
-            parts = urlsplit(url)
-            credentials = f"{parts.username or 'guest'}:{parts.password or 'guest'}"
-            authorization = "Basic " + base64.b64encode(credentials.encode()).decode()
-            base = f"{parts.scheme}://{parts.hostname}:{parts.port or MANAGEMENT_PORT}"
-            self._nodes.append((base, authorization, redact_url(url)))
+        self._nodes = management_nodes(base_url)
         self._timeout_s = timeout_s
 
     def whoami(self) -> str:
@@ -52,12 +45,13 @@ class ManagementAdmin:
 
     def _call(self, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
         failures = []
-        for base, authorization, shown in self._nodes:
+        for node in self._nodes:
+            credentials = base64.b64encode(f"{node.username}:{node.password}".encode()).decode()
             request = urllib.request.Request(
-                base + path,
+                node.base_url + path,
                 method=method,
                 data=None if body is None else json.dumps(body).encode(),
-                headers={"Authorization": authorization, "Content-Type": "application/json"},
+                headers={"Authorization": f"Basic {credentials}", "Content-Type": "application/json"},
             )
             try:
                 with urllib.request.urlopen(request, timeout=self._timeout_s) as response:
@@ -65,9 +59,9 @@ class ManagementAdmin:
             except urllib.error.HTTPError as exc:
                 # The node answered: another node would answer the same.
                 detail = exc.read().decode(errors="replace")[:300]
-                raise AccessSetupFailed(f"{method} {path} on {shown}: HTTP {exc.code} {detail}") from exc
+                raise AccessSetupFailed(f"{method} {path} on {node.shown}: HTTP {exc.code} {detail}") from exc
             except (urllib.error.URLError, OSError) as exc:
-                failures.append(f"{shown}: {exc}")
+                failures.append(f"{node.shown}: {exc}")
                 continue
             return json.loads(raw) if raw else None
         raise AccessSetupFailed(f"{method} {path}: no management API answered ({'; '.join(failures)})")

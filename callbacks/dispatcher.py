@@ -126,7 +126,7 @@ class CallbackDispatcher:
             self._topology.callbacks_queue,
             self._settings.callback_prefetch,
             self._on_delivery,
-            replicated=self._topology.queue_type == "quorum",
+            replicated=self._topology.replicated,
         )
 
     async def stop(self, drain_timeout_s: float | None = None) -> None:

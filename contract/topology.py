@@ -63,6 +63,7 @@ from contract.envelope import MAX_AMQP_PRIORITY, Priority
 from contract.retry_tiers import RetrySchedule, tier_name
 
 QueueType = Literal["classic", "quorum"]
+QUEUE_TYPES: tuple[QueueType, ...] = ("classic", "quorum")
 # The order a worker serves them in.
 PRIORITIES: tuple[Priority, ...] = ("high", "normal", "low")
 # Quorum queues: a message delivered this many times (say, a job that kills its consumer
@@ -127,6 +128,11 @@ class Topology:
     def push_scaler_demand_queue(self) -> str:
         """Where the KEDA push scaler hears demand events."""
         return f"{self.prefix}events.demand.push-scaler"
+
+    @property
+    def replicated(self) -> bool:
+        """Quorum queues: their consumers take a prefetch of their own, fixed while they run."""
+        return self.queue_type == "quorum"
 
     def job_outcomes_exchange(self, model: str) -> str:
         """Where a model's worker publishes outcomes (retries, parked jobs, callbacks)."""
@@ -215,7 +221,7 @@ class Topology:
         else:
             arguments = self._kind() | self._dead_letters(outcomes, parking)
         specs = []
-        for priority in PRIORITIES if self.queue_type == "quorum" else ("normal",):
+        for priority in PRIORITIES if self.replicated else ("normal",):
             key = self.job_routing_key(model, priority)
             specs.append(QueueSpec(self.job_queue(model, priority), arguments, ((self.jobs_exchange, key),)))
             for delay_s in self.job_retry_schedule(model).distinct_delays_s():
@@ -251,6 +257,6 @@ class Topology:
             "x-dead-letter-exchange": target_exchange,
             "x-dead-letter-routing-key": target_key,
         }
-        if self.queue_type == "quorum":
+        if self.replicated:
             arguments |= {"x-dead-letter-strategy": "at-least-once", "x-overflow": "reject-publish"}
         return QueueSpec(name, arguments, ((fed_by, name),))

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from contract.config import DEFAULT_AMQP_URL, DEFAULT_REDIS_URL
+from contract.topology import QUEUE_TYPES
 from loadgen.bench_callbacks import measure_callbacks
 from loadgen.bench_chart import batching_chart
 from loadgen.bench_ingress import measure_ingress
@@ -114,7 +115,7 @@ async def run(
                     high=size.high_jobs,
                     queue_type=queue_type,
                 )
-                for queue_type in ("classic", "quorum")
+                for queue_type in QUEUE_TYPES
             }
     results["elapsed_s"] = time.monotonic() - started
     return results

@@ -129,8 +129,9 @@ class FinishedJobs:
 
     async def start(self) -> None:
         topology = self._broker.topology
-        replicated = topology.queue_type == "quorum"
-        await self._broker.consume(topology.callbacks_queue, 1000, self._on_delivery, replicated=replicated)
+        await self._broker.consume(
+            topology.callbacks_queue, 1000, self._on_delivery, replicated=topology.replicated
+        )
 
     async def _on_delivery(self, delivery: Delivery) -> None:
         event = decode_callback_delivery(delivery.body).event

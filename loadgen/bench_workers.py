@@ -13,7 +13,7 @@ import msgspec
 from contract.broker import Broker
 from contract.envelope import Job
 from contract.model_sections import Batching
-from contract.topology import QueueType
+from contract.topology import QUEUE_TYPES, QueueType
 from loadgen.bench_support import (
     FinishedJobs,
     bench_topology,
@@ -195,7 +195,7 @@ async def measure_queue_types(amqp_url: str, reps: int, backlogs: dict[str, int]
     rates: dict[str, dict[str, float]] = {}
     for name, count in backlogs.items():
         rates[name] = {}
-        for queue_type in ("classic", "quorum"):
+        for queue_type in QUEUE_TYPES:
             async with WorkerBench(amqp_url, models[name], queue_type) as bench:
                 job_input = {"texts": [SENTENCES[0]]} if name == "embed-minilm" else {"n": 1}
                 await bench.throughput(bench.settings, min(count, 200), job_input)  # warm-up

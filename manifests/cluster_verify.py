@@ -256,7 +256,7 @@ def _isolation(docs: list[Manifest]) -> Iterator[tuple[str, str]]:
         )
     budgets = [doc for doc in docs if doc["kind"] == "PodDisruptionBudget"]
     for workload, _pod in _pods(docs):
-        labels = workload["spec"]["template"]["metadata"]["labels"]
+        labels = _pod_labels(workload)
         covered = any(
             budget["metadata"]["namespace"] == workload["metadata"]["namespace"]
             and budget["spec"]["selector"]["matchLabels"].items() <= labels.items()
@@ -316,22 +316,24 @@ def _broker_access(docs: list[Manifest]) -> Iterator[tuple[str, str]]:
     broker-access Job holds the administrator's credentials."""
     if _settings(docs).get("DECLARE_TOPOLOGY") != "false":
         yield "ConfigMap/inferq", 'DECLARE_TOPOLOGY must be "false" (the broker-access Job declares)'
-    for workload, pod in _every_pod(docs):
-        labels = workload["spec"]["template"]["metadata"].get("labels", {})
-        role = labels.get(BROKER_ROLE_LABEL)
-        if labels.get("inferq.dev/broker-client") == "true" and role is None:
+    for workload, _pod in _every_pod(docs):
+        labels = _pod_labels(workload)
+        if labels.get("inferq.dev/broker-client") == "true" and BROKER_ROLE_LABEL not in labels:
             yield _name(workload), f"a broker client without the label {BROKER_ROLE_LABEL} (its broker user)"
-        for container in pod.get("initContainers", []) + pod["containers"]:
-            for variable, secret in _secret_refs(container):
-                if secret in ADMIN_SECRETS and role != "admin":
-                    yield (
-                        _name(workload),
-                        f"reads {secret}, the administrator's: only the broker-access Job may",
-                    )
-                elif variable == "AMQP_URL" and role != "admin" and secret != f"inferq-broker-{role}":
-                    yield _name(workload), f"AMQP_URL from {secret}, not its own user's inferq-broker-{role}"
-                elif variable == "*" and secret.startswith("inferq-broker-"):
-                    yield _name(workload), f"envFrom the whole Secret {secret}: name the variables it needs"
+    for workload, container in _containers(docs, _every_pod):
+        role = _pod_labels(workload).get(BROKER_ROLE_LABEL)
+        for variable, secret in _secret_refs(container):
+            if secret in ADMIN_SECRETS and role != "admin":
+                yield _name(workload), f"reads {secret}, the administrator's: only the broker-access Job may"
+            elif variable == "AMQP_URL" and role != "admin" and secret != f"inferq-broker-{role}":
+                yield _name(workload), f"AMQP_URL from {secret}, not its own user's inferq-broker-{role}"
+            elif variable == "*" and secret.startswith("inferq-broker-"):
+                yield _name(workload), f"envFrom the whole Secret {secret}: name the variables it needs"
+
+
+def _pod_labels(workload: Manifest) -> dict[str, str]:
+    labels: dict[str, str] = workload["spec"]["template"]["metadata"].get("labels", {})
+    return labels
 
 
 POLICIES: dict[str, Callable[[list[Manifest]], Iterator[tuple[str, str]]]] = {

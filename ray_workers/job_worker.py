@@ -95,7 +95,6 @@ class JobWorker:
         self._inbox: asyncio.Queue[Delivery] = PriorityInbox()
         # One consumer per queue of the model (the quorum topology has one per priority).
         self._consumer_tags: list[str] = []
-        self._replicated = settings.topology.queue_type == "quorum"
         self._loop_task: asyncio.Task[None] | None = None
         self._settling: asyncio.Task[Settled] | None = None
         self._stopping = False
@@ -141,11 +140,12 @@ class JobWorker:
         # which keeps the model busy (the inbox serves high priority first whatever came
         # in). A quorum queue's consumer keeps the prefetch it started with, so there it is
         # twice the largest batch, per priority.
-        return 2 * (self.batching.max_size if self._replicated else self.batching.size)
+        return 2 * (self.batching.max_size if self._topology.replicated else self.batching.size)
 
     async def _consume(self, prefetch: int) -> None:
+        replicated = self._topology.replicated
         for queue in self._topology.job_queues(self._model.name):
-            tag = await self._broker.consume(queue, prefetch, self._inbox.put, replicated=self._replicated)
+            tag = await self._broker.consume(queue, prefetch, self._inbox.put, replicated=replicated)
             self._consumer_tags.append(tag)
 
     async def _stop_consuming(self) -> None:
@@ -217,7 +217,7 @@ class JobWorker:
             self._model.name, adjustment.value, self.batching.size, self.batching.wait_s
         )
         closed = self.breaker.state is BreakerState.CLOSED
-        if self.batching.size != before and closed and not self._replicated:
+        if self.batching.size != before and closed and not self._topology.replicated:
             for tag in self._consumer_tags:
                 try:
                     await self._broker.set_prefetch(tag, self._prefetch())

@@ -10,6 +10,7 @@ import socket
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 from urllib.parse import urlsplit
 
 import aio_pika
@@ -153,8 +154,8 @@ async def receiver(webhook_secret: str) -> AsyncIterator[CallbackReceiver]:
     await server.stop()
 
 
-@pytest.fixture
-def ingress_settings(amqp_url: str, topology: Topology, redis_url: str) -> IngressSettings:
+def ingress_settings_for(amqp_url: str, topology: Topology, redis_url: str) -> IngressSettings:
+    """The test ingress's settings: the test models, callbacks to loopback allowed."""
     return IngressSettings(
         amqp_url=amqp_url,
         models=TEST_MODELS,
@@ -164,16 +165,14 @@ def ingress_settings(amqp_url: str, topology: Topology, redis_url: str) -> Ingre
     )
 
 
-@pytest.fixture
-def worker_settings(amqp_url: str, topology: Topology, redis_url: str) -> WorkerSettings:
+def worker_settings_for(amqp_url: str, topology: Topology, redis_url: str) -> WorkerSettings:
     return WorkerSettings(
         amqp_url=amqp_url, models=TEST_MODELS, topology=topology, drain_timeout_s=5.0, redis_url=redis_url
     )
 
 
-@pytest.fixture
-def callback_settings(
-    amqp_url: str, topology: Topology, webhook_secret: str, redis_url: str
+def callback_settings_for(
+    amqp_url: str, topology: Topology, redis_url: str, webhook_secret: str
 ) -> CallbackSettings:
     return CallbackSettings(
         redis_url=redis_url,
@@ -185,6 +184,23 @@ def callback_settings(
         callback_timeout_s=2.0,
         drain_timeout_s=5.0,
     )
+
+
+@pytest.fixture
+def ingress_settings(amqp_url: str, topology: Topology, redis_url: str) -> IngressSettings:
+    return ingress_settings_for(amqp_url, topology, redis_url)
+
+
+@pytest.fixture
+def worker_settings(amqp_url: str, topology: Topology, redis_url: str) -> WorkerSettings:
+    return worker_settings_for(amqp_url, topology, redis_url)
+
+
+@pytest.fixture
+def callback_settings(
+    amqp_url: str, topology: Topology, webhook_secret: str, redis_url: str
+) -> CallbackSettings:
+    return callback_settings_for(amqp_url, topology, redis_url, webhook_secret)
 
 
 @pytest.fixture
@@ -247,6 +263,25 @@ async def wait_until(condition: Callable[[], bool | Awaitable[bool]], timeout_s:
         if loop.time() > deadline:
             raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
         await asyncio.sleep(0.02)
+
+
+async def queue_holds(amqp_url: str, queue_name: str, count: int) -> bool:
+    """Whether exactly `count` messages wait in the queue (a passive declare)."""
+    async with await aio_pika.connect(amqp_url) as connection:
+        queue = await (await connection.channel()).declare_queue(queue_name, passive=True)
+        return queue.declaration_result.message_count == count
+
+
+async def report_chaos(report: str) -> None:
+    """Print a chaos run's figures, and append them to CHAOS_REPORT when it is set."""
+    print("\n" + report)
+    if path := os.environ.get("CHAOS_REPORT"):
+        await asyncio.to_thread(_append_line, Path(path), report)
+
+
+def _append_line(path: Path, line: str) -> None:
+    with path.open("a") as out:
+        out.write(line + "\n")
 
 
 async def drain_queue(amqp_url: str, queue: str) -> list[aio_pika.abc.AbstractIncomingMessage]:

@@ -28,11 +28,8 @@ from broker_access.access_setup import apply, read_passwords
 from broker_access.management import AccessSetupFailed
 from broker_access.roles import roles
 from callbacks.dispatcher import CallbackDispatcher
-from callbacks.settings import CallbackSettings
 from contract.broker import Broker, TopologyMissing
-from contract.callback_guard import AllowList
 from contract.topology import Topology
-from ingress.settings import IngressSettings
 from loadgen.callback_receiver import CallbackReceiver
 from ray_workers.models.echo import EchoModel
 from ray_workers.models.synthetic import SyntheticModel
@@ -41,9 +38,13 @@ from tests.conftest import (
     TEST_CALLBACK_RETRIES,
     TEST_JOB_RETRIES,
     TEST_MODELS,
+    callback_settings_for,
+    ingress_settings_for,
+    queue_holds,
     running_ingress,
     running_worker,
     wait_until,
+    worker_settings_for,
 )
 
 TOPOLOGY = Topology(prefix="p.", job_retries=TEST_JOB_RETRIES, callback_retries=TEST_CALLBACK_RETRIES)
@@ -123,30 +124,11 @@ async def test_given_own_users_and_no_declaring_then_jobs_retries_parking_and_ca
     access: Access, amqp_url: str, redis_url: str, receiver: CallbackReceiver, webhook_secret: str
 ) -> None:
     topology, urls = access.topology, access.urls
-    loopback = AllowList.parse(["127.0.0.1"])
-    ingress = IngressSettings(
-        amqp_url=urls["ingress"],
-        models=TEST_MODELS,
-        topology=topology,
-        callback_allow=loopback,
-        redis_url=redis_url,
-    )
-    callbacks = CallbackSettings(
-        redis_url=redis_url,
-        amqp_url=urls["callbacks"],
-        webhook_secret=webhook_secret,
-        models=TEST_MODELS,
-        topology=topology,
-        callback_allow=loopback,
-        callback_timeout_s=2.0,
-        drain_timeout_s=5.0,
-    )
+    ingress = ingress_settings_for(urls["ingress"], topology, redis_url)
+    callbacks = callback_settings_for(urls["callbacks"], topology, redis_url, webhook_secret)
 
     def worker(model: str) -> WorkerSettings:
-        url = urls[f"worker-{model}"]
-        return WorkerSettings(
-            amqp_url=url, models=TEST_MODELS, topology=topology, drain_timeout_s=5.0, redis_url=redis_url
-        )
+        return worker_settings_for(urls[f"worker-{model}"], topology, redis_url)
 
     receiver.scripted_statuses.append(503)  # the first callback is retried through a delay tier
     dispatcher = CallbackDispatcher(callbacks)
@@ -179,16 +161,8 @@ async def test_given_own_users_and_no_declaring_then_jobs_retries_parking_and_ca
     ]
     # The 503 was answered to one of the three: it came back from a delay tier to arrive.
     assert not receiver.scripted_statuses and len({r.webhook_id for r in received}) == 3
-    await wait_until(
-        lambda: _ready_in(access.admin_url, topology.parking_queue("synthetic"), 1), 10, "the parked job"
-    )
-
-
-async def _ready_in(admin_url: str, queue_name: str, expected: int) -> bool:
-    async with await aio_pika.connect(admin_url) as connection:
-        channel = await connection.channel()
-        queue = await channel.declare_queue(queue_name, passive=True)
-        return queue.declaration_result.message_count == expected
+    parked = topology.parking_queue("synthetic")
+    await wait_until(lambda: queue_holds(access.admin_url, parked, 1), 10, "the parked job")
 
 
 RefusedAction = Callable[[aio_pika.abc.AbstractChannel, Topology], Awaitable[object]]

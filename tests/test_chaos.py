@@ -11,13 +11,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ipaddress
-import os
 import shutil
 import time
 from collections import Counter
 from dataclasses import replace
 from datetime import datetime
-from pathlib import Path
 from urllib.parse import urlsplit
 
 import httpx
@@ -35,7 +33,7 @@ from local_stack.ha_cluster import HaNode, rabbitmqctl
 from ray_workers.job_worker import JobWorker
 from ray_workers.models.echo import EchoModel
 from ray_workers.settings import WorkerSettings
-from tests.conftest import drain_queue, running_ingress, wait_until
+from tests.conftest import drain_queue, report_chaos, running_ingress, wait_until
 
 JOBS = 400
 SUBMIT_INTERVAL_S = 0.02  # open loop: ~50 submissions/s whatever the answers take
@@ -47,11 +45,6 @@ def _local_broker_control(amqp_url: str) -> str:
     if urlsplit(amqp_url).hostname not in ("127.0.0.1", "localhost") or rabbitmqctl is None:
         pytest.skip("broker restart needs a local RabbitMQ and rabbitmqctl")
     return rabbitmqctl
-
-
-def _append_line(path: Path, line: str) -> None:
-    with path.open("a") as out:
-        out.write(line + "\n")
 
 
 async def _restart_broker(node: HaNode) -> None:
@@ -143,9 +136,7 @@ async def test_given_a_broker_restart_under_load_then_no_accepted_job_is_lost(
         f"({dict(statuses)}), terminal {len(accepted & set(ids))}, lost 0, duplicated callbacks "
         f"{duplicates}, called back without a 202 {len(unknown)}, drained {drained_s:.1f} s after load"
     )
-    print("\n" + report)
-    if path := os.environ.get("CHAOS_REPORT"):
-        await asyncio.to_thread(_append_line, Path(path), report)
+    await report_chaos(report)
     assert all(r.verified for r in receiver.received)
     assert statuses[202] + statuses[503] + statuses[0] == JOBS
     assert len(accepted) == statuses[202] + 1  # the submissions, and one after the restart

@@ -18,16 +18,13 @@ import signal
 import time
 from collections import Counter, defaultdict
 from collections.abc import AsyncIterator
-from pathlib import Path
 from typing import Any
 
-import aio_pika
 import httpx
 import pytest
 
 from callbacks.dispatcher import CallbackDispatcher
 from callbacks.settings import CallbackSettings
-from contract.callback_guard import AllowList
 from contract.retry_tiers import RetrySchedule
 from contract.topology import Topology
 from ingress.settings import IngressSettings
@@ -36,7 +33,18 @@ from local_stack.ha_cluster import HaNode, queue_leaders, rabbitmqctl, start_nod
 from ray_workers.models.echo import EchoModel
 from ray_workers.models.synthetic import SyntheticModel
 from ray_workers.settings import WorkerSettings
-from tests.conftest import TEST_MODELS, fresh_topology, running_ingress, running_worker, wait_until
+from tests.conftest import (
+    TEST_MODELS,
+    callback_settings_for,
+    fresh_topology,
+    ingress_settings_for,
+    queue_holds,
+    report_chaos,
+    running_ingress,
+    running_worker,
+    wait_until,
+    worker_settings_for,
+)
 
 RATE_PER_S = 50
 LOAD_S = 60.0
@@ -67,24 +75,11 @@ async def ha_topology(ha_cluster: tuple[HaNode, ...], redis_url: str) -> AsyncIt
 def _settings(
     urls: str, topology: Topology, redis_url: str, secret: str
 ) -> tuple[IngressSettings, WorkerSettings, CallbackSettings]:
-    loopback = AllowList.parse(["127.0.0.1"])
-    ingress = IngressSettings(
-        amqp_url=urls, models=TEST_MODELS, topology=topology, callback_allow=loopback, redis_url=redis_url
+    return (
+        ingress_settings_for(urls, topology, redis_url),
+        worker_settings_for(urls, topology, redis_url),
+        callback_settings_for(urls, topology, redis_url, secret),
     )
-    worker = WorkerSettings(
-        amqp_url=urls, models=TEST_MODELS, topology=topology, drain_timeout_s=5.0, redis_url=redis_url
-    )
-    callbacks = CallbackSettings(
-        redis_url=redis_url,
-        amqp_url=urls,
-        webhook_secret=secret,
-        models=TEST_MODELS,
-        topology=topology,
-        callback_allow=loopback,
-        callback_timeout_s=2.0,
-        drain_timeout_s=5.0,
-    )
-    return ingress, worker, callbacks
 
 
 async def _submit(client: httpx.AsyncClient, load: Load, n: int, url: str, started: float) -> None:
@@ -116,17 +111,6 @@ async def _recover(node: HaNode, action: str, nodes: tuple[HaNode, ...]) -> None
     else:
         await asyncio.to_thread(start_node, node)
     await asyncio.to_thread(wait_until_running, nodes)
-
-
-def _append_line(path: Path, line: str) -> None:
-    with path.open("a") as out:
-        out.write(line + "\n")
-
-
-async def _waiting(node: HaNode, queue_name: str, expected: int) -> bool:
-    async with await aio_pika.connect(node.amqp_url) as connection:
-        queue = await (await connection.channel()).declare_queue(queue_name, passive=True)
-        return queue.declaration_result.message_count == expected
 
 
 def _busiest_leader(nodes: tuple[HaNode, ...], topology: Topology) -> HaNode:
@@ -192,9 +176,7 @@ async def test_given_the_job_queues_leader_fails_under_load_then_every_accepted_
         f"duplicate deliveries {deliveries - len(events)}, longest time without an accepted publish "
         f"{load.longest_gap_s():.1f} s, called back without a 202 {len(events.keys() - load.accepted.keys())}"
     )
-    print("\n" + report)
-    if path := os.environ.get("CHAOS_REPORT"):
-        await asyncio.to_thread(_append_line, Path(path), report)
+    await report_chaos(report)
     assert not load.bad_answers, load.bad_answers[:3]
     assert load.statuses[202] > 0.8 * LOAD_S * RATE_PER_S, dict(load.statuses)
     assert all(len(kinds) == 1 for kinds in endings.values()), "a job with two different endings"
@@ -227,7 +209,9 @@ async def test_given_a_node_stopped_while_jobs_wait_in_retry_tiers_then_each_ret
                 body = {"input": {"fail_until_attempt": 2}, "callback_url": receiver.url}
                 assert (await client.post("/v1/models/synthetic/jobs", json=body)).status_code == 202
             await wait_until(
-                lambda: _waiting(ha_cluster[0], tier, jobs), 30, f"every job's first failure in {tier}"
+                lambda: queue_holds(ha_cluster[0].amqp_url, tier, jobs),
+                30,
+                f"every job's first failure in {tier}",
             )
             leader_name = queue_leaders(ha_cluster[0])[tier]
             leader = next(node for node in ha_cluster if node.node == leader_name)

@@ -29,7 +29,7 @@ from ray_workers.models.echo import EchoModel
 from ray_workers.models.synthetic import SyntheticModel
 from ray_workers.priority_inbox import PriorityInbox
 from ray_workers.settings import WorkerSettings
-from tests.conftest import TEST_MODELS, fresh_topology, running_worker, wait_until
+from tests.conftest import TEST_MODELS, fresh_topology, queue_holds, running_worker, wait_until
 
 
 @pytest.fixture
@@ -114,7 +114,9 @@ async def test_given_quorum_queues_then_jobs_retries_parking_and_callbacks_flow(
     by_type = sorted((r.event["type"], r.event["data"]["attempts"]) for r in received)
     assert by_type == [("job.failed", 1), ("job.succeeded", 1), ("job.succeeded", 2)]
     assert all(r.verified for r in received)
-    await wait_until(lambda: _ready(amqp_url, topology.parking_queue("synthetic"), 1), 10, "the parked job")
+    await wait_until(
+        lambda: queue_holds(amqp_url, topology.parking_queue("synthetic"), 1), 10, "the parked job"
+    )
 
 
 async def test_given_a_prefetched_low_priority_backlog_then_a_new_high_priority_job_runs_next(
@@ -161,8 +163,8 @@ async def test_a_job_its_consumers_keep_dropping_is_parked_at_the_delivery_limit
             message = await _get(queue)
             await message.nack(requeue=True)
 
-    await wait_until(lambda: _ready(amqp_url, topology.parking_queue("echo"), 1), 10, "parked")
-    assert await _ready(amqp_url, topology.job_queue("echo", "normal"), 0)
+    await wait_until(lambda: queue_holds(amqp_url, topology.parking_queue("echo"), 1), 10, "parked")
+    assert await queue_holds(amqp_url, topology.job_queue("echo", "normal"), 0)
 
 
 async def test_declaring_the_other_queue_type_over_a_topology_fails_loudly(
@@ -189,10 +191,3 @@ async def _get(queue: aio_pika.abc.AbstractQueue) -> aio_pika.abc.AbstractIncomi
             return message
         await asyncio.sleep(0.05)
     raise TimeoutError(f"nothing to get from {queue.name}")
-
-
-async def _ready(amqp_url: str, queue_name: str, expected: int) -> bool:
-    async with await aio_pika.connect(amqp_url) as connection:
-        channel = await connection.channel()
-        queue = await channel.declare_queue(queue_name, passive=True)
-        return queue.declaration_result.message_count == expected
