@@ -231,6 +231,7 @@ class Broker:
         self._channel_lock = asyncio.Lock()
         self._consumers: dict[str, _Consumer] = {}
         self._healing: set[asyncio.Task[None]] = set()
+        self._retiring: set[asyncio.Task[None]] = set()  # nacking publish channels, closing
         self._unsettled: UnsettledTags = weakref.WeakKeyDictionary()
         self._consumer_ids = itertools.count(1)
         # Set once the topology is declared: before that a publish could find no binding.
@@ -489,11 +490,33 @@ class Broker:
                 f"with key {routing_key!r}"
             ) from exc
         except aiormq.exceptions.DeliveryError as exc:
+            self._retire_publish_channel(channel, timeout_s)
             raise PublishRejected(
-                f"broker nacked message {message.message_id} (queue {routing_key!r} full?)"
+                f"broker nacked message {message.message_id} (queue {routing_key!r} full, or "
+                "without a leader)"
             ) from exc
         except _CONNECTION_ERRORS as exc:
             raise BrokerUnavailable(f"publish of {message.message_id} failed: {exc!r}") from exc
+
+    def _retire_publish_channel(self, channel: aio_pika.abc.AbstractChannel, grace_s: float) -> None:
+        """Replace a channel that had a publish nacked. On RabbitMQ 3.10 a channel whose first
+        publish to a quorum queue comes while the queue's leader is dead takes that leader
+        from a stale queue record and nacks the queue for as long as that node stays away
+        (60 s of nacks measured; fixed upstream by rabbitmq-server#9241, 3.11+): a new
+        channel reads the new leader and is confirmed. The old one closes after `grace_s`,
+        once publishes still waiting on it have had their confirms or their timeouts."""
+        if self._publish_channel is channel:
+            self._publish_channel = None
+        task = asyncio.create_task(self._close_after(channel, grace_s))
+        self._retiring.add(task)
+        task.add_done_callback(self._retiring.discard)
+
+    @staticmethod
+    async def _close_after(channel: aio_pika.abc.AbstractChannel, delay_s: float) -> None:
+        await asyncio.sleep(delay_s)
+        if not channel.is_closed:
+            with contextlib.suppress(*_CHANNEL_ERRORS):
+                await channel.close()
 
     async def announce(self, routing_key: str, body: bytes) -> None:
         """Publish a transient event on the events exchange: no confirm, not mandatory, not
@@ -598,7 +621,7 @@ class Broker:
     async def close(self) -> None:
         """Close consumer channels (unacked messages return to their queues), then the rest."""
         self._closing = True
-        for task in (*self._healing, *self._failovers):
+        for task in (*self._healing, *self._failovers, *self._retiring):
             task.cancel()
         channels = [c.channel for c in self._consumers.values() if c.channel is not None]
         self._consumers.clear()

@@ -160,6 +160,28 @@ def queue_leaders(node: HaNode) -> dict[str, str]:
     return {row["name"]: str(row["leader"]) for row in rows if row.get("leader")}
 
 
+# Per quorum queue, from its leader's Raft state: what `list_queues` cannot show, the
+# messages waiting to be dead-lettered at-least-once (discarded) and those in flight to
+# their target (discard_checked_out).
+_RAFT_COUNTS = """
+[{element(4, amqqueue:get_name(Q)),
+  case catch ra:leader_query(amqqueue:get_pid(Q), fun rabbit_fifo:overview/1) of
+      {ok, {_, O}, {_, Leader}} ->
+          {Leader, maps:with([num_ready_messages, num_checked_out, num_consumers,
+                              num_discarded, num_discard_checked_out], O)};
+      Other -> Other
+  end}
+ || Q <- rabbit_amqqueue:list(), amqqueue:get_type(Q) =:= rabbit_quorum_queue,
+    binary:longest_common_prefix([element(4, amqqueue:get_name(Q)), <<"%s">>]) =:= %d].
+"""
+
+
+def raft_counts(node: HaNode, prefix: str) -> str:
+    """Each quorum queue named `prefix...`: its leader and message counts (ready, checked
+    out, consumers, waiting for and in at-least-once dead-lettering), as Erlang terms."""
+    return rabbitmqctl(node, "eval", _RAFT_COUNTS % (prefix, len(prefix.encode())))
+
+
 def running_nodes(node: HaNode) -> list[str]:
     """The cluster's running nodes, as `node` sees them."""
     status = rabbitmqctl(node, "cluster_status", "--formatter", "json")

@@ -22,6 +22,7 @@ from typing import Any
 
 import httpx
 import pytest
+import redis.asyncio
 
 from callbacks.dispatcher import CallbackDispatcher
 from callbacks.settings import CallbackSettings
@@ -29,7 +30,14 @@ from contract.retry_tiers import RetrySchedule
 from contract.topology import Topology
 from ingress.settings import IngressSettings
 from loadgen.callback_receiver import CallbackReceiver
-from local_stack.ha_cluster import HaNode, queue_leaders, rabbitmqctl, start_node, wait_until_running
+from local_stack.ha_cluster import (
+    HaNode,
+    queue_leaders,
+    rabbitmqctl,
+    raft_counts,
+    start_node,
+    wait_until_running,
+)
 from ray_workers.models.echo import EchoModel
 from ray_workers.models.synthetic import SyntheticModel
 from ray_workers.settings import WorkerSettings
@@ -113,6 +121,18 @@ async def _recover(node: HaNode, action: str, nodes: tuple[HaNode, ...]) -> None
     await asyncio.to_thread(wait_until_running, nodes)
 
 
+async def _where_jobs_stand(
+    load: Load, receiver: CallbackReceiver, topology: Topology, redis_url: str, nodes: tuple[HaNode, ...]
+) -> str:
+    """Where the accepted jobs without a terminal event stand: their records and the queues."""
+    missing = sorted(load.accepted.keys() - {r.event["data"]["id"] for r in receiver.received})
+    store = redis.asyncio.Redis.from_url(redis_url, decode_responses=True)
+    async with store:
+        records = [await store.hgetall(f"{topology.prefix}inferq:job:{job}") for job in missing[:5]]
+    queues = await asyncio.to_thread(raft_counts, nodes[0], topology.prefix)
+    return f"{len(missing)} without an ending; the first records: {records}\nqueues:\n{queues}"
+
+
 def _busiest_leader(nodes: tuple[HaNode, ...], topology: Topology) -> HaNode:
     """The node leading most of the job queues."""
     leaders = queue_leaders(nodes[0])
@@ -160,7 +180,11 @@ async def test_given_the_job_queues_leader_fails_under_load_then_every_accepted_
             def all_ended() -> bool:
                 return load.accepted.keys() <= {r.event["data"]["id"] for r in receiver.received}
 
-            await wait_until(all_ended, 180, "a terminal event for every accepted job")
+            try:
+                await wait_until(all_ended, 180, "a terminal event for every accepted job")
+            except AssertionError as stalled:
+                report = await _where_jobs_stand(load, receiver, ha_topology, redis_url, ha_cluster)
+                raise AssertionError(f"{stalled}\n{report}") from None
     finally:
         await dispatcher.stop()
 

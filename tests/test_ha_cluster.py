@@ -7,14 +7,23 @@ every node, chaos under load) is this harness; it never touches the broker on 56
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 import uuid
 from collections.abc import Awaitable, Callable
 
 import aio_pika
 
-from contract.broker import Broker, BrokerError, Delivery, OutgoingMessage
+from contract.broker import Broker, BrokerError, Delivery, OutgoingMessage, PublishRejected
 from contract.topology import Topology
-from local_stack.ha_cluster import HaNode, queue_leaders, rabbitmqctl, running_nodes, wait_until_running
+from local_stack.ha_cluster import (
+    HaNode,
+    queue_leaders,
+    rabbitmqctl,
+    running_nodes,
+    start_node,
+    wait_until_running,
+)
 from tests.conftest import wait_until
 
 MESSAGES = 300
@@ -141,3 +150,43 @@ async def _publish_when_accepted(publish: Callable[[str], Awaitable[None]], body
             if loop.time() > deadline:
                 raise
             await asyncio.sleep(0.5)
+
+
+async def test_given_a_publish_nacked_while_its_queue_had_no_leader_then_publishes_resume_under_the_new_one(
+    ha_cluster: tuple[HaNode, ...],
+) -> None:
+    """RabbitMQ 3.10: a channel whose publish to a quorum queue found no leader (its node
+    killed) goes on nacking that queue after a new leader is elected. The broker client
+    replaces a channel that had a nack, so the next publish is confirmed."""
+    first, doomed = ha_cluster[0], ha_cluster[1]
+    queue_name = f"t{uuid.uuid4().hex[:10]}.leaderless"
+    async with await aio_pika.connect(doomed.amqp_url) as connection:  # the declaring node leads
+        await (await connection.channel()).declare_queue(
+            queue_name, durable=True, arguments={"x-queue-type": "quorum"}
+        )
+    assert queue_leaders(first)[queue_name] == doomed.node
+    broker = Broker(first.amqp_url, Topology(prefix="unused."), ())
+    await broker.connect()
+    refused: list[BrokerError] = []
+    try:
+        os.kill(int((doomed.directory / "rabbitmq.pid").read_text().strip()), signal.SIGKILL)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 30
+        while True:
+            try:
+                await broker.publish(OutgoingMessage(b"x", message_id="probe"), queue_name, timeout_s=5)
+                break
+            except BrokerError as exc:
+                refused.append(exc)
+                if loop.time() > deadline:
+                    raise AssertionError(f"no publish confirmed 30 s after the kill: {refused[-3:]}") from exc
+                await asyncio.sleep(0.5)
+    finally:
+        await broker.close()
+        start_node(doomed)
+        wait_until_running(ha_cluster)
+        async with await aio_pika.connect(first.amqp_url) as connection:
+            await (await connection.channel()).queue_delete(queue_name)
+
+    # The scenario happened: the first publish found the queue without a leader.
+    assert refused and isinstance(refused[0], PublishRejected), refused[:1]
