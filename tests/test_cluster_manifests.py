@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 
 from contract.config import Environment
+from local_stack.ha_cluster import ADVANCED_CONFIG
 from manifests.cluster_verify import OVERLAYS, render, violations
 from manifests.exported_metrics import metric_names
 from manifests.monitoring_verify import MONITORING, monitoring_violations
@@ -175,8 +176,12 @@ def test_clusters_run_the_quorum_topology_and_each_model_scales_on_its_three_que
     docs = RENDERED[overlay]
     trigger = _one(docs, "ScaledObject", "worker-embed-minilm")["spec"]["triggers"][0]["metadata"]
 
+    broker = _one(docs, "RabbitmqCluster", "rabbitmq")["spec"]["rabbitmq"]
+
     assert _one(docs, "ConfigMap", "inferq")["data"]["QUEUE_TYPE"] == "quorum"
     assert (trigger["useRegex"], trigger["operation"]) == ("true", "sum")
+    # The dead-letter confirm timeout the local HA cluster is tested with (test_ha_cluster).
+    assert broker["advancedConfig"] == ADVANCED_CONFIG
     assert violations(overlay, docs) == []
 
 

@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import signal
 import uuid
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 import aio_pika
 
@@ -20,6 +22,7 @@ from local_stack.ha_cluster import (
     HaNode,
     queue_leaders,
     rabbitmqctl,
+    raft_counts,
     running_nodes,
     start_node,
     wait_until_running,
@@ -27,6 +30,9 @@ from local_stack.ha_cluster import (
 from tests.conftest import wait_until
 
 MESSAGES = 300
+# Tiers whose leader dies: enough that some new tier leader forwards before its target has one.
+DEAD_LETTER_PAIRS = 16
+ROUNDS = 15
 
 
 async def _new_leader(node: HaNode, queue_name: str, old: HaNode, timeout_s: float = 30) -> str:
@@ -190,3 +196,73 @@ async def test_given_a_publish_nacked_while_its_queue_had_no_leader_then_publish
 
     # The scenario happened: the first publish found the queue without a leader.
     assert refused and isinstance(refused[0], PublishRejected), refused[:1]
+
+
+async def test_given_a_node_killed_while_retries_leave_their_tiers_then_each_arrives_soon_after_it_returns(
+    ha_cluster: tuple[HaNode, ...],
+) -> None:
+    """Delay tiers dead-letter at-least-once into their queues, both led by the node that is
+    killed. Where a tier's new leader forwards before its target has one, RabbitMQ 3.10
+    holds those messages until its dead-letter confirm timeout: ADVANCED_CONFIG sets it to
+    10 s, so they arrive seconds after the node is back (the default, 180 s, held them for
+    minutes)."""
+    doomed, survivor = ha_cluster[0], ha_cluster[2]
+    prefix = f"t{uuid.uuid4().hex[:10]}."
+    pairs = [(f"{prefix}tier{n}", f"{prefix}target{n}") for n in range(DEAD_LETTER_PAIRS)]
+    async with await aio_pika.connect(doomed.amqp_url) as connection:  # the declaring node leads
+        channel = await connection.channel()
+        for tier, target in pairs:
+            await channel.declare_queue(target, durable=True, arguments={"x-queue-type": "quorum"})
+            arguments: dict[str, Any] = {
+                "x-queue-type": "quorum",
+                "x-message-ttl": 400,
+                "x-dead-letter-exchange": "",
+                "x-dead-letter-routing-key": target,
+                "x-dead-letter-strategy": "at-least-once",
+                "x-overflow": "reject-publish",
+            }
+            await channel.declare_queue(tier, durable=True, arguments=arguments)
+    broker = Broker(survivor.amqp_url, Topology(prefix=prefix), ())
+    arrived: set[str] = set()
+
+    async def handle(delivery: Delivery) -> None:
+        arrived.add(delivery.body.decode())
+        await delivery.ack()
+
+    def publisher(tier: str) -> Callable[[str], Awaitable[None]]:
+        async def publish(body: str) -> None:
+            await broker.publish(OutgoingMessage(body.encode(), message_id=body), tier, timeout_s=5)
+
+        return publish
+
+    await broker.connect()
+    sent: list[str] = []
+    try:
+        for _, target in pairs:
+            await broker.consume(target, 50, handle, replicated=True)
+        # Retries flow through every tier when the node dies, and go on while it is away.
+        for round_ in range(ROUNDS):
+            if round_ == ROUNDS // 3:
+                os.kill(int((doomed.directory / "rabbitmq.pid").read_text().strip()), signal.SIGKILL)
+            for n, (tier, _) in enumerate(pairs):
+                body = f"{n}:{round_}"
+                await _publish_when_accepted(publisher(tier), body)
+                sent.append(body)
+        held = _dead_letters_in_flight(raft_counts(survivor, prefix))
+        start_node(doomed)
+        wait_until_running(ha_cluster)
+        await wait_until(lambda: arrived >= set(sent), 30, "every retry once the node is back")
+    finally:
+        await broker.close()
+        async with await aio_pika.connect(survivor.amqp_url) as connection:
+            channel = await connection.channel()
+            for queue in (name for pair in pairs for name in pair):
+                await channel.queue_delete(queue)
+
+    # The scenario happened: some tier held dead-letters while the node was away.
+    assert held > 0
+
+
+def _dead_letters_in_flight(counts: str) -> int:
+    """The at-least-once dead-letters sent and not yet confirmed, summed over the queues."""
+    return sum(int(n) for n in re.findall(r"num_discard_checked_out => (\d+)", counts))
