@@ -30,6 +30,7 @@ import asyncio
 import contextlib
 import itertools
 import logging
+import time
 import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -51,6 +52,9 @@ RECONNECT_INTERVAL_S = 1.0
 HEAL_ATTEMPTS = 30
 # How long a lost connection may try its own node again before it moves to another one.
 FAILOVER_AFTER_S = 3.0
+# A publish channel that had a nack is replaced at most this often: while a queue has no
+# leader every publish is nacked, and a channel per nack would pile up channels.
+CHANNEL_RETIRE_AFTER_S = 1.0
 
 _CONNECTION_ERRORS = (
     aio_pika.exceptions.AMQPError,
@@ -232,6 +236,7 @@ class Broker:
         self._consumers: dict[str, _Consumer] = {}
         self._healing: set[asyncio.Task[None]] = set()
         self._retiring: set[asyncio.Task[None]] = set()  # nacking publish channels, closing
+        self._publish_channel_opened_at = 0.0
         self._unsettled: UnsettledTags = weakref.WeakKeyDictionary()
         self._consumer_ids = itertools.count(1)
         # Set once the topology is declared: before that a publish could find no binding.
@@ -374,6 +379,7 @@ class Broker:
                 except RuntimeError as exc:  # aiormq: "<Connection ...> closed" mid-reconnect
                     raise BrokerUnavailable(f"cannot open a channel: {exc}") from exc
                 self._publish_channel = channel
+                self._publish_channel_opened_at = time.monotonic()
             return channel
 
     async def _heal_after_reconnect(self, connection: object, *_args: object) -> None:
@@ -504,9 +510,13 @@ class Broker:
         from a stale queue record and nacks the queue for as long as that node stays away
         (60 s of nacks measured; fixed upstream by rabbitmq-server#9241, 3.11+): a new
         channel reads the new leader and is confirmed. The old one closes after `grace_s`,
-        once publishes still waiting on it have had their confirms or their timeouts."""
-        if self._publish_channel is channel:
-            self._publish_channel = None
+        once publishes still waiting on it have had their confirms or their timeouts; a
+        channel younger than CHANNEL_RETIRE_AFTER_S is kept (its next nack replaces it)."""
+        if self._publish_channel is not channel:
+            return  # already replaced
+        if time.monotonic() - self._publish_channel_opened_at < CHANNEL_RETIRE_AFTER_S:
+            return
+        self._publish_channel = None
         task = asyncio.create_task(self._close_after(channel, grace_s))
         self._retiring.add(task)
         task.add_done_callback(self._retiring.discard)
