@@ -508,7 +508,7 @@ class Broker:
         """Replace a channel that had a publish nacked. On RabbitMQ 3.10 a channel whose first
         publish to a quorum queue comes while the queue's leader is dead takes that leader
         from a stale queue record and nacks the queue for as long as that node stays away
-        (60 s of nacks measured; fixed upstream by rabbitmq-server#9241, 3.11+): a new
+        (60 s of nacks measured; fixed upstream in 2023 by rabbitmq-server#9241): a new
         channel reads the new leader and is confirmed. The old one closes after `grace_s`,
         once publishes still waiting on it have had their confirms or their timeouts; a
         channel younger than CHANNEL_RETIRE_AFTER_S is kept (its next nack replaces it)."""
