@@ -20,6 +20,7 @@ from contract.broker import Broker, BrokerError, Delivery, OutgoingMessage, Publ
 from contract.topology import Topology
 from local_stack.ha_cluster import (
     HaNode,
+    is_running,
     queue_leaders,
     rabbitmqctl,
     raft_counts,
@@ -254,6 +255,9 @@ async def test_given_a_node_killed_while_retries_leave_their_tiers_then_each_arr
         await wait_until(lambda: arrived >= set(sent), 30, "every retry once the node is back")
     finally:
         await broker.close()
+        if not is_running(doomed):  # a failure before the restart: the next tests need it
+            start_node(doomed)
+            wait_until_running(ha_cluster)
         async with await aio_pika.connect(survivor.amqp_url) as connection:
             channel = await connection.channel()
             for queue in (name for pair in pairs for name in pair):
