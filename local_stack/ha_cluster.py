@@ -20,6 +20,7 @@ import argparse
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -62,6 +63,10 @@ class HaNode:
     @property
     def directory(self) -> Path:
         return HA_BASE / self.name
+
+    @property
+    def pid_file(self) -> Path:
+        return self.directory / "rabbitmq.pid"
 
 
 NODES = (
@@ -113,7 +118,7 @@ def _prepare(node: HaNode) -> dict[str, str]:
         "RABBITMQ_ENABLED_PLUGINS_FILE": str(directory / "enabled_plugins"),
         "RABBITMQ_MNESIA_BASE": str(directory / "mnesia"),
         "RABBITMQ_LOG_BASE": str(directory / "log"),
-        "RABBITMQ_PID_FILE": str(directory / "rabbitmq.pid"),
+        "RABBITMQ_PID_FILE": str(node.pid_file),
     }
 
 
@@ -133,6 +138,11 @@ def start_node(node: HaNode) -> None:
             )
         time.sleep(0.5)
     rabbitmqctl(node, "--timeout", str(START_TIMEOUT_S), "await_startup", timeout_s=START_TIMEOUT_S + 10)
+
+
+def kill(node: HaNode) -> None:
+    """`kill -9` of the node: no goodbye to its peers or its clients (the chaos tests)."""
+    os.kill(int(node.pid_file.read_text().strip()), signal.SIGKILL)
 
 
 def is_running(node: HaNode) -> bool:
@@ -161,8 +171,8 @@ def down(nodes: Sequence[HaNode] = NODES) -> None:
     """Stop every node of this cluster that runs, then remove their directories."""
     for node in reversed(nodes):
         if is_running(node):
-            pid_file = node.directory / "rabbitmq.pid"
-            rabbitmqctl(node, "stop", *([str(pid_file)] if pid_file.exists() else []), timeout_s=90)
+            pid_file = [str(node.pid_file)] if node.pid_file.exists() else []
+            rabbitmqctl(node, "stop", *pid_file, timeout_s=90)
     shutil.rmtree(HA_BASE, ignore_errors=True)
 
 
@@ -184,14 +194,14 @@ _RAFT_COUNTS = """
       Other -> Other
   end}
  || Q <- rabbit_amqqueue:list(), amqqueue:get_type(Q) =:= rabbit_quorum_queue,
-    binary:longest_common_prefix([element(4, amqqueue:get_name(Q)), <<"%s">>]) =:= %d].
+    string:prefix(element(4, amqqueue:get_name(Q)), <<"%s">>) =/= nomatch].
 """
 
 
 def raft_counts(node: HaNode, prefix: str) -> str:
     """Each quorum queue named `prefix...`: its leader and message counts (ready, checked
     out, consumers, waiting for and in at-least-once dead-lettering), as Erlang terms."""
-    return rabbitmqctl(node, "eval", _RAFT_COUNTS % (prefix, len(prefix.encode())))
+    return rabbitmqctl(node, "eval", _RAFT_COUNTS % prefix)
 
 
 def running_nodes(node: HaNode) -> list[str]:

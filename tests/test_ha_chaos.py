@@ -13,8 +13,6 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import itertools
-import os
-import signal
 import time
 from collections import Counter, defaultdict
 from collections.abc import AsyncIterator
@@ -22,16 +20,17 @@ from typing import Any
 
 import httpx
 import pytest
-import redis.asyncio
 
 from callbacks.dispatcher import CallbackDispatcher
 from callbacks.settings import CallbackSettings
+from contract.job_records import JobRecords
 from contract.retry_tiers import RetrySchedule
 from contract.topology import Topology
 from ingress.settings import IngressSettings
 from loadgen.callback_receiver import CallbackReceiver
 from local_stack.ha_cluster import (
     HaNode,
+    kill,
     queue_leaders,
     rabbitmqctl,
     raft_counts,
@@ -108,9 +107,8 @@ async def _submit(client: httpx.AsyncClient, load: Load, n: int, url: str, start
 async def _fault(node: HaNode, action: str) -> None:
     if action == "stop_app":
         await asyncio.to_thread(rabbitmqctl, node, "stop_app")
-    else:  # kill -9: no goodbye to its peers or its clients
-        pid = int((node.directory / "rabbitmq.pid").read_text().strip())
-        os.kill(pid, signal.SIGKILL)
+    else:
+        kill(node)
 
 
 async def _recover(node: HaNode, action: str, nodes: tuple[HaNode, ...]) -> None:
@@ -126,9 +124,9 @@ async def _where_jobs_stand(
 ) -> str:
     """Where the accepted jobs without a terminal event stand: their records and the queues."""
     missing = sorted(load.accepted.keys() - {r.event["data"]["id"] for r in receiver.received})
-    store = redis.asyncio.Redis.from_url(redis_url, decode_responses=True)
-    async with store:
-        records = [await store.hgetall(f"{topology.prefix}inferq:job:{job}") for job in missing[:5]]
+    store = JobRecords(redis_url, topology.prefix, ttl_s=60)
+    records = [await store.get(job) for job in missing[:5]]
+    await store.close()
     queues = await asyncio.to_thread(raft_counts, nodes[0], topology.prefix)
     return f"{len(missing)} without an ending; the first records: {records}\nqueues:\n{queues}"
 

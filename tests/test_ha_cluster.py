@@ -7,9 +7,7 @@ every node, chaos under load) is this harness; it never touches the broker on 56
 from __future__ import annotations
 
 import asyncio
-import os
 import re
-import signal
 import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -21,6 +19,7 @@ from contract.topology import Topology
 from local_stack.ha_cluster import (
     HaNode,
     is_running,
+    kill,
     queue_leaders,
     rabbitmqctl,
     raft_counts,
@@ -145,15 +144,18 @@ async def test_given_every_node_in_amqp_url_then_a_client_moves_to_another_node_
     assert moved_s < 20
 
 
-async def _publish_when_accepted(publish: Callable[[str], Awaitable[None]], body: str) -> None:
-    """Publish once the new node takes it (the queue's new leader may still be elected)."""
+async def _publish_when_accepted(publish: Callable[[str], Awaitable[None]], body: str) -> list[BrokerError]:
+    """Publish once a node takes it (the queue's new leader may still be elected); returns
+    the refusals before that."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + 30
+    refused: list[BrokerError] = []
     while True:
         try:
             await publish(body)
-            return
-        except BrokerError:
+            return refused
+        except BrokerError as exc:
+            refused.append(exc)
             if loop.time() > deadline:
                 raise
             await asyncio.sleep(0.5)
@@ -174,20 +176,13 @@ async def test_given_a_publish_nacked_while_its_queue_had_no_leader_then_publish
     assert queue_leaders(first)[queue_name] == doomed.node
     broker = Broker(first.amqp_url, Topology(prefix="unused."), ())
     await broker.connect()
-    refused: list[BrokerError] = []
+
+    async def publish(body: str) -> None:
+        await broker.publish(OutgoingMessage(body.encode(), message_id=body), queue_name, timeout_s=5)
+
     try:
-        os.kill(int((doomed.directory / "rabbitmq.pid").read_text().strip()), signal.SIGKILL)
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + 30
-        while True:
-            try:
-                await broker.publish(OutgoingMessage(b"x", message_id="probe"), queue_name, timeout_s=5)
-                break
-            except BrokerError as exc:
-                refused.append(exc)
-                if loop.time() > deadline:
-                    raise AssertionError(f"no publish confirmed 30 s after the kill: {refused[-3:]}") from exc
-                await asyncio.sleep(0.5)
+        kill(doomed)
+        refused = await _publish_when_accepted(publish, "probe")
     finally:
         await broker.close()
         start_node(doomed)
@@ -244,7 +239,7 @@ async def test_given_a_node_killed_while_retries_leave_their_tiers_then_each_arr
         # Retries flow through every tier when the node dies, and go on while it is away.
         for round_ in range(ROUNDS):
             if round_ == ROUNDS // 3:
-                os.kill(int((doomed.directory / "rabbitmq.pid").read_text().strip()), signal.SIGKILL)
+                kill(doomed)
             for n, (tier, _) in enumerate(pairs):
                 body = f"{n}:{round_}"
                 await _publish_when_accepted(publisher(tier), body)
