@@ -25,6 +25,7 @@ from loadgen.bench_callbacks import measure_callbacks
 from loadgen.bench_chart import batching_chart
 from loadgen.bench_ingress import measure_ingress
 from loadgen.bench_pipeline import measure_pipeline
+from loadgen.bench_profile import measure_profile, profile_markdown
 from loadgen.bench_user_path import measure_user_path
 from loadgen.bench_wake import measure_wake
 from loadgen.bench_workers import measure_batching, measure_priority, measure_queue_types
@@ -45,6 +46,7 @@ class BenchSize:
     high_jobs: int
     user_path_backlogs: list[tuple[str, int]]
     callback_deliveries: int
+    profile_jobs: int
     queue_type_backlogs: dict[str, int]
 
 
@@ -58,6 +60,7 @@ FULL = BenchSize(
     high_jobs=20,
     user_path_backlogs=[("echo", 2000), ("embed-minilm", 500), ("embed-minilm", 2000)],
     callback_deliveries=3000,
+    profile_jobs=4000,
     queue_type_backlogs={"echo": 2000, "embed-minilm": 1000},
 )
 QUICK = BenchSize(
@@ -70,9 +73,10 @@ QUICK = BenchSize(
     high_jobs=10,
     user_path_backlogs=[("echo", 300), ("embed-minilm", 100)],
     callback_deliveries=300,
+    profile_jobs=300,
     queue_type_backlogs={"echo": 300},
 )
-STAGES = ("user-path", "callbacks", "ingress", "pipeline", "batching", "priority", "queue-types")
+STAGES = ("user-path", "callbacks", "profile", "ingress", "pipeline", "batching", "priority", "queue-types")
 # Run only when asked (`--only wake`): it starts the whole stack 2 x reps times.
 OPTIONAL_STAGES = ("wake",)
 
@@ -88,6 +92,8 @@ async def run(
             results[stage] = await measure_user_path(amqp_url, size.reps, size.user_path_backlogs)
         elif stage == "callbacks":
             results[stage] = await measure_callbacks(amqp_url, size.reps, size.callback_deliveries)
+        elif stage == "profile":
+            results[stage] = await measure_profile(amqp_url, size.profile_jobs)
         elif stage == "wake":
             results[stage] = await measure_wake(amqp_url, size.reps)
         elif stage == "ingress":
@@ -290,6 +296,8 @@ def markdown(results: dict[str, Any], machine: str, quick: bool) -> str:
             cpu = run["cpu_ms_per_job"]
             parts = ", ".join(f"{role} {ms:.2f}" for role, ms in cpu.items() if ms >= 0.005)
             lines.append(f"- {name}: total {sum(cpu.values()):.2f} ms: {parts}")
+    if "profile" in results:
+        lines += profile_markdown(results["profile"])
     if "batching" not in results:
         return "\n".join(lines) + "\n"
     summary = results["batching"]["summary"]

@@ -12,6 +12,7 @@ Linux only (`/proc`); elsewhere a snapshot is empty and the figures say so.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,6 +20,7 @@ PROC = Path("/proc")
 
 # (role, substring of the command line): the first match names a process's role.
 ROLES: tuple[tuple[str, str], ...] = (
+    ("profiler", "py-spy"),
     ("broker", "beam.smp"),
     ("redis", "redis-server"),
     ("ingress", "-m ingress"),
@@ -45,11 +47,20 @@ def role_of(command_line: str, pid: int, own_pid: int) -> str:
 
 
 def snapshot() -> CpuSnapshot:
+    return CpuSnapshot({pid: (role, cpu_s) for pid, role, cpu_s in processes()})
+
+
+def pids_of(role: str) -> list[int]:
+    """The live processes with this role, lowest pid first."""
+    return sorted(pid for pid, found, _ in processes() if found == role)
+
+
+def processes() -> Iterator[tuple[int, str, float]]:
+    """(pid, role, cumulative CPU seconds) of every live process; none without /proc."""
     ticks_per_s = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
     own_pid = os.getpid()
-    found: dict[int, tuple[str, float]] = {}
     if not PROC.is_dir():
-        return CpuSnapshot(found)
+        return
     for entry in PROC.iterdir():
         if not entry.name.isdigit():
             continue
@@ -62,8 +73,7 @@ def snapshot() -> CpuSnapshot:
         # Fields after the parenthesised name: utime and stime are the 12th and 13th.
         fields = stat.rpartition(")")[2].split()
         cpu_s = (int(fields[11]) + int(fields[12])) / ticks_per_s
-        found[pid] = (role_of(command_line or stat.split()[1], pid, own_pid), cpu_s)
-    return CpuSnapshot(found)
+        yield pid, role_of(command_line or stat.split()[1], pid, own_pid), cpu_s
 
 
 def cpu_ms_per_job(before: CpuSnapshot, after: CpuSnapshot, jobs: int) -> dict[str, float]:

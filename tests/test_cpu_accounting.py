@@ -3,6 +3,8 @@ two snapshots, and a real snapshot that sees this process burn CPU."""
 
 from __future__ import annotations
 
+import os
+import subprocess
 import sys
 import time
 
@@ -25,6 +27,7 @@ OWN_PID = 4242
         ("python -m loadgen.receiver_process --host 127.0.0.1 --port 0", "receiver"),
         ("/work/main/.venv/bin/python -m local_stack", "local stack"),
         (".venv/lib/python3.11/site-packages/ray/core/src/ray/gcs/gcs_server", "ray (other)"),
+        (".venv/bin/py-spy record --pid 7 --gil --output /tmp/ray/worker.txt", "profiler"),
         ("/usr/sbin/sshd -D", "other"),
     ],
 )
@@ -56,3 +59,25 @@ def test_a_real_snapshot_sees_this_process_spend_cpu() -> None:
     used = cpu_ms_per_job(before, cpu_accounting.snapshot(), jobs=1)
 
     assert used[LOAD_GENERATOR] >= 250
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_pids_of_a_role_finds_a_live_process_by_its_command_line_and_no_other() -> None:
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)", "-m local_stack"])
+    try:
+        found = wait_for_pids("local stack", child.pid)
+    finally:
+        child.kill()
+        child.wait()
+
+    assert child.pid in found
+    assert os.getpid() not in found  # this process is the load generator
+    assert child.pid not in cpu_accounting.pids_of("ingress")
+
+
+def wait_for_pids(role: str, pid: int) -> list[int]:
+    """The role's pids once `pid` shows up with it (its command line is set at exec)."""
+    deadline = time.monotonic() + 10
+    while pid not in (found := cpu_accounting.pids_of(role)) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return found
