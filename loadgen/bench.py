@@ -131,6 +131,8 @@ def ratios(results: dict[str, Any]) -> list[tuple[str, float, str]]:
     rows: list[tuple[str, float, str]] = []
     if "user-path" in results:
         rows += _user_path_rows(results)
+    if "callbacks" in results:
+        rows += _callback_rows(results)
     if "wake" in results:
         medians = results["wake"]["medians"]
         for model, push in medians["push"].items():
@@ -226,24 +228,34 @@ def _user_path_rows(results: dict[str, Any]) -> list[tuple[str, float, str]]:
                 f"{s['jobs_per_s']:.0f} / {s['cpu_ceiling_jobs_per_s']:.0f} per s",
             )
         )
-    callbacks = results.get("callbacks")
+    return rows
+
+
+def _callback_rows(results: dict[str, Any]) -> list[tuple[str, float, str]]:
+    callbacks = results["callbacks"]
+    rows = [
+        (
+            f"Slow host: a host's callback rate beside one answering in 2 s "
+            f"({callbacks['slow_host_callbacks']} callbacks) / alone",
+            callbacks["slow_host_ratio"],
+            f"{callbacks['fast_beside_slow_per_s']:.0f} / {callbacks['capacity_per_s']:.0f} per s",
+        ),
+        (
+            "Slow host, same work: that rate beside the 2 s host / beside a fast host with as many callbacks",
+            callbacks["slow_vs_same_load_ratio"],
+            f"{callbacks['fast_beside_slow_per_s']:.0f} / {callbacks['fast_beside_fast_per_s']:.0f} per s",
+        ),
+    ]
+    summary = results.get("user-path", {}).get("summary", {})
     echo = next((s for name, s in summary.items() if name.startswith("echo-")), None)
-    if callbacks is not None and echo is not None:
-        rows.append(
+    if echo is not None:
+        rows.insert(
+            0,
             (
                 "Dispatch capacity to one no-op host / user-path echo completion rate",
                 callbacks["capacity_per_s"] / echo["jobs_per_s"],
                 f"{callbacks['capacity_per_s']:.0f} / {echo['jobs_per_s']:.0f} per s",
-            )
-        )
-    if callbacks is not None:
-        rows.append(
-            (
-                f"Slow host: a host's callback rate beside one answering in 2 s "
-                f"({callbacks['slow_host_callbacks']} callbacks) / alone",
-                callbacks["slow_host_ratio"],
-                f"{callbacks['fast_beside_slow_per_s']:.0f} / {callbacks['capacity_per_s']:.0f} per s",
-            )
+            ),
         )
     return rows
 

@@ -5,6 +5,12 @@ The callbacks queue is prefilled with signed-callback deliveries, then one
 CallbackDispatcher (in this process, default settings) delivers them to receivers in
 processes of their own: a no-op receiver (answers 204 at once) for capacity, and a
 receiver that answers after 2 s on another loopback address for isolation.
+
+The slow host's callbacks are also work: on a box whose cores the dispatcher already
+fills, any second host's deliveries take CPU from the first. So the fast host's rate
+beside the slow host is compared twice: with its rate alone (what the user sees), and
+with its rate beside a second *fast* host given the same number of callbacks (the
+same work, no slowness), which isolates what the slowness itself costs.
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ from loadgen.receiver_process import ReceiverProcess
 DELIVERY_WAIT_S = 120.0
 PUBLISH_WINDOW = 256
 SLOW_HOST = "127.0.0.3"
+OTHER_FAST_HOST = "127.0.0.4"
 SLOW_ANSWER_S = 2.0
 # More than the slow host's slots (it saturates and deliveries wait for it in memory),
 # within its share of the prefetch window (none bounces through a delay tier).
@@ -89,13 +96,15 @@ async def measure_callbacks(amqp_url: str, reps: int, count: int) -> dict[str, A
         amqp_url=amqp_url,
         webhook_secret=generate_secret(),
         models=(),
-        callback_allow=AllowList.parse(["127.0.0.1", SLOW_HOST]),
+        callback_allow=AllowList.parse(["127.0.0.1", SLOW_HOST, OTHER_FAST_HOST]),
     )
     fast = ReceiverProcess(None)
     slow = ReceiverProcess(None, host=SLOW_HOST, delay_s=SLOW_ANSWER_S)
-    await fast.start()
-    await slow.start()
-    alone, beside_slow = [], []
+    other_fast = ReceiverProcess(None, host=OTHER_FAST_HOST)
+    receivers = (fast, slow, other_fast)
+    for receiver in receivers:
+        await receiver.start()
+    alone, beside_slow, beside_fast = [], [], []
     try:
         await deliver_rates(settings, [(fast, min(count, 300))])  # warm-up
         for _ in range(reps):
@@ -103,14 +112,19 @@ async def measure_callbacks(amqp_url: str, reps: int, count: int) -> dict[str, A
             beside_slow.append(
                 (await deliver_rates(settings, [(fast, count), (slow, SLOW_HOST_CALLBACKS)]))[0]
             )
+            beside_fast.append(
+                (await deliver_rates(settings, [(fast, count), (other_fast, SLOW_HOST_CALLBACKS)]))[0]
+            )
     finally:
-        await fast.stop()
-        await slow.stop()
+        for receiver in receivers:
+            await receiver.stop()
     return {
         "deliveries_per_run": count,
         "slow_host_callbacks": SLOW_HOST_CALLBACKS,
         "capacity_per_s": median(alone),
         "fast_beside_slow_per_s": median(beside_slow),
+        "fast_beside_fast_per_s": median(beside_fast),
         "slow_host_ratio": median([b / a for a, b in zip(alone, beside_slow, strict=True)]),
-        "runs": {"alone": alone, "beside_slow": beside_slow},
+        "slow_vs_same_load_ratio": median([s / f for s, f in zip(beside_slow, beside_fast, strict=True)]),
+        "runs": {"alone": alone, "beside_slow": beside_slow, "beside_fast": beside_fast},
     }
