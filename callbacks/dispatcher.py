@@ -1,20 +1,25 @@
 """The callback stage: delivers finished jobs' events, separate from inference.
 
-A worker only publishes a `CallbackDelivery` to the callbacks queue and acks its job,
-so a slow or dead receiver never holds a model replica and never makes the model run
-again. The dispatcher makes one attempt per delivery; a retryable failure goes to the
-delay tier of its next attempt (TTL + dead-letter back to the callbacks queue), so no
-message is held while it waits. After the last attempt, or on a permanent failure
-(410 Gone, other 4xx, a URL the guard refuses), the event goes to the callbacks
-parking lot with the reason. Every path acks only after its publish is confirmed.
+A worker only publishes its jobs' events to the callbacks queue and acks the jobs, so a
+slow or dead receiver never holds a model replica and never makes the model run again.
+A message carries one `CallbackDelivery` or, from a worker's batch, a `CallbackBatch` of
+one host's events (a message per job cost the broker and both processes more than the
+delivery itself). Each event gets its own outcome, and the message is settled once, when
+every event's outcome is durable: one attempt per event; a retryable failure goes to the
+delay tier of its next attempt as a message of its own (TTL + dead-letter back to the
+callbacks queue), so nothing is held while it waits. After the last attempt, or on a
+permanent failure (410 Gone, other 4xx, a URL the guard refuses), the event goes to the
+callbacks parking lot, on its own, with the reason. A message that comes back (the
+dispatcher died before its ack, or a publish was refused) runs all its events again:
+at-least-once, with the same webhook-ids.
 
 Back-pressure per host waits instead of re-queueing: `HostSlots` bounds deliveries in
 flight per host (`CALLBACK_HOST_CONCURRENCY`) and in all (`CALLBACK_CONCURRENCY`); a
 delivery for a busy host waits in memory for a slot, hosts take turns, and the broker
-keeps what is beyond the prefetch (`CALLBACK_PREFETCH`). Only two things send a delivery
-back to a delay tier without spending an attempt: its host's breaker is open (it waits
-out the cool-down there), or its host already holds half the prefetch window (a slow
-host must not take the window the other hosts need).
+keeps what is beyond the prefetch (`CALLBACK_PREFETCH` messages). Only two things send
+an event back to a delay tier without spending an attempt: its host's breaker is open
+(it waits out the cool-down there), or its host already holds half the prefetch window
+in messages (a slow host must not take the window the other hosts need).
 
 Each delivery's state goes to the job's record (`delivery_log`). An event without a
 callback URL is there only because the worker could not write the job's record: the
@@ -27,7 +32,9 @@ import asyncio
 import contextlib
 import logging
 import time
-from urllib.parse import urlsplit
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
 
 import msgspec
 
@@ -38,15 +45,17 @@ from callbacks.host_slots import HostSlots
 from callbacks.settings import CallbackSettings
 from callbacks.signing import WebhookSigner
 from contract.broker import Broker, Delivery, OutgoingMessage
+from contract.callback_events import callback_host
 from contract.callback_guard import Resolver, SystemResolver
 from contract.circuit_breaker import BreakerState, CircuitBreaker
 from contract.envelope import (
     ATTEMPT_HEADER,
+    CALLBACK_BATCH_TYPE,
     PARK_REASON_HEADER,
     CallbackDelivery,
     Job,
     UndecodableMessage,
-    decode_callback_delivery,
+    decode_callback_deliveries,
     encode,
 )
 from contract.job_records import JobRecords, RecordsUnavailable
@@ -57,14 +66,6 @@ logger = logging.getLogger(__name__)
 
 # How many times a delivery went back to a delay tier without an attempt.
 DEFERRALS_HEADER = "x-deferrals"
-
-
-def host_key(callback_url: str) -> str:
-    """The host a delivery's slots and breaker belong to ("" for a URL with none)."""
-    try:
-        return (urlsplit(callback_url).hostname or "").lower()
-    except ValueError:
-        return ""
 
 
 class CallbackDispatcher:
@@ -161,73 +162,88 @@ class CallbackDispatcher:
             raise
         except Exception as exc:
             logger.exception("callback %s failed unexpectedly; parking it", delivery.message_id)
-            await self._park(delivery, f"unexpected error in the dispatcher: {exc!r}")
+            await self._park_whole(delivery, f"unexpected error in the dispatcher: {exc!r}")
 
     async def _dispatch(self, delivery: Delivery) -> None:
+        """Each event of the message gets its outcome; then one settle for the message."""
         try:
-            callback = decode_callback_delivery(delivery.body)
+            callbacks = decode_callback_deliveries(delivery.body, delivery.type)
         except UndecodableMessage as exc:
-            await self._park(delivery, str(exc))
+            await self._park_whole(delivery, str(exc))
             return
-        attempt = int(delivery.headers.get(ATTEMPT_HEADER, 1))
+        events = _Event.of(delivery, callbacks)
+        by_host: dict[str, list[_Event]] = {}
+        for event in events:
+            by_host.setdefault(callback_host(event.callback.callback_url or ""), []).append(event)
+        grouped = await asyncio.gather(*(self._host_outcomes(host, group) for host, group in by_host.items()))
+        outcomes = [outcome for group in grouped for outcome in group]
+        settled = await settle(self._broker, [(delivery, [p for o in outcomes for p in o.publishes])])
+        if not settled.acked:
+            return  # back in the queue: its events run again
+        for event, outcome in zip([e for group in by_host.values() for e in group], outcomes, strict=True):
+            if outcome.state is not None:
+                self._delivery_log.note(event.callback.event.data.id, outcome.state, event.attempt)
+            if outcome.parked:
+                self.metrics.parked()
+
+    async def _host_outcomes(self, host: str, events: list[_Event]) -> list[_Outcome]:
+        """The events of one message for one host, under one hold of the host's share."""
+        if not self.slots.try_hold(host):
+            first_delay_s = self._schedule.distinct_delays_s()[0]
+            return [self._deferred(event, first_delay_s, "host_busy") for event in events]
+        try:
+            return list(await asyncio.gather(*(self._event_outcome(host, event) for event in events)))
+        finally:
+            self.slots.unhold(host)
+            self._forget_breaker_if_idle(host)
+
+    async def _event_outcome(self, host: str, event: _Event) -> _Outcome:
+        """One event's outcome; an error nobody expected parks the event with its reason."""
+        try:
+            return await self._outcome(host, event)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            logger.exception("callback %s failed unexpectedly; parking it", event.message_id)
+            return self._parked_outcome(event, f"unexpected error in the dispatcher: {exc!r}")
+
+    async def _outcome(self, host: str, event: _Event) -> _Outcome:
+        callback = event.callback
         unrecorded: list[Publish] = []
         if callback.job is not None:  # the worker could not write the job's ending: write it here
             recorded = await self._record_ending(callback, callback.job)
             if callback.callback_url is None:
                 if recorded:
-                    await settle(self._broker, [(delivery, [])])
-                else:
-                    await self._defer(
-                        delivery, attempt, self._schedule.distinct_delays_s()[0], "records_unavailable"
-                    )
-                return
-            unrecorded = [] if recorded else [self._record_only_copy(delivery, callback)]
+                    return _Outcome([])
+                first_delay_s = self._schedule.distinct_delays_s()[0]
+                return self._deferred(event, first_delay_s, "records_unavailable")
+            unrecorded = [] if recorded else [self._record_only_copy(event)]
         if callback.callback_url is None:
-            await self._park(delivery, "no callback URL and no job to record")
-            return
-        await self._deliver(delivery, callback, callback.callback_url, attempt, unrecorded)
+            return self._parked_outcome(event, "no callback URL and no job to record")
+        return await self._attempt(host, event, unrecorded)
 
-    async def _deliver(
-        self,
-        delivery: Delivery,
-        callback: CallbackDelivery,
-        url: str,
-        attempt: int,
-        unrecorded: list[Publish],
-    ) -> None:
-        """One attempt; `unrecorded` (the ending still to record) goes out with a final settle."""
-        host = host_key(url)
-        if not self.slots.try_hold(host):
-            await self._defer(delivery, attempt, self._schedule.distinct_delays_s()[0], "host_busy")
-            return
-        try:
-            await self.slots.acquire(host)
-        except asyncio.CancelledError:
-            self.slots.drop(host)
-            raise
+    async def _attempt(self, host: str, event: _Event, unrecorded: list[Publish]) -> _Outcome:
+        """One attempt; `unrecorded` (the ending still to record) goes out with a final outcome."""
+        await self.slots.acquire(host)
         started = time.monotonic()
         try:
             breaker = self.breaker_for(host)
-            result = await self._client.deliver(callback) if breaker.allow() else None
+            result = await self._client.deliver(event.callback) if breaker.allow() else None
         finally:
             self.slots.release(host)
-        if result is not None:
-            outcome = "delivered" if result.delivered else "retry" if result.retryable else "refused"
-            self.metrics.attempted(outcome, time.monotonic() - started)
         if result is None:
-            await self._defer(delivery, attempt, breaker.remaining_cooldown_s(), "breaker_open")
-        elif result.delivered:
-            self._record(host, breaker, ok=True)
-            await settle(self._broker, [(delivery, unrecorded)])
-            self._delivery_log.note(callback.event.data.id, "delivered", attempt)
-        elif result.retryable:
-            self._record(host, breaker, ok=False)
-            await self._retry_or_park(delivery, callback, attempt, result, unrecorded)
-        else:
-            self._record(host, breaker, ok=True)  # the host answered; it is the request that is refused
-            logger.warning("callback %s refused for good: %s", callback.webhook_id, result.error)
-            await self._park(delivery, result.error or "refused", unrecorded)
-            self._delivery_log.note(callback.event.data.id, "parked", attempt)
+            return self._deferred(event, breaker.remaining_cooldown_s(), "breaker_open")
+        outcome = "delivered" if result.delivered else "retry" if result.retryable else "refused"
+        self.metrics.attempted(outcome, time.monotonic() - started)
+        if result.delivered:
+            breaker.record_success()
+            return _Outcome(unrecorded, state="delivered")
+        if result.retryable:
+            breaker.record_failure()
+            return self._retry_or_park(event, result, unrecorded)
+        breaker.record_success()  # the host answered; it is the request that is refused
+        logger.warning("callback %s refused for good: %s", event.message_id, result.error)
+        return self._parked_outcome(event, result.error or "refused", unrecorded)
 
     async def _record_ending(self, callback: CallbackDelivery, job: Job) -> bool:
         """Write the job's ending to its record; False while Redis is away."""
@@ -242,98 +258,142 @@ class CallbackDispatcher:
             return False
         return True
 
-    def _record_only_copy(self, delivery: Delivery, callback: CallbackDelivery) -> Publish:
+    def _record_only_copy(self, event: _Event) -> Publish:
         """The event without its URL: it comes back from a delay tier only to be recorded."""
         delay_s = self._schedule.distinct_delays_s()[0]
         message = OutgoingMessage(
-            encode(msgspec.structs.replace(callback, callback_url=None)),
-            message_id=delivery.message_id or "unknown",
+            encode(msgspec.structs.replace(event.callback, callback_url=None)),
+            message_id=event.message_id,
             headers={ATTEMPT_HEADER: 1},
             expiration_ms=self._schedule.jittered_ms(delay_s),
         )
         return self._callback_outcome(message, self._topology.callback_retry_queue(delay_s))
 
-    def _record(self, host: str, breaker: CircuitBreaker, ok: bool) -> None:
-        if not ok:
-            breaker.record_failure()
-            return
-        breaker.record_success()
-        # Dropped only while nothing else holds it: a delivery under way records on it.
-        if breaker.state is BreakerState.CLOSED and self.slots.held(host) == 0:
-            self._breakers.pop(host, None)
+    def _forget_breaker_if_idle(self, host: str) -> None:
+        """Only hosts with failures in their recent past keep a breaker here: a closed one
+        without failures is dropped once nothing holds its host, so the map does not grow
+        with every host."""
+        breaker = self._breakers.get(host)
+        if (
+            breaker is not None
+            and breaker.state is BreakerState.CLOSED
+            and breaker.consecutive_failures == 0
+            and self.slots.held(host) == 0
+        ):
+            del self._breakers[host]
 
-    async def _retry_or_park(
-        self,
-        delivery: Delivery,
-        callback: CallbackDelivery,
-        attempt: int,
-        result: DeliveryResult,
-        unrecorded: list[Publish],
-    ) -> None:
-        delay_s = self._schedule.delay_after(attempt)
+    def _retry_or_park(self, event: _Event, result: DeliveryResult, unrecorded: list[Publish]) -> _Outcome:
+        delay_s = self._schedule.delay_after(event.attempt)
         if delay_s is None:
             logger.warning(
-                "callback %s given up after %d attempts: %s", callback.webhook_id, attempt, result.error
+                "callback %s given up after %d attempts: %s", event.message_id, event.attempt, result.error
             )
-            await self._park(delivery, f"gave up after {attempt} attempts: {result.error}", unrecorded)
-            self._delivery_log.note(callback.event.data.id, "parked", attempt)
-            return
+            return self._parked_outcome(
+                event, f"gave up after {event.attempt} attempts: {result.error}", unrecorded
+            )
         if result.retry_after_s is not None:
             delay_s = max(delay_s, self._tier_at_least(result.retry_after_s))
         logger.info(
             "callback %s attempt %d failed (%s); next in %.1f s",
-            callback.webhook_id,
-            attempt,
+            event.message_id,
+            event.attempt,
             result.error,
             delay_s,
         )
-        await self._republish(delivery, attempt + 1, delay_s)
-        self._delivery_log.note(callback.event.data.id, "pending", attempt)
+        return _Outcome([self._republished(event, event.attempt + 1, delay_s)], state="pending")
 
     def _tier_at_least(self, wait_s: float) -> float:
         """The shortest delay tier that waits at least `wait_s` (else the longest)."""
         delays = self._schedule.distinct_delays_s()
         return min((d for d in delays if d >= wait_s), default=delays[-1])
 
-    async def _defer(self, delivery: Delivery, attempt: int, wait_s: float, reason: str) -> None:
-        """Wait in a delay tier without spending an attempt (breaker open or host over its
-        share), at most CALLBACK_MAX_DEFERRALS times: a host that stays unusable for that
-        long gets its callbacks parked (replayable), not churned through the tiers forever."""
-        deferred = int(delivery.headers.get(DEFERRALS_HEADER, 0))
+    def _deferred(self, event: _Event, wait_s: float, reason: str) -> _Outcome:
+        """Wait in a delay tier without spending an attempt (breaker open, host over its
+        share, records away), at most CALLBACK_MAX_DEFERRALS times: a host that stays
+        unusable for that long gets its callbacks parked (replayable), not churned through
+        the tiers forever."""
+        deferred = int(event.headers.get(DEFERRALS_HEADER, 0))
         if deferred >= self._settings.callback_max_deferrals:
-            logger.warning("callback %s parked after %d deferrals", delivery.message_id, deferred)
-            await self._park(
-                delivery, f"deferred {deferred} times (its host's breaker open or host saturated)"
+            logger.warning("callback %s parked after %d deferrals", event.message_id, deferred)
+            return self._parked_outcome(
+                event, f"deferred {deferred} times (its host's breaker open or host saturated)"
             )
-            return
         self.deferrals += 1
         self.metrics.deferred(reason)
-        await self._republish(
-            delivery, attempt, self._tier_at_least(wait_s), {DEFERRALS_HEADER: deferred + 1}
-        )
+        delay_s = self._tier_at_least(wait_s)
+        return _Outcome([self._republished(event, event.attempt, delay_s, {DEFERRALS_HEADER: deferred + 1})])
 
-    async def _republish(
-        self, delivery: Delivery, attempt: int, delay_s: float, extra_headers: dict[str, int] | None = None
-    ) -> None:
+    def _republished(
+        self, event: _Event, attempt: int, delay_s: float, extra_headers: dict[str, int] | None = None
+    ) -> Publish:
         message = OutgoingMessage(
-            delivery.body,
-            message_id=delivery.message_id or "unknown",
-            headers={**delivery.headers, ATTEMPT_HEADER: attempt, **(extra_headers or {})},
+            event.body(),
+            message_id=event.message_id,
+            headers={**event.headers, ATTEMPT_HEADER: attempt, **(extra_headers or {})},
             expiration_ms=self._schedule.jittered_ms(delay_s),
         )
-        retry = self._callback_outcome(message, self._topology.callback_retry_queue(delay_s))
-        await settle(self._broker, [(delivery, [retry])])
+        return self._callback_outcome(message, self._topology.callback_retry_queue(delay_s))
 
-    async def _park(self, delivery: Delivery, reason: str, also: list[Publish] | None = None) -> None:
-        message = OutgoingMessage(
-            delivery.body,
-            message_id=delivery.message_id or "unknown",
-            headers={**delivery.headers, PARK_REASON_HEADER: reason[:1000]},
+    def _parked_outcome(self, event: _Event, reason: str, also: list[Publish] | None = None) -> _Outcome:
+        return _Outcome([self._parked(event, reason), *(also or [])], state="parked", parked=True)
+
+    def _parked(self, event: _Event, reason: str) -> Publish:
+        return self._parking(event.body(), event.message_id, event.headers, event.message_type, reason)
+
+    async def _park_whole(self, delivery: Delivery, reason: str) -> None:
+        """Park the message as it came (a batch stays one, and replays as one)."""
+        park = self._parking(
+            delivery.body, delivery.message_id or "unknown", delivery.headers, delivery.type, reason
         )
-        park = self._callback_outcome(message, self._topology.callbacks_parking_queue)
-        await settle(self._broker, [(delivery, [park, *(also or [])])])
+        await settle(self._broker, [(delivery, [park])])
         self.metrics.parked()
+
+    def _parking(
+        self, body: bytes, message_id: str, headers: Mapping[str, Any], message_type: str | None, reason: str
+    ) -> Publish:
+        message = OutgoingMessage(
+            body,
+            message_id=message_id,
+            headers={**headers, PARK_REASON_HEADER: reason[:1000]},
+            type=message_type,
+        )
+        return self._callback_outcome(message, self._topology.callbacks_parking_queue)
 
     def _callback_outcome(self, message: OutgoingMessage, queue: str) -> Publish:
         """To `queue` through the dispatcher's own exchange (never the default one)."""
         return Publish(message, queue, exchange=self._topology.callback_outcomes_exchange)
+
+
+@dataclass(frozen=True)
+class _Outcome:
+    """What one event comes to: the messages its message's settle publishes, and (once
+    settled) the delivery state to note and whether it was parked."""
+
+    publishes: list[Publish]
+    state: str | None = None
+    parked: bool = False
+
+
+@dataclass(frozen=True)
+class _Event:
+    """One event of a consumed message, with what a copy of it on its own carries."""
+
+    callback: CallbackDelivery
+    message_id: str
+    headers: Mapping[str, Any]
+    attempt: int
+    # The event's own body when the message was just this event; else encoded on demand.
+    raw: bytes | None = None
+    message_type: str | None = None
+
+    @classmethod
+    def of(cls, delivery: Delivery, callbacks: list[CallbackDelivery]) -> list[_Event]:
+        if delivery.type != CALLBACK_BATCH_TYPE:
+            attempt = int(delivery.headers.get(ATTEMPT_HEADER, 1))
+            message_id = delivery.message_id or callbacks[0].webhook_id
+            return [cls(callbacks[0], message_id, delivery.headers, attempt, delivery.body, delivery.type)]
+        # A batch is every event's first attempt: its retries go out one event per message.
+        return [cls(c, c.webhook_id, {ATTEMPT_HEADER: 1}, 1, None, c.event.type) for c in callbacks]
+
+    def body(self) -> bytes:
+        return self.raw if self.raw is not None else encode(self.callback)

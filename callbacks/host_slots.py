@@ -5,9 +5,10 @@ it is not sent back to the broker (that cost one healthy host five seconds per l
 The broker keeps what is beyond the dispatcher's prefetch, which bounds this memory.
 Fairness: when a slot frees, waiting hosts are served in turn (round robin), so one
 host with a deep backlog cannot take the slots of another. A host may also hold only
-`max_held_per_host` deliveries (in flight plus waiting): past that, `try_hold` says no
-and the caller defers the delivery, so a slow host cannot fill the prefetch window that
-the others need.
+`max_held_per_host` consumed messages (each one hold, however many of its events it
+carries, while any of them is in flight or waiting): past that, `try_hold` says no and
+the caller defers the message's events, so a slow host cannot fill the prefetch window
+(counted in messages) that the others need.
 
 Plain asyncio, no network: tested directly.
 """
@@ -45,7 +46,8 @@ class HostSlots:
         return len(self._held)
 
     def try_hold(self, host: str) -> bool:
-        """Reserve a place for one delivery to `host`; False when the host holds its maximum."""
+        """Reserve a place for one message's deliveries to `host`; False when the host holds
+        its maximum. End it with `unhold` once they are all done."""
         held = self._held.get(host, 0)
         if held >= self._max_held:
             return False
@@ -53,7 +55,7 @@ class HostSlots:
         return True
 
     async def acquire(self, host: str) -> None:
-        """Wait for a slot for a held delivery; call `release` once it is done."""
+        """Wait for a slot for one delivery of a held message; `release` it once it is done."""
         if not self._waiting.get(host) and self._has_room(host):
             self._take(host)
             return
@@ -69,16 +71,19 @@ class HostSlots:
                 self._give_back_slot(host)  # granted, then cancelled before it was used
             else:
                 self._forget_waiter(host, waiter)
-            raise  # the hold stays: the caller ends it with `drop`
+            raise  # the hold stays: the caller ends it with `unhold`
 
     def release(self, host: str) -> None:
-        """The delivery is done (slot and hold both end)."""
-        self._unhold(host)
+        """The delivery is done: its slot goes to the next waiting host."""
         self._give_back_slot(host)
 
-    def drop(self, host: str) -> None:
-        """End a hold that never acquired a slot (the delivery was deferred or settled early)."""
-        self._unhold(host)
+    def unhold(self, host: str) -> None:
+        """The message's deliveries to `host` are all done (or were never started)."""
+        remaining = self._held[host] - 1
+        if remaining:
+            self._held[host] = remaining
+        else:
+            del self._held[host]
 
     def _has_room(self, host: str) -> bool:
         return self._in_flight_total < self._total and self._in_flight.get(host, 0) < self._per_host
@@ -95,13 +100,6 @@ class HostSlots:
         else:
             del self._in_flight[host]
         self._grant()
-
-    def _unhold(self, host: str) -> None:
-        remaining = self._held[host] - 1
-        if remaining:
-            self._held[host] = remaining
-        else:
-            del self._held[host]
 
     def _forget_waiter(self, host: str, waiter: asyncio.Future[None]) -> None:
         queue = self._waiting.get(host)

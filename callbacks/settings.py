@@ -27,6 +27,7 @@ class CallbackSettings:
     # Deliveries in flight in all and per host; prefetched ones wait in memory for a slot.
     callback_concurrency: int = 256
     callback_host_concurrency: int = 64
+    # Messages; one carries at most 64 events and 64 KiB of them (contract.settlement).
     callback_prefetch: int = 1024
     # Callback-host breaker: consecutive failed deliveries that open it, and its cool-down.
     callback_breaker_threshold: int = 5

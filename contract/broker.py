@@ -139,6 +139,7 @@ class Delivery:
         self.headers: Mapping[str, Any] = message.headers or {}
         self.message_id: str | None = message.message_id
         self.priority: int = message.priority or 0
+        self.type: str | None = message.type
         self.delivery_tag: int = message.delivery_tag or 0
         self._unsettled.add(self.delivery_tag)
 

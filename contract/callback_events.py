@@ -1,20 +1,25 @@
 """The terminal event a job ends with, as a message for the callbacks queue.
 
 Built by the worker (succeeded, failed, expired) and by the ingress (canceled), so both
-send the same Standard Webhooks payload with the same stable `webhook-id`.
+send the same Standard Webhooks payload with the same stable `webhook-id`. The worker
+settles a batch with `combine_callbacks`: its events for one callback host go out as
+one CallbackBatch message.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any
+from urllib.parse import urlsplit
 
 import msgspec
 
 from contract.broker import OutgoingMessage
 from contract.envelope import (
     ATTEMPT_HEADER,
+    CALLBACK_BATCH_TYPE,
     CallbackDelivery,
     CallbackEvent,
     EventData,
@@ -22,6 +27,7 @@ from contract.envelope import (
     Job,
     JobStatus,
     JobTimings,
+    callback_batch_body,
     decode_callback_delivery,
     encode,
     webhook_id_for,
@@ -68,7 +74,36 @@ def callback_for(
         headers={ATTEMPT_HEADER: 1},
         type=event_type,
     )
-    return Publish(message, topology.callbacks_queue, exchange=topology.job_outcomes_exchange(job.model))
+    return Publish(
+        message,
+        topology.callbacks_queue,
+        exchange=topology.job_outcomes_exchange(job.model),
+        combine_key=callback_host(job.callback_url or ""),
+    )
+
+
+def callback_host(callback_url: str) -> str:
+    """The host a callback goes to ("" for a URL with none): what the dispatcher's slots
+    and breakers are kept by, and what a batch message shares."""
+    try:
+        return (urlsplit(callback_url).hostname or "").lower()
+    except ValueError:
+        return ""
+
+
+def combine_callbacks(publishes: Sequence[Publish]) -> Publish:
+    """One callbacks-queue message for several events of one host (`settle`'s `combine`);
+    a lone event stays the message it is."""
+    if len(publishes) == 1:
+        return publishes[0]
+    first = publishes[0]
+    message = OutgoingMessage(
+        callback_batch_body([p.message.body for p in publishes]),
+        message_id=f"batch_{len(publishes)}_{first.message.message_id}",
+        headers={ATTEMPT_HEADER: 1},
+        type=CALLBACK_BATCH_TYPE,
+    )
+    return Publish(message, first.routing_key, exchange=first.exchange)
 
 
 def carrying_job(publish: Publish, job: Job) -> Publish:

@@ -2,12 +2,15 @@
 
 The ingress encodes a `Job` onto the model's queue; a worker decodes it, runs the
 model and encodes a `CallbackDelivery` for the dispatcher, which POSTs its `event`
-(a Standard Webhooks payload) to the caller. Bodies carry `schema_version` so a
-worker can refuse a format it does not know instead of guessing.
+(a Standard Webhooks payload) to the caller. A worker's batch sends its events for one
+callback host as one `CallbackBatch` message (AMQP type CALLBACK_BATCH_TYPE): one
+message per job would cost the broker and both processes a message each. Bodies carry
+`schema_version` so a worker can refuse a format it does not know instead of guessing.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any, Literal, TypeVar
 
 import msgspec
@@ -28,6 +31,9 @@ DEADLINE_HEADER = "x-deadline-ms"
 # JSON list of {"attempt", "error", "at_ms"}: why each earlier attempt failed.
 HISTORY_HEADER = "x-attempt-history"
 PARK_REASON_HEADER = "x-park-reason"
+# The AMQP type of a callbacks-queue message carrying a CallbackBatch; any other type
+# (job.succeeded, ...) is one CallbackDelivery.
+CALLBACK_BATCH_TYPE = "inferq.callback-batch"
 
 EventType = Literal["job.succeeded", "job.failed", "job.expired", "job.canceled"]
 JobStatus = Literal["succeeded", "failed", "expired", "canceled"]
@@ -94,7 +100,14 @@ class CallbackDelivery(msgspec.Struct, frozen=True, kw_only=True):
     job: Job | None = None
 
 
-_Body = TypeVar("_Body", Job, CallbackDelivery)
+class CallbackBatch(msgspec.Struct, frozen=True, kw_only=True):
+    """Several finished jobs' events for one callback host, as one callbacks-queue message."""
+
+    schema_version: int = SCHEMA_VERSION
+    deliveries: list[CallbackDelivery]
+
+
+_Body = TypeVar("_Body", Job, CallbackDelivery, CallbackBatch)
 
 
 def webhook_id_for(job_id: str, event_type: EventType) -> str:
@@ -112,6 +125,18 @@ def decode_job(body: bytes) -> Job:
 
 def decode_callback_delivery(body: bytes) -> CallbackDelivery:
     return _decode(body, CallbackDelivery)
+
+
+def decode_callback_deliveries(body: bytes, message_type: str | None) -> list[CallbackDelivery]:
+    """The events a callbacks-queue message carries: a batch's, or the one it is."""
+    if message_type == CALLBACK_BATCH_TYPE:
+        return _decode(body, CallbackBatch).deliveries
+    return [_decode(body, CallbackDelivery)]
+
+
+def callback_batch_body(delivery_bodies: Sequence[bytes]) -> bytes:
+    """A CallbackBatch's body from encoded CallbackDelivery bodies, without decoding them."""
+    return b'{"schema_version":%d,"deliveries":[%s]}' % (SCHEMA_VERSION, b",".join(delivery_bodies))
 
 
 def _decode(body: bytes, kind: type[_Body]) -> _Body:

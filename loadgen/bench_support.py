@@ -15,7 +15,7 @@ from typing import Any
 
 from contract.broker import Broker, Delivery
 from contract.config import Environment
-from contract.envelope import Job, Priority, decode_callback_delivery
+from contract.envelope import Job, Priority, decode_callback_deliveries
 from contract.job_message import job_message
 from contract.job_records import JobRecords
 from contract.topology import QueueType, Topology
@@ -134,10 +134,12 @@ class FinishedJobs:
         )
 
     async def _on_delivery(self, delivery: Delivery) -> None:
-        event = decode_callback_delivery(delivery.body).event
-        data = event.data
-        done_s = datetime.fromisoformat(event.timestamp).timestamp()
-        self.finished[data.id] = Finished(data.id, done_s, data.timings.inference_ms, data.timings.batch_size)
+        for callback in decode_callback_deliveries(delivery.body, delivery.type):
+            event, data = callback.event, callback.event.data
+            done_s = datetime.fromisoformat(event.timestamp).timestamp()
+            self.finished[data.id] = Finished(
+                data.id, done_s, data.timings.inference_ms, data.timings.batch_size
+            )
         await delivery.ack()
         self._changed.set()
 

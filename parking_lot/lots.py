@@ -88,7 +88,9 @@ async def replay(
             headers[ATTEMPT_HEADER] = 1
             headers[REPLAYED_HEADER] = int(headers.get(REPLAYED_HEADER, 0)) + 1
             if lot.model is None:
-                message = OutgoingMessage(delivery.body, delivery.message_id or "unknown", headers=headers)
+                message = OutgoingMessage(
+                    delivery.body, delivery.message_id or "unknown", headers=headers, type=delivery.type
+                )
                 publish = Publish(message, lot.topology.callbacks_queue)
             else:
                 try:

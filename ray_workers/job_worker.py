@@ -17,7 +17,9 @@ the consumer's prefetch follows at twice the size.
 At a backlog the model does not wait on the broker: a batch's outcomes are settled
 (`contract.settlement`: pipelined publishes, one confirm wait, then one `basic.ack
 multiple` where the tags allow it) while the next batch already runs; at most one batch
-settles at a time.
+settles at a time. The batch's callback events for one host go out as one message
+(`combine_callbacks`), after the retries and parked jobs, so each job is still acked
+only once the message carrying its event is confirmed.
 A delivery whose channel closed before it ran (a reconnect: the broker has already
 handed it to another consumer) is dropped, not run twice.
 """
@@ -34,7 +36,7 @@ from dataclasses import dataclass
 from typing import Any, cast
 
 from contract.broker import Broker, BrokerError, Delivery
-from contract.callback_events import callback_for, canceled_callback, carrying_job
+from contract.callback_events import callback_for, canceled_callback, carrying_job, combine_callbacks
 from contract.circuit_breaker import BreakerState, CircuitBreaker
 from contract.envelope import ATTEMPT_HEADER, Job, JobStatus, JobTimings, UndecodableMessage, decode_job
 from contract.job_records import JobRecords, RecordsUnavailable, Started
@@ -258,7 +260,7 @@ class JobWorker:
             # One batch settling at a time: prefetch stays bounded. Shielded: a cancelled
             # loop (a drain that timed out) must not cancel acks of work already done.
             await asyncio.shield(previous)
-        self._settling = asyncio.create_task(settle(self._broker, outcomes))
+        self._settling = asyncio.create_task(settle(self._broker, outcomes, combine=combine_callbacks))
         if runnable:
             await self._update_breaker(model_failed)
         return inference_s, model_failed

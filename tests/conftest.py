@@ -24,6 +24,7 @@ from callbacks.signing import generate_secret
 from contract.broker import Broker
 from contract.callback_guard import AllowList
 from contract.config import DEFAULT_AMQP_URL
+from contract.envelope import CallbackDelivery, decode_callback_deliveries
 from contract.retry_tiers import RetrySchedule
 from contract.topology import QueueType, Topology
 from ingress.app import create_app
@@ -282,6 +283,12 @@ async def report_chaos(report: str) -> None:
 def _append_line(path: Path, line: str) -> None:
     with path.open("a") as out:
         out.write(line + "\n")
+
+
+def callbacks_in(messages: list[aio_pika.abc.AbstractIncomingMessage]) -> list[CallbackDelivery]:
+    """The callback events these callbacks-queue messages carry (a worker's batch sends its
+    events for one host as one message)."""
+    return [callback for m in messages for callback in decode_callback_deliveries(m.body, m.type)]
 
 
 async def drain_queue(amqp_url: str, queue: str) -> list[aio_pika.abc.AbstractIncomingMessage]:

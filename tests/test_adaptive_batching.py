@@ -8,12 +8,12 @@ import uuid
 from dataclasses import replace
 
 from contract.broker import Broker
-from contract.envelope import Job, decode_callback_delivery
+from contract.envelope import Job
 from contract.job_message import job_message
 from contract.model_sections import Batching
 from ray_workers.job_worker import JobWorker
 from ray_workers.settings import WorkerSettings
-from tests.conftest import drain_queue, running_worker, wait_until
+from tests.conftest import callbacks_in, drain_queue, running_worker, wait_until
 from tests.models import LinearLatencyModel, ShortChangingModel
 
 
@@ -43,7 +43,7 @@ async def _publish_jobs(settings: WorkerSettings, count: int) -> set[str]:
 
 async def _callback_ids(settings: WorkerSettings) -> list[str]:
     messages = await drain_queue(settings.amqp_url, settings.topology.callbacks_queue)
-    return [decode_callback_delivery(m.body).event.data.id for m in messages]
+    return [callback.event.data.id for callback in callbacks_in(messages)]
 
 
 async def _callbacks(settings: WorkerSettings, expected: int) -> list[str]:

@@ -25,7 +25,7 @@ from callbacks.dispatcher import CallbackDispatcher
 from callbacks.settings import CallbackSettings
 from contract.broker import Broker, BrokerUnavailable
 from contract.callback_guard import AllowList, IPAddress
-from contract.envelope import Job, decode_callback_delivery, decode_job
+from contract.envelope import Job, decode_callback_deliveries, decode_job
 from contract.job_message import job_message
 from ingress.settings import IngressSettings
 from loadgen.callback_receiver import CallbackReceiver
@@ -281,8 +281,8 @@ async def test_given_a_memory_alarm_and_hostile_receivers_then_nothing_lost_and_
         async def all_terminal() -> bool:
             async with broker.fetching(broker.topology.callbacks_parking_queue) as next_message:
                 while (delivery := await next_message()) is not None:
-                    event = decode_callback_delivery(delivery.body).event
-                    parked[event.data.id] = event.type
+                    events = [c.event for c in decode_callback_deliveries(delivery.body, delivery.type)]
+                    parked.update({event.data.id: event.type for event in events})
                     await delivery.ack()
             delivered = {r.event["data"]["id"] for r in receiver.received}
             return accepted <= delivered | set(parked)

@@ -16,6 +16,12 @@ async def _hold_and_acquire(slots: HostSlots, host: str, granted: list[str]) -> 
     granted.append(host)
 
 
+def _done(slots: HostSlots, host: str) -> None:
+    """A one-delivery message is done: its slot and its hold end."""
+    slots.release(host)
+    slots.unhold(host)
+
+
 async def _settle() -> None:
     for _ in range(5):
         await asyncio.sleep(0)
@@ -30,11 +36,11 @@ async def test_given_a_free_host_then_deliveries_start_up_to_its_cap_and_the_res
     assert granted == ["a", "a"]
     assert (slots.in_flight("a"), slots.held("a")) == (2, 5)
 
-    slots.release("a")
+    _done(slots, "a")
     await _settle()
     assert granted == ["a", "a", "a"] and slots.in_flight("a") == 2
     for _ in range(4):
-        slots.release("a")
+        _done(slots, "a")
         await _settle()
     await asyncio.gather(*tasks)
     assert slots.hosts_tracked == 0
@@ -49,9 +55,9 @@ async def test_given_the_total_is_taken_then_waiting_hosts_are_served_in_turn() 
     await _settle()
     assert granted == ["busy", "busy"]
 
-    slots.release("busy")
+    _done(slots, "busy")
     await _settle()
-    slots.release("busy")
+    _done(slots, "busy")
     await _settle()
 
     # Four "busy" deliveries waited before "quiet" arrived, yet "quiet" is served by the
@@ -66,7 +72,7 @@ def test_given_a_host_holding_its_maximum_then_try_hold_says_no_until_one_ends()
     slots = HostSlots(total=4, per_host=2, max_held_per_host=3)
     assert [slots.try_hold("a") for _ in range(4)] == [True, True, True, False]
     assert slots.try_hold("b")  # another host has its own share
-    slots.drop("a")
+    slots.unhold("a")
     assert slots.try_hold("a")
 
 
@@ -82,13 +88,38 @@ async def test_given_a_waiting_delivery_is_cancelled_then_its_place_is_not_leake
     waiting.cancel()
     with pytest.raises(asyncio.CancelledError):
         await waiting
-    slots.drop("a")  # what the dispatcher does when its acquire is cancelled
+    slots.unhold("a")  # what the dispatcher does when its acquire is cancelled
     await first
-    slots.release("a")
+    _done(slots, "a")
 
     assert (slots.in_flight("a"), slots.held("a"), slots.hosts_tracked) == (0, 0, 0)
     await _hold_and_acquire(slots, "a", granted)  # the slot is free again
     assert granted == ["a", "a"]
+
+
+async def test_given_a_message_of_several_events_then_it_holds_once_and_each_event_takes_a_slot() -> None:
+    slots = HostSlots(total=10, per_host=2, max_held_per_host=2)
+    granted: list[str] = []
+    assert slots.try_hold("a")  # one batch message of three events for host a
+    tasks = [asyncio.create_task(_acquire(slots, "a", granted)) for _ in range(3)]
+    await _settle()
+
+    assert granted == ["a", "a"]  # the host's slot cap still bounds its requests
+    assert (slots.in_flight("a"), slots.held("a")) == (2, 1)
+    assert slots.try_hold("a") and not slots.try_hold("a")  # the share counts messages
+    slots.unhold("a")
+
+    for _ in range(3):
+        slots.release("a")
+        await _settle()
+    await asyncio.gather(*tasks)
+    slots.unhold("a")
+    assert slots.hosts_tracked == 0
+
+
+async def _acquire(slots: HostSlots, host: str, granted: list[str]) -> None:
+    await slots.acquire(host)
+    granted.append(host)
 
 
 @pytest.mark.parametrize(

@@ -18,7 +18,7 @@ import pytest
 from autoscaler.queue_metrics import management_url_from_amqp
 from callbacks.dispatcher import CallbackDispatcher
 from contract.broker import Broker, TopologyMismatch
-from contract.envelope import ATTEMPT_HEADER, Job, decode_callback_delivery
+from contract.envelope import ATTEMPT_HEADER, Job
 from contract.job_message import job_message
 from contract.job_records import JobRecords
 from contract.model_sections import Batching
@@ -26,7 +26,7 @@ from contract.settlement import Publish, settle
 from ingress.settings import IngressSettings
 from loadgen.callback_receiver import CallbackReceiver
 from ray_workers.settings import WorkerSettings
-from tests.conftest import drain_queue, running_ingress, running_worker, wait_until
+from tests.conftest import callbacks_in, drain_queue, running_ingress, running_worker, wait_until
 from tests.models import ContestedModel, GatedModel, PoisonModel, RecordingModel
 
 
@@ -63,8 +63,8 @@ async def test_given_one_poison_input_in_a_batch_then_only_its_job_is_charged_an
     succeeded: dict[str, int] = {}
 
     async def seven_succeeded() -> bool:
-        for message in await drain_queue(settings.amqp_url, settings.topology.callbacks_queue):
-            event = decode_callback_delivery(message.body).event
+        for callback in callbacks_in(await drain_queue(settings.amqp_url, settings.topology.callbacks_queue)):
+            event = callback.event
             if event.type == "job.succeeded":
                 succeeded[event.data.id] = event.data.attempts
         return len(succeeded) >= 7
@@ -103,7 +103,7 @@ async def test_given_a_drain_then_no_batch_is_taken_from_the_inbox_after_it_bega
     async with running_worker(model, settings):
         await wait_until(lambda: model.calls >= 2, 20, "two batches")
     ran = sum(len(batch.attempts) for batch in model.batches)
-    called_back = await drain_queue(settings.amqp_url, settings.topology.callbacks_queue)
+    called_back = callbacks_in(await drain_queue(settings.amqp_url, settings.topology.callbacks_queue))
     left = await drain_queue(settings.amqp_url, settings.topology.main_queue("echo"))
 
     assert len(called_back) == ran  # every batch that started was settled
@@ -241,8 +241,8 @@ async def test_given_a_connection_lost_with_prefetched_jobs_then_they_are_not_ru
             model.gate.set()
 
             async def all_called_back() -> bool:
-                for message in await drain_queue(settings.amqp_url, settings.topology.callbacks_queue):
-                    delivery = decode_callback_delivery(message.body)
+                messages = await drain_queue(settings.amqp_url, settings.topology.callbacks_queue)
+                for delivery in callbacks_in(messages):
                     seen.setdefault(delivery.event.data.id, []).append(delivery.webhook_id)
                 return len(seen) == len(jobs)
 
@@ -299,8 +299,8 @@ async def _callbacks_after_barrier(settings: WorkerSettings, model: Any, jobs: S
     events: list[Any] = []
 
     async def barrier_done() -> bool:
-        for message in await drain_queue(settings.amqp_url, settings.topology.callbacks_queue):
-            events.append(decode_callback_delivery(message.body).event)
+        for callback in callbacks_in(await drain_queue(settings.amqp_url, settings.topology.callbacks_queue)):
+            events.append(callback.event)
         return any(event.data.id == jobs[-1].id for event in events)
 
     async with running_worker(model, settings):

@@ -13,11 +13,10 @@ import httpx
 import pytest
 
 from contract.broker import Broker
-from contract.envelope import decode_callback_delivery
 from contract.topology import Topology
 from loadgen.bench_support import make_job, publish_jobs
 from loadgen.stack_process import free_port
-from tests.conftest import drain_queue, wait_until
+from tests.conftest import callbacks_in, drain_queue, wait_until
 
 pytestmark = pytest.mark.stack
 
@@ -58,7 +57,7 @@ async def test_a_worker_pod_consumes_its_model_queue_and_stops_on_sigterm(
 
         async def all_finished() -> bool:
             messages = await drain_queue(amqp_url, topology.callbacks_queue)
-            finished.update(decode_callback_delivery(m.body).event.data.id for m in messages)
+            finished.update(callback.event.data.id for callback in callbacks_in(messages))
             assert pod.returncode is None, "the pod exited early"
             return finished >= {j.id for j in jobs}
 
