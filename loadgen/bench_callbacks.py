@@ -1,10 +1,11 @@
 """The callback stage alone: how fast one dispatcher delivers to one host, and whether a slow
 host slows another.
 
-The callbacks queue is prefilled with signed-callback deliveries, then one
-CallbackDispatcher (in this process, default settings) delivers them to receivers in
-processes of their own: a no-op receiver (answers 204 at once) for capacity, and a
-receiver that answers after 2 s on another loopback address for isolation.
+The callbacks queue is prefilled with callback events as workers send them (a message
+per batch and host), then one CallbackDispatcher (in this process, default settings)
+delivers them to receivers in processes of their own: a no-op receiver (answers 204 at
+once) for capacity, and a receiver that answers after 2 s on another loopback address
+for isolation.
 
 The slow host's callbacks are also work: on a box whose cores the dispatcher already
 fills, any second host's deliveries take CPU from the first. So the fast host's rate
@@ -25,7 +26,7 @@ from callbacks.dispatcher import CallbackDispatcher
 from callbacks.settings import CallbackSettings
 from callbacks.signing import generate_secret
 from contract.broker import Broker
-from contract.callback_events import callback_for
+from contract.callback_events import callback_for, combine_callbacks
 from contract.callback_guard import AllowList
 from contract.envelope import Job, JobTimings
 from contract.topology import Topology
@@ -37,24 +38,29 @@ PUBLISH_WINDOW = 256
 SLOW_HOST = "127.0.0.3"
 OTHER_FAST_HOST = "127.0.0.4"
 SLOW_ANSWER_S = 2.0
+# About what an echo worker's batch sends to one host at a backlog here (mean batch 33-43).
+EVENTS_PER_MESSAGE = 32
 # More than the slow host's slots (it saturates and deliveries wait for it in memory),
 # within its share of the prefetch window (none bounces through a delay tier).
 SLOW_HOST_CALLBACKS = 200
 
 
 async def _prefill(broker: Broker, topology: Topology, targets: list[tuple[str, int]]) -> list[set[str]]:
-    """Queue deliveries interleaved over `(url, count)` targets; returns the webhook ids per target."""
+    """Queue deliveries as workers send them at a backlog (EVENTS_PER_MESSAGE of one host's
+    events per message), interleaved over `(url, count)` targets; returns the webhook ids
+    per target."""
     ids: list[set[str]] = [set() for _ in targets]
     timings = JobTimings(queued_ms=0, inference_ms=0, batch_size=1)
     publishes = []
-    for n in range(max(count for _, count in targets)):
+    for first in range(0, max(count for _, count in targets), EVENTS_PER_MESSAGE):
         for index, (url, count) in enumerate(targets):
-            if n >= count:
-                continue
-            job = Job(id=str(uuid.uuid4()), model="echo", input=n, callback_url=url, submitted_at_ms=0)
-            publish = callback_for(job, "succeeded", 1, timings, time.time(), topology, output=n)
-            ids[index].add(publish.message.message_id)
-            publishes.append(publish)
+            events = []
+            for n in range(first, min(count, first + EVENTS_PER_MESSAGE)):
+                job = Job(id=str(uuid.uuid4()), model="echo", input=n, callback_url=url, submitted_at_ms=0)
+                events.append(callback_for(job, "succeeded", 1, timings, time.time(), topology, output=n))
+                ids[index].add(events[-1].message.message_id)
+            if events:
+                publishes.append(combine_callbacks(events))
     for start in range(0, len(publishes), PUBLISH_WINDOW):
         window = publishes[start : start + PUBLISH_WINDOW]
         await asyncio.gather(*(broker.publish(p.message, p.routing_key) for p in window))
