@@ -32,9 +32,9 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Coroutine, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import msgspec
 
@@ -63,6 +63,8 @@ from contract.metric_series import PrometheusSink
 from contract.settlement import Publish, settle
 
 logger = logging.getLogger(__name__)
+
+_T = TypeVar("_T")
 
 # How many times a delivery went back to a delay tier without an attempt.
 DEFERRALS_HEADER = "x-deferrals"
@@ -175,7 +177,7 @@ class CallbackDispatcher:
         by_host: dict[str, list[_Event]] = {}
         for event in events:
             by_host.setdefault(callback_host(event.callback.callback_url or ""), []).append(event)
-        grouped = await asyncio.gather(*(self._host_outcomes(host, group) for host, group in by_host.items()))
+        grouped = await _gathered([self._host_outcomes(host, group) for host, group in by_host.items()])
         outcomes = [outcome for group in grouped for outcome in group]
         settled = await settle(self._broker, [(delivery, [p for o in outcomes for p in o.publishes])])
         if not settled.acked:
@@ -183,16 +185,15 @@ class CallbackDispatcher:
         for event, outcome in zip([e for group in by_host.values() for e in group], outcomes, strict=True):
             if outcome.state is not None:
                 self._delivery_log.note(event.callback.event.data.id, outcome.state, event.attempt)
-            if outcome.parked:
+            if outcome.state == "parked":
                 self.metrics.parked()
 
     async def _host_outcomes(self, host: str, events: list[_Event]) -> list[_Outcome]:
         """The events of one message for one host, under one hold of the host's share."""
         if not self.slots.try_hold(host):
-            first_delay_s = self._schedule.distinct_delays_s()[0]
-            return [self._deferred(event, first_delay_s, "host_busy") for event in events]
+            return [self._deferred(event, self._first_tier_s, "host_busy") for event in events]
         try:
-            return list(await asyncio.gather(*(self._event_outcome(host, event) for event in events)))
+            return await _gathered([self._event_outcome(host, event) for event in events])
         finally:
             self.slots.unhold(host)
             self._forget_breaker_if_idle(host)
@@ -215,8 +216,7 @@ class CallbackDispatcher:
             if callback.callback_url is None:
                 if recorded:
                     return _Outcome([])
-                first_delay_s = self._schedule.distinct_delays_s()[0]
-                return self._deferred(event, first_delay_s, "records_unavailable")
+                return self._deferred(event, self._first_tier_s, "records_unavailable")
             unrecorded = [] if recorded else [self._record_only_copy(event)]
         if callback.callback_url is None:
             return self._parked_outcome(event, "no callback URL and no job to record")
@@ -260,7 +260,7 @@ class CallbackDispatcher:
 
     def _record_only_copy(self, event: _Event) -> Publish:
         """The event without its URL: it comes back from a delay tier only to be recorded."""
-        delay_s = self._schedule.distinct_delays_s()[0]
+        delay_s = self._first_tier_s
         message = OutgoingMessage(
             encode(msgspec.structs.replace(event.callback, callback_url=None)),
             message_id=event.message_id,
@@ -302,6 +302,10 @@ class CallbackDispatcher:
         )
         return _Outcome([self._republished(event, event.attempt + 1, delay_s)], state="pending")
 
+    @property
+    def _first_tier_s(self) -> float:
+        return self._schedule.distinct_delays_s()[0]
+
     def _tier_at_least(self, wait_s: float) -> float:
         """The shortest delay tier that waits at least `wait_s` (else the longest)."""
         delays = self._schedule.distinct_delays_s()
@@ -335,7 +339,7 @@ class CallbackDispatcher:
         return self._callback_outcome(message, self._topology.callback_retry_queue(delay_s))
 
     def _parked_outcome(self, event: _Event, reason: str, also: list[Publish] | None = None) -> _Outcome:
-        return _Outcome([self._parked(event, reason), *(also or [])], state="parked", parked=True)
+        return _Outcome([self._parked(event, reason), *(also or [])], state="parked")
 
     def _parked(self, event: _Event, reason: str) -> Publish:
         return self._parking(event.body(), event.message_id, event.headers, event.message_type, reason)
@@ -364,14 +368,21 @@ class CallbackDispatcher:
         return Publish(message, queue, exchange=self._topology.callback_outcomes_exchange)
 
 
+async def _gathered(awaitables: list[Coroutine[Any, Any, _T]]) -> list[_T]:
+    """`asyncio.gather`, without a task for a lone coroutine: most messages carry one
+    event, or one host's events."""
+    if len(awaitables) == 1:
+        return [await awaitables[0]]
+    return list(await asyncio.gather(*awaitables))
+
+
 @dataclass(frozen=True)
 class _Outcome:
     """What one event comes to: the messages its message's settle publishes, and (once
-    settled) the delivery state to note and whether it was parked."""
+    settled) the delivery state to note (pending, delivered, parked)."""
 
     publishes: list[Publish]
     state: str | None = None
-    parked: bool = False
 
 
 @dataclass(frozen=True)

@@ -65,14 +65,17 @@ COMBINE_MAX_BYTES = 64 * 1024
 
 async def settle(broker: Broker, outcomes: Sequence[Outcome], combine: Combine | None = None) -> Settled:
     """Make each delivery's outcome durable, then ack it; requeue those that could not be."""
-    if combine is None:
-        own: Sequence[Sequence[Publish]] = [publishes for _, publishes in outcomes]
-        shared: list[list[Publish]] = [[] for _ in outcomes]
-    else:
-        own = [[p for p in publishes if p.combine_key is None] for _, publishes in outcomes]
+    own = [
+        publishes if combine is None else [p for p in publishes if p.combine_key is None]
+        for _, publishes in outcomes
+    ]
+    errors: list[BrokerError | None] = [None] * len(outcomes)
+    publishing = [index for index, publishes in enumerate(own) if publishes]
+    results = await asyncio.gather(*(_publish_in_order(broker, own[index]) for index in publishing))
+    for index, error in zip(publishing, results, strict=True):
+        errors[index] = error
+    if combine is not None:
         shared = [[p for p in publishes if p.combine_key is not None] for _, publishes in outcomes]
-    errors = list(await asyncio.gather(*(_publish_in_order(broker, publishes) for publishes in own)))
-    if combine is not None and any(shared):
         await _publish_combined(broker, shared, errors, combine)
     durable: list[Delivery] = []
     requeued = redelivered = 0
@@ -99,11 +102,11 @@ async def _publish_combined(
 ) -> None:
     """Publish the combinable messages of the deliveries whose own went through, combined;
     a combined message that fails fails every delivery it carries (in `errors`)."""
-    groups: dict[tuple[str, str, str], list[tuple[int, Publish]]] = {}
+    groups: dict[tuple[str, str, str | None], list[tuple[int, Publish]]] = {}
     for index, publishes in enumerate(shared):
         if errors[index] is None:
             for publish in publishes:
-                key = (publish.exchange, publish.routing_key, publish.combine_key or "")
+                key = (publish.exchange, publish.routing_key, publish.combine_key)
                 groups.setdefault(key, []).append((index, publish))
     chunks = [chunk for members in groups.values() for chunk in _chunks(members)]
     results = await asyncio.gather(

@@ -107,9 +107,9 @@ def py_spy() -> str:
     return found
 
 
-async def _record(pid: int, output: Path) -> asyncio.subprocess.Process:
+async def _record(profiler: str, pid: int, output: Path) -> asyncio.subprocess.Process:
     return await asyncio.create_subprocess_exec(
-        py_spy(),
+        profiler,
         "record",
         "--pid",
         str(pid),
@@ -143,7 +143,7 @@ def _one_pid(role: str) -> int:
 
 async def measure_profile(amqp_url: str, count: int) -> dict[str, Any]:
     """Profiles of the ingress, worker and dispatcher over an echo backlog of `count` jobs."""
-    py_spy()  # fail before starting anything
+    profiler = py_spy()  # fails before anything starts
     secret = generate_secret()
     receiver = ReceiverProcess(secret)
     await receiver.start()
@@ -154,7 +154,7 @@ async def measure_profile(amqp_url: str, count: int) -> dict[str, Any]:
         await stack.start()
         await backlog_run(stack, receiver, "echo", WARM_UP_JOBS)
         outputs = {role: out_dir / f"{role}.txt" for role in PROFILED_ROLES}
-        recorders = {role: await _record(_one_pid(role), outputs[role]) for role in PROFILED_ROLES}
+        recorders = {role: await _record(profiler, _one_pid(role), outputs[role]) for role in PROFILED_ROLES}
         try:
             run = await backlog_run(stack, receiver, "echo", count)
         finally:

@@ -95,7 +95,7 @@ async def test_given_a_batch_message_with_mixed_answers_then_each_event_gets_its
     await dispatcher.start()
     try:
         received = await receiver.wait_for(3, timeout_s=20)
-        parked = await _wait_for_parked(broker, 1)
+        parked = await _wait_for_parked(callback_settings.amqp_url, broker, 1)
     finally:
         await dispatcher.stop()
 
@@ -112,14 +112,13 @@ async def test_given_a_batch_message_with_mixed_answers_then_each_event_gets_its
     assert dispatcher.slots.hosts_tracked == 0
 
 
-async def _wait_for_parked(broker: Broker, count: int) -> list[Delivery]:
-    parked: list[Delivery] = []
+async def _wait_for_parked(
+    amqp_url: str, broker: Broker, count: int
+) -> list[aio_pika.abc.AbstractIncomingMessage]:
+    parked: list[aio_pika.abc.AbstractIncomingMessage] = []
 
     async def enough() -> bool:
-        async with broker.fetching(broker.topology.callbacks_parking_queue) as next_message:
-            while (delivery := await next_message()) is not None:
-                parked.append(delivery)
-                await delivery.ack()
+        parked.extend(await drain_queue(amqp_url, broker.topology.callbacks_parking_queue))
         return len(parked) >= count
 
     await wait_until(enough, 20, f"{count} parked callback(s)")
@@ -127,7 +126,7 @@ async def _wait_for_parked(broker: Broker, count: int) -> list[Delivery]:
 
 
 async def test_given_the_combined_message_is_refused_then_every_delivery_it_carries_is_requeued(
-    broker: Broker,
+    amqp_url: str, broker: Broker
 ) -> None:
     """`settle` with `combine`: three deliveries' events go as one message; when that one is
     refused, all three go back to their queue, and a delivery with only its own message is
@@ -153,16 +152,7 @@ async def test_given_the_combined_message_is_refused_then_every_delivery_it_carr
 
     assert [len(c) for c in combined] == [3]  # one message for the three events
     assert (settled.acked, settled.requeued + settled.redelivered) == (1, 3)
-    requeued = Counter(m.message_id for m in await drain_queue_of(broker, source))
+    requeued = Counter(m.message_id for m in await drain_queue(amqp_url, source))
     assert requeued == Counter({"job-0": 1, "job-1": 1, "job-2": 1})
-    kept = await drain_queue_of(broker, broker.topology.callbacks_queue)
+    kept = await drain_queue(amqp_url, broker.topology.callbacks_queue)
     assert [m.body for m in kept] == [b"kept"]
-
-
-async def drain_queue_of(broker: Broker, queue: str) -> list[Delivery]:
-    taken: list[Delivery] = []
-    async with broker.fetching(queue) as next_message:
-        while (delivery := await next_message()) is not None:
-            taken.append(delivery)
-            await delivery.ack()
-    return taken
