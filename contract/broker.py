@@ -30,13 +30,13 @@ import asyncio
 import contextlib
 import itertools
 import logging
+import re
 import time
 import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 import aio_pika
 import aio_pika.abc
@@ -95,17 +95,15 @@ def broker_urls(url: str) -> tuple[str, ...]:
     return tuple(part.strip() for part in url.split(",") if part.strip())
 
 
+# `scheme://user:password@`: the password runs to the next '@', commas included (a comma
+# in a password would otherwise split it between two "URLs", each kept whole).
+_CREDENTIALS = re.compile(r"(://[^:@/,]*):[^@]*@")
+
+
 def redact_url(url: str) -> str:
-    """The AMQP URL(s) with passwords replaced, for logs and errors."""
-    return ",".join(_redact_one(one) for one in broker_urls(url)) or url
-
-
-def _redact_one(url: str) -> str:
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    netloc = parts.netloc.replace(f":{parts.password}@", ":***@")
-    return urlunsplit(parts._replace(netloc=netloc))
+    """The AMQP URL(s) with passwords replaced, for logs and errors (when in doubt, more
+    is hidden, never less)."""
+    return _CREDENTIALS.sub(r"\1:***@", url)
 
 
 @dataclass(frozen=True)

@@ -11,8 +11,9 @@ URLs are parsed the way the callback client (aiohttp, through yarl) will parse t
 refused at submit when it could not send them as given: control characters or spaces, a
 host that is not a valid DNS name (empty or over-long labels, `_`, an all-numeric last
 label such as the legacy `2130706433`), a zone id, port 0. Unicode host names are sent
-as their IDNA A-label. A lookup that fails for now (EAI_AGAIN, a timeout) is
-`ResolutionUnavailable`, retryable; only a definite answer refuses a URL.
+as their IDNA A-label. A lookup that fails for now (EAI_AGAIN, EAI_FAIL, EAI_MEMORY,
+EAI_SYSTEM, a timeout) is `ResolutionUnavailable`, retryable; only a definite answer
+(no such name) refuses a URL.
 """
 
 from __future__ import annotations
@@ -34,8 +35,11 @@ Resolver = Callable[[str, int], Awaitable[list[IPAddress]]]
 MAX_URL_CHARS = 2048
 _CONTROL_OR_SPACE = re.compile(r"[\x00-\x20\x7f]")
 _DNS_LABEL = re.compile(r"(?!-)[a-z0-9-]{1,63}(?<!-)")
-# getaddrinfo errors that say "not now" rather than "no such name".
-_TEMPORARY_DNS_ERRORS = frozenset({socket.EAI_AGAIN})
+# getaddrinfo errors that say "no such name": only these refuse a URL. Anything else
+# (EAI_AGAIN, EAI_FAIL, EAI_MEMORY, EAI_SYSTEM such as EMFILE) says "not now".
+_DEFINITE_DNS_ERRORS = frozenset(
+    {socket.EAI_NONAME, getattr(socket, "EAI_NODATA", socket.EAI_NONAME), socket.EAI_SERVICE}
+)
 _CGNAT = ipaddress.ip_network("100.64.0.0/10")
 _NAT64 = ipaddress.ip_network("64:ff9b::/96")
 
@@ -196,9 +200,9 @@ def _getaddrinfo(host: str, port: int) -> list[IPAddress]:
     try:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
     except socket.gaierror as exc:
-        if exc.errno in _TEMPORARY_DNS_ERRORS:
-            raise ResolutionUnavailable(f"callback_url host {host!r} cannot be resolved now: {exc}") from exc
-        raise CallbackUrlRejected(f"callback_url host {host!r} does not resolve: {exc}") from exc
+        if exc.errno in _DEFINITE_DNS_ERRORS:
+            raise CallbackUrlRejected(f"callback_url host {host!r} does not resolve: {exc}") from exc
+        raise ResolutionUnavailable(f"callback_url host {host!r} cannot be resolved now: {exc}") from exc
     except UnicodeError as exc:
         raise CallbackUrlRejected(f"callback_url host {host!r} is not a valid DNS name: {exc}") from exc
     return [ipaddress.ip_address(str(info[4][0]).split("%", 1)[0]) for info in infos]

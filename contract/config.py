@@ -113,6 +113,14 @@ class Environment(BaseModel):
     ingress_port: Port = Field(8000, alias="INGRESS_PORT")
     api_keys: CsvList = Field((), alias="API_KEYS", repr=False)
     max_body_bytes: int = Field(1024 * 1024, ge=1, alias="MAX_BODY_BYTES")
+    # A body's JSON shape, checked on its bytes before it is decoded (ingress/json_budget.py).
+    max_json_depth: int = Field(64, ge=2, le=512, alias="MAX_JSON_DEPTH")
+    max_json_values: int = Field(200_000, ge=16, alias="MAX_JSON_VALUES")
+    input_validation_budget_ms: float = Field(250.0, gt=0, alias="INPUT_VALIDATION_BUDGET_MS")
+    # Bytes of request bodies in flight at once (ingress/inflight_bytes.py).
+    max_inflight_body_bytes: int = Field(16 * 1024 * 1024, ge=1, alias="MAX_INFLIGHT_BODY_BYTES")
+    max_waiters: int = Field(1024, ge=0, alias="MAX_WAITERS")
+    ingress_max_connections: int = Field(2048, ge=1, alias="INGRESS_MAX_CONNECTIONS")
     ingress_access_log: bool = Field(False, alias="INGRESS_ACCESS_LOG")
     # Announce demand events (push activation: the local autoscaler and the KEDA push scaler hear them).
     demand_events: bool = Field(True, alias="DEMAND_EVENTS")
@@ -174,6 +182,11 @@ class Environment(BaseModel):
         test_models = [m for m in self.models if m in catalogue.test_only]
         if test_models and not self.enable_test_models:
             raise ValueError(f"MODELS lists {test_models}, which needs ENABLE_TEST_MODELS=1")
+        if self.max_inflight_body_bytes < self.max_body_bytes:
+            raise ValueError(
+                f"MAX_INFLIGHT_BODY_BYTES={self.max_inflight_body_bytes} is below "
+                f"MAX_BODY_BYTES={self.max_body_bytes}; the in-flight budget must hold one largest body"
+            )
         if self.callback_host_concurrency > self.callback_concurrency:
             raise ValueError(
                 f"CALLBACK_HOST_CONCURRENCY={self.callback_host_concurrency} exceeds "

@@ -166,20 +166,3 @@ def model_class(entry: ModelEntry) -> type:
             f"{where}: the class has no {' or '.join(missing)} (the interface: ray_workers/models/base.py)"
         )
     return cls
-
-
-class InputSchemas:
-    """The served models' input schemas, compiled once, for the ingress's check at submit."""
-
-    def __init__(self, catalogue: Catalogue, models: tuple[str, ...]) -> None:
-        self._validators = {
-            model: jsonschema.Draft202012Validator(catalogue.entry(model).input_schema) for model in models
-        }
-
-    def problem(self, model: str, value: Any) -> tuple[str, str] | None:
-        """The most relevant violation, as (JSON pointer from the request body, message), or None."""
-        best = jsonschema.exceptions.best_match(self._validators[model].iter_errors(value))
-        if best is None:
-            return None
-        parts = "".join("/" + str(part).replace("~", "~0").replace("/", "~1") for part in best.absolute_path)
-        return f"/input{parts}", best.message

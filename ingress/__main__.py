@@ -28,6 +28,7 @@ def main() -> int:
         log_level="info",
         access_log=settings.access_log,
         timeout_graceful_shutdown=30,
+        limit_concurrency=settings.max_connections,
     )
     return 0
 

@@ -17,15 +17,31 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from contract.broker import Broker, BrokerUnavailable, TopologyMismatch, TopologyMissing, redact_url
+from contract.broker import (
+    Broker,
+    BrokerUnavailable,
+    OutgoingMessage,
+    TopologyMismatch,
+    TopologyMissing,
+    redact_url,
+)
 from contract.callback_guard import CallbackUrlRejected, ResolutionUnavailable, check_callback_url
 from contract.envelope import Job
+from contract.input_schemas import ValidationBudgetExceeded
+from contract.job_message import job_message
 from ingress.auth import authenticate
+from ingress.inflight_bytes import InflightFull
 from ingress.job_routes import cancel_job, get_job
-from ingress.job_submission import accept, accept_once
+from ingress.job_submission import Submission, accept
 from ingress.openapi import openapi_document
 from ingress.problems import Problem, handle_http_exception, handle_problem
-from ingress.request_body import decode_job_request, read_limited_body, require_json_content_type
+from ingress.request_body import (
+    JobRequest,
+    declared_length,
+    decode_job_request,
+    read_limited_body,
+    require_json_content_type,
+)
 from ingress.request_headers import idempotency_key, preferred_wait_s, request_fingerprint
 from ingress.settings import IngressSettings
 from ingress.state import IngressState, ingress_state
@@ -53,25 +69,43 @@ async def _connect_until_ready(broker: Broker, url: str) -> None:
             await asyncio.sleep(TOPOLOGY_RETRY_INTERVAL_S)
 
 
+# Inputs larger than this are checked against their schema off the event loop.
+OFF_LOOP_INPUT_BYTES = 64 * 1024
+
+
 async def submit_job(request: Request) -> Response:
     state = ingress_state(request)
-    settings = state.settings
     try:
-        owner = authenticate(request, settings.api_keys)
-        model = request.path_params["model"]
-        if model not in settings.models:
-            raise Problem(
-                404,
-                "unknown-model",
-                "Not Found",
-                f"model {model!r} is not served; served models: {list(settings.models)}",
-            )
-        require_json_content_type(request)
+        return await accept(state, await _submission(request, state))
+    except Problem as problem:
+        state.metrics.requests_rejected.labels(str(problem.status)).inc()
+        raise
+
+
+async def _submission(request: Request, state: IngressState) -> Submission:
+    """The request checked, cheapest first, its job encoded: nothing is written or queued
+    before every check passed. The body and the decoded input end with this frame."""
+    settings = state.settings
+    owner = authenticate(request, settings.api_keys)
+    model = request.path_params["model"]
+    if model not in settings.models:
+        raise Problem(
+            404,
+            "unknown-model",
+            "Not Found",
+            f"model {model!r} is not served; served models: {list(settings.models)}",
+        )
+    require_json_content_type(request)
+    key = idempotency_key(request)
+    wait_s = preferred_wait_s(request)
+    try:
+        reservation = state.inflight.reserve(declared_length(request) or settings.max_body_bytes)
+    except InflightFull as exc:
+        raise state.unavailable("ingress-busy", f"{exc}; retry later") from exc
+    try:
         body = await read_limited_body(request, settings.max_body_bytes)
-        job_request = decode_job_request(body)
-        _check_input(state, model, job_request.input)
-        key = idempotency_key(request)
-        wait_s = preferred_wait_s(request)
+        job_request = decode_job_request(body, settings.json_budget)
+        await _check_input(state, model, job_request.input, off_loop=len(body) > OFF_LOOP_INPUT_BYTES)
         if job_request.callback_url is not None:
             await _check_callback_url(state, job_request.callback_url)
         elif state.records is None:
@@ -83,35 +117,71 @@ async def submit_job(request: Request) -> Response:
                 "could not be polled or waited for",
                 errors=[{"field": "callback_url", "detail": "required when REDIS_URL=off"}],
             )
-        submitted_at_ms = int(time.time() * 1000)
-        # The request's ttl_s, else the model's default (models.yaml `jobs.default_ttl_s`).
-        ttl_s = (
-            job_request.ttl_s
-            if job_request.ttl_s is not None
-            else state.catalogue.entry(model).jobs.default_ttl_s
-        )
-        job = Job(
-            id=str(uuid.uuid4()),
-            model=model,
-            input=job_request.input,
-            callback_url=job_request.callback_url,
-            priority=job_request.priority,
-            metadata=job_request.metadata,
-            submitted_at_ms=submitted_at_ms,
-            deadline_ms=None if ttl_s is None else submitted_at_ms + round(ttl_s * 1000),
-            owner=owner,
-        )
-        if key is None:
-            return await accept(state, job, wait_s)
-        return await accept_once(state, job, key, request_fingerprint(model, body), wait_s)
-    except Problem as problem:
-        state.metrics.requests_rejected.labels(str(problem.status)).inc()
+        job = _job(state, model, owner, job_request)
+        message = _encoded(job)
+    except BaseException:
+        reservation.release()
         raise
+    return Submission(
+        job=msgspec.structs.replace(job, input=None),
+        message=message,
+        reservation=reservation,
+        wait_s=wait_s,
+        key=key,
+        fingerprint="" if key is None else request_fingerprint(model, body),
+    )
 
 
-def _check_input(state: IngressState, model: str, job_input: object) -> None:
-    """The model's input schema (models.yaml), before anything is queued."""
-    problem = state.input_schemas.problem(model, job_input)
+def _job(state: IngressState, model: str, owner: str, job_request: JobRequest) -> Job:
+    submitted_at_ms = int(time.time() * 1000)
+    # The request's ttl_s, else the model's default (models.yaml `jobs.default_ttl_s`).
+    ttl_s = (
+        job_request.ttl_s
+        if job_request.ttl_s is not None
+        else state.catalogue.entry(model).jobs.default_ttl_s
+    )
+    return Job(
+        id=str(uuid.uuid4()),
+        model=model,
+        input=job_request.input,
+        callback_url=job_request.callback_url,
+        priority=job_request.priority,
+        metadata=job_request.metadata,
+        submitted_at_ms=submitted_at_ms,
+        deadline_ms=None if ttl_s is None else submitted_at_ms + round(ttl_s * 1000),
+        owner=owner,
+    )
+
+
+def _encoded(job: Job) -> OutgoingMessage:
+    """The job's message, before anything is written: a job that cannot be encoded leaves
+    no record behind."""
+    try:
+        return job_message(job)
+    except (msgspec.EncodeError, OverflowError, RecursionError) as exc:
+        raise Problem(
+            422, "unencodable-job", "Unprocessable Content", f"the job cannot be encoded: {exc}"
+        ) from exc
+
+
+async def _check_input(state: IngressState, model: str, job_input: object, off_loop: bool) -> None:
+    """The model's input schema (models.yaml), before anything is queued; a large input is
+    checked in a thread so the event loop keeps serving meanwhile."""
+    try:
+        if off_loop:
+            problem = await asyncio.to_thread(state.input_schemas.problem, model, job_input)
+        else:
+            problem = state.input_schemas.problem(model, job_input)
+    except ValidationBudgetExceeded as exc:
+        budget_ms = state.settings.input_validation_budget_ms
+        raise Problem(
+            422,
+            "input-too-complex",
+            "Unprocessable Content",
+            f"checking the input against {model}'s input schema took over {budget_ms:g} ms "
+            "(INPUT_VALIDATION_BUDGET_MS); send a smaller input",
+            extensions={"limit": "INPUT_VALIDATION_BUDGET_MS", "allowed": budget_ms},
+        ) from exc
     if problem is not None:
         pointer, message = problem
         raise Problem(

@@ -26,12 +26,19 @@ LINGER_S = 10.0
 
 
 class FinishedWaiters:
-    def __init__(self, records: JobRecords) -> None:
+    def __init__(self, records: JobRecords, max_waiters: int = 1024) -> None:
         self._records = records
+        self._max_waiters = max_waiters
+        self._count = 0
         self._waiting: dict[str, list[asyncio.Future[None]]] = {}
         self._listening: asyncio.Task[None] | None = None
         self._subscribed = asyncio.Event()
         self._last_wait_s = 0.0
+
+    @property
+    def full(self) -> bool:
+        """MAX_WAITERS requests wait already: the next one is not made to wait."""
+        return self._count >= self._max_waiters
 
     @contextlib.asynccontextmanager
     async def watch(self, job_id: str) -> AsyncIterator[asyncio.Future[None]]:
@@ -39,6 +46,7 @@ class FinishedWaiters:
         loop = asyncio.get_running_loop()
         future: asyncio.Future[None] = loop.create_future()
         self._waiting.setdefault(job_id, []).append(future)
+        self._count += 1
         try:
             if self._listening is None:
                 self._subscribed = asyncio.Event()
@@ -47,6 +55,7 @@ class FinishedWaiters:
                 await asyncio.wait_for(self._subscribed.wait(), SUBSCRIBE_TIMEOUT_S)
             yield future
         finally:
+            self._count -= 1
             self._last_wait_s = loop.time()
             futures = self._waiting.get(job_id, [])
             if future in futures:

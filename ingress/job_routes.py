@@ -79,8 +79,13 @@ async def _send_canceled(state: IngressState, record: JobRecord) -> None:
     )
     publish = canceled_callback(job, time.time(), state.settings.topology)
     try:
+        # Through the model's outcomes exchange, as the worker sends it: the ingress's broker
+        # user may not write to the default exchange (a refusal would close its channel).
         await state.broker.publish(
-            publish.message, publish.routing_key, timeout_s=state.settings.publish_timeout_s
+            publish.message,
+            publish.routing_key,
+            exchange=publish.exchange,
+            timeout_s=state.settings.publish_timeout_s,
         )
     except BrokerError as exc:
         logger.warning("job %s canceled; its callback is left to the worker: %s", record.id, exc)

@@ -9,6 +9,12 @@
 A job is accepted exactly when the broker confirmed it. A keyed submission needs
 Redis (its promise is kept there), so it answers 503 + Retry-After without it; an
 unkeyed one does not.
+
+The job travels here without its input: the `Submission` holds its encoded message,
+which is let go once the broker confirmed it, together with the body's in-flight bytes
+(`ingress.inflight_bytes`), so a request waiting for its job's end holds no payload.
+Waiters are capped (MAX_WAITERS): past the cap the preference is not applied (RFC 7240
+lets a server ignore it) and the caller gets its 202 at once.
 """
 
 from __future__ import annotations
@@ -18,15 +24,16 @@ import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from typing import Any
 
 from starlette.responses import JSONResponse, Response
 
-from contract.broker import BrokerError, BrokerUnavailable, PublishRejected
+from contract.broker import BrokerError, BrokerUnavailable, OutgoingMessage, PublishRejected
 from contract.envelope import Job
-from contract.job_message import job_message
 from contract.job_records import KeyClaim, Placement, RecordsUnavailable
 from ingress.admission import QueueFull
+from ingress.inflight_bytes import Reservation
 from ingress.job_view import job_view, placement_view
 from ingress.problems import Problem
 from ingress.state import IngressState
@@ -34,17 +41,38 @@ from ingress.state import IngressState
 logger = logging.getLogger(__name__)
 
 
-async def accept(state: IngressState, job: Job, wait_s: int | None) -> Response:
-    return await _accept(state, job, wait_s, key=None)
+@dataclass
+class Submission:
+    """A validated job on its way in. `job` has no input: `message` carries it, and is
+    let go (with the body's reservation) once the broker has confirmed or refused it."""
+
+    job: Job
+    message: OutgoingMessage | None
+    reservation: Reservation
+    wait_s: int | None = None
+    key: str | None = None
+    fingerprint: str = ""
+
+    def let_go(self) -> None:
+        self.message = None
+        self.reservation.release()
 
 
-async def accept_once(
-    state: IngressState, job: Job, key: str, fingerprint: str, wait_s: int | None
-) -> Response:
-    """`accept` under an Idempotency-Key: one job per (API key, key, body) for RESULT_TTL_S."""
+async def accept(state: IngressState, submission: Submission) -> Response:
+    try:
+        if submission.key is None:
+            return await _accept(state, submission)
+        return await _accept_once(state, submission, submission.key)
+    finally:
+        submission.let_go()
+
+
+async def _accept_once(state: IngressState, submission: Submission, key: str) -> Response:
+    """`_accept` under an Idempotency-Key: one job per (API key, key, body) for RESULT_TTL_S."""
+    job = submission.job
     records = state.require_records()
     try:
-        claim = await records.reserve_key(job.owner, key, fingerprint, job.id)
+        claim = await records.reserve_key(job.owner, key, submission.fingerprint, job.id)
     except RecordsUnavailable as exc:
         raise state.unavailable(
             "idempotency-unavailable",
@@ -68,18 +96,19 @@ async def accept_once(
     if claim.outcome == "replay":
         return await _replay(state, claim)
     try:
-        return await _accept(state, job, wait_s, key=key)
+        return await _accept(state, submission)
     except Problem:
         with contextlib.suppress(RecordsUnavailable):
             await records.release_key(job.owner, key)  # nothing accepted: the key is free again
         raise
 
 
-async def _accept(state: IngressState, job: Job, wait_s: int | None, key: str | None) -> Response:
+async def _accept(state: IngressState, submission: Submission) -> Response:
+    job, wait_s, key = submission.job, submission.wait_s, submission.key
     placement = await _create_record(state, job, required=key is not None)
     async with _watching(state, job.id, wait_s) as finished:
         try:
-            await _publish(state, job)
+            await _publish(state, submission)
         except Problem:
             if placement is not None:
                 with contextlib.suppress(RecordsUnavailable):
@@ -124,7 +153,7 @@ async def _watching(
     state: IngressState, job_id: str, wait_s: int | None
 ) -> AsyncIterator[asyncio.Future[None] | None]:
     """A future for the job's end when the caller waits (registered before the publish)."""
-    if not wait_s or state.waiters is None:
+    if not wait_s or state.waiters is None or state.waiters.full:
         yield None
         return
     async with state.waiters.watch(job_id) as finished:
@@ -173,15 +202,19 @@ def _accepted_view(job: Job, placement: Placement | None) -> dict[str, Any]:
     return view
 
 
-async def _publish(state: IngressState, job: Job) -> None:
+async def _publish(state: IngressState, submission: Submission) -> None:
     """Admit the job under MAX_QUEUE_LENGTH, publish it, and wait for the broker's confirm;
-    anything short of a confirm is a 503 with Retry-After (nothing was accepted)."""
+    anything short of a confirm is a 503 with Retry-After (nothing was accepted). The
+    message is let go either way."""
+    job, message = submission.job, submission.message
+    if message is None:
+        raise RuntimeError(f"job {job.id}: its message was let go before it was published")
     started = time.monotonic()
     try:
         await state.admission.admit(job.model)
         try:
             await state.broker.publish(
-                job_message(job),
+                message,
                 state.settings.topology.job_routing_key(job.model, job.priority),
                 exchange=state.settings.topology.jobs_exchange,
                 timeout_s=state.settings.publish_timeout_s,
@@ -189,6 +222,8 @@ async def _publish(state: IngressState, job: Job) -> None:
         except BrokerError:
             state.admission.refund(job.model)
             raise
+        finally:
+            submission.let_go()
     except QueueFull as exc:
         raise state.unavailable("queue-full", f"{exc}; retry later") from exc
     except PublishRejected as exc:

@@ -3,7 +3,9 @@
 A redis-py call costs the ingress more CPU than the Redis work it asks for (most of it
 encoding the command), so the creations requested in one turn of the event loop go out
 as one script call: at 64 requests in flight, one call serves a dozen or more. Each
-request still waits for its own record, and each is told its own placement or error.
+request still waits for its own record, and each is told its own placement or error:
+any failure of the call reaches each of them as RecordsUnavailable (their jobs are then
+accepted without a record for now, as when Redis is away), never a request left waiting.
 """
 
 from __future__ import annotations
@@ -38,10 +40,11 @@ class RecordCreation:
     async def _flush(self, batch: list[tuple[Job, asyncio.Future[Placement]]]) -> None:
         try:
             placements = await self._records.create([job for job, _ in batch])
-        except RecordsUnavailable as exc:
+        except Exception as exc:  # every waiting request gets an answer, whatever went wrong
+            skipped = isinstance(exc, RecordsUnavailable) and exc.skipped
             for _, future in batch:
                 if not future.done():
-                    future.set_exception(RecordsUnavailable(str(exc), exc.skipped))
+                    future.set_exception(RecordsUnavailable(f"records not created: {exc!r}", skipped))
             return
         for (_, future), placement in zip(batch, placements, strict=True):
             if not future.done():

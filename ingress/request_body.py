@@ -1,19 +1,26 @@
-"""Reading a job request body within the size limit, and decoding it.
+"""Reading a job request body within the size limit, and decoding it within its budget.
 
 The limit holds for chunked bodies too: the stream is counted as it arrives and
 reading stops at the first byte over the limit, so a client cannot make the ingress
-buffer more than `max_body_bytes` by leaving out Content-Length.
+buffer more than `max_body_bytes` by leaving out Content-Length. The body's JSON shape
+(depth, number of values) is checked on its bytes before it is decoded
+(`ingress.json_budget`).
 """
 
 from __future__ import annotations
 
+import re
 from typing import Annotated, Any
 
 import msgspec
 from starlette.requests import Request
 
 from contract.envelope import Priority
+from ingress.json_budget import JsonBudget
 from ingress.problems import Problem
+
+# ASCII digits, at most 18 (int() refuses '²', which str.isdigit() takes, and over 4,300 digits).
+_DIGITS = re.compile(r"[0-9]{1,18}")
 
 
 class JobRequest(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -41,8 +48,8 @@ def require_json_content_type(request: Request) -> None:
 async def read_limited_body(request: Request, max_body_bytes: int) -> bytes:
     declared = request.headers.get("content-length")
     if declared is not None:
-        if not declared.isdigit():
-            raise Problem(400, "bad-request", "Bad Request", f"Content-Length {declared!r} is invalid")
+        if not _DIGITS.fullmatch(declared):
+            raise Problem(400, "bad-request", "Bad Request", f"Content-Length {declared[:40]!r} is invalid")
         if int(declared) > max_body_bytes:
             raise _too_large(int(declared), max_body_bytes)
     chunks: list[bytes] = []
@@ -64,7 +71,23 @@ def _too_large(size: int, limit: int) -> Problem:
     )
 
 
-def decode_job_request(body: bytes) -> JobRequest:
+def declared_length(request: Request) -> int | None:
+    """Content-Length when it is a plain decimal number (read_limited_body refuses others)."""
+    declared = request.headers.get("content-length")
+    return int(declared) if declared is not None and _DIGITS.fullmatch(declared) else None
+
+
+def decode_job_request(body: bytes, budget: JsonBudget) -> JobRequest:
+    excess = budget.excess(body)
+    if excess is not None:
+        status, slug, title = (
+            (413, "too-many-json-values", "Content Too Large")
+            if excess.limit == "MAX_JSON_VALUES"
+            else (422, "json-too-deep", "Unprocessable Content")
+        )
+        raise Problem(
+            status, slug, title, str(excess), extensions={"limit": excess.limit, "allowed": excess.allowed}
+        )
     try:
         return msgspec.json.decode(body, type=JobRequest)
     except msgspec.ValidationError as exc:

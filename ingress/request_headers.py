@@ -14,6 +14,8 @@ from ingress.problems import Problem
 MAX_WAIT_S = 60
 MAX_KEY_LENGTH = 255
 # The draft makes the key an sf-string: printable ASCII. Quotes are optional here.
+# ASCII digits only: str.isdigit() is also true for '²', which int() refuses.
+_SECONDS = re.compile(r"[0-9]+")
 _KEY = re.compile(r'^"?([\x20-\x21\x23-\x7e]{1,255})"?$')
 
 
@@ -23,8 +25,9 @@ def preferred_wait_s(request: Request) -> int | None:
     for header in request.headers.getlist("prefer"):
         for preference in re.split(r"[,;]", header):
             name, _, value = preference.strip().partition("=")
-            if name.strip().lower() == "wait" and value.strip().isdigit():
-                return min(int(value.strip()), MAX_WAIT_S)
+            seconds = value.strip()
+            if name.strip().lower() == "wait" and _SECONDS.fullmatch(seconds):
+                return MAX_WAIT_S if len(seconds) > 6 else min(int(seconds), MAX_WAIT_S)
     return None
 
 

@@ -10,6 +10,7 @@ from contract.callback_guard import AllowList
 from contract.config import DEFAULT_AMQP_URL, ConfigError, Environment
 from contract.model_catalogue import DEFAULT_CATALOGUE
 from contract.topology import Topology
+from ingress.json_budget import JsonBudget
 
 
 @dataclass(frozen=True)
@@ -21,6 +22,16 @@ class IngressSettings:
     callback_allow: AllowList = field(default_factory=AllowList)
     dns_timeout_s: float = 3.0
     max_body_bytes: int = 1024 * 1024
+    # The request body's JSON shape (depth, values), checked on its bytes before decoding.
+    json_budget: JsonBudget = field(default_factory=JsonBudget)
+    # How long checking an input against its model's schema may take.
+    input_validation_budget_ms: float = 250.0
+    # Request bodies held at once (reserved by Content-Length), before 503 + Retry-After.
+    max_inflight_body_bytes: int = 16 * 1024 * 1024
+    # Requests waiting with `Prefer: wait` at once; past it the preference is not applied.
+    max_waiters: int = 1024
+    # Open connections uvicorn serves at once; past it it answers 503.
+    max_connections: int = 2048
     models: tuple[str, ...] = ("echo", "embed-minilm")
     # The model catalogue (models.yaml): descriptions and input schemas of the models.
     model_catalogue: str = str(DEFAULT_CATALOGUE)
@@ -52,6 +63,11 @@ class IngressSettings:
             callback_allow=AllowList.parse(read.callback_allow_hosts),
             dns_timeout_s=read.dns_timeout_s,
             max_body_bytes=read.max_body_bytes,
+            json_budget=JsonBudget(read.max_json_depth, read.max_json_values),
+            input_validation_budget_ms=read.input_validation_budget_ms,
+            max_inflight_body_bytes=read.max_inflight_body_bytes,
+            max_waiters=read.max_waiters,
+            max_connections=read.ingress_max_connections,
             models=read.served_models,
             model_catalogue=read.model_catalogue,
             topology=read.topology(),

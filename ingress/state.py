@@ -8,11 +8,13 @@ from starlette.requests import Request
 
 from contract.broker import Broker
 from contract.callback_guard import SystemResolver
+from contract.input_schemas import InputSchemas
 from contract.job_records import JobRecords
-from contract.model_catalogue import InputSchemas, load_catalogue
+from contract.model_catalogue import load_catalogue
 from ingress.admission import Admission
 from ingress.demand import DemandAnnouncer
 from ingress.finished_waiters import FinishedWaiters
+from ingress.inflight_bytes import InflightBytes
 from ingress.metrics import IngressMetrics
 from ingress.pending_records import PendingRecords
 from ingress.problems import Problem
@@ -28,14 +30,17 @@ class IngressState:
         self.resolver = SystemResolver(timeout_s=settings.dns_timeout_s)
         self.admission = Admission(self._queue_depth, settings.topology.max_queue_length)
         self.catalogue = load_catalogue(Path(settings.model_catalogue))
-        self.input_schemas = InputSchemas(self.catalogue, settings.models)
+        self.input_schemas = InputSchemas(
+            self.catalogue, settings.models, settings.input_validation_budget_ms / 1000
+        )
+        self.inflight = InflightBytes(settings.max_inflight_body_bytes)
         self.demand = DemandAnnouncer(self.broker)
         self.records = (
             JobRecords(settings.redis_url, settings.topology.prefix, settings.result_ttl_s)
             if settings.redis_url
             else None
         )
-        self.waiters = None if self.records is None else FinishedWaiters(self.records)
+        self.waiters = None if self.records is None else FinishedWaiters(self.records, settings.max_waiters)
         self.creation = None if self.records is None else RecordCreation(self.records)
         self.pending = None if self.records is None else PendingRecords(self.records)
 

@@ -165,6 +165,25 @@ async def test_given_own_users_and_no_declaring_then_jobs_retries_parking_and_ca
     await wait_until(lambda: queue_holds(access.admin_url, parked, 1), 10, "the parked job")
 
 
+async def test_given_the_ingress_on_its_own_user_when_a_job_is_canceled_then_job_canceled_is_queued_at_once(
+    access: Access, redis_url: str
+) -> None:
+    """Review item 1: the cancel's `job.canceled` went through the default exchange, which the
+    ingress's user may not write to: ACCESS_REFUSED closed its publish channel and the event
+    was left to a worker. Nothing runs the job here, so only the ingress can have sent it."""
+    topology = access.topology
+    async with running_ingress(ingress_settings_for(access.urls["ingress"], topology, redis_url)) as client:
+        body = {"input": 1, "callback_url": "http://127.0.0.1:9/"}
+        submitted = await client.post("/v1/models/echo/jobs", json=body)
+        assert submitted.status_code == 202, submitted.text
+        canceled = await client.post(f"/v1/jobs/{submitted.json()['id']}/cancel")
+        assert canceled.status_code == 200, canceled.text
+        after = await client.post("/v1/models/echo/jobs", json=body)
+        assert after.status_code == 202, after.text
+
+    await wait_until(lambda: queue_holds(access.admin_url, topology.callbacks_queue, 1), 10, "job.canceled")
+
+
 RefusedAction = Callable[[aio_pika.abc.AbstractChannel, Topology], Awaitable[object]]
 
 

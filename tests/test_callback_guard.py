@@ -153,12 +153,20 @@ async def test_given_an_ipv6_literal_then_its_host_is_the_bare_address_and_check
 
 @pytest.mark.parametrize(
     ("error", "expected"),
-    [(socket.EAI_AGAIN, ResolutionUnavailable), (socket.EAI_NONAME, CallbackUrlRejected)],
+    [
+        (socket.EAI_AGAIN, ResolutionUnavailable),
+        # Review item 15: out of file descriptors (EAI_SYSTEM), memory or a failing server.
+        (socket.EAI_SYSTEM, ResolutionUnavailable),
+        (socket.EAI_MEMORY, ResolutionUnavailable),
+        (socket.EAI_FAIL, ResolutionUnavailable),
+        (socket.EAI_NONAME, CallbackUrlRejected),
+    ],
 )
 async def test_a_temporary_dns_failure_is_retryable_and_a_definite_one_refuses(
     monkeypatch: pytest.MonkeyPatch, error: int, expected: type[Exception]
 ) -> None:
-    """Item 12: EAI_AGAIN means 'not now' (503 at submit, a retry at delivery); NXDOMAIN refuses."""
+    """Item 12: EAI_AGAIN and other failures of the lookup itself mean 'not now' (503 at
+    submit, a retry at delivery); only 'no such name' refuses."""
 
     def failing(*_args: Any, **_kwargs: Any) -> Any:
         raise socket.gaierror(error, "test")

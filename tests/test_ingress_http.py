@@ -142,12 +142,12 @@ async def test_given_an_invalid_ttl_then_422(client: httpx.AsyncClient, ttl: obj
             "invalid-callback-url",
         ),
         (b'{"input": 1, "callback_url": "http://a..com/"}', "application/json", 422, "invalid-callback-url"),
-        # Item 15: JSON nested beyond the decoder's depth is a bad request, not a 500.
+        # Item 15: JSON nested beyond the depth budget (MAX_JSON_DEPTH) is refused, not a 500.
         (
             b'{"input": ' + b"[" * 5000 + b"]" * 5000 + b', "callback_url": "http://127.0.0.1:9/"}',
             "application/json",
-            400,
-            "malformed-json",
+            422,
+            "json-too-deep",
         ),
     ],
 )

@@ -123,6 +123,10 @@ def test_given_an_undecodable_body_then_it_is_parked_as_is_without_history() -> 
         ("amqp://guest:s3cret@rabbit:5672/%2F", "amqp://guest:***@rabbit:5672/%2F"),
         ("amqps://user:p%40ss@host/vh", "amqps://user:***@host/vh"),
         ("amqp://rabbit:5672/", "amqp://rabbit:5672/"),
+        # Review item 19: a comma in a password split it between two "URLs", both kept whole.
+        ("amqp://u:pa,ss@h1:5701/%2F", "amqp://u:***@h1:5701/%2F"),
+        ("amqp://u:a,b@h1/,amqp://u:c,d@h2/", "amqp://u:***@h1/,amqp://u:***@h2/"),
+        ("amqp://u:x@h1/,amqp://h2/", "amqp://u:***@h1/,amqp://h2/"),
     ],
 )
 def test_an_amqp_url_is_shown_without_its_password(url: str, shown: str) -> None:
