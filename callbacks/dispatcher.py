@@ -98,7 +98,12 @@ class CallbackDispatcher:
             max(settings.callback_host_concurrency, settings.callback_prefetch // 2),
         )
         self._records = (
-            JobRecords(settings.redis_url, settings.topology.prefix, settings.result_ttl_s)
+            JobRecords(
+                settings.redis_url,
+                settings.topology.prefix,
+                settings.result_ttl_s,
+                max_output_bytes=settings.record_output_max_bytes,
+            )
             if settings.redis_url
             else None
         )

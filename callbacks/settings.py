@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from callbacks.signing import InvalidWebhookSecret, parse_secrets
 from contract.callback_guard import AllowList
 from contract.config import DEFAULT_AMQP_URL, ConfigError, Environment
+from contract.job_records import DEFAULT_RECORD_OUTPUT_MAX_BYTES
 from contract.topology import Topology
 
 
@@ -38,6 +39,7 @@ class CallbackSettings:
     # Job records, for the callbacks' delivery state; None runs without them.
     redis_url: str | None = field(default=None, repr=False)
     result_ttl_s: int = 24 * 3600
+    record_output_max_bytes: int = DEFAULT_RECORD_OUTPUT_MAX_BYTES
 
     def __post_init__(self) -> None:
         if self.callback_host_concurrency > self.callback_concurrency:
@@ -72,4 +74,5 @@ class CallbackSettings:
             drain_timeout_s=read.drain_timeout_s,
             redis_url=read.records_url,
             result_ttl_s=read.result_ttl_s,
+            record_output_max_bytes=read.record_output_max_bytes,
         )

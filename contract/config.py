@@ -107,6 +107,8 @@ class Environment(BaseModel):
     # Job records (contract/job_records.py): `off` runs without status, cancel, keys and waits.
     redis_url: str = Field(DEFAULT_REDIS_URL, alias="REDIS_URL", repr=False)
     result_ttl_s: int = Field(24 * 3600, ge=1, alias="RESULT_TTL_S")
+    # Outputs over this (JSON bytes) go by callback only; the record keeps their size.
+    record_output_max_bytes: int = Field(256 * 1024, ge=0, alias="RECORD_OUTPUT_MAX_BYTES")
 
     # The ingress.
     ingress_host: str = Field("127.0.0.1", alias="INGRESS_HOST")

@@ -68,6 +68,8 @@ QUIET_TICK_S = 1.0
 # Past this, a canceled job's callback still pending is the worker's to send: the
 # ingress publishes it within its publish timeout (10 s) or hands it over.
 CANCEL_HANDOFF_S = 60
+# Outputs larger than this (JSON bytes) are not kept in a record (RECORD_OUTPUT_MAX_BYTES).
+DEFAULT_RECORD_OUTPUT_MAX_BYTES = 256 * 1024
 _ERRORS = (redis.exceptions.RedisError, OSError, TimeoutError)
 
 
@@ -96,6 +98,8 @@ class JobRecord(msgspec.Struct, frozen=True, kw_only=True):
     delivery_attempts: int
     metadata: dict[str, Any] = msgspec.field(default_factory=dict)
     output: Any = None
+    # Set instead of `output` when it was over RECORD_OUTPUT_MAX_BYTES: its size, in bytes.
+    output_omitted_bytes: int | None = None
     error: str | None = None
     seq: int | None = None
 
@@ -168,7 +172,15 @@ def job_fields(job: Job) -> dict[str, str]:
 
 
 class JobRecords:
-    def __init__(self, url: str, key_prefix: str, ttl_s: int, timeout_s: float = 1.0) -> None:
+    def __init__(
+        self,
+        url: str,
+        key_prefix: str,
+        ttl_s: int,
+        timeout_s: float = 1.0,
+        max_output_bytes: int = DEFAULT_RECORD_OUTPUT_MAX_BYTES,
+    ) -> None:
+        self._max_output_bytes = max_output_bytes
         self._display_url = redact_url(url)
         self._redis = redis.asyncio.Redis.from_url(
             url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s, decode_responses=True
@@ -266,7 +278,7 @@ class JobRecords:
         keys: list[str] = []
         per_job: list[list[str | int]] = []
         for job, status, attempts, output, error in endings:
-            field, value = ("error", error) if error is not None else ("output", _json(output))
+            field, value = ("error", error) if error is not None else self._output_field(output)
             keys += [self._record_key(job.id), self._rate_key(job.model, now_s)]
             per_job.append([status, attempts, field, value, job.id, *_flat(job_fields(job))])
         args: list[str | int] = [self._ttl_s, int(now_s * 1000), self.finished_channel, len(per_job[0])]
@@ -274,6 +286,14 @@ class JobRecords:
         async with self._guarded("finish jobs in"):
             results = await self._scripts["finish"](keys=keys, args=args)
         return {job.id: str(result) for (job, *_), result in zip(endings, results, strict=True)}
+
+    def _output_field(self, output: Any) -> tuple[str, str]:
+        """The output as stored, or its size alone when over the cap: a record lives for
+        RESULT_TTL_S in Redis's memory, and a large output goes by callback only."""
+        encoded = _json(output)
+        if len(encoded) > self._max_output_bytes:
+            return "output_omitted_bytes", str(len(encoded))
+        return "output", encoded
 
     async def cancel(self, record: JobRecord, now_ms: int | None = None) -> tuple[bool, str]:
         """Cancel a queued job at `now_ms` (default: now): (True, `canceled`), or (False,
@@ -467,6 +487,7 @@ def _record_from(job_id: str, fields: Mapping[str, str]) -> JobRecord:
         delivery_attempts=int(fields.get("delivery_attempts", 0)),
         metadata=facts.metadata,
         output=None if output is None else msgspec.json.decode(output),
+        output_omitted_bytes=_int_or_none(fields.get("output_omitted_bytes")),
         error=fields.get("error"),
         seq=_int_or_none(fields.get("seq")),
     )

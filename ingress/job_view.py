@@ -1,6 +1,7 @@
 """What `GET /v1/jobs/{id}` (and a finished `Prefer: wait`) answers: a job record as JSON.
 
-Times are RFC 3339 in UTC; `output` appears once the job succeeded, `error` once it
+Times are RFC 3339 in UTC; `output` appears once the job succeeded (null, with
+`output_omitted`, when it was too large to keep in the record), `error` once it
 failed, expired or was canceled; `queue_position` and `eta_s` only while it is queued
 (both rough: see `contract.job_records`); `callback` is null for a job without one.
 """
@@ -34,6 +35,11 @@ def job_view(record: JobRecord, placement: Placement | None = None) -> dict[str,
     }
     if record.status == "succeeded":
         view["output"] = record.output
+        if record.output_omitted_bytes is not None:
+            view["output_omitted"] = {
+                "bytes": record.output_omitted_bytes,
+                "reason": "over RECORD_OUTPUT_MAX_BYTES: the output went by callback only",
+            }
     elif record.error is not None:
         view["error"] = record.error
     if placement is not None:

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 
 from contract.callback_guard import AllowList
 from contract.config import DEFAULT_AMQP_URL, ConfigError, Environment
+from contract.job_records import DEFAULT_RECORD_OUTPUT_MAX_BYTES
 from contract.model_catalogue import DEFAULT_CATALOGUE
 from contract.topology import Topology
 from ingress.json_budget import JsonBudget
@@ -45,6 +46,7 @@ class IngressSettings:
     # Job records (status, cancel, Idempotency-Key, Prefer: wait); None runs without them.
     redis_url: str | None = field(default=None, repr=False)
     result_ttl_s: int = 24 * 3600
+    record_output_max_bytes: int = DEFAULT_RECORD_OUTPUT_MAX_BYTES
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> IngressSettings:
@@ -75,6 +77,7 @@ class IngressSettings:
             demand_events=read.demand_events,
             redis_url=read.records_url,
             result_ttl_s=read.result_ttl_s,
+            record_output_max_bytes=read.record_output_max_bytes,
         )
 
 

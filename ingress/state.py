@@ -36,7 +36,12 @@ class IngressState:
         self.inflight = InflightBytes(settings.max_inflight_body_bytes)
         self.demand = DemandAnnouncer(self.broker)
         self.records = (
-            JobRecords(settings.redis_url, settings.topology.prefix, settings.result_ttl_s)
+            JobRecords(
+                settings.redis_url,
+                settings.topology.prefix,
+                settings.result_ttl_s,
+                max_output_bytes=settings.record_output_max_bytes,
+            )
             if settings.redis_url
             else None
         )

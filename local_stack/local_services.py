@@ -25,6 +25,10 @@ class BrokerNotAvailable(Exception):
     """No broker answers and none could be started; the message says what to do."""
 
 
+# A Redis started here refuses writes past this instead of growing without bound.
+REDIS_MAXMEMORY = "512mb"
+
+
 def answers(url: str, default_port: int, timeout_s: float = 2.0) -> bool:
     parts = urlsplit(url)
     try:
@@ -88,7 +92,15 @@ def ensure_redis(redis_url: str) -> bool:
             redis_url,
             6379,
             "redis-server",
-            ["--daemonize", "yes", "--port", str(urlsplit(redis_url).port or 6379)],
+            [
+                "--daemonize",
+                "yes",
+                "--port",
+                str(urlsplit(redis_url).port or 6379),
+                # Full, it refuses writes (the ingress answers 503) instead of growing until
+                # the kernel kills it; records are never evicted behind the jobs' backs.
+                *("--maxmemory", REDIS_MAXMEMORY, "--maxmemory-policy", "noeviction"),
+            ],
             "Start Redis (Debian/Ubuntu: `apt-get install redis-server`) or set REDIS_URL.",
         )
     except BrokerNotAvailable as exc:

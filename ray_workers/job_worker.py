@@ -31,9 +31,11 @@ import contextlib
 import inspect
 import logging
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, cast
+
+import msgspec
 
 from contract.broker import Broker, BrokerError, Delivery
 from contract.callback_events import callback_for, canceled_callback, carrying_job, combine_callbacks
@@ -53,6 +55,22 @@ from ray_workers.worker_metrics import SERIES, WorkerMetrics
 logger = logging.getLogger(__name__)
 
 EXPIRED_ERROR = "deadline passed before the job ran"
+# What encoding a model's output may raise (an unsupported type such as numpy.float32,
+# nesting deeper than the encoder's limit).
+UNENCODABLE = (TypeError, ValueError, OverflowError, RecursionError, msgspec.EncodeError)
+
+
+def attempt_of(headers: Mapping[str, Any]) -> int:
+    """The delivery's attempt (x-attempt, 1 when absent); UndecodableMessage when it is not a
+    positive integer."""
+    attempt = headers.get(ATTEMPT_HEADER, 1)
+    if isinstance(attempt, str) and attempt.isascii() and attempt.isdigit() and len(attempt) < 10:
+        attempt = int(attempt)
+    if isinstance(attempt, bool) or not isinstance(attempt, int) or attempt < 1:
+        raise UndecodableMessage(f"header {ATTEMPT_HEADER}={str(attempt)[:40]!r} is not a positive integer")
+    return attempt
+
+
 RUNNING = Started("running")
 
 
@@ -87,7 +105,12 @@ class JobWorker:
         self._schedule = settings.topology.job_retry_schedule(model.name)
         self._wall_clock = wall_clock
         self._records = (
-            JobRecords(settings.redis_url, settings.topology.prefix, settings.result_ttl_s)
+            JobRecords(
+                settings.redis_url,
+                settings.topology.prefix,
+                settings.result_ttl_s,
+                max_output_bytes=settings.record_output_max_bytes,
+            )
             if settings.redis_url
             else None
         )
@@ -205,6 +228,16 @@ class JobWorker:
             self._idle.clear()
             try:
                 inference_s, model_failed = await self._process(batch.items)
+            except BrokerError:
+                raise
+            except Exception as exc:
+                # A defect of ours or a model's must not end the loop: Serve would restart the
+                # replica and the redelivered batch would end the next one too.
+                logger.exception(
+                    "model %s: a batch of %d failed in the worker", self._model.name, len(batch.items)
+                )
+                await self._park_batch(batch.items, f"the worker failed on this batch: {exc!r}")
+                inference_s, model_failed = 0.0, False
             finally:
                 self._idle.set()
             self.metrics.observe_batch(self._model.name, len(batch.items), batch.filled_s, inference_s)
@@ -265,6 +298,30 @@ class JobWorker:
             await self._update_breaker(model_failed)
         return inference_s, model_failed
 
+    async def _park_batch(self, batch: list[Delivery], reason: str) -> None:
+        """Park every delivery of a batch the worker itself failed on (replayable, none lost)."""
+        outcomes: list[Outcome] = [
+            (
+                delivery,
+                [
+                    parked(
+                        delivery.body,
+                        delivery.message_id or "unknown",
+                        delivery.headers,
+                        reason,
+                        self._model.name,
+                        self._topology,
+                    )
+                ],
+            )
+            for delivery in batch
+            if delivery.channel_open
+        ]
+        previous = self._settling
+        if previous is not None:
+            await asyncio.shield(previous)
+        self._settling = asyncio.create_task(settle(self._broker, outcomes))
+
     def _decode(self, batch: list[Delivery], now_ms: int) -> tuple[list[_Work], list[Outcome]]:
         """The batch's jobs, prepared; undecodable bodies already have their outcome (parked)."""
         work: list[_Work] = []
@@ -275,6 +332,7 @@ class JobWorker:
                 continue
             try:
                 job = decode_job(delivery.body)
+                attempt = attempt_of(delivery.headers)
             except UndecodableMessage as exc:
                 logger.warning("parking undecodable message %s: %s", delivery.message_id, exc)
                 park = parked(
@@ -287,7 +345,7 @@ class JobWorker:
                 )
                 outcomes.append((delivery, [park]))
                 continue
-            work.append(self._prepare(delivery, job, now_ms))
+            work.append(self._prepare(delivery, job, attempt, now_ms))
         return work, outcomes
 
     def _ended_before(self, item: _Work, start: Started, now_ms: int) -> list[Publish]:
@@ -395,8 +453,8 @@ class JobWorker:
     def _ending_error(item: _Work) -> str | None:
         return EXPIRED_ERROR if item.expired else item.error
 
-    def _prepare(self, delivery: Delivery, job: Job, now_ms: int) -> _Work:
-        item = _Work(delivery, job, int(delivery.headers.get(ATTEMPT_HEADER, 1)))
+    def _prepare(self, delivery: Delivery, job: Job, attempt: int, now_ms: int) -> _Work:
+        item = _Work(delivery, job, attempt)
         if job.deadline_ms is not None and now_ms > job.deadline_ms:
             item.expired = True
             return item
@@ -477,10 +535,16 @@ class JobWorker:
                 )
             ]
         if item.error is None:
-            self.metrics.count_outcome(job.model, "succeeded")
-            return [
-                callback_for(job, "succeeded", attempt, timings, now_s, self._topology, output=item.output)
-            ]
+            try:
+                succeeded = callback_for(
+                    job, "succeeded", attempt, timings, now_s, self._topology, output=item.output
+                )
+            except UNENCODABLE as exc:
+                item.output, item.permanent = None, True
+                item.error = f"the model's output cannot be encoded as JSON: {exc!r}"[:1000]
+            else:
+                self.metrics.count_outcome(job.model, "succeeded")
+                return [succeeded]
         delay_s = None if item.permanent else self._schedule.delay_after(attempt)
         if delay_s is not None and (job.deadline_ms is None or now_ms + delay_s * 1000 < job.deadline_ms):
             logger.info(
@@ -532,8 +596,13 @@ class JobWorker:
             await self._stop_consuming()
             self._resume_task = asyncio.create_task(self._resume_after_cooldown())
         elif after is BreakerState.CLOSED and before is BreakerState.HALF_OPEN:
-            await self._stop_consuming()
-            await self._consume(self._prefetch())
+            try:
+                await self._stop_consuming()
+                await self._consume(self._prefetch())
+            except BrokerError as exc:
+                # Counted as a failed probe: the breaker opens again and consumes after its cooldown.
+                logger.warning("model %s could not resume consuming: %s", self._model.name, exc)
+                await self._update_breaker(failed=True)
 
     async def _resume_after_cooldown(self) -> None:
         await asyncio.sleep(self.breaker.remaining_cooldown_s())

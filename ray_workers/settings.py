@@ -8,6 +8,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from contract.config import DEFAULT_AMQP_URL, Environment
+from contract.job_records import DEFAULT_RECORD_OUTPUT_MAX_BYTES
 from contract.model_catalogue import DEFAULT_CATALOGUE
 from contract.model_sections import Batching
 from contract.topology import Topology
@@ -36,6 +37,7 @@ class WorkerSettings:
     # Job records (first terminal status per job wins, cancel); None runs without them.
     redis_url: str | None = field(default=None, repr=False)
     result_ttl_s: int = 24 * 3600
+    record_output_max_bytes: int = DEFAULT_RECORD_OUTPUT_MAX_BYTES
 
     def batching_for(self, model: str) -> Batching:
         return self.batching_by_model.get(model, self.batching)
@@ -56,4 +58,5 @@ class WorkerSettings:
             num_gpus=read.worker_num_gpus,
             redis_url=read.records_url,
             result_ttl_s=read.result_ttl_s,
+            record_output_max_bytes=read.record_output_max_bytes,
         )

@@ -148,3 +148,27 @@ class ContestedModel:
             )
             raise ModelFailure("failed here, after another copy succeeded")
         return list(inputs)
+
+
+class UnencodableModel:
+    """Echo whose output for "complex" is a complex number and for "deep" a list nested past
+    the encoder's limit: outputs no callback or record can carry."""
+
+    name = "echo"
+
+    def prepare(self, raw_input: Any, attempt: int) -> Any:
+        return raw_input
+
+    def predict(self, inputs: Sequence[Any]) -> list[Any]:
+        return [self._output(value) for value in inputs]
+
+    @staticmethod
+    def _output(value: Any) -> Any:
+        if value == "complex":
+            return 1j
+        if value == "deep":
+            nested: list[Any] = []
+            for _ in range(5000):
+                nested = [nested]
+            return nested
+        return value

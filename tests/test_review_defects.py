@@ -4,19 +4,33 @@
 from __future__ import annotations
 
 import asyncio
+import socket
+import subprocess
 import time
 import uuid
+from collections.abc import Iterator
+from dataclasses import replace
+from pathlib import Path
 
-from contract.envelope import Job
+import pytest
+
+from contract.broker import Broker
+from contract.envelope import ATTEMPT_HEADER, PARK_REASON_HEADER, Job
+from contract.job_message import job_message
 from contract.job_records import JobRecords, RecordsUnavailable
+from contract.model_sections import Batching
 from ingress.record_creation import RecordCreation
+from ingress.settings import IngressSettings
+from ray_workers.settings import WorkerSettings
+from tests.conftest import callbacks_in, drain_queue, running_ingress, running_worker, wait_until
+from tests.models import UnencodableModel
 
 
 def _job(**fields: object) -> Job:
+    fields.setdefault("input", None)
     return Job(
         id=str(uuid.uuid4()),
         model="echo",
-        input=None,
         submitted_at_ms=int(time.time() * 1000),
         **fields,  # type: ignore[arg-type]
     )
@@ -40,3 +54,124 @@ async def test_given_a_record_batch_failing_with_any_error_then_every_request_in
         await records.close()
 
     assert [type(outcome) for outcome in outcomes] == [RecordsUnavailable, RecordsUnavailable]
+
+
+async def test_given_unencodable_outputs_and_a_bad_attempt_header_then_those_jobs_fail_and_the_loop_goes_on(
+    worker_settings: WorkerSettings, broker: Broker
+) -> None:
+    """Item 7: an output that cannot be encoded or a bad x-attempt header ended the worker's
+    job loop (Serve restarts the replica; the redelivered batch ends the next one). Now each
+    such job fails permanently with its reason, and the jobs beside it and after it run."""
+    settings = replace(worker_settings, batching=Batching(adaptive=False, max_size=8))
+    callback = {"callback_url": "http://127.0.0.1:9/"}
+    complex_job, deep_job, fine = (_job(input=v, **callback) for v in ("complex", "deep", "fine"))
+    bad_header = _job(input="fine", **callback)
+    exchange = broker.topology.jobs_exchange
+    for job in (complex_job, deep_job, fine):
+        await broker.publish(job_message(job), "echo", exchange=exchange)
+    await broker.publish(job_message(bad_header, {ATTEMPT_HEADER: "abc"}), "echo", exchange=exchange)
+    seen: dict[str, tuple[str, str | None]] = {}
+
+    async def events(count: int) -> bool:
+        for callback in callbacks_in(await drain_queue(settings.amqp_url, settings.topology.callbacks_queue)):
+            seen[callback.event.data.id] = (callback.event.type, callback.event.data.error)
+        return len(seen) >= count
+
+    async with running_worker(UnencodableModel(), settings) as worker:
+        await wait_until(lambda: events(3), 20, "three callbacks")
+        after = _job(input="after", **callback)
+        await broker.publish(job_message(after), "echo", exchange=exchange)
+        await wait_until(lambda: events(4), 20, "the next job's callback")
+        assert worker.is_alive
+
+    assert seen[fine.id] == ("job.succeeded", None)
+    assert seen[after.id] == ("job.succeeded", None)
+    for job in (complex_job, deep_job):
+        event_type, error = seen[job.id]
+        assert event_type == "job.failed" and "cannot be encoded" in str(error)
+    parked = await drain_queue(settings.amqp_url, settings.topology.parking_queue("echo"))
+    reasons = {m.message_id: str(m.headers[PARK_REASON_HEADER]) for m in parked}
+    assert set(reasons) == {complex_job.id, deep_job.id, bad_header.id}
+    assert "x-attempt" in reasons[bad_header.id]
+
+
+async def test_given_an_output_over_the_record_cap_then_the_record_keeps_its_size_not_the_output(
+    redis_url: str,
+) -> None:
+    """Item 3 (bytes bound Redis): records lived 24 h with outputs of any size; about 1,000
+    large ones filled Redis. An output over RECORD_OUTPUT_MAX_BYTES goes by callback only."""
+    records = JobRecords(redis_url, f"t{uuid.uuid4().hex[:10]}.", ttl_s=60, max_output_bytes=1000)
+    small, large = _job(), _job()
+    try:
+        await records.create([small, large])
+        await records.finish(
+            [(small, "succeeded", 1, "x" * 100, None), (large, "succeeded", 1, "y" * 5000, None)]
+        )
+        kept, omitted = await records.get(small.id), await records.get(large.id)
+    finally:
+        await records.close()
+
+    assert kept is not None and kept.output == "x" * 100 and kept.output_omitted_bytes is None
+    assert omitted is not None and omitted.status == "succeeded"
+    assert omitted.output is None and omitted.output_omitted_bytes == 5002
+
+
+@pytest.fixture
+def full_redis(tmp_path: Path) -> Iterator[str]:
+    """A Redis of its own, capped at 2 MB with noeviction as the stack runs it, on a free port."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = subprocess.Popen(
+        [
+            *("redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"),
+            *("--maxmemory", "2mb", "--maxmemory-policy", "noeviction", "--dir", str(tmp_path)),
+        ],
+        stdout=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 10
+        while not _answers(port):
+            if time.monotonic() > deadline:
+                raise AssertionError("the capped redis-server did not start")
+            time.sleep(0.05)
+        yield f"redis://127.0.0.1:{port}/0"
+    finally:
+        server.terminate()
+        server.wait(10)
+
+
+def _answers(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), 0.2):
+            return True
+    except OSError:
+        return False
+
+
+async def test_given_redis_full_then_keyed_submissions_answer_503_at_once_and_redis_keeps_serving(
+    full_redis: str, ingress_settings: IngressSettings
+) -> None:
+    """Item 3: with maxmemory and noeviction a full Redis refuses writes; the ingress answers
+    503 + Retry-After fast for what needs a record, and Redis itself stays up."""
+    for size in (100_000, 1000):  # large outputs first, then small ones until over the cap
+        records = JobRecords(full_redis, "fill.", ttl_s=600, max_output_bytes=1 << 20)
+        try:
+            with pytest.raises(RecordsUnavailable):
+                for _ in range(10_000):
+                    await records.finish([(_job(), "succeeded", 1, "z" * size, None)])
+        finally:
+            await records.close()
+    settings = replace(ingress_settings, redis_url=full_redis)
+
+    async with running_ingress(settings) as client:
+        started = time.monotonic()
+        response = await client.post(
+            "/v1/models/echo/jobs", json={"input": 1}, headers={"Idempotency-Key": "full-redis"}
+        )
+        elapsed_s = time.monotonic() - started
+
+    assert response.status_code == 503, response.text
+    assert response.headers["retry-after"]
+    assert elapsed_s < 2
+    assert _answers(int(full_redis.rsplit(":", 1)[1].split("/")[0]))
