@@ -118,6 +118,7 @@ class Environment(BaseModel):
     # A body's JSON shape, checked on its bytes before it is decoded (ingress/json_budget.py).
     max_json_depth: int = Field(64, ge=2, le=512, alias="MAX_JSON_DEPTH")
     max_json_values: int = Field(200_000, ge=16, alias="MAX_JSON_VALUES")
+    max_metadata_bytes: int = Field(64 * 1024, ge=2, alias="MAX_METADATA_BYTES")
     input_validation_budget_ms: float = Field(250.0, gt=0, alias="INPUT_VALIDATION_BUDGET_MS")
     # Bytes of request bodies in flight at once (ingress/inflight_bytes.py).
     max_inflight_body_bytes: int = Field(16 * 1024 * 1024, ge=1, alias="MAX_INFLIGHT_BODY_BYTES")
@@ -136,6 +137,9 @@ class Environment(BaseModel):
     batch_adaptive: bool | None = Field(None, alias="BATCH_ADAPTIVE")
     batch_latency_target_ms: float | None = Field(None, ge=1, alias="BATCH_LATENCY_TARGET_MS")
     batch_latency_target_ms_by_model: dict[str, Annotated[float, Field(ge=1)]] = Field(default_factory=dict)
+    # Bytes of job bodies a replica takes into one batch, and prefetches (ray_workers/job_worker.py).
+    worker_batch_max_bytes: int = Field(16 * 1024 * 1024, ge=1, alias="WORKER_BATCH_MAX_BYTES")
+    worker_prefetch_max_bytes: int = Field(32 * 1024 * 1024, ge=1, alias="WORKER_PREFETCH_MAX_BYTES")
     breaker_failure_threshold: int = Field(5, ge=1, alias="BREAKER_FAILURE_THRESHOLD")
     breaker_cooldown_s: float = Field(30.0, ge=0, alias="BREAKER_COOLDOWN_S")
     model_threads: int = Field(default_factory=lambda: os.cpu_count() or 1, ge=1, alias="MODEL_THREADS")

@@ -105,6 +105,7 @@ async def _submission(request: Request, state: IngressState) -> Submission:
     try:
         body = await read_limited_body(request, settings.max_body_bytes)
         job_request = decode_job_request(body, settings.json_budget)
+        _check_metadata(job_request.metadata, settings.max_metadata_bytes)
         await _check_input(state, model, job_request.input, off_loop=len(body) > OFF_LOOP_INPUT_BYTES)
         if job_request.callback_url is not None:
             await _check_callback_url(state, job_request.callback_url)
@@ -151,6 +152,19 @@ def _job(state: IngressState, model: str, owner: str, job_request: JobRequest) -
         deadline_ms=None if ttl_s is None else submitted_at_ms + round(ttl_s * 1000),
         owner=owner,
     )
+
+
+def _check_metadata(metadata: dict[str, object], max_bytes: int) -> None:
+    """Metadata lives in the job's record for RESULT_TTL_S and rides on every event."""
+    size = len(msgspec.json.encode(metadata))
+    if size > max_bytes:
+        raise Problem(
+            413,
+            "metadata-too-large",
+            "Content Too Large",
+            f"metadata of {size} bytes (as JSON) exceeds {max_bytes} (MAX_METADATA_BYTES)",
+            extensions={"limit": "MAX_METADATA_BYTES", "allowed": max_bytes},
+        )
 
 
 def _encoded(job: Job) -> OutgoingMessage:

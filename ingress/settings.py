@@ -25,6 +25,8 @@ class IngressSettings:
     max_body_bytes: int = 1024 * 1024
     # The request body's JSON shape (depth, values), checked on its bytes before decoding.
     json_budget: JsonBudget = field(default_factory=JsonBudget)
+    # A job's metadata, as JSON: it is kept in the job's record and sent with every event.
+    max_metadata_bytes: int = 64 * 1024
     # How long checking an input against its model's schema may take.
     input_validation_budget_ms: float = 250.0
     # Request bodies held at once (reserved by Content-Length), before 503 + Retry-After.
@@ -67,6 +69,7 @@ class IngressSettings:
             max_body_bytes=read.max_body_bytes,
             json_budget=JsonBudget(read.max_json_depth, read.max_json_values),
             input_validation_budget_ms=read.input_validation_budget_ms,
+            max_metadata_bytes=read.max_metadata_bytes,
             max_inflight_body_bytes=read.max_inflight_body_bytes,
             max_waiters=read.max_waiters,
             max_connections=read.ingress_max_connections,

@@ -2,7 +2,9 @@
 
 Plain asyncio, separate from Ray and from the broker, so it is tested directly. A lone
 job at low load waits at most `max_wait_s` beyond its arrival; under backlog a batch
-fills immediately from what the broker has prefetched.
+fills immediately from what the broker has prefetched. A batch is bounded by bytes too
+(`max_bytes`, as `size_of` measures an item): a model decodes and holds a whole batch at
+once, and the senders pick each job's size, so 128 jobs of 1 MiB must not make one batch.
 """
 
 from __future__ import annotations
@@ -28,22 +30,32 @@ async def collect_batch(
     max_size: int,
     max_wait_s: float,
     clock: Callable[[], float] = time.monotonic,
+    max_bytes: int | None = None,
+    size_of: Callable[[T], int] = lambda _item: 0,
 ) -> Batch[T]:
-    """At least one item; at most `max_size`; no more than `max_wait_s` after the first."""
+    """At least one item; at most `max_size`, and no more once `max_bytes` are reached; no
+    more than `max_wait_s` after the first."""
     if max_size < 1:
         raise ValueError(f"max_size={max_size} must be at least 1")
     batch = [await source.get()]
+    held_bytes = size_of(batch[0])
     first_at = clock()
     deadline = first_at + max_wait_s
-    while len(batch) < max_size:
+
+    def full() -> bool:
+        return len(batch) >= max_size or (max_bytes is not None and held_bytes >= max_bytes)
+
+    while not full():
         # Take what is already buffered without yielding to the loop.
-        while len(batch) < max_size and not source.empty():
+        while not full() and not source.empty():
             batch.append(source.get_nowait())
+            held_bytes += size_of(batch[-1])
         remaining_s = deadline - clock()
-        if len(batch) >= max_size or remaining_s <= 0:
+        if full() or remaining_s <= 0:
             break
         try:
             batch.append(await asyncio.wait_for(source.get(), timeout=remaining_s))
         except TimeoutError:
             break
+        held_bytes += size_of(batch[-1])
     return Batch(batch, clock() - first_at)

@@ -88,6 +88,14 @@ class _Work:
     expired: bool = False
 
 
+# Per batch, the remembered largest body shrinks by this factor unless a batch brings a larger one.
+LARGE_BODY_DECAY = 0.9
+
+
+def _body_bytes(delivery: Delivery) -> int:
+    return len(delivery.body)
+
+
 class JobWorker:
     """Owns its broker connection, its breaker and the batch loop for one model."""
 
@@ -101,6 +109,8 @@ class JobWorker:
     ) -> None:
         self._model = model
         self._settings = settings
+        # The largest body of recent batches (decaying), which bounds the prefetch by bytes.
+        self._large_body_bytes = 0
         self._topology = settings.topology
         self._schedule = settings.topology.job_retry_schedule(model.name)
         self._wall_clock = wall_clock
@@ -164,8 +174,13 @@ class JobWorker:
         # Twice the batch size: a replica holds at most one batch beyond the one it runs,
         # which keeps the model busy (the inbox serves high priority first whatever came
         # in). A quorum queue's consumer keeps the prefetch it started with, so there it is
-        # twice the largest batch, per priority.
-        return 2 * (self.batching.max_size if self._topology.replicated else self.batching.size)
+        # twice the largest batch, per priority. Bounded by bytes as well: no more than
+        # PREFETCH_MAX_BYTES of the large bodies lately seen (classic queues: a quorum
+        # consumer's prefetch is fixed, and its batches alone are bounded by bytes).
+        by_count = 2 * (self.batching.max_size if self._topology.replicated else self.batching.size)
+        if self._large_body_bytes <= 0:
+            return by_count
+        return max(1, min(by_count, self._settings.prefetch_max_bytes // self._large_body_bytes))
 
     async def _consume(self, prefetch: int) -> None:
         replicated = self._topology.replicated
@@ -222,7 +237,13 @@ class JobWorker:
             # gave the probe consumer one (the quorum topology).
             probing = self.breaker.state is BreakerState.HALF_OPEN
             size = 1 if probing else self.batching.size
-            batch = await collect_batch(self._inbox, size, self.batching.wait_s)
+            batch = await collect_batch(
+                self._inbox,
+                size,
+                self.batching.wait_s,
+                max_bytes=self._settings.batch_max_bytes,
+                size_of=_body_bytes,
+            )
             if self._stopping:
                 break  # taken during the drain: left unacked, it goes back with the channel
             self._idle.clear()
@@ -241,10 +262,12 @@ class JobWorker:
             finally:
                 self._idle.set()
             self.metrics.observe_batch(self._model.name, len(batch.items), batch.filled_s, inference_s)
+            largest = max(len(delivery.body) for delivery in batch.items)
+            self._large_body_bytes = max(largest, int(self._large_body_bytes * LARGE_BODY_DECAY))
             await self._adapt_batch_size(len(batch.items), inference_s, model_failed)
 
     async def _adapt_batch_size(self, batch_size: int, inference_s: float, failed: bool) -> None:
-        before = self.batching.size
+        before = self._prefetch()
         adjustment = self.batching.record(
             batch_size, inference_s, work_waiting=not self._inbox.empty(), failed=failed
         )
@@ -252,7 +275,7 @@ class JobWorker:
             self._model.name, adjustment.value, self.batching.size, self.batching.wait_s
         )
         closed = self.breaker.state is BreakerState.CLOSED
-        if self.batching.size != before and closed and not self._topology.replicated:
+        if self._prefetch() != before and closed and not self._topology.replicated:
             for tag in self._consumer_tags:
                 try:
                     await self._broker.set_prefetch(tag, self._prefetch())

@@ -38,6 +38,9 @@ class WorkerSettings:
     redis_url: str | None = field(default=None, repr=False)
     result_ttl_s: int = 24 * 3600
     record_output_max_bytes: int = DEFAULT_RECORD_OUTPUT_MAX_BYTES
+    # Bytes of job bodies in one batch, and prefetched by a classic-queue consumer.
+    batch_max_bytes: int = 16 * 1024 * 1024
+    prefetch_max_bytes: int = 32 * 1024 * 1024
 
     def batching_for(self, model: str) -> Batching:
         return self.batching_by_model.get(model, self.batching)
@@ -59,4 +62,6 @@ class WorkerSettings:
             redis_url=read.records_url,
             result_ttl_s=read.result_ttl_s,
             record_output_max_bytes=read.record_output_max_bytes,
+            batch_max_bytes=read.worker_batch_max_bytes,
+            prefetch_max_bytes=read.worker_prefetch_max_bytes,
         )

@@ -79,3 +79,25 @@ async def test_a_zero_wait_takes_only_what_is_buffered() -> None:
 async def test_a_batch_size_below_one_is_refused() -> None:
     with pytest.raises(ValueError, match="max_size=0"):
         await collect_batch(asyncio.Queue(), max_size=0, max_wait_s=0.0)
+
+
+@pytest.mark.parametrize(
+    ("sizes", "max_bytes", "taken"),
+    [
+        ([300, 300, 300, 300, 300], 1000, 4),  # the item that reaches the bound is the last
+        ([5000, 1, 1], 1000, 1),  # one item over the bound still makes a batch
+        ([1, 1, 1], 1000, 3),
+        ([400, 400, 400], None, 3),
+    ],
+)
+async def test_a_batch_stops_filling_once_it_holds_max_bytes(
+    sizes: list[int], max_bytes: int | None, taken: int
+) -> None:
+    source: asyncio.Queue[bytes] = asyncio.Queue()
+    for size in sizes:
+        source.put_nowait(b"x" * size)
+
+    batch = await collect_batch(source, max_size=8, max_wait_s=0.0, max_bytes=max_bytes, size_of=len)
+
+    assert len(batch.items) == taken
+    assert source.qsize() == len(sizes) - taken

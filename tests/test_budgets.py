@@ -17,7 +17,7 @@ from contract.model_catalogue import Catalogue, ModelEntry
 from ingress.inflight_bytes import InflightBytes, InflightFull
 from ingress.json_budget import JsonBudget
 from ingress.settings import IngressSettings
-from tests.conftest import TEST_MODELS, drain_queue, running_ingress, wait_until
+from tests.conftest import TEST_MODELS, drain_queue, queue_holds, running_ingress, wait_until
 
 MIB = 1024 * 1024
 JSON = {"content-type": "application/json"}
@@ -109,12 +109,12 @@ async def test_given_nested_json_then_within_the_depth_budget_202_else_422_and_n
     response = await client.post("/v1/models/echo/jobs", content=_nested(depth), headers=JSON)
 
     assert response.status_code == status, response.text
-    queued = await drain_queue(ingress_settings.amqp_url, ingress_settings.topology.main_queue("echo"))
+    queue = ingress_settings.topology.main_queue("echo")
     if status == 202:
-        assert len(queued) == 1
+        await wait_until(lambda: queue_holds(ingress_settings.amqp_url, queue, 1), 5, "the job queued")
     else:
         assert _problem(response, 422, "json-too-deep")["limit"] == "MAX_JSON_DEPTH"
-        assert queued == []
+        assert await drain_queue(ingress_settings.amqp_url, queue) == []
 
 
 @pytest.mark.parametrize("value", ["²", "٣", "1²", "0"])
@@ -229,3 +229,15 @@ def test_in_flight_bytes_fit_the_budget_and_a_lone_body_always_fits(used: int, s
     else:
         with pytest.raises(InflightFull, match="MAX_INFLIGHT_BODY_BYTES"):
             budget.reserve(size)
+
+
+async def test_given_metadata_over_its_budget_then_413_naming_it_and_nothing_queued(
+    client: httpx.AsyncClient, ingress_settings: IngressSettings
+) -> None:
+    """Metadata is kept in the record for RESULT_TTL_S: up to the body limit, 1,000 jobs of
+    1 MiB metadata filled Redis."""
+    body = {"input": 1, "callback_url": "http://127.0.0.1:9/", "metadata": {"m": "x" * 70_000}}
+    response = await client.post("/v1/models/echo/jobs", json=body)
+
+    assert _problem(response, 413, "metadata-too-large")["limit"] == "MAX_METADATA_BYTES"
+    assert await drain_queue(ingress_settings.amqp_url, ingress_settings.topology.main_queue("echo")) == []

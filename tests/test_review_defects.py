@@ -19,11 +19,12 @@ from contract.envelope import ATTEMPT_HEADER, PARK_REASON_HEADER, Job
 from contract.job_message import job_message
 from contract.job_records import JobRecords, RecordsUnavailable
 from contract.model_sections import Batching
+from ingress.pending_records import PendingRecords
 from ingress.record_creation import RecordCreation
 from ingress.settings import IngressSettings
 from ray_workers.settings import WorkerSettings
 from tests.conftest import callbacks_in, drain_queue, running_ingress, running_worker, wait_until
-from tests.models import UnencodableModel
+from tests.models import RecordingModel, UnencodableModel
 
 
 def _job(**fields: object) -> Job:
@@ -175,3 +176,60 @@ async def test_given_redis_full_then_keyed_submissions_answer_503_at_once_and_re
     assert response.headers["retry-after"]
     assert elapsed_s < 2
     assert _answers(int(full_redis.rsplit(":", 1)[1].split("/")[0]))
+
+
+async def test_given_redis_away_then_pending_records_are_bounded_by_bytes_dropping_the_oldest() -> None:
+    """Buffers bound by bytes: records waiting for Redis were bounded by count (100,000 jobs,
+    each with metadata up to the body limit)."""
+    away = JobRecords("redis://127.0.0.1:1/0", "t.", ttl_s=60, timeout_s=0.2)
+    pending = PendingRecords(away, max_bytes=50_000)
+    jobs = [_job(metadata={"blob": "m" * 10_000}) for _ in range(20)]
+    try:
+        for job in jobs:
+            pending.add(job)
+        held = [job for job in jobs if pending.get(job.id) is not None]
+        assert 40_000 <= pending.held_bytes <= 50_000
+        assert held == jobs[-len(held) :]  # the newest kept, the oldest left to the worker
+    finally:
+        await pending.close()
+        await away.close()
+
+
+async def test_given_redis_back_then_pending_records_are_written_in_batches(redis_url: str) -> None:
+    """Item 13: pending records were flushed one per round trip, so another replica answered
+    404 for accepted jobs for as long as that took."""
+    records = JobRecords(redis_url, f"t{uuid.uuid4().hex[:10]}.", ttl_s=60)
+    pending = PendingRecords(records)
+    jobs = [_job() for _ in range(600)]
+    try:
+        for job in jobs:
+            pending.add(job)
+        await wait_until(lambda: pending.held_bytes == 0, 10, "the pending records written")
+        stored = [await records.get(job.id) for job in jobs]
+    finally:
+        await pending.close()
+        await records.close()
+
+    assert all(record is not None and record.status == "queued" for record in stored)
+
+
+async def test_given_large_jobs_then_a_batch_holds_at_most_its_bytes(
+    worker_settings: WorkerSettings, broker: Broker
+) -> None:
+    """Buffers bound by bytes: a batch was bounded by count only, so 128 jobs of 1 MiB made
+    one batch (decoded, tens of MB each for object-heavy inputs)."""
+    settings = replace(
+        worker_settings,
+        batching=Batching(adaptive=False, max_size=8),
+        batch_max_bytes=1_000_000,
+        prefetch_max_bytes=2_000_000,
+    )
+    jobs = [_job(input="x" * 300_000, callback_url="http://127.0.0.1:9/") for _ in range(12)]
+    for job in jobs:
+        await broker.publish(job_message(job), "echo", exchange=broker.topology.jobs_exchange)
+    model = RecordingModel()
+
+    async with running_worker(model, settings):
+        await wait_until(lambda: sum(len(b.attempts) for b in model.batches) == 12, 30, "every job run")
+
+    assert max(len(batch.attempts) for batch in model.batches) <= 4
