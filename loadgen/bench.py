@@ -21,6 +21,7 @@ from typing import Any
 
 from contract.config import DEFAULT_AMQP_URL, DEFAULT_REDIS_URL
 from contract.topology import QUEUE_TYPES
+from loadgen.bench_budgets import budget_markdown, measure_budgets
 from loadgen.bench_callbacks import measure_callbacks
 from loadgen.bench_chart import batching_chart
 from loadgen.bench_ingress import measure_ingress
@@ -76,13 +77,28 @@ QUICK = BenchSize(
     profile_jobs=300,
     queue_type_backlogs={"echo": 300},
 )
-STAGES = ("user-path", "callbacks", "profile", "ingress", "pipeline", "batching", "priority", "queue-types")
+STAGES = (
+    "user-path",
+    "callbacks",
+    "profile",
+    "budgets",
+    "ingress",
+    "pipeline",
+    "batching",
+    "priority",
+    "queue-types",
+)
 # Run only when asked (`--only wake`): it starts the whole stack 2 x reps times.
 OPTIONAL_STAGES = ("wake",)
 
 
 async def run(
-    size: BenchSize, amqp_url: str, redis_url: str, latency_target_s: float, stages: list[str]
+    size: BenchSize,
+    amqp_url: str,
+    redis_url: str,
+    latency_target_s: float,
+    stages: list[str],
+    quick: bool = False,
 ) -> dict[str, Any]:
     results: dict[str, Any] = {}
     started = time.monotonic()
@@ -94,6 +110,8 @@ async def run(
             results[stage] = await measure_callbacks(amqp_url, size.reps, size.callback_deliveries)
         elif stage == "profile":
             results[stage] = await measure_profile(amqp_url, size.profile_jobs)
+        elif stage == "budgets":
+            results[stage] = await measure_budgets(amqp_url, quick)
         elif stage == "wake":
             results[stage] = await measure_wake(amqp_url, size.reps)
         elif stage == "ingress":
@@ -310,6 +328,8 @@ def markdown(results: dict[str, Any], machine: str, quick: bool) -> str:
             lines.append(f"- {name}: total {sum(cpu.values()):.2f} ms: {parts}")
     if "profile" in results:
         lines += profile_markdown(results["profile"])
+    if "budgets" in results:
+        lines += budget_markdown(results["budgets"])
     if "batching" not in results:
         return "\n".join(lines) + "\n"
     summary = results["batching"]["summary"]
@@ -346,7 +366,7 @@ def main(argv: list[str] | None = None) -> int:
     amqp_url = os.environ.get("AMQP_URL", DEFAULT_AMQP_URL)
     stages = [stage for stage in STAGES + OPTIONAL_STAGES if stage in (args.only or STAGES)]
     redis_url = os.environ.get("REDIS_URL", DEFAULT_REDIS_URL)
-    results = asyncio.run(run(size, amqp_url, redis_url, args.latency_target_ms / 1000, stages))
+    results = asyncio.run(run(size, amqp_url, redis_url, args.latency_target_ms / 1000, stages, args.quick))
     timestamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
     machine = (
         f"{platform.machine()}, {os.cpu_count()} cores, {platform.python_implementation()} "
