@@ -44,7 +44,7 @@ from callbacks.delivery_metrics import CALLBACK_SERIES, DeliveryMetrics
 from callbacks.host_slots import HostSlots
 from callbacks.settings import CallbackSettings
 from callbacks.signing import WebhookSigner
-from contract.broker import Broker, Delivery, OutgoingMessage
+from contract.broker import Broker, BrokerError, Delivery, OutgoingMessage
 from contract.callback_events import callback_host
 from contract.callback_guard import Resolver, SystemResolver
 from contract.circuit_breaker import BreakerState, CircuitBreaker
@@ -68,6 +68,10 @@ _T = TypeVar("_T")
 
 # How many times a delivery went back to a delay tier without an attempt.
 DEFERRALS_HEADER = "x-deferrals"
+
+
+# Per message, the remembered largest body shrinks by this factor unless a larger one comes.
+LARGE_BODY_DECAY = 0.99
 
 
 class CallbackDispatcher:
@@ -96,7 +100,12 @@ class CallbackDispatcher:
             settings.callback_concurrency,
             settings.callback_host_concurrency,
             max(settings.callback_host_concurrency, settings.callback_prefetch // 2),
+            settings.callback_host_hold_max_bytes,
         )
+        # The largest message body lately consumed (decaying), which bounds the prefetch by bytes.
+        self._large_body_bytes = 0
+        self._prefetch = settings.callback_prefetch
+        self._prefetch_change: asyncio.Task[None] | None = None
         self._records = (
             JobRecords(
                 settings.redis_url,
@@ -160,6 +169,27 @@ class CallbackDispatcher:
         task = asyncio.create_task(self._handle(delivery))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+        self._bound_prefetch_by_bytes(len(delivery.body))
+
+    def _bound_prefetch_by_bytes(self, body_bytes: int) -> None:
+        """Messages held unsettled are bounded by CALLBACK_PREFETCH_MAX_BYTES of the large
+        bodies lately seen, not only by CALLBACK_PREFETCH messages (classic queues: a
+        quorum consumer's prefetch is fixed, and the per-host byte hold bounds it there)."""
+        self._large_body_bytes = max(body_bytes, int(self._large_body_bytes * LARGE_BODY_DECAY))
+        by_bytes = self._settings.callback_prefetch_max_bytes // max(1, self._large_body_bytes)
+        wanted = max(1, min(self._settings.callback_prefetch, by_bytes))
+        changing = self._prefetch_change is not None and not self._prefetch_change.done()
+        if self._topology.replicated or changing or self._consumer_tag is None:
+            return
+        if wanted < self._prefetch or wanted >= 2 * self._prefetch:
+            self._prefetch = wanted
+            self._prefetch_change = asyncio.create_task(self._set_prefetch(self._consumer_tag, wanted))
+
+    async def _set_prefetch(self, consumer_tag: str, prefetch: int) -> None:
+        try:
+            await self._broker.set_prefetch(consumer_tag, prefetch)
+        except BrokerError as exc:
+            logger.warning("callbacks prefetch not changed to %d: %s", prefetch, exc)
 
     async def _handle(self, delivery: Delivery) -> None:
         """Every delivery ends settled: an error nobody expected parks it with its reason."""
@@ -182,7 +212,8 @@ class CallbackDispatcher:
         by_host: dict[str, list[_Event]] = {}
         for event in events:
             by_host.setdefault(callback_host(event.callback.callback_url or ""), []).append(event)
-        grouped = await _gathered([self._host_outcomes(host, group) for host, group in by_host.items()])
+        size = len(delivery.body)
+        grouped = await _gathered([self._host_outcomes(host, group, size) for host, group in by_host.items()])
         outcomes = [outcome for group in grouped for outcome in group]
         settled = await settle(self._broker, [(delivery, [p for o in outcomes for p in o.publishes])])
         if not settled.acked:
@@ -193,14 +224,14 @@ class CallbackDispatcher:
             if outcome.state == "parked":
                 self.metrics.parked()
 
-    async def _host_outcomes(self, host: str, events: list[_Event]) -> list[_Outcome]:
+    async def _host_outcomes(self, host: str, events: list[_Event], size_bytes: int) -> list[_Outcome]:
         """The events of one message for one host, under one hold of the host's share."""
-        if not self.slots.try_hold(host):
+        if not self.slots.try_hold(host, size_bytes):
             return [self._deferred(event, self._first_tier_s, "host_busy") for event in events]
         try:
             return await _gathered([self._event_outcome(host, event) for event in events])
         finally:
-            self.slots.unhold(host)
+            self.slots.unhold(host, size_bytes)
             self._forget_breaker_if_idle(host)
 
     async def _event_outcome(self, host: str, event: _Event) -> _Outcome:

@@ -8,7 +8,9 @@ host with a deep backlog cannot take the slots of another. A host may also hold 
 `max_held_per_host` consumed messages (each one hold, however many of its events it
 carries, while any of them is in flight or waiting): past that, `try_hold` says no and
 the caller defers the message's events, so a slow host cannot fill the prefetch window
-(counted in messages) that the others need.
+(counted in messages) that the others need. The held messages' bytes are bounded too
+(`max_held_bytes_per_host`, each message's body counted once): a host's first message
+is always taken, whatever its size, and past the bound the next is deferred.
 
 Plain asyncio, no network: tested directly.
 """
@@ -20,7 +22,9 @@ from collections import deque
 
 
 class HostSlots:
-    def __init__(self, total: int, per_host: int, max_held_per_host: int) -> None:
+    def __init__(
+        self, total: int, per_host: int, max_held_per_host: int, max_held_bytes_per_host: int = 64 << 20
+    ) -> None:
         if not 1 <= per_host <= total:
             raise ValueError(f"need 1 <= per_host ({per_host}) <= total ({total})")
         if max_held_per_host < per_host:
@@ -28,6 +32,8 @@ class HostSlots:
         self._total = total
         self._per_host = per_host
         self._max_held = max_held_per_host
+        self._max_held_bytes = max_held_bytes_per_host
+        self._held_bytes: dict[str, int] = {}
         self._in_flight_total = 0
         self._in_flight: dict[str, int] = {}
         self._held: dict[str, int] = {}
@@ -38,6 +44,9 @@ class HostSlots:
     def held(self, host: str) -> int:
         return self._held.get(host, 0)
 
+    def held_bytes(self, host: str) -> int:
+        return self._held_bytes.get(host, 0)
+
     def in_flight(self, host: str) -> int:
         return self._in_flight.get(host, 0)
 
@@ -45,13 +54,15 @@ class HostSlots:
     def hosts_tracked(self) -> int:
         return len(self._held)
 
-    def try_hold(self, host: str) -> bool:
+    def try_hold(self, host: str, size_bytes: int = 0) -> bool:
         """Reserve a place for one message's deliveries to `host`; False when the host holds
-        its maximum. End it with `unhold` once they are all done."""
+        its maximum of messages or bytes. End it with `unhold` (same size) once they are done."""
         held = self._held.get(host, 0)
-        if held >= self._max_held:
+        held_bytes = self._held_bytes.get(host, 0)
+        if held >= self._max_held or (held and held_bytes + size_bytes > self._max_held_bytes):
             return False
         self._held[host] = held + 1
+        self._held_bytes[host] = held_bytes + size_bytes
         return True
 
     async def acquire(self, host: str) -> None:
@@ -77,13 +88,15 @@ class HostSlots:
         """The delivery is done: its slot goes to the next waiting host."""
         self._give_back_slot(host)
 
-    def unhold(self, host: str) -> None:
+    def unhold(self, host: str, size_bytes: int = 0) -> None:
         """The message's deliveries to `host` are all done (or were never started)."""
         remaining = self._held[host] - 1
         if remaining:
             self._held[host] = remaining
+            self._held_bytes[host] -= size_bytes
         else:
             del self._held[host]
+            del self._held_bytes[host]
 
     def _has_room(self, host: str) -> bool:
         return self._in_flight_total < self._total and self._in_flight.get(host, 0) < self._per_host

@@ -30,6 +30,9 @@ class CallbackSettings:
     callback_host_concurrency: int = 64
     # Messages; one carries at most 64 events and 64 KiB of them (contract.settlement).
     callback_prefetch: int = 1024
+    # Bytes of messages consumed and unsettled (classic queues), and held for one host.
+    callback_prefetch_max_bytes: int = 16 * 1024 * 1024
+    callback_host_hold_max_bytes: int = 8 * 1024 * 1024
     # Callback-host breaker: consecutive failed deliveries that open it, and its cool-down.
     callback_breaker_threshold: int = 5
     callback_breaker_cooldown_s: float = 30.0
@@ -68,6 +71,8 @@ class CallbackSettings:
             callback_concurrency=read.callback_concurrency,
             callback_host_concurrency=read.callback_host_concurrency,
             callback_prefetch=read.callback_prefetch,
+            callback_prefetch_max_bytes=read.callback_prefetch_max_bytes,
+            callback_host_hold_max_bytes=read.callback_host_hold_max_bytes,
             callback_breaker_threshold=read.callback_breaker_threshold,
             callback_breaker_cooldown_s=read.callback_breaker_cooldown_s,
             callback_max_deferrals=read.callback_max_deferrals,

@@ -138,7 +138,7 @@ class Environment(BaseModel):
     batch_latency_target_ms: float | None = Field(None, ge=1, alias="BATCH_LATENCY_TARGET_MS")
     batch_latency_target_ms_by_model: dict[str, Annotated[float, Field(ge=1)]] = Field(default_factory=dict)
     # Bytes of job bodies a replica takes into one batch, and prefetches (ray_workers/job_worker.py).
-    worker_batch_max_bytes: int = Field(16 * 1024 * 1024, ge=1, alias="WORKER_BATCH_MAX_BYTES")
+    worker_batch_max_bytes: int = Field(8 * 1024 * 1024, ge=1, alias="WORKER_BATCH_MAX_BYTES")
     worker_prefetch_max_bytes: int = Field(32 * 1024 * 1024, ge=1, alias="WORKER_PREFETCH_MAX_BYTES")
     breaker_failure_threshold: int = Field(5, ge=1, alias="BREAKER_FAILURE_THRESHOLD")
     breaker_cooldown_s: float = Field(30.0, ge=0, alias="BREAKER_COOLDOWN_S")
@@ -151,6 +151,8 @@ class Environment(BaseModel):
     callback_concurrency: int = Field(256, ge=1, alias="CALLBACK_CONCURRENCY")
     callback_host_concurrency: int = Field(64, ge=1, alias="CALLBACK_HOST_CONCURRENCY")
     callback_prefetch: int = Field(1024, ge=1, alias="CALLBACK_PREFETCH")
+    callback_prefetch_max_bytes: int = Field(16 * 1024 * 1024, ge=1, alias="CALLBACK_PREFETCH_MAX_BYTES")
+    callback_host_hold_max_bytes: int = Field(8 * 1024 * 1024, ge=1, alias="CALLBACK_HOST_HOLD_MAX_BYTES")
     callback_breaker_threshold: int = Field(5, ge=1, alias="CALLBACK_BREAKER_THRESHOLD")
     callback_breaker_cooldown_s: float = Field(30.0, ge=0, alias="CALLBACK_BREAKER_COOLDOWN_S")
     callback_max_deferrals: int = Field(288, ge=0, alias="CALLBACK_MAX_DEFERRALS")

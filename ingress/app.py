@@ -69,8 +69,10 @@ async def _connect_until_ready(broker: Broker, url: str) -> None:
             await asyncio.sleep(TOPOLOGY_RETRY_INTERVAL_S)
 
 
-# Inputs larger than this are checked against their schema off the event loop.
-OFF_LOOP_INPUT_BYTES = 64 * 1024
+# Bodies larger than this are decoded, checked and encoded in a worker thread, at most
+# LARGE_DECODES_AT_ONCE at a time: the event loop keeps serving, and what decoding costs in
+# memory (up to about 15x the body within the JSON budget) is held by few requests at once.
+OFF_LOOP_BODY_BYTES = 64 * 1024
 
 
 async def submit_job(request: Request) -> Response:
@@ -104,11 +106,13 @@ async def _submission(request: Request, state: IngressState) -> Submission:
         raise state.unavailable("ingress-busy", f"{exc}; retry later") from exc
     try:
         body = await read_limited_body(request, settings.max_body_bytes)
-        job_request = decode_job_request(body, settings.json_budget)
-        _check_metadata(job_request.metadata, settings.max_metadata_bytes)
-        await _check_input(state, model, job_request.input, off_loop=len(body) > OFF_LOOP_INPUT_BYTES)
-        if job_request.callback_url is not None:
-            await _check_callback_url(state, job_request.callback_url)
+        if len(body) > OFF_LOOP_BODY_BYTES:
+            async with state.large_decodes:
+                job, message = await asyncio.to_thread(_decoded, state, model, owner, body)
+        else:
+            job, message = _decoded(state, model, owner, body)
+        if job.callback_url is not None:
+            await _check_callback_url(state, job.callback_url)
         elif state.records is None:
             raise Problem(
                 422,
@@ -118,19 +122,27 @@ async def _submission(request: Request, state: IngressState) -> Submission:
                 "could not be polled or waited for",
                 errors=[{"field": "callback_url", "detail": "required when REDIS_URL=off"}],
             )
-        job = _job(state, model, owner, job_request)
-        message = _encoded(job)
     except BaseException:
         reservation.release()
         raise
     return Submission(
-        job=msgspec.structs.replace(job, input=None),
+        job=job,
         message=message,
         reservation=reservation,
         wait_s=wait_s,
         key=key,
         fingerprint="" if key is None else request_fingerprint(model, body),
     )
+
+
+def _decoded(state: IngressState, model: str, owner: str, body: bytes) -> tuple[Job, OutgoingMessage]:
+    """The body decoded and checked, and its job encoded: the job without its input (the
+    message carries it), so the decoded input is let go here."""
+    job_request = decode_job_request(body, state.settings.json_budget)
+    _check_metadata(job_request.metadata, state.settings.max_metadata_bytes)
+    _check_input(state, model, job_request.input)
+    job = _job(state, model, owner, job_request)
+    return msgspec.structs.replace(job, input=None), _encoded(job)
 
 
 def _job(state: IngressState, model: str, owner: str, job_request: JobRequest) -> Job:
@@ -178,14 +190,10 @@ def _encoded(job: Job) -> OutgoingMessage:
         ) from exc
 
 
-async def _check_input(state: IngressState, model: str, job_input: object, off_loop: bool) -> None:
-    """The model's input schema (models.yaml), before anything is queued; a large input is
-    checked in a thread so the event loop keeps serving meanwhile."""
+def _check_input(state: IngressState, model: str, job_input: object) -> None:
+    """The model's input schema (models.yaml), before anything is queued."""
     try:
-        if off_loop:
-            problem = await asyncio.to_thread(state.input_schemas.problem, model, job_input)
-        else:
-            problem = state.input_schemas.problem(model, job_input)
+        problem = state.input_schemas.problem(model, job_input)
     except ValidationBudgetExceeded as exc:
         budget_ms = state.settings.input_validation_budget_ms
         raise Problem(

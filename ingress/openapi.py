@@ -90,7 +90,15 @@ def _document(models: tuple[str, ...]) -> dict[str, Any]:
                         "created_at": _TIME,
                         "started_at": _TIME,
                         "finished_at": _TIME,
-                        "output": {"description": "Once succeeded: the model's output"},
+                        "output": {
+                            "description": "Once succeeded: the model's output (null when it was over "
+                            "RECORD_OUTPUT_MAX_BYTES: it went by callback only, see output_omitted)"
+                        },
+                        "output_omitted": {
+                            "type": "object",
+                            "properties": {"bytes": {"type": "integer"}, "reason": {"type": "string"}},
+                            "description": "Present when the output was too large to keep in the record",
+                        },
                         "error": {"type": "string", "description": "Once failed, expired or canceled"},
                         "callback": {
                             "type": ["object", "null"],
@@ -159,18 +167,26 @@ def _document(models: tuple[str, ...]) -> dict[str, Any]:
                             "A request with this Idempotency-Key is still being accepted"
                         ),
                         "501": _problem_response("Idempotency-Key sent while job records are off"),
-                        "400": _problem_response("Malformed JSON"),
+                        "400": _problem_response("Malformed JSON, or a Content-Length that is not a number"),
                         "401": _problem_response("Missing or wrong API key"),
                         "404": _problem_response("Unknown model"),
-                        "413": _problem_response("Body over MAX_BODY_BYTES"),
+                        "413": _problem_response(
+                            "Body over MAX_BODY_BYTES (1 MiB), more JSON values than MAX_JSON_VALUES "
+                            "(200,000; `too-many-json-values`), or metadata over MAX_METADATA_BYTES "
+                            "(64 KiB; `metadata-too-large`); `limit` names the setting"
+                        ),
                         "415": _problem_response("Content-Type is not JSON"),
                         "422": _problem_response(
                             "Schema violation, an input its model's schema refuses (`pointer` names "
-                            "the field), refused callback_url, or Idempotency-Key reused with another body"
+                            "the field), JSON nested deeper than MAX_JSON_DEPTH (64; `json-too-deep`), an "
+                            "input whose check took over INPUT_VALIDATION_BUDGET_MS (250; "
+                            "`input-too-complex`), refused callback_url, or Idempotency-Key reused with "
+                            "another body"
                         ),
                         "503": _problem_response(
-                            "Broker unavailable or did not take the job, or job records unavailable for a "
-                            "keyed request; see Retry-After"
+                            "Broker unavailable or did not take the job, job records unavailable for a "
+                            "keyed request, or request bodies in flight over MAX_INFLIGHT_BODY_BYTES "
+                            "(`ingress-busy`); see Retry-After"
                         ),
                     },
                 }

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 
 from starlette.requests import Request
@@ -21,6 +22,9 @@ from ingress.problems import Problem
 from ingress.record_creation import RecordCreation
 from ingress.settings import IngressSettings
 
+# Large bodies decoded at once (in worker threads): about the cores an ingress has.
+LARGE_DECODES_AT_ONCE = 2
+
 
 class IngressState:
     def __init__(self, settings: IngressSettings) -> None:
@@ -34,6 +38,7 @@ class IngressState:
             self.catalogue, settings.models, settings.input_validation_budget_ms / 1000
         )
         self.inflight = InflightBytes(settings.max_inflight_body_bytes)
+        self.large_decodes = asyncio.Semaphore(LARGE_DECODES_AT_ONCE)
         self.demand = DemandAnnouncer(self.broker)
         self.records = (
             JobRecords(

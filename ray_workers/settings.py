@@ -39,7 +39,7 @@ class WorkerSettings:
     result_ttl_s: int = 24 * 3600
     record_output_max_bytes: int = DEFAULT_RECORD_OUTPUT_MAX_BYTES
     # Bytes of job bodies in one batch, and prefetched by a classic-queue consumer.
-    batch_max_bytes: int = 16 * 1024 * 1024
+    batch_max_bytes: int = 8 * 1024 * 1024
     prefetch_max_bytes: int = 32 * 1024 * 1024
 
     def batching_for(self, model: str) -> Batching:

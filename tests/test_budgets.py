@@ -5,12 +5,15 @@ Against the ASGI app and the real broker and Redis."""
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from collections.abc import AsyncIterator
 from dataclasses import replace
 
 import httpx
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from contract.input_schemas import InputSchemas, ValidationBudgetExceeded
 from contract.model_catalogue import Catalogue, ModelEntry
@@ -241,3 +244,47 @@ async def test_given_metadata_over_its_budget_then_413_naming_it_and_nothing_que
 
     assert _problem(response, 413, "metadata-too-large")["limit"] == "MAX_METADATA_BYTES"
     assert await drain_queue(ingress_settings.amqp_url, ingress_settings.topology.main_queue("echo")) == []
+
+
+body_shapes = st.one_of(
+    st.tuples(st.integers(1, 300), st.integers(0, 3000)).map(
+        lambda dw: b"[" * dw[0] + b"0," * dw[1] + b"0" + b"]" * dw[0]
+    ),
+    st.integers(0, 5000).map(lambda w: b"{" + b",".join(b'"k%d":{}' % i for i in range(w)) + b"}"),
+    st.integers(1, 200).map(lambda d: b'{"a":' * d + b'"\\u00e9[\\"]"' + b"}" * d),
+    st.recursive(
+        st.none() | st.booleans() | st.floats(allow_nan=False) | st.text(max_size=20),
+        lambda children: (
+            st.lists(children, max_size=8) | st.dictionaries(st.text(max_size=8), children, max_size=8)
+        ),
+        max_leaves=60,
+    ).map(lambda value: json.dumps(value).encode()),
+)
+
+
+@settings(
+    max_examples=150,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
+)
+@given(
+    shape=body_shapes,
+    model=st.sampled_from(["echo", "synthetic"]),
+    prefer=st.text(max_size=12),
+    key=st.text(min_size=1, max_size=12),
+)
+async def test_any_body_shape_and_header_text_is_answered_below_500_and_in_bounded_time(
+    client: httpx.AsyncClient, shape: bytes, model: str, prefer: str, key: str
+) -> None:
+    """Depth, width, value count and unicode in headers: never a 5xx, never slow."""
+    body = b'{"input": ' + shape + b', "callback_url": "http://127.0.0.1:9/"}'
+    headers = {
+        b"content-type": b"application/json",
+        b"prefer": b"wait=0, " + prefer.encode(),
+        b"idempotency-key": key.encode(),
+    }
+    started = time.monotonic()
+    response = await client.post(f"/v1/models/{model}/jobs", content=body, headers=headers)
+
+    assert response.status_code < 500, response.text
+    assert time.monotonic() - started < 2.0

@@ -131,3 +131,30 @@ def test_given_inconsistent_bounds_then_construction_fails_naming_them(
 ) -> None:
     with pytest.raises(ValueError, match="per_host"):
         HostSlots(total, per_host, max_held)
+
+
+@pytest.mark.parametrize(
+    ("held_sizes", "next_size", "taken"),
+    [
+        ([], 10_000, True),  # a host's first message is taken whatever its size
+        ([600], 400, True),
+        ([600], 401, False),
+        ([100, 100], 800, True),
+        ([100, 100], 801, False),
+    ],
+)
+def test_given_held_bytes_then_a_message_past_the_host_s_byte_bound_is_refused(
+    held_sizes: list[int], next_size: int, taken: bool
+) -> None:
+    """Buffers bound by bytes: a slow host could hold CALLBACK_PREFETCH / 2 messages of any size."""
+    slots = HostSlots(total=8, per_host=2, max_held_per_host=100, max_held_bytes_per_host=1000)
+    for size in held_sizes:
+        assert slots.try_hold("slow", size)
+
+    assert slots.try_hold("slow", next_size) is taken
+    assert slots.try_hold("other", 1000)
+    for size in held_sizes:
+        slots.unhold("slow", size)
+    if taken:
+        slots.unhold("slow", next_size)
+    assert slots.held("slow") == 0 and slots.held_bytes("slow") == 0
