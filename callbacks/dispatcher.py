@@ -47,7 +47,7 @@ from callbacks.signing import WebhookSigner
 from contract.broker import Broker, BrokerError, Delivery, OutgoingMessage
 from contract.callback_events import callback_host
 from contract.callback_guard import Resolver, SystemResolver
-from contract.circuit_breaker import BreakerState, CircuitBreaker
+from contract.circuit_breaker import CircuitBreaker
 from contract.envelope import (
     ATTEMPT_HEADER,
     CALLBACK_BATCH_TYPE,
@@ -122,6 +122,7 @@ class CallbackDispatcher:
         # Only hosts with failures in their recent past have a breaker here; a closed
         # breaker with no failures is dropped, so the map does not grow with every host.
         self._breakers: dict[str, CircuitBreaker] = {}
+        self._breakers_swept_at = time.monotonic()
         # Deliveries sent back to a delay tier without an attempt (breaker open, host over its share).
         self.deferrals = 0
 
@@ -129,6 +130,11 @@ class CallbackDispatcher:
     def is_ready(self) -> bool:
         """Connected to the broker. Not liveness: a broker outage heals by reconnecting."""
         return self._broker.is_ready
+
+    @property
+    def breaker_hosts(self) -> int:
+        """Hosts that have a breaker now (those with failures in their recent past)."""
+        return len(self._breakers)
 
     def breaker_for(self, host: str) -> CircuitBreaker:
         if host not in self._breakers:
@@ -307,16 +313,17 @@ class CallbackDispatcher:
 
     def _forget_breaker_if_idle(self, host: str) -> None:
         """Only hosts with failures in their recent past keep a breaker here: a closed one
-        without failures is dropped once nothing holds its host, so the map does not grow
-        with every host."""
+        without failures, or whose last failure is a cool-down old, is dropped once nothing
+        holds its host; every cool-down the whole map is swept the same way, so hosts that
+        failed once and never came back do not make it grow."""
         breaker = self._breakers.get(host)
-        if (
-            breaker is not None
-            and breaker.state is BreakerState.CLOSED
-            and breaker.consecutive_failures == 0
-            and self.slots.held(host) == 0
-        ):
+        if breaker is not None and breaker.stale() and self.slots.held(host) == 0:
             del self._breakers[host]
+        now = time.monotonic()
+        if now - self._breakers_swept_at > self._settings.callback_breaker_cooldown_s:
+            self._breakers_swept_at = now
+            for stale in [h for h, b in self._breakers.items() if b.stale() and self.slots.held(h) == 0]:
+                del self._breakers[stale]
 
     def _retry_or_park(self, event: _Event, result: DeliveryResult, unrecorded: list[Publish]) -> _Outcome:
         delay_s = self._schedule.delay_after(event.attempt)

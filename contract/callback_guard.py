@@ -171,26 +171,55 @@ def _check_host(host: str) -> None:
 class SystemResolver:
     """getaddrinfo on threads of its own, with a deadline, and one lookup per name at a
     time however many requests ask for it: slow DNS answers 'try later' within the
-    deadline and never holds the event loop's default executor."""
+    deadline and never holds the event loop's default executor.
 
-    def __init__(self, threads: int = 16, timeout_s: float = 3.0) -> None:
+    A lookup past its deadline still holds its thread until getaddrinfo returns, so a
+    few requests a second naming slow random hosts could fill every thread and make
+    each callback URL wait behind them. Two rules keep the pool for everyone else:
+    answers are kept for `cache_s` (the hosts real callers use resolve from memory,
+    whatever is queued), and a new lookup while `threads` are already taken answers
+    'try later' at once instead of queueing."""
+
+    def __init__(
+        self, threads: int = 16, timeout_s: float = 3.0, cache_s: float = 30.0, cache_size: int = 4096
+    ) -> None:
         self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="dns")
+        self._threads = threads
         self._timeout_s = timeout_s
+        self._cache_s = cache_s
+        self._cache_size = cache_size
         self._in_flight: dict[tuple[str, int], asyncio.Future[list[IPAddress]]] = {}
+        self._answers: dict[tuple[str, int], tuple[float, list[IPAddress]]] = {}
 
     async def __call__(self, host: str, port: int) -> list[IPAddress]:
         key = (host, port)
+        loop = asyncio.get_running_loop()
+        cached = self._answers.get(key)
+        if cached is not None and cached[0] > loop.time():
+            return cached[1]
         lookup = self._in_flight.get(key)
         if lookup is None:
-            lookup = asyncio.get_running_loop().run_in_executor(self._pool, _getaddrinfo, host, port)
+            if len(self._in_flight) >= self._threads:
+                raise ResolutionUnavailable(
+                    f"callback_url host {host!r}: every DNS lookup thread is busy with slow names"
+                )
+            lookup = loop.run_in_executor(self._pool, _getaddrinfo, host, port)
             self._in_flight[key] = lookup
-            lookup.add_done_callback(lambda _done: self._in_flight.pop(key, None))
+            lookup.add_done_callback(lambda done: self._settled(key, done))
         try:
             return await asyncio.wait_for(asyncio.shield(lookup), self._timeout_s)
         except TimeoutError:
             raise ResolutionUnavailable(
                 f"callback_url host {host!r} did not resolve within {self._timeout_s:.0f} s"
             ) from None
+
+    def _settled(self, key: tuple[str, int], lookup: asyncio.Future[list[IPAddress]]) -> None:
+        self._in_flight.pop(key, None)
+        if lookup.cancelled() or lookup.exception() is not None:
+            return
+        if len(self._answers) >= self._cache_size:
+            self._answers.pop(next(iter(self._answers)))  # the oldest answer
+        self._answers[key] = (asyncio.get_running_loop().time() + self._cache_s, lookup.result())
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)

@@ -28,6 +28,8 @@ class CircuitBreaker:
     clock: Callable[[], float] = time.monotonic
     state: BreakerState = BreakerState.CLOSED
     consecutive_failures: int = 0
+    # When the last failure was recorded (the clock's time; 0 before any).
+    last_failure_at: float = 0.0
     _opened_at: float = field(default=0.0, repr=False)
     _probe_out: bool = field(default=False, repr=False)
 
@@ -59,7 +61,15 @@ class CircuitBreaker:
         self.consecutive_failures = 0
         self._probe_out = False
 
+    def stale(self) -> bool:
+        """Closed, and without a failure for a cool-down: it keeps nothing worth keeping."""
+        quiet_s = self.clock() - self.last_failure_at
+        return self.state is BreakerState.CLOSED and (
+            self.consecutive_failures == 0 or quiet_s > self.cooldown_s
+        )
+
     def record_failure(self) -> None:
+        self.last_failure_at = self.clock()
         self.consecutive_failures += 1
         if self.state is BreakerState.HALF_OPEN or self.consecutive_failures >= self.failure_threshold:
             self.state = BreakerState.OPEN

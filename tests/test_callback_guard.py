@@ -209,3 +209,40 @@ async def test_a_slow_lookup_answers_within_its_deadline_and_concurrent_ones_sha
     assert all(isinstance(r, ResolutionUnavailable) for r in results)
     assert calls == ["slow.example"]
     assert elapsed_s < 5  # bounded by the 0.3 s deadline, not by the 10 s the lookup hangs
+
+
+async def test_given_lookup_threads_held_by_slow_names_then_known_hosts_resolve_and_others_answer_at_once(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Review item 4: lookups past their deadline kept their threads and queued behind them
+    without bound, so a few slow random names a second made every callback URL answer 503
+    after the full deadline. Answers are now kept a while, and a lookup that finds every
+    thread taken answers 'try later' at once."""
+    release = threading.Event()
+
+    def slow_for_random_names(host: str, port: Any, *_args: Any, **_kwargs: Any) -> Any:
+        if host != "hooks.example.com":
+            release.wait(10)
+            raise socket.gaierror(socket.EAI_AGAIN, "test")
+        return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", ("93.184.216.34", port))]
+
+    monkeypatch.setattr(socket, "getaddrinfo", slow_for_random_names)
+    resolver = SystemResolver(threads=2, timeout_s=0.3)
+    try:
+        assert await resolver("hooks.example.com", 443) == [ipaddress.ip_address("93.184.216.34")]
+        slow = [resolver(f"r{n}.attacker.example", 443) for n in range(2)]
+        assert all(
+            isinstance(r, ResolutionUnavailable) for r in await asyncio.gather(*slow, return_exceptions=True)
+        )
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        known = await resolver("hooks.example.com", 443)
+        with pytest.raises(ResolutionUnavailable, match="busy"):
+            await resolver("new.example.com", 443)
+        elapsed_s = loop.time() - started
+    finally:
+        release.set()
+        resolver.close()
+
+    assert known == [ipaddress.ip_address("93.184.216.34")]
+    assert elapsed_s < 0.1  # not the 0.3 s deadline behind the slow names

@@ -14,16 +14,28 @@ from pathlib import Path
 
 import pytest
 
+from callbacks.dispatcher import CallbackDispatcher
+from callbacks.settings import CallbackSettings
 from contract.broker import Broker
-from contract.envelope import ATTEMPT_HEADER, PARK_REASON_HEADER, Job
+from contract.callback_events import callback_for
+from contract.callback_guard import AllowList
+from contract.envelope import ATTEMPT_HEADER, PARK_REASON_HEADER, Job, JobTimings
 from contract.job_message import job_message
 from contract.job_records import JobRecords, RecordsUnavailable
 from contract.model_sections import Batching
 from ingress.pending_records import PendingRecords
 from ingress.record_creation import RecordCreation
 from ingress.settings import IngressSettings
+from loadgen.callback_receiver import CallbackReceiver
 from ray_workers.settings import WorkerSettings
-from tests.conftest import callbacks_in, drain_queue, running_ingress, running_worker, wait_until
+from tests.conftest import (
+    callbacks_in,
+    drain_queue,
+    queue_holds,
+    running_ingress,
+    running_worker,
+    wait_until,
+)
 from tests.models import RecordingModel, UnencodableModel
 
 
@@ -233,3 +245,45 @@ async def test_given_large_jobs_then_a_batch_holds_at_most_its_bytes(
         await wait_until(lambda: sum(len(b.attempts) for b in model.batches) == 12, 30, "every job run")
 
     assert max(len(batch.attempts) for batch in model.batches) <= 4
+
+
+async def test_given_many_hosts_that_failed_then_their_breakers_are_forgotten_a_cooldown_later(
+    callback_settings: CallbackSettings, broker: Broker, receiver: CallbackReceiver
+) -> None:
+    """Item 16: the dispatcher kept a breaker for every host that ever failed once. Twenty
+    loopback hosts with nothing listening fail until parked; a cool-down later, a delivery
+    to a host that answers finds none of their breakers left."""
+    settings = replace(
+        callback_settings,
+        callback_allow=AllowList.parse(["127.0.0.0/8"]),
+        callback_breaker_cooldown_s=0.3,
+    )
+    topology = settings.topology
+
+    async def publish(url: str) -> str:
+        job = _job(callback_url=url)
+        timings = JobTimings(queued_ms=0, inference_ms=0, batch_size=1)
+        event = callback_for(job, "succeeded", 1, timings, 0.0, topology)
+        await broker.publish(event.message, event.routing_key, exchange=event.exchange)
+        return job.id
+
+    dispatcher = CallbackDispatcher(settings)
+    await dispatcher.start()
+    try:
+        for n in range(2, 22):
+            await publish(f"http://127.0.0.{n}:9/hook")
+        parking = topology.callbacks_parking_queue
+        await wait_until(lambda: queue_holds(settings.amqp_url, parking, 20), 20, "the twenty parked")
+        peak = dispatcher.breaker_hosts
+
+        async def good_delivery_leaves_no_breakers() -> bool:
+            await publish(receiver.url)
+            await wait_until(lambda: len(receiver.received) > 0, 5, "a good delivery")
+            receiver.received.clear()
+            return dispatcher.breaker_hosts == 0
+
+        await wait_until(good_delivery_leaves_no_breakers, 10, "the failed hosts' breakers forgotten")
+    finally:
+        await dispatcher.stop()
+
+    assert peak > 0
