@@ -200,3 +200,37 @@ async def test_given_an_error_nobody_expected_then_the_callback_is_parked_with_i
     assert reasons == [reasons[0]] and "unexpected error" in reasons[0] and "resolver exploded" in reasons[0]
     ready, _ = await broker.queue_depth(broker.topology.callbacks_queue)
     assert ready == 0
+
+
+async def test_given_an_ipv6_literal_callback_url_then_the_host_header_is_the_bracketed_literal() -> None:
+    """Review item 21: the connection goes to the checked address, so the Host header must still
+    be the URL's own authority: for an IPv6 literal, `[::1]:port` (RFC 9110 7.2). A real
+    server on ::1 records what arrived."""
+    heads: list[bytes] = []
+
+    async def record(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = await reader.readuntil(b"\r\n\r\n")
+        heads.append(head)
+        length = next(
+            int(v)
+            for k, _, v in (line.partition(b":") for line in head.split(b"\r\n"))
+            if k.lower() == b"content-length"
+        )
+        await reader.readexactly(length)
+        writer.write(b"HTTP/1.1 204 No Content\r\n\r\n")
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(record, "::1", 0)
+    port = server.sockets[0].getsockname()[1]
+    client = _client(5.0, allow=("[::1]",))
+    try:
+        result = await client.deliver(_delivery(f"http://[::1]:{port}/hook"))
+    finally:
+        await client.close()
+        server.close()
+
+    assert result.delivered, result.error
+    [head] = heads
+    host_lines = [line for line in head.split(b"\r\n") if line.lower().startswith(b"host:")]
+    assert host_lines == [f"Host: [::1]:{port}".encode()]
