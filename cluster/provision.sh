@@ -121,9 +121,24 @@ secret_value() {
   kubectl -n "$NAMESPACE" get secret "$1" -o jsonpath="{.data.$2}" 2>/dev/null | base64 -d || true
 }
 
+# A Secret from KEY=VALUE arguments. Each value reaches kubectl as a file in a private
+# directory, never on its command line: every process's arguments are readable by every
+# user of the machine (/proc/*/cmdline, ps).
 apply_secret() {
-  local name="$1"; shift
-  kubectl -n "$NAMESPACE" create secret generic "$name" --dry-run=client -o yaml "$@" | kubectl apply -f -
+  local name="$1" dir entry key
+  local files=()
+  shift
+  dir="$(mktemp -d)"
+  # shellcheck disable=SC2064 # the directory is known now
+  trap "rm -rf '$dir'" RETURN
+  chmod 700 "$dir"
+  for entry in "$@"; do
+    key="${entry%%=*}"
+    printf '%s' "${entry#*=}" >"$dir/$key"
+    files+=("--from-file=$key=$dir/$key")
+  done
+  kubectl -n "$NAMESPACE" create secret generic "$name" --dry-run=client -o yaml "${files[@]}" \
+    | kubectl apply -f -
 }
 
 # Each component connects as its own broker user in the vhost `inferq` (least privilege,
@@ -144,23 +159,23 @@ broker_secrets() {
     management_base="rabbitmq.$NAMESPACE.svc:15672"; management_scheme=http
   fi
   apply_secret inferq-broker-admin \
-    --from-literal=AMQP_URL="$amqp_scheme://$admin:$admin_password@$amqp_base" \
-    --from-literal=RABBITMQ_MANAGEMENT_URL="$management_scheme://$admin:$admin_password@$management_base"
+    AMQP_URL="$amqp_scheme://$admin:$admin_password@$amqp_base" \
+    RABBITMQ_MANAGEMENT_URL="$management_scheme://$admin:$admin_password@$management_base"
   while read -r role user; do
     password="$(secret_value inferq-broker-users "$role")"
     password="${password:-$(openssl rand -hex 24)}"
-    users+=("--from-literal=$role=$password")
-    apply_secret "inferq-broker-$role" --from-literal=AMQP_URL="$amqp_scheme://$user:$password@$amqp_base"
+    users+=("$role=$password")
+    apply_secret "inferq-broker-$role" AMQP_URL="$amqp_scheme://$user:$password@$amqp_base"
     if [ "$role" = monitor ]; then monitor_url="$management_scheme://$user:$password@$management_base/$VHOST"; fi
   done < <(MODELS="$(sed -n 's/^  MODELS: //p' cluster/base/config.yaml)" .venv/bin/python -m broker_access roles)
   apply_secret inferq-broker-users "${users[@]}"
   # KEDA reads queue lengths from the management API as the monitor user (over HTTPS on
   # GKE, trusting the broker's CA).
   if [ "$provider" = gke ]; then
-    apply_secret rabbitmq-management --from-literal=host="$monitor_url" --from-literal=tls=enable \
-      --from-literal=ca="$(secret_value rabbitmq-ca 'ca\.crt')"
+    apply_secret rabbitmq-management host="$monitor_url" tls=enable \
+      ca="$(secret_value rabbitmq-ca 'ca\.crt')"
   else
-    apply_secret rabbitmq-management --from-literal=host="$monitor_url"
+    apply_secret rabbitmq-management host="$monitor_url"
   fi
 }
 
@@ -172,7 +187,7 @@ platform_secrets() {
   api_key="$(secret_value inferq API_KEYS)"
   webhook_secret="${webhook_secret:-whsec_$(openssl rand -base64 32)}"
   api_key="${api_key:-iq_$(openssl rand -hex 24)}"
-  apply_secret inferq --from-literal=WEBHOOK_SECRET="$webhook_secret" --from-literal=API_KEYS="$api_key"
+  apply_secret inferq WEBHOOK_SECRET="$webhook_secret" API_KEYS="$api_key"
 }
 
 up() {
