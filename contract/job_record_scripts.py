@@ -129,6 +129,16 @@ redis.call('PUBLISH', ARGV[2], ARGV[3])
 return {1, 'canceled'}
 """
 # ARGV: field, expected value ('' = any existing record), new value, then more field/value pairs.
+# A replayed job's record back to queued, only from a failed ending (or none).
+REOPEN = """
+local status = redis.call('HGET', KEYS[1], 'status')
+if status and status ~= 'failed' and status ~= 'expired' then return status end
+if status then
+  redis.call('HDEL', KEYS[1], 'output', 'output_omitted_bytes', 'error', 'finished_ms')
+  redis.call('HSET', KEYS[1], 'status', 'queued')
+end
+return 'reopened'
+"""
 UPDATE_IF = """
 if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
 if ARGV[2] ~= '' and redis.call('HGET', KEYS[1], ARGV[1]) ~= ARGV[2] then return 0 end

@@ -194,6 +194,7 @@ class JobRecords:
                 "finish": scripts.FINISH,
                 "cancel": scripts.CANCEL,
                 "update_if": scripts.UPDATE_IF,
+                "reopen": scripts.REOPEN,
                 "reserve": scripts.RESERVE,
             }.items()
         }
@@ -326,13 +327,13 @@ class JobRecords:
                 keys=[self._record_key(job_id)], args=["delivery", "pending", "unsent"]
             )
 
-    async def reopen(self, job_id: str) -> None:
-        """A replayed job runs again on purpose: back to queued, its ending cleared."""
-        async with self._guarded("reopen a record in"), self._redis.pipeline(transaction=False) as pipe:
-            key = self._record_key(job_id)
-            pipe.hdel(key, "output", "error", "finished_ms")
-            await self._scripts["update_if"](keys=[key], args=["status", "", "queued"], client=pipe)
-            await pipe.execute()
+    async def reopen(self, job_id: str) -> str | None:
+        """A replayed job runs again on purpose: back to queued, its ending cleared. Only a
+        job that ended in failure (failed, expired) or has no record is reopened; else the
+        status that keeps it from it (succeeded, canceled, queued, running)."""
+        async with self._guarded("reopen a record in"):
+            status = await self._scripts["reopen"](keys=[self._record_key(job_id)], args=[])
+        return None if status == "reopened" else str(status)
 
     async def get(self, job_id: str) -> JobRecord | None:
         async with self._guarded("read"):

@@ -36,11 +36,13 @@ async def _main(args: argparse.Namespace) -> int:
         url = read.records_url
         records = None if url is None else JobRecords(url, read.queue_prefix, read.result_ttl_s)
         try:
-            moved = await replay(broker, lot, None if args.all else args.id, args.limit, records)
+            replayed = await replay(broker, lot, None if args.all else args.id, args.limit, records)
         finally:
             if records is not None:
                 await records.close()
-        print(f"replayed {moved} message(s) from {lot.queue}")
+        print(f"replayed {replayed.moved} message(s) from {lot.queue}")
+        for message_id, why in replayed.kept:
+            print(f"  kept {message_id}: {why}")
         return 0
     finally:
         await broker.close()

@@ -91,7 +91,7 @@ async def test_given_a_model_that_keeps_failing_then_the_job_is_parked_called_ba
         model.healthy = True  # the cause is removed
         records = JobRecords(redis_url, worker_settings.topology.prefix, ttl_s=60)
         try:
-            assert await replay(broker, lot, ids=[job_id], records=records) == 1
+            assert (await replay(broker, lot, ids=[job_id], records=records)).moved == 1
         finally:
             await records.close()
         succeeded = (await receiver.wait_for(2, timeout_s=15))[1]
