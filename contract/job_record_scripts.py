@@ -40,25 +40,26 @@ local function placement(first, levels, seq)
 end
 """
 # One call for any number of jobs. KEYS: the 12 placement keys of each (model,
-# priority) group among the jobs, then each job's record. ARGV: ttl, the count of
-# per-job arguments, the count of groups, then per job: its group, levels and fields.
+# priority) group among the jobs, then each job's record. ARGV: the count of per-job
+# arguments, the count of groups, then per job: its group, levels, record TTL and fields.
 CREATE = (
     PLACEMENT
     + """
-local ttl, per, groups = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
+local per, groups = tonumber(ARGV[1]), tonumber(ARGV[2])
 local first_record = 12 * groups
 local results = {}
 for j = 0, #KEYS - first_record - 1 do
-  local base = 4 + j * per
+  local base = 3 + j * per
   local record, group = KEYS[first_record + j + 1], 12 * tonumber(ARGV[base]) + 1
+  local record_ttl = ARGV[base + 2]
   local seq = tonumber(redis.call('HGET', record, 'seq'))
   if not seq and redis.call('HEXISTS', record, 'started_ms') == 0 then
     seq = redis.call('INCR', KEYS[group])
     counts[KEYS[group]] = seq
     redis.call('HSET', record, 'seq', seq)
   end
-  for i = base + 2, base + per - 1, 2 do redis.call('HSETNX', record, ARGV[i], ARGV[i + 1]) end
-  redis.call('EXPIRE', record, ttl)
+  for i = base + 3, base + per - 1, 2 do redis.call('HSETNX', record, ARGV[i], ARGV[i + 1]) end
+  redis.call('EXPIRE', record, record_ttl)
   local where = placement(group, tonumber(ARGV[base + 1]), seq)
   results[j + 1] = {where[1], where[2], where[3]}
 end

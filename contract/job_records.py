@@ -227,13 +227,22 @@ class JobRecords:
                 placement_keys, levels = self._placement_keys(job.model, job.priority)
                 group = groups[(job.model, job.priority)] = (len(groups), levels)
                 group_keys += placement_keys
-            per_job.append([*group, "status", "queued", *_flat(job_fields(job))])
+            per_job.append([*group, self.ttl_for(job), "status", "queued", *_flat(job_fields(job))])
         keys = group_keys + [self._record_key(job.id) for job in jobs]
-        args: list[str | int] = [self._ttl_s, len(per_job[0]), len(groups)]
+        args: list[str | int] = [len(per_job[0]), len(groups)]
         args += [arg for job_args in per_job for arg in job_args]
         async with self._guarded("create records in"):
             results = await self._scripts["create"](keys=keys, args=args)
         return [self._placement(int(waiting), int(done), int(active)) for waiting, done, active in results]
+
+    def ttl_for(self, job: Job, now_ms: int | None = None) -> int:
+        """Seconds a queued job's record (and its Idempotency-Key) is kept: RESULT_TTL_S, plus
+        however long the job may still wait (its `ttl_s`), so a job that waits days is not
+        404 while it waits, and its key does not lapse before it ran."""
+        if job.deadline_ms is None:
+            return self._ttl_s
+        now_ms = int(time.time() * 1000) if now_ms is None else now_ms
+        return self._ttl_s + max(0, (job.deadline_ms - now_ms + 999) // 1000)
 
     def _placement_keys(self, model: str, priority: str) -> tuple[tuple[str, ...], int]:
         """The 12 keys a placement reads and how many priority levels it counts: its own
@@ -356,10 +365,11 @@ class JobRecords:
             )
         return KeyClaim(str(outcome), str(stored_id), int(code or 0))
 
-    async def complete_key(self, owner: str, key: str, status_code: int) -> None:
+    async def complete_key(self, owner: str, key: str, status_code: int, ttl_s: int | None = None) -> None:
+        """The key's promise kept for `ttl_s` (default RESULT_TTL_S; `ttl_for(job)` for a job)."""
         async with self._guarded("complete an idempotency key in"), self._redis.pipeline() as pipe:
             pipe.hset(self._key_key(owner, key), mapping={"state": "done", "status_code": status_code})
-            pipe.expire(self._key_key(owner, key), self._ttl_s)
+            pipe.expire(self._key_key(owner, key), ttl_s or self._ttl_s)
             await pipe.execute()
 
     async def release_key(self, owner: str, key: str) -> None:

@@ -175,7 +175,8 @@ async def _wait(
 
 async def _complete_key(state: IngressState, job: Job, key: str, status_code: int) -> None:
     try:
-        await state.require_records().complete_key(job.owner, key, status_code)
+        records = state.require_records()
+        await records.complete_key(job.owner, key, status_code, records.ttl_for(job))
     except RecordsUnavailable as exc:
         # The job is accepted; the key's lease runs out and a retry after that makes a new job.
         logger.warning("job %s accepted, but its Idempotency-Key was not completed: %s", job.id, exc)

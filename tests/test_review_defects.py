@@ -13,6 +13,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
+import redis.asyncio
 
 from callbacks.dispatcher import CallbackDispatcher
 from callbacks.settings import CallbackSettings
@@ -287,3 +288,28 @@ async def test_given_many_hosts_that_failed_then_their_breakers_are_forgotten_a_
         await dispatcher.stop()
 
     assert peak > 0
+
+
+async def test_given_a_job_that_may_wait_days_then_its_record_and_key_outlive_its_wait(
+    redis_url: str,
+) -> None:
+    """Item 10: records and keys lived RESULT_TTL_S (24 h) while a job may wait up to 7 days
+    (ttl_s): a long-queued job answered 404, could not be canceled, and its key lapsed."""
+    prefix = f"t{uuid.uuid4().hex[:10]}."
+    records = JobRecords(redis_url, prefix, ttl_s=3600)
+    now_ms = int(time.time() * 1000)
+    waiting, plain = _job(deadline_ms=now_ms + 5 * 24 * 3600 * 1000), _job()
+    store = redis.asyncio.Redis.from_url(redis_url)
+    try:
+        await records.create([waiting, plain])
+        await records.complete_key(waiting.owner, "k", 202, records.ttl_for(waiting))
+        record_ttls = [await store.ttl(f"{prefix}inferq:job:{job.id}") for job in (waiting, plain)]
+        key_ttls = [await store.ttl(key) async for key in store.scan_iter(match=f"{prefix}inferq:idem:*")]
+    finally:
+        await store.aclose()
+        await records.close()
+
+    five_days_s = 5 * 24 * 3600
+    assert record_ttls[0] >= 3600 + five_days_s - 5
+    assert 3590 <= record_ttls[1] <= 3600
+    assert key_ttls and key_ttls[0] >= 3600 + five_days_s - 5
