@@ -4,6 +4,8 @@ Errors raised here, the only ones callers see:
 
     BrokerError
     ├── BrokerUnavailable   retryable: no connection, channel closed, confirm timed out
+    │   └── PublishUncertain  the message was written, its confirm never came: it
+    │                         may be queued (a caller with an idempotency key keeps it)
     ├── PublishRejected     the broker refused the message: nacked or returned as
     │                       unroutable (mandatory)
     ├── TopologyMismatch    a queue exists with other arguments (an older version or
@@ -80,6 +82,11 @@ class BrokerUnavailable(BrokerError):
 
 class PublishRejected(BrokerError):
     """The broker answered but did not take the message."""
+
+
+class PublishUncertain(BrokerUnavailable):
+    """The message was written but its confirm never came (a timeout, or the channel or
+    connection closed meanwhile): it may or may not be queued."""
 
 
 class TopologyMismatch(BrokerError):
@@ -488,6 +495,9 @@ class Broker:
             target = (
                 await channel.get_exchange(exchange, ensure=False) if exchange else channel.default_exchange
             )
+        except _CONNECTION_ERRORS as exc:
+            raise BrokerUnavailable(f"publish of {message.message_id} failed: {exc!r}") from exc
+        try:
             await target.publish(amqp_message, routing_key, mandatory=True, timeout=timeout_s)
         except aiormq.exceptions.PublishError as exc:
             raise PublishRejected(
@@ -501,7 +511,9 @@ class Broker:
                 "without a leader)"
             ) from exc
         except _CONNECTION_ERRORS as exc:
-            raise BrokerUnavailable(f"publish of {message.message_id} failed: {exc!r}") from exc
+            raise PublishUncertain(
+                f"message {message.message_id} was sent but not confirmed ({exc!r}): it may be queued"
+            ) from exc
 
     def _retire_publish_channel(self, channel: aio_pika.abc.AbstractChannel, grace_s: float) -> None:
         """Replace a channel that had a publish nacked. On RabbitMQ 3.10 a channel whose first

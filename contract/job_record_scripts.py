@@ -155,6 +155,11 @@ if redis.call('EXISTS', KEYS[1]) == 0 then
 end
 local stored = redis.call('HMGET', KEYS[1], 'fingerprint', 'state', 'job_id', 'status_code')
 if stored[1] ~= ARGV[1] then return {'mismatch', '', ''} end
+if stored[2] == 'uncertain' then
+  redis.call('HSET', KEYS[1], 'state', 'accepting')
+  redis.call('EXPIRE', KEYS[1], ARGV[3])
+  return {'uncertain', stored[3], ''}
+end
 if stored[2] ~= 'done' then return {'in_flight', '', ''} end
 return {'replay', stored[3], stored[4]}
 """

@@ -23,7 +23,10 @@ each ingress keeps a single subscriber (`finished_jobs`) that wakes its waiters.
 
 Idempotency keys (`reserve_key` / `complete_key` / `release_key`) live here too: a key
 is `accepting` while its first request is being accepted (a short lease, so a crashed
-ingress does not block the key for a day), then `done` with the job id and status code.
+ingress does not block the key for a day), then `done` with the job id and status code,
+or `uncertain` when the job's publish was written but never confirmed: the next request
+with the key takes it over and sends the same job id again, so a retry never makes a
+second job (at worst two copies of one, and the records let one of them end it).
 
 Queue position is rough by design: per model and priority the store counts jobs
 submitted and jobs started (or canceled); a queued job's position is the jobs of its priority
@@ -146,7 +149,8 @@ class Started:
 
 @dataclass(frozen=True)
 class KeyClaim:
-    """What an Idempotency-Key's reservation found: `new`, `mismatch`, `in_flight` or `replay`."""
+    """What an Idempotency-Key's reservation found: `new`, `mismatch`, `in_flight`, `replay`,
+    or `uncertain` (an earlier request's job may be queued: it goes out again as `job_id`)."""
 
     outcome: str
     job_id: str = ""
@@ -370,6 +374,14 @@ class JobRecords:
         async with self._guarded("complete an idempotency key in"), self._redis.pipeline() as pipe:
             pipe.hset(self._key_key(owner, key), mapping={"state": "done", "status_code": status_code})
             pipe.expire(self._key_key(owner, key), ttl_s or self._ttl_s)
+            await pipe.execute()
+
+    async def keep_key_uncertain(self, owner: str, key: str, ttl_s: int) -> None:
+        """The key's job may be queued (its publish was not confirmed): a retry with the key
+        sends the same job id again rather than a new job."""
+        async with self._guarded("keep an idempotency key in"), self._redis.pipeline() as pipe:
+            pipe.hset(self._key_key(owner, key), "state", "uncertain")
+            pipe.expire(self._key_key(owner, key), ttl_s)
             await pipe.execute()
 
     async def release_key(self, owner: str, key: str) -> None:

@@ -27,10 +27,18 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
+import msgspec
 from starlette.responses import JSONResponse, Response
 
-from contract.broker import BrokerError, BrokerUnavailable, OutgoingMessage, PublishRejected
-from contract.envelope import Job
+from contract.broker import (
+    BrokerError,
+    BrokerUnavailable,
+    OutgoingMessage,
+    PublishRejected,
+    PublishUncertain,
+)
+from contract.envelope import Job, decode_job
+from contract.job_message import job_message
 from contract.job_records import KeyClaim, Placement, RecordsUnavailable
 from ingress.admission import QueueFull
 from ingress.inflight_bytes import Reservation
@@ -56,6 +64,19 @@ class Submission:
     def let_go(self) -> None:
         self.message = None
         self.reservation.release()
+
+    def relabel(self, job_id: str) -> None:
+        """The job sent again as `job_id` (an earlier request's job whose publish was not
+        confirmed): decoded and encoded again, a cost paid only on that rare path."""
+        if self.message is None:
+            raise RuntimeError(f"job {self.job.id}: its message was let go before it was relabelled")
+        job = msgspec.structs.replace(decode_job(self.message.body), id=job_id)
+        self.message = job_message(job)
+        self.job = msgspec.structs.replace(self.job, id=job_id)
+
+
+class UncertainPublish(Problem):
+    """503: the job's message was written but not confirmed; it may be queued."""
 
 
 async def accept(state: IngressState, submission: Submission) -> Response:
@@ -95,8 +116,14 @@ async def _accept_once(state: IngressState, submission: Submission, key: str) ->
         )
     if claim.outcome == "replay":
         return await _replay(state, claim)
+    if claim.outcome == "uncertain":
+        submission.relabel(claim.job_id)
     try:
         return await _accept(state, submission)
+    except UncertainPublish:
+        with contextlib.suppress(RecordsUnavailable):
+            await records.keep_key_uncertain(job.owner, key, records.ttl_for(submission.job))
+        raise
     except Problem:
         with contextlib.suppress(RecordsUnavailable):
             await records.release_key(job.owner, key)  # nothing accepted: the key is free again
@@ -109,6 +136,11 @@ async def _accept(state: IngressState, submission: Submission) -> Response:
     async with _watching(state, job.id, wait_s) as finished:
         try:
             await _publish(state, submission)
+        except UncertainPublish:
+            if placement is not None and key is None:
+                with contextlib.suppress(RecordsUnavailable):
+                    await state.require_records().discard(job)
+            raise
         except Problem:
             if placement is not None:
                 with contextlib.suppress(RecordsUnavailable):
@@ -230,6 +262,17 @@ async def _publish(state: IngressState, submission: Submission) -> None:
     except PublishRejected as exc:
         logger.warning("job %s not taken by the broker: %s", job.id, exc)
         raise state.unavailable("not-queued", f"the broker did not take the job: {exc}") from exc
+    except PublishUncertain as exc:
+        logger.warning("job %s may be queued, its publish was not confirmed: %s", job.id, exc)
+        raise UncertainPublish(
+            503,
+            "publish-uncertain",
+            "Service Unavailable",
+            f"job {job.id} was sent to the queue but not confirmed, so it may be queued; retry "
+            "with the same Idempotency-Key and it is sent again under this id, never as a second job",
+            headers={"Retry-After": str(state.settings.retry_after_s)},
+            extensions={"job_id": job.id},
+        ) from exc
     except BrokerUnavailable as exc:
         logger.warning("job %s not published, broker unavailable: %s", job.id, exc)
         raise state.unavailable("broker-unavailable", "the job queue is unavailable; retry later") from exc

@@ -313,3 +313,28 @@ async def test_given_a_job_that_may_wait_days_then_its_record_and_key_outlive_it
     assert record_ttls[0] >= 3600 + five_days_s - 5
     assert 3590 <= record_ttls[1] <= 3600
     assert key_ttls and key_ttls[0] >= 3600 + five_days_s - 5
+
+
+async def test_given_a_publish_not_confirmed_then_a_retry_with_its_key_sends_the_same_job_not_a_second(
+    ingress_settings: IngressSettings,
+) -> None:
+    """Item 8: a confirm that timed out answered 503 and released the Idempotency-Key,
+    although the message may be queued; the client's retry with the same key made a second
+    job. Now the key stays with the job, and the retry sends the same id again."""
+    body = {"input": 1, "callback_url": "http://127.0.0.1:9/"}
+    keyed = {"Idempotency-Key": "uncertain-1"}
+    no_time_to_confirm = replace(ingress_settings, publish_timeout_s=1e-6)
+    async with running_ingress(no_time_to_confirm) as client:
+        first = await client.post("/v1/models/echo/jobs", json=body, headers=keyed)
+    async with running_ingress(ingress_settings) as client:
+        second = await client.post("/v1/models/echo/jobs", json=body, headers=keyed)
+        status = await client.get(f"/v1/jobs/{second.json()['id']}")
+
+    assert first.status_code == 503, first.text
+    assert first.json()["type"].endswith("publish-uncertain") and first.headers["retry-after"]
+    assert second.status_code == 202, second.text
+    assert second.json()["id"] == first.json()["job_id"]
+    assert status.status_code == 200
+    queued = await drain_queue(ingress_settings.amqp_url, ingress_settings.topology.main_queue("echo"))
+    assert 1 <= len(queued) <= 2
+    assert {m.message_id for m in queued} == {first.json()["job_id"]}
