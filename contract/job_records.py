@@ -103,6 +103,8 @@ class JobRecord(msgspec.Struct, frozen=True, kw_only=True):
     output: Any = None
     # Set instead of `output` when it was over RECORD_OUTPUT_MAX_BYTES: its size, in bytes.
     output_omitted_bytes: int | None = None
+    # A canceled job's job.canceled was confirmed queued by the ingress that canceled it.
+    canceled_sent: bool = False
     error: str | None = None
     seq: int | None = None
 
@@ -333,6 +335,13 @@ class JobRecords:
                 pipe.expire(key, self._ttl_s)
             await pipe.execute()
 
+    async def note_canceled_sent(self, job_id: str) -> None:
+        """The job.canceled of a canceled job is queued: a repeated cancel need not send it."""
+        async with self._guarded("update"):
+            await self._scripts["update_if"](
+                keys=[self._record_key(job_id)], args=["status", "canceled", "canceled", "canceled_sent", "1"]
+            )
+
     async def hand_cancel_to_worker(self, job_id: str) -> None:
         """The ingress could not queue the job.canceled callback: the worker sends it."""
         async with self._guarded("update"):
@@ -511,6 +520,7 @@ def _record_from(job_id: str, fields: Mapping[str, str]) -> JobRecord:
         metadata=facts.metadata,
         output=None if output is None else msgspec.json.decode(output),
         output_omitted_bytes=_int_or_none(fields.get("output_omitted_bytes")),
+        canceled_sent=fields.get("canceled_sent") == "1",
         error=fields.get("error"),
         seq=_int_or_none(fields.get("seq")),
     )

@@ -5,7 +5,10 @@ record expired (RESULT_TTL_S): no caller learns which ids exist. Cancel wins onl
 over a queued job (an atomic compare-and-set against the worker's start); the
 `job.canceled` callback is queued here; if that publish fails the ingress hands it to
 the worker, which sends it when it meets the canceled job in the queue (and sends it
-anyway if it is overdue by CANCEL_HANDOFF_S: an ingress that died in between).
+anyway if it is overdue by CANCEL_HANDOFF_S: an ingress that died in between). A
+repeated cancel of a job canceled earlier sends `job.canceled` (same webhook-id) unless
+the record says it was queued: the earlier request may have been cut off after Redis
+canceled the job and before its callback was queued.
 """
 
 from __future__ import annotations
@@ -51,6 +54,10 @@ async def cancel_job(request: Request) -> Response:
         except RecordsUnavailable as exc:
             raise state.records_unavailable() from exc
     if not won:
+        if status == "canceled" and not record.canceled_sent and record.callback_url:
+            # Canceled before by a request cut off before its job.canceled was queued (Redis
+            # ran the cancel, then the answer was lost: 503): send it now, then say so.
+            await _send_canceled(state, record)
         raise Problem(
             409,
             "not-cancelable",
@@ -91,6 +98,9 @@ async def _send_canceled(state: IngressState, record: JobRecord) -> None:
         logger.warning("job %s canceled; its callback is left to the worker: %s", record.id, exc)
         with contextlib.suppress(RecordsUnavailable):  # else the worker's overdue rule sends it
             await state.require_records().hand_cancel_to_worker(record.id)
+        return
+    with contextlib.suppress(RecordsUnavailable):  # else a repeated cancel sends it again
+        await state.require_records().note_canceled_sent(record.id)
 
 
 async def _owned_record(state: IngressState, request: Request) -> JobRecord:

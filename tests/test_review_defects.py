@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 
+import httpx
 import pytest
 import redis.asyncio
 
@@ -338,3 +339,30 @@ async def test_given_a_publish_not_confirmed_then_a_retry_with_its_key_sends_the
     queued = await drain_queue(ingress_settings.amqp_url, ingress_settings.topology.main_queue("echo"))
     assert 1 <= len(queued) <= 2
     assert {m.message_id for m in queued} == {first.json()["job_id"]}
+
+
+async def test_given_a_cancel_whose_answer_was_lost_then_the_repeated_cancel_sends_job_canceled(
+    client: httpx.AsyncClient, ingress_settings: IngressSettings, redis_url: str
+) -> None:
+    """Item 12: Redis ran the cancel, then its answer was lost (the client got 503 and no
+    job.canceled went out); the next cancel said 409 and sent nothing, so the callback was
+    lost. Here the cancel is run straight on the record, as the lost request left it."""
+    submitted = await client.post(
+        "/v1/models/echo/jobs", json={"input": 1, "callback_url": "http://127.0.0.1:9/"}
+    )
+    job_id = submitted.json()["id"]
+    records = JobRecords(redis_url, ingress_settings.topology.prefix, ttl_s=60)
+    try:
+        record = await records.get(job_id)
+        assert record is not None
+        assert await records.cancel(record) == (True, "canceled")
+    finally:
+        await records.close()
+
+    again = await client.post(f"/v1/jobs/{job_id}/cancel")
+
+    assert again.status_code == 409 and again.json()["job_status"] == "canceled"
+    callbacks = callbacks_in(
+        await drain_queue(ingress_settings.amqp_url, ingress_settings.topology.callbacks_queue)
+    )
+    assert [(c.event.type, c.event.data.id) for c in callbacks] == [("job.canceled", job_id)]
