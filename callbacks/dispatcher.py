@@ -255,11 +255,21 @@ class CallbackDispatcher:
         unrecorded: list[Publish] = []
         if callback.job is not None:  # the worker could not write the job's ending: write it here
             recorded = await self._record_ending(callback, callback.job)
+            if recorded is not None and recorded != callback.event.data.status:
+                # Another ending won (a cancel, or a copy of the job that ended first): only
+                # the recorded ending is ever sent.
+                logger.info(
+                    "job %s is %s already; its %s is not sent",
+                    callback.job.id,
+                    recorded,
+                    callback.event.type,
+                )
+                return _Outcome([])
             if callback.callback_url is None:
-                if recorded:
+                if recorded is not None:
                     return _Outcome([])
                 return self._deferred(event, self._first_tier_s, "records_unavailable")
-            unrecorded = [] if recorded else [self._record_only_copy(event)]
+            unrecorded = [] if recorded is not None else [self._record_only_copy(event)]
         if callback.callback_url is None:
             return self._parked_outcome(event, "no callback URL and no job to record")
         return await self._attempt(host, event, unrecorded)
@@ -287,18 +297,21 @@ class CallbackDispatcher:
         logger.warning("callback %s refused for good: %s", event.message_id, result.error)
         return self._parked_outcome(event, result.error or "refused", unrecorded)
 
-    async def _record_ending(self, callback: CallbackDelivery, job: Job) -> bool:
-        """Write the job's ending to its record; False while Redis is away."""
-        if self._records is None:
-            return True  # nowhere to record it: deliver as before
+    async def _record_ending(self, callback: CallbackDelivery, job: Job) -> str | None:
+        """Claim the job's ending in its record; the ending recorded now (this one, or one
+        that won before it), or None while Redis is away."""
         data = callback.event.data
+        if self._records is None:
+            return data.status  # nowhere to record it: deliver as before
         try:
-            await self._records.finish([(job, data.status, data.attempts, data.output, data.error)])
+            recorded = await self._records.finish(
+                [(job, data.status, data.attempts, data.output, data.error)]
+            )
         except RecordsUnavailable as exc:
             if not exc.skipped:
                 logger.warning("job %s: ending not recorded yet: %s", job.id, exc)
-            return False
-        return True
+            return None
+        return recorded.get(job.id, data.status)
 
     def _record_only_copy(self, event: _Event) -> Publish:
         """The event without its URL: it comes back from a delay tier only to be recorded."""

@@ -19,7 +19,7 @@ import redis.asyncio
 from callbacks.dispatcher import CallbackDispatcher
 from callbacks.settings import CallbackSettings
 from contract.broker import Broker
-from contract.callback_events import callback_for
+from contract.callback_events import callback_for, carrying_job
 from contract.callback_guard import AllowList
 from contract.envelope import ATTEMPT_HEADER, PARK_REASON_HEADER, Job, JobTimings
 from contract.job_message import job_message
@@ -366,3 +366,36 @@ async def test_given_a_cancel_whose_answer_was_lost_then_the_repeated_cancel_sen
         await drain_queue(ingress_settings.amqp_url, ingress_settings.topology.callbacks_queue)
     )
     assert [(c.event.type, c.event.data.id) for c in callbacks] == [("job.canceled", job_id)]
+
+
+async def test_given_a_worker_without_redis_then_the_dispatcher_sends_only_the_ending_the_records_kept(
+    callback_settings: CallbackSettings, broker: Broker, receiver: CallbackReceiver, redis_url: str
+) -> None:
+    """Item 6: an event whose worker could not reach Redis carries its job, and the dispatcher
+    records its ending, but it delivered the event whatever the record said: a job canceled
+    meanwhile got job.succeeded after job.canceled. Only the recorded ending is sent."""
+    topology = callback_settings.topology
+    canceled, fine = _job(callback_url=receiver.url), _job(callback_url=receiver.url)
+    records = JobRecords(redis_url, topology.prefix, ttl_s=60)
+    try:
+        await records.create([canceled, fine])
+        record = await records.get(canceled.id)
+        assert record is not None and (await records.cancel(record))[0]
+    finally:
+        await records.close()
+    timings = JobTimings(queued_ms=0, inference_ms=1, batch_size=1)
+    for job in (canceled, fine):
+        event = carrying_job(callback_for(job, "succeeded", 1, timings, time.time(), topology, output=1), job)
+        await broker.publish(event.message, event.routing_key, exchange=event.exchange)
+
+    dispatcher = CallbackDispatcher(callback_settings)
+    await dispatcher.start()
+    try:
+        await receiver.wait_for(1, timeout_s=10)
+        await wait_until(
+            lambda: queue_holds(callback_settings.amqp_url, topology.callbacks_queue, 0), 10, "acked"
+        )
+    finally:
+        await dispatcher.stop()
+
+    assert [c.event["data"]["id"] for c in receiver.received] == [fine.id]
