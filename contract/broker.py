@@ -69,6 +69,8 @@ _CONNECTION_ERRORS = (
 )
 # Opening a channel while a robust connection is between a loss and its reconnect raises
 # a plain RuntimeError ("Connection was not opened", "... closed").
+# A publish channel that does not open in this long (a stalled connection) is a 503.
+CHANNEL_OPEN_TIMEOUT_S = 5.0
 _CHANNEL_ERRORS = (*_CONNECTION_ERRORS, RuntimeError)
 
 
@@ -379,9 +381,14 @@ class Broker:
                 if self._publish_connection is None:
                     raise BrokerUnavailable("not connected")
                 try:
-                    channel = await self._publish_connection.channel(
-                        publisher_confirms=True, on_return_raises=True
-                    )
+                    async with asyncio.timeout(CHANNEL_OPEN_TIMEOUT_S):
+                        channel = await self._publish_connection.channel(
+                            publisher_confirms=True, on_return_raises=True
+                        )
+                except TimeoutError as exc:
+                    raise BrokerUnavailable(
+                        f"no channel opened within {CHANNEL_OPEN_TIMEOUT_S:.0f} s"
+                    ) from exc
                 except RuntimeError as exc:  # aiormq: "<Connection ...> closed" mid-reconnect
                     raise BrokerUnavailable(f"cannot open a channel: {exc}") from exc
                 self._publish_channel = channel
@@ -711,12 +718,13 @@ class Broker:
         except _CHANNEL_ERRORS as exc:
             raise BrokerUnavailable(f"cannot purge {queue_name}: {exc!r}") from exc
 
-    async def queue_depth(self, queue_name: str) -> tuple[int, int]:
-        """(ready messages, consumers) of a queue, via a passive declare."""
+    async def queue_depth(self, queue_name: str, timeout_s: float = 5.0) -> tuple[int, int]:
+        """(ready messages, consumers) of a queue, via a passive declare, within `timeout_s`
+        (a stalled connection must not hold an admission, and an Idempotency-Key's lease)."""
         if self._consume_connection is None:
             raise BrokerUnavailable("not connected")
         try:
-            async with self._consume_connection.channel() as channel:
+            async with asyncio.timeout(timeout_s), self._consume_connection.channel() as channel:
                 queue = await channel.declare_queue(queue_name, passive=True)
         except _CHANNEL_ERRORS as exc:
             raise BrokerUnavailable(f"cannot inspect {queue_name}: {exc!r}") from exc

@@ -130,6 +130,16 @@ redis.call('PUBLISH', ARGV[2], ARGV[3])
 return {1, 'canceled'}
 """
 # ARGV: field, expected value ('' = any existing record), new value, then more field/value pairs.
+# An idempotency key's next state, only while it holds ARGV[1] (the reserving request's
+# job id): complete (done), keep (uncertain), or release (state '': deleted). ARGV: job
+# id, state, status code, TTL.
+FENCED_KEY = """
+if redis.call('HGET', KEYS[1], 'job_id') ~= ARGV[1] then return 0 end
+if ARGV[2] == '' then redis.call('DEL', KEYS[1]) return 1 end
+redis.call('HSET', KEYS[1], 'state', ARGV[2], 'status_code', ARGV[3])
+redis.call('EXPIRE', KEYS[1], ARGV[4])
+return 1
+"""
 # A replayed job's record back to queued, only from a failed ending (or none).
 REOPEN = """
 local status = redis.call('HGET', KEYS[1], 'status')

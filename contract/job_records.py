@@ -201,6 +201,7 @@ class JobRecords:
                 "cancel": scripts.CANCEL,
                 "update_if": scripts.UPDATE_IF,
                 "reopen": scripts.REOPEN,
+                "fenced_key": scripts.FENCED_KEY,
                 "reserve": scripts.RESERVE,
             }.items()
         }
@@ -378,24 +379,32 @@ class JobRecords:
             )
         return KeyClaim(str(outcome), str(stored_id), int(code or 0))
 
-    async def complete_key(self, owner: str, key: str, status_code: int, ttl_s: int | None = None) -> None:
-        """The key's promise kept for `ttl_s` (default RESULT_TTL_S; `ttl_for(job)` for a job)."""
-        async with self._guarded("complete an idempotency key in"), self._redis.pipeline() as pipe:
-            pipe.hset(self._key_key(owner, key), mapping={"state": "done", "status_code": status_code})
-            pipe.expire(self._key_key(owner, key), ttl_s or self._ttl_s)
-            await pipe.execute()
+    # Each of these acts only while the key still holds `job_id` (its reservation's fencing
+    # token): a request that outlived its lease must not end another request's reservation.
 
-    async def keep_key_uncertain(self, owner: str, key: str, ttl_s: int) -> None:
+    async def complete_key(
+        self, owner: str, key: str, job_id: str, status_code: int, ttl_s: int | None = None
+    ) -> bool:
+        """The key's promise kept for `ttl_s` (default RESULT_TTL_S; `ttl_for(job)` for a job)."""
+        return await self._fenced_key(owner, key, job_id, "done", status_code, ttl_s or self._ttl_s)
+
+    async def keep_key_uncertain(self, owner: str, key: str, job_id: str, ttl_s: int) -> bool:
         """The key's job may be queued (its publish was not confirmed): a retry with the key
         sends the same job id again rather than a new job."""
-        async with self._guarded("keep an idempotency key in"), self._redis.pipeline() as pipe:
-            pipe.hset(self._key_key(owner, key), "state", "uncertain")
-            pipe.expire(self._key_key(owner, key), ttl_s)
-            await pipe.execute()
+        return await self._fenced_key(owner, key, job_id, "uncertain", 0, ttl_s)
 
-    async def release_key(self, owner: str, key: str) -> None:
-        async with self._guarded("release an idempotency key in"):
-            await self._redis.delete(self._key_key(owner, key))
+    async def release_key(self, owner: str, key: str, job_id: str) -> bool:
+        """Nothing was accepted under the key: it is free again."""
+        return await self._fenced_key(owner, key, job_id, "", 0, 0)
+
+    async def _fenced_key(
+        self, owner: str, key: str, job_id: str, state: str, status_code: int, ttl_s: int
+    ) -> bool:
+        async with self._guarded("update an idempotency key in"):
+            done = await self._scripts["fenced_key"](
+                keys=[self._key_key(owner, key)], args=[job_id, state, status_code, ttl_s]
+            )
+        return bool(done)
 
     def _key_key(self, owner: str, key: str) -> str:
         digest = hashlib.sha256(key.encode()).hexdigest()

@@ -122,11 +122,13 @@ async def _accept_once(state: IngressState, submission: Submission, key: str) ->
         return await _accept(state, submission)
     except UncertainPublish:
         with contextlib.suppress(RecordsUnavailable):
-            await records.keep_key_uncertain(job.owner, key, records.ttl_for(submission.job))
+            await records.keep_key_uncertain(
+                job.owner, key, submission.job.id, records.ttl_for(submission.job)
+            )
         raise
     except Problem:
         with contextlib.suppress(RecordsUnavailable):
-            await records.release_key(job.owner, key)  # nothing accepted: the key is free again
+            await records.release_key(job.owner, key, submission.job.id)  # nothing accepted: free again
         raise
 
 
@@ -208,7 +210,8 @@ async def _wait(
 async def _complete_key(state: IngressState, job: Job, key: str, status_code: int) -> None:
     try:
         records = state.require_records()
-        await records.complete_key(job.owner, key, status_code, records.ttl_for(job))
+        if not await records.complete_key(job.owner, key, job.id, status_code, records.ttl_for(job)):
+            logger.warning("job %s accepted after its Idempotency-Key's lease ran out", job.id)
     except RecordsUnavailable as exc:
         # The job is accepted; the key's lease runs out and a retry after that makes a new job.
         logger.warning("job %s accepted, but its Idempotency-Key was not completed: %s", job.id, exc)

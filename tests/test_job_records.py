@@ -172,12 +172,40 @@ async def test_given_an_idempotency_key_then_reserve_tells_new_in_flight_mismatc
     assert (await records.reserve_key("o", "k", "fp1", "job-1")).outcome == "new"
     assert (await records.reserve_key("o", "k", "fp1", "job-2")).outcome == "in_flight"
     assert (await records.reserve_key("o", "k", "fp2", "job-3")).outcome == "mismatch"
-    await records.complete_key("o", "k", 202)
+    assert await records.complete_key("o", "k", "job-1", 202)
 
     replay = await records.reserve_key("o", "k", "fp1", "job-4")
 
     assert (replay.outcome, replay.job_id, replay.status_code) == ("replay", "job-1", 202)
     assert (await records.reserve_key("other-owner", "k", "fp1", "job-5")).outcome == "new"
+
+
+async def test_given_a_reservation_that_outlived_its_lease_then_it_cannot_end_the_next_one(
+    redis_url: str,
+) -> None:
+    """Budgets issue, review item 9: complete and release did not check they still owned
+    the reservation; a request stalled past its lease ended the next request's, so two jobs
+    were accepted under one key (or the key was freed under a job that was queued)."""
+    prefix = f"t{uuid.uuid4().hex[:10]}."
+    records = JobRecords(redis_url, prefix, ttl_s=60)
+    store = redis.asyncio.Redis.from_url(redis_url)
+    try:
+        assert (await records.reserve_key("o", "k", "fp", "stalled")).outcome == "new"
+        async for lapsed in store.scan_iter(match=f"{prefix}*"):
+            await store.delete(lapsed)  # the stalled request's lease ran out
+        assert (await records.reserve_key("o", "k", "fp", "next")).outcome == "new"
+
+        assert not await records.release_key("o", "k", "stalled")
+        assert not await records.complete_key("o", "k", "stalled", 202)
+        assert (await records.reserve_key("o", "k", "fp", "third")).outcome == "in_flight"  # next's
+        assert await records.complete_key("o", "k", "next", 202)
+        replay = await records.reserve_key("o", "k", "fp", "fourth")
+        assert (replay.outcome, replay.job_id) == ("replay", "next")
+    finally:
+        await records.close()
+        async for key in store.scan_iter(match=f"{prefix}*"):
+            await store.delete(key)
+        await store.aclose()
 
 
 async def test_given_a_finish_then_subscribers_hear_the_job_id(records: JobRecords) -> None:

@@ -303,7 +303,8 @@ async def test_given_a_job_that_may_wait_days_then_its_record_and_key_outlive_it
     store = redis.asyncio.Redis.from_url(redis_url)
     try:
         await records.create([waiting, plain])
-        await records.complete_key(waiting.owner, "k", 202, records.ttl_for(waiting))
+        await records.reserve_key(waiting.owner, "k", "fingerprint", waiting.id)
+        await records.complete_key(waiting.owner, "k", waiting.id, 202, records.ttl_for(waiting))
         record_ttls = [await store.ttl(f"{prefix}inferq:job:{job.id}") for job in (waiting, plain)]
         key_ttls = [await store.ttl(key) async for key in store.scan_iter(match=f"{prefix}inferq:idem:*")]
     finally:
