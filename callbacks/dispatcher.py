@@ -198,7 +198,12 @@ class CallbackDispatcher:
             logger.warning("callbacks prefetch not changed to %d: %s", prefetch, exc)
 
     async def _handle(self, delivery: Delivery) -> None:
-        """Every delivery ends settled: an error nobody expected parks it with its reason."""
+        """Every delivery ends settled: an error nobody expected parks it with its reason.
+
+        Under a resource alarm nothing it leads to could be published (a retry, a parked
+        event): it waits until the broker reads publishes again, as the worker does, rather
+        than sending the callback, failing to settle, and sending it again on every lap."""
+        await self._broker.wait_until_publishable()
         try:
             await self._dispatch(delivery)
         except asyncio.CancelledError:

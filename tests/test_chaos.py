@@ -24,8 +24,9 @@ import pytest
 from callbacks.dispatcher import CallbackDispatcher
 from callbacks.settings import CallbackSettings
 from contract.broker import Broker, BrokerUnavailable
+from contract.callback_events import callback_for
 from contract.callback_guard import AllowList, IPAddress
-from contract.envelope import Job, decode_callback_deliveries, decode_job
+from contract.envelope import Job, JobTimings, decode_callback_deliveries, decode_job
 from contract.job_message import job_message
 from ingress.settings import IngressSettings
 from loadgen.callback_receiver import CallbackReceiver
@@ -186,6 +187,42 @@ async def test_given_a_memory_alarm_then_submissions_are_refused_unwritten_and_n
     ids = {decode_job(m.body).id for m in queued}
     assert {before.json()["id"], after.json()["id"]} <= ids
     assert len(ids) <= 3, "only the publish on the wire when the broker blocked may still arrive"
+
+
+async def test_given_a_memory_alarm_then_the_dispatcher_waits_instead_of_sending_a_callback_each_lap(
+    amqp_url: str, callback_settings: CallbackSettings, broker: Broker, receiver: CallbackReceiver
+) -> None:
+    """Budgets issue, review item 5: under an alarm the dispatcher sent a callback, could not
+    publish its retry, requeued it and sent it again, lap after lap (parking it after 20).
+    Now it waits until the broker reads publishes again, as the worker does. The receiver
+    answers 503, so every attempt needs a publish. The watermark is restored whatever happens."""
+    rabbitmqctl = _local_broker_control(amqp_url)
+    original = await _rabbitmqctl(rabbitmqctl, "eval", "vm_memory_monitor:get_vm_memory_high_watermark().")
+    receiver.scripted_statuses.extend([503] * 1000)
+    job = Job(id="alarm-1", model="echo", input=1, callback_url=receiver.url, submitted_at_ms=0)
+    timings = JobTimings(queued_ms=0, inference_ms=0, batch_size=1)
+    event = callback_for(job, "succeeded", 1, timings, time.time(), callback_settings.topology)
+    await broker.publish(event.message, event.routing_key, exchange=event.exchange)
+    dispatcher = CallbackDispatcher(callback_settings)
+    try:
+        await _rabbitmqctl(rabbitmqctl, "set_vm_memory_high_watermark", "0.000001")
+        await dispatcher.start()
+        await wait_until(lambda: receiver.requests_seen >= 1, 10, "the first attempt")
+        # A wait expected to run out: the first attempt's retry publish is blocked until its
+        # timeout (10 s); after that a spinning dispatcher sends again at once.
+        with contextlib.suppress(AssertionError):
+            await wait_until(lambda: receiver.requests_seen > 2, 14, "attempts during the alarm")
+        attempts_during_alarm = receiver.requests_seen
+    finally:
+        await _rabbitmqctl(rabbitmqctl, "set_vm_memory_high_watermark", original)
+    try:
+        await wait_until(
+            lambda: receiver.requests_seen > attempts_during_alarm, 30, "attempts after the alarm"
+        )
+    finally:
+        await dispatcher.stop()
+
+    assert attempts_during_alarm == 1
 
 
 async def _hostile_receiver(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
