@@ -43,7 +43,7 @@ async def _subscribe_until_ready(broker: Broker, scaler: DemandScaler, url: str)
 
 
 async def run(read: Environment) -> None:
-    scaler = DemandScaler(DemandWindow(read.push_scaler_active_s))
+    scaler = DemandScaler(DemandWindow(read.push_scaler_active_s), read.served_models)
     broker = Broker(read.amqp_url, read.topology(), read.served_models, role="push-scaler")
     server, port = await serve(scaler, read.push_scaler_host, read.push_scaler_port)
     logger.info("KEDA external push scaler on %s:%d", read.push_scaler_host, port)

@@ -18,6 +18,7 @@ from push_scaler import externalscaler_pb2_grpc as pb_grpc
 from push_scaler.__main__ import _subscribe_until_ready
 from push_scaler.demand_window import DemandWindow
 from push_scaler.scaler_service import DemandScaler, serve
+from tests.conftest import wait_until
 
 
 class FakeClock:
@@ -75,7 +76,7 @@ def _ref(model: str | None = "echo") -> pb.ScaledObjectRef:
 
 @pytest.fixture
 async def scaler() -> AsyncIterator[tuple[DemandScaler, pb_grpc.ExternalScalerStub]]:
-    service = DemandScaler(DemandWindow(active_for_s=0.5))
+    service = DemandScaler(DemandWindow(active_for_s=0.5), ("echo", "embed-minilm"), max_streams=2)
     server, port = await serve(service, "127.0.0.1", 0)
     channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
     try:
@@ -144,7 +145,7 @@ async def test_a_trigger_without_model_metadata_is_refused_naming_it(
 async def test_given_a_job_accepted_by_the_ingress_then_keda_hears_active_at_once(
     ingress_settings: IngressSettings, client: httpx.AsyncClient
 ) -> None:
-    service = DemandScaler(DemandWindow(active_for_s=30.0))
+    service = DemandScaler(DemandWindow(active_for_s=30.0), ingress_settings.models)
     server, port = await serve(service, "127.0.0.1", 0)
     broker = Broker(ingress_settings.amqp_url, ingress_settings.topology, ingress_settings.models)
     channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
@@ -166,3 +167,45 @@ async def test_given_a_job_accepted_by_the_ingress_then_keda_hears_active_at_onc
     assert (first.result, woke.result) == (False, True)
     assert waited_s < 2.0  # the event path (coalesced 0.25 s), not a polling interval
     print(f"\npush scaler: job accepted -> KEDA stream active in {waited_s * 1000:.0f} ms")
+
+
+async def test_a_model_not_served_is_refused_and_leaves_nothing_behind(
+    scaler: tuple[DemandScaler, pb_grpc.ExternalScalerStub],
+) -> None:
+    """Budgets issue, review item 18: the scaler kept state for any model name a caller or a
+    demand event named."""
+    service, stub = scaler
+    service.on_demand("x" * 10_000)
+    with pytest.raises(grpc.aio.AioRpcError) as refused:
+        await stub.IsActive(_ref("not-a-model"))
+
+    assert refused.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+    assert "not served" in str(refused.value.details())
+    assert not (await stub.IsActive(_ref("echo"))).result
+
+
+async def test_streams_past_the_bound_are_refused_and_a_closed_one_frees_its_place(
+    scaler: tuple[DemandScaler, pb_grpc.ExternalScalerStub],
+) -> None:
+    _service, stub = scaler
+    streams = [stub.StreamIsActive(_ref()) for _ in range(2)]
+    for stream in streams:
+        await asyncio.wait_for(stream.read(), 5)
+    third = stub.StreamIsActive(_ref())
+    with pytest.raises(grpc.aio.AioRpcError) as refused:
+        await asyncio.wait_for(third.read(), 5)
+    streams[0].cancel()
+
+    async def a_stream_opens() -> bool:
+        again = stub.StreamIsActive(_ref())
+        try:
+            await asyncio.wait_for(again.read(), 5)
+            return True
+        except grpc.aio.AioRpcError:
+            return False
+        finally:
+            again.cancel()
+
+    await wait_until(a_stream_opens, 10, "a place freed by the closed stream")
+    streams[1].cancel()
+    assert refused.value.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
