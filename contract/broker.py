@@ -151,6 +151,11 @@ class Delivery:
         self._unsettled.add(self.delivery_tag)
 
     @property
+    def settled(self) -> bool:
+        """Acked or requeued already (by this process)."""
+        return self.delivery_tag not in self._unsettled
+
+    @property
     def channel_open(self) -> bool:
         """False once its channel closed: the broker has already given it to someone else."""
         return not self._channel.is_closed

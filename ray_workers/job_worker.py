@@ -322,7 +322,11 @@ class JobWorker:
         return inference_s, model_failed
 
     async def _park_batch(self, batch: list[Delivery], reason: str) -> None:
-        """Park every delivery of a batch the worker itself failed on (replayable, none lost)."""
+        """Park every delivery of a batch the worker itself failed on (replayable, none lost),
+        once the batch settling before it is done: a delivery it settled stays settled."""
+        previous = self._settling
+        if previous is not None:
+            await asyncio.shield(previous)
         outcomes: list[Outcome] = [
             (
                 delivery,
@@ -338,11 +342,8 @@ class JobWorker:
                 ],
             )
             for delivery in batch
-            if delivery.channel_open
+            if delivery.channel_open and not delivery.settled
         ]
-        previous = self._settling
-        if previous is not None:
-            await asyncio.shield(previous)
         self._settling = asyncio.create_task(settle(self._broker, outcomes))
 
     def _decode(self, batch: list[Delivery], now_ms: int) -> tuple[list[_Work], list[Outcome]]:
