@@ -180,7 +180,7 @@ broker_secrets() {
 }
 
 platform_secrets() {
-  local webhook_secret api_key
+  local webhook_secret api_key redis_password
   broker_secrets "$1"
   # Kept across re-runs: rotating them would break callers and receivers already set up.
   webhook_secret="$(secret_value inferq WEBHOOK_SECRET)"
@@ -188,6 +188,11 @@ platform_secrets() {
   webhook_secret="${webhook_secret:-whsec_$(openssl rand -base64 32)}"
   api_key="${api_key:-iq_$(openssl rand -hex 24)}"
   apply_secret inferq WEBHOOK_SECRET="$webhook_secret" API_KEYS="$api_key"
+  # Redis's password (kept across re-runs), and the URL the records' clients connect with.
+  redis_password="$(secret_value inferq-redis password)"
+  redis_password="${redis_password:-$(openssl rand -hex 24)}"
+  apply_secret inferq-redis password="$redis_password" \
+    REDIS_URL="redis://:$redis_password@redis.$NAMESPACE.svc:6379/0"
 }
 
 up() {

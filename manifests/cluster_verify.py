@@ -44,7 +44,7 @@ import yaml
 
 from contract.config import Environment
 from manifests.monitoring_verify import MONITORING, monitoring_violations
-from manifests.worker_deployments import BROKER_ROLE_LABEL
+from manifests.worker_deployments import BROKER_ROLE_LABEL, RECORDS_CLIENT_LABEL, REDIS_SECRET
 
 ROOT = Path(__file__).resolve().parent.parent
 OVERLAYS = {"kind": ROOT / "cluster" / "overlays" / "kind", "gke": ROOT / "cluster" / "overlays" / "gke"}
@@ -331,6 +331,38 @@ def _broker_access(docs: list[Manifest]) -> Iterator[tuple[str, str]]:
                 yield _name(workload), f"envFrom the whole Secret {secret}: name the variables it needs"
 
 
+def _records_access(docs: list[Manifest]) -> Iterator[tuple[str, str]]:
+    """Redis asks for a password and admits only the records' clients; each of them reads
+    REDIS_URL (the password in it) from the Secret REDIS_SECRET, never from the ConfigMap."""
+    if "REDIS_URL" in _settings(docs):
+        yield (
+            "ConfigMap/inferq",
+            f"REDIS_URL carries Redis's password: it belongs in the Secret {REDIS_SECRET}",
+        )
+    for workload, container in _containers(docs, _every_pod):
+        labels = _pod_labels(workload)
+        if labels.get("app.kubernetes.io/name") == "redis":
+            yield from _redis_auth(workload, container)
+        if not any(variable["name"] == "REDIS_URL" for variable in container.get("env", [])):
+            continue
+        if dict(_secret_refs(container)).get("REDIS_URL") != REDIS_SECRET:
+            yield _name(workload), f"REDIS_URL not from the Secret {REDIS_SECRET}"
+        if labels.get(RECORDS_CLIENT_LABEL) != "true":
+            yield _name(workload), f"reads the job records without the label {RECORDS_CLIENT_LABEL}"
+    for policy in (d for d in docs if d["kind"] == "NetworkPolicy" and d["metadata"]["name"] == "redis"):
+        for rule in policy["spec"].get("ingress", []):
+            for source in rule.get("from", []):
+                if source.get("podSelector", {}).get("matchLabels") != {RECORDS_CLIENT_LABEL: "true"}:
+                    yield _name(policy), f"Redis admits pods other than those labelled {RECORDS_CLIENT_LABEL}"
+
+
+def _redis_auth(workload: Manifest, container: Manifest) -> Iterator[tuple[str, str]]:
+    args = [str(arg) for arg in container.get("args", [])]
+    password = dict(_secret_refs(container)).get("REDIS_PASSWORD")
+    if "--requirepass" not in args or password != REDIS_SECRET:
+        yield _name(workload), f"Redis runs without --requirepass from the Secret {REDIS_SECRET}"
+
+
 def _pod_labels(workload: Manifest) -> dict[str, str]:
     labels: dict[str, str] = workload["spec"]["template"]["metadata"].get("labels", {})
     return labels
@@ -344,6 +376,7 @@ POLICIES: dict[str, Callable[[list[Manifest]], Iterator[tuple[str, str]]]] = {
     "operations": _operations,
     "isolation": _isolation,
     "broker access": _broker_access,
+    "records access": _records_access,
     "queue counting": _queue_counting,
 }
 

@@ -24,6 +24,10 @@ ACCELERATOR_LABEL = "inferq.dev/accelerator"
 # The broker user a pod connects as (broker_access.roles); its AMQP_URL is in the Secret
 # `inferq-broker-<role>`, written by cluster-up.
 BROKER_ROLE_LABEL = "inferq.dev/broker-role"
+# Pods that read and write the job records: the only ones Redis admits (NetworkPolicy),
+# each with REDIS_URL (Redis's password in it) from the Secret REDIS_SECRET.
+RECORDS_CLIENT_LABEL = "inferq.dev/records-client"
+REDIS_SECRET = "inferq-redis"
 TERMINATION_GRACE_S = 60
 HEALTH_PORT, METRICS_PORT = 8080, 9102
 # Ray's object store lives in shared memory: the container default (64 MiB) is too small.
@@ -48,6 +52,7 @@ def _labels(entry: ModelEntry) -> dict[str, str]:
         "app.kubernetes.io/component": "worker",
         "inferq.dev/model": entry.name,
         "inferq.dev/broker-client": "true",
+        RECORDS_CLIENT_LABEL: "true",
         BROKER_ROLE_LABEL: f"worker-{entry.name}",
     }
     if entry.resources.gpus:
@@ -71,6 +76,8 @@ def worker_deployment(entry: ModelEntry) -> dict[str, Any]:
     resources = entry.resources
     env: list[dict[str, Any]] = [
         {"name": "AMQP_URL", "valueFrom": {"secretKeyRef": _amqp_url_ref(entry)}},
+        # The job records' URL carries Redis's password (the Secret cluster/provision.sh makes).
+        {"name": "REDIS_URL", "valueFrom": {"secretKeyRef": {"name": REDIS_SECRET, "key": "REDIS_URL"}}},
         {"name": "POD_HEALTH_HOST", "value": "0.0.0.0"},
         {"name": "HOME", "value": "/tmp"},
     ]

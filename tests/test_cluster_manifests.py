@@ -116,6 +116,39 @@ BREAKS = [
         "counts ['jobs.echo.parked'], but echo's jobs wait in ['jobs.echo.high',",
     ),
     (
+        "Redis without a password",
+        ("StatefulSet", "redis"),
+        _drop([*CONTAINER, "args", 0]),
+        "without --requirepass",
+    ),
+    (
+        "REDIS_URL in the ConfigMap",
+        ("ConfigMap", "inferq"),
+        _set(["data", "REDIS_URL"], "redis://redis.inferq.svc:6379/0"),
+        "belongs in the Secret inferq-redis",
+    ),
+    (
+        "REDIS_URL from another Secret",
+        ("Deployment", "ingress"),
+        _set([*CONTAINER, "env", 3, "valueFrom", "secretKeyRef", "name"], "inferq"),
+        "REDIS_URL not from the Secret inferq-redis",
+    ),
+    (
+        "a records client Redis would not admit",
+        ("Deployment", "callbacks"),
+        _drop(["spec", "template", "metadata", "labels", "inferq.dev/records-client"]),
+        "without the label inferq.dev/records-client",
+    ),
+    (
+        "Redis open to every broker client",
+        ("NetworkPolicy", "redis"),
+        _set(
+            ["spec", "ingress", 0, "from", 0, "podSelector", "matchLabels"],
+            {"inferq.dev/broker-client": "true"},
+        ),
+        "admits pods other than",
+    ),
+    (
         "a root Job",
         ("Job", "broker-access"),
         _drop([*POD, "securityContext", "runAsNonRoot"]),
@@ -247,9 +280,15 @@ def test_the_job_records_redis_keeps_its_data_and_every_pod_points_at_it() -> No
     container = redis["spec"]["template"]["spec"]["containers"][0]
     mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
 
-    assert config["data"]["REDIS_URL"] == f"redis://redis.{service['metadata']['namespace']}.svc:6379/0"
+    provision = (OVERLAYS["kind"].parent.parent / "provision.sh").read_text()
+    namespace = service["metadata"]["namespace"]
+
+    assert "REDIS_URL" not in config["data"]  # it carries the password: the Secret inferq-redis
+    assert 'REDIS_URL="redis://:$redis_password@redis.$NAMESPACE.svc:6379/0"' in provision
+    assert f'NAMESPACE="{namespace}"' in provision
     assert service["spec"]["selector"] == redis["spec"]["selector"]["matchLabels"]
-    assert container["args"][:2] == ["--appendonly", "yes"]  # every write reaches the volume
+    args = container["args"]
+    assert args[args.index("--appendonly") + 1] == "yes"  # every write reaches the volume
     assert [t["metadata"]["name"] for t in redis["spec"]["volumeClaimTemplates"]] == ["data"]
     assert mounts["data"] == container["args"][container["args"].index("--dir") + 1]
 
