@@ -215,7 +215,7 @@ class CallbackDispatcher:
     async def _dispatch(self, delivery: Delivery) -> None:
         """Each event of the message gets its outcome; then one settle for the message."""
         try:
-            callbacks = decode_callback_deliveries(delivery.body, delivery.type)
+            callbacks = decode_callback_deliveries(delivery.body, delivery.type, payloads_as_bytes=True)
         except UndecodableMessage as exc:
             await self._park_whole(delivery, str(exc))
             return

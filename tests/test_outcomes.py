@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import json
 
+import msgspec
 import pytest
 
 from contract.broker import redact_url
-from contract.callback_events import callback_for
+from contract.callback_events import callback_for, carrying_job
 from contract.envelope import (
     AMQP_PRIORITY,
     ATTEMPT_HEADER,
@@ -15,6 +16,7 @@ from contract.envelope import (
     PARK_REASON_HEADER,
     Job,
     JobTimings,
+    decode_callback_deliveries,
     decode_callback_delivery,
     encode,
 )
@@ -131,3 +133,21 @@ def test_given_an_undecodable_body_then_it_is_parked_as_is_without_history() -> 
 )
 def test_an_amqp_url_is_shown_without_its_password(url: str, shown: str) -> None:
     assert redact_url(url) == shown
+
+
+def test_the_dispatcher_s_decoding_keeps_outputs_and_inputs_as_the_bytes_they_arrived_as() -> None:
+    """Budgets issue: the dispatcher only forwards an event's output (and a carried job's
+    input); decoded into objects, a 1 MiB output cost it 10 MB or more."""
+    job = Job(id="j", model="echo", input={"k": [1, 2]}, callback_url="http://h/", submitted_at_ms=0)
+    timings = JobTimings(queued_ms=1.0, inference_ms=2.0, batch_size=1)
+    output = {"nested": [{"a": 1.5}, "text"]}
+    event = carrying_job(callback_for(job, "succeeded", 1, timings, 0.0, TOPOLOGY, output=output), job)
+
+    [as_objects] = decode_callback_deliveries(event.message.body, event.message.type)
+    [as_bytes] = decode_callback_deliveries(event.message.body, event.message.type, payloads_as_bytes=True)
+
+    assert as_objects.event.data.output == output
+    assert isinstance(as_bytes.event.data.output, msgspec.Raw)
+    assert as_bytes.job is not None and isinstance(as_bytes.job.input, msgspec.Raw)
+    assert msgspec.json.encode(as_bytes) == event.message.body  # forwarded verbatim
+    assert msgspec.json.encode(as_bytes.event) == msgspec.json.encode(as_objects.event)
