@@ -31,8 +31,8 @@ class CallbackSettings:
     # Messages; one carries at most 64 events and 64 KiB of them (contract.settlement).
     callback_prefetch: int = 1024
     # Bytes of messages consumed and unsettled (classic queues), and held for one host.
-    callback_prefetch_max_bytes: int = 16 * 1024 * 1024
-    callback_host_hold_max_bytes: int = 8 * 1024 * 1024
+    callback_prefetch_max_bytes: int = 64 * 1024 * 1024
+    callback_host_hold_max_bytes: int = 32 * 1024 * 1024
     # Callback-host breaker: consecutive failed deliveries that open it, and its cool-down.
     callback_breaker_threshold: int = 5
     callback_breaker_cooldown_s: float = 30.0
