@@ -213,6 +213,11 @@ class JobRecords:
     def __repr__(self) -> str:
         return f"JobRecords({self._display_url})"
 
+    def failed_within(self, seconds: float) -> bool:
+        """Whether a call to Redis failed in the last `seconds` (records may be on their way)."""
+        last = self._breaker.last_failure_at
+        return last > 0 and self._breaker.clock() - last < seconds
+
     def _record_key(self, job_id: str) -> str:
         return f"{self._prefix}job:{job_id}"
 

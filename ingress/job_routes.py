@@ -32,6 +32,10 @@ from ingress.state import IngressState, ingress_state
 
 logger = logging.getLogger(__name__)
 
+# After the records failed, a missing record answers 503 record-pending (not 404) this long:
+# another replica may hold it in memory until it flushes (every second, once Redis answers).
+RECORD_PENDING_GRACE_S = 30.0
+
 
 async def get_job(request: Request) -> Response:
     state = ingress_state(request)
@@ -116,6 +120,14 @@ async def _owned_record(state: IngressState, request: Request) -> JobRecord:
         record = await records.get(job_id)
     except RecordsUnavailable as exc:
         raise state.records_unavailable() from exc
+    if record is None and records.failed_within(RECORD_PENDING_GRACE_S):
+        # After an outage an accepted job's record may still wait in another replica's
+        # memory (ingress.pending_records): not known is not the same as not found.
+        raise state.unavailable(
+            "record-pending",
+            f"no record of job {job_id!r} yet; the job records were unavailable moments ago and "
+            "a job accepted meanwhile gets its record shortly",
+        )
     if record is None or record.owner != owner:
         raise Problem(
             404, "job-not-found", "Not Found", f"no job {job_id!r} (unknown, expired, or not yours)"

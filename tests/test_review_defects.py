@@ -400,3 +400,64 @@ async def test_given_a_worker_without_redis_then_the_dispatcher_sends_only_the_e
         await dispatcher.stop()
 
     assert [c.event["data"]["id"] for c in receiver.received] == [fine.id]
+
+
+async def test_given_a_records_outage_then_another_replica_answers_record_pending_not_404_until_it_is_written(
+    ingress_settings: IngressSettings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Item 13: while a replica held an accepted job's record in memory (Redis was away),
+    another replica answered 404 for it once Redis was back: "not known" taken for "not
+    found". Two ingress apps on a Redis of their own, stopped and started again. The grace
+    is shortened to 8 s (past the 5 s a replica skips Redis after a failure)."""
+    monkeypatch.setattr("ingress.job_routes.RECORD_PENDING_GRACE_S", 8.0, raising=False)
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    command = (
+        "redis-server",
+        "--port",
+        str(port),
+        "--bind",
+        "127.0.0.1",
+        "--save",
+        "",
+        "--dir",
+        str(tmp_path),
+    )
+    settings = replace(ingress_settings, redis_url=f"redis://127.0.0.1:{port}/0")
+    server = await asyncio.create_subprocess_exec(*command, stdout=subprocess.DEVNULL)
+    try:
+        await wait_until(lambda: _answers(port), 10, "Redis up")
+        async with running_ingress(settings) as accepting, running_ingress(settings) as other:
+            server.terminate()
+            await server.wait()
+            submitted = await accepting.post(
+                "/v1/models/echo/jobs", json={"input": 1, "callback_url": "http://127.0.0.1:9/"}
+            )
+            assert submitted.status_code == 202, submitted.text
+            job = f"/v1/jobs/{submitted.json()['id']}"
+            assert (await other.get(job)).status_code == 503  # Redis away: unavailable, as before
+            server = await asyncio.create_subprocess_exec(*command, stdout=subprocess.DEVNULL)
+            await wait_until(lambda: _answers(port), 10, "Redis up again")
+
+            async def unknown_job() -> httpx.Response:
+                return await other.get(f"/v1/jobs/{uuid.uuid4()}")
+
+            async def reads_redis_again() -> bool:
+                answer = await unknown_job()
+                return answer.status_code != 503 or answer.json()["type"].endswith("record-pending")
+
+            await wait_until(reads_redis_again, 15, "the other replica reading Redis again")
+            pending = await unknown_job()
+            await wait_until(lambda: _status_is(other, job, 200), 20, "the accepted job's record written")
+            await wait_until(lambda: _status_is(other, f"/v1/jobs/{uuid.uuid4()}", 404), 15, "404 again")
+    finally:
+        server.terminate()
+        await server.wait()
+
+    assert pending.status_code == 503 and pending.json()["type"].endswith("record-pending")
+    assert pending.headers["retry-after"]
+
+
+async def _status_is(client: httpx.AsyncClient, path: str, status: int) -> bool:
+    return (await client.get(path)).status_code == status
