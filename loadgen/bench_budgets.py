@@ -160,7 +160,7 @@ async def run_attack(base_url: str, name: str, attack: Attack, callback_url: str
 def attacks(quick: bool, receiver: ReceiverProcess, slow: ReceiverProcess) -> list[tuple[str, Attack]]:
     waits = 5 if quick else 20
     worker_jobs = 10 if quick else 40
-    slow_jobs = 20 if quick else 200
+    slow_jobs = 20 if quick else 500
 
     async def schema_miss(session: aiohttp.ClientSession, _cb: str) -> list[int]:
         return [await _post(session, "/v1/models/embed-minilm/jobs", texts_of_zeros(MIB))]
