@@ -60,6 +60,7 @@ from contract.envelope import (
 )
 from contract.job_records import JobRecords, RecordsUnavailable
 from contract.metric_series import PrometheusSink
+from contract.prefetch_bytes import PrefetchBytes
 from contract.settlement import Publish, settle
 
 logger = logging.getLogger(__name__)
@@ -102,8 +103,7 @@ class CallbackDispatcher:
             max(settings.callback_host_concurrency, settings.callback_prefetch // 2),
             settings.callback_host_hold_max_bytes,
         )
-        # The largest message body lately consumed (decaying), which bounds the prefetch by bytes.
-        self._large_body_bytes = 0
+        self._prefetch_bytes = PrefetchBytes(settings.callback_prefetch_max_bytes, LARGE_BODY_DECAY)
         self._prefetch = settings.callback_prefetch
         self._prefetch_change: asyncio.Task[None] | None = None
         self._records = (
@@ -181,9 +181,8 @@ class CallbackDispatcher:
         """Messages held unsettled are bounded by CALLBACK_PREFETCH_MAX_BYTES of the large
         bodies lately seen, not only by CALLBACK_PREFETCH messages (classic queues: a
         quorum consumer's prefetch is fixed, and the per-host byte hold bounds it there)."""
-        self._large_body_bytes = max(body_bytes, int(self._large_body_bytes * LARGE_BODY_DECAY))
-        by_bytes = self._settings.callback_prefetch_max_bytes // max(1, self._large_body_bytes)
-        wanted = max(1, min(self._settings.callback_prefetch, by_bytes))
+        self._prefetch_bytes.observe(body_bytes)
+        wanted = self._prefetch_bytes.bound(self._settings.callback_prefetch)
         changing = self._prefetch_change is not None and not self._prefetch_change.done()
         if self._topology.replicated or changing or self._consumer_tag is None:
             return
@@ -334,14 +333,14 @@ class CallbackDispatcher:
         without failures, or whose last failure is a cool-down old, is dropped once nothing
         holds its host; every cool-down the whole map is swept the same way, so hosts that
         failed once and never came back do not make it grow."""
-        breaker = self._breakers.get(host)
-        if breaker is not None and breaker.stale() and self.slots.held(host) == 0:
-            del self._breakers[host]
         now = time.monotonic()
-        if now - self._breakers_swept_at > self._settings.callback_breaker_cooldown_s:
+        sweep = now - self._breakers_swept_at > self._settings.callback_breaker_cooldown_s
+        if sweep:
             self._breakers_swept_at = now
-            for stale in [h for h, b in self._breakers.items() if b.stale() and self.slots.held(h) == 0]:
-                del self._breakers[stale]
+        for candidate in list(self._breakers) if sweep else [host]:
+            breaker = self._breakers.get(candidate)
+            if breaker is not None and breaker.stale() and self.slots.held(candidate) == 0:
+                del self._breakers[candidate]
 
     def _retry_or_park(self, event: _Event, result: DeliveryResult, unrecorded: list[Publish]) -> _Outcome:
         delay_s = self._schedule.delay_after(event.attempt)

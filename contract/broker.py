@@ -69,9 +69,9 @@ _CONNECTION_ERRORS = (
 )
 # Opening a channel while a robust connection is between a loss and its reconnect raises
 # a plain RuntimeError ("Connection was not opened", "... closed").
+_CHANNEL_ERRORS = (*_CONNECTION_ERRORS, RuntimeError)
 # A publish channel that does not open in this long (a stalled connection) is a 503.
 CHANNEL_OPEN_TIMEOUT_S = 5.0
-_CHANNEL_ERRORS = (*_CONNECTION_ERRORS, RuntimeError)
 
 
 class BrokerError(Exception):

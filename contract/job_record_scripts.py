@@ -129,7 +129,6 @@ if redis.call('HEXISTS', KEYS[1], 'seq') == 1 then redis.call('INCR', KEYS[2]) e
 redis.call('PUBLISH', ARGV[2], ARGV[3])
 return {1, 'canceled'}
 """
-# ARGV: field, expected value ('' = any existing record), new value, then more field/value pairs.
 # An idempotency key's next state, only while it holds ARGV[1] (the reserving request's
 # job id): complete (done), keep (uncertain), or release (state '': deleted). ARGV: job
 # id, state, status code, TTL.
@@ -150,6 +149,7 @@ if status then
 end
 return 'reopened'
 """
+# ARGV: field, expected value ('' = any existing record), new value, then more field/value pairs.
 UPDATE_IF = """
 if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
 if ARGV[2] ~= '' and redis.call('HGET', KEYS[1], ARGV[1]) ~= ARGV[2] then return 0 end

@@ -43,6 +43,7 @@ from contract.circuit_breaker import BreakerState, CircuitBreaker
 from contract.envelope import ATTEMPT_HEADER, Job, JobStatus, JobTimings, UndecodableMessage, decode_job
 from contract.job_records import JobRecords, RecordsUnavailable, Started
 from contract.metric_series import PrometheusSink
+from contract.prefetch_bytes import PrefetchBytes
 from contract.settlement import Outcome, Publish, Settled, settle
 from ray_workers.batch_controller import AdaptiveBatchController, FixedBatchSize
 from ray_workers.batching import collect_batch
@@ -59,6 +60,8 @@ EXPIRED_ERROR = "deadline passed before the job ran"
 # nesting deeper than the encoder's limit).
 UNENCODABLE = (TypeError, ValueError, OverflowError, RecursionError, msgspec.EncodeError)
 
+RUNNING = Started("running")
+
 
 def attempt_of(headers: Mapping[str, Any]) -> int:
     """The delivery's attempt (x-attempt, 1 when absent); UndecodableMessage when it is not a
@@ -69,9 +72,6 @@ def attempt_of(headers: Mapping[str, Any]) -> int:
     if isinstance(attempt, bool) or not isinstance(attempt, int) or attempt < 1:
         raise UndecodableMessage(f"header {ATTEMPT_HEADER}={str(attempt)[:40]!r} is not a positive integer")
     return attempt
-
-
-RUNNING = Started("running")
 
 
 @dataclass
@@ -109,8 +109,7 @@ class JobWorker:
     ) -> None:
         self._model = model
         self._settings = settings
-        # The largest body of recent batches (decaying), which bounds the prefetch by bytes.
-        self._large_body_bytes = 0
+        self._prefetch_bytes = PrefetchBytes(settings.prefetch_max_bytes, LARGE_BODY_DECAY)
         self._topology = settings.topology
         self._schedule = settings.topology.job_retry_schedule(model.name)
         self._wall_clock = wall_clock
@@ -178,9 +177,7 @@ class JobWorker:
         # PREFETCH_MAX_BYTES of the large bodies lately seen (classic queues: a quorum
         # consumer's prefetch is fixed, and its batches alone are bounded by bytes).
         by_count = 2 * (self.batching.max_size if self._topology.replicated else self.batching.size)
-        if self._large_body_bytes <= 0:
-            return by_count
-        return max(1, min(by_count, self._settings.prefetch_max_bytes // self._large_body_bytes))
+        return self._prefetch_bytes.bound(by_count)
 
     async def _consume(self, prefetch: int) -> None:
         replicated = self._topology.replicated
@@ -262,8 +259,7 @@ class JobWorker:
             finally:
                 self._idle.set()
             self.metrics.observe_batch(self._model.name, len(batch.items), batch.filled_s, inference_s)
-            largest = max(len(delivery.body) for delivery in batch.items)
-            self._large_body_bytes = max(largest, int(self._large_body_bytes * LARGE_BODY_DECAY))
+            self._prefetch_bytes.observe(max(_body_bytes(delivery) for delivery in batch.items))
             await self._adapt_batch_size(len(batch.items), inference_s, model_failed)
 
     async def _adapt_batch_size(self, batch_size: int, inference_s: float, failed: bool) -> None:
@@ -328,23 +324,22 @@ class JobWorker:
         if previous is not None:
             await asyncio.shield(previous)
         outcomes: list[Outcome] = [
-            (
-                delivery,
-                [
-                    parked(
-                        delivery.body,
-                        delivery.message_id or "unknown",
-                        delivery.headers,
-                        reason,
-                        self._model.name,
-                        self._topology,
-                    )
-                ],
-            )
+            (delivery, [self._parked_as_is(delivery, reason)])
             for delivery in batch
             if delivery.channel_open and not delivery.settled
         ]
         self._settling = asyncio.create_task(settle(self._broker, outcomes))
+
+    def _parked_as_is(self, delivery: Delivery, reason: str) -> Publish:
+        """The delivery to the parking lot as it came (replayable), with its reason."""
+        return parked(
+            delivery.body,
+            delivery.message_id or "unknown",
+            delivery.headers,
+            reason,
+            self._model.name,
+            self._topology,
+        )
 
     def _decode(self, batch: list[Delivery], now_ms: int) -> tuple[list[_Work], list[Outcome]]:
         """The batch's jobs, prepared; undecodable bodies already have their outcome (parked)."""
@@ -359,15 +354,7 @@ class JobWorker:
                 attempt = attempt_of(delivery.headers)
             except UndecodableMessage as exc:
                 logger.warning("parking undecodable message %s: %s", delivery.message_id, exc)
-                park = parked(
-                    delivery.body,
-                    delivery.message_id or "unknown",
-                    delivery.headers,
-                    str(exc),
-                    self._model.name,
-                    self._topology,
-                )
-                outcomes.append((delivery, [park]))
+                outcomes.append((delivery, [self._parked_as_is(delivery, str(exc))]))
                 continue
             work.append(self._prepare(delivery, job, attempt, now_ms))
         return work, outcomes
