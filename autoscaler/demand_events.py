@@ -12,7 +12,7 @@ import asyncio
 import logging
 
 from autoscaler.loop import LocalAutoscaler
-from contract.broker import Broker, Delivery
+from broker.client import Broker, Delivery
 
 logger = logging.getLogger(__name__)
 

@@ -13,7 +13,7 @@ from urllib.parse import quote, unquote, urlsplit
 
 import httpx
 
-from contract.broker import broker_urls, redact_url
+from broker.client import broker_urls, redact_url
 
 MANAGEMENT_PORT = 15672
 

@@ -17,11 +17,11 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from autoscaler.queue_metrics import management_url_from_amqp
+from broker.client import BrokerError
 from broker_access.access_setup import apply
 from broker_access.management import AccessSetupFailed
 from broker_access.roles import roles
-from contract.broker import BrokerError
-from contract.config import ConfigError, Environment
+from settings.environment import ConfigError, Environment
 
 
 def main(argv: Sequence[str] | None = None) -> int:

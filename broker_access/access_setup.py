@@ -12,10 +12,10 @@ import dataclasses
 from pathlib import Path
 
 from autoscaler.queue_metrics import vhost_from_amqp
+from broker.client import Broker
 from broker_access.management import AccessSetupFailed, ManagementAdmin
 from broker_access.roles import Role, roles
-from contract.broker import Broker
-from contract.topology import Topology
+from wire.topology import Topology
 
 EVERYTHING = ".*"
 

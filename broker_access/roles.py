@@ -11,7 +11,7 @@ Publishing through the default exchange needs write on `amq.default`, which reac
 every queue of the virtual host; so no component publishes there: a model's worker
 sends its outcomes through `job-outcomes.{model}` and the dispatcher its through
 `callback-outcomes`, each bound only to the queues that role may fill (see
-`contract.topology`). What each role may touch:
+`wire.topology`). What each role may touch:
 
 | role | configure | write | read |
 |---|---|---|---|
@@ -30,7 +30,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from contract.topology import Topology
+from wire.topology import Topology
 
 NOTHING = "^$"
 

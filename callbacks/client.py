@@ -38,7 +38,7 @@ from aiohttp.abc import AbstractResolver, ResolveResult
 from yarl import URL
 
 from callbacks.signing import WebhookSigner
-from contract.callback_guard import (
+from policies.callback_guard import (
     AllowList,
     CallbackUrlRejected,
     IPAddress,
@@ -46,7 +46,7 @@ from contract.callback_guard import (
     Resolver,
     check_callback_url,
 )
-from contract.envelope import CallbackDelivery
+from wire.envelope import CallbackDelivery
 
 USER_AGENT = "inferq-callbacks/1"
 RESPONSE_BODY_CAP_BYTES = 64 * 1024

@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 
-from contract.job_records import JobRecords, RecordsUnavailable
+from job_records.store import JobRecords, RecordsUnavailable
 
 logger = logging.getLogger(__name__)
 

@@ -7,7 +7,7 @@ series without bound. Per-host trouble shows in the logs and the breaker's decis
 
 from __future__ import annotations
 
-from contract.metric_series import MetricSink, Series, SeriesTable
+from metrics.series import MetricSink, Series, SeriesTable
 
 ATTEMPT_SECONDS_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
 

@@ -38,17 +38,21 @@ from typing import Any, TypeVar
 
 import msgspec
 
+from broker.client import Broker, BrokerError, Delivery
+from broker.settlement import settle
 from callbacks.client import CallbackClient, DeliveryResult
 from callbacks.delivery_log import DeliveryLog
 from callbacks.delivery_metrics import CALLBACK_SERIES, DeliveryMetrics
 from callbacks.host_slots import HostSlots
 from callbacks.settings import CallbackSettings
 from callbacks.signing import WebhookSigner
-from contract.broker import Broker, BrokerError, Delivery, OutgoingMessage
-from contract.callback_events import callback_host
-from contract.callback_guard import Resolver, SystemResolver
-from contract.circuit_breaker import CircuitBreaker
-from contract.envelope import (
+from job_records.store import JobRecords, RecordsUnavailable
+from metrics.series import PrometheusSink
+from policies.callback_guard import Resolver, SystemResolver
+from policies.circuit_breaker import CircuitBreaker
+from policies.prefetch_bytes import PrefetchBytes
+from wire.callback_events import callback_host
+from wire.envelope import (
     ATTEMPT_HEADER,
     CALLBACK_BATCH_TYPE,
     PARK_REASON_HEADER,
@@ -58,10 +62,7 @@ from contract.envelope import (
     decode_callback_deliveries,
     encode,
 )
-from contract.job_records import JobRecords, RecordsUnavailable
-from contract.metric_series import PrometheusSink
-from contract.prefetch_bytes import PrefetchBytes
-from contract.settlement import Publish, settle
+from wire.outgoing import OutgoingMessage, Publish
 
 logger = logging.getLogger(__name__)
 

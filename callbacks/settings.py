@@ -9,10 +9,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from callbacks.signing import InvalidWebhookSecret, parse_secrets
-from contract.callback_guard import AllowList
-from contract.config import DEFAULT_AMQP_URL, ConfigError, Environment
-from contract.job_records import DEFAULT_RECORD_OUTPUT_MAX_BYTES
-from contract.topology import Topology
+from job_records.store import DEFAULT_RECORD_OUTPUT_MAX_BYTES
+from policies.callback_guard import AllowList
+from settings.environment import DEFAULT_AMQP_URL, ConfigError, Environment
+from wire.topology import Topology
 
 
 @dataclass(frozen=True)
@@ -28,7 +28,7 @@ class CallbackSettings:
     # Deliveries in flight in all and per host; prefetched ones wait in memory for a slot.
     callback_concurrency: int = 256
     callback_host_concurrency: int = 64
-    # Messages; one carries at most 64 events and 64 KiB of them (contract.settlement).
+    # Messages; one carries at most 64 events and 64 KiB of them (broker.settlement).
     callback_prefetch: int = 1024
     # Bytes of messages consumed and unsettled (classic queues), and held for one host.
     callback_prefetch_max_bytes: int = 64 * 1024 * 1024

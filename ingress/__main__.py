@@ -8,9 +8,9 @@ import sys
 
 import uvicorn
 
-from contract.config import ConfigError
 from ingress.app import create_app
 from ingress.settings import IngressSettings
+from settings.environment import ConfigError
 
 
 def main() -> int:

@@ -17,18 +17,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from contract.broker import (
-    Broker,
-    BrokerUnavailable,
-    OutgoingMessage,
-    TopologyMismatch,
-    TopologyMissing,
-    redact_url,
-)
-from contract.callback_guard import CallbackUrlRejected, ResolutionUnavailable, check_callback_url
-from contract.envelope import Job
-from contract.input_schemas import ValidationBudgetExceeded
-from contract.job_message import job_message
+from broker.client import Broker, BrokerUnavailable, TopologyMismatch, TopologyMissing, redact_url
 from ingress.auth import authenticate
 from ingress.inflight_bytes import InflightFull
 from ingress.job_routes import cancel_job, get_job
@@ -45,6 +34,11 @@ from ingress.request_body import (
 from ingress.request_headers import idempotency_key, preferred_wait_s, request_fingerprint
 from ingress.settings import IngressSettings
 from ingress.state import IngressState, ingress_state
+from model_catalogue.input_schemas import ValidationBudgetExceeded
+from policies.callback_guard import CallbackUrlRejected, ResolutionUnavailable, check_callback_url
+from wire.envelope import Job
+from wire.job_message import job_message
+from wire.outgoing import OutgoingMessage
 
 logger = logging.getLogger(__name__)
 

@@ -15,7 +15,7 @@ import logging
 import time
 from collections.abc import Callable
 
-from contract.broker import Broker, BrokerError
+from broker.client import Broker, BrokerError
 
 logger = logging.getLogger(__name__)
 

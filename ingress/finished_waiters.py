@@ -16,7 +16,7 @@ import contextlib
 import logging
 from collections.abc import AsyncIterator
 
-from contract.job_records import JobRecords, RecordsUnavailable
+from job_records.store import JobRecords, RecordsUnavailable
 
 logger = logging.getLogger(__name__)
 

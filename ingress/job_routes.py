@@ -21,14 +21,14 @@ import msgspec
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from contract.broker import BrokerError
-from contract.callback_events import canceled_callback
-from contract.envelope import Job
-from contract.job_records import JobRecord, RecordsUnavailable
+from broker.client import BrokerError
 from ingress.auth import authenticate
 from ingress.job_view import job_view
 from ingress.problems import Problem
 from ingress.state import IngressState, ingress_state
+from job_records.store import JobRecord, RecordsUnavailable
+from wire.callback_events import canceled_callback
+from wire.envelope import Job
 
 logger = logging.getLogger(__name__)
 

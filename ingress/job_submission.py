@@ -30,21 +30,16 @@ from typing import Any
 import msgspec
 from starlette.responses import JSONResponse, Response
 
-from contract.broker import (
-    BrokerError,
-    BrokerUnavailable,
-    OutgoingMessage,
-    PublishRejected,
-    PublishUncertain,
-)
-from contract.envelope import Job, decode_job
-from contract.job_message import job_message
-from contract.job_records import KeyClaim, Placement, RecordsUnavailable
+from broker.client import BrokerError, BrokerUnavailable, PublishRejected, PublishUncertain
 from ingress.admission import QueueFull
 from ingress.inflight_bytes import Reservation
 from ingress.job_view import job_view, placement_view
 from ingress.problems import Problem
 from ingress.state import IngressState
+from job_records.store import KeyClaim, Placement, RecordsUnavailable
+from wire.envelope import Job, decode_job
+from wire.job_message import job_message
+from wire.outgoing import OutgoingMessage
 
 logger = logging.getLogger(__name__)
 

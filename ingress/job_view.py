@@ -3,7 +3,7 @@
 Times are RFC 3339 in UTC; `output` appears once the job succeeded (null, with
 `output_omitted`, when it was too large to keep in the record), `error` once it
 failed, expired or was canceled; `queue_position` and `eta_s` only while it is queued
-(both rough: see `contract.job_records`); `callback` is null for a job without one.
+(both rough: see `job_records.store`); `callback` is null for a job without one.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any
 
-from contract.job_records import JobRecord, Placement
+from job_records.store import JobRecord, Placement
 
 
 def _time(ms: int | None) -> str | None:

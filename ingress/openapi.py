@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from contract.model_catalogue import Catalogue
+from model_catalogue.catalogue import Catalogue
 
 _PROBLEM = {"$ref": "#/components/schemas/Problem"}
 _RECORD = {"$ref": "#/components/schemas/JobRecord"}

@@ -21,8 +21,8 @@ from collections import OrderedDict
 
 import msgspec
 
-from contract.envelope import Job
-from contract.job_records import JobRecords, RecordsUnavailable
+from job_records.store import JobRecords, RecordsUnavailable
+from wire.envelope import Job
 
 logger = logging.getLogger(__name__)
 

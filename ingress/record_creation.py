@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import asyncio
 
-from contract.envelope import Job
-from contract.job_records import JobRecords, Placement, RecordsUnavailable
+from job_records.store import JobRecords, Placement, RecordsUnavailable
+from wire.envelope import Job
 
 
 class RecordCreation:

@@ -15,9 +15,9 @@ from typing import Annotated, Any
 import msgspec
 from starlette.requests import Request
 
-from contract.envelope import Priority
 from ingress.json_budget import JsonBudget
 from ingress.problems import Problem
+from wire.envelope import Priority
 
 # ASCII digits, at most 18 (int() refuses '²', which str.isdigit() takes, and over 4,300 digits).
 _DIGITS = re.compile(r"[0-9]{1,18}")

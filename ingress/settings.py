@@ -6,12 +6,12 @@ import ipaddress
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from contract.callback_guard import AllowList
-from contract.config import DEFAULT_AMQP_URL, ConfigError, Environment
-from contract.job_records import DEFAULT_RECORD_OUTPUT_MAX_BYTES
-from contract.model_catalogue import DEFAULT_CATALOGUE
-from contract.topology import Topology
 from ingress.json_budget import JsonBudget
+from job_records.store import DEFAULT_RECORD_OUTPUT_MAX_BYTES
+from model_catalogue.catalogue import DEFAULT_CATALOGUE
+from policies.callback_guard import AllowList
+from settings.environment import DEFAULT_AMQP_URL, ConfigError, Environment
+from wire.topology import Topology
 
 
 @dataclass(frozen=True)

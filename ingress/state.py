@@ -7,11 +7,7 @@ from pathlib import Path
 
 from starlette.requests import Request
 
-from contract.broker import Broker
-from contract.callback_guard import SystemResolver
-from contract.input_schemas import InputSchemas
-from contract.job_records import JobRecords
-from contract.model_catalogue import load_catalogue
+from broker.client import Broker
 from ingress.admission import Admission
 from ingress.demand import DemandAnnouncer
 from ingress.finished_waiters import FinishedWaiters
@@ -21,6 +17,10 @@ from ingress.pending_records import PendingRecords
 from ingress.problems import Problem
 from ingress.record_creation import RecordCreation
 from ingress.settings import IngressSettings
+from job_records.store import JobRecords
+from model_catalogue.catalogue import load_catalogue
+from model_catalogue.input_schemas import InputSchemas
+from policies.callback_guard import SystemResolver
 
 # Large bodies decoded at once (in worker threads): about the cores an ingress has.
 LARGE_DECODES_AT_ONCE = 2

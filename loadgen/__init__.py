@@ -1,1 +1,1 @@
-"""Clients of the platform: the demo, the callback receiver, load generation."""
+"""Clients of the platform: the demo, the callback receivers, open-loop load generation."""

@@ -18,10 +18,10 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from contract.envelope import Priority
-from loadgen.bench_support import percentile
+from loadgen.measurement import percentile
 from loadgen.profiles import Profile
 from loadgen.receiver_process import ReceivedRecord
+from wire.envelope import Priority
 
 PRIORITIES: tuple[Priority, ...] = ("high", "normal", "low")
 

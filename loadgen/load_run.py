@@ -29,13 +29,13 @@ import uvloop
 
 from autoscaler.queue_metrics import ManagementApi, QueueMetricUnavailable, management_url_from_amqp
 from callbacks.signing import generate_secret
-from contract.config import DEFAULT_AMQP_URL, Environment
-from contract.topology import Topology
-from loadgen.bench_support import bench_stack_env, delete_bench_topology
 from loadgen.load_report import JobRecord, RunRecord, Sample, write_report
+from loadgen.measurement import bench_stack_env, delete_bench_topology
 from loadgen.profiles import Arrival, InvalidProfile, Profile, load_profile
 from loadgen.receiver_process import ReceiverProcess
 from loadgen.stack_process import StackProcess
+from settings.environment import DEFAULT_AMQP_URL, Environment
+from wire.topology import Topology
 
 SAMPLE_INTERVAL_S = 1.0
 CONNECTIONS = 256

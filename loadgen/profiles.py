@@ -23,7 +23,7 @@ from typing import Any, Literal
 
 import yaml
 
-from contract.envelope import Priority
+from wire.envelope import Priority
 
 Arrivals = Literal["poisson", "fixed"]
 

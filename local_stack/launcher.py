@@ -33,14 +33,13 @@ from autoscaler.scaling_policy import (
     load_policies,
     policy_from_scaled_object,
 )
+from broker.client import Broker, BrokerError
 from callbacks.settings import CallbackSettings
 from callbacks.signing import generate_secret
-from contract.broker import Broker, BrokerError
-from contract.config import ConfigError, Environment
-from contract.model_catalogue import CatalogueError, load_catalogue, model_class
 from local_stack.gpu_placement import GpuPlacement, gpu_placement
 from local_stack.local_services import BrokerNotAvailable, ensure_broker, ensure_management_api, ensure_redis
 from manifests.scaled_objects import scaled_object
+from model_catalogue.catalogue import CatalogueError, load_catalogue, model_class
 from ray_workers.deployment import (
     gpus_on_this_node,
     run_callback_dispatcher,
@@ -49,6 +48,7 @@ from ray_workers.deployment import (
     stop_ray_and_serve,
 )
 from ray_workers.settings import WorkerSettings
+from settings.environment import ConfigError, Environment
 
 logger = logging.getLogger(__name__)
 

@@ -15,7 +15,7 @@ import subprocess
 import time
 from urllib.parse import urlsplit
 
-from contract.broker import broker_urls, redact_url
+from broker.client import broker_urls, redact_url
 
 START_TIMEOUT_S = 60.0
 LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")

@@ -7,8 +7,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from contract.model_catalogue import DEFAULT_CATALOGUE, CatalogueError, load_catalogue
 from manifests.rendering import drifted, write
+from model_catalogue.catalogue import DEFAULT_CATALOGUE, CatalogueError, load_catalogue
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -2,9 +2,10 @@
 offline, as a cluster would and as our rules require.
 
 - Core kinds validate with kubernetes-validate, strict, at KUBERNETES_VERSION.
-- Custom resources validate against the upstream CRDs (../shared/schemas, or
-  KEDA_CRD_DIR / RABBITMQ_CRD_DIR): kubernetes-validate passes an unknown kind
-  silently, so a kind with no CRD here is itself a violation.
+- Custom resources validate against the upstream CRDs at their pinned commits
+  (`manifests.upstream_crds`: a variable's folder, ../shared/schemas, or the cache,
+  fetched when missing): kubernetes-validate passes an unknown kind silently, so a kind
+  with no CRD here is itself a violation.
 - The rules (`POLICIES`): pinned images pulled IfNotPresent, no `replicas` on a
   Deployment KEDA scales, every scale target and TriggerAuthentication present,
   hardened pods (non-root, seccomp RuntimeDefault, no service-account token) and
@@ -28,7 +29,6 @@ from __future__ import annotations
 import argparse
 import functools
 import json
-import os
 import re
 import shutil
 import subprocess
@@ -42,23 +42,14 @@ import jsonschema
 import kubernetes_validate
 import yaml
 
-from contract.config import Environment
+from manifests import upstream_crds
 from manifests.monitoring_verify import MONITORING, monitoring_violations
 from manifests.worker_deployments import BROKER_ROLE_LABEL, RECORDS_CLIENT_LABEL, REDIS_SECRET
+from settings.environment import Environment
 
 ROOT = Path(__file__).resolve().parent.parent
 OVERLAYS = {"kind": ROOT / "cluster" / "overlays" / "kind", "gke": ROOT / "cluster" / "overlays" / "gke"}
 KUBERNETES_VERSION = "1.30"
-SCHEMAS = ROOT.parent / "shared" / "schemas"
-CRD_FILES = {
-    ("keda.sh", "ScaledObject"): ("KEDA_CRD_DIR", "keda", "keda.sh_scaledobjects.yaml"),
-    ("keda.sh", "TriggerAuthentication"): ("KEDA_CRD_DIR", "keda", "keda.sh_triggerauthentications.yaml"),
-    ("rabbitmq.com", "RabbitmqCluster"): (
-        "RABBITMQ_CRD_DIR",
-        "rabbitmq",
-        "rabbitmq.com_rabbitmqclusters.yaml",
-    ),
-}
 WORKLOADS = ("Deployment", "StatefulSet")
 ADMIN_SECRETS = ("inferq-broker-admin", "inferq-broker-users", "rabbitmq-default-user")
 
@@ -129,14 +120,7 @@ def schema_violations(docs: list[Manifest]) -> Iterator[tuple[str, str]]:
             continue
         validator = _crd_validator(group, doc["kind"], doc["apiVersion"].split("/")[1])
         if validator is None:
-            yield (
-                _name(doc),
-                (
-                    f"no CRD for {doc['apiVersion']} {doc['kind']} to validate it against "
-                    f"(known: {sorted(kind for _group, kind in CRD_FILES)}, read from {SCHEMAS} "
-                    "or KEDA_CRD_DIR / RABBITMQ_CRD_DIR)"
-                ),
-            )
+            yield _name(doc), _no_crd(group, doc["kind"], doc["apiVersion"])
             continue
         error = jsonschema.exceptions.best_match(validator.iter_errors(doc))
         if error is not None:
@@ -153,26 +137,24 @@ def _core_problem(doc_json: str) -> str | None:
     return None
 
 
-def _crd_path(group: str, kind: str) -> Path | None:
-    """Where the CRD of (group, kind) is read from: ../shared/schemas or its variable."""
-    where = CRD_FILES.get((group, kind))
-    if where is None:
-        return None
-    variable, folder, filename = where
-    return Path(os.environ.get(variable, SCHEMAS / folder)) / filename
-
-
-def missing_crds() -> list[str]:
-    """The CRD files this checkout cannot find (then their kinds cannot be verified)."""
-    paths = [_crd_path(group, kind) for group, kind in CRD_FILES]
-    return [str(path) for path in paths if path is not None and not path.exists()]
+def _no_crd(group: str, kind: str, api_version: str) -> str:
+    crd = upstream_crds.crd_for(group, kind)
+    if crd is None:
+        known = sorted(crd.kind for crd in upstream_crds.CRDS)
+        return f"no CRD for {api_version} {kind} to validate it against (known: {known})"
+    looked = ", ".join(str(path) for path in upstream_crds.candidates(crd))
+    return (
+        f"the CRD of {kind} was not found (looked in {looked}): run `task crds` where there is "
+        f"a network, or set {crd.variable} to a folder of the upstream CRD files"
+    )
 
 
 @functools.lru_cache(maxsize=16)
 def _crd_validator(group: str, kind: str, version: str) -> jsonschema.protocols.Validator | None:
     """The CRD's schema for `version`, compiled once (the files are large)."""
-    path = _crd_path(group, kind)
-    if path is None or not path.exists():
+    crd = upstream_crds.crd_for(group, kind)
+    path = upstream_crds.locate(crd) if crd is not None else None
+    if path is None:
         return None
     crd = yaml.load(path.read_text(), Loader=yaml.CSafeLoader)
     for served in crd["spec"]["versions"]:
@@ -392,6 +374,8 @@ def main() -> int:
     unknown = [name for name in args.overlays if name not in OVERLAYS]
     if unknown:
         parser.error(f"unknown overlay(s) {unknown}; expected some of {list(OVERLAYS)}")
+    for problem in upstream_crds.fetch_missing():
+        print(f"CRD: {problem}", file=sys.stderr)
     found: list[Violation] = []
     try:
         monitoring = render(MONITORING)

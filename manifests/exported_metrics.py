@@ -9,8 +9,8 @@ import re
 from collections.abc import Iterable
 
 from callbacks.delivery_metrics import CALLBACK_SERIES
-from contract.metric_series import SeriesTable
 from ingress.metrics import IngressMetrics
+from metrics.series import SeriesTable
 from ray_workers.worker_metrics import SERIES
 
 # Exported by other systems the cluster runs.

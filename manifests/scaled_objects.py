@@ -18,8 +18,8 @@ from typing import Any
 
 import yaml
 
-from contract.model_catalogue import ModelEntry
-from contract.topology import Topology
+from model_catalogue.catalogue import ModelEntry
+from wire.topology import Topology
 
 NAMESPACE = "inferq"
 # The broker's virtual host for the platform, where each component has its own user

@@ -16,8 +16,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from contract.model_catalogue import ModelEntry
 from manifests.scaled_objects import NAMESPACE, worker_name
+from model_catalogue.catalogue import ModelEntry
 
 IMAGE, CUDA_IMAGE = "inferq", "inferq-cuda"
 ACCELERATOR_LABEL = "inferq.dev/accelerator"

@@ -8,10 +8,10 @@ import os
 import sys
 from collections.abc import Sequence
 
-from contract.broker import Broker, BrokerError
-from contract.config import ConfigError, Environment
-from contract.job_records import JobRecords, RecordsUnavailable
+from broker.client import Broker, BrokerError
+from job_records.store import JobRecords, RecordsUnavailable
 from parking_lot.lots import ParkingLot, ReplayStopped, inspect, replay
+from settings.environment import ConfigError, Environment
 
 
 async def _main(args: argparse.Namespace) -> int:

@@ -23,17 +23,18 @@ from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from contract.broker import Broker, Delivery, OutgoingMessage
-from contract.envelope import (
+from broker.client import Broker, Delivery
+from broker.settlement import settle
+from job_records.store import JobRecords
+from wire.envelope import (
     ATTEMPT_HEADER,
     PARK_REASON_HEADER,
     UndecodableMessage,
     decode_job,
 )
-from contract.job_message import job_message
-from contract.job_records import JobRecords
-from contract.settlement import Publish, settle
-from contract.topology import Topology
+from wire.job_message import job_message
+from wire.outgoing import OutgoingMessage, Publish
+from wire.topology import Topology
 
 REPLAYED_HEADER = "x-replayed"
 

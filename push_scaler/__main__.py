@@ -13,10 +13,10 @@ import os
 import signal
 import sys
 
-from contract.broker import Broker, BrokerUnavailable, Delivery, redact_url
-from contract.config import ConfigError, Environment
+from broker.client import Broker, BrokerUnavailable, Delivery, redact_url
 from push_scaler.demand_window import DemandWindow
 from push_scaler.scaler_service import DemandScaler, serve
+from settings.environment import ConfigError, Environment
 
 logger = logging.getLogger("push_scaler")
 

@@ -23,7 +23,7 @@ from starlette.requests import Request
 from callbacks.delivery_metrics import CALLBACK_SERIES, DeliveryMetrics
 from callbacks.dispatcher import CallbackDispatcher
 from callbacks.settings import CallbackSettings
-from contract.metric_series import SeriesTable
+from metrics.series import SeriesTable
 from ray_workers.job_worker import JobWorker
 from ray_workers.models.registry import load_model
 from ray_workers.settings import WorkerSettings
@@ -39,7 +39,7 @@ class ReplicaUnhealthy(Exception):
 
 
 class RaySink:
-    """A table of series (`contract.metric_series`) through Ray's metrics API: Ray exports
+    """A table of series (`metrics.series`) through Ray's metrics API: Ray exports
     them, in Prometheus format, on the node's metrics port (`WORKER_METRICS_PORT`), named
     `ray_<name>` (`ray_inferq_worker_*`, `ray_inferq_callbacks_*`)."""
 

@@ -15,7 +15,7 @@ model time and whether prefetched work is waiting, and sets the next size and wa
 the consumer's prefetch follows at twice the size.
 
 At a backlog the model does not wait on the broker: a batch's outcomes are settled
-(`contract.settlement`: pipelined publishes, one confirm wait, then one `basic.ack
+(`broker.settlement`: pipelined publishes, one confirm wait, then one `basic.ack
 multiple` where the tags allow it) while the next batch already runs; at most one batch
 settles at a time. The batch's callback events for one host go out as one message
 (`combine_callbacks`), after the retries and parked jobs, so each job is still acked
@@ -37,14 +37,12 @@ from typing import Any, cast
 
 import msgspec
 
-from contract.broker import Broker, BrokerError, Delivery
-from contract.callback_events import callback_for, canceled_callback, carrying_job, combine_callbacks
-from contract.circuit_breaker import BreakerState, CircuitBreaker
-from contract.envelope import ATTEMPT_HEADER, Job, JobStatus, JobTimings, UndecodableMessage, decode_job
-from contract.job_records import JobRecords, RecordsUnavailable, Started
-from contract.metric_series import PrometheusSink
-from contract.prefetch_bytes import PrefetchBytes
-from contract.settlement import Outcome, Publish, Settled, settle
+from broker.client import Broker, BrokerError, Delivery
+from broker.settlement import Outcome, Settled, settle
+from job_records.store import JobRecords, RecordsUnavailable, Started
+from metrics.series import PrometheusSink
+from policies.circuit_breaker import BreakerState, CircuitBreaker
+from policies.prefetch_bytes import PrefetchBytes
 from ray_workers.batch_controller import AdaptiveBatchController, FixedBatchSize
 from ray_workers.batching import collect_batch
 from ray_workers.models.base import InvalidInput, Model, ModelError
@@ -52,6 +50,9 @@ from ray_workers.outcomes import parked, retry_for
 from ray_workers.priority_inbox import PriorityInbox
 from ray_workers.settings import WorkerSettings
 from ray_workers.worker_metrics import SERIES, WorkerMetrics
+from wire.callback_events import callback_for, canceled_callback, carrying_job, combine_callbacks
+from wire.envelope import ATTEMPT_HEADER, Job, JobStatus, JobTimings, UndecodableMessage, decode_job
+from wire.outgoing import Publish
 
 logger = logging.getLogger(__name__)
 

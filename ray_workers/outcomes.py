@@ -7,7 +7,7 @@
                               and callback job.failed
     undecodable body       -> the body to the parking lot (nobody to call back)
 
-The callback itself is built by `contract.callback_events`.
+The callback itself is built by `wire.callback_events`.
 
 Pure: builds messages, publishes nothing, so every branch is tested without a broker.
 """
@@ -18,11 +18,10 @@ import json
 from collections.abc import Mapping
 from typing import Any
 
-from contract.broker import OutgoingMessage
-from contract.envelope import ATTEMPT_HEADER, HISTORY_HEADER, PARK_REASON_HEADER, Job
-from contract.job_message import job_message
-from contract.settlement import Publish
-from contract.topology import Topology
+from wire.envelope import ATTEMPT_HEADER, HISTORY_HEADER, PARK_REASON_HEADER, Job
+from wire.job_message import job_message
+from wire.outgoing import OutgoingMessage, Publish
+from wire.topology import Topology
 
 
 def history_with(headers: Mapping[str, Any], attempt: int, error: str, now_ms: int) -> str:

@@ -18,9 +18,9 @@ import sys
 import threading
 
 from callbacks.settings import CallbackSettings
-from contract.config import ConfigError, Environment
 from ray_workers.pod_health import PodHealth
 from ray_workers.settings import WorkerSettings
+from settings.environment import ConfigError, Environment
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -5,7 +5,7 @@ out: jobs prefetched by a replica wait in the order they came. On the quorum top
 each priority is a queue of its own with its own consumer, so a replica holds jobs of
 all three at once. Either way the next batch must take a waiting high-priority job
 before any lower one, so the inbox orders by the job's AMQP priority (set from its
-`priority` on every copy, `contract.job_message`), first come first served within a
+`priority` on every copy, `wire.job_message`), first come first served within a
 level. An `asyncio.Queue`, so `collect_batch` fills from it unchanged.
 """
 
@@ -15,7 +15,7 @@ import asyncio
 import heapq
 import itertools
 
-from contract.broker import Delivery
+from broker.client import Delivery
 
 
 class PriorityInbox(asyncio.Queue[Delivery]):

@@ -7,11 +7,11 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from contract.config import DEFAULT_AMQP_URL, Environment
-from contract.job_records import DEFAULT_RECORD_OUTPUT_MAX_BYTES
-from contract.model_catalogue import DEFAULT_CATALOGUE
-from contract.model_sections import Batching
-from contract.topology import Topology
+from job_records.store import DEFAULT_RECORD_OUTPUT_MAX_BYTES
+from model_catalogue.catalogue import DEFAULT_CATALOGUE
+from model_catalogue.sections import Batching
+from settings.environment import DEFAULT_AMQP_URL, Environment
+from wire.topology import Topology
 
 
 @dataclass(frozen=True)

@@ -1,12 +1,12 @@
 """What a worker reports: batches, the controller's decisions, outcomes, the breaker.
 
 The series are declared once, in `SERIES`; `WorkerMetrics` is what the job loop calls,
-and it records into a `MetricSink` (`contract.metric_series`).
+and it records into a `MetricSink` (`metrics.series`).
 """
 
 from __future__ import annotations
 
-from contract.metric_series import MetricSink, Series, SeriesTable
+from metrics.series import MetricSink, Series, SeriesTable
 
 BATCH_SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 SECONDS_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5)

@@ -8,7 +8,7 @@ import os
 import shutil
 import socket
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -18,15 +18,10 @@ import httpx
 import pytest
 import redis.asyncio
 
+from broker.client import Broker
 from callbacks.dispatcher import CallbackDispatcher
 from callbacks.settings import CallbackSettings
 from callbacks.signing import generate_secret
-from contract.broker import Broker
-from contract.callback_guard import AllowList
-from contract.config import DEFAULT_AMQP_URL
-from contract.envelope import CallbackDelivery, decode_callback_deliveries
-from contract.retry_tiers import RetrySchedule
-from contract.topology import QueueType, Topology
 from ingress.app import create_app
 from ingress.settings import IngressSettings
 from loadgen.callback_receiver import CallbackReceiver
@@ -34,10 +29,15 @@ from local_stack.ha_cluster import NODES as HA_NODES
 from local_stack.ha_cluster import HaNode, wait_until_running
 from local_stack.ha_cluster import down as ha_down
 from local_stack.ha_cluster import up as ha_up
-from manifests.cluster_verify import missing_crds
+from manifests import upstream_crds
+from policies.callback_guard import AllowList
 from ray_workers.job_worker import JobWorker
 from ray_workers.models.base import Model
 from ray_workers.settings import WorkerSettings
+from settings.environment import DEFAULT_AMQP_URL
+from wire.envelope import CallbackDelivery, decode_callback_deliveries
+from wire.retry_tiers import RetrySchedule
+from wire.topology import QueueType, Topology
 
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 TEST_MODELS = ("echo", "synthetic")
@@ -303,12 +303,24 @@ async def drain_queue(amqp_url: str, queue: str) -> list[aio_pika.abc.AbstractIn
     return messages
 
 
-def require_upstream_crds() -> None:
-    """Skip where the upstream KEDA and RabbitMQ CRDs cannot be found; fail under CI,
-    where ../shared/schemas is always present."""
-    missing = missing_crds()
-    if missing:
-        message = f"upstream CRDs not found: {missing}; set KEDA_CRD_DIR / RABBITMQ_CRD_DIR"
-        if os.environ.get("CI"):
-            pytest.fail(message)
-        pytest.skip(message)
+def require_upstream_crds(
+    env: Mapping[str, str] = os.environ,
+    shared: Path = upstream_crds.SHARED_SCHEMAS,
+    fetch: Callable[[], Sequence[str]] = upstream_crds.fetch_missing_once,
+) -> None:
+    """Go on once every pinned upstream CRD is found (fetched into the cache if need be);
+    otherwise skip, saying why, or under CI (which points KEDA_CRD_DIR and RABBITMQ_CRD_DIR
+    at ../shared/schemas) fail: the same verdict for every CRD-dependent test."""
+    if not upstream_crds.missing(env, shared):
+        return
+    problems = list(fetch())
+    still = upstream_crds.missing(env, shared)
+    if not still:
+        return
+    message = (
+        f"upstream CRDs not found: {[crd.filename for crd in still]} ({'; '.join(problems)}); "
+        "run `task crds` where there is a network, or set KEDA_CRD_DIR / RABBITMQ_CRD_DIR"
+    )
+    if env.get("CI"):
+        pytest.fail(message)
+    pytest.skip(message)

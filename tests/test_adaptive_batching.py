@@ -7,14 +7,14 @@ import time
 import uuid
 from dataclasses import replace
 
-from contract.broker import Broker
-from contract.envelope import Job
-from contract.job_message import job_message
-from contract.model_sections import Batching
+from broker.client import Broker
+from model_catalogue.sections import Batching
 from ray_workers.job_worker import JobWorker
 from ray_workers.settings import WorkerSettings
 from tests.conftest import callbacks_in, drain_queue, running_worker, wait_until
 from tests.models import LinearLatencyModel, ShortChangingModel
+from wire.envelope import Job
+from wire.job_message import job_message
 
 
 async def _publish_jobs(settings: WorkerSettings, count: int) -> set[str]:

@@ -20,12 +20,12 @@ import httpx
 import pytest
 import yaml
 
-from contract.topology import Topology
 from loadgen.callback_receiver import CallbackReceiver
 from loadgen.stack_process import StackProcess
 from tests.conftest import wait_until
+from wire.topology import Topology
 
-pytestmark = pytest.mark.stack
+pytestmark = [pytest.mark.stack, pytest.mark.slow]
 
 ROOT = Path(__file__).resolve().parent.parent
 POLLING_S, COOLDOWN_S, VALUE, ECHO_ACTIVATION, MAX_REPLICAS = 1, 8, 4, 2, 3

@@ -5,14 +5,14 @@ from __future__ import annotations
 
 import pytest
 
-from loadgen.bench_profile import function_of, summarise
+from bench.python_profile import function_of, summarise
 
 MAIN = "<module> (ingress/__main__.py:36)"
 RAW = "\n".join(
     [
         f"{MAIN};submit_job (ingress/app.py:105);_publish (ingress/job_submission.py:183);"
         "StreamWriter.write (asyncio/streams.py:343) 6",
-        f"{MAIN};submit_job (ingress/app.py:76);check_callback_url (contract/callback_guard.py:210) 2",
+        f"{MAIN};submit_job (ingress/app.py:76);check_callback_url (policies/callback_guard.py:210) 2",
         f"{MAIN};Connection.__writer (aiormq/connection.py:834);StreamWriter.write (asyncio/streams.py:3) 2",
     ]
 )
@@ -42,20 +42,18 @@ def test_given_raw_stacks_then_own_code_is_ranked_inclusive_and_any_code_by_self
     assert profile.own_inclusive == [
         ("submit_job (ingress/app.py)", 0.8),
         ("_publish (ingress/job_submission.py)", 0.6),
-        ("check_callback_url (contract/callback_guard.py)", 0.2),
+        ("check_callback_url (policies/callback_guard.py)", 0.2),
     ]
     assert profile.self_share == [
         ("StreamWriter.write (asyncio/streams.py)", 0.8),
-        ("check_callback_url (contract/callback_guard.py)", 0.2),
+        ("check_callback_url (policies/callback_guard.py)", 0.2),
     ]
 
 
 def test_a_recursive_function_counts_once_per_sample() -> None:
-    profile = summarise(
-        "f (contract/a.py:1);f (contract/a.py:2);f (contract/a.py:3) 4\ng (contract/b.py:9) 4\n"
-    )
+    profile = summarise("f (wire/a.py:1);f (wire/a.py:2);f (wire/a.py:3) 4\ng (wire/b.py:9) 4\n")
 
-    assert profile.own_inclusive == [("f (contract/a.py)", 0.5), ("g (contract/b.py)", 0.5)]
+    assert profile.own_inclusive == [("f (wire/a.py)", 0.5), ("g (wire/b.py)", 0.5)]
 
 
 def test_top_n_cuts_both_lists_and_an_empty_profile_has_no_shares() -> None:

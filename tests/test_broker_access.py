@@ -23,13 +23,12 @@ import httpx
 import pytest
 
 from autoscaler.queue_metrics import management_url_from_amqp
+from broker.client import Broker, TopologyMissing
 from broker_access.__main__ import main
 from broker_access.access_setup import apply, read_passwords
 from broker_access.management import AccessSetupFailed
 from broker_access.roles import roles
 from callbacks.dispatcher import CallbackDispatcher
-from contract.broker import Broker, TopologyMissing
-from contract.topology import Topology
 from loadgen.callback_receiver import CallbackReceiver
 from ray_workers.models.echo import EchoModel
 from ray_workers.models.synthetic import SyntheticModel
@@ -46,6 +45,7 @@ from tests.conftest import (
     wait_until,
     worker_settings_for,
 )
+from wire.topology import Topology
 
 TOPOLOGY = Topology(prefix="p.", job_retries=TEST_JOB_RETRIES, callback_retries=TEST_CALLBACK_RETRIES)
 

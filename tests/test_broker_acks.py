@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import asyncio
 
-from contract.broker import Broker, Delivery, OutgoingMessage, ack_all
+from broker.client import Broker, Delivery, ack_all
 from tests.conftest import wait_until
+from wire.outgoing import OutgoingMessage
 
 
 async def _consume_five(broker: Broker, queue: str) -> tuple[str, list[Delivery]]:

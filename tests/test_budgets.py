@@ -15,11 +15,11 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from contract.input_schemas import InputSchemas, ValidationBudgetExceeded
-from contract.model_catalogue import Catalogue, ModelEntry
 from ingress.inflight_bytes import InflightBytes, InflightFull
 from ingress.json_budget import JsonBudget
 from ingress.settings import IngressSettings
+from model_catalogue.catalogue import Catalogue, ModelEntry
+from model_catalogue.input_schemas import InputSchemas, ValidationBudgetExceeded
 from tests.conftest import TEST_MODELS, drain_queue, queue_holds, running_ingress, wait_until
 
 MIB = 1024 * 1024

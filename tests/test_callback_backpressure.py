@@ -8,13 +8,13 @@ import time
 import uuid
 from dataclasses import replace
 
+from broker.client import Broker
 from callbacks.dispatcher import CallbackDispatcher
 from callbacks.settings import CallbackSettings
-from contract.broker import Broker
-from contract.callback_events import callback_for
-from contract.envelope import PARK_REASON_HEADER, Job, JobTimings
 from loadgen.callback_receiver import CallbackReceiver, ReceivedCallback
 from tests.conftest import wait_until
+from wire.callback_events import callback_for
+from wire.envelope import PARK_REASON_HEADER, Job, JobTimings
 
 
 async def _queue_callbacks(broker: Broker, url: str, count: int) -> set[str]:

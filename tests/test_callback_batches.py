@@ -14,11 +14,17 @@ from dataclasses import replace
 
 import aio_pika.abc
 
+from broker.client import Broker, Delivery
+from broker.settlement import settle
 from callbacks.dispatcher import CallbackDispatcher
 from callbacks.settings import CallbackSettings
-from contract.broker import Broker, Delivery, OutgoingMessage
-from contract.callback_events import callback_for, callback_host, combine_callbacks
-from contract.envelope import (
+from loadgen.callback_receiver import CallbackReceiver
+from model_catalogue.sections import Batching
+from ray_workers.models.echo import EchoModel
+from ray_workers.settings import WorkerSettings
+from tests.conftest import callbacks_in, drain_queue, running_worker, wait_until
+from wire.callback_events import callback_for, callback_host, combine_callbacks
+from wire.envelope import (
     ATTEMPT_HEADER,
     CALLBACK_BATCH_TYPE,
     PARK_REASON_HEADER,
@@ -26,13 +32,8 @@ from contract.envelope import (
     JobTimings,
     decode_callback_delivery,
 )
-from contract.job_message import job_message
-from contract.model_sections import Batching
-from contract.settlement import Publish, settle
-from loadgen.callback_receiver import CallbackReceiver
-from ray_workers.models.echo import EchoModel
-from ray_workers.settings import WorkerSettings
-from tests.conftest import callbacks_in, drain_queue, running_worker, wait_until
+from wire.job_message import job_message
+from wire.outgoing import OutgoingMessage, Publish
 
 TIMINGS = JobTimings(queued_ms=0, inference_ms=0, batch_size=1)
 

@@ -13,17 +13,17 @@ from dataclasses import replace
 
 from aiohttp import web
 
+from broker.client import Broker
 from callbacks.client import CallbackClient, DeliveryResult
 from callbacks.dispatcher import CallbackDispatcher
 from callbacks.settings import CallbackSettings
 from callbacks.signing import WebhookSigner, generate_secret
-from contract.broker import Broker
-from contract.callback_events import callback_for
-from contract.callback_guard import AllowList, IPAddress, Resolver
-from contract.envelope import PARK_REASON_HEADER, CallbackDelivery, Job, JobTimings, decode_callback_delivery
-from contract.settlement import Publish
-from contract.topology import Topology
+from policies.callback_guard import AllowList, IPAddress, Resolver
 from tests.conftest import wait_until
+from wire.callback_events import callback_for
+from wire.envelope import PARK_REASON_HEADER, CallbackDelivery, Job, JobTimings, decode_callback_delivery
+from wire.outgoing import Publish
+from wire.topology import Topology
 
 StreamHandler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
 

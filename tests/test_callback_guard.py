@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from contract.callback_guard import (
+from policies.callback_guard import (
     AllowList,
     CallbackUrlRejected,
     IPAddress,

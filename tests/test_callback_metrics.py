@@ -7,15 +7,15 @@ from __future__ import annotations
 import time
 import uuid
 
+from broker.client import Broker
 from callbacks.delivery_metrics import CALLBACK_SERIES, DeliveryMetrics
 from callbacks.dispatcher import CallbackDispatcher
 from callbacks.settings import CallbackSettings
-from contract.broker import Broker
-from contract.callback_events import callback_for
-from contract.envelope import Job, JobTimings
-from contract.metric_series import PrometheusSink
 from loadgen.callback_receiver import CallbackReceiver
+from metrics.series import PrometheusSink
 from tests.conftest import wait_until
+from wire.callback_events import callback_for
+from wire.envelope import Job, JobTimings
 
 
 async def test_each_attempt_is_counted_by_outcome_and_timed_and_parking_is_counted(

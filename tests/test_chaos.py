@@ -21,20 +21,22 @@ from urllib.parse import urlsplit
 import httpx
 import pytest
 
+from broker.client import Broker, BrokerUnavailable
 from callbacks.dispatcher import CallbackDispatcher
 from callbacks.settings import CallbackSettings
-from contract.broker import Broker, BrokerUnavailable
-from contract.callback_events import callback_for
-from contract.callback_guard import AllowList, IPAddress
-from contract.envelope import Job, JobTimings, decode_callback_deliveries, decode_job
-from contract.job_message import job_message
 from ingress.settings import IngressSettings
 from loadgen.callback_receiver import CallbackReceiver
 from local_stack.ha_cluster import HaNode, rabbitmqctl
+from policies.callback_guard import AllowList, IPAddress
 from ray_workers.job_worker import JobWorker
 from ray_workers.models.echo import EchoModel
 from ray_workers.settings import WorkerSettings
 from tests.conftest import drain_queue, report_chaos, running_ingress, wait_until
+from wire.callback_events import callback_for
+from wire.envelope import Job, JobTimings, decode_callback_deliveries, decode_job
+from wire.job_message import job_message
+
+pytestmark = pytest.mark.slow
 
 JOBS = 400
 SUBMIT_INTERVAL_S = 0.02  # open loop: ~50 submissions/s whatever the answers take

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from contract.circuit_breaker import BreakerState, CircuitBreaker
+from policies.circuit_breaker import BreakerState, CircuitBreaker
 
 
 class FakeClock:

@@ -10,11 +10,11 @@ from typing import Any
 
 import pytest
 
-from contract.config import Environment
 from local_stack.ha_cluster import ADVANCED_CONFIG
 from manifests.cluster_verify import OVERLAYS, render, violations
 from manifests.exported_metrics import metric_names
 from manifests.monitoring_verify import MONITORING, monitoring_violations
+from settings.environment import Environment
 from tests.conftest import require_upstream_crds
 
 Manifest = dict[str, Any]
@@ -206,6 +206,7 @@ def test_kind_runs_every_model_on_cpu_with_one_small_broker() -> None:
 def test_clusters_run_the_quorum_topology_and_each_model_scales_on_its_three_queues_summed(
     overlay: str,
 ) -> None:
+    require_upstream_crds()
     docs = RENDERED[overlay]
     trigger = _one(docs, "ScaledObject", "worker-embed-minilm")["spec"]["triggers"][0]["metadata"]
 

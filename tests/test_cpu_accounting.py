@@ -10,8 +10,8 @@ import time
 
 import pytest
 
-from loadgen import cpu_accounting
-from loadgen.cpu_accounting import LOAD_GENERATOR, CpuSnapshot, cpu_ms_per_job, role_of
+from bench import cpu_accounting
+from bench.cpu_accounting import LOAD_GENERATOR, CpuSnapshot, cpu_ms_per_job, role_of
 
 OWN_PID = 4242
 

@@ -14,20 +14,20 @@ from typing import Any
 
 import httpx
 
+from broker.client import Broker
 from callbacks.dispatcher import CallbackDispatcher
 from callbacks.settings import CallbackSettings
-from contract.broker import Broker
-from contract.callback_guard import AllowList, IPAddress, SystemResolver
-from contract.circuit_breaker import BreakerState
-from contract.envelope import HISTORY_HEADER, PARK_REASON_HEADER, Job
-from contract.job_message import job_message
-from contract.job_records import JobRecords
-from contract.model_sections import Batching
+from job_records.store import JobRecords
 from loadgen.callback_receiver import CallbackReceiver
+from model_catalogue.sections import Batching
 from parking_lot.lots import ParkingLot, inspect, replay
+from policies.callback_guard import AllowList, IPAddress, SystemResolver
+from policies.circuit_breaker import BreakerState
 from ray_workers.settings import WorkerSettings
 from tests.conftest import TEST_JOB_RETRIES, running_worker, wait_until
 from tests.models import RecordingModel
+from wire.envelope import HISTORY_HEADER, PARK_REASON_HEADER, Job
+from wire.job_message import job_message
 
 
 async def _submit(client: httpx.AsyncClient, callback_url: str, job_input: Any = "x", **extra: Any) -> str:

@@ -23,21 +23,21 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from schemathesis.checks import not_a_server_error
 
-from contract.broker import Broker
-from contract.callback_guard import (
+from broker.client import Broker
+from ingress.json_budget import JsonBudget
+from ingress.openapi import openapi_document
+from ingress.problems import Problem
+from ingress.request_body import JobRequest, decode_job_request
+from loadgen.measurement import forget_records
+from model_catalogue.catalogue import load_catalogue
+from policies.callback_guard import (
     AllowList,
     CallbackTarget,
     CallbackUrlRejected,
     IPAddress,
     check_callback_url,
 )
-from contract.config import Environment
-from contract.model_catalogue import load_catalogue
-from ingress.json_budget import JsonBudget
-from ingress.openapi import openapi_document
-from ingress.problems import Problem
-from ingress.request_body import JobRequest, decode_job_request
-from loadgen.bench_support import forget_records
+from settings.environment import Environment
 
 ADDRESSES = [
     ipaddress.ip_address(a) for a in ("93.184.216.34", "10.0.0.1", "127.0.0.1", "169.254.169.254", "::1")

@@ -23,10 +23,8 @@ import pytest
 
 from callbacks.dispatcher import CallbackDispatcher
 from callbacks.settings import CallbackSettings
-from contract.job_records import JobRecords
-from contract.retry_tiers import RetrySchedule
-from contract.topology import Topology
 from ingress.settings import IngressSettings
+from job_records.store import JobRecords
 from loadgen.callback_receiver import CallbackReceiver
 from local_stack.ha_cluster import (
     HaNode,
@@ -52,6 +50,10 @@ from tests.conftest import (
     wait_until,
     worker_settings_for,
 )
+from wire.retry_tiers import RetrySchedule
+from wire.topology import Topology
+
+pytestmark = pytest.mark.slow
 
 RATE_PER_S = 50
 LOAD_S = 60.0

@@ -13,9 +13,9 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import aio_pika
+import pytest
 
-from contract.broker import Broker, BrokerError, Delivery, OutgoingMessage, PublishRejected
-from contract.topology import Topology
+from broker.client import Broker, BrokerError, Delivery, PublishRejected
 from local_stack.ha_cluster import (
     HaNode,
     is_running,
@@ -28,6 +28,10 @@ from local_stack.ha_cluster import (
     wait_until_running,
 )
 from tests.conftest import wait_until
+from wire.outgoing import OutgoingMessage
+from wire.topology import Topology
+
+pytestmark = pytest.mark.slow
 
 MESSAGES = 300
 # Tiers whose leader dies: enough that some new tier leader forwards before its target has one.

@@ -16,18 +16,19 @@ import httpx
 import pytest
 
 from autoscaler.queue_metrics import management_url_from_amqp
+from broker.client import Broker, TopologyMismatch
+from broker.settlement import settle
 from callbacks.dispatcher import CallbackDispatcher
-from contract.broker import Broker, TopologyMismatch
-from contract.envelope import ATTEMPT_HEADER, Job
-from contract.job_message import job_message
-from contract.job_records import JobRecords
-from contract.model_sections import Batching
-from contract.settlement import Publish, settle
 from ingress.settings import IngressSettings
+from job_records.store import JobRecords
 from loadgen.callback_receiver import CallbackReceiver
+from model_catalogue.sections import Batching
 from ray_workers.settings import WorkerSettings
 from tests.conftest import callbacks_in, drain_queue, running_ingress, running_worker, wait_until
 from tests.models import ContestedModel, GatedModel, PoisonModel, RecordingModel
+from wire.envelope import ATTEMPT_HEADER, Job
+from wire.job_message import job_message
+from wire.outgoing import Publish
 
 
 def _jobs(inputs: Sequence[Any]) -> list[Job]:
@@ -211,6 +212,7 @@ async def test_given_a_main_queue_from_an_older_version_then_connect_fails_namin
     assert not broker.is_ready
 
 
+@pytest.mark.slow
 async def test_given_a_connection_lost_with_prefetched_jobs_then_they_are_not_run_on_the_dead_channel(
     worker_settings: WorkerSettings, broker: Broker
 ) -> None:

@@ -5,22 +5,15 @@ from __future__ import annotations
 import shutil
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-PACKAGES = (
-    "contract",
-    "ingress",
-    "ray_workers",
-    "callbacks",
-    "autoscaler",
-    "push_scaler",
-    "local_stack",
-    "parking_lot",
-    "loadgen",
-)
+PACKAGES: list[str] = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["importlinter"][
+    "root_packages"
+]
 LINT_IMPORTS = Path(sys.executable).with_name("lint-imports")
 
 
@@ -55,12 +48,12 @@ def test_the_tree_as_committed_keeps_every_contract(tree: Path) -> None:
     [
         ("ingress/app.py", "import ray_workers.job_worker", "meet only through the broker"),
         ("callbacks/dispatcher.py", "import ingress.app", "never import the ingress"),
-        ("callbacks/dispatcher.py", "import aio_pika", "aio-pika and aiormq only in contract.broker"),
+        ("callbacks/dispatcher.py", "import aio_pika", "aio-pika and aiormq only in broker.client"),
         ("local_stack/launcher.py", "import ray", "Ray only in the Ray glue"),
         ("ingress/app.py", "import httpx", "httpx only in the queue-metrics reader"),
-        ("contract/circuit_breaker.py", "import contract.broker", "Pure policies"),
+        ("policies/circuit_breaker.py", "import broker.client", "Pure policies"),
         ("ingress/app.py", "import grpc", "grpc only in the push scaler's service"),
-        ("contract/envelope.py", "import ingress.problems", "Layers"),
+        ("wire/envelope.py", "import ingress.problems", "Layers"),
     ],
 )
 def test_given_a_wrong_import_then_lint_imports_fails_naming_the_contract(

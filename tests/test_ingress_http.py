@@ -13,10 +13,10 @@ import httpx
 import msgspec
 import pytest
 
-from contract.broker import Broker, Delivery
-from contract.envelope import ATTEMPT_HEADER, DEADLINE_HEADER, decode_job
+from broker.client import Broker, Delivery
 from ingress.settings import IngressSettings
 from tests.conftest import drain_queue, running_ingress, wait_until
+from wire.envelope import ATTEMPT_HEADER, DEADLINE_HEADER, decode_job
 
 CALLBACK = "http://127.0.0.1:9/callbacks"
 

@@ -10,8 +10,8 @@ from collections.abc import AsyncIterator
 import pytest
 import redis.asyncio
 
-from contract.envelope import Job, Priority
-from contract.job_records import CANCEL_HANDOFF_S, JobRecords, RecordsUnavailable
+from job_records.store import CANCEL_HANDOFF_S, JobRecords, RecordsUnavailable
+from wire.envelope import Job, Priority
 
 
 def _job(priority: Priority = "normal", callback_url: str | None = "http://127.0.0.1:9/cb") -> Job:

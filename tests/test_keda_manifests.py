@@ -1,13 +1,13 @@
 """Every manifest in keda/ validates against the real KEDA CRDs and keeps its invariants.
 
-The CRDs come from ../shared/schemas/keda (or KEDA_CRD_DIR): the upstream files, used
-offline. Without them (a checkout outside this project's machines) the schema test
-skips and says why; the invariants are checked regardless.
+The CRDs are the upstream files at their pinned commit (`manifests.upstream_crds`: KEDA_CRD_DIR,
+../shared/schemas or the cache). Where none can be found or fetched the schema test
+skips and says why (fails under CI), as every CRD-dependent test does; the invariants
+are checked regardless.
 """
 
 from __future__ import annotations
 
-import os
 import re
 from pathlib import Path
 from typing import Any
@@ -17,13 +17,13 @@ import pytest
 import yaml
 
 from autoscaler.scaling_policy import policy_from_scaled_object
+from manifests import upstream_crds
 from ray_workers.settings import WorkerSettings
+from tests.conftest import require_upstream_crds
 
 ROOT = Path(__file__).resolve().parent.parent
 KEDA_DIR = ROOT / "keda"
-CRD_DIR = Path(os.environ.get("KEDA_CRD_DIR", ROOT.parent / "shared" / "schemas" / "keda"))
 SERVED_MODELS = ("echo", "embed-minilm")
-PLURALS = {"ScaledObject": "scaledobjects", "TriggerAuthentication": "triggerauthentications"}
 
 
 def _documents() -> list[tuple[Path, dict[str, Any]]]:
@@ -42,11 +42,11 @@ def _scaled_objects() -> list[dict[str, Any]]:
 
 
 def _schema(kind: str, api_version: str) -> dict[str, Any]:
-    crd_path = CRD_DIR / f"keda.sh_{PLURALS[kind]}.yaml"
-    if not crd_path.exists():
-        pytest.skip(
-            f"KEDA CRDs not found at {CRD_DIR}; set KEDA_CRD_DIR to a folder of the upstream CRD files"
-        )
+    require_upstream_crds()
+    upstream = upstream_crds.crd_for("keda.sh", kind)
+    crd_path = upstream_crds.locate(upstream) if upstream is not None else None
+    if crd_path is None:
+        raise AssertionError(f"{kind} is not an upstream KEDA CRD this project pins")
     crd = yaml.safe_load(crd_path.read_text())
     version = api_version.split("/")[1]
     for served in crd["spec"]["versions"]:

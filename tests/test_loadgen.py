@@ -48,6 +48,7 @@ def test_a_profile_file_is_read_and_a_bad_one_names_its_field(tmp_path: Path) ->
 
 
 @pytest.mark.stack
+@pytest.mark.slow
 async def test_a_short_spike_on_the_local_stack_loses_nothing_and_reports_every_second(
     amqp_url: str, tmp_path: Path
 ) -> None:

@@ -11,13 +11,13 @@ from pathlib import Path
 import httpx
 import pytest
 
-from contract.broker import Broker
-from contract.topology import Topology
+from broker.client import Broker
 from loadgen.callback_receiver import CallbackReceiver
 from loadgen.stack_process import StackProcess
 from tests.conftest import wait_until
+from wire.topology import Topology
 
-pytestmark = pytest.mark.stack
+pytestmark = [pytest.mark.stack, pytest.mark.slow]
 
 DRAIN_TIMEOUT_S = 10
 

@@ -13,11 +13,11 @@ from typing import Any
 import yaml
 
 from autoscaler.scaling_policy import policy_from_scaled_object
-from contract.model_catalogue import Catalogue, load_catalogue
 from manifests.cluster_verify import schema_violations
 from manifests.rendering import drifted, rendered_files, write
 from manifests.scaled_objects import scaled_object
 from manifests.worker_deployments import worker_deployment
+from model_catalogue.catalogue import Catalogue, load_catalogue
 from tests.conftest import require_upstream_crds
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -15,12 +15,12 @@ from pathlib import Path
 
 import pytest
 
-from contract.broker import Broker
-from contract.config import ConfigError, Environment
-from contract.model_catalogue import CatalogueError, load_catalogue, model_class
+from broker.client import Broker
 from ingress.settings import IngressSettings
+from model_catalogue.catalogue import CatalogueError, load_catalogue, model_class
 from ray_workers.models.registry import load_model
 from ray_workers.settings import WorkerSettings
+from settings.environment import ConfigError, Environment
 from tests.conftest import drain_queue, running_ingress, running_worker
 from tests.model_packages import installed_package
 
@@ -88,7 +88,7 @@ def test_a_bad_entry_is_refused_naming_the_model_and_the_field(
     [
         ("no_such_package.models:Model", "cannot import no_such_package.models"),
         ("ray_workers.models.echo:Missing", "ray_workers.models.echo has no class Missing"),
-        ("contract.model_catalogue:ModelEntry", "the class has no prepare or predict"),
+        ("model_catalogue.catalogue:ModelEntry", "the class has no prepare or predict"),
     ],
 )
 def test_a_class_that_is_not_a_model_is_refused_at_start(
@@ -251,7 +251,7 @@ async def test_a_model_of_an_installed_package_is_found_by_entry_point_warmed_up
             "{class: 'no_such_package.models:Model'}",
             "model 'mine': class='no_such_package.models:Model': cannot",
         ),
-        ("{class: 'contract.model_catalogue:ModelEntry'}", "model 'mine': class="),
+        ("{class: 'model_catalogue.catalogue:ModelEntry'}", "model 'mine': class="),
         (
             "{class: 'a.b:C', input_schema: {type: 12}}",
             "model 'mine': input_schema is not a valid JSON Schema",

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from contract.model_catalogue import DEFAULT_CATALOGUE, CatalogueError, load_catalogue
+from model_catalogue.catalogue import DEFAULT_CATALOGUE, CatalogueError, load_catalogue
 from ray_workers.models.scaffold import scaffold
 
 ROOT = Path(__file__).resolve().parent.parent

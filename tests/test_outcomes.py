@@ -7,9 +7,10 @@ import json
 import msgspec
 import pytest
 
-from contract.broker import redact_url
-from contract.callback_events import callback_for, carrying_job
-from contract.envelope import (
+from broker.client import redact_url
+from ray_workers.outcomes import parked, retry_for
+from wire.callback_events import callback_for, carrying_job
+from wire.envelope import (
     AMQP_PRIORITY,
     ATTEMPT_HEADER,
     HISTORY_HEADER,
@@ -20,9 +21,8 @@ from contract.envelope import (
     decode_callback_delivery,
     encode,
 )
-from contract.retry_tiers import RetrySchedule
-from contract.topology import Topology
-from ray_workers.outcomes import parked, retry_for
+from wire.retry_tiers import RetrySchedule
+from wire.topology import Topology
 
 TOPOLOGY = Topology(prefix="t-", job_retries=RetrySchedule((5.0, 30.0)))
 JOB = Job(

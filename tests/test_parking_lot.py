@@ -12,13 +12,14 @@ import httpx
 import pytest
 
 from autoscaler.queue_metrics import management_url_from_amqp
-from contract.broker import Broker, OutgoingMessage
-from contract.envelope import PARK_REASON_HEADER, Job
-from contract.job_message import job_message
-from contract.job_records import JobRecords
-from contract.topology import Topology
+from broker.client import Broker
+from job_records.store import JobRecords
 from parking_lot.lots import ParkingLot, inspect, replay
 from tests.conftest import TEST_MODELS, drain_queue, fresh_topology, queue_holds
+from wire.envelope import PARK_REASON_HEADER, Job
+from wire.job_message import job_message
+from wire.outgoing import OutgoingMessage
+from wire.topology import Topology
 
 
 def _job() -> Job:

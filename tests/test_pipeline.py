@@ -12,17 +12,18 @@ from typing import Any
 import httpx
 import pytest
 
+from broker.client import Broker
 from callbacks.dispatcher import CallbackDispatcher
-from contract.broker import Broker, OutgoingMessage
-from contract.envelope import PARK_REASON_HEADER, Job, decode_callback_delivery
-from contract.job_message import job_message
-from contract.model_sections import Batching
 from loadgen.callback_receiver import CallbackReceiver
+from model_catalogue.sections import Batching
 from ray_workers.job_worker import JobWorker
 from ray_workers.models.echo import EchoModel
 from ray_workers.models.synthetic import SyntheticModel
 from ray_workers.settings import WorkerSettings
 from tests.conftest import drain_queue, running_worker, wait_until
+from wire.envelope import PARK_REASON_HEADER, Job, decode_callback_delivery
+from wire.job_message import job_message
+from wire.outgoing import OutgoingMessage
 
 
 @pytest.fixture

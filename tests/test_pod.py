@@ -12,13 +12,13 @@ import sys
 import httpx
 import pytest
 
-from contract.broker import Broker
-from contract.topology import Topology
-from loadgen.bench_support import make_job, publish_jobs
+from broker.client import Broker
+from loadgen.measurement import make_job, publish_jobs
 from loadgen.stack_process import free_port
 from tests.conftest import callbacks_in, drain_queue, wait_until
+from wire.topology import Topology
 
-pytestmark = pytest.mark.stack
+pytestmark = [pytest.mark.stack, pytest.mark.slow]
 
 POD_STOP_TIMEOUT_S = 60.0
 

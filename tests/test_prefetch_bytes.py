@@ -1,10 +1,10 @@
-"""The byte-bounded prefetch policy (contract.prefetch_bytes): a table, no broker."""
+"""The byte-bounded prefetch policy (policies.prefetch_bytes): a table, no broker."""
 
 from __future__ import annotations
 
 import pytest
 
-from contract.prefetch_bytes import PrefetchBytes
+from policies.prefetch_bytes import PrefetchBytes
 
 
 @pytest.mark.parametrize(

@@ -12,11 +12,11 @@ import httpx
 import pytest
 import yaml
 
-from contract.topology import Topology
 from loadgen.callback_receiver import CallbackReceiver
 from loadgen.stack_process import StackProcess
+from wire.topology import Topology
 
-pytestmark = pytest.mark.stack
+pytestmark = [pytest.mark.stack, pytest.mark.slow]
 
 KEDA_DIR = Path(__file__).resolve().parent.parent / "keda"
 POLLING_S = 30

@@ -11,7 +11,7 @@ import grpc
 import httpx
 import pytest
 
-from contract.broker import Broker
+from broker.client import Broker
 from ingress.settings import IngressSettings
 from push_scaler import externalscaler_pb2 as pb
 from push_scaler import externalscaler_pb2_grpc as pb_grpc

@@ -18,18 +18,18 @@ import aio_pika
 import httpx
 import pytest
 
+from broker.client import Broker, Delivery, TopologyMismatch
 from broker_access.roles import roles
 from callbacks.dispatcher import CallbackDispatcher
-from contract.broker import Broker, Delivery, TopologyMismatch
-from contract.envelope import AMQP_PRIORITY, Job
-from contract.job_message import job_message
-from contract.topology import DELIVERY_LIMIT, Topology
 from loadgen.callback_receiver import CallbackReceiver
 from ray_workers.models.echo import EchoModel
 from ray_workers.models.synthetic import SyntheticModel
 from ray_workers.priority_inbox import PriorityInbox
 from ray_workers.settings import WorkerSettings
 from tests.conftest import TEST_MODELS, fresh_topology, queue_holds, running_worker, wait_until
+from wire.envelope import AMQP_PRIORITY, Job
+from wire.job_message import job_message
+from wire.topology import DELIVERY_LIMIT, Topology
 
 
 @pytest.fixture

@@ -16,19 +16,16 @@ import httpx
 import pytest
 import redis.asyncio
 
+from broker.client import Broker
 from callbacks.dispatcher import CallbackDispatcher
 from callbacks.settings import CallbackSettings
-from contract.broker import Broker
-from contract.callback_events import callback_for, carrying_job
-from contract.callback_guard import AllowList
-from contract.envelope import ATTEMPT_HEADER, PARK_REASON_HEADER, Job, JobTimings
-from contract.job_message import job_message
-from contract.job_records import JobRecords, RecordsUnavailable
-from contract.model_sections import Batching
 from ingress.pending_records import PendingRecords
 from ingress.record_creation import RecordCreation
 from ingress.settings import IngressSettings
+from job_records.store import JobRecords, RecordsUnavailable
 from loadgen.callback_receiver import CallbackReceiver
+from model_catalogue.sections import Batching
+from policies.callback_guard import AllowList
 from ray_workers.settings import WorkerSettings
 from tests.conftest import (
     callbacks_in,
@@ -39,6 +36,9 @@ from tests.conftest import (
     wait_until,
 )
 from tests.models import RecordingModel, UnencodableModel
+from wire.callback_events import callback_for, carrying_job
+from wire.envelope import ATTEMPT_HEADER, PARK_REASON_HEADER, Job, JobTimings
+from wire.job_message import job_message
 
 
 def _job(**fields: object) -> Job:
@@ -402,6 +402,7 @@ async def test_given_a_worker_without_redis_then_the_dispatcher_sends_only_the_e
     assert [c.event["data"]["id"] for c in receiver.received] == [fine.id]
 
 
+@pytest.mark.slow
 async def test_given_a_records_outage_then_another_replica_answers_record_pending_not_404_until_it_is_written(
     ingress_settings: IngressSettings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

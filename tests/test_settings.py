@@ -10,11 +10,11 @@ from pathlib import Path
 import pytest
 
 from callbacks.settings import CallbackSettings
-from contract.config import ConfigError
-from contract.topology import DEFAULT_JOB_RETRY_DELAYS_S
 from ingress.settings import IngressSettings
 from local_stack.launcher import StackSettings, _scaling_plan
 from ray_workers.settings import WorkerSettings
+from settings.environment import ConfigError
+from wire.topology import DEFAULT_JOB_RETRY_DELAYS_S
 
 SECRET = "whsec_" + "A" * 44
 KEDA_DIR = Path(__file__).resolve().parent.parent / "keda"

@@ -19,13 +19,13 @@ from pathlib import Path
 import httpx
 import pytest
 
-from contract.topology import Topology
 from loadgen.callback_receiver import CallbackReceiver
 from loadgen.stack_process import StackProcess
 from tests.conftest import drain_queue, wait_until
 from tests.model_packages import installed_package
+from wire.topology import Topology
 
-pytestmark = pytest.mark.stack
+pytestmark = [pytest.mark.stack, pytest.mark.slow]
 
 JOBS = 60
 MAX_BATCH = 16

@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import cast
 
-from contract.model_catalogue import DEFAULT_CATALOGUE, load_catalogue, model_class
+from model_catalogue.catalogue import DEFAULT_CATALOGUE, load_catalogue, model_class
 from ray_workers.models.base import Model
 
 

@@ -21,7 +21,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from contract.model_catalogue import DEFAULT_CATALOGUE, CatalogueError, load_catalogue
+from model_catalogue.catalogue import DEFAULT_CATALOGUE, CatalogueError, load_catalogue
 
 MODEL_SOURCE = '''\
 """{name}: replace prepare and predict with your model (see ray_workers/models/base.py)."""
@@ -54,9 +54,9 @@ from __future__ import annotations
 import os
 import uuid
 
-from contract.callback_guard import AllowList
-from contract.config import DEFAULT_AMQP_URL, DEFAULT_REDIS_URL
-from contract.topology import Topology
+from policies.callback_guard import AllowList
+from settings.environment import DEFAULT_AMQP_URL, DEFAULT_REDIS_URL
+from wire.topology import Topology
 from ingress.settings import IngressSettings
 from ray_workers.models.registry import load_model
 from ray_workers.settings import WorkerSettings

@@ -24,7 +24,7 @@ from typing import Any
 import jsonschema
 from jsonschema.exceptions import ValidationError
 
-from contract.model_catalogue import Catalogue
+from model_catalogue.catalogue import Catalogue
 
 MAX_MESSAGE_CHARS = 300
 _deadline = contextvars.ContextVar("input_validation_deadline", default=math.inf)

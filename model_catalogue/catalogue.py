@@ -12,7 +12,7 @@ input schema is then `{}`, any JSON), and a catalogue entry of the same name may
 out `class` to use it while giving the schema and description.
 
 Each entry may also say how the model runs (`resources`, `batching`, `scaling`, `jobs`:
-`contract.model_sections`); what it leaves out takes the platform's defaults.
+`model_catalogue.sections`); what it leaves out takes the platform's defaults.
 
 Checked here: the entry's fields, the class path's shape (`package.module:Class`) and
 that each input schema is a valid JSON Schema (2020-12). Importing the class (and
@@ -33,7 +33,7 @@ from typing import Any
 import jsonschema
 import yaml
 
-from contract.model_sections import Batching, Jobs, Resources, Scaling, SectionError, parse_section
+from model_catalogue.sections import Batching, Jobs, Resources, Scaling, SectionError, parse_section
 
 DEFAULT_CATALOGUE = Path(__file__).resolve().parent.parent / "models.yaml"
 _CLASS_PATH = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")

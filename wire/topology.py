@@ -59,8 +59,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from contract.envelope import MAX_AMQP_PRIORITY, Priority
-from contract.retry_tiers import RetrySchedule, tier_name
+from wire.envelope import MAX_AMQP_PRIORITY, Priority
+from wire.retry_tiers import RetrySchedule, tier_name
 
 QueueType = Literal["classic", "quorum"]
 QUEUE_TYPES: tuple[QueueType, ...] = ("classic", "quorum")

@@ -45,7 +45,8 @@ import aio_pika.abc
 import aio_pika.exceptions
 import aiormq.exceptions
 
-from contract.topology import QueueSpec, Topology
+from wire.outgoing import OutgoingMessage
+from wire.topology import QueueSpec, Topology
 
 logger = logging.getLogger(__name__)
 
@@ -113,18 +114,6 @@ def redact_url(url: str) -> str:
     """The AMQP URL(s) with passwords replaced, for logs and errors (when in doubt, more
     is hidden, never less)."""
     return _CREDENTIALS.sub(r"\1:***@", url)
-
-
-@dataclass(frozen=True)
-class OutgoingMessage:
-    body: bytes
-    message_id: str
-    correlation_id: str | None = None
-    priority: int | None = None
-    headers: Mapping[str, Any] | None = None
-    type: str | None = None
-    # Per-message TTL; only ever set below a delay queue's own TTL (see retry_tiers).
-    expiration_ms: int | None = None
 
 
 # Unsettled delivery tags per underlying (aiormq) channel. A robust channel gets a new

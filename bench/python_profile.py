@@ -26,15 +26,26 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from bench import cpu_accounting
+from bench.user_path import WARM_UP_JOBS, backlog_run
 from callbacks.signing import generate_secret
-from loadgen import cpu_accounting
-from loadgen.bench_support import bench_stack_env, bench_topology, delete_bench_topology
-from loadgen.bench_user_path import WARM_UP_JOBS, backlog_run
+from loadgen.measurement import bench_stack_env, bench_topology, delete_bench_topology
 from loadgen.receiver_process import ReceiverProcess
 from loadgen.stack_process import StackProcess
 
 PROFILED_ROLES = ("ingress", "worker", "dispatcher")
-OWN_PACKAGES = ("ingress/", "callbacks/", "contract/", "ray_workers/")
+OWN_PACKAGES = (
+    "ingress/",
+    "callbacks/",
+    "ray_workers/",
+    "wire/",
+    "broker/",
+    "job_records/",
+    "model_catalogue/",
+    "policies/",
+    "settings/",
+    "metrics/",
+)
 SAMPLES_PER_S = 200
 TOP_N = 10
 PROFILER_STOP_TIMEOUT_S = 30.0

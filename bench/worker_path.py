@@ -10,11 +10,8 @@ from typing import Any
 
 import msgspec
 
-from contract.broker import Broker
-from contract.envelope import Job
-from contract.model_sections import Batching
-from contract.topology import QUEUE_TYPES, QueueType
-from loadgen.bench_support import (
+from broker.client import Broker
+from loadgen.measurement import (
     FinishedJobs,
     bench_topology,
     make_job,
@@ -23,11 +20,14 @@ from loadgen.bench_support import (
     percentile,
     publish_jobs,
 )
+from model_catalogue.sections import Batching
 from ray_workers.job_worker import JobWorker
 from ray_workers.models.base import Model
 from ray_workers.models.echo import EchoModel
 from ray_workers.models.minilm import MiniLMModel
 from ray_workers.settings import WorkerSettings
+from wire.envelope import Job
+from wire.topology import QUEUE_TYPES, QueueType
 
 FINISH_TIMEOUT_S = 300.0
 WARM_UP_FRACTION = 0.3

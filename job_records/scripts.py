@@ -1,4 +1,4 @@
-"""The Lua scripts behind `contract.job_records`: each state change of a job record is
+"""The Lua scripts behind `job_records.store`: each state change of a job record is
 one script, so it is atomic in Redis.
 
 Kept apart from the client so the state machine reads in one place. Each script says

@@ -21,7 +21,7 @@ import aiohttp
 import yaml
 
 from callbacks.signing import generate_secret
-from loadgen.bench_support import bench_stack_env, bench_topology, delete_bench_topology, median
+from loadgen.measurement import bench_stack_env, bench_topology, delete_bench_topology, median
 from loadgen.receiver_process import ReceiverProcess
 from loadgen.scale_report import FirstJob, scale_from_zero
 from loadgen.stack_process import StackProcess

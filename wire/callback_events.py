@@ -16,8 +16,7 @@ from urllib.parse import urlsplit
 
 import msgspec
 
-from contract.broker import OutgoingMessage
-from contract.envelope import (
+from wire.envelope import (
     ATTEMPT_HEADER,
     CALLBACK_BATCH_TYPE,
     CallbackDelivery,
@@ -32,8 +31,8 @@ from contract.envelope import (
     encode,
     webhook_id_for,
 )
-from contract.settlement import Publish
-from contract.topology import Topology
+from wire.outgoing import OutgoingMessage, Publish
+from wire.topology import Topology
 
 
 def callback_for(

@@ -13,12 +13,12 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from contract.broker import Broker, Delivery
-from contract.config import Environment
-from contract.envelope import Job, Priority, decode_callback_deliveries
-from contract.job_message import job_message
-from contract.job_records import JobRecords
-from contract.topology import QueueType, Topology
+from broker.client import Broker, Delivery
+from job_records.store import JobRecords
+from settings.environment import Environment
+from wire.envelope import Job, Priority, decode_callback_deliveries
+from wire.job_message import job_message
+from wire.topology import QueueType, Topology
 
 PUBLISH_WINDOW = 256
 

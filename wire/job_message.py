@@ -7,8 +7,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from contract.broker import OutgoingMessage
-from contract.envelope import AMQP_PRIORITY, ATTEMPT_HEADER, DEADLINE_HEADER, Job, encode
+from wire.envelope import AMQP_PRIORITY, ATTEMPT_HEADER, DEADLINE_HEADER, Job, encode
+from wire.outgoing import OutgoingMessage
 
 
 def first_attempt_headers(job: Job) -> dict[str, Any]:

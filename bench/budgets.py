@@ -28,9 +28,9 @@ from typing import Any
 
 import aiohttp
 
+from bench import cpu_accounting
 from callbacks.signing import generate_secret
-from loadgen import cpu_accounting
-from loadgen.bench_support import bench_stack_env, bench_topology, delete_bench_topology
+from loadgen.measurement import bench_stack_env, bench_topology, delete_bench_topology
 from loadgen.receiver_process import ReceiverProcess
 from loadgen.stack_process import StackProcess, free_port
 

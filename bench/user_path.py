@@ -22,10 +22,10 @@ from typing import Any
 
 import aiohttp
 
+from bench import cpu_accounting
+from bench.worker_path import SENTENCES, WorkerBench
 from callbacks.signing import generate_secret
-from loadgen import cpu_accounting
-from loadgen.bench_support import bench_stack_env, bench_topology, delete_bench_topology, median
-from loadgen.bench_workers import SENTENCES, WorkerBench
+from loadgen.measurement import bench_stack_env, bench_topology, delete_bench_topology, median
 from loadgen.receiver_process import ReceiverProcess
 from loadgen.stack_process import StackProcess
 from ray_workers.models.base import Model

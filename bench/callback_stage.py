@@ -22,16 +22,16 @@ import uuid
 from dataclasses import replace
 from typing import Any
 
+from broker.client import Broker
 from callbacks.dispatcher import CallbackDispatcher
 from callbacks.settings import CallbackSettings
 from callbacks.signing import generate_secret
-from contract.broker import Broker
-from contract.callback_events import callback_for, combine_callbacks
-from contract.callback_guard import AllowList
-from contract.envelope import Job, JobTimings
-from contract.topology import Topology
-from loadgen.bench_support import bench_topology, median
+from loadgen.measurement import bench_topology, median
 from loadgen.receiver_process import ReceiverProcess
+from policies.callback_guard import AllowList
+from wire.callback_events import callback_for, combine_callbacks
+from wire.envelope import Job, JobTimings
+from wire.topology import Topology
 
 DELIVERY_WAIT_S = 120.0
 PUBLISH_WINDOW = 256

@@ -10,7 +10,8 @@ from typing import Any
 import httpx
 
 from callbacks.signing import generate_secret
-from loadgen.bench_support import (
+from loadgen.callback_receiver import CallbackReceiver
+from loadgen.measurement import (
     bench_stack_env,
     bench_topology,
     delete_bench_topology,
@@ -18,7 +19,6 @@ from loadgen.bench_support import (
     open_loop,
     percentile,
 )
-from loadgen.callback_receiver import CallbackReceiver
 from loadgen.stack_process import StackProcess, free_port
 
 CALLBACK_TIMEOUT_S = 60.0

@@ -16,8 +16,8 @@ from typing import Any
 import aiohttp
 import httpx
 
-from contract.broker import Broker
-from loadgen.bench_support import bench_topology, forget_records, make_job, median, percentile, publish_jobs
+from broker.client import Broker
+from loadgen.measurement import bench_topology, forget_records, make_job, median, percentile, publish_jobs
 from loadgen.stack_process import free_port
 from ray_workers.job_worker import JobWorker
 from ray_workers.models.echo import EchoModel

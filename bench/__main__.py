@@ -19,19 +19,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from contract.config import DEFAULT_AMQP_URL, DEFAULT_REDIS_URL
-from contract.topology import QUEUE_TYPES
-from loadgen.bench_budgets import budget_markdown, measure_budgets
-from loadgen.bench_callbacks import measure_callbacks
-from loadgen.bench_chart import batching_chart
-from loadgen.bench_ingress import measure_ingress
-from loadgen.bench_pipeline import measure_pipeline
-from loadgen.bench_profile import measure_profile, profile_markdown
-from loadgen.bench_user_path import measure_user_path
-from loadgen.bench_wake import measure_wake
-from loadgen.bench_workers import measure_batching, measure_priority, measure_queue_types
+from bench.batching_chart import batching_chart
+from bench.budgets import budget_markdown, measure_budgets
+from bench.callback_stage import measure_callbacks
+from bench.ingress_efficiency import measure_ingress
+from bench.pipeline_overhead import measure_pipeline
+from bench.python_profile import measure_profile, profile_markdown
+from bench.user_path import measure_user_path
+from bench.wake_from_zero import measure_wake
+from bench.worker_path import measure_batching, measure_priority, measure_queue_types
 from ray_workers.models.minilm import MiniLMModel
 from ray_workers.models.synthetic import SyntheticModel
+from settings.environment import DEFAULT_AMQP_URL, DEFAULT_REDIS_URL
+from wire.topology import QUEUE_TYPES
 
 RESULTS_DIR = Path("bench/results")
 

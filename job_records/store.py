@@ -57,10 +57,10 @@ import msgspec
 import redis.asyncio
 import redis.exceptions
 
-from contract import job_record_scripts as scripts
-from contract.broker import redact_url
-from contract.circuit_breaker import CircuitBreaker
-from contract.envelope import AMQP_PRIORITY, Job
+from broker.client import redact_url
+from job_records import scripts
+from policies.circuit_breaker import CircuitBreaker
+from wire.envelope import AMQP_PRIORITY, Job
 
 TERMINAL_STATUSES = frozenset({"succeeded", "failed", "expired", "canceled"})
 RECORDS_RETRY_S = 5.0

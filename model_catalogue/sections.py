@@ -8,7 +8,7 @@ all read these values, so a model's behaviour is written once, here in models.ya
 
 Units follow the environment's: milliseconds where the variable says `_ms`
 (`BATCH_MAX_WAIT_MS`), seconds where it says `_s`. An environment variable that is set
-still wins over the catalogue for every model (see `contract.config`): operators keep
+still wins over the catalogue for every model (see `settings.environment`): operators keep
 their knobs.
 """
 

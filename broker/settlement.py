@@ -29,20 +29,10 @@ import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from contract.broker import Broker, BrokerError, Delivery, OutgoingMessage, ack_all
+from broker.client import Broker, BrokerError, Delivery, ack_all
+from wire.outgoing import Publish
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class Publish:
-    """One message to publish: to `routing_key` on `exchange` ("" is the default exchange)."""
-
-    message: OutgoingMessage
-    routing_key: str
-    exchange: str = ""
-    # Set: may be combined with other deliveries' messages of the same key (see `settle`).
-    combine_key: str | None = None
 
 
 @dataclass(frozen=True)

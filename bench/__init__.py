@@ -1,0 +1,1 @@
+"""`task bench`: the benchmark stages, their CPU accounting and their results (bench/results)."""

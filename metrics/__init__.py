@@ -1,0 +1,1 @@
+"""Metric series as data, recorded through a sink (Prometheus or Ray)."""

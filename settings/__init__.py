@@ -1,0 +1,1 @@
+"""The one place the environment is read, typed and validated."""
