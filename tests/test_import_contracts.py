@@ -67,3 +67,15 @@ def test_given_a_wrong_import_then_lint_imports_fails_naming_the_contract(
     assert result.returncode != 0
     broken = [line for line in result.stdout.splitlines() if " BROKEN" in line]
     assert any(broken_contract in line for line in broken), result.stdout
+
+
+def test_no_package_holds_more_than_about_15_percent_of_the_code() -> None:
+    """One concept per folder: a folder that outgrows its share is holding a second one."""
+    lines = {
+        package: sum(len(path.read_text().splitlines()) for path in (ROOT / package).rglob("*.py"))
+        for package in PACKAGES
+    }
+    total = sum(lines.values())
+    largest = max(lines, key=lambda package: lines[package])
+
+    assert lines[largest] / total <= 0.16, f"{largest}/ holds {lines[largest]} of {total} lines"
