@@ -215,7 +215,7 @@ up() {
   # The components' users and the topology exist before any component starts on them.
   kubectl -n "$NAMESPACE" wait --for=condition=complete job/broker-access --timeout=10m
   kubectl -n "$NAMESPACE" rollout status statefulset/redis --timeout=5m
-  kubectl apply -k cluster/monitoring
+  if [ "$provider" = gke ]; then kubectl apply -k cluster/monitoring/tls; else kubectl apply -k cluster/monitoring; fi
   for deployment in ingress push-scaler callbacks; do
     kubectl -n "$NAMESPACE" rollout restart "deployment/$deployment"  # they now read their Secrets
     kubectl -n "$NAMESPACE" rollout status "deployment/$deployment" --timeout=10m

@@ -2,12 +2,15 @@
 
 `task ha:up` / `task ha:down` (`python -m local_stack.ha_cluster up|down|status`) start
 and stop three extra `rabbitmq-server` nodes, `rabbit-ha1@localhost` to
-`rabbit-ha3@localhost`, AMQP on 5701-5703, and join the second and third to the first
-with `rabbitmqctl join_cluster`. Each node has its own distribution port
-(RABBITMQ_DIST_PORT), config file (the system one pins the listener to 5672), advanced
-config (ADVANCED_CONFIG: the dead-letter confirm timeout the cluster runs with), plugins
-file (none: the management plugin would want 15672 too), Mnesia and log directories
-and pid file, all under HA_BASE, owned by the `rabbitmq` user, which the nodes run as.
+`rabbit-ha3@localhost`, AMQP on 5701-5703 and the management API on 15701-15703, and
+join the second and third to the first with `rabbitmqctl join_cluster`. Each node has
+its own distribution port (RABBITMQ_DIST_PORT), config file (the system one pins the
+listener to 5672; the management listener gets a port of its own, as 15672 is the
+standalone broker's), advanced config (ADVANCED_CONFIG: the dead-letter confirm timeout
+the cluster runs with), plugins file (the management plugin: the local autoscaler reads
+queue depths through it), Mnesia and log directories and pid file, all under HA_BASE,
+owned by the `rabbitmq` user, which the nodes run as. `up` prints the AMQP_URL and the
+RABBITMQ_MANAGEMENT_URL that name every node.
 
 The broker on 5672 is never joined, stopped or reset: every `rabbitmqctl` call here
 names one of these nodes with `-n`. `down` stops the nodes it started and removes
@@ -51,6 +54,7 @@ class HaNode:
     name: str
     amqp_port: int
     dist_port: int
+    management_port: int
 
     @property
     def node(self) -> str:
@@ -59,6 +63,10 @@ class HaNode:
     @property
     def amqp_url(self) -> str:
         return f"amqp://guest:guest@127.0.0.1:{self.amqp_port}/%2F"
+
+    @property
+    def management_url(self) -> str:
+        return f"http://guest:guest@127.0.0.1:{self.management_port}"
 
     @property
     def directory(self) -> Path:
@@ -70,9 +78,9 @@ class HaNode:
 
 
 NODES = (
-    HaNode("rabbit-ha1", 5701, 25701),
-    HaNode("rabbit-ha2", 5702, 25702),
-    HaNode("rabbit-ha3", 5703, 25703),
+    HaNode("rabbit-ha1", 5701, 25701, 15701),
+    HaNode("rabbit-ha2", 5702, 25702, 15702),
+    HaNode("rabbit-ha3", 5703, 25703, 15703),
 )
 
 
@@ -103,8 +111,11 @@ def _prepare(node: HaNode) -> dict[str, str]:
     directory = node.directory
     (directory / "mnesia").mkdir(parents=True, exist_ok=True)
     (directory / "log").mkdir(parents=True, exist_ok=True)
-    (directory / "rabbitmq.conf").write_text(f"listeners.tcp.local = 127.0.0.1:{node.amqp_port}\n")
-    (directory / "enabled_plugins").write_text("[].\n")
+    (directory / "rabbitmq.conf").write_text(
+        f"listeners.tcp.local = 127.0.0.1:{node.amqp_port}\n"
+        f"management.tcp.ip = 127.0.0.1\nmanagement.tcp.port = {node.management_port}\n"
+    )
+    (directory / "enabled_plugins").write_text("[rabbitmq_management].\n")
     (directory / "advanced.config").write_text(ADVANCED_CONFIG)
     shutil.chown(HA_BASE, RABBITMQ_USER, RABBITMQ_USER)
     for path in [directory, *directory.rglob("*")]:
@@ -238,6 +249,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             wait_until_running(NODES)
             print("running: " + ", ".join(f"{n.node} (AMQP {n.amqp_port})" for n in NODES))
             print("AMQP_URL=" + ",".join(n.amqp_url for n in NODES))
+            print("RABBITMQ_MANAGEMENT_URL=" + ",".join(n.management_url for n in NODES))
         elif args.command == "down":
             down()
             print("stopped and removed: " + ", ".join(n.node for n in NODES))

@@ -378,15 +378,17 @@ def main() -> int:
         print(f"CRD: {problem}", file=sys.stderr)
     found: list[Violation] = []
     try:
-        monitoring = render(MONITORING)
-        rendered = {overlay: render(OVERLAYS[overlay]) for overlay in args.overlays or list(OVERLAYS)}
+        chosen = args.overlays or list(OVERLAYS)
+        rendered = {overlay: render(OVERLAYS[overlay]) for overlay in chosen}
+        monitoring = {overlay: render(MONITORING[overlay]) for overlay in chosen}
     except RenderFailed as exc:
         print(f"cannot verify: {exc}", file=sys.stderr)
         return 2
     for overlay, docs in rendered.items():
         found += violations(overlay, docs)
-        found += [Violation(overlay, s, r) for s, r in monitoring_violations(monitoring, docs)]
-        print(f"{overlay}: {len(docs)} objects and {len(monitoring)} monitoring objects rendered and checked")
+        found += [Violation(overlay, s, r) for s, r in monitoring_violations(monitoring[overlay], docs)]
+        checked = f"{len(docs)} objects and {len(monitoring[overlay])} monitoring objects"
+        print(f"{overlay}: {checked} rendered and checked")
     for violation in found:
         print(violation, file=sys.stderr)
     print("cluster manifests: OK" if not found else f"cluster manifests: {len(found)} violation(s)")

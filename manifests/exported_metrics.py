@@ -18,8 +18,12 @@ EXTERNAL_METRICS = frozenset(
     {
         # rabbitmq_prometheus, /metrics/detailed?family=queue_coarse_metrics: ready + unacked per queue.
         "rabbitmq_detailed_queue_messages",
-        # KEDA's operator (its chart's ServiceMonitor).
-        "keda_scaler_errors_total",
+        # KEDA's operator (its chart's ServiceMonitor), as KEDA 2.20.1 names them
+        # (pkg/metricscollector/prommetrics.go; `keda_scaler_errors_total` is gone since 2.17):
+        # errors per scaler (namespace, metric, scaledObject, scaler, triggerIndex, type) and
+        # per ScaledObject (namespace, scaledObject).
+        "keda_scaler_detail_errors_total",
+        "keda_scaled_object_errors_total",
         # kube-state-metrics (kube-prometheus-stack): the HPAs KEDA manages.
         "kube_horizontalpodautoscaler_status_current_replicas",
         "kube_horizontalpodautoscaler_spec_max_replicas",

@@ -10,6 +10,7 @@ and the dashboard's PromQL must be one the code exports (`manifests.exported_met
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import tempfile
@@ -20,9 +21,13 @@ from typing import Any
 import yaml
 
 from manifests.exported_metrics import unknown_metrics
+from settings.environment import Environment
 
 Manifest = dict[str, Any]
-MONITORING = Path(__file__).resolve().parent.parent / "cluster" / "monitoring"
+MONITORING_BASE = Path(__file__).resolve().parent.parent / "cluster" / "monitoring"
+# What `task cluster-up` applies per provider: GKE's broker speaks TLS only, so its
+# metrics are scraped over HTTPS on `prometheus-tls`.
+MONITORING = {"kind": MONITORING_BASE, "gke": MONITORING_BASE / "tls"}
 
 
 def _name(doc: Manifest) -> str:
@@ -41,9 +46,38 @@ def _matches(selector: Manifest, labels: dict[str, str]) -> bool:
     return True
 
 
+def operator_services(platform: list[Manifest]) -> list[Manifest]:
+    """The client Service the RabbitMQ cluster operator (v2.14.0) makes for each
+    RabbitmqCluster, as `internal/resource/service.go` builds it: labelled as
+    `internal/metadata/label.go` labels it, with `amqp`, `management` and `prometheus`
+    (15692) unless TLS is on, where it has `amqps`, `management-tls` and `prometheus-tls`
+    (15691) instead of the metrics port ("either 15692 or 15691, not both"), and the plain
+    listeners only while `disableNonTLSListeners` is off."""
+    services = []
+    for cluster in (d for d in platform if d["kind"] == "RabbitmqCluster"):
+        name = cluster["metadata"]["name"]
+        tls = cluster["spec"].get("tls", {})
+        tls_on = bool(tls.get("secretName"))
+        ports = [] if tls.get("disableNonTLSListeners") else ["amqp", "management"]
+        ports += ["amqps", "management-tls", "prometheus-tls"] if tls_on else ["prometheus"]
+        labels = {
+            "app.kubernetes.io/name": name,
+            "app.kubernetes.io/component": "rabbitmq",
+            "app.kubernetes.io/part-of": "rabbitmq",
+        }
+        services.append(
+            {
+                "kind": "Service",
+                "metadata": {"name": name, "labels": labels},
+                "spec": {"ports": [{"name": port} for port in ports]},
+            }
+        )
+    return services
+
+
 def _targets(monitors: list[Manifest], platform: list[Manifest]) -> Iterator[tuple[str, str]]:
     """Each monitor selects something, and what it selects has the port it scrapes."""
-    services = [d for d in platform if d["kind"] == "Service"]
+    services = [d for d in platform if d["kind"] == "Service"] + operator_services(platform)
     pods = [d["spec"]["template"] for d in platform if d["kind"] in ("Deployment", "StatefulSet")]
     for monitor in monitors:
         if monitor["kind"] == "ServiceMonitor":
@@ -61,20 +95,34 @@ def _targets(monitors: list[Manifest], platform: list[Manifest]) -> Iterator[tup
                 {port.get("name") for c in p["spec"]["containers"] for port in c.get("ports", [])}
                 for p in chosen
             ]
-        if not chosen and not _selects_operator_objects(monitor):
+        if not chosen:
             yield _name(monitor), "selects nothing the platform renders"
         for object_ports in named:
             if not ports & object_ports:
                 yield _name(monitor), f"a selected object has none of the ports {sorted(ports)}"
 
 
-def _selects_operator_objects(monitor: Manifest) -> bool:
-    """RabbitMQ's Service is made by its operator, not rendered here: the operator labels it
-    app.kubernetes.io/name=rabbitmq and names its metrics port `prometheus`."""
-    labels = monitor["spec"]["selector"].get("matchLabels", {})
-    return labels == {"app.kubernetes.io/name": "rabbitmq"} and [
-        e["port"] for e in monitor["spec"].get("endpoints", [])
-    ] == ["prometheus"]
+def _ray_exporters(monitors: list[Manifest], platform: list[Manifest]) -> Iterator[tuple[str, str]]:
+    """A scraped pod that runs Ray (`python -m ray_workers.pod`) starts it on its pod IP
+    (RAY_NODE_IP from status.podIP): on a loopback node address Ray's reporter agent binds
+    the metrics exporter to loopback, where the PodMonitor's scrape of the pod IP fails."""
+    pod_ip = {"fieldRef": {"fieldPath": "status.podIP"}}
+    for monitor in (m for m in monitors if m["kind"] == "PodMonitor"):
+        for workload in (d for d in platform if d["kind"] in ("Deployment", "StatefulSet")):
+            template = workload["spec"]["template"]
+            if not _matches(monitor["spec"]["selector"], template["metadata"].get("labels", {})):
+                continue
+            for container in template["spec"]["containers"]:
+                runs_ray = "ray_workers.pod" in " ".join(
+                    container.get("command", []) + container.get("args", [])
+                )
+                env = {e["name"]: e.get("valueFrom") for e in container.get("env", [])}
+                if runs_ray and env.get("RAY_NODE_IP") != pod_ip:
+                    yield (
+                        f"{workload['kind']}/{workload['metadata']['name']}",
+                        f"scraped by {_name(monitor)} but Ray's node address is not the pod's: "
+                        "set RAY_NODE_IP from fieldRef status.podIP (on loopback its exporter binds there)",
+                    )
 
 
 def _rule_exprs(docs: list[Manifest]) -> list[str]:
@@ -114,11 +162,39 @@ def _promtool(docs: list[Manifest]) -> Iterator[tuple[str, str]]:
             yield _name(doc), f"promtool check rules: {checked.stdout.strip()} {checked.stderr.strip()}"
 
 
+_QUEUE_MATCHER = re.compile(r'queue\s*(=~|=)\s*"((?:[^"\\]|\\.)*)"')
+
+
+def overlay_queues(platform: list[Manifest]) -> list[str]:
+    """Every queue the overlay's processes declare: the topology its ConfigMap `inferq`
+    (QUEUE_TYPE, MODELS, QUEUE_PREFIX) describes."""
+    (config,) = [d for d in platform if d["kind"] == "ConfigMap" and d["metadata"]["name"] == "inferq"]
+    environment = Environment.read({k: str(v) for k, v in config.get("data", {}).items()})
+    return [spec.name for spec in environment.topology().queues(environment.served_models)]
+
+
+def _queue_selectors(exprs: list[str], queues: list[str]) -> Iterator[tuple[str, str]]:
+    """Each `queue=` / `queue=~` matcher in the PromQL selects at least one queue the
+    overlay has (a regex matches whole names, as Prometheus anchors it)."""
+    for expr in exprs:
+        for operator, literal in _QUEUE_MATCHER.findall(expr):
+            value = re.sub(r"\\(.)", r"\1", literal)
+            if operator == "=":
+                selected = [queue for queue in queues if queue == value]
+            else:
+                selected = [queue for queue in queues if re.fullmatch(value, queue)]
+            if not selected:
+                yield "PromQL", f"queue{operator}{value!r} selects none of the overlay's queues (in: {expr})"
+
+
 def monitoring_violations(docs: list[Manifest], platform: list[Manifest]) -> list[tuple[str, str]]:
     """(subject, rule broken) for the monitoring objects `docs`, checked against `platform`
     (an overlay's rendered objects)."""
-    found = list(_targets([d for d in docs if d["kind"] in ("ServiceMonitor", "PodMonitor")], platform))
+    monitors = [d for d in docs if d["kind"] in ("ServiceMonitor", "PodMonitor")]
+    found = list(_targets(monitors, platform))
+    found += list(_ray_exporters(monitors, platform))
     found += list(_promtool(docs))
+    found += list(_queue_selectors(_rule_exprs(docs) + _dashboard_exprs(docs), overlay_queues(platform)))
     for expr, names in unknown_metrics(_rule_exprs(docs) + _dashboard_exprs(docs)).items():
         found.append(("PromQL", f"{sorted(names)} exported by nothing (in: {expr})"))
     if not _rule_exprs(docs) or not _dashboard_exprs(docs):

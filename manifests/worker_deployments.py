@@ -72,6 +72,9 @@ def _probe(path: str, period_s: int, failures: int) -> dict[str, Any]:
     }
 
 
+RAY_NODE_IP_ENV = {"name": "RAY_NODE_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}}
+
+
 def worker_deployment(entry: ModelEntry) -> dict[str, Any]:
     resources = entry.resources
     env: list[dict[str, Any]] = [
@@ -79,6 +82,8 @@ def worker_deployment(entry: ModelEntry) -> dict[str, Any]:
         # The job records' URL carries Redis's password (the Secret cluster/provision.sh makes).
         {"name": "REDIS_URL", "valueFrom": {"secretKeyRef": {"name": REDIS_SECRET, "key": "REDIS_URL"}}},
         {"name": "POD_HEALTH_HOST", "value": "0.0.0.0"},
+        # Ray on the pod's IP: on loopback its metrics exporter binds loopback, unscrapable.
+        RAY_NODE_IP_ENV,
         {"name": "HOME", "value": "/tmp"},
     ]
     limits: dict[str, str] = {"memory": resources.memory}

@@ -53,8 +53,8 @@ def main(argv: list[str] | None = None) -> int:
         worker_app_name,
     )
 
-    # Metrics on a fixed port, so a PodMonitor can scrape them.
-    start_ray_and_serve(read.worker_metrics_port)
+    # Metrics on a fixed port of the pod's IP (RAY_NODE_IP), so a PodMonitor can scrape them.
+    start_ray_and_serve(read.worker_metrics_port, node_ip=read.ray_node_ip)
     app = worker_app_name(args.model) if args.role == "worker" else DISPATCHER_APP
     health = PodHealth(read.pod_health_host, read.pod_health_port, lambda: application_status(app))
     health.start()

@@ -502,6 +502,15 @@ class Environment(BaseModel):
         alias="WORKER_METRICS_PORT",
         description="Ray's metrics exporter (the workers' and the dispatcher's series)",
     )
+    ray_node_ip: str = Field(
+        "127.0.0.1",
+        alias="RAY_NODE_IP",
+        description=(
+            "the address Ray's node takes; loopback keeps Ray off the network on one machine, "
+            "and a pod sets its own IP (`status.podIP`): Ray's metrics exporter binds "
+            "loopback when the node's address is loopback, where Prometheus cannot scrape it"
+        ),
+    )
     serve_http_port: Port = Field(
         0,
         alias="SERVE_HTTP_PORT",

@@ -321,13 +321,19 @@ def test_webhooks_leave_only_for_public_addresses() -> None:
     )
 
 
-MONITORING_DOCS = render(MONITORING)
+MONITORING_DOCS = {overlay: render(MONITORING[overlay]) for overlay in OVERLAYS}
 
 
-def _monitoring_with(change: Callable[[list[Manifest]], None]) -> list[str]:
-    docs = copy.deepcopy(MONITORING_DOCS)
+def _monitoring_with(change: Callable[[list[Manifest]], None], overlay: str = "kind") -> list[str]:
+    docs = copy.deepcopy(MONITORING_DOCS[overlay])
     change(docs)
-    return [f"{subject}: {rule}" for subject, rule in monitoring_violations(docs, RENDERED["kind"])]
+    return [f"{subject}: {rule}" for subject, rule in monitoring_violations(docs, RENDERED[overlay])]
+
+
+def _rules() -> list[Manifest]:
+    (rules,) = [d for d in MONITORING_DOCS["kind"] if d["kind"] == "PrometheusRule"]
+    found: list[Manifest] = rules["spec"]["groups"][0]["rules"]
+    return found
 
 
 def _rule(docs: list[Manifest], index: int = 0) -> Manifest:
@@ -338,7 +344,18 @@ def _rule(docs: list[Manifest], index: int = 0) -> Manifest:
 
 @pytest.mark.parametrize("overlay", list(OVERLAYS))
 def test_the_monitoring_scrapes_what_each_overlay_runs_and_its_promql_is_sound(overlay: str) -> None:
-    assert monitoring_violations(MONITORING_DOCS, RENDERED[overlay]) == []
+    assert monitoring_violations(MONITORING_DOCS[overlay], RENDERED[overlay]) == []
+
+
+def test_given_the_brokers_tls_only_service_then_a_plain_metrics_port_is_caught() -> None:
+    """Cluster finding 9: with TLS the operator's Service has `prometheus-tls` (15691) and
+    no `prometheus` (15692); the plain monitoring scraped a port GKE's broker lacks."""
+    found = [f"{s}: {r}" for s, r in monitoring_violations(MONITORING_DOCS["kind"], RENDERED["gke"])]
+
+    assert "ServiceMonitor/rabbitmq: a selected object has none of the ports ['prometheus']" in found
+    (endpoint,) = _one(MONITORING_DOCS["gke"], "ServiceMonitor", "rabbitmq")["spec"]["endpoints"]
+    assert (endpoint["port"], endpoint["scheme"]) == ("prometheus-tls", "https")
+    assert endpoint["tlsConfig"]["ca"]["secret"] == {"name": "rabbitmq-ca", "key": "ca.crt"}
 
 
 def test_a_metric_nothing_exports_is_caught_in_a_rule() -> None:
@@ -346,6 +363,46 @@ def test_a_metric_nothing_exports_is_caught_in_a_rule() -> None:
         lambda docs: _rule(docs).update(expr="rate(ray_inferq_worker_jobz_total[5m]) > 0")
     )
     assert any("['ray_inferq_worker_jobz_total'] exported by nothing" in v for v in found), found
+
+
+def test_given_the_keda_series_removed_in_2_17_then_the_scaler_alert_is_caught() -> None:
+    """Cluster finding 10: KEDA 2.20 exports keda_scaled_object_errors_total and
+    keda_scaler_detail_errors_total; an alert on keda_scaler_errors_total never fires."""
+    (index,) = [i for i, rule in enumerate(_rules()) if rule.get("alert") == "InferqScalerErrors"]
+    found = _monitoring_with(
+        lambda docs: _rule(docs, index).update(
+            expr='sum by (scaledObject) (rate(keda_scaler_errors_total{namespace="inferq"}[5m])) > 0'
+        )
+    )
+    assert any("['keda_scaler_errors_total'] exported by nothing" in v for v in found), found
+
+
+@pytest.mark.parametrize("overlay", list(OVERLAYS))
+def test_given_a_queue_matcher_for_classic_queues_then_the_quorum_overlays_catch_it(overlay: str) -> None:
+    """Cluster finding 11: both overlays run the quorum topology (jobs.<model>.<priority>);
+    a depth panel on `jobs\\.[^.]+` (classic names) showed nothing on every cluster."""
+    found = _monitoring_with(
+        lambda docs: _rule(docs).update(
+            expr='sum by (queue) (rabbitmq_detailed_queue_messages{queue=~"jobs\\\\.[^.]+"}) > 0'
+        ),
+        overlay,
+    )
+    assert any("queue=~'jobs\\\\.[^.]+' selects none of the overlay's queues" in v for v in found), found
+
+
+@pytest.mark.parametrize("overlay", list(OVERLAYS))
+def test_given_ray_on_loopback_in_a_scraped_pod_then_it_is_caught(overlay: str) -> None:
+    """Cluster finding 8: Ray started on 127.0.0.1 binds its metrics exporter to loopback;
+    the PodMonitor scrapes the pod IP, so the workers' and the dispatcher's panels stayed empty."""
+    platform = copy.deepcopy(RENDERED[overlay])
+    for workload in (d for d in platform if d["kind"] == "Deployment"):
+        for container in workload["spec"]["template"]["spec"]["containers"]:
+            container["env"] = [e for e in container.get("env", []) if e["name"] != "RAY_NODE_IP"]
+
+    found = [f"{s}: {r}" for s, r in monitoring_violations(MONITORING_DOCS[overlay], platform)]
+
+    scraped = {"Deployment/callbacks", "Deployment/worker-echo", "Deployment/worker-embed-minilm"}
+    assert {v.split(": ")[0] for v in found if "RAY_NODE_IP" in v} == scraped, found
 
 
 def test_a_rule_promtool_refuses_is_caught() -> None:

@@ -15,6 +15,7 @@ from typing import Any
 import aio_pika
 import pytest
 
+from autoscaler.queue_metrics import MANAGEMENT_PORT, ManagementApi
 from broker.client import Broker, BrokerError, Delivery, PublishRejected
 from local_stack.ha_cluster import (
     HaNode,
@@ -66,6 +67,38 @@ async def _consume_all(node: HaNode, queue_name: str) -> set[str]:
 def test_the_cluster_is_three_nodes_and_not_the_broker_on_5672(ha_cluster: tuple[HaNode, ...]) -> None:
     assert sorted(running_nodes(ha_cluster[0])) == sorted(node.node for node in ha_cluster)
     assert "rabbit@localhost" not in running_nodes(ha_cluster[1])
+
+
+async def test_given_the_printed_management_urls_then_the_autoscalers_reader_sees_a_quorum_queues_depth(
+    ha_cluster: tuple[HaNode, ...],
+) -> None:
+    """`task ha:up` prints RABBITMQ_MANAGEMENT_URL beside AMQP_URL: with it, `task up` on
+    this cluster reads its queues' depths (before, every read went to 15672, the standalone
+    broker's port, and failed with 404)."""
+    queue_name = f"t{uuid.uuid4().hex[:10]}.ha-depth"
+    async with await aio_pika.connect(ha_cluster[1].amqp_url) as connection:
+        channel = await connection.channel(publisher_confirms=True)
+        queue = await channel.declare_queue(queue_name, durable=True, arguments={"x-queue-type": "quorum"})
+        for n in range(7):
+            await channel.default_exchange.publish(aio_pika.Message(str(n).encode()), queue_name)
+        management = ManagementApi(",".join(node.management_url for node in ha_cluster), vhost="/")
+        try:
+            depths: list[float] = []
+
+            async def seven_seen() -> bool:
+                depths.append(await management.queue_messages(queue_name))
+                return depths[-1] == 7
+
+            # The management API refreshes its figures every 5 s.
+            await wait_until(
+                seven_seen,
+                timeout_s=20,
+                what="a depth of 7 read through the three nodes' management APIs",
+            )
+        finally:
+            await management.close()
+            await queue.delete(if_unused=False, if_empty=False)
+    assert all(node.management_port != MANAGEMENT_PORT for node in ha_cluster)
 
 
 async def test_given_the_leader_stopped_then_a_quorum_queue_keeps_every_confirmed_message(
