@@ -13,12 +13,26 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-KIND_NODE_IMAGE="kindest/node:v1.30.13"
-CERT_MANAGER_VERSION="v1.16.2"
+# The kind CLI and the node image it was released with (kind's own default for v0.32.0,
+# pkg/apis/config/defaults/image.go, by digest): Kubernetes 1.36, within KEDA 2.20's range.
+KIND_VERSION="v0.32.0"
+KIND_NODE_IMAGE="kindest/node:v1.36.1@sha256:3489c7674813ba5d8b1a9977baea8a6e553784dab7b84759d1014dbd78f7ebd5"
 RABBITMQ_OPERATOR_VERSION="v2.14.0"
 KEDA_CHART_VERSION="2.20.1"
 PROMETHEUS_STACK_CHART_VERSION="65.1.1"
-IMAGE_TAG="$(sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)"
+# Images are tagged by the commit they are built from (a build with uncommitted changes
+# gets a tag of its own): a re-run never keeps a stale image under a reused tag.
+image_tag() {
+  local sha
+  sha="$(git rev-parse --short=12 HEAD)"
+  if [ -n "$(git status --porcelain --untracked-files=no)" ]; then
+    sha="$sha-dirty-$(git diff HEAD | sha256sum | cut -c1-8)"
+  fi
+  printf '%s' "$sha"
+}
+IMAGE_TAG="${IMAGE_TAG:-$(image_tag)}"
+# The tag the overlays name; render() replaces it with IMAGE_TAG.
+MANIFEST_TAG="$(sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)"
 CLUSTER="${CLUSTER:-inferq}"
 NAMESPACE="inferq"
 VHOST="inferq"   # the platform's own virtual host: its users have permissions here only
@@ -29,19 +43,52 @@ say() { printf '\n== %s\n' "$*"; }
 need() { for tool in "$@"; do command -v "$tool" >/dev/null || { echo "needs $tool on PATH" >&2; exit 2; }; done; }
 
 create_kind() {
-  need docker kind kubectl helm
+  need docker kind kubectl helm openssl
+  local found
+  found="$(kind version | awk '{print $2}')"
+  if [ "$found" != "$KIND_VERSION" ]; then
+    echo "needs kind $KIND_VERSION (its node image is $KIND_NODE_IMAGE); found '$found'" >&2
+    exit 2
+  fi
   if ! kind get clusters | grep -qx "$CLUSTER"; then
     say "kind cluster $CLUSTER ($KIND_NODE_IMAGE)"
     kind create cluster --name "$CLUSTER" --image "$KIND_NODE_IMAGE" --wait 5m
   fi
   say "image inferq:$IMAGE_TAG (CPU), loaded into kind"
   docker build -f cluster/Dockerfile --target cpu -t "inferq:$IMAGE_TAG" .
-  kind load docker-image "inferq:$IMAGE_TAG" --name "$CLUSTER"
+  # An archive, not `kind load docker-image`, which fails on Docker's containerd image
+  # store (Docker 29, Docker Desktop: kind#3795).
+  docker save "inferq:$IMAGE_TAG" | kind load image-archive /dev/stdin --name "$CLUSTER"
+}
+
+# GKE's first run in a fresh project: the APIs, the Artifact Registry repository REGISTRY
+# names (REGION-docker.pkg.dev/PROJECT/REPOSITORY), docker's credentials for it, and the
+# nodes' right to pull from it.
+prepare_gke_project() {
+  local host="${REGISTRY%%/*}" repository="${REGISTRY##*/}" region number
+  region="${host%-docker.pkg.dev}"
+  if [ "$host" = "$region" ] || [ "$REGISTRY" != "$host/$PROJECT/$repository" ]; then
+    echo "REGISTRY must be REGION-docker.pkg.dev/$PROJECT/REPOSITORY, got '$REGISTRY'" >&2
+    exit 2
+  fi
+  say "project $PROJECT: APIs, Artifact Registry $REGISTRY, docker credentials"
+  gcloud services enable container.googleapis.com artifactregistry.googleapis.com --project "$PROJECT"
+  if ! gcloud artifacts repositories describe "$repository" --location "$region" --project "$PROJECT" >/dev/null 2>&1; then
+    gcloud artifacts repositories create "$repository" --repository-format docker \
+      --location "$region" --project "$PROJECT"
+  fi
+  gcloud auth configure-docker "$host" --quiet
+  # The nodes run as the default compute service account unless told otherwise.
+  number="$(gcloud projects describe "$PROJECT" --format 'value(projectNumber)')"
+  gcloud artifacts repositories add-iam-policy-binding "$repository" --location "$region" \
+    --project "$PROJECT" --role roles/artifactregistry.reader \
+    --member "serviceAccount:$number-compute@developer.gserviceaccount.com" >/dev/null
 }
 
 create_gke() {
-  need docker gcloud kubectl helm openssl
+  need docker gcloud gke-gcloud-auth-plugin kubectl helm openssl
   : "${PROJECT:?set PROJECT}" "${ZONE:?set ZONE}" "${REGISTRY:?set REGISTRY (an Artifact Registry repository)}"
+  prepare_gke_project
   if ! gcloud container clusters describe "$CLUSTER" --project "$PROJECT" --zone "$ZONE" >/dev/null 2>&1; then
     say "GKE cluster $CLUSTER (3 x e2-standard-4) and a GPU pool (L4, 0..$GPU_MAX_NODES nodes)"
     gcloud container clusters create "$CLUSTER" --project "$PROJECT" --zone "$ZONE" \
@@ -52,17 +99,14 @@ create_gke() {
   fi
   gcloud container clusters get-credentials "$CLUSTER" --project "$PROJECT" --zone "$ZONE"
   say "images $REGISTRY/inferq:$IMAGE_TAG (CPU) and :$IMAGE_TAG-cuda"
-  docker build -f cluster/Dockerfile --target cpu -t "$REGISTRY/inferq:$IMAGE_TAG" .
-  docker build -f cluster/Dockerfile --target cuda -t "$REGISTRY/inferq:$IMAGE_TAG-cuda" .
+  # GKE's nodes are amd64, whatever this machine is (an arm64 laptop builds arm64 otherwise).
+  docker build --platform linux/amd64 -f cluster/Dockerfile --target cpu -t "$REGISTRY/inferq:$IMAGE_TAG" .
+  docker build --platform linux/amd64 -f cluster/Dockerfile --target cuda -t "$REGISTRY/inferq:$IMAGE_TAG-cuda" .
   docker push "$REGISTRY/inferq:$IMAGE_TAG"
   docker push "$REGISTRY/inferq:$IMAGE_TAG-cuda"
 }
 
 install_platform_services() {
-  say "cert-manager $CERT_MANAGER_VERSION (the operators' webhooks need it)"
-  kubectl apply -f "https://github.com/cert-manager/cert-manager/releases/download/$CERT_MANAGER_VERSION/cert-manager.yaml"
-  kubectl -n cert-manager wait --for=condition=Available deployment --all --timeout=5m
-
   say "RabbitMQ cluster operator $RABBITMQ_OPERATOR_VERSION"
   kubectl apply -f "https://github.com/rabbitmq/cluster-operator/releases/download/$RABBITMQ_OPERATOR_VERSION/cluster-operator.yml"
   kubectl wait --for=condition=Established crd/rabbitmqclusters.rabbitmq.com --timeout=2m
@@ -108,12 +152,13 @@ broker_tls_secrets() {
   rm -rf "$dir"
 }
 
+# The overlay as applied: the images at IMAGE_TAG (and on GKE in REGISTRY).
 render() {
-  if [ "$1" = gke ]; then
-    kubectl kustomize cluster/overlays/gke | sed "s|registry.invalid/inferq|$REGISTRY/inferq|g"
-  else
-    kubectl kustomize "cluster/overlays/$1"
-  fi
+  local rendered
+  rendered="$(kubectl kustomize "cluster/overlays/$1")"
+  rendered="${rendered//inferq:$MANIFEST_TAG/inferq:$IMAGE_TAG}"
+  if [ "$1" = gke ]; then rendered="${rendered//registry.invalid\/inferq/$REGISTRY/inferq}"; fi
+  printf '%s\n' "$rendered"
 }
 
 # A Secret's key, decoded; empty when the Secret or the key does not exist.
@@ -147,7 +192,7 @@ apply_secret() {
 # Job broker-access reads to grant them, and the administrator's URLs for that Job alone.
 broker_secrets() {
   local provider="$1" admin admin_password amqp_base amqp_scheme management_base management_scheme
-  local role user password monitor_url=""
+  local role user password monitor_url="" roles
   local -a users=()
   admin="$(secret_value rabbitmq-default-user username)"
   admin_password="$(secret_value rabbitmq-default-user password)"
@@ -161,13 +206,20 @@ broker_secrets() {
   apply_secret inferq-broker-admin \
     AMQP_URL="$amqp_scheme://$admin:$admin_password@$amqp_base" \
     RABBITMQ_MANAGEMENT_URL="$management_scheme://$admin:$admin_password@$management_base"
+  # Read first, so that a failure stops the run here (inside `done < <(...)` set -e
+  # cannot see it, and every Secret below would be made empty).
+  roles="$(MODELS="$(sed -n 's/^  MODELS: //p' cluster/base/config.yaml)" .venv/bin/python -m broker_access roles)"
+  if [ -z "$roles" ]; then
+    echo "python -m broker_access roles listed no roles" >&2
+    exit 1
+  fi
   while read -r role user; do
     password="$(secret_value inferq-broker-users "$role")"
     password="${password:-$(openssl rand -hex 24)}"
     users+=("$role=$password")
     apply_secret "inferq-broker-$role" AMQP_URL="$amqp_scheme://$user:$password@$amqp_base"
     if [ "$role" = monitor ]; then monitor_url="$management_scheme://$user:$password@$management_base/$VHOST"; fi
-  done < <(MODELS="$(sed -n 's/^  MODELS: //p' cluster/base/config.yaml)" .venv/bin/python -m broker_access roles)
+  done <<<"$roles"
   apply_secret inferq-broker-users "${users[@]}"
   # KEDA reads queue lengths from the management API as the monitor user (over HTTPS on
   # GKE, trusting the broker's CA).
@@ -243,9 +295,19 @@ down() {
   case "$1" in
     kind) need kind; kind delete cluster --name "$CLUSTER" ;;
     gke)
-      need gcloud
+      need gcloud kubectl
       : "${PROJECT:?set PROJECT}" "${ZONE:?set ZONE}"
+      # The persistent disks go with their claims only while the cluster runs: delete the
+      # claims (and wait) first, or the disks outlive the cluster and keep costing.
+      if gcloud container clusters get-credentials "$CLUSTER" --project "$PROJECT" --zone "$ZONE" 2>/dev/null; then
+        kubectl delete namespace "$NAMESPACE" --ignore-not-found --wait --timeout=10m
+      fi
       gcloud container clusters delete "$CLUSTER" --project "$PROJECT" --zone "$ZONE" --quiet
+      if [ -n "${REGISTRY:-}" ]; then
+        gcloud artifacts docker images delete "$REGISTRY/inferq" --delete-tags --quiet || true
+      else
+        echo "REGISTRY unset: images in the Artifact Registry (if any) are kept" >&2
+      fi
       ;;
     *) echo "PROVIDER must be kind or gke, got '$1'" >&2; exit 2 ;;
   esac

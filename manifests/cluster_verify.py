@@ -43,13 +43,14 @@ import kubernetes_validate
 import yaml
 
 from manifests import upstream_crds
+from manifests.image_contents import image_violations
 from manifests.monitoring_verify import MONITORING, monitoring_violations
 from manifests.worker_deployments import BROKER_ROLE_LABEL, RECORDS_CLIENT_LABEL, REDIS_SECRET
 from settings.environment import Environment
 
 ROOT = Path(__file__).resolve().parent.parent
 OVERLAYS = {"kind": ROOT / "cluster" / "overlays" / "kind", "gke": ROOT / "cluster" / "overlays" / "gke"}
-KUBERNETES_VERSION = "1.30"
+KUBERNETES_VERSION = "1.36"  # the kind node image cluster/provision.sh pins
 WORKLOADS = ("Deployment", "StatefulSet")
 ADMIN_SECRETS = ("inferq-broker-admin", "inferq-broker-users", "rabbitmq-default-user")
 
@@ -360,6 +361,7 @@ POLICIES: dict[str, Callable[[list[Manifest]], Iterator[tuple[str, str]]]] = {
     "broker access": _broker_access,
     "records access": _records_access,
     "queue counting": _queue_counting,
+    "image contents": image_violations,
 }
 
 

@@ -13,6 +13,7 @@ import pytest
 from local_stack.ha_cluster import ADVANCED_CONFIG
 from manifests.cluster_verify import OVERLAYS, render, violations
 from manifests.exported_metrics import metric_names
+from manifests.image_contents import DOCKERFILE, image_violations
 from manifests.monitoring_verify import MONITORING, monitoring_violations
 from settings.environment import Environment
 from tests.conftest import require_upstream_crds
@@ -434,3 +435,20 @@ def test_a_monitor_that_selects_nothing_or_scrapes_a_missing_port_is_caught() ->
 )
 def test_the_metric_names_of_a_promql_expression(expr: str, names: set[str]) -> None:
     assert metric_names(expr) == names
+
+
+def test_given_the_image_without_a_package_a_component_imports_then_verify_names_it() -> None:
+    """Cluster finding 1: the Dockerfile copied every package but broker_access/, so the
+    broker-access Job died with "No module named broker_access" and no component got its
+    broker user."""
+    dockerfile = DOCKERFILE.read_text()
+    without = dockerfile.replace("COPY broker_access ./broker_access\n", "")
+    assert without != dockerfile
+
+    found = [f"{s}: {r}" for s, r in image_violations(RENDERED["kind"], without)]
+
+    assert found == [
+        "Job/broker-access: runs `python -m broker_access`, which needs ['broker_access']: "
+        "not COPYed into the image"
+    ]
+    assert list(image_violations(RENDERED["kind"], dockerfile)) == []

@@ -1,0 +1,222 @@
+"""`task cluster-up` and `task cluster-down` as they run, against stand-in tools.
+
+No Kubernetes API, container engine or cloud answers on our machines, so `cluster/provision.sh`
+runs here with `docker`, `kind`, `gcloud`, `gke-gcloud-auth-plugin`, `helm` and `kubectl`
+replaced on PATH by one script that records every call (and what is applied) and answers
+as a fresh project would: no cluster, no repository yet. `kubectl kustomize` is the real one.
+Each test is a finding of the cluster review that the script got wrong before.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+REGISTRY = "europe-west4-docker.pkg.dev/acme/inferq"
+STAND_IN = r"""#!/usr/bin/env bash
+name="$(basename "$0")"
+printf '%s %s\n' "$name" "$*" >> "$TOOLS_LOG"
+case "$name" in
+  kubectl)
+    if [ "$1" = "-n" ]; then shift 2; fi
+    case "$1" in
+      kustomize) exec "$REAL_KUBECTL" "$@" ;;
+      create) echo "kind: Secret" ;;
+      apply) if [ "$2 $3" = "-f -" ]; then cat >> "$TOOLS_APPLIED"; fi ;;
+    esac ;;
+  gcloud)
+    case "$*" in
+      "container clusters describe"*|"artifacts repositories describe"*) exit 1 ;;
+      "projects describe"*) echo 123456 ;;
+    esac ;;
+  kind)
+    case "$1" in
+      version) echo "kind ${FAKE_KIND_VERSION:-v0.32.0} go1.24.2 linux/amd64" ;;
+      load) cat > /dev/null ;;
+    esac ;;
+  docker) if [ "$1" = save ]; then echo "an image archive"; fi ;;
+esac
+exit 0
+"""
+TOOLS = ("docker", "kind", "gcloud", "gke-gcloud-auth-plugin", "helm", "kubectl")
+
+
+@pytest.fixture
+def tools(tmp_path: Path) -> dict[str, str]:
+    real_kubectl = shutil.which("kubectl")
+    if real_kubectl is None:
+        pytest.skip("kubectl renders the overlays (`kubectl kustomize`)")
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for tool in TOOLS:
+        (bin_dir / tool).write_text(STAND_IN)
+        (bin_dir / tool).chmod(0o755)
+    return {
+        **os.environ,
+        "PATH": f"{bin_dir}:{os.environ['PATH']}",
+        "REAL_KUBECTL": real_kubectl,
+        "TOOLS_LOG": str(tmp_path / "calls.log"),
+        "TOOLS_APPLIED": str(tmp_path / "applied.yaml"),
+        "PROJECT": "acme",
+        "ZONE": "europe-west4-a",
+        "REGISTRY": REGISTRY,
+    }
+
+
+def _provision(env: dict[str, str], *args: str) -> tuple[list[str], str]:
+    """Run `cluster/provision.sh ARGS`; the calls it made, and what it applied."""
+    done = subprocess.run(
+        ["bash", "cluster/provision.sh", *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    applied = Path(env["TOOLS_APPLIED"])
+    return Path(env["TOOLS_LOG"]).read_text().splitlines(), applied.read_text() if applied.exists() else ""
+
+
+def _index(calls: list[str], start: str) -> int:
+    found = [i for i, call in enumerate(calls) if call.startswith(start)]
+    assert found, f"no call starting {start!r} in {calls}"
+    return found[0]
+
+
+def _head_tag() -> str:
+    sha = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=ROOT, capture_output=True, text=True)
+    return sha.stdout.strip()
+
+
+def test_given_a_fresh_project_then_gke_up_enables_the_apis_makes_the_registry_and_may_pull_from_it(
+    tools: dict[str, str],
+) -> None:
+    """Finding 2: the APIs, the repository, docker's credentials and the nodes' reader role
+    were assumed, so the first push was denied or the pods sat in ImagePullBackOff."""
+    calls, _applied = _provision(tools, "up", "gke")
+
+    first_push = _index(calls, "docker push")
+    steps = [
+        "gcloud services enable container.googleapis.com artifactregistry.googleapis.com",
+        "gcloud artifacts repositories create inferq --repository-format docker --location europe-west4",
+        "gcloud auth configure-docker europe-west4-docker.pkg.dev",
+        "gcloud artifacts repositories add-iam-policy-binding inferq --location europe-west4",
+    ]
+    assert all(_index(calls, step) < first_push for step in steps)
+    binding = calls[_index(calls, steps[-1])]
+    assert "--role roles/artifactregistry.reader" in binding
+    assert "serviceAccount:123456-compute@developer.gserviceaccount.com" in binding
+
+
+def test_given_gke_then_the_images_are_amd64_and_tagged_by_the_commit(tools: dict[str, str]) -> None:
+    """Findings 3 and 15: an arm64 laptop built arm64 images (exec format error on GKE's
+    nodes), and the mutable tag 0.1.0 with IfNotPresent kept stale images on a re-run."""
+    calls, applied = _provision(tools, "up", "gke")
+
+    builds = [call for call in calls if call.startswith("docker build")]
+    assert len(builds) == 2 and all("--platform linux/amd64" in build for build in builds)
+    tag = _head_tag()
+    assert f"docker push {REGISTRY}/inferq:{tag}" in " ".join(calls)
+    assert f"image: {REGISTRY}/inferq:{tag}" in applied
+    assert f"image: {REGISTRY}/inferq:{tag}" in applied and ":0.1.0" not in applied
+
+
+def test_given_kind_then_the_image_goes_in_as_an_archive_with_the_pinned_kind(tools: dict[str, str]) -> None:
+    """Findings 6 and 17: `kind load docker-image` fails on Docker's containerd image store,
+    and the node image was Kubernetes 1.30 (end of life, outside KEDA 2.20's range)."""
+    calls, applied = _provision(tools, "up", "kind")
+
+    assert not any(call.startswith("kind load docker-image") for call in calls)
+    assert any(call.startswith("kind load image-archive") for call in calls)
+    create = calls[_index(calls, "kind create cluster")]
+    assert "kindest/node:v1.36.1@sha256:" in create
+    assert f"image: inferq:{_head_tag()}" in applied
+    assert not any("cert-manager" in call for call in calls)
+
+
+def test_given_another_kind_cli_then_up_stops_naming_the_one_it_needs(tools: dict[str, str]) -> None:
+    env = {**tools, "FAKE_KIND_VERSION": "v0.20.0"}
+    done = subprocess.run(
+        ["bash", "cluster/provision.sh", "up", "kind"], cwd=ROOT, env=env, capture_output=True, text=True
+    )
+
+    assert done.returncode == 2
+    assert "needs kind v0.32.0" in done.stderr and "found 'v0.20.0'" in done.stderr
+
+
+def test_given_no_gke_auth_plugin_then_up_stops_before_touching_the_project(
+    tools: dict[str, str], tmp_path: Path
+) -> None:
+    (tmp_path / "bin" / "gke-gcloud-auth-plugin").unlink()
+    # This machine has the real plugin in /usr/bin: a PATH with every system tool but it.
+    system = tmp_path / "system"
+    system.mkdir()
+    for folder in (Path("/usr/bin"), Path("/bin")):
+        for tool in folder.iterdir():
+            if tool.name != "gke-gcloud-auth-plugin" and not (system / tool.name).exists():
+                (system / tool.name).symlink_to(tool)
+    tools = {**tools, "PATH": f"{tmp_path / 'bin'}:{system}"}
+    done = subprocess.run(
+        ["bash", "cluster/provision.sh", "up", "gke"], cwd=ROOT, env=tools, capture_output=True, text=True
+    )
+
+    assert done.returncode == 2
+    assert "needs gke-gcloud-auth-plugin" in done.stderr
+    assert not Path(tools["TOOLS_LOG"]).exists() or "gcloud" not in Path(tools["TOOLS_LOG"]).read_text()
+
+
+def test_given_gke_down_then_the_disks_go_before_the_cluster_and_the_images_with_it(
+    tools: dict[str, str],
+) -> None:
+    """Finding 16: the PVCs' disks (3 x 20 Gi + 5 Gi) and the registry's images outlived the cluster."""
+    calls, _applied = _provision(tools, "down", "gke")
+
+    assert _index(calls, "kubectl delete namespace inferq") < _index(
+        calls, "gcloud container clusters delete"
+    )
+    assert any(call.startswith(f"gcloud artifacts docker images delete {REGISTRY}/inferq") for call in calls)
+
+
+def test_given_the_role_listing_fails_then_no_empty_secret_is_applied(
+    tools: dict[str, str], tmp_path: Path
+) -> None:
+    """Finding 18: a failure inside `done < <(...)` is invisible to `set -e`: the broker's
+    Secrets were applied empty and the run went on."""
+    script = (ROOT / "cluster/provision.sh").read_text()
+    functions = "".join(
+        script[script.index(f"{name}() {{") : script.index("\n}\n", script.index(f"{name}() {{")) + 3]
+        for name in ("secret_value", "apply_secret", "broker_secrets")
+    )
+    workdir = tmp_path / "checkout"
+    (workdir / ".venv" / "bin").mkdir(parents=True)
+    (workdir / ".venv" / "bin" / "python").write_text(
+        "#!/bin/sh\necho 'broker_access: cannot start' >&2\nexit 1\n"
+    )
+    (workdir / ".venv" / "bin" / "python").chmod(0o755)
+    (workdir / "cluster" / "base").mkdir(parents=True)
+    (workdir / "cluster" / "base" / "config.yaml").write_text("data:\n  MODELS: echo\n")
+
+    done = subprocess.run(
+        [
+            "bash",
+            "-euo",
+            "pipefail",
+            "-c",
+            f"{functions}\nNAMESPACE=inferq VHOST=inferq\nbroker_secrets kind",
+        ],
+        cwd=workdir,
+        env=tools,
+        capture_output=True,
+        text=True,
+    )
+
+    assert done.returncode != 0
+    applied = Path(tools["TOOLS_APPLIED"])
+    assert "inferq-broker-users" not in (applied.read_text() if applied.exists() else "")
+    assert "cannot start" in done.stderr
