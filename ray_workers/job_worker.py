@@ -165,6 +165,9 @@ class JobWorker:
         return bool(self._consumer_tags)
 
     async def start(self) -> None:
+        # From the start, not only after a first change: the dashboard's breaker panel and
+        # the breaker alert read this series (the cluster rehearsal found it empty).
+        self.metrics.set_breaker_state(self._model.name, self.breaker.state.value)
         await self._broker.connect()
         self._loop_task = asyncio.create_task(self._run(), name=f"job-loop-{self._model.name}")
         await self._consume(self._prefetch())

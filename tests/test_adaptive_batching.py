@@ -90,6 +90,19 @@ async def test_given_a_backlog_then_batches_grow_under_the_target_and_each_job_s
     assert _sample(worker, "inferq_worker_jobs_total", {"model": "echo", "outcome": "succeeded"}) == 400
 
 
+async def test_given_a_worker_started_then_its_breaker_state_is_exported_before_any_change(
+    worker_settings: WorkerSettings,
+) -> None:
+    """The dashboard's breaker panel and InferqModelBreakerOpen read this gauge; exported
+    only on a change, it had no series on a healthy cluster (found by the rehearsal)."""
+    async with running_worker(LinearLatencyModel(0.0, 0.0), worker_settings) as worker:
+        state = worker.metrics.sink.registry.get_sample_value(  # type: ignore[attr-defined]
+            "inferq_worker_breaker_state", {"model": "echo"}
+        )
+
+    assert state == 0.0
+
+
 async def test_given_a_slow_model_then_the_controller_backs_off_to_meet_the_target(
     worker_settings: WorkerSettings,
 ) -> None:

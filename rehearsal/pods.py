@@ -1,0 +1,274 @@
+"""A rendered workload's pod run as a kubelet would run it: its command and args with
+`$(VAR)` expanded, its environment from the image, ConfigMaps, Secrets and the downward API,
+its volumes as folders of its own (paths rewritten where the container would see them
+mounted), in its own network namespace; its probes run as declared, and readiness decides
+whether it counts as a Service's endpoint. Processes run as this machine's user (the
+interpreter lives where no other user may read); `task cluster:verify` checks the users,
+the read-only root and the dropped capabilities the manifests ask for.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import signal
+import subprocess
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+
+Manifest = dict[str, Any]
+# The upstream images' entrypoints (run when a pod gives only args) and working directories.
+IMAGE_ENTRYPOINTS = {"redis": ["redis-server"]}
+IMAGE_WORKDIRS = {"redis": "/data"}
+# Where an image's binaries are found here: ours is the staged Python.
+SYSTEM_BINARIES = {"redis-server": "/usr/bin/redis-server", "redis-cli": "/usr/bin/redis-cli"}
+_VAR = re.compile(r"\$\(([A-Za-z_][A-Za-z0-9_]*)\)")
+
+
+class PodFailed(RuntimeError):
+    """A pod could not be made from its spec; the message says which field."""
+
+
+@dataclass
+class Probe:
+    spec: Manifest
+    ports: dict[str, int]
+
+    @property
+    def period_s(self) -> float:
+        return float(self.spec.get("periodSeconds", 10))
+
+    @property
+    def failure_threshold(self) -> int:
+        return int(self.spec.get("failureThreshold", 3))
+
+    def _port(self, port: int | str) -> int:
+        return self.ports[port] if isinstance(port, str) else int(port)
+
+    async def passes(self, pod: Pod) -> bool:
+        timeout_s = float(self.spec.get("timeoutSeconds", 1))
+        try:
+            if "httpGet" in self.spec:
+                get = self.spec["httpGet"]
+                url = f"http://{pod.address}:{self._port(get['port'])}{get.get('path', '/')}"
+                timeout = aiohttp.ClientTimeout(total=timeout_s)
+                async with aiohttp.ClientSession(timeout=timeout) as session, session.get(url) as answer:
+                    return 200 <= answer.status < 400
+            if "tcpSocket" in self.spec:
+                connecting = asyncio.open_connection(pod.address, self._port(self.spec["tcpSocket"]["port"]))
+                _reader, writer = await asyncio.wait_for(connecting, timeout_s)
+                writer.close()
+                await writer.wait_closed()
+                return True
+            if "exec" in self.spec:
+                return await pod.exec_ok(self.spec["exec"]["command"], timeout_s)
+        except (OSError, TimeoutError, aiohttp.ClientError):
+            return False
+        raise PodFailed(f"{pod.name}: a probe of a kind this rehearsal does not run: {sorted(self.spec)}")
+
+
+@dataclass
+class Pod:
+    """One pod of a workload; `start`, then `wait_ready`; `stop` ends it."""
+
+    name: str
+    workload: Manifest
+    address: str
+    folder: Path
+    command: list[str]
+    env: dict[str, str]
+    cwd: Path
+    netns_command: list[str]
+    ports: dict[str, int] = field(default_factory=dict)
+    process: subprocess.Popen[bytes] | None = None
+    ready: bool = False
+    restarts: int = 0
+    log_path: Path | None = None
+
+    @property
+    def labels(self) -> dict[str, str]:
+        labels: dict[str, str] = self.workload["spec"]["template"]["metadata"].get("labels", {})
+        return labels
+
+    @property
+    def container(self) -> Manifest:
+        container: Manifest = self.workload["spec"]["template"]["spec"]["containers"][0]
+        return container
+
+    def start(self) -> None:
+        self.log_path = self.folder / "log"
+        log = self.log_path.open("ab")
+        self.process = subprocess.Popen(
+            self.netns_command + self.command,
+            cwd=self.cwd,
+            env=self.env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        log.close()
+
+    def exited(self) -> int | None:
+        return None if self.process is None else self.process.poll()
+
+    async def exec_ok(self, argv: list[str], timeout_s: float) -> bool:
+        command = [SYSTEM_BINARIES.get(argv[0], argv[0]), *argv[1:]]
+        process = await asyncio.create_subprocess_exec(
+            *self.netns_command,
+            *command,
+            env=self.env,
+            stdout=asyncio.subprocess.DEVNULL,
+            stderr=asyncio.subprocess.DEVNULL,
+        )
+        try:
+            return await asyncio.wait_for(process.wait(), timeout_s) == 0
+        except TimeoutError:
+            process.kill()
+            await process.wait()
+            return False
+
+    def probe(self, kind: str) -> Probe | None:
+        spec = self.container.get(kind)
+        return Probe(spec, self.ports) if spec else None
+
+    def log_tail(self, lines: int = 30) -> str:
+        if self.log_path is None or not self.log_path.exists():
+            return ""
+        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+
+    def stop(self, grace_s: float = 20.0) -> None:
+        if self.process is None or self.process.poll() is not None:
+            return
+        os.killpg(self.process.pid, signal.SIGTERM)
+        try:
+            self.process.wait(grace_s)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait(10)
+
+
+def _expand(text: str, env: Mapping[str, str]) -> str:
+    """Kubernetes' `$(VAR)` expansion: a defined variable is replaced, an undefined one kept."""
+    return _VAR.sub(lambda m: env.get(m.group(1), m.group(0)), text)
+
+
+def pod_env(
+    container: Manifest,
+    image_env: Mapping[str, str],
+    config_maps: Mapping[str, Mapping[str, str]],
+    secrets: Mapping[str, Mapping[str, str]],
+    pod_fields: Mapping[str, str],
+) -> dict[str, str]:
+    """The container's environment, in the order a kubelet builds it: the image's ENV,
+    `envFrom`, then `env` (each value may use the ones before it)."""
+    env = dict(image_env)
+    for source in container.get("envFrom", []):
+        if "configMapRef" in source:
+            env.update(config_maps[source["configMapRef"]["name"]])
+        elif "secretRef" in source:
+            env.update(secrets[source["secretRef"]["name"]])
+    for item in container.get("env", []):
+        if "value" in item:
+            env[item["name"]] = _expand(str(item["value"]), env)
+            continue
+        source = item["valueFrom"]
+        if "secretKeyRef" in source:
+            ref = source["secretKeyRef"]
+            env[item["name"]] = secrets[ref["name"]][ref["key"]]
+        elif "configMapKeyRef" in source:
+            ref = source["configMapKeyRef"]
+            env[item["name"]] = config_maps[ref["name"]][ref["key"]]
+        elif "fieldRef" in source:
+            env[item["name"]] = pod_fields[source["fieldRef"]["fieldPath"]]
+        else:
+            raise PodFailed(f"env {item['name']}: a source this rehearsal does not resolve: {sorted(source)}")
+    return env
+
+
+def mount_folders(
+    workload: Manifest, folder: Path, secrets: Mapping[str, Mapping[str, str]]
+) -> dict[str, Path]:
+    """mountPath -> the folder standing for it: emptyDirs and claims as empty folders,
+    Secrets as their keys' files. /dev/shm stays the machine's (shared memory)."""
+    spec = workload["spec"]["template"]["spec"]
+    volumes = {volume["name"]: volume for volume in spec.get("volumes", [])}
+    claims = {claim["metadata"]["name"] for claim in workload["spec"].get("volumeClaimTemplates", [])}
+    mounts: dict[str, Path] = {}
+    for mount in spec["containers"][0].get("volumeMounts", []):
+        if mount["mountPath"] == "/dev/shm":
+            continue
+        target = folder / "v" / mount["name"]
+        target.mkdir(parents=True, exist_ok=True)
+        volume = volumes.get(mount["name"])
+        if volume is not None and "secret" in volume:
+            for key, value in secrets[volume["secret"]["secretName"]].items():
+                (target / key).write_text(value)
+        elif volume is None and mount["name"] not in claims:
+            raise PodFailed(f"{workload['metadata']['name']}: volume {mount['name']} is declared nowhere")
+        mounts[mount["mountPath"]] = target
+    return mounts
+
+
+def _remap(text: str, mounts: Mapping[str, Path]) -> str:
+    for mount_path, target in sorted(mounts.items(), key=lambda item: -len(item[0])):
+        if text == mount_path or text.startswith(mount_path.rstrip("/") + "/"):
+            return str(target) + text[len(mount_path.rstrip("/")) :]
+    return text
+
+
+def make_pod(
+    workload: Manifest,
+    address: str,
+    folder: Path,
+    netns_command: list[str],
+    *,
+    image: tuple[Path, Path, Mapping[str, str]],
+    config_maps: Mapping[str, Mapping[str, str]],
+    secrets: Mapping[str, Mapping[str, str]],
+) -> Pod:
+    """The pod of `workload` at `address`; `image` is (app folder, its python, its ENV) for
+    our image, whose `python` is that python and whose working directory is the app."""
+    name = f"{workload['metadata']['name']}-0"
+    folder.mkdir(parents=True)
+    container = workload["spec"]["template"]["spec"]["containers"][0]
+    ours = container["image"].startswith("inferq")
+    app, python, image_env = image
+    fields = {"status.podIP": address, "metadata.name": name, "metadata.namespace": "inferq"}
+    env = pod_env(container, image_env if ours else {}, config_maps, secrets, fields)
+    mounts = mount_folders(workload, folder, secrets)
+    env = {key: _remap(value, mounts) for key, value in env.items()}
+    # The pod's /tmp is its own (an emptyDir where one is mounted, else its root filesystem).
+    private_tmp = mounts.get("/tmp", folder / "tmp")
+    private_tmp.mkdir(parents=True, exist_ok=True)
+    env.setdefault("TMPDIR", str(private_tmp))
+    env["PATH"] = f"{python.parent}:/usr/local/bin:/usr/bin:/bin"
+    short_image = container["image"].split(":")[0].split("/")[-1]
+    argv = [*container.get("command", []), *container.get("args", [])]
+    if not container.get("command"):
+        entrypoint = IMAGE_ENTRYPOINTS.get(short_image)
+        if entrypoint is None:
+            raise PodFailed(f"{name}: no command, and no entrypoint known for {container['image']}")
+        argv = [*entrypoint, *argv]
+    argv = [_remap(_expand(word, env), mounts) for word in argv]
+    argv[0] = str(python) if ours and argv[0] == "python" else SYSTEM_BINARIES.get(argv[0], argv[0])
+    ports = {
+        port["name"]: int(port["containerPort"]) for port in container.get("ports", []) if "name" in port
+    }
+    return Pod(
+        name=name,
+        workload=workload,
+        address=address,
+        folder=folder,
+        command=argv,
+        env=env,
+        cwd=app
+        if ours
+        else Path(_remap(container.get("workingDir") or IMAGE_WORKDIRS.get(short_image, "/"), mounts)),
+        netns_command=netns_command,
+        ports=ports,
+    )
