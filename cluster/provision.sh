@@ -272,7 +272,48 @@ up() {
     kubectl -n "$NAMESPACE" rollout restart "deployment/$deployment"  # they now read their Secrets
     kubectl -n "$NAMESPACE" rollout status "deployment/$deployment" --timeout=10m
   done
+  need curl
+  smoke_jobs "$provider"
   summary
+}
+
+# A job per served model through the ingress, waited for to its ending: a model whose pool
+# can never scale (GPU quota, a zone without L4s) fails the bring-up here, not later.
+smoke_jobs() {
+  local provider="$1" api_key model id status answer forward deadline
+  local port="${SMOKE_PORT:-18080}" timeout_s="${SMOKE_TIMEOUT_S:-}"
+  [ -n "$timeout_s" ] || { [ "$provider" = gke ] && timeout_s=1200 || timeout_s=300; }
+  api_key="$(secret_value inferq API_KEYS)"
+  api_key="${api_key%%,*}"
+  kubectl -n "$NAMESPACE" port-forward service/ingress "$port:80" >/dev/null 2>&1 &
+  forward=$!
+  # shellcheck disable=SC2064 # the pid is known now
+  trap "kill $forward 2>/dev/null || true" RETURN
+  for _ in $(seq 60); do curl -fsS "http://127.0.0.1:$port/healthz" >/dev/null 2>&1 && break; sleep 1; done
+  for model in $(sed -n 's/^  MODELS: //p' cluster/base/config.yaml | tr ',' ' '); do
+    say "smoke job on $model (up to $timeout_s s: a model at zero starts a pod, on GKE maybe a GPU node)"
+    answer="$(curl -fsS -X POST "http://127.0.0.1:$port/v1/models/$model/jobs" \
+      -H "Authorization: Bearer $api_key" -H 'Content-Type: application/json' -d '{"input": "hello"}')"
+    id="$(printf '%s' "$answer" | sed -n 's/.*"id": *"\([^"]*\)".*/\1/p')"
+    [ -n "$id" ] || { echo "the ingress did not accept a job on $model: $answer" >&2; exit 1; }
+    deadline=$((SECONDS + timeout_s))
+    status=queued
+    while [ $SECONDS -lt $deadline ]; do
+      answer="$(curl -fsS "http://127.0.0.1:$port/v1/jobs/$id" -H "Authorization: Bearer $api_key" || true)"
+      status="$(printf '%s' "$answer" | sed -n 's/.*"status": *"\([^"]*\)".*/\1/p')"
+      case "$status" in succeeded|failed|expired|canceled) break ;; esac
+      sleep 5
+    done
+    if [ "$status" != succeeded ]; then
+      echo "smoke job $id on $model ended '$status' after up to $timeout_s s" >&2
+      if [ "$provider" = gke ]; then
+        echo "if it never left 'queued', its pod could not be placed: check the GPU quota of the region" \
+          "(gcloud compute regions describe ${ZONE%-*} --project $PROJECT) and that $ZONE offers" \
+          "nvidia-l4, then kubectl -n $NAMESPACE get events --sort-by=.lastTimestamp" >&2
+      fi
+      exit 1
+    fi
+  done
 }
 
 summary() {

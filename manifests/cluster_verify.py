@@ -249,6 +249,35 @@ def _isolation(docs: list[Manifest]) -> Iterator[tuple[str, str]]:
             yield _name(workload), "no PodDisruptionBudget selects its pods"
 
 
+def _availability(docs: list[Manifest]) -> Iterator[tuple[str, str]]:
+    """What keeps the stateful parts up through drains and node losses, and the namespace's
+    Pod Security Admission level."""
+    headless = {
+        doc["metadata"]["name"]
+        for doc in docs
+        if doc["kind"] == "Service" and doc["spec"].get("clusterIP") == "None"
+    }
+    for doc in docs:
+        if doc["kind"] == "StatefulSet" and doc["spec"].get("serviceName") not in headless:
+            yield _name(doc), f"serviceName {doc['spec'].get('serviceName')!r} is not a headless Service"
+        if doc["kind"] == "Namespace" and "pod-security.kubernetes.io/enforce" not in doc["metadata"].get(
+            "labels", {}
+        ):
+            yield _name(doc), "no Pod Security Admission level (pod-security.kubernetes.io/enforce)"
+    budgets = [doc for doc in docs if doc["kind"] == "PodDisruptionBudget"]
+    for cluster in (doc for doc in docs if doc["kind"] == "RabbitmqCluster"):
+        labels = {"app.kubernetes.io/name": cluster["metadata"]["name"]}
+        if not any(b["spec"]["selector"].get("matchLabels", {}).items() <= labels.items() for b in budgets):
+            yield _name(cluster), "no PodDisruptionBudget selects the broker's pods"
+        if cluster["spec"].get("replicas", 1) > 1 and "podAntiAffinity" not in cluster["spec"].get(
+            "affinity", {}
+        ):
+            yield (
+                _name(cluster),
+                "several broker nodes and no podAntiAffinity: they may share a Kubernetes node",
+            )
+
+
 def _settings(docs: list[Manifest]) -> dict[str, str]:
     """The ConfigMap every inferq pod reads its settings from (empty when missing)."""
     config = next((d for d in docs if d["kind"] == "ConfigMap" and d["metadata"]["name"] == "inferq"), {})
@@ -362,6 +391,7 @@ POLICIES: dict[str, Callable[[list[Manifest]], Iterator[tuple[str, str]]]] = {
     "records access": _records_access,
     "queue counting": _queue_counting,
     "image contents": image_violations,
+    "availability": _availability,
 }
 
 

@@ -155,6 +155,20 @@ BREAKS = [
         _drop([*POD, "securityContext", "runAsNonRoot"]),
         "runAsNonRoot",
     ),
+    # Cluster finding 13: the StatefulSet governed by the ordinary Service `redis`.
+    (
+        "a non-headless governing Service",
+        ("StatefulSet", "redis"),
+        _set(["spec", "serviceName"], "redis"),
+        "is not a headless Service",
+    ),
+    # Cluster finding 14: no Pod Security Admission labels; the broker's nodes free to share one.
+    (
+        "no pod security level",
+        ("Namespace", "inferq"),
+        _drop(["metadata", "labels", "pod-security.kubernetes.io/enforce"]),
+        "Pod Security Admission",
+    ),
 ]
 
 
@@ -452,3 +466,17 @@ def test_given_the_image_without_a_package_a_component_imports_then_verify_names
         "not COPYed into the image"
     ]
     assert list(image_violations(RENDERED["kind"], dockerfile)) == []
+
+
+def test_given_three_broker_nodes_then_they_need_a_budget_and_anti_affinity() -> None:
+    """Cluster finding 14: the gke overlay's three RabbitMQ nodes had no PodDisruptionBudget
+    and nothing kept two of them off one Kubernetes node (whose loss takes a quorum)."""
+    docs = copy.deepcopy(RENDERED["gke"])
+    del _one(docs, "RabbitmqCluster", "rabbitmq")["spec"]["affinity"]
+    docs = [d for d in docs if (d["kind"], d["metadata"]["name"]) != ("PodDisruptionBudget", "rabbitmq")]
+
+    found = [str(v) for v in violations("gke", docs)]
+
+    assert "gke: RabbitmqCluster/rabbitmq: no PodDisruptionBudget selects the broker's pods" in found
+    assert any("RabbitmqCluster/rabbitmq: several broker nodes and no podAntiAffinity" in v for v in found)
+    assert not [v for v in violations("gke", RENDERED["gke"]) if "RabbitmqCluster" in str(v)]

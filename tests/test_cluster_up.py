@@ -9,10 +9,15 @@ Each test is a finding of the cluster review that the script got wrong before.
 
 from __future__ import annotations
 
+import http.server
+import json
 import os
 import shutil
 import subprocess
+import threading
+from collections.abc import Iterator
 from pathlib import Path
+from typing import ClassVar
 
 import pytest
 
@@ -46,8 +51,51 @@ exit 0
 TOOLS = ("docker", "kind", "gcloud", "gke-gcloud-auth-plugin", "helm", "kubectl")
 
 
+class StandInIngress(http.server.BaseHTTPRequestHandler):
+    """What `kubectl port-forward service/ingress` reaches, for the smoke jobs: every job
+    accepted, and then in the status the test sets."""
+
+    status: ClassVar[str] = "succeeded"
+    submitted: ClassVar[list[str]] = []
+
+    def _answer(self, code: int, body: dict[str, str]) -> None:
+        data = json.dumps(body).encode()
+        self.send_response(code)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def do_GET(self) -> None:
+        self._answer(
+            200, {"status": "ok"} if self.path == "/healthz" else {"id": "j1", "status": self.status}
+        )
+
+    def do_POST(self) -> None:
+        self.rfile.read(int(self.headers.get("Content-Length", 0)))
+        StandInIngress.submitted.append(self.path)
+        self._answer(202, {"id": "j1", "status": "queued"})
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
 @pytest.fixture
-def tools(tmp_path: Path) -> dict[str, str]:
+def ingress() -> Iterator[int]:
+    StandInIngress.status, StandInIngress.submitted = "succeeded", []
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), StandInIngress)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield server.server_address[1]
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=5)
+
+
+@pytest.fixture
+def tools(tmp_path: Path, ingress: int) -> dict[str, str]:
     real_kubectl = shutil.which("kubectl")
     if real_kubectl is None:
         pytest.skip("kubectl renders the overlays (`kubectl kustomize`)")
@@ -65,6 +113,8 @@ def tools(tmp_path: Path) -> dict[str, str]:
         "PROJECT": "acme",
         "ZONE": "europe-west4-a",
         "REGISTRY": REGISTRY,
+        "SMOKE_PORT": str(ingress),
+        "SMOKE_TIMEOUT_S": "3",
     }
 
 
@@ -220,3 +270,30 @@ def test_given_the_role_listing_fails_then_no_empty_secret_is_applied(
     applied = Path(tools["TOOLS_APPLIED"])
     assert "inferq-broker-users" not in (applied.read_text() if applied.exists() else "")
     assert "cannot start" in done.stderr
+
+
+def test_given_cluster_up_then_it_ends_with_a_job_on_every_model(tools: dict[str, str]) -> None:
+    """Finding 7: nothing ran a job through a model at the end, so a pool that could never
+    scale reported success."""
+    calls, _applied = _provision(tools, "up", "kind")
+
+    assert StandInIngress.submitted == ["/v1/models/echo/jobs", "/v1/models/embed-minilm/jobs"]
+    assert any(call.startswith("kubectl -n inferq port-forward service/ingress") for call in calls)
+
+
+def test_given_a_model_whose_pod_is_never_placed_then_gke_up_fails_saying_where_to_look(
+    tools: dict[str, str],
+) -> None:
+    StandInIngress.status = "queued"
+    done = subprocess.run(
+        ["bash", "cluster/provision.sh", "up", "gke"],
+        cwd=ROOT,
+        env=tools,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+    assert done.returncode == 1
+    assert "smoke job j1 on echo ended 'queued'" in done.stderr
+    assert "GPU quota" in done.stderr and "europe-west4" in done.stderr
