@@ -171,13 +171,17 @@ def run_callback_dispatcher(settings: CallbackSettings) -> None:
     serve.run(app, name=DISPATCHER_APP, route_prefix=None)
 
 
-def start_ray_and_serve(metrics_export_port: int = 0, http_port: int = 0, node_ip: str = "127.0.0.1") -> None:
+def start_ray_and_serve(
+    metrics_export_port: int = 0, http_port: int = 0, node_ip: str = "127.0.0.1", num_gpus: int | None = None
+) -> None:
     """A node-local Ray instance at `node_ip` (loopback on one machine, the pod's IP in a
     pod) and Serve on it; Serve's HTTP proxy only when `http_port` is set (the direct path
     `task bench` compares with). Ray exports the workers' metrics in Prometheus format on
     `metrics_export_port` when it is set: on loopback when `node_ip` is loopback (Ray's
-    reporter agent), on every interface otherwise."""
+    reporter agent), on every interface otherwise. `num_gpus` set: the node's GPUs, named
+    rather than detected."""
     ray.init(
+        num_gpus=num_gpus,
         include_dashboard=False,
         logging_level=logging.WARNING,
         _node_ip_address=node_ip,

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import os
 import signal
 import sys
@@ -53,8 +54,22 @@ def main(argv: list[str] | None = None) -> int:
         worker_app_name,
     )
 
-    # Metrics on a fixed port of the pod's IP (RAY_NODE_IP), so a PodMonitor can scrape them.
-    start_ray_and_serve(read.worker_metrics_port, node_ip=read.ray_node_ip)
+    gpus = math.ceil(read.worker_num_gpus) if args.role == "worker" else 0
+    if gpus:
+        from ray_workers.models.cuda import cuda_devices
+
+        found = cuda_devices()
+        if found < gpus:
+            print(
+                f"cannot start: WORKER_NUM_GPUS={read.worker_num_gpus} but CUDA sees {found} device(s): "
+                "is the driver's lib64 on LD_LIBRARY_PATH (GKE: /usr/local/nvidia/lib64) and "
+                "nvidia.com/gpu in the limits?",
+                file=sys.stderr,
+            )
+            return 2
+    # Metrics on a fixed port of the pod's IP (RAY_NODE_IP), so a PodMonitor can scrape them;
+    # the GPUs named, not left to Ray's detection (which can miss a mounted driver).
+    start_ray_and_serve(read.worker_metrics_port, node_ip=read.ray_node_ip, num_gpus=gpus)
     app = worker_app_name(args.model) if args.role == "worker" else DISPATCHER_APP
     health = PodHealth(read.pod_health_host, read.pod_health_port, lambda: application_status(app))
     health.start()
