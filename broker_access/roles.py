@@ -55,10 +55,15 @@ def _only(*names: str) -> str:
     return "^(" + "|".join(re.escape(name) for name in names) + ")$"
 
 
+def _with_instances(name: str) -> str:
+    """A pattern matching `name` and `name.<instance>` (a push scaler pod's own queue)."""
+    return "^" + re.escape(name) + r"(\.[^.]+)?$"
+
+
 def roles(topology: Topology, models: tuple[str, ...]) -> tuple[Role, ...]:
     """Every component's role for this topology and these models."""
     t = topology
-    demand = t.push_scaler_demand_queue
+    demand = _with_instances(t.push_scaler_demand_queue)
     outcomes = [t.job_outcomes_exchange(model) for model in models]
     workers = (
         Role(f"worker-{model}", write=_only(t.job_outcomes_exchange(model)), read=_only(*t.job_queues(model)))
@@ -69,7 +74,10 @@ def roles(topology: Topology, models: tuple[str, ...]) -> tuple[Role, ...]:
         *workers,
         Role("callbacks", write=_only(t.callback_outcomes_exchange), read=_only(t.callbacks_queue)),
         Role(
-            "push-scaler", configure=_only(demand), write=_only(demand), read=_only(t.events_exchange, demand)
+            "push-scaler",
+            configure=demand,
+            write=demand,
+            read=f"{_only(t.events_exchange)}|{demand}",
         ),
         # KEDA's scaler and the autoscaler read queue figures from the management API.
         Role("monitor", tags=("management",)),

@@ -249,6 +249,39 @@ def _isolation(docs: list[Manifest]) -> Iterator[tuple[str, str]]:
             yield _name(workload), "no PodDisruptionBudget selects its pods"
 
 
+def _push_scalers(docs: list[Manifest]) -> Iterator[tuple[str, str]]:
+    """The Deployment behind every `external-push` trigger runs two replicas or more, each
+    on a queue of its own (PUSH_SCALER_INSTANCE from its pod's name): KEDA scales nothing to
+    zero while a trigger errors, so a lone push scaler's outage pins every model at one."""
+    services = {doc["metadata"]["name"]: doc for doc in docs if doc["kind"] == "Service"}
+    deployments = [doc for doc in docs if doc["kind"] == "Deployment"]
+    addresses = {
+        trigger["metadata"]["scalerAddress"].split(".")[0]
+        for doc in docs
+        if doc["kind"] == "ScaledObject"
+        for trigger in doc["spec"]["triggers"]
+        if trigger["type"] == "external-push"
+    }
+    own_name = {"fieldRef": {"fieldPath": "metadata.name"}}
+    for service in (services[name] for name in sorted(addresses) if name in services):
+        selector = service["spec"]["selector"].items()
+        for deployment in (d for d in deployments if selector <= _pod_labels(d).items()):
+            if deployment["spec"].get("replicas", 1) < 2:
+                yield (
+                    _name(deployment),
+                    "one replica behind KEDA's external-push triggers: its outage pins every model",
+                )
+            env = {
+                e["name"]: e.get("valueFrom")
+                for e in deployment["spec"]["template"]["spec"]["containers"][0].get("env", [])
+            }
+            if env.get("PUSH_SCALER_INSTANCE") != own_name:
+                yield (
+                    _name(deployment),
+                    "PUSH_SCALER_INSTANCE not from metadata.name: its replicas would share one queue",
+                )
+
+
 def _availability(docs: list[Manifest]) -> Iterator[tuple[str, str]]:
     """What keeps the stateful parts up through drains and node losses, and the namespace's
     Pod Security Admission level."""
@@ -264,6 +297,7 @@ def _availability(docs: list[Manifest]) -> Iterator[tuple[str, str]]:
             "labels", {}
         ):
             yield _name(doc), "no Pod Security Admission level (pod-security.kubernetes.io/enforce)"
+    yield from _push_scalers(docs)
     budgets = [doc for doc in docs if doc["kind"] == "PodDisruptionBudget"]
     for cluster in (doc for doc in docs if doc["kind"] == "RabbitmqCluster"):
         labels = {"app.kubernetes.io/name": cluster["metadata"]["name"]}

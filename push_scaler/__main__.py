@@ -1,6 +1,7 @@
 """`python -m push_scaler`: the KEDA external push scaler, until SIGTERM.
 
-Hears the ingress's demand events on its own queue (`events.demand.push-scaler`) and
+Hears the ingress's demand events on its own queue (`events.demand.push-scaler`, or
+`events.demand.push-scaler.<PUSH_SCALER_INSTANCE>` for each of several) and
 answers KEDA over gRPC on PUSH_SCALER_HOST:PUSH_SCALER_PORT. A broker that is not up
 yet is retried; events are hints, so a lost one costs KEDA's next poll, no more.
 """
@@ -24,7 +25,7 @@ BROKER_RETRY_INTERVAL_S = 1.0
 STOP_GRACE_S = 5.0
 
 
-async def _subscribe_until_ready(broker: Broker, scaler: DemandScaler, url: str) -> None:
+async def _subscribe_until_ready(broker: Broker, scaler: DemandScaler, url: str, instance: str) -> None:
     async def on_event(delivery: Delivery) -> None:
         await delivery.ack()
         scaler.on_demand(delivery.body.decode(errors="replace"))
@@ -33,7 +34,8 @@ async def _subscribe_until_ready(broker: Broker, scaler: DemandScaler, url: str)
     while True:
         try:
             await broker.connect()
-            await broker.subscribe(topology.push_scaler_demand_queue, topology.demand_key("*"), on_event)
+            queue = topology.push_scaler_instance_queue(instance)
+            await broker.subscribe(queue, topology.demand_key("*"), on_event)
             logger.info("hearing demand events at %s", redact_url(url))
             return
         except BrokerUnavailable as exc:
@@ -51,7 +53,9 @@ async def run(read: Environment) -> None:
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, stop.set)
-    subscribing = asyncio.create_task(_subscribe_until_ready(broker, scaler, read.amqp_url))
+    subscribing = asyncio.create_task(
+        _subscribe_until_ready(broker, scaler, read.amqp_url, read.push_scaler_instance)
+    )
     try:
         await stop.wait()
     finally:

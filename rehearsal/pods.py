@@ -230,10 +230,11 @@ def make_pod(
     image: tuple[Path, Path, Mapping[str, str]],
     config_maps: Mapping[str, Mapping[str, str]],
     secrets: Mapping[str, Mapping[str, str]],
+    ordinal: int = 0,
 ) -> Pod:
     """The pod of `workload` at `address`; `image` is (app folder, its python, its ENV) for
     our image, whose `python` is that python and whose working directory is the app."""
-    name = f"{workload['metadata']['name']}-0"
+    name = f"{workload['metadata']['name']}-{ordinal}"
     folder.mkdir(parents=True)
     container = workload["spec"]["template"]["spec"]["containers"][0]
     ours = container["image"].startswith("inferq")

@@ -46,7 +46,7 @@ READY_TIMEOUT_S = 300.0
 JOB_TIMEOUT_S = 180.0
 PROMETHEUS_PORT = 19090
 CANNOT_REHEARSE = (
-    "KEDA's scaling: each Deployment runs the one pod Kubernetes starts before KEDA acts",
+    "KEDA's scaling: each Deployment runs the pods Kubernetes starts (its replicas, else one) before KEDA acts",
     "the operators: RabbitMQ is the broker on this machine (one node, the overlay's quorum topology)",
     "NetworkPolicy enforcement",
     "GPUs: GPU models run on the CPU, as in the kind overlay",
@@ -56,6 +56,8 @@ DEVIATIONS = (
     "ConfigMap inferq gains CALLBACK_ALLOW_HOSTS=198.18.77.1: the rehearsal's webhook receiver "
     "sits on the bridge's host address, which the callback-URL guard rightly refuses",
     f"scrape interval {SCRAPE_INTERVAL_S} s instead of 15 s, so the run is short",
+    "processes run as this machine's root: its Python lives where no other user may read "
+    "(task cluster:verify checks the users, read-only roots and dropped capabilities)",
 )
 
 
@@ -290,8 +292,12 @@ def _service_hosts(docs: list[Manifest], addresses: dict[str, str]) -> dict[str,
         if chosen:
             name = service["metadata"]["name"]
             for alias in (f"{name}.inferq.svc", f"{name}.inferq.svc.cluster.local"):
-                hosts[alias] = addresses[chosen[0]["metadata"]["name"]]
+                hosts[alias] = addresses[f"{chosen[0]['metadata']['name']}-0"]
     return hosts
+
+
+def _replicas(workload: Manifest) -> int:
+    return 1 if workload["kind"] == "Job" else int(workload["spec"].get("replicas", 1))
 
 
 def _broker_users(secrets: dict[str, dict[str, str]]) -> list[str]:
@@ -346,11 +352,16 @@ class Rehearsal:
             d["metadata"]["name"]: dict(d.get("data", {})) for d in self.docs if d["kind"] == "ConfigMap"
         }
         self.config_maps["inferq"]["CALLBACK_ALLOW_HOSTS"] = HOST_ADDRESS
-        workloads = [d for d in self.docs if d["kind"] in WORKLOAD_KINDS]
-        addresses = {w["metadata"]["name"]: self.network.add_pod(w["metadata"]["name"]) for w in workloads}
+        # Each workload's pods as Kubernetes starts them: `replicas` of a Deployment or a
+        # StatefulSet (1 when unset, before KEDA acts), one of a Job.
+        replicas = [(w, i) for w in self.docs if w["kind"] in WORKLOAD_KINDS for i in range(_replicas(w))]
+        addresses = {
+            f"{w['metadata']['name']}-{i}": self.network.add_pod(f"{w['metadata']['name']}-{i}")
+            for w, i in replicas
+        }
         self.network.write_hosts(_service_hosts(self.docs, addresses))
-        for index, workload in enumerate(workloads):
-            name = workload["metadata"]["name"]
+        for index, (workload, ordinal) in enumerate(replicas):
+            name = f"{workload['metadata']['name']}-{ordinal}"
             pod = make_pod(
                 workload,
                 addresses[name],
@@ -359,6 +370,7 @@ class Rehearsal:
                 image=(image.app, image.python, image.env),
                 config_maps=self.config_maps,
                 secrets=self.secrets,
+                ordinal=ordinal,
             )
             self.pods.append(pod)
             self.reports[pod.name] = PodReport(pod.name, False, pod.address)

@@ -438,6 +438,15 @@ class Environment(BaseModel):
     push_scaler_port: Port = Field(
         9095, alias="PUSH_SCALER_PORT", description="the KEDA external push scaler's gRPC port"
     )
+    push_scaler_instance: str = Field(
+        "",
+        alias="PUSH_SCALER_INSTANCE",
+        pattern=r"^[A-Za-z0-9_-]*$",
+        description=(
+            "this push scaler's name where several run (a pod's name): each hears every demand "
+            "event on a queue of its own"
+        ),
+    )
     push_scaler_active_s: float = Field(
         30.0,
         gt=0,

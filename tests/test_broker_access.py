@@ -252,7 +252,10 @@ async def test_the_monitor_reads_queue_figures_from_the_management_api_and_the_p
     scaler = Broker(access.urls["push-scaler"], access.topology, TEST_MODELS, role="push-scaler")
     await scaler.connect()
     try:
-        await scaler.subscribe(access.topology.push_scaler_demand_queue, "model.*.demand", _ignore)
+        # Its own queue, as each of the cluster's push scaler pods names it.
+        await scaler.subscribe(
+            access.topology.push_scaler_instance_queue("push-scaler-0"), "model.*.demand", _ignore
+        )
     finally:
         await scaler.close()
 

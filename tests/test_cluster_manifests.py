@@ -155,6 +155,14 @@ BREAKS = [
         _drop([*POD, "securityContext", "runAsNonRoot"]),
         "runAsNonRoot",
     ),
+    # Cluster finding 12: one push scaler behind every model's external-push trigger.
+    ("a lone push scaler", ("Deployment", "push-scaler"), _set(["spec", "replicas"], 1), "pins every model"),
+    (
+        "push scalers sharing a queue",
+        ("Deployment", "push-scaler"),
+        _drop([*CONTAINER, "env", 1]),
+        "would share one queue",
+    ),
     # Cluster finding 13: the StatefulSet governed by the ordinary Service `redis`.
     (
         "a non-headless governing Service",

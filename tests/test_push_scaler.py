@@ -142,31 +142,43 @@ async def test_a_trigger_without_model_metadata_is_refused_naming_it(
     assert "needs metadata `model`" in str(refused.value.details())
 
 
-async def test_given_a_job_accepted_by_the_ingress_then_keda_hears_active_at_once(
+async def test_given_a_job_accepted_by_the_ingress_then_keda_hears_active_at_once_from_every_replica(
     ingress_settings: IngressSettings, client: httpx.AsyncClient
 ) -> None:
-    service = DemandScaler(DemandWindow(active_for_s=30.0), ingress_settings.models)
-    server, port = await serve(service, "127.0.0.1", 0)
-    broker = Broker(ingress_settings.amqp_url, ingress_settings.topology, ingress_settings.models)
-    channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
+    """Two push scalers (the cluster runs two, cluster finding 12), each on a queue of its
+    own: whichever KEDA's stream reaches hears the demand (sharing one queue, each heard part)."""
+    services, servers, brokers, channels, streams = [], [], [], [], []
     try:
-        await _subscribe_until_ready(broker, service, ingress_settings.amqp_url)
-        stream = _stub(channel).StreamIsActive(_ref())
-        first = await asyncio.wait_for(stream.read(), 5)
+        for instance in ("push-scaler-a", "push-scaler-b"):
+            service = DemandScaler(DemandWindow(active_for_s=30.0), ingress_settings.models)
+            server, port = await serve(service, "127.0.0.1", 0)
+            broker = Broker(ingress_settings.amqp_url, ingress_settings.topology, ingress_settings.models)
+            services.append(service)
+            servers.append(server)
+            brokers.append(broker)
+            await _subscribe_until_ready(broker, service, ingress_settings.amqp_url, instance)
+            channels.append(grpc.aio.insecure_channel(f"127.0.0.1:{port}"))
+            streams.append(_stub(channels[-1]).StreamIsActive(_ref()))
+        firsts = [await asyncio.wait_for(stream.read(), 5) for stream in streams]
         accepted = await client.post("/v1/models/echo/jobs", json={"input": 1})
         started = asyncio.get_running_loop().time()
-        woke = await asyncio.wait_for(stream.read(), 5)
+        woke = [await asyncio.wait_for(stream.read(), 5) for stream in streams]
         waited_s = asyncio.get_running_loop().time() - started
-        stream.cancel()
+        for stream in streams:
+            stream.cancel()
     finally:
-        await channel.close()
-        await server.stop(0)
-        await broker.close()
+        for channel in channels:
+            await channel.close()
+        for server in servers:
+            await server.stop(0)
+        for broker in brokers:
+            await broker.close()
 
     assert accepted.status_code == 202
-    assert (first.result, woke.result) == (False, True)
+    assert [f.result for f in firsts] == [False, False]
+    assert [w.result for w in woke] == [True, True]
     assert waited_s < 2.0  # the event path (coalesced 0.25 s), not a polling interval
-    print(f"\npush scaler: job accepted -> KEDA stream active in {waited_s * 1000:.0f} ms")
+    print(f"\npush scalers: job accepted -> both KEDA streams active in {waited_s * 1000:.0f} ms")
 
 
 async def test_a_model_not_served_is_refused_and_leaves_nothing_behind(

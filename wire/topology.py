@@ -126,8 +126,14 @@ class Topology:
 
     @property
     def push_scaler_demand_queue(self) -> str:
-        """Where the KEDA push scaler hears demand events."""
+        """Where the KEDA push scaler hears demand events; each instance of several
+        (`PUSH_SCALER_INSTANCE`, a pod's name) on a queue of its own beneath it."""
         return f"{self.prefix}events.demand.push-scaler"
+
+    def push_scaler_instance_queue(self, instance: str) -> str:
+        """One push scaler's own queue: every instance hears every demand event (replicas
+        sharing one queue would each hear a part)."""
+        return f"{self.push_scaler_demand_queue}.{instance}" if instance else self.push_scaler_demand_queue
 
     @property
     def replicated(self) -> bool:
