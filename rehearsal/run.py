@@ -46,7 +46,7 @@ READY_TIMEOUT_S = 300.0
 JOB_TIMEOUT_S = 180.0
 PROMETHEUS_PORT = 19090
 CANNOT_REHEARSE = (
-    "KEDA's scaling: each Deployment runs the pods Kubernetes starts (its replicas, else one) before KEDA acts",
+    "KEDA's scaling: each Deployment runs the pods Kubernetes starts (its replicas) before KEDA acts",
     "the operators: RabbitMQ is the broker on this machine (one node, the overlay's quorum topology)",
     "NetworkPolicy enforcement",
     "GPUs: GPU models run on the CPU, as in the kind overlay",
