@@ -207,10 +207,11 @@ broker_secrets() {
     AMQP_URL="$amqp_scheme://$admin:$admin_password@$amqp_base" \
     RABBITMQ_MANAGEMENT_URL="$management_scheme://$admin:$admin_password@$management_base"
   # Read first, so that a failure stops the run here (inside `done < <(...)` set -e
-  # cannot see it, and every Secret below would be made empty).
-  roles="$(MODELS="$(sed -n 's/^  MODELS: //p' cluster/base/config.yaml)" .venv/bin/python -m broker_access roles)"
+  # cannot see it, and every Secret below would be made empty). `task manifests` writes the
+  # list from the catalogue: no Python environment (nor torch) is needed to read it.
+  roles="$(sed -n 's/^\([a-z0-9-]*\): \(.*\)$/\1 \2/p' cluster/broker-roles.yaml)"
   if [ -z "$roles" ]; then
-    echo "python -m broker_access roles listed no roles" >&2
+    echo "cluster/broker-roles.yaml lists no roles; run task manifests" >&2
     exit 1
   fi
   while read -r role user; do

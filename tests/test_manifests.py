@@ -65,6 +65,7 @@ def test_a_changed_catalogue_is_drift_until_the_manifests_are_rewritten(tmp_path
     # vision is new, embed-minilm left the catalogue, echo's figures went back to the defaults.
     expected = [
         "cluster/base/workers.yaml",
+        "cluster/broker-roles.yaml",
         "cluster/components/quorum/kustomization.yaml",
         "keda/kustomization.yaml",
         "keda/scaledobject-echo.yaml",
