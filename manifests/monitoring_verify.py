@@ -14,7 +14,7 @@ import re
 import shutil
 import subprocess
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +34,8 @@ def _name(doc: Manifest) -> str:
     return f"{doc['kind']}/{doc['metadata']['name']}"
 
 
-def _matches(selector: Manifest, labels: dict[str, str]) -> bool:
+def selector_matches(selector: Manifest, labels: Mapping[str, str]) -> bool:
+    """A label selector (matchLabels, matchExpressions In / Exists) against labels."""
     if not selector.get("matchLabels", {}).items() <= labels.items():
         return False
     for expression in selector.get("matchExpressions", []):
@@ -83,13 +84,17 @@ def _targets(monitors: list[Manifest], platform: list[Manifest]) -> Iterator[tup
         if monitor["kind"] == "ServiceMonitor":
             ports = {p["port"] for p in monitor["spec"]["endpoints"]}
             chosen = [
-                s for s in services if _matches(monitor["spec"]["selector"], s["metadata"].get("labels", {}))
+                s
+                for s in services
+                if selector_matches(monitor["spec"]["selector"], s["metadata"].get("labels", {}))
             ]
             named = [{p.get("name") for p in s["spec"]["ports"]} for s in chosen]
         else:
             ports = {p["port"] for p in monitor["spec"]["podMetricsEndpoints"]}
             chosen = [
-                p for p in pods if _matches(monitor["spec"]["selector"], p["metadata"].get("labels", {}))
+                p
+                for p in pods
+                if selector_matches(monitor["spec"]["selector"], p["metadata"].get("labels", {}))
             ]
             named = [
                 {port.get("name") for c in p["spec"]["containers"] for port in c.get("ports", [])}
@@ -110,7 +115,7 @@ def _ray_exporters(monitors: list[Manifest], platform: list[Manifest]) -> Iterat
     for monitor in (m for m in monitors if m["kind"] == "PodMonitor"):
         for workload in (d for d in platform if d["kind"] in ("Deployment", "StatefulSet")):
             template = workload["spec"]["template"]
-            if not _matches(monitor["spec"]["selector"], template["metadata"].get("labels", {})):
+            if not selector_matches(monitor["spec"]["selector"], template["metadata"].get("labels", {})):
                 continue
             for container in template["spec"]["containers"]:
                 runs_ray = "ray_workers.pod" in " ".join(

@@ -23,7 +23,7 @@ import aiohttp
 import yaml
 
 from manifests.exported_metrics import metric_names
-from manifests.monitoring_verify import operator_services
+from manifests.monitoring_verify import operator_services, selector_matches
 from rehearsal.pods import Pod
 
 Manifest = dict[str, Any]
@@ -46,18 +46,6 @@ class Target:
     labels: dict[str, str]
 
 
-def _matches(selector: Manifest, labels: Mapping[str, str]) -> bool:
-    if not selector.get("matchLabels", {}).items() <= labels.items():
-        return False
-    for expression in selector.get("matchExpressions", []):
-        value = labels.get(expression["key"])
-        if expression["operator"] == "In" and value not in expression["values"]:
-            return False
-        if expression["operator"] == "Exists" and value is None:
-            return False
-    return True
-
-
 def _service_targets(
     monitor: Manifest,
     services: list[Manifest],
@@ -69,7 +57,7 @@ def _service_targets(
     for endpoint in monitor["spec"]["endpoints"]:
         path, params = endpoint.get("path", "/metrics"), endpoint.get("params", {})
         for service in services + list(operator.values()):
-            if not _matches(monitor["spec"]["selector"], service["metadata"].get("labels", {})):
+            if not selector_matches(monitor["spec"]["selector"], service["metadata"].get("labels", {})):
                 continue
             port = next((p for p in service["spec"]["ports"] if p.get("name") == endpoint["port"]), None)
             if port is None:
@@ -78,7 +66,7 @@ def _service_targets(
                 yield Target(job, broker_ports[endpoint["port"]], path, params, {"service": "rabbitmq"})
                 continue
             selector = {"matchLabels": service["spec"]["selector"]}
-            for pod in (p for p in pods if p.ready and _matches(selector, p.labels)):
+            for pod in (p for p in pods if p.ready and selector_matches(selector, p.labels)):
                 target_port = port["targetPort"]
                 number = pod.ports[target_port] if isinstance(target_port, str) else int(target_port)
                 labels = {"service": service["metadata"]["name"], "pod": pod.name}
@@ -99,7 +87,10 @@ def scrape_targets(
         job = f"PodMonitor/{monitor['metadata']['name']}"
         for endpoint in monitor["spec"]["podMetricsEndpoints"]:
             for pod in pods:
-                if _matches(monitor["spec"]["selector"], pod.labels) and endpoint["port"] in pod.ports:
+                if (
+                    selector_matches(monitor["spec"]["selector"], pod.labels)
+                    and endpoint["port"] in pod.ports
+                ):
                     address = f"{pod.address}:{pod.ports[endpoint['port']]}"
                     path, params = endpoint.get("path", "/metrics"), endpoint.get("params", {})
                     yield Target(job, address, path, params, {"pod": pod.name})

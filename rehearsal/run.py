@@ -30,7 +30,7 @@ import aiohttp
 
 from loadgen.callback_receiver import CallbackReceiver
 from manifests.cluster_verify import OVERLAYS, render
-from manifests.monitoring_verify import MONITORING
+from manifests.monitoring_verify import MONITORING, selector_matches
 from rehearsal.cluster_secrets import make_secrets
 from rehearsal.image_stage import stage_image
 from rehearsal.pod_network import HOST_ADDRESS, PodNetwork
@@ -287,8 +287,10 @@ def _service_hosts(docs: list[Manifest], addresses: dict[str, str]) -> dict[str,
     hosts = {"rabbitmq.inferq.svc": HOST_ADDRESS, "rabbitmq.inferq.svc.cluster.local": HOST_ADDRESS}
     workloads = [d for d in docs if d["kind"] in WORKLOAD_KINDS]
     for service in (d for d in docs if d["kind"] == "Service"):
-        selector = service["spec"]["selector"].items()
-        chosen = [w for w in workloads if selector <= w["spec"]["template"]["metadata"]["labels"].items()]
+        selector = {"matchLabels": service["spec"]["selector"]}
+        chosen = [
+            w for w in workloads if selector_matches(selector, w["spec"]["template"]["metadata"]["labels"])
+        ]
         if chosen:
             name = service["metadata"]["name"]
             for alias in (f"{name}.inferq.svc", f"{name}.inferq.svc.cluster.local"):
