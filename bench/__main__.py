@@ -26,6 +26,7 @@ from bench.ingress_efficiency import measure_ingress
 from bench.pipeline_overhead import measure_pipeline
 from bench.python_profile import measure_profile, profile_markdown
 from bench.user_path import measure_user_path
+from bench.versus_celery import FULL_SIZE, QUICK_SIZE, measure_versus_celery
 from bench.wake_from_zero import measure_wake
 from bench.worker_path import measure_batching, measure_priority, measure_queue_types
 from ray_workers.models.minilm import MiniLMModel
@@ -78,6 +79,7 @@ QUICK = BenchSize(
     queue_type_backlogs={"echo": 300},
 )
 STAGES = (
+    "versus-celery",
     "user-path",
     "callbacks",
     "profile",
@@ -104,7 +106,10 @@ async def run(
     started = time.monotonic()
     for n, stage in enumerate(stages, 1):
         print(f"{n}/{len(stages)} {stage} ...", flush=True)
-        if stage == "user-path":
+        if stage == "versus-celery":
+            versus_size = QUICK_SIZE if quick else FULL_SIZE
+            results[stage] = await measure_versus_celery(amqp_url, size.reps, versus_size)
+        elif stage == "user-path":
             results[stage] = await measure_user_path(amqp_url, size.reps, size.user_path_backlogs)
         elif stage == "callbacks":
             results[stage] = await measure_callbacks(amqp_url, size.reps, size.callback_deliveries)
@@ -147,6 +152,8 @@ async def run(
 
 def ratios(results: dict[str, Any]) -> list[tuple[str, float, str]]:
     rows: list[tuple[str, float, str]] = []
+    if "versus-celery" in results:
+        rows += _versus_celery_rows(results["versus-celery"]["summary"])
     if "user-path" in results:
         rows += _user_path_rows(results)
     if "callbacks" in results:
@@ -223,6 +230,31 @@ def ratios(results: dict[str, Any]) -> list[tuple[str, float, str]]:
                 f"{rates['quorum']:.0f} / {rates['classic']:.0f} per s",
             )
         )
+    return rows
+
+
+def _versus_celery_rows(summary: dict[str, Any]) -> list[tuple[str, float, str]]:
+    rates = summary["jobs_per_s"]
+    rows = [
+        (
+            f"Versus Celery, {name}: our jobs/s to a verified callback / Celery's drain",
+            ratio,
+            f"{rates[name]:.0f} per s; lost {summary['lost']}, duplicates {summary['duplicates']}",
+        )
+        for name, ratio in summary.get("versus_celery", {}).items()
+    ]
+    timeline = summary["timeline_p50_ms"]
+    rows.append(
+        (
+            "Low load, echo one job per 50 ms: submit -> verified callback p50 / p99 (ms)",
+            summary["low_load_p50_ms"] / summary["low_load_p99_ms"],
+            f"p50 {summary['low_load_p50_ms']:.1f} ms, p99 {summary['low_load_p99_ms']:.1f} ms, 202 p50 "
+            f"{summary['accepted_p50_ms']:.1f} ms; p50 timeline: 202 {timeline['submit_to_202']:.1f}, "
+            f"to worker {timeline['submit_to_worker']:.1f}, model {timeline['model']:.2f}, to callback "
+            f"{timeline['worker_to_callback']:.1f} ms; Celery's p50 (no HTTP, no callback) "
+            f"{summary.get('celery_echo_latency_p50_ms', float('nan')):.1f} ms",
+        )
+    )
     return rows
 
 

@@ -50,37 +50,55 @@ class Submitted:
     last_accepted_wall_s: float
 
 
-async def submit_backlog(base_url: str, model: str, count: int, callback_url: str) -> Submitted:
-    """`count` jobs, SUBMIT_CONCURRENCY at a time, over kept-alive connections."""
+async def submit_backlog(
+    base_url: str,
+    model: str,
+    count: int,
+    callback_url: str,
+    concurrency: int = SUBMIT_CONCURRENCY,
+    batch: int = 1,
+) -> Submitted:
+    """`count` jobs, `concurrency` requests at a time over kept-alive connections, each
+    request one job or (`batch` > 1) a batch of that many."""
     accepted: list[str] = []
     refused = 0
     next_index = 0
     first_submit = time.time()
-    connector = aiohttp.TCPConnector(limit=SUBMIT_CONCURRENCY)
+    connector = aiohttp.TCPConnector(limit=concurrency)
     async with aiohttp.ClientSession(base_url, connector=connector) as session:
 
         async def submitter() -> None:
             nonlocal next_index, refused
             while next_index < count:
-                n, next_index = next_index, next_index + 1
-                body = {"input": job_input(model, n), "callback_url": callback_url}
-                async with session.post(f"/v1/models/{model}/jobs", json=body) as response:
-                    if response.status == 202:
-                        accepted.append((await response.json())["id"])
-                    else:
-                        refused += 1
+                first, next_index = next_index, min(count, next_index + batch)
+                jobs = [
+                    {"input": job_input(model, n), "callback_url": callback_url}
+                    for n in range(first, next_index)
+                ]
+                path = f"/v1/models/{model}/jobs" + ("" if batch == 1 else "/batch")
+                async with session.post(path, json=jobs[0] if batch == 1 else {"jobs": jobs}) as response:
+                    if response.status != 202:
+                        refused += len(jobs)
+                        continue
+                    answer = await response.json()
+                    accepted.extend([answer["id"]] if batch == 1 else [job["id"] for job in answer["jobs"]])
 
-        await asyncio.gather(*(submitter() for _ in range(SUBMIT_CONCURRENCY)))
+        await asyncio.gather(*(submitter() for _ in range(concurrency)))
     return Submitted(accepted, refused, first_submit, time.time())
 
 
 async def backlog_run(
-    stack: StackProcess, receiver: ReceiverProcess, model: str, count: int
+    stack: StackProcess,
+    receiver: ReceiverProcess,
+    model: str,
+    count: int,
+    concurrency: int = SUBMIT_CONCURRENCY,
+    batch: int = 1,
 ) -> dict[str, Any]:
     """One backlog: its rate, 202 span, per-second completion timeline, lost and duplicates."""
     already = len(await receiver.refresh())
     cpu_before = cpu_accounting.snapshot()
-    submitted = await submit_backlog(stack.base_url, model, count, receiver.url)
+    submitted = await submit_backlog(stack.base_url, model, count, receiver.url, concurrency, batch)
     ids = set(submitted.accepted)
     await receiver.wait_for(ids, CALLBACK_WAIT_S)
     cpu_ms = cpu_accounting.cpu_ms_per_job(cpu_before, cpu_accounting.snapshot(), len(ids))

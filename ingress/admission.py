@@ -43,8 +43,8 @@ class Admission:
         self._depths: dict[str, _Depth] = {}
         self._reading: dict[str, asyncio.Lock] = {}
 
-    async def admit(self, model: str) -> None:
-        """Count one job in, or raise QueueFull; the depth is refreshed when stale."""
+    async def admit(self, model: str, jobs: int = 1) -> None:
+        """Count `jobs` in (all or none), or raise QueueFull; the depth is refreshed when stale."""
         state = self._depths.setdefault(model, _Depth())
         if self._clock() - state.read_at >= self._refresh_s:
             async with self._reading.setdefault(model, asyncio.Lock()):
@@ -52,15 +52,16 @@ class Admission:
                     state.depth = await self._read_depth(model)
                     state.read_at = self._clock()
                     state.admitted_since_read = 0
-        if state.depth + state.admitted_since_read >= self._max_length:
+        held = state.depth + state.admitted_since_read
+        if held + jobs > self._max_length:
+            more = "" if jobs == 1 else f"; {jobs} more would exceed it"
             raise QueueFull(
-                f"the queue for {model} holds about {state.depth + state.admitted_since_read} jobs "
-                f"(MAX_QUEUE_LENGTH={self._max_length})"
+                f"the queue for {model} holds about {held} jobs (MAX_QUEUE_LENGTH={self._max_length}){more}"
             )
-        state.admitted_since_read += 1
+        state.admitted_since_read += jobs
 
-    def refund(self, model: str) -> None:
-        """An admitted job was not published after all: it does not count."""
+    def refund(self, model: str, jobs: int = 1) -> None:
+        """Admitted jobs were not published after all: they do not count."""
         state = self._depths.get(model)
-        if state is not None and state.admitted_since_read > 0:
-            state.admitted_since_read -= 1
+        if state is not None:
+            state.admitted_since_read = max(0, state.admitted_since_read - jobs)

@@ -5,8 +5,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import time
-import uuid
 from collections.abc import AsyncIterator
 
 import msgspec
@@ -19,13 +17,14 @@ from starlette.routing import Route
 
 from broker.client import Broker, BrokerUnavailable, TopologyMismatch, TopologyMissing, redact_url
 from ingress.auth import authenticate
+from ingress.batch_submission import submit_batch
 from ingress.inflight_bytes import InflightFull
+from ingress.job_checks import check_callback, checked_job, served_model
 from ingress.job_routes import cancel_job, get_job
 from ingress.job_submission import Submission, accept
 from ingress.openapi import openapi_document
 from ingress.problems import Problem, handle_http_exception, handle_problem
 from ingress.request_body import (
-    JobRequest,
     declared_length,
     decode_job_request,
     read_limited_body,
@@ -34,10 +33,7 @@ from ingress.request_body import (
 from ingress.request_headers import idempotency_key, preferred_wait_s, request_fingerprint
 from ingress.settings import IngressSettings
 from ingress.state import IngressState, ingress_state
-from model_catalogue.input_schemas import ValidationBudgetExceeded
-from policies.callback_guard import CallbackUrlRejected, ResolutionUnavailable, check_callback_url
 from wire.envelope import Job
-from wire.job_message import job_message
 from wire.outgoing import OutgoingMessage
 
 logger = logging.getLogger(__name__)
@@ -83,14 +79,7 @@ async def _submission(request: Request, state: IngressState) -> Submission:
     before every check passed. The body and the decoded input end with this frame."""
     settings = state.settings
     owner = authenticate(request, settings.api_keys)
-    model = request.path_params["model"]
-    if model not in settings.models:
-        raise Problem(
-            404,
-            "unknown-model",
-            "Not Found",
-            f"model {model!r} is not served; served models: {list(settings.models)}",
-        )
+    model = served_model(state, request.path_params["model"])
     require_json_content_type(request)
     key = idempotency_key(request)
     wait_s = preferred_wait_s(request)
@@ -105,17 +94,7 @@ async def _submission(request: Request, state: IngressState) -> Submission:
                 job, message = await asyncio.to_thread(_decoded, state, model, owner, body)
         else:
             job, message = _decoded(state, model, owner, body)
-        if job.callback_url is not None:
-            await _check_callback_url(state, job.callback_url)
-        elif state.records is None:
-            raise Problem(
-                422,
-                "callback-url-required",
-                "Unprocessable Content",
-                "callback_url is required here: job records are off (REDIS_URL=off), so a result "
-                "could not be polled or waited for",
-                errors=[{"field": "callback_url", "detail": "required when REDIS_URL=off"}],
-            )
+        await check_callback(state, job.callback_url)
     except BaseException:
         reservation.release()
         raise
@@ -130,98 +109,9 @@ async def _submission(request: Request, state: IngressState) -> Submission:
 
 
 def _decoded(state: IngressState, model: str, owner: str, body: bytes) -> tuple[Job, OutgoingMessage]:
-    """The body decoded and checked, and its job encoded: the job without its input (the
-    message carries it), so the decoded input is let go here."""
-    job_request = decode_job_request(body, state.settings.json_budget)
-    _check_metadata(job_request.metadata, state.settings.max_metadata_bytes)
-    _check_input(state, model, job_request.input)
-    job = _job(state, model, owner, job_request)
-    return msgspec.structs.replace(job, input=None), _encoded(job)
-
-
-def _job(state: IngressState, model: str, owner: str, job_request: JobRequest) -> Job:
-    submitted_at_ms = int(time.time() * 1000)
-    # The request's ttl_s, else the model's default (models.yaml `jobs.default_ttl_s`).
-    ttl_s = (
-        job_request.ttl_s
-        if job_request.ttl_s is not None
-        else state.catalogue.entry(model).jobs.default_ttl_s
-    )
-    return Job(
-        id=str(uuid.uuid4()),
-        model=model,
-        input=job_request.input,
-        callback_url=job_request.callback_url,
-        priority=job_request.priority,
-        metadata=job_request.metadata,
-        submitted_at_ms=submitted_at_ms,
-        deadline_ms=None if ttl_s is None else submitted_at_ms + round(ttl_s * 1000),
-        owner=owner,
-    )
-
-
-def _check_metadata(metadata: dict[str, object], max_bytes: int) -> None:
-    """Metadata lives in the job's record for RESULT_TTL_S and rides on every event."""
-    size = len(msgspec.json.encode(metadata))
-    if size > max_bytes:
-        raise Problem(
-            413,
-            "metadata-too-large",
-            "Content Too Large",
-            f"metadata of {size} bytes (as JSON) exceeds {max_bytes} (MAX_METADATA_BYTES)",
-            extensions={"limit": "MAX_METADATA_BYTES", "allowed": max_bytes},
-        )
-
-
-def _encoded(job: Job) -> OutgoingMessage:
-    """The job's message, before anything is written: a job that cannot be encoded leaves
-    no record behind."""
-    try:
-        return job_message(job)
-    except (msgspec.EncodeError, OverflowError, RecursionError) as exc:
-        raise Problem(
-            422, "unencodable-job", "Unprocessable Content", f"the job cannot be encoded: {exc}"
-        ) from exc
-
-
-def _check_input(state: IngressState, model: str, job_input: object) -> None:
-    """The model's input schema (models.yaml), before anything is queued."""
-    try:
-        problem = state.input_schemas.problem(model, job_input)
-    except ValidationBudgetExceeded as exc:
-        budget_ms = state.settings.input_validation_budget_ms
-        raise Problem(
-            422,
-            "input-too-complex",
-            "Unprocessable Content",
-            f"checking the input against {model}'s input schema took over {budget_ms:g} ms "
-            "(INPUT_VALIDATION_BUDGET_MS); send a smaller input",
-            extensions={"limit": "INPUT_VALIDATION_BUDGET_MS", "allowed": budget_ms},
-        ) from exc
-    if problem is not None:
-        pointer, message = problem
-        raise Problem(
-            422,
-            "invalid-input",
-            "Unprocessable Content",
-            f"input does not match {model}'s input schema at {pointer}: {message}",
-            errors=[{"pointer": pointer, "detail": message}],
-        )
-
-
-async def _check_callback_url(state: IngressState, callback_url: str) -> None:
-    try:
-        await check_callback_url(callback_url, state.settings.callback_allow, state.resolver)
-    except CallbackUrlRejected as exc:
-        raise Problem(
-            422,
-            "invalid-callback-url",
-            "Unprocessable Content",
-            str(exc),
-            errors=[{"field": "callback_url", "detail": str(exc)}],
-        ) from exc
-    except ResolutionUnavailable as exc:
-        raise state.unavailable("dns-unavailable", f"{exc}; the URL may be fine: retry later") from exc
+    """The body decoded and checked, and its job encoded (without its input: the message
+    carries it, so the decoded input is let go here)."""
+    return checked_job(state, model, owner, decode_job_request(body, state.settings.json_budget))
 
 
 async def list_models(request: Request) -> Response:
@@ -240,14 +130,7 @@ async def list_models(request: Request) -> Response:
 async def describe_model(request: Request) -> Response:
     state = ingress_state(request)
     authenticate(request, state.settings.api_keys)
-    model = request.path_params["model"]
-    if model not in state.settings.models:
-        raise Problem(
-            404,
-            "unknown-model",
-            "Not Found",
-            f"model {model!r} is not served; served models: {list(state.settings.models)}",
-        )
+    model = served_model(state, request.path_params["model"])
     entry = state.catalogue.entry(model)
     return JSONResponse({"name": model, "description": entry.description, "input_schema": entry.input_schema})
 
@@ -298,6 +181,7 @@ def create_app(settings: IngressSettings) -> Starlette:
     app = Starlette(
         routes=[
             Route("/v1/models/{model}/jobs", submit_job, methods=["POST"]),
+            Route("/v1/models/{model}/jobs/batch", submit_batch, methods=["POST"]),
             Route("/v1/jobs/{job_id}", get_job, methods=["GET"]),
             Route("/v1/jobs/{job_id}/cancel", cancel_job, methods=["POST"]),
             Route("/v1/models", list_models, methods=["GET"]),

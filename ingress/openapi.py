@@ -77,6 +77,40 @@ def _document(models: tuple[str, ...]) -> dict[str, Any]:
                         **_PLACEMENT,
                     },
                 },
+                "BatchRequest": {
+                    "type": "object",
+                    "required": ["jobs"],
+                    "additionalProperties": False,
+                    "properties": {
+                        "jobs": {
+                            "type": "array",
+                            "minItems": 1,
+                            "description": "1 to BATCH_MAX_JOBS (1,000) jobs, each as POST "
+                            "/v1/models/{model}/jobs takes it",
+                            "items": {"$ref": "#/components/schemas/JobRequest"},
+                        }
+                    },
+                },
+                "BatchAccepted": {
+                    "type": "object",
+                    "required": ["jobs"],
+                    "properties": {
+                        "jobs": {
+                            "type": "array",
+                            "description": "One per job, in request order",
+                            "items": {
+                                "type": "object",
+                                "required": ["id", "status", "priority"],
+                                "properties": {
+                                    "id": {"type": "string"},
+                                    "status": {"enum": list(JOB_STATUSES)},
+                                    "priority": {"enum": ["high", "normal", "low"]},
+                                    **_PLACEMENT,
+                                },
+                            },
+                        }
+                    },
+                },
                 "JobRecord": {
                     "type": "object",
                     "required": ["id", "model", "status", "priority", "attempts", "created_at", "callback"],
@@ -187,6 +221,57 @@ def _document(models: tuple[str, ...]) -> dict[str, Any]:
                             "Broker unavailable or did not take the job, job records unavailable for a "
                             "keyed request, or request bodies in flight over MAX_INFLIGHT_BODY_BYTES "
                             "(`ingress-busy`); see Retry-After"
+                        ),
+                    },
+                }
+            },
+            "/v1/models/{model}/jobs/batch": {
+                "post": {
+                    "summary": "Submit many jobs at once, all or nothing; each is then a job of its own",
+                    "parameters": [
+                        {"name": "model", "in": "path", "required": True, "schema": {"enum": list(models)}},
+                        {
+                            "name": "Idempotency-Key",
+                            "in": "header",
+                            "schema": {"type": "string", "minLength": 1, "maxLength": 255},
+                            "description": "Same key and body within RESULT_TTL_S return the original jobs "
+                            "(same ids, their current status; Idempotent-Replayed: true), per API key",
+                        },
+                    ],
+                    "requestBody": {
+                        "required": True,
+                        "content": {
+                            "application/json": {"schema": {"$ref": "#/components/schemas/BatchRequest"}}
+                        },
+                    },
+                    "responses": {
+                        "202": {
+                            "description": "Every job confirmed by the broker and queued",
+                            "content": {
+                                "application/json": {"schema": {"$ref": "#/components/schemas/BatchAccepted"}}
+                            },
+                        },
+                        "400": _problem_response("Malformed JSON, or a Content-Length that is not a number"),
+                        "401": _problem_response("Missing or wrong API key"),
+                        "404": _problem_response("Unknown model"),
+                        "409": _problem_response(
+                            "A request with this Idempotency-Key is still being accepted"
+                        ),
+                        "413": _problem_response(
+                            "Body over MAX_BATCH_BODY_BYTES (8 MiB), or more JSON values than "
+                            "MAX_JSON_VALUES in the whole batch"
+                        ),
+                        "415": _problem_response("Content-Type is not JSON"),
+                        "422": _problem_response(
+                            "Not a batch (`validation-error`), outside 1..BATCH_MAX_JOBS (`batch-size`), or "
+                            "bad jobs (`invalid-jobs`: `errors` names each by JSON pointer, e.g. "
+                            "/jobs/17/input/texts/0); nothing was queued"
+                        ),
+                        "501": _problem_response("Idempotency-Key sent while job records are off"),
+                        "503": _problem_response(
+                            "Nothing queued (queue full, broker or records unavailable, ingress busy), or "
+                            "`batch-partly-queued`: `jobs` gives each job's fate (queued, uncertain, "
+                            "not-queued); see Retry-After"
                         ),
                     },
                 }

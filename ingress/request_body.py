@@ -10,7 +10,7 @@ buffer more than `max_body_bytes` by leaving out Content-Length. The body's JSON
 from __future__ import annotations
 
 import re
-from typing import Annotated, Any
+from typing import Annotated, Any, TypeVar
 
 import msgspec
 from starlette.requests import Request
@@ -18,6 +18,8 @@ from starlette.requests import Request
 from ingress.json_budget import JsonBudget
 from ingress.problems import Problem
 from wire.envelope import Priority
+
+_Body = TypeVar("_Body")
 
 # ASCII digits, at most 18 (int() refuses '²', which str.isdigit() takes, and over 4,300 digits).
 _DIGITS = re.compile(r"[0-9]{1,18}")
@@ -45,29 +47,29 @@ def require_json_content_type(request: Request) -> None:
         )
 
 
-async def read_limited_body(request: Request, max_body_bytes: int) -> bytes:
+async def read_limited_body(request: Request, max_body_bytes: int, limit: str = "MAX_BODY_BYTES") -> bytes:
     declared = request.headers.get("content-length")
     if declared is not None:
         if not _DIGITS.fullmatch(declared):
             raise Problem(400, "bad-request", "Bad Request", f"Content-Length {declared[:40]!r} is invalid")
         if int(declared) > max_body_bytes:
-            raise _too_large(int(declared), max_body_bytes)
+            raise _too_large(int(declared), max_body_bytes, limit)
     chunks: list[bytes] = []
     received = 0
     async for chunk in request.stream():
         received += len(chunk)
         if received > max_body_bytes:
-            raise _too_large(received, max_body_bytes)
+            raise _too_large(received, max_body_bytes, limit)
         chunks.append(chunk)
     return b"".join(chunks)
 
 
-def _too_large(size: int, limit: int) -> Problem:
+def _too_large(size: int, allowed: int, limit: str) -> Problem:
     return Problem(
         413,
         "payload-too-large",
         "Content Too Large",
-        f"request body of at least {size} bytes exceeds the limit of {limit} bytes (MAX_BODY_BYTES)",
+        f"request body of at least {size} bytes exceeds the limit of {allowed} bytes ({limit})",
     )
 
 
@@ -78,6 +80,21 @@ def declared_length(request: Request) -> int | None:
 
 
 def decode_job_request(body: bytes, budget: JsonBudget) -> JobRequest:
+    try:
+        return decode_body(body, budget, JobRequest)
+    except msgspec.ValidationError as exc:
+        raise Problem(
+            422,
+            "validation-error",
+            "Unprocessable Content",
+            f"invalid job request: {exc}",
+            errors=[{"detail": str(exc)}],
+        ) from exc
+
+
+def decode_body(body: bytes, budget: JsonBudget, kind: type[_Body]) -> _Body:
+    """The body as `kind`, once its JSON shape is within the budget; msgspec's
+    ValidationError (the shape is JSON but not a `kind`) is the caller's to word."""
     excess = budget.excess(body)
     if excess is not None:
         status, slug, title = (
@@ -89,15 +106,9 @@ def decode_job_request(body: bytes, budget: JsonBudget) -> JobRequest:
             status, slug, title, str(excess), extensions={"limit": excess.limit, "allowed": excess.allowed}
         )
     try:
-        return msgspec.json.decode(body, type=JobRequest)
-    except msgspec.ValidationError as exc:
-        raise Problem(
-            422,
-            "validation-error",
-            "Unprocessable Content",
-            f"invalid job request: {exc}",
-            errors=[{"detail": str(exc)}],
-        ) from exc
+        return msgspec.json.decode(body, type=kind)
+    except msgspec.ValidationError:
+        raise
     except msgspec.DecodeError as exc:
         raise Problem(400, "malformed-json", "Bad Request", f"body is not valid JSON: {exc}") from exc
     except RecursionError as exc:  # msgspec's own depth limit (about 1,000 levels)

@@ -23,6 +23,8 @@ class IngressSettings:
     callback_allow: AllowList = field(default_factory=AllowList)
     dns_timeout_s: float = 3.0
     max_body_bytes: int = 1024 * 1024
+    batch_max_jobs: int = 1000
+    max_batch_body_bytes: int = 8 * 1024 * 1024
     # The request body's JSON shape (depth, values), checked on its bytes before decoding.
     json_budget: JsonBudget = field(default_factory=JsonBudget)
     # A job's metadata, as JSON: it is kept in the job's record and sent with every event.
@@ -67,6 +69,8 @@ class IngressSettings:
             callback_allow=AllowList.parse(read.callback_allow_hosts),
             dns_timeout_s=read.dns_timeout_s,
             max_body_bytes=read.max_body_bytes,
+            batch_max_jobs=read.batch_max_jobs,
+            max_batch_body_bytes=read.max_batch_body_bytes,
             json_budget=JsonBudget(read.max_json_depth, read.max_json_values),
             input_validation_budget_ms=read.input_validation_budget_ms,
             max_metadata_bytes=read.max_metadata_bytes,

@@ -268,11 +268,12 @@ class JobRecords:
         # a model idle most of the minute is not taken for a slow one.
         return Placement(max(1, waiting), done / (max(1, active_buckets) * RATE_BUCKET_S))
 
-    async def discard(self, job: Job) -> None:
-        """Undo `create` for a job the broker did not take (the counters stay balanced)."""
+    async def discard(self, *jobs: Job) -> None:
+        """Undo `create` for jobs the broker did not take (the counters stay balanced)."""
         async with self._guarded("discard a record in"), self._redis.pipeline(transaction=True) as pipe:
-            pipe.delete(self._record_key(job.id))
-            pipe.incr(self._counter_key("started", job.model, job.priority))
+            for job in jobs:
+                pipe.delete(self._record_key(job.id))
+                pipe.incr(self._counter_key("started", job.model, job.priority))
             await pipe.execute()
 
     async def start(self, jobs: Sequence[tuple[Job, int]], now_ms: int) -> dict[str, Started]:
@@ -367,6 +368,17 @@ class JobRecords:
         async with self._guarded("read"):
             fields: dict[str, str] = await self._redis.hgetall(self._record_key(job_id))  # type: ignore[assignment]
         return _record_from(job_id, fields) if fields.get("status") else None
+
+    async def get_many(self, job_ids: Sequence[str]) -> list[JobRecord | None]:
+        """Several records in one round trip, in the order asked."""
+        async with self._guarded("read"), self._redis.pipeline(transaction=False) as pipe:
+            for job_id in job_ids:
+                pipe.hgetall(self._record_key(job_id))
+            found: list[dict[str, str]] = await pipe.execute()
+        return [
+            _record_from(job_id, fields) if fields.get("status") else None
+            for job_id, fields in zip(job_ids, found, strict=True)
+        ]
 
     async def placement(self, record: JobRecord) -> Placement:
         """The rough queue position of a queued job and its model's recent completion rate."""

@@ -107,9 +107,11 @@ class _Sampler:
 
 
 async def drive(
-    profile: Profile, target: Target, arrivals: list[Arrival], drain_timeout_s: float
+    profile: Profile, target: Target, arrivals: list[Arrival], drain_timeout_s: float, batch: int = 1
 ) -> RunRecord:
-    """Offer every arrival on schedule, sample meanwhile, then wait (bounded) for callbacks."""
+    """Offer every arrival on schedule, sample meanwhile, then wait (bounded) for callbacks.
+    With `batch` > 1 the arrivals go `batch` at a time (POST .../jobs/batch), each batch
+    when its last job arrives, as a client that buffers would send them."""
     headers = {"authorization": f"Bearer {target.api_key}"} if target.api_key else {}
     connector = aiohttp.TCPConnector(limit=CONNECTIONS)
     jobs = [JobRecord(i, a.at_s, a.priority, a.phase) for i, a in enumerate(arrivals)]
@@ -122,23 +124,36 @@ async def drive(
         stop_sampling = asyncio.Event()
         sampling = asyncio.create_task(sampler.run(session, stop_sampling))
 
-        async def submit(job: JobRecord) -> None:
-            body = {"input": job.index, "callback_url": target.callback_url, "priority": job.priority}
+        def body_of(job: JobRecord) -> dict[str, object]:
+            return {"input": job.index, "callback_url": target.callback_url, "priority": job.priority}
+
+        async def submit(group: list[JobRecord]) -> None:
+            single = batch == 1
+            post = session.post(
+                url if single else f"{url}/batch",
+                json=body_of(group[0]) if single else {"jobs": [body_of(job) for job in group]},
+            )
             try:
-                async with session.post(url, json=body) as response:
-                    job.status = response.status
-                    if response.status == 202:
-                        job.job_id = str((await response.json())["id"])
+                async with post as response:
+                    answer = await response.json(content_type=None) if response.status == 202 else {}
+                    views = [answer] if single else answer.get("jobs", [])
+                    for job in group:
+                        job.status = response.status
+                    for job, view in zip(group, views, strict=False):
+                        job.job_id = str(view["id"])
             except (aiohttp.ClientError, TimeoutError):
-                job.status = 0
-            job.answered_s = time.monotonic() - started
+                for job in group:
+                    job.status = 0
+            for job in group:
+                job.answered_s = time.monotonic() - started
 
         tasks = []
-        for job in jobs:
-            delay_s = started + job.at_s - time.monotonic()
+        for first in range(0, len(jobs), batch):
+            group = jobs[first : first + batch]
+            delay_s = started + group[-1].at_s - time.monotonic()
             if delay_s > 0:
                 await asyncio.sleep(delay_s)  # the arrival schedule itself (open loop)
-            tasks.append(asyncio.create_task(submit(job)))
+            tasks.append(asyncio.create_task(submit(group)))
         await asyncio.gather(*tasks)
         accepted = {job.job_id for job in jobs if job.job_id}
         drain_deadline = time.monotonic() + drain_timeout_s
@@ -215,7 +230,7 @@ async def _main(args: argparse.Namespace) -> int:
     )
     target = remote_target(profile, args) if args.target else local_target(profile, args.amqp_url)
     async with target as where:
-        record = await drive(profile, where, arrivals, args.drain_timeout)
+        record = await drive(profile, where, arrivals, args.drain_timeout, args.batch)
     summary = write_report(record, Path(args.out))
     print(summary.text, flush=True)
     return 1 if summary.lost else 0
@@ -236,11 +251,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--duration", type=float, help="seconds at most (default: the profile's)")
     parser.add_argument("--max-jobs", type=int, default=20_000)
+    parser.add_argument(
+        "--batch", type=int, default=1, help="submit N jobs per request (POST .../jobs/batch); 1: one by one"
+    )
     parser.add_argument("--drain-timeout", type=float, default=120.0, help="seconds to wait for callbacks")
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--out", default="loadgen/reports")
     parser.add_argument("--amqp-url", default=DEFAULT_AMQP_URL)
     args = parser.parse_args(argv)
+    if args.batch < 1:
+        parser.error("--batch must be at least 1")
     if args.target and not (args.callback_url and args.webhook_secret):
         parser.error("--target needs --callback-url and --webhook-secret")
     return args

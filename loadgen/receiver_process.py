@@ -39,6 +39,8 @@ class ReceivedRecord:
     verified: bool
     batch_size: int
     inference_ms: float
+    # Submitted to taken by the worker (the event's timings.queued_ms).
+    queued_ms: float = 0.0
 
 
 class _Recorder:
@@ -54,7 +56,9 @@ class _Recorder:
         if self._delay_s:
             await asyncio.sleep(self._delay_s)
         if self._verifier is None:
-            self.records.append([request.headers.get("webhook-id", ""), "", "", time.time(), False, 0, 0.0])
+            self.records.append(
+                [request.headers.get("webhook-id", ""), "", "", time.time(), False, 0, 0.0, 0.0]
+            )
             return web.Response(status=204)
         try:
             self._verifier.verify(body, dict(request.headers))
@@ -72,6 +76,7 @@ class _Recorder:
                 verified,
                 timings.get("batch_size", 0),
                 timings.get("inference_ms", 0.0),
+                timings.get("queued_ms", 0.0),
             ]
         )
         return web.Response(status=204 if verified else 401)

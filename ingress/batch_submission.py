@@ -1,0 +1,377 @@
+"""`POST /v1/models/{model}/jobs/batch`: many jobs in one request, all or nothing.
+
+    check every job (cheapest first)       -> 422 naming each bad job by JSON pointer, nothing queued
+    reserve the Idempotency-Key (if any)   -> for the whole batch, as for one job
+    admit all of them under MAX_QUEUE_LENGTH -> 503 + Retry-After, nothing queued
+    create their records                   -> one Redis call
+    publish them, pipelined                -> one wait for all the broker's confirms
+    202 with every job's id, in request order
+
+Each job is then exactly what a single submission makes: its own message, id, record,
+status, cancel, retries, parking and callback. What a batch saves is the per-request
+cost: one HTTP exchange, one record call and one confirm wait for all its jobs.
+
+A job's id is derived from the batch's (`batch_job_id`), so a batch sent again under
+its Idempotency-Key after an unconfirmed publish goes out with the same job ids, never
+as second jobs. When the broker confirms some jobs and not others, the confirmed ones
+are accepted and run; the answer is 503 with each job's fate (`queued`, `not-queued`,
+`uncertain`), and with a key the whole batch is sent again on retry under the same ids
+(copies of a job end once: the records let the first ending win).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+import msgspec
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+
+from broker.client import BrokerError, BrokerUnavailable, PublishUncertain
+from ingress.admission import QueueFull
+from ingress.auth import authenticate
+from ingress.batch_request import decode_batch_request, invalid_batch, job_errors
+from ingress.inflight_bytes import InflightFull, Reservation
+from ingress.job_checks import check_callback, checked_job, served_model
+from ingress.job_view import placement_view
+from ingress.problems import Problem
+from ingress.request_body import JobRequest, declared_length, read_limited_body, require_json_content_type
+from ingress.request_headers import idempotency_key, request_fingerprint
+from ingress.state import IngressState, ingress_state
+from job_records.store import Placement, RecordsUnavailable
+from wire.envelope import Job, decode_job
+from wire.job_message import job_message
+from wire.outgoing import OutgoingMessage
+
+logger = logging.getLogger(__name__)
+
+# Batches whose body is larger than this are checked and encoded in a worker thread.
+OFF_LOOP_BATCH_BYTES = 64 * 1024
+# A batch's schema checks share this many times INPUT_VALIDATION_BUDGET_MS.
+BATCH_VALIDATION_BUDGETS = 4
+
+
+def batch_job_id(batch_id: str, index: int) -> str:
+    """The id of a batch's `index`th job: the same whenever the batch is sent under that id."""
+    return str(uuid.uuid5(uuid.UUID(batch_id), str(index)))
+
+
+@dataclass
+class BatchSubmission:
+    """A checked batch on its way in: its jobs without inputs, their messages (let go
+    once the broker has answered for them) and the body's in-flight bytes."""
+
+    batch_id: str
+    jobs: list[Job]
+    messages: list[OutgoingMessage] | None
+    reservation: Reservation
+    key: str | None = None
+    fingerprint: str = ""
+
+    def let_go(self) -> None:
+        self.messages = None
+        self.reservation.release()
+
+    def relabel(self, batch_id: str) -> None:
+        """The batch sent again as `batch_id` (an earlier request's, not fully confirmed)."""
+        if self.messages is None:
+            raise RuntimeError(f"batch {self.batch_id}: its messages were let go before the relabel")
+        jobs, messages = [], []
+        for index, (job, message) in enumerate(zip(self.jobs, self.messages, strict=True)):
+            job_id = batch_job_id(batch_id, index)
+            messages.append(job_message(msgspec.structs.replace(decode_job(message.body), id=job_id)))
+            jobs.append(msgspec.structs.replace(job, id=job_id))
+        self.batch_id, self.jobs, self.messages = batch_id, jobs, messages
+
+
+async def submit_batch(request: Request) -> Response:
+    state = ingress_state(request)
+    try:
+        return await accept_batch(state, await _batch_submission(request, state))
+    except Problem as problem:
+        state.metrics.requests_rejected.labels(str(problem.status)).inc()
+        raise
+
+
+async def _batch_submission(request: Request, state: IngressState) -> BatchSubmission:
+    """The request and every job checked before anything is written or queued."""
+    settings = state.settings
+    owner = authenticate(request, settings.api_keys)
+    model = served_model(state, request.path_params["model"])
+    require_json_content_type(request)
+    key = idempotency_key(request)
+    try:
+        reservation = state.inflight.reserve(declared_length(request) or settings.max_batch_body_bytes)
+    except InflightFull as exc:
+        raise state.unavailable("ingress-busy", f"{exc}; retry later") from exc
+    try:
+        body = await read_limited_body(request, settings.max_batch_body_bytes, "MAX_BATCH_BODY_BYTES")
+        batch_id = str(uuid.uuid4())
+        if len(body) > OFF_LOOP_BATCH_BYTES:
+            async with state.large_decodes:
+                checked = await asyncio.to_thread(_checked, state, model, owner, body, batch_id)
+        else:
+            checked = _checked(state, model, owner, body, batch_id)
+        await _check_callbacks(state, checked)
+        jobs = [job for _, job, _ in checked.encoded]
+        messages = [message for _, _, message in checked.encoded]
+    except BaseException:
+        reservation.release()
+        raise
+    return BatchSubmission(
+        batch_id=batch_id,
+        jobs=jobs,
+        messages=messages,
+        reservation=reservation,
+        key=key,
+        fingerprint="" if key is None else request_fingerprint(f"{model}/batch", body),
+    )
+
+
+@dataclass
+class _Checked:
+    """The batch's jobs encoded, or what is wrong with each bad one."""
+
+    encoded: list[tuple[int, Job, OutgoingMessage]]
+    errors: dict[int, list[dict[str, Any]]]
+    size: int
+
+
+def _checked(state: IngressState, model: str, owner: str, body: bytes, batch_id: str) -> _Checked:
+    """Every job checked and encoded (all checks that need no network)."""
+    settings = state.settings
+    requests: list[JobRequest] = decode_batch_request(body, settings.json_budget, settings.batch_max_jobs)
+    deadline = time.monotonic() + BATCH_VALIDATION_BUDGETS * settings.input_validation_budget_ms / 1000
+    checked = _Checked([], {}, len(requests))
+    for index, job_request in enumerate(requests):
+        try:
+            job, message = checked_job(
+                state, model, owner, job_request, batch_job_id(batch_id, index), deadline
+            )
+            checked.encoded.append((index, job, message))
+        except Problem as problem:
+            checked.errors[index] = job_errors(index, problem)
+            if problem.slug == "input-too-complex":
+                break  # the batch's budget is spent: the jobs after it are not checked
+    return checked
+
+
+async def _check_callbacks(state: IngressState, checked: _Checked) -> None:
+    """Each distinct callback URL through the guard once (a batch usually names one);
+    then 422 listing every bad job, in order, if there is one."""
+    for url in dict.fromkeys(job.callback_url for _, job, _ in checked.encoded):
+        try:
+            await check_callback(state, url)
+        except Problem as problem:
+            if problem.status >= 500:
+                raise
+            for index, job, _ in checked.encoded:
+                if job.callback_url == url:
+                    checked.errors[index] = job_errors(index, problem)
+    if checked.errors:
+        errors = [error for index in sorted(checked.errors) for error in checked.errors[index]]
+        raise invalid_batch(errors, len(checked.errors), checked.size)
+
+
+async def accept_batch(state: IngressState, submission: BatchSubmission) -> Response:
+    try:
+        if submission.key is None:
+            return await _accept(state, submission)
+        return await _accept_once(state, submission, submission.key)
+    finally:
+        submission.let_go()
+
+
+async def _accept_once(state: IngressState, submission: BatchSubmission, key: str) -> Response:
+    """`_accept` under an Idempotency-Key: one batch per (API key, key, body)."""
+    owner = submission.jobs[0].owner
+    records = state.require_records()
+    try:
+        claim = await records.reserve_key(owner, key, submission.fingerprint, submission.batch_id)
+    except RecordsUnavailable as exc:
+        raise state.unavailable(
+            "idempotency-unavailable",
+            "the job records are unavailable, so an Idempotency-Key cannot be honoured",
+        ) from exc
+    if claim.outcome == "mismatch":
+        raise Problem(
+            422,
+            "idempotency-key-reused",
+            "Unprocessable Content",
+            "this Idempotency-Key was used with a different request body; use a new key for a new batch",
+        )
+    if claim.outcome == "in_flight":
+        raise Problem(
+            409,
+            "idempotency-key-in-flight",
+            "Conflict",
+            "a request with this Idempotency-Key is still being accepted; retry shortly",
+            headers={"Retry-After": "1"},
+        )
+    if claim.outcome == "replay":
+        return await _replay(state, claim.job_id, len(submission.jobs), claim.status_code or 202)
+    if claim.outcome == "uncertain":
+        submission.relabel(claim.job_id)
+    ttl_s = max(records.ttl_for(job) for job in submission.jobs)
+    try:
+        response = await _accept(state, submission)
+    except _PartlyQueued:
+        with contextlib.suppress(RecordsUnavailable):
+            await records.keep_key_uncertain(owner, key, submission.batch_id, ttl_s)
+        raise
+    except Problem:
+        with contextlib.suppress(RecordsUnavailable):
+            await records.release_key(owner, key, submission.batch_id)  # nothing accepted: free again
+        raise
+    try:
+        if not await records.complete_key(owner, key, submission.batch_id, 202, ttl_s):
+            logger.warning("batch %s accepted after its Idempotency-Key's lease ran out", submission.batch_id)
+    except RecordsUnavailable as exc:
+        logger.warning("batch %s accepted, its Idempotency-Key not completed: %s", submission.batch_id, exc)
+    return response
+
+
+async def _replay(state: IngressState, batch_id: str, size: int, status_code: int) -> Response:
+    job_ids = [batch_job_id(batch_id, index) for index in range(size)]
+    try:
+        found = await state.require_records().get_many(job_ids)
+    except RecordsUnavailable as exc:
+        raise state.records_unavailable() from exc
+    views = [
+        {"id": job_id, "status": "queued" if record is None else record.status}
+        for job_id, record in zip(job_ids, found, strict=True)
+    ]
+    return JSONResponse({"jobs": views}, status_code=status_code, headers={"Idempotent-Replayed": "true"})
+
+
+class _PartlyQueued(Problem):
+    """503: some of the batch's jobs were confirmed (or may be queued), not all."""
+
+
+async def _accept(state: IngressState, submission: BatchSubmission) -> Response:
+    jobs = submission.jobs
+    model = jobs[0].model
+    try:
+        await state.admission.admit(model, len(jobs))
+    except QueueFull as exc:
+        raise state.unavailable("queue-full", f"{exc}; nothing was queued, retry later") from exc
+    except BrokerUnavailable as exc:
+        raise state.unavailable("broker-unavailable", "the job queue is unavailable; retry later") from exc
+    try:
+        placements = await _create_records(state, jobs, required=submission.key is not None)
+    except BaseException:
+        state.admission.refund(model, len(jobs))
+        raise
+    fates = await _publish(state, submission)
+    confirmed = [job for job, fate in zip(jobs, fates, strict=True) if fate == "queued"]
+    # As for one job: a job not queued loses its record; one that may be queued keeps it
+    # when the key will send it again under its id.
+    undone = [
+        job
+        for job, fate in zip(jobs, fates, strict=True)
+        if fate == "not-queued" or (fate == "uncertain" and submission.key is None)
+    ]
+    if undone and placements is not None:
+        with contextlib.suppress(RecordsUnavailable):
+            await state.require_records().discard(*undone)
+    if placements is None and state.pending is not None:
+        for job in confirmed:
+            state.pending.add(job)
+    for job in confirmed:
+        state.metrics.jobs_accepted.labels(job.model, job.priority).inc()
+    if confirmed and state.settings.demand_events:
+        state.demand.announce(model)
+    if len(confirmed) < len(jobs):
+        raise _refusal(state, submission, fates)
+    views = [_accepted_view(job, placements[index] if placements else None) for index, job in enumerate(jobs)]
+    return JSONResponse({"jobs": views}, status_code=202)
+
+
+def _accepted_view(job: Job, placement: Placement | None) -> dict[str, Any]:
+    view: dict[str, Any] = {"id": job.id, "status": "queued", "priority": job.priority}
+    if placement is not None:
+        view.update(placement_view(placement))
+    return view
+
+
+def _refusal(state: IngressState, submission: BatchSubmission, fates: list[str]) -> Problem:
+    """503 for a batch not wholly queued: nothing queued, or each job's fate."""
+    if all(fate == "not-queued" for fate in fates):
+        return state.unavailable("not-queued", "the broker did not take the batch; nothing was queued")
+    counts = {fate: fates.count(fate) for fate in ("queued", "uncertain", "not-queued")}
+    retry = (
+        "retry with the same Idempotency-Key: the batch is sent again under the same job ids"
+        if submission.key is not None
+        else "send again only the jobs not queued"
+    )
+    return _PartlyQueued(
+        503,
+        "batch-partly-queued",
+        "Service Unavailable",
+        f"of {len(fates)} jobs {counts['queued']} are queued, {counts['uncertain']} may be queued "
+        f"(sent, not confirmed) and {counts['not-queued']} are not; {retry}",
+        headers={"Retry-After": str(state.settings.retry_after_s)},
+        extensions={
+            "jobs": [{"id": job.id, "status": fate} for job, fate in zip(submission.jobs, fates, strict=True)]
+        },
+    )
+
+
+async def _create_records(state: IngressState, jobs: list[Job], required: bool) -> list[Placement] | None:
+    if state.records is None:
+        return None
+    try:
+        return await state.records.create(jobs)
+    except RecordsUnavailable as exc:
+        if required:
+            raise state.records_unavailable() from exc
+        if not exc.skipped:
+            logger.warning("batch of %d accepted without records for now: %s", len(jobs), exc)
+        return None
+
+
+async def _publish(state: IngressState, submission: BatchSubmission) -> list[str]:
+    """Publish every admitted job, pipelined, and wait for the confirms; returns each
+    job's fate: `queued` (confirmed), `uncertain` (sent, not confirmed) or `not-queued`.
+    The messages are let go."""
+    jobs, messages = submission.jobs, submission.messages
+    if messages is None:
+        raise RuntimeError(f"batch {submission.batch_id}: its messages were let go before the publish")
+    started = time.monotonic()
+    topology, timeout_s = state.settings.topology, state.settings.publish_timeout_s
+    results = await asyncio.gather(
+        *(
+            state.broker.publish(
+                message,
+                topology.job_routing_key(job.model, job.priority),
+                exchange=topology.jobs_exchange,
+                timeout_s=timeout_s,
+            )
+            for job, message in zip(jobs, messages, strict=True)
+        ),
+        return_exceptions=True,
+    )
+    submission.messages = None
+    fates = [_fate(result) for result in results]
+    for job, result in zip(jobs, results, strict=True):
+        if result is not None:
+            logger.warning("job %s of batch %s: %s", job.id, submission.batch_id, result)
+    state.admission.refund(jobs[0].model, len(fates) - fates.count("queued"))
+    state.metrics.publish_seconds.observe(time.monotonic() - started)
+    return fates
+
+
+def _fate(result: BaseException | None) -> str:
+    if result is None:
+        return "queued"
+    if isinstance(result, PublishUncertain):
+        return "uncertain"
+    if isinstance(result, BrokerError):
+        return "not-queued"
+    raise result  # a defect, not the broker's answer

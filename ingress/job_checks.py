@@ -1,0 +1,150 @@
+"""The checks one job request passes before anything is written or queued, and the job
+it becomes: shared by a single submission and each job of a batch, so both refuse the
+same things with the same problem types."""
+
+from __future__ import annotations
+
+import math
+import time
+import uuid
+
+import msgspec
+
+from ingress.problems import Problem
+from ingress.request_body import JobRequest
+from ingress.state import IngressState
+from model_catalogue.input_schemas import ValidationBudgetExceeded
+from policies.callback_guard import CallbackUrlRejected, ResolutionUnavailable, check_callback_url
+from wire.envelope import Job
+from wire.job_message import job_message
+from wire.outgoing import OutgoingMessage
+
+
+def served_model(state: IngressState, model: str) -> str:
+    """`model` when this deployment serves it, else 404."""
+    if model not in state.settings.models:
+        raise Problem(
+            404,
+            "unknown-model",
+            "Not Found",
+            f"model {model!r} is not served; served models: {list(state.settings.models)}",
+        )
+    return model
+
+
+def checked_job(
+    state: IngressState,
+    model: str,
+    owner: str,
+    job_request: JobRequest,
+    job_id: str | None = None,
+    deadline: float = math.inf,
+) -> tuple[Job, OutgoingMessage]:
+    """The request checked (metadata, input) and its job encoded: the job without its
+    input (the message carries it), so the decoded input can be let go."""
+    check_metadata(job_request.metadata, state.settings.max_metadata_bytes)
+    check_input(state, model, job_request.input, deadline)
+    job = new_job(state, model, owner, job_request, job_id)
+    return msgspec.structs.replace(job, input=None), encoded(job)
+
+
+def new_job(
+    state: IngressState, model: str, owner: str, job_request: JobRequest, job_id: str | None = None
+) -> Job:
+    submitted_at_ms = int(time.time() * 1000)
+    # The request's ttl_s, else the model's default (models.yaml `jobs.default_ttl_s`).
+    ttl_s = (
+        job_request.ttl_s
+        if job_request.ttl_s is not None
+        else state.catalogue.entry(model).jobs.default_ttl_s
+    )
+    return Job(
+        id=job_id or str(uuid.uuid4()),
+        model=model,
+        input=job_request.input,
+        callback_url=job_request.callback_url,
+        priority=job_request.priority,
+        metadata=job_request.metadata,
+        submitted_at_ms=submitted_at_ms,
+        deadline_ms=None if ttl_s is None else submitted_at_ms + round(ttl_s * 1000),
+        owner=owner,
+    )
+
+
+def check_metadata(metadata: dict[str, object], max_bytes: int) -> None:
+    """Metadata lives in the job's record for RESULT_TTL_S and rides on every event."""
+    size = len(msgspec.json.encode(metadata))
+    if size > max_bytes:
+        raise Problem(
+            413,
+            "metadata-too-large",
+            "Content Too Large",
+            f"metadata of {size} bytes (as JSON) exceeds {max_bytes} (MAX_METADATA_BYTES)",
+            extensions={"limit": "MAX_METADATA_BYTES", "allowed": max_bytes},
+        )
+
+
+def encoded(job: Job) -> OutgoingMessage:
+    """The job's message, before anything is written: a job that cannot be encoded leaves
+    no record behind."""
+    try:
+        return job_message(job)
+    except (msgspec.EncodeError, OverflowError, RecursionError) as exc:
+        raise Problem(
+            422, "unencodable-job", "Unprocessable Content", f"the job cannot be encoded: {exc}"
+        ) from exc
+
+
+def check_input(state: IngressState, model: str, job_input: object, deadline: float = math.inf) -> None:
+    """The model's input schema (models.yaml), before anything is queued."""
+    try:
+        problem = state.input_schemas.problem(model, job_input, deadline)
+    except ValidationBudgetExceeded as exc:
+        budget_ms = state.settings.input_validation_budget_ms
+        raise Problem(
+            422,
+            "input-too-complex",
+            "Unprocessable Content",
+            f"checking the input against {model}'s input schema took over {budget_ms:g} ms "
+            "(INPUT_VALIDATION_BUDGET_MS); send a smaller input",
+            extensions={"limit": "INPUT_VALIDATION_BUDGET_MS", "allowed": budget_ms},
+        ) from exc
+    if problem is not None:
+        pointer, message = problem
+        raise Problem(
+            422,
+            "invalid-input",
+            "Unprocessable Content",
+            f"input does not match {model}'s input schema at {pointer}: {message}",
+            errors=[{"pointer": pointer, "detail": message}],
+        )
+
+
+async def check_callback(state: IngressState, callback_url: str | None) -> None:
+    """The callback URL through the guard, or, without one, a way to learn the result."""
+    if callback_url is not None:
+        await _check_callback_url(state, callback_url)
+    elif state.records is None:
+        raise Problem(
+            422,
+            "callback-url-required",
+            "Unprocessable Content",
+            "callback_url is required here: job records are off (REDIS_URL=off), so a result "
+            "could not be polled or waited for",
+            errors=[{"field": "callback_url", "detail": "required when REDIS_URL=off"}],
+        )
+
+
+async def _check_callback_url(state: IngressState, callback_url: str) -> None:
+    try:
+        await check_callback_url(callback_url, state.settings.callback_allow, state.resolver)
+    except CallbackUrlRejected as exc:
+        raise Problem(
+            422,
+            "invalid-callback-url",
+            "Unprocessable Content",
+            str(exc),
+            errors=[{"field": "callback_url", "detail": str(exc)}],
+        ) from exc
+    except ResolutionUnavailable as exc:
+        raise state.unavailable("dns-unavailable", f"{exc}; the URL may be fine: retry later") from exc
