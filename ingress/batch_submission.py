@@ -263,12 +263,16 @@ async def _accept(state: IngressState, submission: BatchSubmission) -> Response:
         raise state.unavailable("queue-full", f"{exc}; nothing was queued, retry later") from exc
     except BrokerUnavailable as exc:
         raise state.unavailable("broker-unavailable", "the job queue is unavailable; retry later") from exc
-    try:
-        placements = await _create_records(state, jobs, required=submission.key is not None)
-    except BaseException:
-        state.admission.refund(model, len(jobs))
-        raise
+    # Unkeyed, the records are created while the jobs are published, as for one job.
+    creating = asyncio.ensure_future(_create_records(state, jobs, required=submission.key is not None))
+    if submission.key is not None:
+        try:
+            await creating
+        except BaseException:
+            state.admission.refund(model, len(jobs))
+            raise
     fates = await _publish(state, submission)
+    placements = await creating
     confirmed = [job for job, fate in zip(jobs, fates, strict=True) if fate == "queued"]
     # As for one job: a job not queued loses its record; one that may be queued keeps it
     # when the key will send it again under its id.

@@ -129,20 +129,15 @@ async def _accept_once(state: IngressState, submission: Submission, key: str) ->
 
 async def _accept(state: IngressState, submission: Submission) -> Response:
     job, wait_s, key = submission.job, submission.wait_s, submission.key
-    placement = await _create_record(state, job, required=key is not None)
+    # An unkeyed job's record is created while the job is published (one round trip off
+    # the request's path): a worker that starts the job first writes the record itself,
+    # and `create` then leaves it as the worker wrote it (job_records.scripts). A keyed
+    # job's record must exist first: its key is kept there.
+    creating = asyncio.ensure_future(_create_record(state, job, required=key is not None))
+    if key is not None:
+        await creating
     async with _watching(state, job.id, wait_s) as finished:
-        try:
-            await _publish(state, submission)
-        except UncertainPublish:
-            if placement is not None and key is None:
-                with contextlib.suppress(RecordsUnavailable):
-                    await state.require_records().discard(job)
-            raise
-        except Problem:
-            if placement is not None:
-                with contextlib.suppress(RecordsUnavailable):
-                    await state.require_records().discard(job)
-            raise
+        placement = await _published(state, submission, creating)
         if placement is None and state.pending is not None:
             state.pending.add(job)
         state.metrics.jobs_accepted.labels(job.model, job.priority).inc()
@@ -162,6 +157,22 @@ async def _accept(state: IngressState, submission: Submission) -> Response:
     if finished is not None:
         headers["Preference-Applied"] = f"wait={wait_s}"
     return JSONResponse(_accepted_view(job, placement), status_code=202, headers=headers)
+
+
+async def _published(
+    state: IngressState, submission: Submission, creating: asyncio.Future[Placement | None]
+) -> Placement | None:
+    """The job published and its placement; on a failure its record is undone (kept when
+    a keyed publish is uncertain: the retry sends the job again under its id)."""
+    try:
+        await _publish(state, submission)
+    except Problem as problem:
+        uncertain_and_kept = isinstance(problem, UncertainPublish) and submission.key is not None
+        if await creating is not None and not uncertain_and_kept:
+            with contextlib.suppress(RecordsUnavailable):
+                await state.require_records().discard(submission.job)
+        raise
+    return await creating
 
 
 async def _create_record(state: IngressState, job: Job, required: bool) -> Placement | None:

@@ -81,6 +81,7 @@ class IngressState:
         return self.unavailable("records-unavailable", "the job records are unavailable; retry later")
 
     async def close(self) -> None:
+        await self.admission.close()
         if self.waiters is not None:
             await self.waiters.close()
         if self.pending is not None:

@@ -61,3 +61,30 @@ async def test_given_a_refund_then_the_job_no_longer_counts() -> None:
     await admission.admit("echo")  # room again
     with pytest.raises(QueueFull):
         await admission.admit("echo")
+
+
+async def test_given_a_stale_depth_with_room_then_the_job_is_admitted_at_once_and_the_read_follows() -> None:
+    broker, now = _Broker(depth=2), [0.0]
+    admission = Admission(broker.read_depth, max_length=10, refresh_s=1.0, clock=lambda: now[0])
+    await admission.admit("echo")
+    release = asyncio.Event()
+    slow_reads: list[int] = []
+
+    async def slow_read(model: str) -> int:
+        slow_reads.append(1)
+        await release.wait()
+        return 9
+
+    admission._read_depth = slow_read  # the broker now answers slowly
+    now[0] = 1.5
+    await asyncio.wait_for(admission.admit("echo"), timeout=1)  # admitted without waiting for the read
+    await asyncio.sleep(0)  # the read starts
+    await asyncio.wait_for(admission.admit("echo"), timeout=1)  # admitted during the read
+    release.set()
+    await asyncio.sleep(0.01)
+    # 9 read (taken to include the jobs admitted before it) + 1 admitted during it = 10: full.
+    with pytest.raises(QueueFull, match=r"holds about 10 jobs"):
+        await admission.admit("echo")
+    await admission.close()
+
+    assert slow_reads == [1]
