@@ -15,10 +15,12 @@ import os
 import platform
 import sys
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from bench.batch_options import measure_batch_options
 from bench.batching_chart import batching_chart
 from bench.budgets import budget_markdown, measure_budgets
 from bench.callback_stage import measure_callbacks
@@ -80,6 +82,7 @@ QUICK = BenchSize(
 )
 STAGES = (
     "versus-celery",
+    "batch-options",
     "user-path",
     "callbacks",
     "profile",
@@ -102,58 +105,67 @@ async def run(
     stages: list[str],
     quick: bool = False,
 ) -> dict[str, Any]:
+    stage_runs: dict[str, Callable[[], Awaitable[Any]]] = {
+        "versus-celery": lambda: measure_versus_celery(
+            amqp_url, size.reps, QUICK_SIZE if quick else FULL_SIZE
+        ),
+        "batch-options": lambda: measure_batch_options(amqp_url, size.reps, 2000 if quick else 20_000),
+        "user-path": lambda: measure_user_path(amqp_url, size.reps, size.user_path_backlogs),
+        "callbacks": lambda: measure_callbacks(amqp_url, size.reps, size.callback_deliveries),
+        "profile": lambda: measure_profile(amqp_url, size.profile_jobs),
+        "budgets": lambda: measure_budgets(amqp_url, quick),
+        "wake": lambda: measure_wake(amqp_url, size.reps),
+        "ingress": lambda: measure_ingress(amqp_url, redis_url, size.reps, size.ingress_jobs),
+        "pipeline": lambda: measure_pipeline(amqp_url, size.reps, rate=20, count=size.pipeline_jobs),
+        "batching": lambda: measure_batching(
+            amqp_url,
+            MiniLMModel(),
+            reps=size.reps,
+            count=size.batching_jobs,
+            sweep=size.sweep,
+            latency_target_s=latency_target_s,
+        ),
+        "queue-types": lambda: measure_queue_types(amqp_url, size.reps, size.queue_type_backlogs),
+        "priority": lambda: _priority_by_queue_type(amqp_url, size),
+    }
     results: dict[str, Any] = {}
     started = time.monotonic()
     for n, stage in enumerate(stages, 1):
         print(f"{n}/{len(stages)} {stage} ...", flush=True)
-        if stage == "versus-celery":
-            versus_size = QUICK_SIZE if quick else FULL_SIZE
-            results[stage] = await measure_versus_celery(amqp_url, size.reps, versus_size)
-        elif stage == "user-path":
-            results[stage] = await measure_user_path(amqp_url, size.reps, size.user_path_backlogs)
-        elif stage == "callbacks":
-            results[stage] = await measure_callbacks(amqp_url, size.reps, size.callback_deliveries)
-        elif stage == "profile":
-            results[stage] = await measure_profile(amqp_url, size.profile_jobs)
-        elif stage == "budgets":
-            results[stage] = await measure_budgets(amqp_url, quick)
-        elif stage == "wake":
-            results[stage] = await measure_wake(amqp_url, size.reps)
-        elif stage == "ingress":
-            results[stage] = await measure_ingress(amqp_url, redis_url, size.reps, size.ingress_jobs)
-        elif stage == "pipeline":
-            results[stage] = await measure_pipeline(amqp_url, size.reps, rate=20, count=size.pipeline_jobs)
-        elif stage == "batching":
-            results[stage] = await measure_batching(
-                amqp_url,
-                MiniLMModel(),
-                reps=size.reps,
-                count=size.batching_jobs,
-                sweep=size.sweep,
-                latency_target_s=latency_target_s,
-            )
-        elif stage == "queue-types":
-            results[stage] = await measure_queue_types(amqp_url, size.reps, size.queue_type_backlogs)
-        else:
-            results[stage] = {
-                queue_type: await measure_priority(
-                    amqp_url,
-                    SyntheticModel(),
-                    reps=size.reps,
-                    flood=size.flood_jobs,
-                    high=size.high_jobs,
-                    queue_type=queue_type,
-                )
-                for queue_type in QUEUE_TYPES
-            }
+        results[stage] = await stage_runs[stage]()
     results["elapsed_s"] = time.monotonic() - started
     return results
+
+
+async def _priority_by_queue_type(amqp_url: str, size: BenchSize) -> dict[str, Any]:
+    return {
+        queue_type: await measure_priority(
+            amqp_url,
+            SyntheticModel(),
+            reps=size.reps,
+            flood=size.flood_jobs,
+            high=size.high_jobs,
+            queue_type=queue_type,
+        )
+        for queue_type in QUEUE_TYPES
+    }
 
 
 def ratios(results: dict[str, Any]) -> list[tuple[str, float, str]]:
     rows: list[tuple[str, float, str]] = []
     if "versus-celery" in results:
         rows += _versus_celery_rows(results["versus-celery"]["summary"])
+    if "batch-options" in results:
+        options = results["batch-options"]
+        single, chunk = options["summary"]["per-job messages"], options["summary"]["chunk messages"]
+        rows.append(
+            (
+                f"Batch options: message-path CPU per job, chunks of {options['chunk_jobs']} / one per job",
+                chunk["total_ms"] / single["total_ms"],
+                f"{chunk['total_ms']:.3f} / {single['total_ms']:.3f} ms (client {chunk['client_ms']:.3f} / "
+                f"{single['client_ms']:.3f}, broker {chunk['broker_ms']:.3f} / {single['broker_ms']:.3f})",
+            )
+        )
     if "user-path" in results:
         rows += _user_path_rows(results)
     if "callbacks" in results:
