@@ -212,6 +212,7 @@ def attacks(quick: bool, receiver: ReceiverProcess, slow: ReceiverProcess) -> li
         ("echo Prefer: wait=\u00b2", superscript_wait),
         (f"echo {waits} x 1 MiB object-heavy, Prefer: wait=5, at once", concurrent_waits),
         (f"echo {waits} x 1 MiB of {{}} (over the values budget), at once", over_values),
+        *batch_attacks(quick),
         (
             f"worker fed {worker_jobs} x 1 MiB object-heavy jobs, called back",
             to_receiver(receiver, worker_jobs),
@@ -220,6 +221,39 @@ def attacks(quick: bool, receiver: ReceiverProcess, slow: ReceiverProcess) -> li
             f"dispatcher: {slow_jobs} x 1 MiB outputs to a host answering in 2 s",
             to_receiver(slow, slow_jobs),
         ),
+    ]
+
+
+def batch_attacks(quick: bool) -> list[tuple[str, Attack]]:
+    """Batches (POST .../jobs/batch) against the budgets a batch shares with one job."""
+    batches = 2 if quick else 4
+
+    def batch_of(jobs: list[bytes]) -> bytes:
+        return b'{"jobs": [' + b",".join(jobs) + b"]}"
+
+    async def batch_over_values(session: aiohttp.ClientSession, _cb: str) -> list[int]:
+        # 1,000 jobs of 8 KiB object-heavy input: 450,000 values, over the batch's share.
+        job = object_heavy(8 * 1024)
+        return [await _post(session, "/v1/models/echo/jobs/batch", batch_of([job] * 1000))]
+
+    async def batches_in_budget(session: aiohttp.ClientSession, cb: str) -> list[int]:
+        # 1,000 jobs of about 190 values each (190,000: just within MAX_JSON_VALUES), 1.7 MB.
+        job = object_heavy(1600, b', "callback_url": "%s"' % cb.encode())
+        body = batch_of([job] * 1000)
+        return list(
+            await asyncio.gather(
+                *(_post(session, "/v1/models/echo/jobs/batch", body) for _ in range(batches))
+            )
+        )
+
+    async def batch_of_schema_misses(session: aiohttp.ClientSession, _cb: str) -> list[int]:
+        body = batch_of([b'{"input": {"texts": [0, 0, 0, 0, 0, 0, 0, 0]}}'] * 1000)
+        return [await _post(session, "/v1/models/embed-minilm/jobs/batch", body)]
+
+    return [
+        ("echo batch of 1,000 jobs, 450,000 values (over the values budget)", batch_over_values),
+        (f"echo {batches} x batch of 1,000 jobs, 190,000 values, 1.7 MB, at once", batches_in_budget),
+        ("embed-minilm batch of 1,000 schema misses", batch_of_schema_misses),
     ]
 
 

@@ -51,8 +51,13 @@ from wire.outgoing import OutgoingMessage
 
 logger = logging.getLogger(__name__)
 
-# Batches whose body is larger than this are checked and encoded in a worker thread.
-OFF_LOOP_BATCH_BYTES = 64 * 1024
+# A batch's jobs are checked and encoded in a worker thread (LARGE_DECODES_AT_ONCE at a
+# time): a thousand small jobs cost the CPU a thousand large ones would. What runs on the
+# event loop afterwards goes in waves of this many jobs, each wave one turn of the loop,
+# so a batch does not hold it for longer than a wave takes (about 10 ms).
+WAVE_JOBS = 64
+# Records are created this many to a Redis call (its arguments are encoded on the loop).
+RECORDS_PER_CALL = 256
 # A batch's schema checks share this many times INPUT_VALIDATION_BUDGET_MS.
 BATCH_VALIDATION_BUDGETS = 4
 
@@ -113,11 +118,8 @@ async def _batch_submission(request: Request, state: IngressState) -> BatchSubmi
     try:
         body = await read_limited_body(request, settings.max_batch_body_bytes, "MAX_BATCH_BODY_BYTES")
         batch_id = str(uuid.uuid4())
-        if len(body) > OFF_LOOP_BATCH_BYTES:
-            async with state.large_decodes:
-                checked = await asyncio.to_thread(_checked, state, model, owner, body, batch_id)
-        else:
-            checked = _checked(state, model, owner, body, batch_id)
+        async with state.large_decodes:
+            checked = await asyncio.to_thread(_checked, state, model, owner, body, batch_id)
         await _check_callbacks(state, checked)
         jobs = [job for _, job, _ in checked.encoded]
         messages = [message for _, _, message in checked.encoded]
@@ -331,7 +333,8 @@ async def _create_records(state: IngressState, jobs: list[Job], required: bool) 
     if state.records is None:
         return None
     try:
-        return await state.records.create(jobs)
+        calls = [jobs[first : first + RECORDS_PER_CALL] for first in range(0, len(jobs), RECORDS_PER_CALL)]
+        return [placement for call in calls for placement in await state.records.create(call)]
     except RecordsUnavailable as exc:
         if required:
             raise state.records_unavailable() from exc
@@ -349,18 +352,18 @@ async def _publish(state: IngressState, submission: BatchSubmission) -> list[str
         raise RuntimeError(f"batch {submission.batch_id}: its messages were let go before the publish")
     started = time.monotonic()
     topology, timeout_s = state.settings.topology, state.settings.publish_timeout_s
-    results = await asyncio.gather(
-        *(
-            state.broker.publish(
-                message,
-                topology.job_routing_key(job.model, job.priority),
-                exchange=topology.jobs_exchange,
-                timeout_s=timeout_s,
-            )
-            for job, message in zip(jobs, messages, strict=True)
-        ),
-        return_exceptions=True,
-    )
+    publishing: list[asyncio.Task[None]] = []
+    for index, (job, message) in enumerate(zip(jobs, messages, strict=True)):
+        if index and index % WAVE_JOBS == 0:
+            await asyncio.sleep(0)  # the wave before this one starts; other requests get a turn
+        publish = state.broker.publish(
+            message,
+            topology.job_routing_key(job.model, job.priority),
+            exchange=topology.jobs_exchange,
+            timeout_s=timeout_s,
+        )
+        publishing.append(asyncio.ensure_future(publish))
+    results = await asyncio.gather(*publishing, return_exceptions=True)
     submission.messages = None
     fates = [_fate(result) for result in results]
     for job, result in zip(jobs, results, strict=True):

@@ -2,7 +2,8 @@
 
 Jobs go over HTTP to the ingress; results come back as signed callbacks to a receiver
 inside this process, which verifies each signature with a Standard Webhooks library.
-Then jobs without a callback: waited for, replayed, polled and canceled (`demo_records`).
+Then a batch of embed-minilm jobs in one request, and jobs without a callback: waited for,
+replayed, polled and canceled (`demo_records`).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from loadgen.stack_process import StackProcess
 
 CALLBACK_TIMEOUT_S = 60.0
 SCALE_LOG_WAIT_S = 10.0
+BATCH_SENTENCES = 200
 
 DEMO_JOBS: list[tuple[str, str, Any]] = [
     ("echo", "high", {"greeting": "hello", "n": 1}),
@@ -120,8 +122,37 @@ async def _exchange(stack: StackProcess, receiver: CallbackReceiver) -> int:
     await stack.wait_for_output([f"autoscaler {job.model}: 0 ->" for job in submitted], SCALE_LOG_WAIT_S)
     _print_scaling(stack.output(), submitted, received)
     ok = all(c.verified and c.event["type"] == "job.succeeded" for c in callbacks)
+    ok &= await _batch(stack.base_url, receiver)
     ok &= await records_tour(stack.base_url)
     return 0 if ok else 1
+
+
+async def _batch(base_url: str, receiver: CallbackReceiver) -> bool:
+    """A backlog in one request: BATCH_SENTENCES sentences, each a job of its own."""
+    already = len(receiver.received)
+    jobs = [
+        {"input": f"Sentence number {n} of a nightly batch.", "callback_url": receiver.url}
+        for n in range(BATCH_SENTENCES)
+    ]
+    started = time.monotonic()
+    async with httpx.AsyncClient(base_url=base_url, timeout=30) as client:
+        response = await client.post("/v1/models/embed-minilm/jobs/batch", json={"jobs": jobs})
+    accepted_ms = (time.monotonic() - started) * 1000
+    if response.status_code != 202:
+        print(f"
+batch: {response.status_code} {response.text[:300]}")
+        return False
+    ids = {job["id"] for job in response.json()["jobs"]}
+    callbacks = await receiver.wait_for(already + len(ids), CALLBACK_TIMEOUT_S)
+    mine = [c for c in callbacks[already:] if c.event["data"]["id"] in ids]
+    done_s = max(c.received_monotonic_s for c in mine) - started
+    sizes = sorted({c.event["data"]["timings"]["batch_size"] for c in mine})
+    print(
+        f"
+batch: {len(ids)} embed-minilm jobs in one request: 202 in {accepted_ms:.0f} ms (every job "
+        f"confirmed), {len(mine)} verified callbacks within {done_s:.1f} s, model batches of {sizes[0]}-{sizes[-1]}"
+    )
+    return len(mine) == len(ids) and all(c.verified and c.event["type"] == "job.succeeded" for c in mine)
 
 
 def _print_scaling(

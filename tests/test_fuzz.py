@@ -24,7 +24,7 @@ from hypothesis import strategies as st
 from schemathesis.checks import not_a_server_error
 
 from broker.client import Broker
-from ingress.json_budget import JsonBudget
+from ingress.json_budget import _OBJECTS_AS_ARRAYS, _OTHER_BYTES, _STRING, JsonBudget, _structure_pieces
 from ingress.openapi import openapi_document
 from ingress.problems import Problem
 from ingress.request_body import JobRequest, decode_job_request
@@ -116,6 +116,26 @@ def test_any_body_decodes_to_a_job_request_or_a_documented_4xx(body: bytes) -> N
         assert problem.status in (400, 413, 422)
         return
     assert isinstance(decoded, JobRequest)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.one_of(
+        json_values.map(lambda value: json.dumps(value).encode()),
+        st.lists(st.sampled_from([b'"', b"\\", b"[", b"]", b"{", b"}", b",", b"a"]), max_size=60).map(
+            b"".join
+        ),
+    ),
+    st.integers(1, 9),
+)
+def test_the_budget_measured_slice_by_slice_equals_the_whole_body_measured_at_once(
+    body: bytes, slice_bytes: int
+) -> None:
+    """A large body is measured a slice at a time (the event loop gets a turn between
+    slices): whatever the body, valid JSON or not, the figures are the whole body's."""
+    whole = _STRING.sub(b"", body).translate(_OBJECTS_AS_ARRAYS, _OTHER_BYTES)
+
+    assert b"".join(_structure_pieces(body, slice_bytes)) == whole
 
 
 def _free_port() -> int:
