@@ -27,6 +27,7 @@ from bench.callback_stage import measure_callbacks
 from bench.ingress_efficiency import measure_ingress
 from bench.pipeline_overhead import measure_pipeline
 from bench.python_profile import measure_profile, profile_markdown
+from bench.tenant_limits import measure_tenant_limits
 from bench.user_path import measure_user_path
 from bench.versus_celery import FULL_SIZE, QUICK_SIZE, measure_versus_celery
 from bench.wake_from_zero import measure_wake
@@ -83,6 +84,7 @@ QUICK = BenchSize(
 STAGES = (
     "versus-celery",
     "batch-options",
+    "tenant-limits",
     "user-path",
     "callbacks",
     "profile",
@@ -110,6 +112,9 @@ async def run(
             amqp_url, size.reps, QUICK_SIZE if quick else FULL_SIZE
         ),
         "batch-options": lambda: measure_batch_options(amqp_url, size.reps, 2000 if quick else 20_000),
+        "tenant-limits": lambda: measure_tenant_limits(
+            amqp_url, redis_url, size.reps, 5.0 if quick else 30.0
+        ),
         "user-path": lambda: measure_user_path(amqp_url, size.reps, size.user_path_backlogs),
         "callbacks": lambda: measure_callbacks(amqp_url, size.reps, size.callback_deliveries),
         "profile": lambda: measure_profile(amqp_url, size.profile_jobs),
@@ -155,17 +160,8 @@ def ratios(results: dict[str, Any]) -> list[tuple[str, float, str]]:
     rows: list[tuple[str, float, str]] = []
     if "versus-celery" in results:
         rows += _versus_celery_rows(results["versus-celery"]["summary"])
-    if "batch-options" in results:
-        options = results["batch-options"]
-        single, chunk = options["summary"]["per-job messages"], options["summary"]["chunk messages"]
-        rows.append(
-            (
-                f"Batch options: message-path CPU per job, chunks of {options['chunk_jobs']} / one per job",
-                chunk["total_ms"] / single["total_ms"],
-                f"{chunk['total_ms']:.3f} / {single['total_ms']:.3f} ms (client {chunk['client_ms']:.3f} / "
-                f"{single['client_ms']:.3f}, broker {chunk['broker_ms']:.3f} / {single['broker_ms']:.3f})",
-            )
-        )
+    one_row_stages = {"batch-options": _batch_options_row, "tenant-limits": _tenant_limits_row}
+    rows += [row(results[stage]) for stage, row in one_row_stages.items() if stage in results]
     if "user-path" in results:
         rows += _user_path_rows(results)
     if "callbacks" in results:
@@ -243,6 +239,26 @@ def ratios(results: dict[str, Any]) -> list[tuple[str, float, str]]:
             )
         )
     return rows
+
+
+def _batch_options_row(options: dict[str, Any]) -> tuple[str, float, str]:
+    single, chunk = options["summary"]["per-job messages"], options["summary"]["chunk messages"]
+    return (
+        f"Batch options: message-path CPU per job, chunks of {options['chunk_jobs']} / one per job",
+        chunk["total_ms"] / single["total_ms"],
+        f"{chunk['total_ms']:.3f} / {single['total_ms']:.3f} ms (client {chunk['client_ms']:.3f} / "
+        f"{single['client_ms']:.3f}, broker {chunk['broker_ms']:.3f} / {single['broker_ms']:.3f})",
+    )
+
+
+def _tenant_limits_row(limits: dict[str, Any]) -> tuple[str, float, str]:
+    return (
+        f"Tenant limit {limits['rate_per_s']}/s, burst {limits['burst']}, through two ingresses for "
+        f"{limits['duration_s']:.0f} s: jobs accepted / burst + rate x elapsed",
+        limits["ratio"],
+        f"{[run['accepted'] for run in limits['runs']]} accepted; refusals without Retry-After and "
+        f"RateLimit headers: {limits['refusals_without_headers']}",
+    )
 
 
 def _versus_celery_rows(summary: dict[str, Any]) -> list[tuple[str, float, str]]:

@@ -6,8 +6,8 @@
 - `chunk messages` (the option not taken): CHUNK_JOBS jobs per message, which a worker
   would split.
 
-Both publish the same jobs, confirmed, to a durable priority queue like a model's, then
-consume and ack all of them; the figure is the CPU per job of this process (the client
+Both publish the same jobs, confirmed, to a model's queue through the broker client the
+services use, then consume and ack all of them; the figure is the CPU per job of this process (the client
 side of the ingress and the worker together) and of the broker. What a chunk saves is
 the per-message cost; what it would cost is in the docs (queue length counts messages).
 """
@@ -19,12 +19,12 @@ import time
 import uuid
 from typing import Any
 
-import aio_pika
-
 from bench import cpu_accounting
-from loadgen.measurement import median
+from broker.client import Broker, Delivery, ack_all
+from loadgen.measurement import bench_topology, median
 from wire.envelope import Job
 from wire.job_message import job_message
+from wire.outgoing import OutgoingMessage
 
 CHUNK_JOBS = 32
 PREFETCH = 256
@@ -32,13 +32,9 @@ PREFETCH = 256
 
 async def measure_batch_options(amqp_url: str, reps: int, jobs: int) -> dict[str, Any]:
     runs: dict[str, list[dict[str, float]]] = {"per-job messages": [], "chunk messages": []}
-    connection = await aio_pika.connect(amqp_url)
-    try:
-        for _ in range(reps):
-            for option, per_message in (("per-job messages", 1), ("chunk messages", CHUNK_JOBS)):
-                runs[option].append(await _one_run(connection, jobs, per_message))
-    finally:
-        await connection.close()
+    for _ in range(reps):
+        for option, per_message in (("per-job messages", 1), ("chunk messages", CHUNK_JOBS)):
+            runs[option].append(await _one_run(amqp_url, jobs, per_message))
     summary = {
         option: {
             part: median([run[part] for run in option_runs])
@@ -50,64 +46,69 @@ async def measure_batch_options(amqp_url: str, reps: int, jobs: int) -> dict[str
     return {"runs": runs, "summary": summary, "chunk_jobs": CHUNK_JOBS, "saved_ms_per_job": saved}
 
 
-async def _one_run(
-    connection: aio_pika.abc.AbstractConnection, jobs: int, per_message: int
-) -> dict[str, float]:
-    channel = await connection.channel(publisher_confirms=True)
-    queue = await channel.declare_queue(
-        f"bench-options-{uuid.uuid4().hex[:8]}", durable=True, arguments={"x-max-priority": 2}
-    )
-    bodies = [job_message(_job(n)).body for n in range(jobs)]
-    messages = [
-        b'{"schema_version":1,"jobs":[' + b",".join(bodies[first : first + per_message]) + b"]}"
-        if per_message > 1
-        else bodies[first]
-        for first in range(0, jobs, per_message)
-    ]
-    before = cpu_accounting.snapshot()
-    started = time.perf_counter()
-    await asyncio.gather(
-        *(
-            channel.default_exchange.publish(
-                aio_pika.Message(body, delivery_mode=aio_pika.DeliveryMode.PERSISTENT, priority=1), queue.name
+async def _one_run(amqp_url: str, jobs: int, per_message: int) -> dict[str, float]:
+    """Publish `jobs` jobs, `per_message` to a message, to a model's queue (a fresh topology),
+    confirmed and pipelined as the ingress publishes; consume and ack them as a worker does."""
+    topology = bench_topology()
+    broker = Broker(amqp_url, topology, ("echo",))
+    await broker.connect()
+    try:
+        bodies = [job_message(_job(n)).body for n in range(jobs)]
+        messages = [
+            OutgoingMessage(
+                b'{"schema_version":1,"jobs":[' + b",".join(bodies[first : first + per_message]) + b"]}"
+                if per_message > 1
+                else bodies[first],
+                message_id=str(first),
+                priority=1,
             )
-            for body in messages
+            for first in range(0, jobs, per_message)
+        ]
+        before = cpu_accounting.snapshot()
+        started = time.perf_counter()
+        await asyncio.gather(
+            *(
+                broker.publish(
+                    message, topology.job_routing_key("echo", "normal"), exchange=topology.jobs_exchange
+                )
+                for message in messages
+            )
         )
-    )
-    await _consume_all(connection, queue.name, len(messages))
-    elapsed = time.perf_counter() - started
-    cpu = cpu_accounting.cpu_ms_per_job(before, cpu_accounting.snapshot(), jobs)
-    await queue.delete(if_unused=False, if_empty=False)
-    await channel.close()
-    client, broker = cpu.get(cpu_accounting.LOAD_GENERATOR, 0.0), cpu.get("broker", 0.0)
+        await _consume_all(broker, topology.job_queue("echo", "normal"), len(messages))
+        elapsed = time.perf_counter() - started
+        cpu = cpu_accounting.cpu_ms_per_job(before, cpu_accounting.snapshot(), jobs)
+    finally:
+        await broker.delete_topology()
+        await broker.close()
+    client, broker_ms = cpu.get(cpu_accounting.LOAD_GENERATOR, 0.0), cpu.get("broker", 0.0)
     return {
         "client_ms": client,
-        "broker_ms": broker,
-        "total_ms": client + broker,
+        "broker_ms": broker_ms,
+        "total_ms": client + broker_ms,
         "jobs_per_s": jobs / elapsed,
     }
 
 
-async def _consume_all(connection: aio_pika.abc.AbstractConnection, queue_name: str, count: int) -> None:
-    """Consume `count` messages, acking every PREFETCH / 2 with `multiple`, as a worker settles."""
-    channel = await connection.channel()
-    await channel.set_qos(prefetch_count=PREFETCH)
-    queue = await channel.get_queue(queue_name)
+async def _consume_all(broker: Broker, queue_name: str, count: int) -> None:
+    """Consume `count` messages, acking PREFETCH / 2 at a time (`multiple`, as a worker settles)."""
     done = asyncio.Event()
+    unacked: list[Delivery] = []
     seen = 0
 
-    async def on_message(message: aio_pika.abc.AbstractIncomingMessage) -> None:
+    async def on_message(delivery: Delivery) -> None:
         nonlocal seen
         seen += 1
-        if seen % (PREFETCH // 2) == 0 or seen == count:
-            await message.ack(multiple=True)
+        unacked.append(delivery)
+        if len(unacked) >= PREFETCH // 2 or seen == count:
+            batch = unacked[:]
+            unacked.clear()
+            await ack_all(batch)
         if seen == count:
             done.set()
 
-    tag = await queue.consume(on_message)
+    consumer = await broker.consume(queue_name, PREFETCH, on_message)
     await asyncio.wait_for(done.wait(), timeout=120)
-    await queue.cancel(tag)
-    await channel.close()
+    await broker.cancel(consumer, close_channel=True)
 
 
 def _job(n: int) -> Job:

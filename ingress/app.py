@@ -16,7 +16,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from broker.client import Broker, BrokerUnavailable, TopologyMismatch, TopologyMissing, redact_url
-from ingress.auth import authenticate
+from ingress.auth import authenticate, require_model
 from ingress.batch_submission import submit_batch
 from ingress.inflight_bytes import InflightFull
 from ingress.job_checks import check_callback, checked_job, served_model
@@ -33,6 +33,8 @@ from ingress.request_body import (
 from ingress.request_headers import idempotency_key, preferred_wait_s, request_fingerprint
 from ingress.settings import IngressSettings
 from ingress.state import IngressState, ingress_state
+from ingress.tenant_limits import take_rate
+from ingress.tenants import Tenant
 from wire.envelope import Job
 from wire.outgoing import OutgoingMessage
 
@@ -68,7 +70,15 @@ OFF_LOOP_BODY_BYTES = 64 * 1024
 async def submit_job(request: Request) -> Response:
     state = ingress_state(request)
     try:
-        return await accept(state, await _submission(request, state))
+        submission = await _submission(request, state)
+        try:
+            rate_headers = await take_rate(state, submission.tenant, 1)
+        except BaseException:
+            submission.let_go()
+            raise
+        response = await accept(state, submission)
+        response.headers.update(rate_headers)
+        return response
     except Problem as problem:
         state.metrics.requests_rejected.labels(str(problem.status)).inc()
         raise
@@ -78,8 +88,9 @@ async def _submission(request: Request, state: IngressState) -> Submission:
     """The request checked, cheapest first, its job encoded: nothing is written or queued
     before every check passed. The body and the decoded input end with this frame."""
     settings = state.settings
-    owner = authenticate(request, settings.api_keys)
+    tenant = authenticate(request, settings.tenants)
     model = served_model(state, request.path_params["model"])
+    require_model(tenant, model)
     require_json_content_type(request)
     key = idempotency_key(request)
     wait_s = preferred_wait_s(request)
@@ -91,15 +102,16 @@ async def _submission(request: Request, state: IngressState) -> Submission:
         body = await read_limited_body(request, settings.max_body_bytes)
         if len(body) > OFF_LOOP_BODY_BYTES:
             async with state.large_decodes:
-                job, message = await asyncio.to_thread(_decoded, state, model, owner, body)
+                job, message = await asyncio.to_thread(_decoded, state, model, tenant, body)
         else:
-            job, message = _decoded(state, model, owner, body)
+            job, message = _decoded(state, model, tenant, body)
         await check_callback(state, job.callback_url)
     except BaseException:
         reservation.release()
         raise
     return Submission(
         job=job,
+        tenant=tenant,
         message=message,
         reservation=reservation,
         wait_s=wait_s,
@@ -108,20 +120,21 @@ async def _submission(request: Request, state: IngressState) -> Submission:
     )
 
 
-def _decoded(state: IngressState, model: str, owner: str, body: bytes) -> tuple[Job, OutgoingMessage]:
+def _decoded(state: IngressState, model: str, tenant: Tenant, body: bytes) -> tuple[Job, OutgoingMessage]:
     """The body decoded and checked, and its job encoded (without its input: the message
     carries it, so the decoded input is let go here)."""
-    return checked_job(state, model, owner, decode_job_request(body, state.settings.json_budget))
+    return checked_job(state, model, tenant, decode_job_request(body, state.settings.json_budget))
 
 
 async def list_models(request: Request) -> Response:
     state = ingress_state(request)
-    authenticate(request, state.settings.api_keys)
+    tenant = authenticate(request, state.settings.tenants)
     return JSONResponse(
         {
             "models": [
                 {"name": model, "description": state.catalogue.entry(model).description}
                 for model in state.settings.models
+                if tenant.models is None or model in tenant.models
             ]
         }
     )
@@ -129,8 +142,9 @@ async def list_models(request: Request) -> Response:
 
 async def describe_model(request: Request) -> Response:
     state = ingress_state(request)
-    authenticate(request, state.settings.api_keys)
+    tenant = authenticate(request, state.settings.tenants)
     model = served_model(state, request.path_params["model"])
+    require_model(tenant, model)
     entry = state.catalogue.entry(model)
     return JSONResponse({"name": model, "description": entry.description, "input_schema": entry.input_schema})
 
@@ -164,7 +178,7 @@ def create_app(settings: IngressSettings) -> Starlette:
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        if not settings.api_keys:
+        if settings.tenants.auth_off:
             logger.warning("API_KEYS is empty: AUTHENTICATION IS OFF, anyone can submit jobs")
         connecting = asyncio.create_task(_connect_until_ready(state.broker, settings.amqp_url))
         try:

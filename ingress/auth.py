@@ -1,35 +1,25 @@
-"""Bearer-token authentication against `API_KEYS`, in constant time.
+"""Bearer-token authentication against the deployment's tenants (`API_KEYS`, `TENANTS_FILE`).
 
 A job belongs to the key that submitted it: its record stores the key's digest (never
-the key), and only a request presenting the same key may read or cancel it.
+the key), and only a request presenting the same key may read or cancel it. With no
+key configured authentication is off and every caller is the one anonymous tenant.
 """
 
 from __future__ import annotations
 
-import hashlib
-import hmac
-
 from starlette.requests import Request
 
 from ingress.problems import Problem
+from ingress.tenants import NO_AUTH, Tenant, Tenants
 
 
-def owner_of(key: str) -> str:
-    """The digest a job record keeps of the key that owns it."""
-    return hashlib.sha256(key.encode()).hexdigest()[:32]
-
-
-def authenticate(request: Request, api_keys: tuple[str, ...]) -> str:
-    """The caller's owner digest ("" with auth off); 401 unless the bearer token matches a key."""
-    if not api_keys:
-        return ""
+def authenticate(request: Request, tenants: Tenants) -> Tenant:
+    """The calling tenant; 401 unless the bearer token is one of theirs."""
+    if tenants.auth_off:
+        return NO_AUTH
     scheme, _, token = request.headers.get("authorization", "").partition(" ")
-    presented = token.strip().encode()
-    # Compare against every key without stopping early, so timing reveals nothing.
-    matched = False
-    for key in api_keys:
-        matched |= hmac.compare_digest(presented, key.encode())
-    if scheme.lower() != "bearer" or not matched:
+    tenant = tenants.find(token.strip()) if scheme.lower() == "bearer" else None
+    if tenant is None:
         raise Problem(
             401,
             "unauthorized",
@@ -37,4 +27,15 @@ def authenticate(request: Request, api_keys: tuple[str, ...]) -> str:
             "missing or invalid API key; send Authorization: Bearer <key>",
             headers={"WWW-Authenticate": 'Bearer realm="inferq"'},
         )
-    return owner_of(token.strip())
+    return tenant
+
+
+def require_model(tenant: Tenant, model: str) -> None:
+    """403 when the tenant's `models` leave this one out."""
+    if tenant.models is not None and model not in tenant.models:
+        raise Problem(
+            403,
+            "model-not-allowed",
+            "Forbidden",
+            f"this API key may use {list(tenant.models)}, not {model!r}",
+        )

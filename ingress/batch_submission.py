@@ -35,7 +35,7 @@ from starlette.responses import JSONResponse, Response
 
 from broker.client import BrokerError, BrokerUnavailable, PublishUncertain
 from ingress.admission import QueueFull
-from ingress.auth import authenticate
+from ingress.auth import authenticate, require_model
 from ingress.batch_request import decode_batch_request, invalid_batch, job_errors
 from ingress.inflight_bytes import InflightFull, Reservation
 from ingress.job_checks import check_callback, checked_job, served_model
@@ -44,6 +44,8 @@ from ingress.problems import Problem
 from ingress.request_body import JobRequest, declared_length, read_limited_body, require_json_content_type
 from ingress.request_headers import idempotency_key, request_fingerprint
 from ingress.state import IngressState, ingress_state
+from ingress.tenant_limits import release_queued, reserve_queued, take_rate
+from ingress.tenants import Tenant
 from job_records.store import Placement, RecordsUnavailable
 from wire.envelope import Job, decode_job
 from wire.job_message import job_message
@@ -73,6 +75,7 @@ class BatchSubmission:
     once the broker has answered for them) and the body's in-flight bytes."""
 
     batch_id: str
+    tenant: Tenant
     jobs: list[Job]
     messages: list[OutgoingMessage] | None
     reservation: Reservation
@@ -98,7 +101,15 @@ class BatchSubmission:
 async def submit_batch(request: Request) -> Response:
     state = ingress_state(request)
     try:
-        return await accept_batch(state, await _batch_submission(request, state))
+        submission = await _batch_submission(request, state)
+        try:
+            rate_headers = await take_rate(state, submission.tenant, len(submission.jobs))
+        except BaseException:
+            submission.let_go()
+            raise
+        response = await accept_batch(state, submission)
+        response.headers.update(rate_headers)
+        return response
     except Problem as problem:
         state.metrics.requests_rejected.labels(str(problem.status)).inc()
         raise
@@ -107,8 +118,9 @@ async def submit_batch(request: Request) -> Response:
 async def _batch_submission(request: Request, state: IngressState) -> BatchSubmission:
     """The request and every job checked before anything is written or queued."""
     settings = state.settings
-    owner = authenticate(request, settings.api_keys)
+    tenant = authenticate(request, settings.tenants)
     model = served_model(state, request.path_params["model"])
+    require_model(tenant, model)
     require_json_content_type(request)
     key = idempotency_key(request)
     try:
@@ -119,7 +131,7 @@ async def _batch_submission(request: Request, state: IngressState) -> BatchSubmi
         body = await read_limited_body(request, settings.max_batch_body_bytes, "MAX_BATCH_BODY_BYTES")
         batch_id = str(uuid.uuid4())
         async with state.large_decodes:
-            checked = await asyncio.to_thread(_checked, state, model, owner, body, batch_id)
+            checked = await asyncio.to_thread(_checked, state, model, tenant, body, batch_id)
         await _check_callbacks(state, checked)
         jobs = [job for _, job, _ in checked.encoded]
         messages = [message for _, _, message in checked.encoded]
@@ -128,6 +140,7 @@ async def _batch_submission(request: Request, state: IngressState) -> BatchSubmi
         raise
     return BatchSubmission(
         batch_id=batch_id,
+        tenant=tenant,
         jobs=jobs,
         messages=messages,
         reservation=reservation,
@@ -145,7 +158,7 @@ class _Checked:
     size: int
 
 
-def _checked(state: IngressState, model: str, owner: str, body: bytes, batch_id: str) -> _Checked:
+def _checked(state: IngressState, model: str, tenant: Tenant, body: bytes, batch_id: str) -> _Checked:
     """Every job checked and encoded (all checks that need no network)."""
     settings = state.settings
     requests: list[JobRequest] = decode_batch_request(body, settings.json_budget, settings.batch_max_jobs)
@@ -154,7 +167,7 @@ def _checked(state: IngressState, model: str, owner: str, body: bytes, batch_id:
     for index, job_request in enumerate(requests):
         try:
             job, message = checked_job(
-                state, model, owner, job_request, batch_job_id(batch_id, index), deadline
+                state, model, tenant, job_request, batch_job_id(batch_id, index), deadline
             )
             checked.encoded.append((index, job, message))
         except Problem as problem:
@@ -257,6 +270,22 @@ class _PartlyQueued(Problem):
 
 
 async def _accept(state: IngressState, submission: BatchSubmission) -> Response:
+    """`_accept_counted` with the jobs counted against the tenant's max_queued: each
+    released again unless it was, or may have been, queued."""
+    ids = [job.id for job in submission.jobs]
+    await reserve_queued(state, submission.tenant, ids)
+    try:
+        return await _accept_counted(state, submission)
+    except _PartlyQueued as partly:
+        fates = {view["id"]: view["status"] for view in partly.extensions["jobs"]}
+        await release_queued(state, submission.tenant, [i for i in ids if fates.get(i) == "not-queued"])
+        raise
+    except Exception:
+        await release_queued(state, submission.tenant, ids)
+        raise
+
+
+async def _accept_counted(state: IngressState, submission: BatchSubmission) -> Response:
     jobs = submission.jobs
     model = jobs[0].model
     try:
@@ -291,6 +320,7 @@ async def _accept(state: IngressState, submission: BatchSubmission) -> Response:
             state.pending.add(job)
     for job in confirmed:
         state.metrics.jobs_accepted.labels(job.model, job.priority).inc()
+    state.metrics.tenant_accepted.labels(submission.tenant.name, model).inc(len(confirmed))
     if confirmed and state.settings.demand_events:
         state.demand.announce(model)
     if len(confirmed) < len(jobs):

@@ -13,6 +13,7 @@ import msgspec
 from ingress.problems import Problem
 from ingress.request_body import JobRequest
 from ingress.state import IngressState
+from ingress.tenants import Tenant
 from model_catalogue.input_schemas import ValidationBudgetExceeded
 from policies.callback_guard import CallbackUrlRejected, ResolutionUnavailable, check_callback_url
 from wire.envelope import Job
@@ -35,7 +36,7 @@ def served_model(state: IngressState, model: str) -> str:
 def checked_job(
     state: IngressState,
     model: str,
-    owner: str,
+    tenant: Tenant,
     job_request: JobRequest,
     job_id: str | None = None,
     deadline: float = math.inf,
@@ -44,12 +45,12 @@ def checked_job(
     input (the message carries it), so the decoded input can be let go."""
     check_metadata(job_request.metadata, state.settings.max_metadata_bytes)
     check_input(state, model, job_request.input, deadline)
-    job = new_job(state, model, owner, job_request, job_id)
+    job = new_job(state, model, tenant, job_request, job_id)
     return msgspec.structs.replace(job, input=None), encoded(job)
 
 
 def new_job(
-    state: IngressState, model: str, owner: str, job_request: JobRequest, job_id: str | None = None
+    state: IngressState, model: str, tenant: Tenant, job_request: JobRequest, job_id: str | None = None
 ) -> Job:
     submitted_at_ms = int(time.time() * 1000)
     # The request's ttl_s, else the model's default (models.yaml `jobs.default_ttl_s`).
@@ -67,7 +68,8 @@ def new_job(
         metadata=job_request.metadata,
         submitted_at_ms=submitted_at_ms,
         deadline_ms=None if ttl_s is None else submitted_at_ms + round(ttl_s * 1000),
-        owner=owner,
+        owner=tenant.owner,
+        tenant=tenant.name,
     )
 
 

@@ -108,7 +108,7 @@ async def _send_canceled(state: IngressState, record: JobRecord) -> None:
 
 
 async def _owned_record(state: IngressState, request: Request) -> JobRecord:
-    owner = authenticate(request, state.settings.api_keys)
+    owner = authenticate(request, state.settings.tenants).owner
     records = state.require_records()
     job_id = request.path_params["job_id"]
     pending = None if state.pending is None else state.pending.get(job_id)

@@ -36,6 +36,8 @@ from ingress.inflight_bytes import Reservation
 from ingress.job_view import job_view, placement_view
 from ingress.problems import Problem
 from ingress.state import IngressState
+from ingress.tenant_limits import release_queued, reserve_queued
+from ingress.tenants import Tenant
 from job_records.store import KeyClaim, Placement, RecordsUnavailable
 from wire.envelope import Job, decode_job
 from wire.job_message import job_message
@@ -50,6 +52,7 @@ class Submission:
     let go (with the body's reservation) once the broker has confirmed or refused it."""
 
     job: Job
+    tenant: Tenant
     message: OutgoingMessage | None
     reservation: Reservation
     wait_s: int | None = None
@@ -128,6 +131,19 @@ async def _accept_once(state: IngressState, submission: Submission, key: str) ->
 
 
 async def _accept(state: IngressState, submission: Submission) -> Response:
+    """`_accept_counted` with the job counted against its tenant's max_queued: released
+    again unless the job was, or may have been, queued."""
+    await reserve_queued(state, submission.tenant, [submission.job.id])
+    try:
+        return await _accept_counted(state, submission)
+    except UncertainPublish:
+        raise
+    except Exception:
+        await release_queued(state, submission.tenant, [submission.job.id])
+        raise
+
+
+async def _accept_counted(state: IngressState, submission: Submission) -> Response:
     job, wait_s, key = submission.job, submission.wait_s, submission.key
     # An unkeyed job's record is created while the job is published (one round trip off
     # the request's path): a worker that starts the job first writes the record itself,
@@ -141,6 +157,7 @@ async def _accept(state: IngressState, submission: Submission) -> Response:
         if placement is None and state.pending is not None:
             state.pending.add(job)
         state.metrics.jobs_accepted.labels(job.model, job.priority).inc()
+        state.metrics.tenant_accepted.labels(submission.tenant.name, job.model).inc()
         if state.settings.demand_events:
             state.demand.announce(job.model)
         if key is not None:

@@ -26,6 +26,20 @@ class IngressMetrics:
             ["status"],
             registry=self.registry,
         )
+        # Per tenant by name (ingress.tenants), never by key.
+        self.tenant_accepted = Counter(
+            "inferq_tenant_jobs_accepted",
+            "Jobs accepted, per tenant",
+            ["tenant", "model"],
+            registry=self.registry,
+        )
+        self.tenant_refused = Counter(
+            "inferq_tenant_requests_refused",
+            "Submissions refused by a tenant's limits: rate-limited, quota-exceeded, batch-over-burst, "
+            "limits-unavailable",
+            ["tenant", "reason"],
+            registry=self.registry,
+        )
         self.publish_seconds = Histogram(
             "inferq_ingress_publish_seconds",
             "Publish-to-confirm time",

@@ -209,7 +209,12 @@ def _document(models: tuple[str, ...]) -> dict[str, Any]:
                             "(200,000; `too-many-json-values`), or metadata over MAX_METADATA_BYTES "
                             "(64 KiB; `metadata-too-large`); `limit` names the setting"
                         ),
+                        "403": _problem_response("The API key may not use this model (`model-not-allowed`)"),
                         "415": _problem_response("Content-Type is not JSON"),
+                        "429": _problem_response(
+                            "The API key's rate (`rate-limited`, Retry-After and RateLimit headers) or its "
+                            "max_queued (`quota-exceeded`); nothing was queued"
+                        ),
                         "422": _problem_response(
                             "Schema violation, an input its model's schema refuses (`pointer` names "
                             "the field), JSON nested deeper than MAX_JSON_DEPTH (64; `json-too-deep`), an "
@@ -261,11 +266,16 @@ def _document(models: tuple[str, ...]) -> dict[str, Any]:
                             "Body over MAX_BATCH_BODY_BYTES (8 MiB), or more JSON values than "
                             "MAX_JSON_VALUES in the whole batch"
                         ),
+                        "403": _problem_response("The API key may not use this model (`model-not-allowed`)"),
                         "415": _problem_response("Content-Type is not JSON"),
+                        "429": _problem_response(
+                            "The API key's rate or max_queued, each job of the batch counted; nothing queued"
+                        ),
                         "422": _problem_response(
                             "Not a batch (`validation-error`), outside 1..BATCH_MAX_JOBS (`batch-size`), or "
                             "bad jobs (`invalid-jobs`: `errors` names each by JSON pointer, e.g. "
-                            "/jobs/17/input/texts/0); nothing was queued"
+                            "/jobs/17/input/texts/0), or more jobs than the key's burst "
+                            "(`batch-over-burst`); nothing was queued"
                         ),
                         "501": _problem_response("Idempotency-Key sent while job records are off"),
                         "503": _problem_response(

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from ingress.json_budget import JsonBudget
+from ingress.tenants import Tenant, Tenants, load_tenants_file
 from job_records.store import DEFAULT_RECORD_OUTPUT_MAX_BYTES
 from model_catalogue.catalogue import DEFAULT_CATALOGUE
 from policies.callback_guard import AllowList
@@ -20,6 +23,9 @@ class IngressSettings:
     host: str = "127.0.0.1"
     port: int = 8000
     api_keys: tuple[str, ...] = field(default=(), repr=False)
+    # Named tenants from TENANTS_FILE (ingress.tenants); API_KEYS are tenants too.
+    named_tenants: tuple[Tenant, ...] = field(default=(), repr=False)
+    tenant_limits_fail_open: bool = True
     callback_allow: AllowList = field(default_factory=AllowList)
     dns_timeout_s: float = 3.0
     max_body_bytes: int = 1024 * 1024
@@ -52,10 +58,29 @@ class IngressSettings:
     result_ttl_s: int = 24 * 3600
     record_output_max_bytes: int = DEFAULT_RECORD_OUTPUT_MAX_BYTES
 
+    @functools.cached_property
+    def tenants(self) -> Tenants:
+        return Tenants.of(self.api_keys, self.named_tenants)
+
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> IngressSettings:
         read = Environment.read(env)
-        if not read.api_keys and not _is_loopback(read.ingress_host) and not read.allow_unauthenticated:
+        named = (
+            ()
+            if read.tenants_file is None
+            else load_tenants_file(Path(read.tenants_file), read.served_models)
+        )
+        limited = [tenant.name for tenant in named if tenant.rate_limited or tenant.max_queued is not None]
+        if limited and read.records_url is None:
+            raise ConfigError(
+                f"tenants {limited} have limits, which live in Redis; REDIS_URL=off cannot enforce them"
+            )
+        if (
+            not read.api_keys
+            and not named
+            and not _is_loopback(read.ingress_host)
+            and not read.allow_unauthenticated
+        ):
             raise ConfigError(
                 f"INGRESS_HOST={read.ingress_host!r} is reachable beyond this machine and API_KEYS is empty: "
                 "anyone could submit jobs and make the callbacks POST to any public URL. Set API_KEYS, "
@@ -66,6 +91,8 @@ class IngressSettings:
             host=read.ingress_host,
             port=read.ingress_port,
             api_keys=read.api_keys,
+            named_tenants=named,
+            tenant_limits_fail_open=read.tenant_limits_fail_open,
             callback_allow=AllowList.parse(read.callback_allow_hosts),
             dns_timeout_s=read.dns_timeout_s,
             max_body_bytes=read.max_body_bytes,

@@ -95,21 +95,23 @@ for j = 0, #KEYS / 2 - 1 do
 end
 return results
 """
-# One call per batch. KEYS: per job its record and rate bucket. ARGV: ttl, now, channel,
+# One call per batch. KEYS: per job its record, rate bucket and its owner's set of jobs
+# queued or running (QUEUED_RESERVE). ARGV: ttl, now, channel,
 # the count of per-job arguments, then per job: status, attempts, result field, result,
 # id and its fields.
 FINISH = """
 local ttl, now, channel, per = ARGV[1], ARGV[2], ARGV[3], tonumber(ARGV[4])
 local terminal = {succeeded = true, failed = true, expired = true, canceled = true}
 local results = {}
-for j = 0, #KEYS / 2 - 1 do
-  local record, rate, base = KEYS[2 * j + 1], KEYS[2 * j + 2], 5 + j * per
+for j = 0, #KEYS / 3 - 1 do
+  local record, rate, active, base = KEYS[3 * j + 1], KEYS[3 * j + 2], KEYS[3 * j + 3], 5 + j * per
   local status = redis.call('HGET', record, 'status')
   if status and terminal[status] then
     results[j + 1] = status
   else
     for i = base + 5, base + per - 1, 2 do redis.call('HSETNX', record, ARGV[i], ARGV[i + 1]) end
     redis.call('HSET', record, 'status', ARGV[base], 'finished_ms', now, 'attempts', ARGV[base + 1])
+    redis.call('ZREM', active, ARGV[base + 4])
     redis.call('HSET', record, ARGV[base + 2], ARGV[base + 3])
     redis.call('EXPIRE', record, ttl)
     redis.call('INCR', rate)
@@ -120,11 +122,13 @@ for j = 0, #KEYS / 2 - 1 do
 end
 return results
 """
-# KEYS: record, started counter. ARGV: now, channel, id.
+# KEYS: record, started counter, the owner's set of jobs queued or running. ARGV: now,
+# channel, id.
 CANCEL = """
 local status = redis.call('HGET', KEYS[1], 'status')
 if status ~= 'queued' then return {0, status or 'expired'} end
 redis.call('HSET', KEYS[1], 'status', 'canceled', 'finished_ms', ARGV[1])
+redis.call('ZREM', KEYS[3], ARGV[3])
 if redis.call('HEXISTS', KEYS[1], 'seq') == 1 then redis.call('INCR', KEYS[2]) end
 redis.call('PUBLISH', ARGV[2], ARGV[3])
 return {1, 'canceled'}
@@ -172,4 +176,44 @@ if stored[2] == 'uncertain' then
 end
 if stored[2] ~= 'done' then return {'in_flight', '', ''} end
 return {'replay', stored[3], stored[4]}
+"""
+
+# A tenant's token bucket (rate_per_s, burst), shared by every ingress: take ARGV[3]
+# tokens or none. The clock is Redis's own, so ingress clocks need not agree. KEYS: the
+# bucket. ARGV: rate per second, burst, tokens wanted. Returns: taken (1/0), tokens left
+# (as a string: Lua numbers become integers), ms until the wanted tokens are there.
+TAKE_TOKENS = """
+local rate, burst, wanted = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
+local time = redis.call('TIME')
+local now = tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
+local tokens, at = burst, now
+local held = redis.call('HMGET', KEYS[1], 'tokens', 'at')
+if held[1] then tokens, at = tonumber(held[1]), tonumber(held[2]) end
+tokens = math.min(burst, tokens + math.max(0, now - at) * rate / 1000)
+local taken = 0
+if tokens >= wanted then
+  tokens = tokens - wanted
+  taken = 1
+end
+redis.call('HSET', KEYS[1], 'tokens', tostring(tokens), 'at', now)
+redis.call('PEXPIRE', KEYS[1], math.ceil(burst / rate * 1000) + 1000)
+local wait_ms = 0
+if taken == 0 then wait_ms = math.ceil((wanted - tokens) * 1000 / rate) end
+return {taken, tostring(tokens), wait_ms}
+"""
+# A tenant's jobs queued or running (max_queued): a sorted set of job ids scored by when
+# each stops counting (its record's expiry), so a job that vanished without an ending
+# frees its place then. FINISH and CANCEL take a job out. Every script here writes first
+# with a command Redis refuses when it is out of memory (HSET, ZADD): a script whose
+# first write is one Redis allows then (ZREM, ZREMRANGEBYSCORE) may write past maxmemory.
+# KEYS: the set. ARGV: max, now (ms), the jobs' expiry (ms), job ids. Returns: reserved
+# (1/0), jobs held after.
+QUEUED_RESERVE = """
+local held = redis.call('ZCOUNT', KEYS[1], '(' .. ARGV[2], '+inf')
+local wanted = #ARGV - 3
+if held + wanted > tonumber(ARGV[1]) then return {0, held} end
+for i = 4, #ARGV do redis.call('ZADD', KEYS[1], ARGV[3], ARGV[i]) end
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', ARGV[2])
+redis.call('PEXPIREAT', KEYS[1], ARGV[3])
+return {1, held + wanted}
 """

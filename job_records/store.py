@@ -128,6 +128,16 @@ class Placement:
 
 
 @dataclass(frozen=True)
+class TokenTake:
+    """What a tenant's bucket said: whether the tokens were taken, how many are left, and
+    how long until the ones wanted would be there."""
+
+    taken: bool
+    left: float
+    wait_s: float
+
+
+@dataclass(frozen=True)
 class Started:
     """What `start` found: `running` (run it), or the status that says not to, with the
     ending recorded for it (so a redelivered copy can send that ending again)."""
@@ -203,6 +213,8 @@ class JobRecords:
                 "reopen": scripts.REOPEN,
                 "fenced_key": scripts.FENCED_KEY,
                 "reserve": scripts.RESERVE,
+                "take_tokens": scripts.TAKE_TOKENS,
+                "queued_reserve": scripts.QUEUED_RESERVE,
             }.items()
         }
         self._prefix = f"{key_prefix}inferq:"
@@ -223,6 +235,10 @@ class JobRecords:
 
     def _counter_key(self, kind: str, model: str, priority: str) -> str:
         return _counter_key(self._prefix, kind, model, priority)
+
+    def _queued_key(self, owner: str) -> str:
+        """The owner's jobs queued or running, for its max_queued."""
+        return f"{self._prefix}queued:{owner}"
 
     def _rate_key(self, model: str, now_s: float) -> str:
         return _rate_key(self._prefix, model, int(now_s) // RATE_BUCKET_S)
@@ -302,7 +318,7 @@ class JobRecords:
         per_job: list[list[str | int]] = []
         for job, status, attempts, output, error in endings:
             field, value = ("error", error) if error is not None else self._output_field(output)
-            keys += [self._record_key(job.id), self._rate_key(job.model, now_s)]
+            keys += [self._record_key(job.id), self._rate_key(job.model, now_s), self._queued_key(job.owner)]
             per_job.append([status, attempts, field, value, job.id, *_flat(job_fields(job))])
         args: list[str | int] = [self._ttl_s, int(now_s * 1000), self.finished_channel, len(per_job[0])]
         args += [arg for job_args in per_job for arg in job_args]
@@ -321,13 +337,40 @@ class JobRecords:
     async def cancel(self, record: JobRecord, now_ms: int | None = None) -> tuple[bool, str]:
         """Cancel a queued job at `now_ms` (default: now): (True, `canceled`), or (False,
         the status that kept it from it)."""
-        keys = [self._record_key(record.id), self._counter_key("started", record.model, record.priority)]
+        keys = [
+            self._record_key(record.id),
+            self._counter_key("started", record.model, record.priority),
+            self._queued_key(record.owner),
+        ]
         finished_ms = int(time.time() * 1000) if now_ms is None else now_ms
         async with self._guarded("cancel in"):
             won, status = await self._scripts["cancel"](
                 keys=keys, args=[finished_ms, self.finished_channel, record.id]
             )
         return bool(won), str(status)
+
+    async def take_tokens(self, tenant: str, rate_per_s: float, burst: int, wanted: int) -> TokenTake:
+        """Take `wanted` tokens from the tenant's bucket, or none (`taken` False)."""
+        async with self._guarded("take tokens in"):
+            taken, left, wait_ms = await self._scripts["take_tokens"](
+                keys=[f"{self._prefix}bucket:{tenant}"], args=[rate_per_s, burst, wanted]
+            )
+        return TokenTake(bool(taken), float(left), int(wait_ms) / 1000)
+
+    async def reserve_queued(self, owner: str, job_ids: Sequence[str], max_queued: int) -> tuple[bool, int]:
+        """Count the jobs in against the owner's max_queued, all or none: (reserved, jobs held)."""
+        until_ms = int((time.time() + self._ttl_s) * 1000)
+        async with self._guarded("reserve queued jobs in"):
+            reserved, held = await self._scripts["queued_reserve"](
+                keys=[self._queued_key(owner)],
+                args=[max_queued, int(time.time() * 1000), until_ms, *job_ids],
+            )
+        return bool(reserved), int(held)
+
+    async def release_queued(self, owner: str, job_ids: Sequence[str]) -> None:
+        """Jobs not queued after all: they do not count against max_queued."""
+        async with self._guarded("release queued jobs in"):
+            await self._redis.zrem(self._queued_key(owner), *job_ids)
 
     async def record_delivery(self, updates: Sequence[tuple[str, str, int]]) -> None:
         """Set (job id, delivery state, attempts); one round trip. Plain commands, no

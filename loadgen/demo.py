@@ -139,8 +139,7 @@ async def _batch(base_url: str, receiver: CallbackReceiver) -> bool:
         response = await client.post("/v1/models/embed-minilm/jobs/batch", json={"jobs": jobs})
     accepted_ms = (time.monotonic() - started) * 1000
     if response.status_code != 202:
-        print(f"
-batch: {response.status_code} {response.text[:300]}")
+        print(f"\nbatch: {response.status_code} {response.text[:300]}")
         return False
     ids = {job["id"] for job in response.json()["jobs"]}
     callbacks = await receiver.wait_for(already + len(ids), CALLBACK_TIMEOUT_S)
@@ -148,9 +147,9 @@ batch: {response.status_code} {response.text[:300]}")
     done_s = max(c.received_monotonic_s for c in mine) - started
     sizes = sorted({c.event["data"]["timings"]["batch_size"] for c in mine})
     print(
-        f"
-batch: {len(ids)} embed-minilm jobs in one request: 202 in {accepted_ms:.0f} ms (every job "
-        f"confirmed), {len(mine)} verified callbacks within {done_s:.1f} s, model batches of {sizes[0]}-{sizes[-1]}"
+        f"\nbatch: {len(ids)} embed-minilm jobs in one request: 202 in {accepted_ms:.0f} ms (every job "
+        f"confirmed), {len(mine)} verified callbacks within {done_s:.1f} s, "
+        f"model batches of {sizes[0]}-{sizes[-1]}"
     )
     return len(mine) == len(ids) and all(c.verified and c.event["type"] == "job.succeeded" for c in mine)
 

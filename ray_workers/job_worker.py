@@ -537,7 +537,7 @@ class JobWorker:
         now_ms = int(now_s * 1000)
         if item.expired:
             logger.info("job %s expired before it ran", job.id)
-            self.metrics.count_outcome(job.model, "expired")
+            self.metrics.count_outcome(job.model, "expired", job.tenant)
             return [
                 callback_for(
                     job,
@@ -558,7 +558,7 @@ class JobWorker:
                 item.output, item.permanent = None, True
                 item.error = f"the model's output cannot be encoded as JSON: {exc!r}"[:1000]
             else:
-                self.metrics.count_outcome(job.model, "succeeded")
+                self.metrics.count_outcome(job.model, "succeeded", job.tenant)
                 return [succeeded]
         delay_s = None if item.permanent else self._schedule.delay_after(attempt)
         if delay_s is not None and (job.deadline_ms is None or now_ms + delay_s * 1000 < job.deadline_ms):
@@ -580,7 +580,7 @@ class JobWorker:
             ]
         reason = "permanent error" if item.permanent else f"failed after {attempt} attempt(s)"
         logger.warning("job %s parked (%s): %s", job.id, reason, item.error)
-        self.metrics.count_outcome(job.model, "failed")
+        self.metrics.count_outcome(job.model, "failed", job.tenant)
         return [
             parked(
                 item.delivery.body,

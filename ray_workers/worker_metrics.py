@@ -37,6 +37,12 @@ SERIES: SeriesTable = {
         "inferq_worker_batch_max_wait_seconds", "How long the next batch may wait to fill", "gauge"
     ),
     "outcomes": Series("inferq_worker_jobs", "Settled jobs by outcome", "counter", ("model", "outcome")),
+    "tenant_outcomes": Series(
+        "inferq_tenant_jobs_completed",
+        "Jobs ended per tenant (by name, from the job), by outcome",
+        "counter",
+        ("tenant", "model", "outcome"),
+    ),
     "breaker": Series("inferq_worker_breaker_state", "Model breaker: 0 closed, 1 half-open, 2 open", "gauge"),
 }
 
@@ -56,8 +62,11 @@ class WorkerMetrics:
         self.sink.record("target_size", target_size, {"model": model})
         self.sink.record("target_wait", wait_s, {"model": model})
 
-    def count_outcome(self, model: str, outcome: str) -> None:
+    def count_outcome(self, model: str, outcome: str, tenant: str = "") -> None:
         self.sink.record("outcomes", 1, {"model": model, "outcome": outcome})
+        self.sink.record(
+            "tenant_outcomes", 1, {"tenant": tenant or "anonymous", "model": model, "outcome": outcome}
+        )
 
     def set_breaker_state(self, model: str, state: str) -> None:
         self.sink.record("breaker", BREAKER_STATE_VALUE[state], {"model": model})

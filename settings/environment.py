@@ -222,6 +222,21 @@ class Environment(BaseModel):
             "comma-separated bearer keys; empty: authentication off, logged loudly, refused beyond loopback"
         ),
     )
+    tenants_file: str | None = Field(
+        None,
+        alias="TENANTS_FILE",
+        description=(
+            "YAML of named tenants (key, rate_per_s + burst, max_queued, weight, models); with "
+            "`API_KEYS`, each key a tenant without limits"
+        ),
+    )
+    tenant_limits_fail_open: bool = Field(
+        True,
+        alias="TENANT_LIMITS_FAIL_OPEN",
+        description=(
+            "while Redis does not answer, accept a limited tenant's jobs unchecked (1) or answer 503 (0)"
+        ),
+    )
     max_body_bytes: int = Field(
         1024 * 1024, ge=1, alias="MAX_BODY_BYTES", description="request body limit (413 beyond)"
     )

@@ -59,6 +59,8 @@ class Job(msgspec.Struct, frozen=True, kw_only=True):
     deadline_ms: int | None = None
     # Who may read and cancel the job: a digest of the submitting API key ("" with auth off).
     owner: str = ""
+    # The submitting tenant's name (ingress.tenants), for per-tenant metrics; never its key.
+    tenant: str = ""
 
 
 class JobTimings(msgspec.Struct, frozen=True, kw_only=True):
