@@ -28,6 +28,7 @@ from bench.ingress_efficiency import measure_ingress
 from bench.pipeline_overhead import measure_pipeline
 from bench.python_profile import measure_profile, profile_markdown
 from bench.tenant_limits import measure_tenant_limits
+from bench.tenant_share import measure_tenant_share
 from bench.user_path import measure_user_path
 from bench.versus_celery import FULL_SIZE, QUICK_SIZE, measure_versus_celery
 from bench.wake_from_zero import measure_wake
@@ -85,6 +86,7 @@ STAGES = (
     "versus-celery",
     "batch-options",
     "tenant-limits",
+    "tenant-share",
     "user-path",
     "callbacks",
     "profile",
@@ -114,6 +116,9 @@ async def run(
         "batch-options": lambda: measure_batch_options(amqp_url, size.reps, 2000 if quick else 20_000),
         "tenant-limits": lambda: measure_tenant_limits(
             amqp_url, redis_url, size.reps, 5.0 if quick else 30.0
+        ),
+        "tenant-share": lambda: measure_tenant_share(
+            amqp_url, size.reps, 300 if quick else 3000, 5 if quick else 20
         ),
         "user-path": lambda: measure_user_path(amqp_url, size.reps, size.user_path_backlogs),
         "callbacks": lambda: measure_callbacks(amqp_url, size.reps, size.callback_deliveries),
@@ -160,7 +165,11 @@ def ratios(results: dict[str, Any]) -> list[tuple[str, float, str]]:
     rows: list[tuple[str, float, str]] = []
     if "versus-celery" in results:
         rows += _versus_celery_rows(results["versus-celery"]["summary"])
-    one_row_stages = {"batch-options": _batch_options_row, "tenant-limits": _tenant_limits_row}
+    one_row_stages = {
+        "batch-options": _batch_options_row,
+        "tenant-limits": _tenant_limits_row,
+        "tenant-share": _tenant_share_row,
+    }
     rows += [row(results[stage]) for stage, row in one_row_stages.items() if stage in results]
     if "user-path" in results:
         rows += _user_path_rows(results)
@@ -258,6 +267,15 @@ def _tenant_limits_row(limits: dict[str, Any]) -> tuple[str, float, str]:
         limits["ratio"],
         f"{[run['accepted'] for run in limits['runs']]} accepted; refusals without Retry-After and "
         f"RateLimit headers: {limits['refusals_without_headers']}",
+    )
+
+
+def _tenant_share_row(share: dict[str, Any]) -> tuple[str, float, str]:
+    return (
+        "Tenant B's single jobs behind tenant A's embed-minilm backlog: submit -> callback max / p50",
+        share["b_max_s"] / share["b_p50_s"],
+        f"p50 {share['b_p50_s']:.2f} s, max {share['b_max_s']:.2f} s; A's rate beside B / alone "
+        f"{share['a_ratio']:.2f}; lost {share['lost']}",
     )
 
 
