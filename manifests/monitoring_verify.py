@@ -20,7 +20,7 @@ from typing import Any
 
 import yaml
 
-from manifests.exported_metrics import unknown_metrics
+from manifests.exported_metrics import unknown_labels, unknown_metrics
 from settings.environment import Environment
 
 Manifest = dict[str, Any]
@@ -202,6 +202,8 @@ def monitoring_violations(docs: list[Manifest], platform: list[Manifest]) -> lis
     found += list(_queue_selectors(_rule_exprs(docs) + _dashboard_exprs(docs), overlay_queues(platform)))
     for expr, names in unknown_metrics(_rule_exprs(docs) + _dashboard_exprs(docs)).items():
         found.append(("PromQL", f"{sorted(names)} exported by nothing (in: {expr})"))
+    for expr, labels in unknown_labels(_rule_exprs(docs) + _dashboard_exprs(docs)).items():
+        found.append(("PromQL", f"labels {sorted(labels)} are on none of its series (in: {expr})"))
     if not _rule_exprs(docs) or not _dashboard_exprs(docs):
         found.append(("monitoring", "expected alerting rules and a dashboard"))
     return found

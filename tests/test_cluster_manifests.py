@@ -5,6 +5,7 @@ it; and what KEDA, the broker and the job records need of the objects holds."""
 from __future__ import annotations
 
 import copy
+import json
 from collections.abc import Callable
 from typing import Any
 
@@ -12,7 +13,7 @@ import pytest
 
 from local_stack.ha_cluster import ADVANCED_CONFIG
 from manifests.cluster_verify import OVERLAYS, render, violations
-from manifests.exported_metrics import metric_names
+from manifests.exported_metrics import label_names, metric_names
 from manifests.image_contents import DOCKERFILE, image_violations
 from manifests.monitoring_verify import MONITORING, monitoring_violations
 from settings.environment import Environment
@@ -457,6 +458,35 @@ def test_a_monitor_that_selects_nothing_or_scrapes_a_missing_port_is_caught() ->
 )
 def test_the_metric_names_of_a_promql_expression(expr: str, names: set[str]) -> None:
     assert metric_names(expr) == names
+
+
+def test_a_label_no_series_of_its_metric_carries_is_caught() -> None:
+    """Cluster finding 20: a PromQL label that is not on the series (misspelt, or a label
+    another metric has) selects or groups nothing, and the panel is silently empty."""
+
+    def mislabel(docs: list[Manifest]) -> None:
+        dashboard_map = next(d for d in docs if d["kind"] == "ConfigMap")
+        name, text = next(iter(dashboard_map["data"].items()))
+        dashboard = json.loads(text)
+        dashboard["panels"][4]["targets"][0]["expr"] = (
+            "sum by (modle) (rate(ray_inferq_worker_jobs_total[1m]))"
+        )
+        dashboard["panels"][6]["targets"][0]["expr"] = (
+            'rate(inferq_ingress_jobs_accepted_total{tenant="a"}[1m])'
+        )
+        dashboard_map["data"][name] = json.dumps(dashboard)
+
+    found = _monitoring_with(mislabel)
+
+    assert any("labels ['modle'] are on none of its series" in v for v in found), found
+    assert any("labels ['tenant'] are on none of its series" in v for v in found), found
+    assert label_names('sum by (le, model) (rate(a_bucket{x=~"y|z", q!="a=b"}[5m])) / on (job) c') == {
+        "le",
+        "model",
+        "x",
+        "q",
+        "job",
+    }
 
 
 def test_given_the_image_without_a_package_a_component_imports_then_verify_names_it() -> None:
