@@ -143,7 +143,7 @@ async def test_given_max_queued_then_the_tenant_waits_for_its_jobs_to_end_and_ot
         others = await _submit(client, PLAIN_KEY)
         await client.post(f"/v1/jobs/{held[0]}/cancel", headers=_auth(ACME_KEY))
         after_cancel = await _submit(client, ACME_KEY)
-        async with running_worker(RecordingModel(), worker_settings):
+        async with running_worker(RecordingModel(), worker_settings) as worker:
 
             async def ended() -> bool:
                 records = [
@@ -152,6 +152,10 @@ async def test_given_max_queued_then_the_tenant_waits_for_its_jobs_to_end_and_ot
                 return all(record["status"] == "succeeded" for record in records)
 
             await wait_until(ended, 10, "acme's jobs to end")
+            completed = worker.metrics.sink.registry.get_sample_value(  # type: ignore[attr-defined]
+                "inferq_tenant_jobs_completed_total",
+                {"tenant": "acme", "model": "echo", "outcome": "succeeded"},
+            )
         room_again = await client.post(
             "/v1/models/echo/jobs/batch",
             json={"jobs": [{"input": n} for n in range(3)]},
@@ -164,6 +168,7 @@ async def test_given_max_queued_then_the_tenant_waits_for_its_jobs_to_end_and_ot
     assert batch_over.status_code == 429
     assert others.status_code == 202 and after_cancel.status_code == 202
     assert room_again.status_code == 202 and full_again.status_code == 429
+    assert completed == 3  # the two held jobs not canceled and the one after the cancel, by name
     assert await queue_holds(amqp_url, _queue(topology), 3)
 
 
