@@ -263,6 +263,10 @@ class JobWorker:
             finally:
                 self._idle.set()
             self.metrics.observe_batch(self._model.name, len(batch.items), batch.filled_s, inference_s)
+            # Again with every batch, not only at start and on a change: under Ray a gauge set
+            # while the replica starts can miss its metrics agent, and the breaker panel and
+            # alert read this series (a rehearsal found it empty once in a few runs).
+            self.metrics.set_breaker_state(self._model.name, self.breaker.state.value)
             self._prefetch_bytes.observe(max(_body_bytes(delivery) for delivery in batch.items))
             await self._adapt_batch_size(len(batch.items), inference_s, model_failed)
 
