@@ -9,21 +9,17 @@ from __future__ import annotations
 
 import asyncio
 import os
-import sys
 import time
 from typing import Any
 
 import aiohttp
-import httpx
 
 from broker.client import Broker
 from loadgen.measurement import bench_topology, forget_records, make_job, median, percentile, publish_jobs
-from loadgen.stack_process import free_port
+from loadgen.stack_process import start_ingress
 from ray_workers.job_worker import JobWorker
 from ray_workers.models.echo import EchoModel
 from ray_workers.settings import WorkerSettings
-
-INGRESS_START_TIMEOUT_S = 30.0
 
 
 async def _bare_rate(broker: Broker, count: int) -> float:
@@ -78,35 +74,6 @@ async def _ingress_rate(base_url: str, count: int, concurrency: int) -> float:
     return count / elapsed_s
 
 
-async def _wait_ready(base_url: str, ingress: asyncio.subprocess.Process) -> None:
-    deadline = time.monotonic() + INGRESS_START_TIMEOUT_S
-    async with httpx.AsyncClient(base_url=base_url) as client:
-        while True:
-            try:
-                if (await client.get("/readyz")).status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass
-            if ingress.returncode is not None or time.monotonic() > deadline:
-                raise RuntimeError("the ingress did not become ready")
-            await asyncio.sleep(0.1)
-
-
-async def _start_ingress(env: dict[str, str]) -> tuple[asyncio.subprocess.Process, str]:
-    port = free_port()
-    ingress = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "ingress",
-        env={**env, "INGRESS_PORT": str(port)},
-        stdout=asyncio.subprocess.DEVNULL,
-        stderr=asyncio.subprocess.DEVNULL,
-    )
-    base_url = f"http://127.0.0.1:{port}"
-    await _wait_ready(base_url, ingress)
-    return ingress, base_url
-
-
 async def measure_ingress(
     amqp_url: str, redis_url: str, reps: int, count: int, concurrency: int = 64, waits: int = 200
 ) -> dict[str, Any]:
@@ -126,11 +93,11 @@ async def measure_ingress(
     records_on: list[float] = []
     events_off: list[float] = []
     try:
-        without, without_url = await _start_ingress({**env, "REDIS_URL": "off"})
+        without, without_url = await start_ingress({**env, "REDIS_URL": "off"})
         started.append(without)
-        with_records, with_url = await _start_ingress({**env, "REDIS_URL": redis_url})
+        with_records, with_url = await start_ingress({**env, "REDIS_URL": redis_url})
         started.append(with_records)
-        silent, silent_url = await _start_ingress({**env, "REDIS_URL": "off", "DEMAND_EVENTS": "0"})
+        silent, silent_url = await start_ingress({**env, "REDIS_URL": "off", "DEMAND_EVENTS": "0"})
         started.append(silent)
         variants = [(records_off, without_url), (records_on, with_url), (events_off, silent_url)]
         for rep in range(reps):

@@ -14,7 +14,6 @@ import asyncio
 import contextlib
 import os
 import secrets
-import sys
 import tempfile
 import time
 from collections import Counter
@@ -25,13 +24,12 @@ from typing import Any
 import aiohttp
 
 from loadgen.measurement import bench_topology, delete_bench_topology, median
-from loadgen.stack_process import free_port
+from loadgen.stack_process import start_ingress
 from wire.topology import Topology
 
 RATE_PER_S = 20
 BURST = 20
 CLIENTS_PER_INGRESS = 4
-READY_TIMEOUT_S = 30.0
 
 
 async def measure_tenant_limits(
@@ -109,7 +107,6 @@ async def _run(urls: list[str], key: str, duration_s: float) -> dict[str, Any]:
 async def _ingresses(
     amqp_url: str, redis_url: str, topology: Topology, tenants_file: Path, count: int
 ) -> AsyncIterator[list[str]]:
-    ports = [free_port() for _ in range(count)]
     env = {
         **os.environ,
         "AMQP_URL": amqp_url,
@@ -118,35 +115,15 @@ async def _ingresses(
         "MODELS": "echo",
         "TENANTS_FILE": str(tenants_file),
     }
-    processes = [
-        await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            "ingress",
-            env={**env, "INGRESS_PORT": str(port)},
-            stdout=asyncio.subprocess.DEVNULL,
-            stderr=asyncio.subprocess.DEVNULL,
-        )
-        for port in ports
-    ]
-    urls = [f"http://127.0.0.1:{port}" for port in ports]
+    started = await asyncio.gather(*(start_ingress(env) for _ in range(count)), return_exceptions=True)
+    processes = [item[0] for item in started if isinstance(item, tuple)]
     try:
-        await asyncio.gather(*(_ready(url) for url in urls))
-        yield urls
+        for item in started:
+            if isinstance(item, BaseException):
+                raise item
+        yield [item[1] for item in started if isinstance(item, tuple)]
     finally:
         for process in processes:
             process.terminate()
         for process in processes:
             await asyncio.wait_for(process.wait(), timeout=30)
-
-
-async def _ready(url: str) -> None:
-    deadline = time.monotonic() + READY_TIMEOUT_S
-    async with aiohttp.ClientSession() as session:
-        while time.monotonic() < deadline:
-            with contextlib.suppress(aiohttp.ClientError):
-                async with session.get(f"{url}/readyz") as response:
-                    if response.status == 200:
-                        return
-            await asyncio.sleep(0.1)
-    raise RuntimeError(f"the ingress at {url} was not ready within {READY_TIMEOUT_S} s")

@@ -18,23 +18,19 @@ from starlette.routing import Route
 from broker.client import Broker, BrokerUnavailable, TopologyMismatch, TopologyMissing, redact_url
 from ingress.auth import authenticate, require_model
 from ingress.batch_submission import submit_batch
-from ingress.inflight_bytes import InflightFull
 from ingress.job_checks import check_callback, checked_job, served_model
 from ingress.job_routes import cancel_job, get_job
 from ingress.job_submission import Submission, accept
 from ingress.openapi import openapi_document
 from ingress.problems import Problem, handle_http_exception, handle_problem
 from ingress.request_body import (
-    declared_length,
     decode_job_request,
-    read_limited_body,
-    require_json_content_type,
 )
-from ingress.request_headers import idempotency_key, preferred_wait_s, request_fingerprint
+from ingress.request_headers import preferred_wait_s, request_fingerprint
 from ingress.settings import IngressSettings
 from ingress.state import IngressState, ingress_state
-from ingress.tenant_limits import take_rate
-from ingress.tenants import Tenant
+from ingress.submission_route import handle_submission, submission_request
+from tenants.registry import Tenant
 from wire.envelope import Job
 from wire.outgoing import OutgoingMessage
 
@@ -68,55 +64,32 @@ OFF_LOOP_BODY_BYTES = 64 * 1024
 
 
 async def submit_job(request: Request) -> Response:
-    state = ingress_state(request)
-    try:
-        submission = await _submission(request, state)
-        try:
-            rate_headers = await take_rate(state, submission.tenant, 1)
-        except BaseException:
-            submission.let_go()
-            raise
-        response = await accept(state, submission)
-        response.headers.update(rate_headers)
-        return response
-    except Problem as problem:
-        state.metrics.requests_rejected.labels(str(problem.status)).inc()
-        raise
+    return await handle_submission(request, _submission, accept)
 
 
 async def _submission(request: Request, state: IngressState) -> Submission:
     """The request checked, cheapest first, its job encoded: nothing is written or queued
     before every check passed. The body and the decoded input end with this frame."""
-    settings = state.settings
-    tenant = authenticate(request, settings.tenants)
-    model = served_model(state, request.path_params["model"])
-    require_model(tenant, model)
-    require_json_content_type(request)
-    key = idempotency_key(request)
+    start = await submission_request(request, state, state.settings.max_body_bytes, "MAX_BODY_BYTES")
     wait_s = preferred_wait_s(request)
     try:
-        reservation = state.inflight.reserve(declared_length(request) or settings.max_body_bytes)
-    except InflightFull as exc:
-        raise state.unavailable("ingress-busy", f"{exc}; retry later") from exc
-    try:
-        body = await read_limited_body(request, settings.max_body_bytes)
-        if len(body) > OFF_LOOP_BODY_BYTES:
+        if len(start.body) > OFF_LOOP_BODY_BYTES:
             async with state.large_decodes:
-                job, message = await asyncio.to_thread(_decoded, state, model, tenant, body)
+                job, message = await asyncio.to_thread(_decoded, state, start.model, start.tenant, start.body)
         else:
-            job, message = _decoded(state, model, tenant, body)
+            job, message = _decoded(state, start.model, start.tenant, start.body)
         await check_callback(state, job.callback_url)
     except BaseException:
-        reservation.release()
+        start.reservation.release()
         raise
     return Submission(
         job=job,
-        tenant=tenant,
+        tenant=start.tenant,
         message=message,
-        reservation=reservation,
+        reservation=start.reservation,
         wait_s=wait_s,
-        key=key,
-        fingerprint="" if key is None else request_fingerprint(model, body),
+        key=start.key,
+        fingerprint="" if start.key is None else request_fingerprint(start.model, start.body),
     )
 
 

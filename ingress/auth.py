@@ -10,7 +10,7 @@ from __future__ import annotations
 from starlette.requests import Request
 
 from ingress.problems import Problem
-from ingress.tenants import NO_AUTH, Tenant, Tenants
+from tenants.registry import NO_AUTH, Tenant, Tenants
 
 
 def authenticate(request: Request, tenants: Tenants) -> Tenant:

@@ -35,18 +35,19 @@ from starlette.responses import JSONResponse, Response
 
 from broker.client import BrokerError, BrokerUnavailable, PublishUncertain
 from ingress.admission import QueueFull
-from ingress.auth import authenticate, require_model
 from ingress.batch_request import decode_batch_request, invalid_batch, job_errors
-from ingress.inflight_bytes import InflightFull, Reservation
-from ingress.job_checks import check_callback, checked_job, served_model
+from ingress.idempotency import accepted_under_key, claim_key, complete_key
+from ingress.inflight_bytes import Reservation
+from ingress.job_checks import check_callback, checked_job
 from ingress.job_view import placement_view
 from ingress.problems import Problem
-from ingress.request_body import JobRequest, declared_length, read_limited_body, require_json_content_type
-from ingress.request_headers import idempotency_key, request_fingerprint
-from ingress.state import IngressState, ingress_state
-from ingress.tenant_limits import release_queued, reserve_queued, take_rate
-from ingress.tenants import Tenant
+from ingress.request_body import JobRequest
+from ingress.request_headers import request_fingerprint
+from ingress.state import IngressState
+from ingress.submission_route import handle_submission, submission_request
+from ingress.tenant_limits import release_queued, reserve_queued
 from job_records.store import Placement, RecordsUnavailable
+from tenants.registry import Tenant
 from wire.envelope import Job, decode_job
 from wire.job_message import job_message
 from wire.outgoing import OutgoingMessage
@@ -82,6 +83,10 @@ class BatchSubmission:
     key: str | None = None
     fingerprint: str = ""
 
+    @property
+    def job_count(self) -> int:
+        return len(self.jobs)
+
     def let_go(self) -> None:
         self.messages = None
         self.reservation.release()
@@ -99,53 +104,33 @@ class BatchSubmission:
 
 
 async def submit_batch(request: Request) -> Response:
-    state = ingress_state(request)
-    try:
-        submission = await _batch_submission(request, state)
-        try:
-            rate_headers = await take_rate(state, submission.tenant, len(submission.jobs))
-        except BaseException:
-            submission.let_go()
-            raise
-        response = await accept_batch(state, submission)
-        response.headers.update(rate_headers)
-        return response
-    except Problem as problem:
-        state.metrics.requests_rejected.labels(str(problem.status)).inc()
-        raise
+    return await handle_submission(request, _batch_submission, accept_batch)
 
 
 async def _batch_submission(request: Request, state: IngressState) -> BatchSubmission:
     """The request and every job checked before anything is written or queued."""
     settings = state.settings
-    tenant = authenticate(request, settings.tenants)
-    model = served_model(state, request.path_params["model"])
-    require_model(tenant, model)
-    require_json_content_type(request)
-    key = idempotency_key(request)
+    start = await submission_request(request, state, settings.max_batch_body_bytes, "MAX_BATCH_BODY_BYTES")
     try:
-        reservation = state.inflight.reserve(declared_length(request) or settings.max_batch_body_bytes)
-    except InflightFull as exc:
-        raise state.unavailable("ingress-busy", f"{exc}; retry later") from exc
-    try:
-        body = await read_limited_body(request, settings.max_batch_body_bytes, "MAX_BATCH_BODY_BYTES")
         batch_id = str(uuid.uuid4())
         async with state.large_decodes:
-            checked = await asyncio.to_thread(_checked, state, model, tenant, body, batch_id)
+            checked = await asyncio.to_thread(
+                _checked, state, start.model, start.tenant, start.body, batch_id
+            )
         await _check_callbacks(state, checked)
         jobs = [job for _, job, _ in checked.encoded]
         messages = [message for _, _, message in checked.encoded]
     except BaseException:
-        reservation.release()
+        start.reservation.release()
         raise
     return BatchSubmission(
         batch_id=batch_id,
-        tenant=tenant,
+        tenant=start.tenant,
         jobs=jobs,
         messages=messages,
-        reservation=reservation,
-        key=key,
-        fingerprint="" if key is None else request_fingerprint(f"{model}/batch", body),
+        reservation=start.reservation,
+        key=start.key,
+        fingerprint="" if start.key is None else request_fingerprint(f"{start.model}/batch", start.body),
     )
 
 
@@ -206,49 +191,18 @@ async def accept_batch(state: IngressState, submission: BatchSubmission) -> Resp
 async def _accept_once(state: IngressState, submission: BatchSubmission, key: str) -> Response:
     """`_accept` under an Idempotency-Key: one batch per (API key, key, body)."""
     owner = submission.jobs[0].owner
-    records = state.require_records()
-    try:
-        claim = await records.reserve_key(owner, key, submission.fingerprint, submission.batch_id)
-    except RecordsUnavailable as exc:
-        raise state.unavailable(
-            "idempotency-unavailable",
-            "the job records are unavailable, so an Idempotency-Key cannot be honoured",
-        ) from exc
-    if claim.outcome == "mismatch":
-        raise Problem(
-            422,
-            "idempotency-key-reused",
-            "Unprocessable Content",
-            "this Idempotency-Key was used with a different request body; use a new key for a new batch",
-        )
-    if claim.outcome == "in_flight":
-        raise Problem(
-            409,
-            "idempotency-key-in-flight",
-            "Conflict",
-            "a request with this Idempotency-Key is still being accepted; retry shortly",
-            headers={"Retry-After": "1"},
-        )
+    claim = await claim_key(state, owner, key, submission.fingerprint, submission.batch_id, "batch")
     if claim.outcome == "replay":
         return await _replay(state, claim.job_id, len(submission.jobs), claim.status_code or 202)
     if claim.outcome == "uncertain":
         submission.relabel(claim.job_id)
+    records = state.require_records()
     ttl_s = max(records.ttl_for(job) for job in submission.jobs)
-    try:
-        response = await _accept(state, submission)
-    except _PartlyQueued:
-        with contextlib.suppress(RecordsUnavailable):
-            await records.keep_key_uncertain(owner, key, submission.batch_id, ttl_s)
-        raise
-    except Problem:
-        with contextlib.suppress(RecordsUnavailable):
-            await records.release_key(owner, key, submission.batch_id)  # nothing accepted: free again
-        raise
-    try:
-        if not await records.complete_key(owner, key, submission.batch_id, 202, ttl_s):
-            logger.warning("batch %s accepted after its Idempotency-Key's lease ran out", submission.batch_id)
-    except RecordsUnavailable as exc:
-        logger.warning("batch %s accepted, its Idempotency-Key not completed: %s", submission.batch_id, exc)
+    accepting = _accept(state, submission)
+    response = await accepted_under_key(
+        state, owner, key, submission.batch_id, ttl_s, accepting, _PartlyQueued
+    )
+    await complete_key(state, owner, key, submission.batch_id, 202, ttl_s)
     return response
 
 

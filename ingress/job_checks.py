@@ -13,9 +13,9 @@ import msgspec
 from ingress.problems import Problem
 from ingress.request_body import JobRequest
 from ingress.state import IngressState
-from ingress.tenants import Tenant
 from model_catalogue.input_schemas import ValidationBudgetExceeded
 from policies.callback_guard import CallbackUrlRejected, ResolutionUnavailable, check_callback_url
+from tenants.registry import Tenant
 from wire.envelope import Job
 from wire.job_message import job_message
 from wire.outgoing import OutgoingMessage

@@ -32,13 +32,14 @@ from starlette.responses import JSONResponse, Response
 
 from broker.client import BrokerError, BrokerUnavailable, PublishRejected, PublishUncertain
 from ingress.admission import QueueFull
+from ingress.idempotency import accepted_under_key, claim_key, complete_key
 from ingress.inflight_bytes import Reservation
 from ingress.job_view import job_view, placement_view
 from ingress.problems import Problem
 from ingress.state import IngressState
 from ingress.tenant_limits import release_queued, reserve_queued
-from ingress.tenants import Tenant
 from job_records.store import KeyClaim, Placement, RecordsUnavailable
+from tenants.registry import Tenant
 from wire.envelope import Job, decode_job
 from wire.job_message import job_message
 from wire.outgoing import OutgoingMessage
@@ -58,6 +59,10 @@ class Submission:
     wait_s: int | None = None
     key: str | None = None
     fingerprint: str = ""
+
+    @property
+    def job_count(self) -> int:
+        return 1
 
     def let_go(self) -> None:
         self.message = None
@@ -88,46 +93,15 @@ async def accept(state: IngressState, submission: Submission) -> Response:
 
 async def _accept_once(state: IngressState, submission: Submission, key: str) -> Response:
     """`_accept` under an Idempotency-Key: one job per (API key, key, body) for RESULT_TTL_S."""
-    job = submission.job
-    records = state.require_records()
-    try:
-        claim = await records.reserve_key(job.owner, key, submission.fingerprint, job.id)
-    except RecordsUnavailable as exc:
-        raise state.unavailable(
-            "idempotency-unavailable",
-            "the job records are unavailable, so an Idempotency-Key cannot be honoured",
-        ) from exc
-    if claim.outcome == "mismatch":
-        raise Problem(
-            422,
-            "idempotency-key-reused",
-            "Unprocessable Content",
-            "this Idempotency-Key was used with a different request body; use a new key for a new job",
-        )
-    if claim.outcome == "in_flight":
-        raise Problem(
-            409,
-            "idempotency-key-in-flight",
-            "Conflict",
-            "a request with this Idempotency-Key is still being accepted; retry shortly",
-            headers={"Retry-After": "1"},
-        )
+    owner = submission.job.owner
+    claim = await claim_key(state, owner, key, submission.fingerprint, submission.job.id, "job")
     if claim.outcome == "replay":
         return await _replay(state, claim)
     if claim.outcome == "uncertain":
         submission.relabel(claim.job_id)
-    try:
-        return await _accept(state, submission)
-    except UncertainPublish:
-        with contextlib.suppress(RecordsUnavailable):
-            await records.keep_key_uncertain(
-                job.owner, key, submission.job.id, records.ttl_for(submission.job)
-            )
-        raise
-    except Problem:
-        with contextlib.suppress(RecordsUnavailable):
-            await records.release_key(job.owner, key, submission.job.id)  # nothing accepted: free again
-        raise
+    ttl_s = state.require_records().ttl_for(submission.job)
+    accepting = _accept(state, submission)
+    return await accepted_under_key(state, owner, key, submission.job.id, ttl_s, accepting, UncertainPublish)
 
 
 async def _accept(state: IngressState, submission: Submission) -> Response:
@@ -161,12 +135,12 @@ async def _accept_counted(state: IngressState, submission: Submission) -> Respon
         if state.settings.demand_events:
             state.demand.announce(job.model)
         if key is not None:
-            await _complete_key(state, job, key, 202)
+            await complete_key(state, job.owner, key, job.id, 202, _ttl_s(state, job))
         if finished is not None and wait_s is not None:
             final = await _wait(state, job.id, finished, wait_s)
             if final is not None:
                 if key is not None:
-                    await _complete_key(state, job, key, 200)
+                    await complete_key(state, job.owner, key, job.id, 200, _ttl_s(state, job))
                 return JSONResponse(
                     final, headers={"Preference-Applied": f"wait={wait_s}", **_location(job.id)}
                 )
@@ -230,16 +204,6 @@ async def _wait(
     return job_view(record) if record is not None and record.terminal else None
 
 
-async def _complete_key(state: IngressState, job: Job, key: str, status_code: int) -> None:
-    try:
-        records = state.require_records()
-        if not await records.complete_key(job.owner, key, job.id, status_code, records.ttl_for(job)):
-            logger.warning("job %s accepted after its Idempotency-Key's lease ran out", job.id)
-    except RecordsUnavailable as exc:
-        # The job is accepted; the key's lease runs out and a retry after that makes a new job.
-        logger.warning("job %s accepted, but its Idempotency-Key was not completed: %s", job.id, exc)
-
-
 async def _replay(state: IngressState, claim: KeyClaim) -> Response:
     try:
         record = await state.require_records().get(claim.job_id)
@@ -248,6 +212,10 @@ async def _replay(state: IngressState, claim: KeyClaim) -> Response:
     body: dict[str, Any] = {"id": claim.job_id} if record is None else job_view(record)
     headers = {"Idempotent-Replayed": "true", **_location(claim.job_id)}
     return JSONResponse(body, status_code=claim.status_code or 202, headers=headers)
+
+
+def _ttl_s(state: IngressState, job: Job) -> int:
+    return state.require_records().ttl_for(job)
 
 
 def _location(job_id: str) -> dict[str, str]:

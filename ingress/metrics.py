@@ -26,7 +26,7 @@ class IngressMetrics:
             ["status"],
             registry=self.registry,
         )
-        # Per tenant by name (ingress.tenants), never by key.
+        # Per tenant by name (tenants.registry), never by key.
         self.tenant_accepted = Counter(
             "inferq_tenant_jobs_accepted",
             "Jobs accepted, per tenant",

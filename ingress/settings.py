@@ -9,11 +9,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ingress.json_budget import JsonBudget
-from ingress.tenants import Tenant, Tenants, load_tenants_file
 from job_records.store import DEFAULT_RECORD_OUTPUT_MAX_BYTES
 from model_catalogue.catalogue import DEFAULT_CATALOGUE
 from policies.callback_guard import AllowList
 from settings.environment import DEFAULT_AMQP_URL, ConfigError, Environment
+from tenants.registry import Tenant, Tenants, load_tenants_file
 from wire.topology import Topology
 
 
@@ -23,7 +23,7 @@ class IngressSettings:
     host: str = "127.0.0.1"
     port: int = 8000
     api_keys: tuple[str, ...] = field(default=(), repr=False)
-    # Named tenants from TENANTS_FILE (ingress.tenants); API_KEYS are tenants too.
+    # Named tenants from TENANTS_FILE (tenants.registry); API_KEYS are tenants too.
     named_tenants: tuple[Tenant, ...] = field(default=(), repr=False)
     tenant_limits_fail_open: bool = True
     callback_allow: AllowList = field(default_factory=AllowList)

@@ -24,8 +24,8 @@ import math
 
 from ingress.problems import Problem
 from ingress.state import IngressState
-from ingress.tenants import Tenant
 from job_records.store import RecordsUnavailable
+from tenants.registry import Tenant
 
 logger = logging.getLogger(__name__)
 

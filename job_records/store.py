@@ -489,7 +489,7 @@ class JobRecords:
                 yield None if message is None else str(message["data"])
         finally:
             with contextlib.suppress(*_ERRORS):
-                await pubsub.aclose()  # type: ignore[no-untyped-call]
+                await pubsub.aclose()  # type: ignore[no-untyped-call, unused-ignore]  # typed from redis 8
 
     @contextlib.asynccontextmanager
     async def _guarded(self, action: str) -> AsyncIterator[None]:

@@ -22,6 +22,7 @@ import httpx
 from local_stack.launcher import READY_LINE
 
 STACK_START_TIMEOUT_S = 240.0
+INGRESS_START_TIMEOUT_S = 30.0
 STACK_STOP_TIMEOUT_S = 90.0
 START_ATTEMPTS = 3
 
@@ -35,6 +36,30 @@ def free_port() -> int:
         sock.bind(("127.0.0.1", 0))
         port: int = sock.getsockname()[1]
         return port
+
+
+async def start_ingress(env: Mapping[str, str]) -> tuple[asyncio.subprocess.Process, str]:
+    """`python -m ingress` alone on a free port, with `env`, once its /readyz answers 200;
+    returns the process (the caller terminates it) and its base URL."""
+    port = free_port()
+    ingress = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "ingress",
+        env={**env, "INGRESS_PORT": str(port)},
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.DEVNULL,
+    )
+    base_url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + INGRESS_START_TIMEOUT_S
+    async with httpx.AsyncClient(base_url=base_url) as client:
+        while await _ready_status(client) != 200:
+            if ingress.returncode is not None or time.monotonic() > deadline:
+                ingress.terminate()
+                await ingress.wait()
+                raise RuntimeError(f"the ingress at {base_url} was not ready in {INGRESS_START_TIMEOUT_S} s")
+            await asyncio.sleep(0.1)
+    return ingress, base_url
 
 
 class StackProcess:

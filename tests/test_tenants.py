@@ -15,9 +15,9 @@ import httpx
 import pytest
 
 from ingress.settings import IngressSettings
-from ingress.tenants import Tenant, Tenants, key_digest, load_tenants_file
 from ray_workers.settings import WorkerSettings
 from settings.environment import ConfigError
+from tenants.registry import Tenant, Tenants, key_digest, load_tenants_file
 from tests.conftest import queue_holds, running_ingress, running_worker, wait_until
 from tests.models import RecordingModel
 from wire.topology import Topology
@@ -70,12 +70,11 @@ def test_a_tenants_file_is_read_and_each_mistake_is_named(tmp_path: Path) -> Non
         "bad name": "{name: 'Not OK', key: k}",
         "unknown field": "{name: a, key: k, colour: red}",
     }
-    for mistake, entry in mistakes.items():
+    for entry in mistakes.values():
         bad = tmp_path / "bad.yaml"
         bad.write_text(f"tenants:\n  - {entry}\n")
         with pytest.raises(ConfigError, match=r"TENANTS_FILE="):
             load_tenants_file(bad, ("echo",))
-        assert mistake  # each mistake above is refused with the file named
     with pytest.raises(ConfigError, match="same key"):
         Tenants.of(("acme-key",), (acme,))
 

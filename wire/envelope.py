@@ -59,7 +59,7 @@ class Job(msgspec.Struct, frozen=True, kw_only=True):
     deadline_ms: int | None = None
     # Who may read and cancel the job: a digest of the submitting API key ("" with auth off).
     owner: str = ""
-    # The submitting tenant's name (ingress.tenants), for per-tenant metrics; never its key.
+    # The submitting tenant's name (tenants.registry), for per-tenant metrics; never its key.
     tenant: str = ""
 
 

@@ -1,0 +1,1 @@
+"""Who may submit: tenants, their keys and their limits (read by the ingress)."""
