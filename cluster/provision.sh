@@ -161,6 +161,37 @@ render() {
   printf '%s\n' "$rendered"
 }
 
+# A model's workers start at zero. A Deployment that names no count is created with one
+# pod, which asks for a (GPU) node before KEDA's first decision scales it away. So each
+# worker Deployment not yet in the cluster is created (not applied: no last-applied count
+# to take back later) at 0 replicas; the apply after it names no count, and KEDA's count
+# stays on every re-run.
+create_workers_at_zero() {
+  local docs file name
+  docs="$(mktemp -d)"
+  printf '%s\n' "$1" | awk -v dir="$docs" '
+    function flush() {
+      if (doc ~ /(^|\n)kind: Deployment\n/ && match(doc, /\n  name: worker-[a-z0-9-]+\n/)) {
+        name = substr(doc, RSTART + 9, RLENGTH - 10)
+        sub(/\nspec:\n/, "\nspec:\n  replicas: 0\n", doc)
+        printf "%s", doc > (dir "/" name ".yaml")
+        close(dir "/" name ".yaml")
+      }
+      doc = ""
+    }
+    /^---$/ { flush(); next }
+    { doc = doc $0 "\n" }
+    END { flush() }'
+  for file in "$docs"/worker-*.yaml; do
+    [ -e "$file" ] || { echo "the render holds no worker Deployment" >&2; exit 1; }
+    name="$(basename "$file" .yaml)"
+    if ! kubectl -n "$NAMESPACE" get "deployment/$name" >/dev/null 2>&1; then
+      kubectl create -f "$file"
+    fi
+  done
+  rm -rf "$docs"
+}
+
 # A Secret's key, decoded; empty when the Secret or the key does not exist.
 secret_value() {
   kubectl -n "$NAMESPACE" get secret "$1" -o jsonpath="{.data.$2}" 2>/dev/null | base64 -d || true
@@ -249,7 +280,7 @@ platform_secrets() {
 }
 
 up() {
-  local provider="$1"
+  local provider="$1" rendered
   case "$provider" in
     kind) create_kind ;;
     gke) create_gke ;;
@@ -261,7 +292,9 @@ up() {
   if [ "$provider" = gke ]; then broker_tls_secrets; fi
   # A Job's template cannot change in place, and each bring-up grants access again.
   kubectl -n "$NAMESPACE" delete job broker-access --ignore-not-found
-  render "$provider" | kubectl apply -f -
+  rendered="$(render "$provider")"
+  create_workers_at_zero "$rendered"
+  printf '%s\n' "$rendered" | kubectl apply -f -
   kubectl -n "$NAMESPACE" wait --for=condition=AllReplicasReady rabbitmqcluster/rabbitmq --timeout=15m
   kubectl -n "$NAMESPACE" wait --for=jsonpath='{.data.password}' secret/rabbitmq-default-user --timeout=2m
   platform_secrets "$provider"

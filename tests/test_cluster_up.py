@@ -17,9 +17,10 @@ import subprocess
 import threading
 from collections.abc import Iterator
 from pathlib import Path
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import pytest
+import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
 REGISTRY = "europe-west4-docker.pkg.dev/acme/inferq"
@@ -31,7 +32,13 @@ case "$name" in
     if [ "$1" = "-n" ]; then shift 2; fi
     case "$1" in
       kustomize) exec "$REAL_KUBECTL" "$@" ;;
-      create) echo "kind: Secret" ;;
+      create)
+        if [ "$2" = "-f" ]; then { cat "$3"; echo "---"; } >> "$TOOLS_CREATED"
+        else echo "kind: Secret"; fi ;;
+      get)
+        case "$2" in
+          deployment/*) case " ${FAKE_DEPLOYMENTS:-} " in *" ${2#deployment/} "*) ;; *) exit 1 ;; esac ;;
+        esac ;;
       apply) if [ "$2 $3" = "-f -" ]; then cat >> "$TOOLS_APPLIED"; fi ;;
     esac ;;
   gcloud)
@@ -110,6 +117,7 @@ def tools(tmp_path: Path, ingress: int) -> dict[str, str]:
         "REAL_KUBECTL": real_kubectl,
         "TOOLS_LOG": str(tmp_path / "calls.log"),
         "TOOLS_APPLIED": str(tmp_path / "applied.yaml"),
+        "TOOLS_CREATED": str(tmp_path / "created.yaml"),
         "PROJECT": "acme",
         "ZONE": "europe-west4-a",
         "REGISTRY": REGISTRY,
@@ -268,6 +276,47 @@ def test_given_no_role_list_then_no_empty_secret_is_applied(
     applied = Path(tools["TOOLS_APPLIED"])
     assert "inferq-broker-users" not in (applied.read_text() if applied.exists() else "")
     assert "broker-roles.yaml" in done.stderr
+
+
+def _documents(text: str) -> list[dict[str, Any]]:
+    return [doc for doc in yaml.safe_load_all(text) if doc]
+
+
+def _workers(docs: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    return {
+        doc["metadata"]["name"]: doc
+        for doc in docs
+        if doc["kind"] == "Deployment" and doc["metadata"]["name"].startswith("worker-")
+    }
+
+
+def test_given_a_new_cluster_then_each_models_workers_are_created_at_zero_and_applied_without_a_count(
+    tools: dict[str, str], tmp_path: Path
+) -> None:
+    """Finding 12: a worker Deployment without a count started one pod (on GKE, a GPU node)
+    before KEDA's first decision; a count in the applied manifest would take KEDA's back
+    on every re-run."""
+    calls, applied = _provision(tools, "up", "kind")
+
+    created = _workers(_documents((tmp_path / "created.yaml").read_text()))
+    assert sorted(created) == ["worker-echo", "worker-embed-minilm"]
+    assert all(doc["spec"]["replicas"] == 0 for doc in created.values())
+    applied_workers = _workers(_documents(applied))
+    assert sorted(applied_workers) == sorted(created)
+    assert all("replicas" not in doc["spec"] for doc in applied_workers.values())
+    # Created as applied otherwise: the same pod template.
+    assert all(
+        created[name]["spec"]["template"] == doc["spec"]["template"] for name, doc in applied_workers.items()
+    )
+    assert _index(calls, "kubectl create -f") < _index(calls, "kubectl apply -f -")
+
+
+def test_given_workers_already_running_then_a_re_run_leaves_their_count_to_keda(
+    tools: dict[str, str], tmp_path: Path
+) -> None:
+    _provision({**tools, "FAKE_DEPLOYMENTS": "worker-echo worker-embed-minilm"}, "up", "kind")
+
+    assert not (tmp_path / "created.yaml").exists()
 
 
 def test_given_cluster_up_then_it_ends_with_a_job_on_every_model(tools: dict[str, str]) -> None:
