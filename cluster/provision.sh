@@ -19,7 +19,9 @@ KIND_VERSION="v0.32.0"
 KIND_NODE_IMAGE="kindest/node:v1.36.1@sha256:3489c7674813ba5d8b1a9977baea8a6e553784dab7b84759d1014dbd78f7ebd5"
 RABBITMQ_OPERATOR_VERSION="v2.14.0"
 KEDA_CHART_VERSION="2.20.1"
-PROMETHEUS_STACK_CHART_VERSION="65.1.1"
+# kube-prometheus-stack 88.5.3 (Aug 2026: Prometheus v3.14, operator v0.93.1); manifests/crds/ holds
+# its monitoring CRDs, which `task cluster:verify` checks the monitors against.
+PROMETHEUS_STACK_CHART_VERSION="88.5.3"
 # Images are tagged by the commit they are built from (a build with uncommitted changes
 # gets a tag of its own): a re-run never keeps a stale image under a reused tag.
 image_tag() {

@@ -141,9 +141,11 @@ def _core_problem(doc_json: str) -> str | None:
 def _no_crd(group: str, kind: str, api_version: str) -> str:
     crd = upstream_crds.crd_for(group, kind)
     if crd is None:
-        known = sorted(crd.kind for crd in upstream_crds.CRDS)
+        known = sorted(crd.kind for crd in upstream_crds.CRDS + upstream_crds.VENDORED_CRDS)
         return f"no CRD for {api_version} {kind} to validate it against (known: {known})"
     looked = ", ".join(str(path) for path in upstream_crds.candidates(crd))
+    if crd.vendored:
+        return f"the CRD of {kind} is missing from {looked}, where the repository keeps it"
     return (
         f"the CRD of {kind} was not found (looked in {looked}): run `task crds` where there is "
         f"a network, or set {crd.variable} to a folder of the upstream CRD files"
@@ -429,6 +431,24 @@ POLICIES: dict[str, Callable[[list[Manifest]], Iterator[tuple[str, str]]]] = {
 }
 
 
+def chart_pin_violations(provision_script: str) -> list[tuple[str, str]]:
+    """The kube-prometheus-stack that cluster-up installs must be the one whose CRDs the
+    monitors are checked against (manifests/crds/): a bump brings its CRDs along."""
+    pinned = re.search(r'^PROMETHEUS_STACK_CHART_VERSION="([^"]+)"', provision_script, re.MULTILINE)
+    checked = upstream_crds.PROMETHEUS_STACK_CHART_VERSION
+    if pinned is None:
+        return [("cluster/provision.sh", "PROMETHEUS_STACK_CHART_VERSION is not set")]
+    if pinned.group(1) != checked:
+        return [
+            (
+                "cluster/provision.sh",
+                f"installs kube-prometheus-stack {pinned.group(1)}, but the monitors are checked "
+                f"against {checked}'s CRDs (manifests/crds/): bring that chart's CRDs along",
+            )
+        ]
+    return []
+
+
 def violations(overlay: str, docs: list[Manifest]) -> list[Violation]:
     return [Violation(overlay, subject, rule) for check in POLICIES.values() for subject, rule in check(docs)]
 
@@ -453,8 +473,11 @@ def main() -> int:
     for overlay, docs in rendered.items():
         found += violations(overlay, docs)
         found += [Violation(overlay, s, r) for s, r in monitoring_violations(monitoring[overlay], docs)]
+        found += [Violation(overlay, s, r) for s, r in schema_violations(monitoring[overlay])]
         checked = f"{len(docs)} objects and {len(monitoring[overlay])} monitoring objects"
         print(f"{overlay}: {checked} rendered and checked")
+    provision = (ROOT / "cluster" / "provision.sh").read_text()
+    found += [Violation("cluster-up", s, r) for s, r in chart_pin_violations(provision)]
     for violation in found:
         print(violation, file=sys.stderr)
     print("cluster manifests: OK" if not found else f"cluster manifests: {len(found)} violation(s)")

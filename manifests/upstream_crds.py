@@ -1,6 +1,10 @@
 """The upstream CRDs our custom resources are validated against, pinned by commit and digest.
 
-Each CRD is read from the first place that has it:
+The monitoring CRDs (ServiceMonitor, PodMonitor, PrometheusRule) are kept in this repository
+(`manifests/crds/`, no shared copy exists): exactly the files the pinned kube-prometheus-stack
+chart installs, so a chart bump must bring its CRDs, and the monitors are checked against them.
+
+Every other CRD is read from the first place that has it:
 1. its variable's folder (`KEDA_CRD_DIR`, `RABBITMQ_CRD_DIR`; CI points them at
    ../shared/schemas), which, when set, is the only place looked at;
 2. `../shared/schemas/<folder>` beside the checkout (this project's machines);
@@ -26,6 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+VENDORED = Path(__file__).resolve().parent / "crds"
 SHARED_SCHEMAS = ROOT.parent / "shared" / "schemas"
 GITHUB_RAW = "https://raw.githubusercontent.com"
 FETCH_TIMEOUT_S = 10.0
@@ -42,15 +47,22 @@ class UpstreamCrd:
     repository: str
     commit: str
     sha256: str
+    source_folder: str = "config/crd/bases"
+    vendored: bool = False
 
     def url(self, base: str = GITHUB_RAW) -> str:
-        return f"{base}/{self.repository}/{self.commit}/config/crd/bases/{self.filename}"
+        return f"{base}/{self.repository}/{self.commit}/{self.source_folder}/{self.filename}"
 
 
 # The commits ../shared/schemas/README.md names (KEDA v2.20.1 + main, the cluster operator
 # as of Aug 2026), and the digests of those files.
 _KEDA = ("kedacore/keda", "8b4f083ca8c8c2baf8477e322bd4d16ac4dfa09a")
 _OPERATOR = ("rabbitmq/cluster-operator", "06cda8e8e1a927a652dda20a1b169fe7667f4916")
+# kube-prometheus-stack, as cluster/provision.sh installs it; its CRDs (prometheus-operator
+# v0.93.1) are those in manifests/crds/, taken from the chart at this tag.
+PROMETHEUS_STACK_CHART_VERSION = "88.5.3"
+_STACK = ("prometheus-community/helm-charts", f"kube-prometheus-stack-{PROMETHEUS_STACK_CHART_VERSION}")
+_STACK_CRDS = "charts/kube-prometheus-stack/charts/crds/crds"
 CRDS = (
     UpstreamCrd(
         "keda.sh",
@@ -80,6 +92,37 @@ CRDS = (
         "3d12de2e4281eb91c49d9860b733b6aa741fe0f608c6a2c4160226fe4993d0de",
     ),
 )
+# Kept in manifests/crds/ (see the module's docstring), never fetched.
+VENDORED_CRDS = tuple(
+    UpstreamCrd(
+        "monitoring.coreos.com",
+        kind,
+        "",
+        "monitoring.coreos.com",
+        filename,
+        *_STACK,
+        digest,
+        source_folder=_STACK_CRDS,
+        vendored=True,
+    )
+    for kind, filename, digest in (
+        (
+            "ServiceMonitor",
+            "crd-servicemonitors.yaml",
+            "3322d612f23bf144c887c94bf247b0b4a69189adf37c0d482d2c6267ffe906ab",
+        ),
+        (
+            "PodMonitor",
+            "crd-podmonitors.yaml",
+            "41de2587baafa31240438654a3ae5dc19ef40296c31cb186855fa4ce85b03fb9",
+        ),
+        (
+            "PrometheusRule",
+            "crd-prometheusrules.yaml",
+            "72b1e5f9959e67990d1598eb31b24ca4415007e31df3916356ef216316b2bf40",
+        ),
+    )
+)
 
 
 class CrdFetchFailed(RuntimeError):
@@ -87,7 +130,7 @@ class CrdFetchFailed(RuntimeError):
 
 
 def crd_for(group: str, kind: str) -> UpstreamCrd | None:
-    return next((crd for crd in CRDS if (crd.group, crd.kind) == (group, kind)), None)
+    return next((crd for crd in CRDS + VENDORED_CRDS if (crd.group, crd.kind) == (group, kind)), None)
 
 
 def cache_dir(env: Mapping[str, str] = os.environ) -> Path:
@@ -99,6 +142,8 @@ def candidates(
     crd: UpstreamCrd, env: Mapping[str, str] = os.environ, shared: Path = SHARED_SCHEMAS
 ) -> list[Path]:
     """Where `crd` is looked for, in order (only its variable's folder when that is set)."""
+    if crd.vendored:
+        return [VENDORED / crd.folder / crd.filename]
     if env.get(crd.variable):
         return [Path(env[crd.variable]) / crd.filename]
     return [shared / crd.folder / crd.filename, cache_dir(env) / crd.commit / crd.filename]
@@ -141,6 +186,11 @@ def fetch_missing(
     for those still missing."""
     problems = []
     for crd in missing(env, shared):
+        if crd.vendored:
+            problems.append(
+                f"{crd.filename} is missing from {VENDORED / crd.folder} (kept in the repository)"
+            )
+            continue
         if env.get(crd.variable):
             problems.append(f"{crd.filename} is not in {crd.variable}={env[crd.variable]}")
             continue

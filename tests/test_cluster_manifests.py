@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 from local_stack.ha_cluster import ADVANCED_CONFIG
-from manifests.cluster_verify import OVERLAYS, render, violations
+from manifests.cluster_verify import OVERLAYS, chart_pin_violations, render, schema_violations, violations
 from manifests.exported_metrics import label_names, metric_names
 from manifests.image_contents import DOCKERFILE, image_violations
 from manifests.monitoring_verify import MONITORING, monitoring_violations
@@ -211,9 +211,9 @@ def test_each_cross_object_rule_fails_when_its_object_is_missing(
 
 def test_a_kind_with_no_crd_to_check_it_against_is_a_violation() -> None:
     require_upstream_crds()
-    monitor = {"apiVersion": "monitoring.coreos.com/v1", "kind": "ServiceMonitor", "metadata": {"name": "x"}}
-    (found,) = violations("kind", [*RENDERED["kind"], monitor])
-    assert found.rule.startswith("no CRD for monitoring.coreos.com/v1 ServiceMonitor to validate it against")
+    probe = {"apiVersion": "monitoring.coreos.com/v1", "kind": "Probe", "metadata": {"name": "x"}}
+    (found,) = violations("kind", [*RENDERED["kind"], probe])
+    assert found.rule.startswith("no CRD for monitoring.coreos.com/v1 Probe to validate it against")
 
 
 def test_kind_runs_every_model_on_cpu_with_one_small_broker() -> None:
@@ -369,6 +369,32 @@ def _rule(docs: list[Manifest], index: int = 0) -> Manifest:
 @pytest.mark.parametrize("overlay", list(OVERLAYS))
 def test_the_monitoring_scrapes_what_each_overlay_runs_and_its_promql_is_sound(overlay: str) -> None:
     assert monitoring_violations(MONITORING_DOCS[overlay], RENDERED[overlay]) == []
+
+
+@pytest.mark.parametrize("overlay", list(OVERLAYS))
+def test_the_monitors_are_valid_against_the_pinned_charts_crds(overlay: str) -> None:
+    assert list(schema_violations(MONITORING_DOCS[overlay])) == []
+
+
+def test_given_a_monitor_the_pinned_crds_refuse_then_it_is_caught() -> None:
+    docs = copy.deepcopy(MONITORING_DOCS["kind"])
+    (monitor, *_) = [d for d in docs if d["kind"] == "PodMonitor"]
+    monitor["spec"]["podMetricsEndpoints"][0]["interval"] = 15  # a number where a duration goes
+
+    found = [f"{s}: {r}" for s, r in schema_violations(docs)]
+
+    assert any("PodMonitor" in line and "invalid against its CRD" in line for line in found), found
+
+
+def test_given_the_two_year_old_chart_then_verify_says_its_crds_are_not_the_ones_checked() -> None:
+    """Finding 17: kube-prometheus-stack 65.1.1 was two years older than the rest."""
+    provision = (OVERLAYS["kind"].parent.parent / "provision.sh").read_text()
+    old = provision.replace(
+        'PROMETHEUS_STACK_CHART_VERSION="88.5.3"', 'PROMETHEUS_STACK_CHART_VERSION="65.1.1"'
+    )
+
+    assert chart_pin_violations(provision) == []
+    assert any("65.1.1" in rule and "88.5.3" in rule for _, rule in chart_pin_violations(old))
 
 
 def test_given_the_brokers_tls_only_service_then_a_plain_metrics_port_is_caught() -> None:

@@ -7,6 +7,7 @@ a real HTTP server on loopback.
 
 from __future__ import annotations
 
+import hashlib
 import http.server
 import shutil
 import threading
@@ -124,3 +125,10 @@ def test_given_no_server_then_fetching_says_which_url_failed(tmp_path: Path) -> 
 
     assert len(problems) == len(CRDS)
     assert all(problem.startswith("cannot fetch http://127.0.0.1:9/") for problem in problems)
+
+
+def test_the_monitoring_crds_kept_here_are_the_pinned_charts_files() -> None:
+    for crd in upstream_crds.VENDORED_CRDS:
+        path = upstream_crds.locate(crd)
+        assert path is not None, f"{crd.filename} is missing from manifests/crds/"
+        assert hashlib.sha256(path.read_bytes()).hexdigest() == crd.sha256, crd.url()
