@@ -87,15 +87,34 @@ prepare_gke_project() {
     --member "serviceAccount:$number-compute@developer.gserviceaccount.com" >/dev/null
 }
 
+# The system pool's zones: one broker node in each of three (cluster/overlays/gke spreads
+# them), so a zone's loss takes one replica of each quorum queue, never a majority.
+# NODE_ZONES names them (comma-separated, ZONE among them); else ZONE's region's first three.
+node_zones() {
+  local zones
+  zones="${NODE_ZONES:-$(gcloud compute zones list --project "$PROJECT" --filter="region:${ZONE%-*}" \
+    --format='value(name)' | sort | head -3 | paste -sd, -)}"
+  case ",$zones," in *",$ZONE,"*) ;; *) zones="$ZONE,${zones%,*}" ;; esac
+  if [ "$(printf '%s' "$zones" | tr ',' '\n' | grep -c .)" -lt 3 ]; then
+    echo "the broker spreads over three zones; ${ZONE%-*} offers '$zones': set NODE_ZONES" >&2
+    exit 2
+  fi
+  printf '%s' "$zones"
+}
+
 create_gke() {
+  local zones
   need docker gcloud gke-gcloud-auth-plugin kubectl helm openssl
   : "${PROJECT:?set PROJECT}" "${ZONE:?set ZONE}" "${REGISTRY:?set REGISTRY (an Artifact Registry repository)}"
   prepare_gke_project
   if ! gcloud container clusters describe "$CLUSTER" --project "$PROJECT" --zone "$ZONE" >/dev/null 2>&1; then
-    say "GKE cluster $CLUSTER (3 x e2-standard-4) and a GPU pool (L4, 0..$GPU_MAX_NODES nodes)"
-    gcloud container clusters create "$CLUSTER" --project "$PROJECT" --zone "$ZONE" \
-      --release-channel regular --machine-type e2-standard-4 --num-nodes 3 --enable-network-policy
+    zones="$(node_zones)"
+    say "GKE cluster $CLUSTER (e2-standard-4, 1..2 per zone in $zones) and a GPU pool (L4 in $ZONE, 0..$GPU_MAX_NODES nodes)"
+    gcloud container clusters create "$CLUSTER" --project "$PROJECT" --zone "$ZONE" --node-locations "$zones" \
+      --release-channel regular --machine-type e2-standard-4 --enable-network-policy \
+      --num-nodes 1 --enable-autoscaling --min-nodes 1 --max-nodes 2
     gcloud container node-pools create gpu --cluster "$CLUSTER" --project "$PROJECT" --zone "$ZONE" \
+      --node-locations "$ZONE" \
       --machine-type "$GPU_MACHINE" --accelerator "type=nvidia-l4,count=1,gpu-driver-version=default" \
       --enable-autoscaling --num-nodes 0 --min-nodes 0 --max-nodes "$GPU_MAX_NODES"
   fi

@@ -314,6 +314,62 @@ def _availability(docs: list[Manifest]) -> Iterator[tuple[str, str]]:
             )
 
 
+# The RabbitMQ cluster operator's production example (docs/examples/production-ready):
+# "the absolute minimum is 2 CPUs" per node of a production cluster.
+BROKER_PRODUCTION_CPUS = 2.0
+BROKER_STATED_CONFIG = ("vm_memory_high_watermark.relative", "disk_free_limit")
+
+
+def _broker_sizing(docs: list[Manifest]) -> Iterator[tuple[str, str]]:
+    """The broker sized and tuned as the operator's production example asks: its alarms
+    stated, memory requested as limited, and a multi-node cluster on 2 CPUs per node,
+    paused when partitioned, one node per zone."""
+    for cluster in (doc for doc in docs if doc["kind"] == "RabbitmqCluster"):
+        spec = cluster["spec"]
+        resources = spec.get("resources", {})
+        limit = resources.get("limits", {}).get("memory")
+        if limit is None or resources.get("requests", {}).get("memory") != limit:
+            yield (
+                _name(cluster),
+                "memory must be limited and requested as limited (the alarms derive from it)",
+            )
+        config = spec.get("rabbitmq", {}).get("additionalConfig", "")
+        for key in BROKER_STATED_CONFIG:
+            if key not in config:
+                yield _name(cluster), f"{key} is not stated in additionalConfig"
+        if spec.get("replicas", 1) < 3:
+            continue
+        if "cluster_partition_handling = pause_minority" not in config:
+            yield _name(cluster), "several nodes without cluster_partition_handling = pause_minority"
+        cpus = _cpus(resources.get("requests", {}).get("cpu", "0"))
+        if cpus < BROKER_PRODUCTION_CPUS:
+            yield (
+                _name(cluster),
+                f"{cpus:g} CPUs per node; the operator's production minimum is {BROKER_PRODUCTION_CPUS:g}",
+            )
+        pod = (
+            spec.get("override", {})
+            .get("statefulSet", {})
+            .get("spec", {})
+            .get("template", {})
+            .get("spec", {})
+        )
+        if not any(
+            c.get("topologyKey") == "topology.kubernetes.io/zone"
+            and c.get("whenUnsatisfiable") == "DoNotSchedule"
+            for c in pod.get("topologySpreadConstraints", [])
+        ):
+            yield (
+                _name(cluster),
+                "several nodes and no spread over zones: one zone's loss may take a majority",
+            )
+
+
+def _cpus(quantity: str | int | float) -> float:
+    text = str(quantity)
+    return float(text[:-1]) / 1000 if text.endswith("m") else float(text)
+
+
 def _settings(docs: list[Manifest]) -> dict[str, str]:
     """The ConfigMap every inferq pod reads its settings from (empty when missing)."""
     config = next((d for d in docs if d["kind"] == "ConfigMap" and d["metadata"]["name"] == "inferq"), {})
@@ -428,6 +484,7 @@ POLICIES: dict[str, Callable[[list[Manifest]], Iterator[tuple[str, str]]]] = {
     "queue counting": _queue_counting,
     "image contents": image_violations,
     "availability": _availability,
+    "broker sizing": _broker_sizing,
 }
 
 

@@ -193,6 +193,35 @@ def test_each_rule_fails_on_a_manifest_that_breaks_it(
     assert any(f"{target[0]}/{target[1]}" in v and words in v for v in found), found
 
 
+BROKER_GAPS = [
+    ("one CPU", _set(["spec", "resources", "requests", "cpu"], "1"), "production minimum is 2"),
+    ("one zone", _drop(["spec", "override"]), "no spread over zones"),
+    ("alarms by default", _set(["spec", "rabbitmq", "additionalConfig"], ""), "is not stated"),
+    (
+        "partitions",
+        _set(["spec", "rabbitmq", "additionalConfig"], "disk_free_limit.relative = 1.0"),
+        "pause_minority",
+    ),
+    (
+        "memory over-committed",
+        _set(["spec", "resources", "requests", "memory"], "1Gi"),
+        "requested as limited",
+    ),
+]
+
+
+@pytest.mark.parametrize(("gap", "change", "words"), BROKER_GAPS, ids=[g[0] for g in BROKER_GAPS])
+def test_given_gkes_brokers_below_the_operators_production_guidance_then_it_is_caught(
+    gap: str, change: Callable[[Manifest], None], words: str
+) -> None:
+    """Finding 14: 1 CPU / 2 Gi per node, the alarms left to defaults, one zone."""
+    docs = copy.deepcopy(RENDERED["gke"])
+    change(_one(docs, "RabbitmqCluster", "rabbitmq"))
+
+    found = [str(v) for v in violations("gke", docs)]
+    assert any("RabbitmqCluster/rabbitmq" in v and words in v for v in found), found
+
+
 @pytest.mark.parametrize(
     ("rule", "remove", "words"),
     [

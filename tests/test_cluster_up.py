@@ -45,6 +45,7 @@ case "$name" in
     case "$*" in
       "container clusters describe"*|"artifacts repositories describe"*) exit 1 ;;
       "projects describe"*) echo 123456 ;;
+      "compute zones list"*) printf '%s\n' ${FAKE_ZONES-europe-west4-c europe-west4-a europe-west4-b} ;;
     esac ;;
   kind)
     case "$1" in
@@ -170,6 +171,36 @@ def test_given_a_fresh_project_then_gke_up_enables_the_apis_makes_the_registry_a
     binding = calls[_index(calls, steps[-1])]
     assert "--role roles/artifactregistry.reader" in binding
     assert "serviceAccount:123456-compute@developer.gserviceaccount.com" in binding
+
+
+def test_given_gke_then_the_nodes_spread_over_three_zones_and_the_gpus_stay_in_zone(
+    tools: dict[str, str],
+) -> None:
+    """Finding 14: every node in one zone, so a zone's loss took the whole broker."""
+    calls, _applied = _provision(tools, "up", "gke")
+
+    create = calls[_index(calls, "gcloud container clusters create")]
+    assert "--node-locations europe-west4-a,europe-west4-b,europe-west4-c" in create
+    assert "--enable-autoscaling --min-nodes 1" in create
+    gpu_pool = calls[_index(calls, "gcloud container node-pools create gpu")]
+    assert "--node-locations europe-west4-a " in gpu_pool
+
+
+def test_given_a_region_with_fewer_than_three_zones_then_gke_up_stops_asking_for_node_zones(
+    tools: dict[str, str],
+) -> None:
+    done = subprocess.run(
+        ["bash", "cluster/provision.sh", "up", "gke"],
+        cwd=ROOT,
+        env={**tools, "FAKE_ZONES": "europe-west4-a europe-west4-b"},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+    assert done.returncode == 2
+    assert "set NODE_ZONES" in done.stderr
+    assert "clusters create" not in Path(tools["TOOLS_LOG"]).read_text()
 
 
 def test_given_gke_then_the_images_are_amd64_and_tagged_by_the_commit(tools: dict[str, str]) -> None:
