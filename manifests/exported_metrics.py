@@ -32,6 +32,12 @@ EXTERNAL_METRICS: dict[str, frozenset[str]] = {
         {"namespace", "horizontalpodautoscaler"}
     ),
     "kube_horizontalpodautoscaler_spec_max_replicas": frozenset({"namespace", "horizontalpodautoscaler"}),
+    # oliver006/redis_exporter (cluster/base/redis.yaml), the job records' Redis.
+    "redis_up": frozenset(),
+    "redis_memory_used_bytes": frozenset(),
+    "redis_memory_max_bytes": frozenset(),
+    "redis_commands_processed_total": frozenset(),
+    "redis_connected_clients": frozenset(),
 }
 # What Prometheus adds to every series it scrapes through a ServiceMonitor or PodMonitor.
 TARGET_LABELS = frozenset({"instance", "job", "namespace", "pod", "container", "service", "endpoint"})

@@ -130,6 +130,40 @@ def _ray_exporters(monitors: list[Manifest], platform: list[Manifest]) -> Iterat
                     )
 
 
+# Each store the platform keeps state in, and what an alert must read for it: whether it
+# answers, and how near it is to refusing writes.
+STORE_SERIES = {"redis": ("redis_up", "redis_memory_used_bytes", "redis_memory_max_bytes")}
+
+
+def _watched_stores(
+    monitors: list[Manifest], docs: list[Manifest], platform: list[Manifest]
+) -> Iterator[tuple[str, str]]:
+    """Redis (the job records) is scraped through an exporter that a monitor selects, and
+    the alerts read whether it answers and how full it is."""
+    for store in (
+        d for d in platform if d["kind"] == "StatefulSet" and d["metadata"]["name"] in STORE_SERIES
+    ):
+        series = STORE_SERIES[store["metadata"]["name"]]
+        exporters = [
+            d["spec"]["template"]
+            for d in platform
+            if d["kind"] == "Deployment"
+            and any("redis_exporter" in c["image"] for c in d["spec"]["template"]["spec"]["containers"])
+        ]
+        scraped = any(
+            selector_matches(m["spec"]["selector"], e["metadata"].get("labels", {}))
+            for m in monitors
+            if m["kind"] == "PodMonitor"
+            for e in exporters
+        )
+        if not scraped:
+            yield _name(store), "no monitor scrapes an exporter of it"
+        rules = " ".join(_rule_exprs(docs))
+        for name in series:
+            if name not in rules:
+                yield _name(store), f"no alert reads {name}"
+
+
 def _rule_exprs(docs: list[Manifest]) -> list[str]:
     return [
         str(rule["expr"])
@@ -198,6 +232,7 @@ def monitoring_violations(docs: list[Manifest], platform: list[Manifest]) -> lis
     monitors = [d for d in docs if d["kind"] in ("ServiceMonitor", "PodMonitor")]
     found = list(_targets(monitors, platform))
     found += list(_ray_exporters(monitors, platform))
+    found += list(_watched_stores(monitors, docs, platform))
     found += list(_promtool(docs))
     found += list(_queue_selectors(_rule_exprs(docs) + _dashboard_exprs(docs), overlay_queues(platform)))
     for expr, names in unknown_metrics(_rule_exprs(docs) + _dashboard_exprs(docs)).items():

@@ -23,10 +23,15 @@ import aiohttp
 
 Manifest = dict[str, Any]
 # The upstream images' entrypoints (run when a pod gives only args) and working directories.
-IMAGE_ENTRYPOINTS = {"redis": ["redis-server"]}
+IMAGE_ENTRYPOINTS = {"redis": ["redis-server"], "redis_exporter": ["/redis_exporter"]}
 IMAGE_WORKDIRS = {"redis": "/data"}
-# Where an image's binaries are found here: ours is the staged Python.
-SYSTEM_BINARIES = {"redis-server": "/usr/bin/redis-server", "redis-cli": "/usr/bin/redis-cli"}
+# Where an image's binaries are found here (Debian's redis-server, redis-tools and
+# prometheus-redis-exporter packages): ours is the staged Python.
+SYSTEM_BINARIES = {
+    "redis-server": "/usr/bin/redis-server",
+    "redis-cli": "/usr/bin/redis-cli",
+    "/redis_exporter": "/usr/bin/prometheus-redis-exporter",
+}
 _VAR = re.compile(r"\$\(([A-Za-z_][A-Za-z0-9_]*)\)")
 
 
@@ -257,6 +262,8 @@ def make_pod(
         argv = [*entrypoint, *argv]
     argv = [_remap(_expand(word, env), mounts) for word in argv]
     argv[0] = str(python) if ours and argv[0] == "python" else SYSTEM_BINARIES.get(argv[0], argv[0])
+    if not ours and not Path(argv[0]).exists():
+        raise PodFailed(f"{name}: {argv[0]} ({container['image']}) is not installed on this machine")
     ports = {
         port["name"]: int(port["containerPort"]) for port in container.get("ports", []) if "name" in port
     }

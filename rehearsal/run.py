@@ -4,8 +4,8 @@ pod, each in its own network namespace, probed as declared; a job per served mod
 through the rehearsed ingress with a verified callback; Prometheus scraping what the
 monitors select; every dashboard panel and alert asked of it.
 
-What it cannot rehearse, and says so: KEDA's scaling (each Deployment runs the one pod
-Kubernetes starts before KEDA acts), the operators (the RabbitMQ cluster is the broker on
+What it cannot rehearse, and says so: KEDA's scaling (each worker runs one pod, as if
+KEDA had woken it), the operators (the RabbitMQ cluster is the broker on
 this machine, reached as the Service `rabbitmq`; the overlay's quorum topology on its one
 node), NetworkPolicy enforcement, GPUs, and what only kube-state-metrics or KEDA export.
 """
@@ -46,7 +46,7 @@ READY_TIMEOUT_S = 300.0
 JOB_TIMEOUT_S = 180.0
 PROMETHEUS_PORT = 19090
 CANNOT_REHEARSE = (
-    "KEDA's scaling: each Deployment runs the pods Kubernetes starts (its replicas) before KEDA acts",
+    "KEDA's scaling: a worker (created at 0 by cluster-up) runs one pod, as if KEDA woke it",
     "the operators: RabbitMQ is the broker on this machine (one node, the overlay's quorum topology)",
     "NetworkPolicy enforcement",
     "GPUs: GPU models run on the CPU, as in the kind overlay",
@@ -354,8 +354,8 @@ class Rehearsal:
             d["metadata"]["name"]: dict(d.get("data", {})) for d in self.docs if d["kind"] == "ConfigMap"
         }
         self.config_maps["inferq"]["CALLBACK_ALLOW_HOSTS"] = HOST_ADDRESS
-        # Each workload's pods as Kubernetes starts them: `replicas` of a Deployment or a
-        # StatefulSet (1 when unset, before KEDA acts), one of a Job.
+        # Each workload's pods: `replicas` of a Deployment or a StatefulSet, one of a Job,
+        # and one of a worker (no count: cluster-up creates it at 0, KEDA wakes it).
         replicas = [(w, i) for w in self.docs if w["kind"] in WORKLOAD_KINDS for i in range(_replicas(w))]
         addresses = {
             f"{w['metadata']['name']}-{i}": self.network.add_pod(f"{w['metadata']['name']}-{i}")

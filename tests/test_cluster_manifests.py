@@ -575,3 +575,18 @@ def test_given_three_broker_nodes_then_they_need_a_budget_and_anti_affinity() ->
     assert not [
         v for v in violations("gke", RENDERED["gke"]) if "broker nodes" in str(v) or "broker's pods" in str(v)
     ]
+
+
+def test_given_redis_without_its_exporter_or_alerts_then_it_is_caught() -> None:
+    """Finding 13: no exporter and no alert, so the job records could fill or stop unseen."""
+    platform = [d for d in RENDERED["kind"] if d["metadata"]["name"] != "redis-exporter"]
+    docs = copy.deepcopy(MONITORING_DOCS["kind"])
+    (rules,) = [d for d in docs if d["kind"] == "PrometheusRule"]
+    group = rules["spec"]["groups"][0]
+    group["rules"] = [r for r in group["rules"] if "redis_" not in r["expr"]]
+
+    found = [f"{s}: {r}" for s, r in monitoring_violations(docs, platform)]
+
+    assert "StatefulSet/redis: no monitor scrapes an exporter of it" in found
+    assert "StatefulSet/redis: no alert reads redis_up" in found
+    assert "StatefulSet/redis: no alert reads redis_memory_max_bytes" in found
