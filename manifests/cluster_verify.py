@@ -43,7 +43,7 @@ import kubernetes_validate
 import yaml
 
 from manifests import upstream_crds
-from manifests.image_contents import image_violations
+from manifests.image_contents import image_violations, torch_violations
 from manifests.monitoring_verify import MONITORING, monitoring_violations
 from manifests.worker_deployments import BROKER_ROLE_LABEL, RECORDS_CLIENT_LABEL, REDIS_SECRET
 from settings.environment import Environment
@@ -535,6 +535,7 @@ def main() -> int:
         print(f"{overlay}: {checked} rendered and checked")
     provision = (ROOT / "cluster" / "provision.sh").read_text()
     found += [Violation("cluster-up", s, r) for s, r in chart_pin_violations(provision)]
+    found += [Violation("image", s, r) for s, r in torch_violations()]
     for violation in found:
         print(violation, file=sys.stderr)
     print("cluster manifests: OK" if not found else f"cluster manifests: {len(found)} violation(s)")

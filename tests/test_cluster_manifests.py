@@ -14,7 +14,7 @@ import pytest
 from local_stack.ha_cluster import ADVANCED_CONFIG
 from manifests.cluster_verify import OVERLAYS, chart_pin_violations, render, schema_violations, violations
 from manifests.exported_metrics import label_names, metric_names
-from manifests.image_contents import DOCKERFILE, image_violations
+from manifests.image_contents import DOCKERFILE, image_violations, torch_violations
 from manifests.monitoring_verify import MONITORING, monitoring_violations
 from settings.environment import Environment
 from tests.conftest import require_upstream_crds
@@ -590,3 +590,22 @@ def test_given_redis_without_its_exporter_or_alerts_then_it_is_caught() -> None:
     assert "StatefulSet/redis: no monitor scrapes an exporter of it" in found
     assert "StatefulSet/redis: no alert reads redis_up" in found
     assert "StatefulSet/redis: no alert reads redis_memory_max_bytes" in found
+
+
+@pytest.mark.parametrize(
+    ("change", "words"),
+    [
+        (("whl/cu126 torch==2.13.0", "whl/cu128 torch==2.13.0"), "not built for the index cu128"),
+        (("whl/cu126 torch==2.13.0", "whl/cu126 torch==2.12.0"), "pyproject.toml pins 2.13.0"),
+    ],
+)
+def test_given_a_torch_the_index_does_not_carry_then_verify_names_it(
+    change: tuple[str, str], words: str
+) -> None:
+    """Finding 4: nothing checked that the pinned torch exists on the CUDA index the image uses."""
+    dockerfile = DOCKERFILE.read_text()
+    assert list(torch_violations(dockerfile)) == []
+
+    found = [rule for _, rule in torch_violations(dockerfile.replace(*change))]
+
+    assert any(words in rule for rule in found), found
