@@ -36,6 +36,10 @@ it is clamped at 1. The completion rate behind the ETA is counted in 10 s bucket
 the last minute, over the buckets with completions only (the rate while the model
 worked, not diluted by idle time).
 
+`REDIS_URL` may name sentinels (`redis+sentinel://`, job_records.sentinel_url): the store
+then talks to the primary they name, and asks them again after a failover (a connection
+to a primary since demoted fails once, then finds the new one).
+
 The one home of redis-py: its errors become `RecordsUnavailable`. After a failure the
 store is skipped for RECORDS_RETRY_S (a breaker), so a Redis that is gone costs each
 call nothing, not a connect timeout. Keys are `{QUEUE_PREFIX}inferq:...`; records
@@ -55,10 +59,12 @@ from typing import Any
 
 import msgspec
 import redis.asyncio
+import redis.asyncio.sentinel
 import redis.exceptions
 
 from broker.client import redact_url
 from job_records import scripts
+from job_records.sentinel_url import is_sentinel_url, parse_sentinel_url
 from policies.circuit_breaker import CircuitBreaker
 from wire.envelope import AMQP_PRIORITY, Job
 
@@ -187,6 +193,34 @@ def job_fields(job: Job) -> dict[str, str]:
     return {"job": _json(facts), "delivery": "pending" if job.callback_url else "none"}
 
 
+def _client(url: str, timeout_s: float) -> tuple[redis.asyncio.Redis, list[redis.asyncio.Redis]]:
+    """A client of the Redis `url` names, or of the primary its sentinels name; and the
+    sentinels' clients (closed with it)."""
+    if not is_sentinel_url(url):
+        client = redis.asyncio.Redis.from_url(
+            url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s, decode_responses=True
+        )
+        return client, []
+    address = parse_sentinel_url(url)
+    sentinel = redis.asyncio.sentinel.Sentinel(
+        address.sentinels,
+        sentinel_kwargs={
+            "password": address.password,
+            "socket_timeout": timeout_s,
+            "socket_connect_timeout": timeout_s,
+        },
+    )
+    primary: redis.asyncio.Redis = sentinel.master_for(
+        address.primary_name,
+        db=address.db,
+        password=address.password,
+        socket_timeout=timeout_s,
+        socket_connect_timeout=timeout_s,
+        decode_responses=True,
+    )
+    return primary, list(sentinel.sentinels)
+
+
 class JobRecords:
     def __init__(
         self,
@@ -198,9 +232,7 @@ class JobRecords:
     ) -> None:
         self._max_output_bytes = max_output_bytes
         self._display_url = redact_url(url)
-        self._redis = redis.asyncio.Redis.from_url(
-            url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s, decode_responses=True
-        )
+        self._redis, self._sentinels = _client(url, timeout_s)
         self._scripts = {
             name: self._redis.register_script(source)
             for name, source in {
@@ -517,6 +549,8 @@ class JobRecords:
 
     async def close(self) -> None:
         await self._redis.aclose()
+        for sentinel in self._sentinels:
+            await sentinel.aclose()
 
 
 def _flat(fields: Mapping[str, str]) -> list[str]:

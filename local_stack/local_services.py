@@ -16,6 +16,7 @@ import time
 from urllib.parse import urlsplit
 
 from broker.client import broker_urls, redact_url
+from job_records.sentinel_url import is_sentinel_url
 
 START_TIMEOUT_S = 60.0
 LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
@@ -86,7 +87,10 @@ def ensure_management_api(management_url: str) -> None:
 
 
 def ensure_redis(redis_url: str) -> bool:
-    """Whether Redis answers at `redis_url`, starting a local `redis-server` if need be."""
+    """Whether Redis answers at `redis_url`, starting a local `redis-server` if need be
+    (never for sentinels: those are the operator's, and the records say if they are away)."""
+    if is_sentinel_url(redis_url):
+        return True
     try:
         _start_locally(
             redis_url,

@@ -28,6 +28,7 @@ from pydantic import (
     model_validator,
 )
 
+from job_records.sentinel_url import is_sentinel_url, parse_sentinel_url
 from model_catalogue.catalogue import DEFAULT_CATALOGUE, Catalogue, CatalogueError, load_catalogue
 from model_catalogue.sections import Batching
 from wire.retry_tiers import RetrySchedule
@@ -186,8 +187,9 @@ class Environment(BaseModel):
         alias="REDIS_URL",
         repr=False,
         description=(
-            "the job records (status, cancel, `Idempotency-Key`, `Prefer: wait`); `off` runs without them "
-            "(`callback_url` then required)"
+            "the job records (status, cancel, `Idempotency-Key`, `Prefer: wait`): `redis://...`, or "
+            "`redis+sentinel://[:PASSWORD@]HOST[:PORT][,...]/PRIMARY_NAME[/DB]` for a Redis Sentinel "
+            "keeps available; `off` runs without them (`callback_url` then required)"
         ),
     )
     result_ttl_s: int = Field(
@@ -574,6 +576,11 @@ class Environment(BaseModel):
                 f"MAX_BATCH_BODY_BYTES={self.max_batch_body_bytes}; the in-flight budget must hold one "
                 "largest batch"
             )
+        if is_sentinel_url(self.redis_url):
+            try:
+                parse_sentinel_url(self.redis_url)
+            except ValueError as exc:
+                raise ValueError(f"REDIS_URL: {exc}") from None
         if self.callback_host_concurrency > self.callback_concurrency:
             raise ValueError(
                 f"CALLBACK_HOST_CONCURRENCY={self.callback_host_concurrency} exceeds "
