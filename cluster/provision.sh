@@ -296,8 +296,11 @@ platform_secrets() {
   # Redis's password (kept across re-runs), and the URL the records' clients connect with.
   redis_password="$(secret_value inferq-redis password)"
   redis_password="${redis_password:-$(openssl rand -hex 24)}"
+  # The clients ask the three nodes' sentinels for the primary (cluster/base/redis.yaml).
+  local sentinels="redis-0.redis-headless.$NAMESPACE.svc:26379,redis-1.redis-headless.$NAMESPACE.svc:26379"
+  sentinels="$sentinels,redis-2.redis-headless.$NAMESPACE.svc:26379"
   apply_secret inferq-redis password="$redis_password" \
-    REDIS_URL="redis://:$redis_password@redis.$NAMESPACE.svc:6379/0"
+    REDIS_URL="redis+sentinel://:$redis_password@$sentinels/inferq/0"
 }
 
 up() {

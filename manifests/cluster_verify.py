@@ -461,10 +461,20 @@ def _records_access(docs: list[Manifest]) -> Iterator[tuple[str, str]]:
 
 
 def _redis_auth(workload: Manifest, container: Manifest) -> Iterator[tuple[str, str]]:
-    args = [str(arg) for arg in container.get("args", [])]
+    """Every container of a Redis pod reads the password from the Secret; the node itself
+    asks for it (and gives it to its primary), so a sentinel or a client without it is refused."""
     password = dict(_secret_refs(container)).get("REDIS_PASSWORD")
-    if "--requirepass" not in args or password != REDIS_SECRET:
-        yield _name(workload), f"Redis runs without --requirepass from the Secret {REDIS_SECRET}"
+    if password != REDIS_SECRET:
+        yield (
+            _name(workload),
+            f"container {container['name']} has no REDIS_PASSWORD from the Secret {REDIS_SECRET}",
+        )
+    args = [str(arg) for arg in container.get("args", [])]
+    if container["name"] == "redis" and not {"--requirepass", "--masterauth"} <= set(args):
+        yield (
+            _name(workload),
+            f"Redis runs without --requirepass and --masterauth from the Secret {REDIS_SECRET}",
+        )
 
 
 def _pod_labels(workload: Manifest) -> dict[str, str]:

@@ -34,6 +34,8 @@ EXTERNAL_METRICS: dict[str, frozenset[str]] = {
     "kube_horizontalpodautoscaler_spec_max_replicas": frozenset({"namespace", "horizontalpodautoscaler"}),
     # oliver006/redis_exporter (cluster/base/redis.yaml), the job records' Redis.
     "redis_up": frozenset(),
+    "redis_instance_info": frozenset({"role", "redis_mode", "redis_version", "maxmemory_policy", "tcp_port"}),
+    "redis_connected_slaves": frozenset(),
     "redis_memory_used_bytes": frozenset(),
     "redis_memory_max_bytes": frozenset(),
     "redis_commands_processed_total": frozenset(),

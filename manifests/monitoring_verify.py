@@ -132,34 +132,30 @@ def _ray_exporters(monitors: list[Manifest], platform: list[Manifest]) -> Iterat
 
 # Each store the platform keeps state in, and what an alert must read for it: whether it
 # answers, and how near it is to refusing writes.
-STORE_SERIES = {"redis": ("redis_up", "redis_memory_used_bytes", "redis_memory_max_bytes")}
+STORE_SERIES = {
+    "redis": ("redis_up", "redis_instance_info", "redis_connected_slaves", "redis_memory_max_bytes")
+}
 
 
 def _watched_stores(
     monitors: list[Manifest], docs: list[Manifest], platform: list[Manifest]
 ) -> Iterator[tuple[str, str]]:
-    """Redis (the job records) is scraped through an exporter that a monitor selects, and
-    the alerts read whether it answers and how full it is."""
+    """Redis (the job records) is scraped through an exporter in its pods that a monitor
+    selects, and the alerts read whether it has a primary, its replicas and how full it is."""
+    rules = " ".join(_rule_exprs(docs))
     for store in (
         d for d in platform if d["kind"] == "StatefulSet" and d["metadata"]["name"] in STORE_SERIES
     ):
-        series = STORE_SERIES[store["metadata"]["name"]]
-        exporters = [
-            d["spec"]["template"]
-            for d in platform
-            if d["kind"] == "Deployment"
-            and any("redis_exporter" in c["image"] for c in d["spec"]["template"]["spec"]["containers"])
-        ]
+        template = store["spec"]["template"]
+        exported = any("redis_exporter" in c["image"] for c in template["spec"]["containers"])
         scraped = any(
-            selector_matches(m["spec"]["selector"], e["metadata"].get("labels", {}))
+            selector_matches(m["spec"]["selector"], template["metadata"].get("labels", {}))
             for m in monitors
             if m["kind"] == "PodMonitor"
-            for e in exporters
         )
-        if not scraped:
+        if not (exported and scraped):
             yield _name(store), "no monitor scrapes an exporter of it"
-        rules = " ".join(_rule_exprs(docs))
-        for name in series:
+        for name in STORE_SERIES[store["metadata"]["name"]]:
             if name not in rules:
                 yield _name(store), f"no alert reads {name}"
 

@@ -28,6 +28,7 @@ IMAGE_WORKDIRS = {"redis": "/data"}
 # Where an image's binaries are found here (Debian's redis-server, redis-tools and
 # prometheus-redis-exporter packages): ours is the staged Python.
 SYSTEM_BINARIES = {
+    "sh": "/bin/sh",
     "redis-server": "/usr/bin/redis-server",
     "redis-cli": "/usr/bin/redis-cli",
     "/redis_exporter": "/usr/bin/prometheus-redis-exporter",
@@ -41,8 +42,11 @@ class PodFailed(RuntimeError):
 
 @dataclass
 class Probe:
+    """A container's probe, run in its pod's network namespace with the container's env."""
+
     spec: Manifest
     ports: dict[str, int]
+    env: dict[str, str]
 
     @property
     def period_s(self) -> float:
@@ -71,26 +75,35 @@ class Probe:
                 await writer.wait_closed()
                 return True
             if "exec" in self.spec:
-                return await pod.exec_ok(self.spec["exec"]["command"], timeout_s)
+                return await pod.exec_ok(self.spec["exec"]["command"], timeout_s, self.env)
         except (OSError, TimeoutError, aiohttp.ClientError):
             return False
         raise PodFailed(f"{pod.name}: a probe of a kind this rehearsal does not run: {sorted(self.spec)}")
 
 
 @dataclass
+class ContainerRun:
+    """One container of a pod: its process, and the command, env and directory it runs with."""
+
+    spec: Manifest
+    command: list[str]
+    env: dict[str, str]
+    cwd: Path
+    process: subprocess.Popen[bytes] | None = None
+
+
+@dataclass
 class Pod:
-    """One pod of a workload; `start`, then `wait_ready`; `stop` ends it."""
+    """One pod of a workload, every container a process in the pod's network namespace,
+    sharing its volumes; `start`, then `wait_ready`; `stop` ends it."""
 
     name: str
     workload: Manifest
     address: str
     folder: Path
-    command: list[str]
-    env: dict[str, str]
-    cwd: Path
+    containers: list[ContainerRun]
     netns_command: list[str]
     ports: dict[str, int] = field(default_factory=dict)
-    process: subprocess.Popen[bytes] | None = None
     ready: bool = False
     restarts: int = 0
     log_path: Path | None = None
@@ -101,32 +114,43 @@ class Pod:
         return labels
 
     @property
-    def container(self) -> Manifest:
-        container: Manifest = self.workload["spec"]["template"]["spec"]["containers"][0]
-        return container
+    def command(self) -> list[str]:
+        """The first (main) container's command."""
+        return self.containers[0].command
+
+    @property
+    def env(self) -> dict[str, str]:
+        """The first (main) container's environment."""
+        return self.containers[0].env
 
     def start(self) -> None:
         self.log_path = self.folder / "log"
-        log = self.log_path.open("ab")
-        self.process = subprocess.Popen(
-            self.netns_command + self.command,
-            cwd=self.cwd,
-            env=self.env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-        log.close()
+        for container in self.containers:
+            log = self.log_path.open("ab")
+            container.process = subprocess.Popen(
+                self.netns_command + container.command,
+                cwd=container.cwd,
+                env=container.env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+            log.close()
 
     def exited(self) -> int | None:
-        return None if self.process is None else self.process.poll()
+        """The exit code of the first container that ended (a pod with one ended is not ready)."""
+        for container in self.containers:
+            code = None if container.process is None else container.process.poll()
+            if code is not None:
+                return code
+        return None
 
-    async def exec_ok(self, argv: list[str], timeout_s: float) -> bool:
+    async def exec_ok(self, argv: list[str], timeout_s: float, env: Mapping[str, str]) -> bool:
         command = [SYSTEM_BINARIES.get(argv[0], argv[0]), *argv[1:]]
         process = await asyncio.create_subprocess_exec(
             *self.netns_command,
             *command,
-            env=self.env,
+            env=dict(env),
             stdout=asyncio.subprocess.DEVNULL,
             stderr=asyncio.subprocess.DEVNULL,
         )
@@ -137,9 +161,13 @@ class Pod:
             await process.wait()
             return False
 
-    def probe(self, kind: str) -> Probe | None:
-        spec = self.container.get(kind)
-        return Probe(spec, self.ports) if spec else None
+    def probes(self, kind: str) -> list[Probe]:
+        """Each container's probe of `kind` (startupProbe, readinessProbe, livenessProbe)."""
+        return [
+            Probe(container.spec[kind], self.ports, container.env)
+            for container in self.containers
+            if container.spec.get(kind)
+        ]
 
     def log_tail(self, lines: int = 30) -> str:
         if self.log_path is None or not self.log_path.exists():
@@ -147,14 +175,15 @@ class Pod:
         return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
 
     def stop(self, grace_s: float = 20.0) -> None:
-        if self.process is None or self.process.poll() is not None:
-            return
-        os.killpg(self.process.pid, signal.SIGTERM)
-        try:
-            self.process.wait(grace_s)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.process.pid, signal.SIGKILL)
-            self.process.wait(10)
+        running = [c.process for c in self.containers if c.process is not None and c.process.poll() is None]
+        for process in running:
+            os.killpg(process.pid, signal.SIGTERM)
+        for process in running:
+            try:
+                process.wait(grace_s)
+            except subprocess.TimeoutExpired:
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait(10)
 
 
 def _expand(text: str, env: Mapping[str, str]) -> str:
@@ -196,15 +225,20 @@ def pod_env(
 
 
 def mount_folders(
-    workload: Manifest, folder: Path, secrets: Mapping[str, Mapping[str, str]]
+    workload: Manifest,
+    folder: Path,
+    secrets: Mapping[str, Mapping[str, str]],
+    config_maps: Mapping[str, Mapping[str, str]],
+    container: Manifest,
 ) -> dict[str, Path]:
-    """mountPath -> the folder standing for it: emptyDirs and claims as empty folders,
-    Secrets as their keys' files. /dev/shm stays the machine's (shared memory)."""
+    """`container`'s mountPath -> the folder standing for it, one folder per volume (so the
+    pod's containers share it): emptyDirs and claims as empty folders, Secrets and
+    ConfigMaps as their keys' files. /dev/shm stays the machine's (shared memory)."""
     spec = workload["spec"]["template"]["spec"]
     volumes = {volume["name"]: volume for volume in spec.get("volumes", [])}
     claims = {claim["metadata"]["name"] for claim in workload["spec"].get("volumeClaimTemplates", [])}
     mounts: dict[str, Path] = {}
-    for mount in spec["containers"][0].get("volumeMounts", []):
+    for mount in container.get("volumeMounts", []):
         if mount["mountPath"] == "/dev/shm":
             continue
         target = folder / "v" / mount["name"]
@@ -212,6 +246,9 @@ def mount_folders(
         volume = volumes.get(mount["name"])
         if volume is not None and "secret" in volume:
             for key, value in secrets[volume["secret"]["secretName"]].items():
+                (target / key).write_text(value)
+        elif volume is not None and "configMap" in volume:
+            for key, value in config_maps[volume["configMap"]["name"]].items():
                 (target / key).write_text(value)
         elif volume is None and mount["name"] not in claims:
             raise PodFailed(f"{workload['metadata']['name']}: volume {mount['name']} is declared nowhere")
@@ -241,12 +278,44 @@ def make_pod(
     our image, whose `python` is that python and whose working directory is the app."""
     name = f"{workload['metadata']['name']}-{ordinal}"
     folder.mkdir(parents=True)
-    container = workload["spec"]["template"]["spec"]["containers"][0]
+    fields = {"status.podIP": address, "metadata.name": name, "metadata.namespace": "inferq"}
+    containers = [
+        _container_run(
+            spec, name, folder, image, fields, workload=workload, config_maps=config_maps, secrets=secrets
+        )
+        for spec in workload["spec"]["template"]["spec"]["containers"]
+    ]
+    ports = {
+        port["name"]: int(port["containerPort"])
+        for run in containers
+        for port in run.spec.get("ports", [])
+        if "name" in port
+    }
+    return Pod(
+        name=name,
+        workload=workload,
+        address=address,
+        folder=folder,
+        containers=containers,
+        netns_command=netns_command,
+        ports=ports,
+    )
+
+
+def _container_run(
+    container: Manifest,
+    name: str,
+    folder: Path,
+    image: tuple[Path, Path, Mapping[str, str]],
+    fields: Mapping[str, str],
+    workload: Manifest,
+    config_maps: Mapping[str, Mapping[str, str]],
+    secrets: Mapping[str, Mapping[str, str]],
+) -> ContainerRun:
     ours = container["image"].startswith("inferq")
     app, python, image_env = image
-    fields = {"status.podIP": address, "metadata.name": name, "metadata.namespace": "inferq"}
     env = pod_env(container, image_env if ours else {}, config_maps, secrets, fields)
-    mounts = mount_folders(workload, folder, secrets)
+    mounts = mount_folders(workload, folder, secrets, config_maps, container)
     env = {key: _remap(value, mounts) for key, value in env.items()}
     # The pod's /tmp is its own (an emptyDir where one is mounted, else its root filesystem).
     private_tmp = mounts.get("/tmp", folder / "tmp")
@@ -264,19 +333,5 @@ def make_pod(
     argv[0] = str(python) if ours and argv[0] == "python" else SYSTEM_BINARIES.get(argv[0], argv[0])
     if not ours and not Path(argv[0]).exists():
         raise PodFailed(f"{name}: {argv[0]} ({container['image']}) is not installed on this machine")
-    ports = {
-        port["name"]: int(port["containerPort"]) for port in container.get("ports", []) if "name" in port
-    }
-    return Pod(
-        name=name,
-        workload=workload,
-        address=address,
-        folder=folder,
-        command=argv,
-        env=env,
-        cwd=app
-        if ours
-        else Path(_remap(container.get("workingDir") or IMAGE_WORKDIRS.get(short_image, "/"), mounts)),
-        netns_command=netns_command,
-        ports=ports,
-    )
+    workdir = container.get("workingDir") or IMAGE_WORKDIRS.get(short_image, "/")
+    return ContainerRun(container, argv, env, app if ours else Path(_remap(workdir, mounts)))

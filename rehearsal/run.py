@@ -34,7 +34,7 @@ from manifests.monitoring_verify import MONITORING, selector_matches
 from rehearsal.cluster_secrets import make_secrets
 from rehearsal.image_stage import stage_image
 from rehearsal.pod_network import HOST_ADDRESS, PodNetwork
-from rehearsal.pods import Pod, make_pod
+from rehearsal.pods import Pod, Probe, make_pod
 from rehearsal.prometheus import SCRAPE_INTERVAL_S, Prometheus, scrape_targets, unrehearsed_sources
 
 Manifest = dict[str, Any]
@@ -145,35 +145,39 @@ class BrokerAdmin:
             await self._call("DELETE", f"/api/users/{user}")
 
 
+async def _all_pass(probes: list[Probe], pod: Pod) -> bool:
+    return all([await probe.passes(pod) for probe in probes])
+
+
 async def _probe_loop(pod: Pod, report: PodReport) -> None:
     """The kubelet's probing: startup until it passes, then readiness and liveness each on
-    its own period; readiness decides `pod.ready`."""
-    startup = pod.probe("startupProbe")
-    if startup is not None:
+    its own period; the pod is ready while every container's readiness passes."""
+    startups = pod.probes("startupProbe")
+    if startups:
         failures = 0
-        while not await startup.passes(pod):
+        while not await _all_pass(startups, pod):
             failures += 1
             report.probe_failures["startup"] = failures
-            if failures >= startup.failure_threshold or pod.exited() is not None:
+            if failures >= max(p.failure_threshold for p in startups) or pod.exited() is not None:
                 return
-            await asyncio.sleep(startup.period_s)
-    readiness, liveness = pod.probe("readinessProbe"), pod.probe("livenessProbe")
+            await asyncio.sleep(min(p.period_s for p in startups))
+    readiness, liveness = pod.probes("readinessProbe"), pod.probes("livenessProbe")
+    threshold = max((p.failure_threshold for p in readiness), default=1)
+    period_s = min((p.period_s for p in readiness), default=5.0)
+    liveness_period_s = min((p.period_s for p in liveness), default=10.0)
     consecutive = 0
     next_liveness = time.monotonic()
     while pod.exited() is None:
-        if readiness is not None:
-            passed = await readiness.passes(pod)
-            consecutive = 0 if passed else consecutive + 1
-            if not passed:
-                report.probe_failures["readiness"] = report.probe_failures.get("readiness", 0) + 1
-            pod.ready = passed or (pod.ready and consecutive < readiness.failure_threshold)
-        else:
-            pod.ready = True
-        if liveness is not None and time.monotonic() >= next_liveness:
-            if not await liveness.passes(pod):
+        passed = await _all_pass(readiness, pod)
+        consecutive = 0 if passed else consecutive + 1
+        if not passed:
+            report.probe_failures["readiness"] = report.probe_failures.get("readiness", 0) + 1
+        pod.ready = passed or (pod.ready and consecutive < threshold)
+        if liveness and time.monotonic() >= next_liveness:
+            if not await _all_pass(liveness, pod):
                 report.probe_failures["liveness"] = report.probe_failures.get("liveness", 0) + 1
-            next_liveness = time.monotonic() + liveness.period_s
-        await asyncio.sleep(readiness.period_s if readiness is not None else 5)
+            next_liveness = time.monotonic() + liveness_period_s
+        await asyncio.sleep(period_s)
     pod.ready = False
 
 
@@ -244,6 +248,10 @@ async def _evaluate(prometheus: Prometheus, monitoring: list[Manifest], report: 
                     )
 
 
+def _quiet(series: int) -> str:
+    return "evaluated, quiet" if not series else f"evaluated, holds ({series} series)"
+
+
 def _verdict(report: Report) -> None:
     report.failures += [f"pod {p.name} is not ready" for p in report.pods if not p.ready]
     report.failures += [
@@ -260,6 +268,13 @@ def _verdict(report: Report) -> None:
     report.failures += [
         f"alert {alert['name']}: {alert['error']}" for alert in report.alerts if alert["error"]
     ]
+    # The rehearsed platform is healthy: an alert whose expression holds there is wrong, or
+    # what it watches is (the records' three Redis nodes without a primary or replicas).
+    report.failures += [
+        f"alert {alert['name']} holds on the healthy rehearsal ({alert['series']} series)"
+        for alert in report.alerts
+        if not alert["error"] and alert["series"]
+    ]
 
 
 def summary(report: Report) -> str:
@@ -273,7 +288,8 @@ def summary(report: Report) -> str:
         state = panel.get("not_rehearsed") or f"{panel['series']} series"
         lines.append(f"  panel {panel['title']!r}: {state}")
     lines += [
-        f"  alert {a['name']}: {'error: ' + a['error'] if a['error'] else 'evaluated'}" for a in report.alerts
+        f"  alert {a['name']}: {'error: ' + a['error'] if a['error'] else _quiet(a['series'])}"
+        for a in report.alerts
     ]
     lines += ["", "  not rehearsed:", *(f"    - {item}" for item in report.cannot_rehearse)]
     lines += ["  deviations from the manifests:", *(f"    - {item}" for item in report.deviations)]
@@ -282,8 +298,9 @@ def summary(report: Report) -> str:
 
 
 def _service_hosts(docs: list[Manifest], addresses: dict[str, str]) -> dict[str, str]:
-    """Each Service's names at the address of the pod it selects (one pod per workload
-    here); `rabbitmq` at the bridge's host address, where the broker is reached."""
+    """Each Service's names at the address of the first pod it selects, and each
+    StatefulSet pod's own name; `rabbitmq` at the bridge's host address, where the broker
+    is reached."""
     hosts = {"rabbitmq.inferq.svc": HOST_ADDRESS, "rabbitmq.inferq.svc.cluster.local": HOST_ADDRESS}
     workloads = [d for d in docs if d["kind"] in WORKLOAD_KINDS]
     for service in (d for d in docs if d["kind"] == "Service"):
@@ -295,6 +312,12 @@ def _service_hosts(docs: list[Manifest], addresses: dict[str, str]) -> dict[str,
             name = service["metadata"]["name"]
             for alias in (f"{name}.inferq.svc", f"{name}.inferq.svc.cluster.local"):
                 hosts[alias] = addresses[f"{chosen[0]['metadata']['name']}-0"]
+    # A StatefulSet's pods by their own names under its governing (headless) Service.
+    for stateful in (w for w in workloads if w["kind"] == "StatefulSet"):
+        for ordinal in range(_replicas(stateful)):
+            pod = f"{stateful['metadata']['name']}-{ordinal}"
+            for suffix in ("inferq.svc", "inferq.svc.cluster.local"):
+                hosts[f"{pod}.{stateful['spec']['serviceName']}.{suffix}"] = addresses[pod]
     return hosts
 
 

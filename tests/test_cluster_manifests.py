@@ -326,25 +326,34 @@ def test_the_pods_read_their_settings_and_a_valid_configuration() -> None:
     assert health["livenessProbe"]["httpGet"]["path"] == "/livez"
 
 
-def test_the_job_records_redis_keeps_its_data_and_every_pod_points_at_it() -> None:
+def test_the_job_records_redis_keeps_its_data_and_every_pod_points_at_its_sentinels() -> None:
+    """Finding 13: one Redis, so every drain was an outage of status and `Prefer: wait`."""
     docs = RENDERED["kind"]
     config = _one(docs, "ConfigMap", "inferq")
     redis = _one(docs, "StatefulSet", "redis")
-    service = _one(docs, "Service", "redis")
-    container = redis["spec"]["template"]["spec"]["containers"][0]
-    mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
-
+    service = _one(docs, "Service", redis["spec"]["serviceName"])
+    containers = {c["name"]: c for c in redis["spec"]["template"]["spec"]["containers"]}
+    node = containers["redis"]
+    mounts = {m["name"]: m["mountPath"] for m in node["volumeMounts"]}
     provision = (OVERLAYS["kind"].parent.parent / "provision.sh").read_text()
-    namespace = service["metadata"]["namespace"]
 
     assert "REDIS_URL" not in config["data"]  # it carries the password: the Secret inferq-redis
-    assert 'REDIS_URL="redis://:$redis_password@redis.$NAMESPACE.svc:6379/0"' in provision
-    assert f'NAMESPACE="{namespace}"' in provision
-    assert service["spec"]["selector"] == redis["spec"]["selector"]["matchLabels"]
-    args = container["args"]
+    assert 'REDIS_URL="redis+sentinel://:$redis_password@$sentinels/inferq/0"' in provision
+    assert redis["spec"]["replicas"] == 3 and set(containers) == {"redis", "sentinel", "exporter"}
+    assert service["spec"]["clusterIP"] == "None" and service["spec"]["publishNotReadyAddresses"] is True
+    assert {p["port"] for p in service["spec"]["ports"]} == {6379, 26379}
+    args = node["args"]
     assert args[args.index("--appendonly") + 1] == "yes"  # every write reaches the volume
+    assert args[args.index("--min-replicas-to-write") + 1] == "1"  # cut off, a primary takes no writes
     assert [t["metadata"]["name"] for t in redis["spec"]["volumeClaimTemplates"]] == ["data"]
-    assert mounts["data"] == container["args"][container["args"].index("--dir") + 1]
+    assert mounts["data"] == args[args.index("--dir") + 1]
+    (budget,) = [
+        d
+        for d in docs
+        if d["kind"] == "PodDisruptionBudget"
+        and d["spec"]["selector"]["matchLabels"] == {"app.kubernetes.io/name": "redis"}
+    ]
+    assert budget["spec"]["maxUnavailable"] == 1  # a drain takes one node of three
 
 
 def test_only_keda_reaches_the_push_scaler_and_its_service_fronts_its_pods() -> None:
@@ -579,7 +588,9 @@ def test_given_three_broker_nodes_then_they_need_a_budget_and_anti_affinity() ->
 
 def test_given_redis_without_its_exporter_or_alerts_then_it_is_caught() -> None:
     """Finding 13: no exporter and no alert, so the job records could fill or stop unseen."""
-    platform = [d for d in RENDERED["kind"] if d["metadata"]["name"] != "redis-exporter"]
+    platform = copy.deepcopy(RENDERED["kind"])
+    pod = _one(platform, "StatefulSet", "redis")["spec"]["template"]["spec"]
+    pod["containers"] = [c for c in pod["containers"] if c["name"] != "exporter"]
     docs = copy.deepcopy(MONITORING_DOCS["kind"])
     (rules,) = [d for d in docs if d["kind"] == "PrometheusRule"]
     group = rules["spec"]["groups"][0]
@@ -589,7 +600,7 @@ def test_given_redis_without_its_exporter_or_alerts_then_it_is_caught() -> None:
 
     assert "StatefulSet/redis: no monitor scrapes an exporter of it" in found
     assert "StatefulSet/redis: no alert reads redis_up" in found
-    assert "StatefulSet/redis: no alert reads redis_memory_max_bytes" in found
+    assert "StatefulSet/redis: no alert reads redis_instance_info" in found
 
 
 @pytest.mark.parametrize(

@@ -125,7 +125,7 @@ async def test_given_the_primary_killed_then_the_store_follows_the_sentinels_to_
         async def reads_again() -> bool:
             try:
                 return (await records.get(before.id)) is not None
-            except Exception:
+            except RecordsUnavailable:  # until it finds the new primary
                 return False
 
         await wait_until(reads_again, 30, "the store to read from the new primary")

@@ -16,6 +16,7 @@ from rehearsal.cluster_secrets import make_secrets
 from rehearsal.image_stage import stage_image
 from rehearsal.pods import Pod, make_pod
 from rehearsal.prometheus import scrape_targets
+from rehearsal.run import Report, _verdict
 
 DOCS = render(OVERLAYS["kind"])
 MONITORS = [d for d in render(MONITORING["kind"]) if d["kind"] in ("ServiceMonitor", "PodMonitor")]
@@ -82,9 +83,15 @@ def test_a_pods_args_expand_its_variables_and_see_its_volumes_where_they_are_mou
     redis = _pod(tmp_path, "StatefulSet", "redis", secrets, "198.18.77.21")
     job = _pod(tmp_path, "Job", "broker-access", secrets, "198.18.77.22")
 
-    assert redis.command[0] == "/usr/bin/redis-server"
-    assert redis.command[redis.command.index("--requirepass") + 1] == secrets["inferq-redis"]["password"]
-    assert redis.command[redis.command.index("--dir") + 1] == str(tmp_path / "redis" / "v" / "data")
+    node, sentinel, exporter = redis.containers
+    assert node.command[:2] == ["/bin/sh", str(tmp_path / "redis" / "v" / "scripts" / "redis.sh")]
+    assert Path(node.command[1]).read_text().startswith("set -eu")  # the ConfigMap's key, as a file
+    assert node.command[node.command.index("--requirepass") + 1] == secrets["inferq-redis"]["password"]
+    assert node.command[node.command.index("--dir") + 1] == str(tmp_path / "redis" / "v" / "data")
+    assert sentinel.env["SENTINEL_CONFIG"] == str(tmp_path / "redis" / "v" / "sentinel" / "sentinel.conf")
+    assert sentinel.cwd == tmp_path / "redis" / "v" / "sentinel"
+    assert exporter.command == ["/usr/bin/prometheus-redis-exporter"]
+    assert redis.ports == {"redis": 6379, "sentinel": 26379, "metrics": 9121}
     passwords = Path(job.command[job.command.index("--passwords-dir") + 1])
     assert (passwords / "ingress").read_text() == secrets["inferq-broker-users"]["ingress"]
 
@@ -109,3 +116,18 @@ def test_the_monitors_select_ready_pods_on_their_named_ports_and_the_broker_for_
         ("PodMonitor/ray-replicas", "198.18.77.32:9102"),
         ("ServiceMonitor/rabbitmq", "127.0.0.1:15692"),
     }
+
+
+def test_an_alert_that_holds_on_the_healthy_rehearsal_fails_it() -> None:
+    """The records' Redis without replicas in sync (InferqRecordsDegraded holding) is caught,
+    not reported as merely evaluated."""
+    report = Report(
+        alerts=[
+            {"name": "InferqRecordsDegraded", "error": None, "series": 1},
+            {"name": "InferqJobsParked", "error": None, "series": 0},
+        ]
+    )
+
+    _verdict(report)
+
+    assert report.failures == ["alert InferqRecordsDegraded holds on the healthy rehearsal (1 series)"]
