@@ -161,6 +161,24 @@ class Pod:
             await process.wait()
             return False
 
+    async def exec_output(self, argv: list[str], timeout_s: float, env: Mapping[str, str]) -> str:
+        """What `argv` prints in the pod's network namespace ('' when it fails or times out)."""
+        command = [SYSTEM_BINARIES.get(argv[0], argv[0]), *argv[1:]]
+        process = await asyncio.create_subprocess_exec(
+            *self.netns_command,
+            *command,
+            env=dict(env),
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.DEVNULL,
+        )
+        try:
+            output, _ = await asyncio.wait_for(process.communicate(), timeout_s)
+        except TimeoutError:
+            process.kill()
+            await process.wait()
+            return ""
+        return output.decode(errors="replace") if process.returncode == 0 else ""
+
     def probes(self, kind: str) -> list[Probe]:
         """Each container's probe of `kind` (startupProbe, readinessProbe, livenessProbe)."""
         return [

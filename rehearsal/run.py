@@ -36,6 +36,7 @@ from rehearsal.image_stage import stage_image
 from rehearsal.pod_network import HOST_ADDRESS, PodNetwork
 from rehearsal.pods import Pod, Probe, make_pod
 from rehearsal.prometheus import SCRAPE_INTERVAL_S, Prometheus, scrape_targets, unrehearsed_sources
+from rehearsal.records_failover import rehearse_failover
 
 Manifest = dict[str, Any]
 OVERLAY = "kind"
@@ -81,6 +82,7 @@ class Report:
     targets: dict[str, str] = field(default_factory=dict)
     cannot_rehearse: tuple[str, ...] = CANNOT_REHEARSE
     deviations: tuple[str, ...] = DEVIATIONS
+    records_failover: dict[str, Any] = field(default_factory=dict)
     failures: list[str] = field(default_factory=list)
 
 
@@ -268,6 +270,9 @@ def _verdict(report: Report) -> None:
     report.failures += [
         f"alert {alert['name']}: {alert['error']}" for alert in report.alerts if alert["error"]
     ]
+    failover = report.records_failover
+    if failover and ("error" in failover or failover.get("replicas_after_rejoin", 0) < 2):
+        report.failures.append(f"the records' primary lost: {failover.get('error') or failover}")
     # The rehearsed platform is healthy: an alert whose expression holds there is wrong, or
     # what it watches is (the records' three Redis nodes without a primary or replicas).
     report.failures += [
@@ -291,6 +296,14 @@ def summary(report: Report) -> str:
         f"  alert {a['name']}: {'error: ' + a['error'] if a['error'] else _quiet(a['series'])}"
         for a in report.alerts
     ]
+    failover = report.records_failover
+    if failover and "error" not in failover:
+        lines.append(
+            f"  records' primary {failover['primary_lost']} stopped: {failover['promoted']} promoted after "
+            f"{failover['promoted_after_s']} s, a keyed job {failover['job_status']} after "
+            f"{failover['keyed_job_done_after_s']} s, {failover['primary_lost']} back as a replica "
+            f"({failover['replicas_after_rejoin']} replicas)"
+        )
     lines += ["", "  not rehearsed:", *(f"    - {item}" for item in report.cannot_rehearse)]
     lines += ["  deviations from the manifests:", *(f"    - {item}" for item in report.deviations)]
     lines += ["", "PASSED" if not report.failures else "FAILED:", *(f"  - {f}" for f in report.failures)]
@@ -430,14 +443,17 @@ class Rehearsal:
         self.receiver = CallbackReceiver(self.secrets["inferq"]["WEBHOOK_SECRET"], host=HOST_ADDRESS)
         await self.receiver.start()
         ingress = next(p for p in self.pods if p.labels.get("app.kubernetes.io/component") == "ingress")
+        api_key = self.secrets["inferq"]["API_KEYS"].split(",")[0]
         if ingress.ready:
-            api_key = self.secrets["inferq"]["API_KEYS"].split(",")[0]
             models = self.config_maps["inferq"]["MODELS"].split(",")
             await _submit_jobs(ingress, api_key, models, self.receiver, self.report)
         # Enough scrapes after the jobs for rates over a minute's window.
         await asyncio.sleep(4 * SCRAPE_INTERVAL_S)
         self.report.targets = await self.prometheus.targets_up()
         await _evaluate(self.prometheus, self.monitoring, self.report)
+        if ingress.ready:
+            redis = [p for p in self.pods if p.labels.get("app.kubernetes.io/name") == "redis"]
+            self.report.records_failover = await rehearse_failover(redis, ingress, api_key, self.receiver)
 
     async def close(self) -> None:
         for task in self.probes:

@@ -131,3 +131,13 @@ def test_an_alert_that_holds_on_the_healthy_rehearsal_fails_it() -> None:
     _verdict(report)
 
     assert report.failures == ["alert InferqRecordsDegraded holds on the healthy rehearsal (1 series)"]
+
+
+def test_a_records_failover_that_does_not_complete_fails_the_rehearsal() -> None:
+    report = Report(
+        records_failover={"primary_lost": "redis-0", "error": "a replica promoted: not within 60 s"}
+    )
+
+    _verdict(report)
+
+    assert report.failures == ["the records' primary lost: a replica promoted: not within 60 s"]
