@@ -146,23 +146,19 @@ class Pod:
         return None
 
     async def exec_ok(self, argv: list[str], timeout_s: float, env: Mapping[str, str]) -> bool:
-        command = [SYSTEM_BINARIES.get(argv[0], argv[0]), *argv[1:]]
-        process = await asyncio.create_subprocess_exec(
-            *self.netns_command,
-            *command,
-            env=dict(env),
-            stdout=asyncio.subprocess.DEVNULL,
-            stderr=asyncio.subprocess.DEVNULL,
-        )
-        try:
-            return await asyncio.wait_for(process.wait(), timeout_s) == 0
-        except TimeoutError:
-            process.kill()
-            await process.wait()
-            return False
+        code, _output = await self._exec(argv, timeout_s, env)
+        return code == 0
 
     async def exec_output(self, argv: list[str], timeout_s: float, env: Mapping[str, str]) -> str:
         """What `argv` prints in the pod's network namespace ('' when it fails or times out)."""
+        code, output = await self._exec(argv, timeout_s, env)
+        return output if code == 0 else ""
+
+    async def _exec(
+        self, argv: list[str], timeout_s: float, env: Mapping[str, str]
+    ) -> tuple[int | None, str]:
+        """`argv` run in the pod's network namespace: its exit code (None when it timed out)
+        and what it printed."""
         command = [SYSTEM_BINARIES.get(argv[0], argv[0]), *argv[1:]]
         process = await asyncio.create_subprocess_exec(
             *self.netns_command,
@@ -176,8 +172,8 @@ class Pod:
         except TimeoutError:
             process.kill()
             await process.wait()
-            return ""
-        return output.decode(errors="replace") if process.returncode == 0 else ""
+            return None, ""
+        return process.returncode, output.decode(errors="replace")
 
     def probes(self, kind: str) -> list[Probe]:
         """Each container's probe of `kind` (startupProbe, readinessProbe, livenessProbe)."""
