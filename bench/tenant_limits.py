@@ -115,13 +115,14 @@ async def _ingresses(
         "MODELS": "echo",
         "TENANTS_FILE": str(tenants_file),
     }
-    started = await asyncio.gather(*(start_ingress(env) for _ in range(count)), return_exceptions=True)
-    processes = [item[0] for item in started if isinstance(item, tuple)]
+    processes: list[asyncio.subprocess.Process] = []
+    urls: list[str] = []
     try:
-        for item in started:
-            if isinstance(item, BaseException):
-                raise item
-        yield [item[1] for item in started if isinstance(item, tuple)]
+        for _ in range(count):
+            process, url = await start_ingress(env)
+            processes.append(process)
+            urls.append(url)
+        yield urls
     finally:
         for process in processes:
             process.terminate()

@@ -204,7 +204,7 @@ create_workers_at_zero() {
     { doc = doc $0 "\n" }
     END { flush() }'
   for file in "$docs"/worker-*.yaml; do
-    [ -e "$file" ] || { echo "the render holds no worker Deployment" >&2; exit 1; }
+    [ -e "$file" ] || { rm -rf "$docs"; echo "the render holds no worker Deployment" >&2; exit 1; }
     name="$(basename "$file" .yaml)"
     if ! kubectl -n "$NAMESPACE" get "deployment/$name" >/dev/null 2>&1; then
       kubectl create -f "$file"

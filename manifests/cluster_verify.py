@@ -341,11 +341,12 @@ def _broker_sizing(docs: list[Manifest]) -> Iterator[tuple[str, str]]:
             continue
         if "cluster_partition_handling = pause_minority" not in config:
             yield _name(cluster), "several nodes without cluster_partition_handling = pause_minority"
-        cpus = _cpus(resources.get("requests", {}).get("cpu", "0"))
-        if cpus < BROKER_PRODUCTION_CPUS:
+        node_cpus = cpus(resources.get("requests", {}).get("cpu", "0"))
+        if node_cpus < BROKER_PRODUCTION_CPUS:
             yield (
                 _name(cluster),
-                f"{cpus:g} CPUs per node; the operator's production minimum is {BROKER_PRODUCTION_CPUS:g}",
+                f"{node_cpus:g} CPUs per node; "
+                f"the operator's production minimum is {BROKER_PRODUCTION_CPUS:g}",
             )
         pod = (
             spec.get("override", {})
@@ -365,7 +366,8 @@ def _broker_sizing(docs: list[Manifest]) -> Iterator[tuple[str, str]]:
             )
 
 
-def _cpus(quantity: str | int | float) -> float:
+def cpus(quantity: str | int | float) -> float:
+    """A Kubernetes CPU quantity ("250m", "2") in cores."""
     text = str(quantity)
     return float(text[:-1]) / 1000 if text.endswith("m") else float(text)
 

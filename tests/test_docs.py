@@ -87,17 +87,13 @@ def test_the_site_builds_strictly(tmp_path: Path) -> None:
     assert (tmp_path / "site" / "openapi.json").read_text().startswith("{")
 
 
-def _cpus(value: str) -> float:
-    return float(value[:-1]) / 1000 if value.endswith("m") else float(value)
-
-
 def _gib(value: str) -> float:
     return float(value[:-2]) / 1024 if value.endswith("Mi") else float(value[:-2])
 
 
 def test_the_kubernetes_page_states_the_kind_overlays_real_requests() -> None:
     """Cluster finding 5: the README's 4 CPUs left the first worker Pending."""
-    from manifests.cluster_verify import OVERLAYS, render
+    from manifests.cluster_verify import OVERLAYS, cpus, render
 
     pods: list[tuple[str, int, dict[str, str]]] = []
     for doc in render(OVERLAYS["kind"]):
@@ -113,11 +109,11 @@ def test_the_kubernetes_page_states_the_kind_overlays_real_requests() -> None:
         if doc["kind"] == "RabbitmqCluster":
             pods.append(("rabbitmq", doc["spec"]["replicas"], doc["spec"]["resources"]["requests"]))
     platform = [p for p in pods if not p[0].startswith("worker-")]
-    cpus = sum(n * _cpus(r["cpu"]) for _name, n, r in platform)
+    platform_cpus = sum(n * cpus(r["cpu"]) for _name, n, r in platform)
     gib = sum(n * _gib(r["memory"]) for _name, n, r in platform)
-    all_cpus = sum(n * _cpus(r["cpu"]) for _name, n, r in pods)
+    all_cpus = sum(n * cpus(r["cpu"]) for _name, n, r in pods)
     all_gib = sum(n * _gib(r["memory"]) for _name, n, r in pods)
     page = " ".join((PAGES / "kubernetes.md").read_text().split())
 
-    assert f"our pods request {cpus:.1f} CPUs and {gib:.1f} GiB before any model worker runs" in page
+    assert f"our pods request {platform_cpus:.1f} CPUs and {gib:.1f} GiB before any model worker runs" in page
     assert f"and {all_cpus:.1f} CPUs and {all_gib:.1f} GiB with one worker per model" in page
