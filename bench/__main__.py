@@ -25,6 +25,7 @@ from bench.batching_chart import batching_chart
 from bench.budgets import budget_markdown, measure_budgets
 from bench.callback_stage import measure_callbacks
 from bench.ingress_efficiency import measure_ingress
+from bench.minilm_device import measure_minilm_device, minilm_device_markdown
 from bench.pipeline_overhead import measure_pipeline
 from bench.python_profile import measure_profile, profile_markdown
 from bench.tenant_limits import measure_tenant_limits
@@ -54,6 +55,8 @@ class BenchSize:
     callback_deliveries: int
     profile_jobs: int
     queue_type_backlogs: dict[str, int]
+    # embed-minilm on its device: one-text jobs, 32-text jobs, replica counts.
+    device_jobs: tuple[int, int, tuple[int, ...]]
 
 
 FULL = BenchSize(
@@ -68,6 +71,7 @@ FULL = BenchSize(
     callback_deliveries=3000,
     profile_jobs=4000,
     queue_type_backlogs={"echo": 2000, "embed-minilm": 1000},
+    device_jobs=(2000, 100, (1, 2)),
 )
 QUICK = BenchSize(
     reps=1,
@@ -81,6 +85,7 @@ QUICK = BenchSize(
     callback_deliveries=300,
     profile_jobs=300,
     queue_type_backlogs={"echo": 300},
+    device_jobs=(300, 20, (1, 2)),
 )
 STAGES = (
     "versus-celery",
@@ -96,6 +101,7 @@ STAGES = (
     "batching",
     "priority",
     "queue-types",
+    "minilm-device",
 )
 # Run only when asked (`--only wake`): it starts the whole stack 2 x reps times.
 OPTIONAL_STAGES = ("wake",)
@@ -137,6 +143,7 @@ async def run(
         ),
         "queue-types": lambda: measure_queue_types(amqp_url, size.reps, size.queue_type_backlogs),
         "priority": lambda: _priority_by_queue_type(amqp_url, size),
+        "minilm-device": lambda: measure_minilm_device(amqp_url, size.reps, *size.device_jobs),
     }
     results: dict[str, Any] = {}
     started = time.monotonic()
@@ -408,6 +415,8 @@ def markdown(results: dict[str, Any], machine: str, quick: bool) -> str:
         lines += profile_markdown(results["profile"])
     if "budgets" in results:
         lines += budget_markdown(results["budgets"])
+    if "minilm-device" in results:
+        lines += minilm_device_markdown(results["minilm-device"])
     if "batching" not in results:
         return "\n".join(lines) + "\n"
     summary = results["batching"]["summary"]

@@ -12,6 +12,7 @@ import msgspec
 
 from broker.client import Broker
 from loadgen.measurement import (
+    Finished,
     FinishedJobs,
     bench_topology,
     make_job,
@@ -41,6 +42,22 @@ SENTENCES = [
 ]
 
 
+def steady_state(done: list[Finished]) -> dict[str, float]:
+    """Jobs/s, batch p95 and mean batch over the finished jobs less the first
+    WARM_UP_FRACTION, the same for every variant, so that a controller's ramp-up (a
+    once-per-replica cost) and the worker's start do not count."""
+    done = sorted(done, key=lambda d: d.done_s)
+    steady = done[int(len(done) * WARM_UP_FRACTION) :]
+    span_s = steady[-1].done_s - steady[0].done_s
+    if span_s <= 0:
+        raise RuntimeError(f"{len(done)} jobs are too few to measure: the steady part ran as one batch")
+    return {
+        "jobs_per_s": (len(steady) - 1) / span_s,
+        "batch_latency_p95_ms": percentile([d.inference_ms for d in steady], 95),
+        "mean_batch_size": sum(d.batch_size for d in steady) / len(steady),
+    }
+
+
 class WorkerBench:
     """One bench topology, one broker connection, and a collector of finished jobs."""
 
@@ -68,9 +85,7 @@ class WorkerBench:
 
     async def throughput(self, settings: WorkerSettings, count: int, job_input: Any) -> dict[str, float]:
         """Steady-state jobs/s with the queue kept full: all jobs are queued first, then the
-        worker starts; the first WARM_UP_FRACTION of the finished jobs are left out, the
-        same for every variant, so a controller's ramp-up (a once-per-replica cost) and the
-        worker's start do not count."""
+        worker starts."""
         jobs = self.jobs(count, job_input)
         await publish_jobs(self.broker, jobs)
         worker = JobWorker(self.model, settings)
@@ -79,18 +94,7 @@ class WorkerBench:
             done = await self.finished.wait_for({j.id for j in jobs}, FINISH_TIMEOUT_S)
         finally:
             await worker.stop()
-        done.sort(key=lambda d: d.done_s)
-        warm_up = int(len(done) * WARM_UP_FRACTION)
-        steady = done[warm_up:]
-        span_s = steady[-1].done_s - steady[0].done_s
-        if span_s <= 0:
-            raise RuntimeError(f"{count} jobs are too few to measure: the steady part ran as one batch")
-        return {
-            "jobs_per_s": (len(steady) - 1) / span_s,
-            "batch_latency_p95_ms": percentile([d.inference_ms for d in steady], 95),
-            "mean_batch_size": sum(d.batch_size for d in steady) / len(steady),
-            "final_batch_size": worker.batching.size,
-        }
+        return {**steady_state(done), "final_batch_size": worker.batching.size}
 
     async def low_load_latency(
         self, settings: WorkerSettings, rate: float, count: int, job_input: Any

@@ -115,9 +115,9 @@ def _stack_env(env: Mapping[str, str]) -> dict[str, str]:
 
 def _start_serve(
     stack: StackSettings, policies: Mapping[str, ScalingPolicy], initial_replicas: Mapping[str, int]
-) -> tuple[dict[str, ScalingPolicy], dict[str, float]]:
+) -> tuple[dict[str, ScalingPolicy], dict[str, GpuPlacement]]:
     """Start Ray, Serve, the dispatcher and the fixed-replica models; returns the policies
-    capped at what this machine's GPUs hold, and each model's GPUs per replica."""
+    capped at what this machine's GPUs hold, and where each model's replicas run."""
     start_ray_and_serve(stack.worker_metrics_port, stack.serve_http_port)
     placements = _gpu_placements(stack, gpus_on_this_node())
     capped = {
@@ -129,24 +129,26 @@ def _start_serve(
         if replicas == 0:
             print(f"worker {model}: 0 replicas until a job arrives", flush=True)
             continue
-        replicas = min(replicas, placements[model].max_replicas or replicas)
+        placement = placements[model]
+        replicas = min(replicas, placement.max_replicas or replicas)
         started = time.monotonic()
         run_model_worker(
             model,
             stack.workers,
-            num_replicas=replicas,
-            num_gpus=placements[model].gpus_per_replica,
+            num_replicas=placement.serve_replicas(replicas),
+            num_gpus=placement.gpus_per_process,
             http=bool(stack.serve_http_port),
         )
         print(f"worker {model}: {replicas} replica(s) in {time.monotonic() - started:.1f} s", flush=True)
-    return capped, {model: placement.gpus_per_replica for model, placement in placements.items()}
+    return capped, placements
 
 
 def _gpu_placements(stack: StackSettings, node_gpus: float) -> dict[str, GpuPlacement]:
     catalogue = load_catalogue(Path(stack.workers.model_catalogue))
     placements = {}
     for model in stack.workers.models:
-        placements[model] = gpu_placement(model, catalogue.entry(model).resources.gpus, node_gpus)
+        resources = catalogue.entry(model).resources
+        placements[model] = gpu_placement(model, resources.gpus, node_gpus, resources.processes_per_gpu)
         if placements[model].note:
             print(placements[model].note, flush=True)
     return placements
@@ -164,7 +166,7 @@ def _stop_ingress(ingress: subprocess.Popen[bytes]) -> None:
 async def _autoscale(
     stack: StackSettings,
     policies: Mapping[str, ScalingPolicy],
-    gpus_by_model: Mapping[str, float],
+    placements: Mapping[str, GpuPlacement],
     stop: asyncio.Event,
     announce_ready: Callable[[], None],
 ) -> None:
@@ -172,8 +174,15 @@ async def _autoscale(
     workers = stack.workers
 
     async def apply(model: str, replicas: int) -> None:
-        gpus = gpus_by_model.get(model, 0.0)
-        await asyncio.to_thread(run_model_worker, model, workers, replicas, gpus, bool(stack.serve_http_port))
+        placement = placements.get(model, GpuPlacement(0.0, None, None))
+        await asyncio.to_thread(
+            run_model_worker,
+            model,
+            workers,
+            placement.serve_replicas(replicas),
+            placement.gpus_per_process,
+            bool(stack.serve_http_port),
+        )
 
     registry = CollectorRegistry()
     if stack.metrics_port:
@@ -254,14 +263,14 @@ def _scaling_plan(stack: StackSettings) -> tuple[dict[str, ScalingPolicy], dict[
 async def _run_until_signal(
     stack: StackSettings,
     policies: Mapping[str, ScalingPolicy],
-    gpus_by_model: Mapping[str, float],
+    placements: Mapping[str, GpuPlacement],
     announce_ready: Callable[[], None],
 ) -> None:
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, stop.set)
-    await _autoscale(stack, policies, gpus_by_model, stop, announce_ready)
+    await _autoscale(stack, policies, placements, stop, announce_ready)
     print("stopping: ingress, then workers (drain), then callbacks", flush=True)
 
 
@@ -297,7 +306,7 @@ def main() -> int:
     ingress = subprocess.Popen([sys.executable, "-m", "ingress"], env=ingress_env)
     try:
         started = time.monotonic()
-        policies, gpus_by_model = _start_serve(stack, policies, initial)
+        policies, placements = _start_serve(stack, policies, initial)
         scaling = ", ".join(
             f"{m} autoscaled from 0" if m in policies else f"{m} {n} fixed" for m, n in initial.items()
         )
@@ -310,7 +319,7 @@ def main() -> int:
                 flush=True,
             )
 
-        asyncio.run(_run_until_signal(stack, policies, gpus_by_model, announce_ready))
+        asyncio.run(_run_until_signal(stack, policies, placements, announce_ready))
     except KeyboardInterrupt:
         print("interrupted while starting", flush=True)
     finally:

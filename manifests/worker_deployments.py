@@ -89,6 +89,7 @@ def worker_deployment(entry: ModelEntry) -> dict[str, Any]:
     limits: dict[str, str] = {"memory": resources.memory}
     if resources.gpus:
         env.append({"name": "WORKER_NUM_GPUS", "value": str(resources.gpus)})
+        env.append({"name": "WORKER_PROCESSES_PER_GPU", "value": str(resources.processes_per_gpu)})
         limits["nvidia.com/gpu"] = str(resources.gpus)
     return {
         "apiVersion": "apps/v1",

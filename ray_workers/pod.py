@@ -1,7 +1,8 @@
 """`python -m ray_workers.pod worker <model>` | `... pod callbacks`: one Kubernetes pod.
 
 Under KEDA a pod is one replica: it starts a node-local Ray instance, runs one Serve
-replica of one model's worker (or of the callback dispatcher), and on SIGTERM (a
+replica of one model's worker (on a GPU, WORKER_PROCESSES_PER_GPU of them sharing it; or
+of the callback dispatcher), and on SIGTERM (a
 scale-down) deletes the application, which drains the replica's batch before the pod
 exits; `terminationGracePeriodSeconds` must exceed `DRAIN_TIMEOUT_S` (cluster/ does).
 The kubelet probes `/livez` and `/readyz` (`ray_workers.pod_health`, on
@@ -80,7 +81,8 @@ def main(argv: list[str] | None = None) -> int:
         signal.signal(signum, lambda _signum, _frame: stop.set())
     try:
         if isinstance(settings, WorkerSettings):
-            run_model_worker(args.model, settings, num_replicas=1, num_gpus=settings.num_gpus)
+            processes, gpus_each = settings.pod_processes()
+            run_model_worker(args.model, settings, num_replicas=processes, num_gpus=gpus_each)
         else:
             run_callback_dispatcher(settings)
         stop.wait()

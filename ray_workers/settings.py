@@ -34,6 +34,8 @@ class WorkerSettings:
     model_threads: int = field(default_factory=lambda: os.cpu_count() or 1)
     # GPUs Ray reserves for each replica (a pod's WORKER_NUM_GPUS).
     num_gpus: float = 0.0
+    # Worker processes sharing a pod's GPU (WORKER_PROCESSES_PER_GPU).
+    processes_per_gpu: int = 1
     # Job records (first terminal status per job wins, cancel); None runs without them.
     redis_url: str | None = field(default=None, repr=False)
     result_ttl_s: int = 24 * 3600
@@ -41,6 +43,13 @@ class WorkerSettings:
     # Bytes of job bodies in one batch, and prefetched by a classic-queue consumer.
     batch_max_bytes: int = 8 * 1024 * 1024
     prefetch_max_bytes: int = 32 * 1024 * 1024
+
+    def pod_processes(self) -> tuple[int, float]:
+        """Serve replicas in one pod and the GPUs each reserves: a pod with GPUs runs
+        `processes_per_gpu` of them on a share of its GPU each; a pod without, one."""
+        if self.num_gpus <= 0:
+            return 1, 0.0
+        return self.processes_per_gpu, self.num_gpus / self.processes_per_gpu
 
     def batching_for(self, model: str) -> Batching:
         return self.batching_by_model.get(model, self.batching)
@@ -59,6 +68,7 @@ class WorkerSettings:
             model_threads=read.model_threads,
             model_catalogue=read.model_catalogue,
             num_gpus=read.worker_num_gpus,
+            processes_per_gpu=read.worker_processes_per_gpu,
             redis_url=read.records_url,
             result_ttl_s=read.result_ttl_s,
             record_output_max_bytes=read.record_output_max_bytes,

@@ -390,6 +390,16 @@ class Environment(BaseModel):
         alias="WORKER_NUM_GPUS",
         description="GPUs Ray reserves per model replica (a pod's setting)",
     )
+    worker_processes_per_gpu: int = Field(
+        1,
+        ge=1,
+        le=32,
+        alias="WORKER_PROCESSES_PER_GPU",
+        description=(
+            "worker processes sharing a pod's GPU, each with its own event loop (a pod's setting, "
+            "from the catalogue's `resources.processes_per_gpu`; ignored without `WORKER_NUM_GPUS`)"
+        ),
+    )
 
     # The callback stage.
     webhook_secret: str = Field(

@@ -106,7 +106,7 @@ def test_generated_objects_validate_and_carry_the_catalogues_figures(tmp_path: P
         "requests": {"cpu": "500m", "memory": "3Gi"},
         "limits": {"memory": "3Gi", "nvidia.com/gpu": "2"},
     }
-    assert env["WORKER_NUM_GPUS"] == "2"
+    assert (env["WORKER_NUM_GPUS"], env["WORKER_PROCESSES_PER_GPU"]) == ("2", "1")
     assert container["command"][-2:] == ["worker", "vision"]
 
 

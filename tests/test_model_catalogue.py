@@ -67,6 +67,14 @@ def test_the_shipped_catalogue_lists_the_models_and_each_class_is_a_model() -> N
         ("echo: {class: 'a.b:C', resources: {gpus: -1}}", "model 'echo': resources.gpus=-1"),
         ("echo: {class: 'a.b:C', batching: {max_size: 0}}", "model 'echo': batching.max_size=0"),
         (
+            "echo: {class: 'a.b:C', resources: {processes_per_gpu: 4}}",
+            "model 'echo': resources: processes_per_gpu 4 needs gpus: 1 (it has 0): the processes share",
+        ),
+        (
+            "echo: {class: 'a.b:C', resources: {gpus: 2, processes_per_gpu: 2}}",
+            "model 'echo': resources: processes_per_gpu 2 needs gpus: 1 (it has 2)",
+        ),
+        (
             "echo: {class: 'a.b:C', jobs: {retry_delays_s: [1, -2]}}",
             "model 'echo': jobs.retry_delays_s=[1, -2]: Input should be greater than 0",
         ),
