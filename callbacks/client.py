@@ -24,6 +24,7 @@ the answer is read (the body is not used; a larger one closes the connection).
 from __future__ import annotations
 
 import email.utils
+import io
 import ipaddress
 import re
 import socket
@@ -50,6 +51,8 @@ from wire.envelope import CallbackDelivery
 
 USER_AGENT = "inferq-callbacks/1"
 RESPONSE_BODY_CAP_BYTES = 64 * 1024
+# Bodies past this are streamed (aiohttp's own threshold for its warning is 1 MiB).
+STREAMED_BODY_BYTES = 256 * 1024
 # Hosts whose checked addresses are remembered for the connector (least recently used go).
 PINNED_HOSTS_MAX = 10_000
 _DELTA_SECONDS = re.compile(r"[0-9]{1,10}")
@@ -159,8 +162,11 @@ class CallbackClient:
             "user-agent": USER_AGENT,
         }
         try:
+            # A large body goes out as a stream, in chunks: written in one go it holds the
+            # event loop (and aiohttp warns so).
+            payload: bytes | io.BytesIO = io.BytesIO(body) if len(body) > STREAMED_BODY_BYTES else body
             async with self._open_session().post(
-                url, data=body, headers=headers, allow_redirects=False
+                url, data=payload, headers=headers, allow_redirects=False
             ) as response:
                 await _discard_body(response)
                 return classify_response(response.status, response.headers.get("retry-after"))

@@ -30,6 +30,7 @@ from ingress.request_headers import preferred_wait_s, request_fingerprint
 from ingress.settings import IngressSettings
 from ingress.state import IngressState, ingress_state
 from ingress.submission_route import handle_submission, submission_request
+from ingress.uploads import check_uploaded, create_upload
 from tenants.registry import Tenant
 from wire.envelope import Job
 from wire.outgoing import OutgoingMessage
@@ -79,6 +80,8 @@ async def _submission(request: Request, state: IngressState) -> Submission:
         else:
             job, message = _decoded(state, start.model, start.tenant, start.body)
         await check_callback(state, job.callback_url)
+        if job.input_ref is not None:
+            await check_uploaded(state, job.input_ref)
     except BaseException:
         start.reservation.release()
         raise
@@ -154,21 +157,25 @@ def create_app(settings: IngressSettings) -> Starlette:
         if settings.tenants.auth_off:
             logger.warning("API_KEYS is empty: AUTHENTICATION IS OFF, anyone can submit jobs")
         connecting = asyncio.create_task(_connect_until_ready(state.broker, settings.amqp_url))
-        try:
-            yield
-        finally:
-            connecting.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await connecting
-            await state.demand.close()
-            await state.broker.close()
-            await state.close()
-            state.resolver.close()
+        async with contextlib.AsyncExitStack() as stack:
+            if state.uploads is not None:
+                await stack.enter_async_context(state.uploads)
+            try:
+                yield
+            finally:
+                connecting.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await connecting
+                await state.demand.close()
+                await state.broker.close()
+                await state.close()
+                state.resolver.close()
 
     app = Starlette(
         routes=[
             Route("/v1/models/{model}/jobs", submit_job, methods=["POST"]),
             Route("/v1/models/{model}/jobs/batch", submit_batch, methods=["POST"]),
+            Route("/v1/uploads", create_upload, methods=["POST"]),
             Route("/v1/jobs/{job_id}", get_job, methods=["GET"]),
             Route("/v1/jobs/{job_id}/cancel", cancel_job, methods=["POST"]),
             Route("/v1/models", list_models, methods=["GET"]),

@@ -46,6 +46,7 @@ from ingress.request_headers import request_fingerprint
 from ingress.state import IngressState
 from ingress.submission_route import handle_submission, submission_request
 from ingress.tenant_limits import release_queued, reserve_queued
+from ingress.uploads import check_uploaded
 from job_records.store import Placement, RecordsUnavailable
 from tenants.registry import Tenant
 from wire.envelope import Job, decode_job
@@ -117,7 +118,7 @@ async def _batch_submission(request: Request, state: IngressState) -> BatchSubmi
             checked = await asyncio.to_thread(
                 _checked, state, start.model, start.tenant, start.body, batch_id
             )
-        await _check_callbacks(state, checked)
+        await _check_over_the_network(state, checked)
         jobs = [job for _, job, _ in checked.encoded]
         messages = [message for _, _, message in checked.encoded]
     except BaseException:
@@ -162,9 +163,9 @@ def _checked(state: IngressState, model: str, tenant: Tenant, body: bytes, batch
     return checked
 
 
-async def _check_callbacks(state: IngressState, checked: _Checked) -> None:
-    """Each distinct callback URL through the guard once (a batch usually names one);
-    then 422 listing every bad job, in order, if there is one."""
+async def _check_over_the_network(state: IngressState, checked: _Checked) -> None:
+    """Each distinct callback URL through the guard once (a batch usually names one), and
+    each named upload in the store; then 422 listing every bad job, in order, if there is one."""
     for url in dict.fromkeys(job.callback_url for _, job, _ in checked.encoded):
         try:
             await check_callback(state, url)
@@ -174,6 +175,15 @@ async def _check_callbacks(state: IngressState, checked: _Checked) -> None:
             for index, job, _ in checked.encoded:
                 if job.callback_url == url:
                     checked.errors[index] = job_errors(index, problem)
+    for index, job, _ in checked.encoded:
+        if job.input_ref is None:
+            continue
+        try:
+            await check_uploaded(state, job.input_ref)
+        except Problem as problem:
+            if problem.status >= 500:
+                raise
+            checked.errors[index] = job_errors(index, problem)
     if checked.errors:
         errors = [error for index in sorted(checked.errors) for error in checked.errors[index]]
         raise invalid_batch(errors, len(checked.errors), checked.size)

@@ -13,6 +13,7 @@ import msgspec
 from ingress.problems import Problem
 from ingress.request_body import JobRequest
 from ingress.state import IngressState
+from ingress.uploads import check_input_ref
 from model_catalogue.input_schemas import ValidationBudgetExceeded
 from policies.callback_guard import CallbackUrlRejected, ResolutionUnavailable, check_callback_url
 from tenants.registry import Tenant
@@ -44,7 +45,14 @@ def checked_job(
     """The request checked (metadata, input) and its job encoded: the job without its
     input (the message carries it), so the decoded input can be let go."""
     check_metadata(job_request.metadata, state.settings.max_metadata_bytes)
-    check_input(state, model, job_request.input, deadline)
+    if job_request.input_ref is not None:
+        if job_request.input is not msgspec.UNSET:
+            raise _one_input("send input or input_ref, not both")
+        check_input_ref(state, tenant, job_request.input_ref)
+    elif job_request.input is msgspec.UNSET:
+        raise _one_input("input (or input_ref, an upload's reference) is required")
+    else:
+        check_input(state, model, job_request.input, deadline)
     job = new_job(state, model, tenant, job_request, job_id)
     return msgspec.structs.replace(job, input=None), encoded(job)
 
@@ -62,7 +70,8 @@ def new_job(
     return Job(
         id=job_id or str(uuid.uuid4()),
         model=model,
-        input=job_request.input,
+        input=None if job_request.input is msgspec.UNSET else job_request.input,
+        input_ref=job_request.input_ref,
         callback_url=job_request.callback_url,
         priority=job_request.priority,
         metadata=job_request.metadata,
@@ -71,6 +80,10 @@ def new_job(
         owner=tenant.owner,
         tenant=tenant.name,
     )
+
+
+def _one_input(detail: str) -> Problem:
+    return Problem(422, "validation-error", "Unprocessable Content", f"invalid job request: {detail}")
 
 
 def check_metadata(metadata: dict[str, object], max_bytes: int) -> None:

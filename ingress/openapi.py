@@ -45,12 +45,20 @@ def _document(models: tuple[str, ...]) -> dict[str, Any]:
             "schemas": {
                 "JobRequest": {
                     "type": "object",
-                    "required": ["input"],
+                    "description": "Exactly one of `input` and `input_ref`",
+                    "oneOf": [{"required": ["input"]}, {"required": ["input_ref"]}],
                     "additionalProperties": False,
                     "properties": {
                         "input": {
                             "description": "JSON matching the model's input schema "
                             "(components/schemas/Input-<model>, GET /v1/models/{model}); else 422"
+                        },
+                        "input_ref": {
+                            "type": "string",
+                            "description": "An upload of this API key's (POST /v1/uploads) holding the "
+                            "input as JSON; it must exist (else 422) and fit UPLOAD_MAX_BYTES (else 413). "
+                            "The worker checks it against the model's input schema: a miss ends the job "
+                            "`failed` with `invalid input`",
                         },
                         "callback_url": {
                             "type": "string",
@@ -318,6 +326,34 @@ def _document(models: tuple[str, ...]) -> dict[str, Any]:
                         "409": _problem_response("Not queued any more; `job_status` says what it is"),
                         "501": _problem_response("Job records are off (REDIS_URL=off)"),
                         "503": _problem_response("Job records unavailable; see Retry-After"),
+                    },
+                }
+            },
+            "/v1/uploads": {
+                "post": {
+                    "summary": "A presigned URL to PUT a large input to, straight to the object store",
+                    "responses": {
+                        "201": {
+                            "description": "PUT the input's JSON bytes to `upload_url` before "
+                            "`expires_at`, then name `input_ref` in a job",
+                            "content": {
+                                "application/json": {
+                                    "schema": {
+                                        "type": "object",
+                                        "required": ["upload_url", "input_ref", "expires_at", "max_bytes"],
+                                        "properties": {
+                                            "upload_url": {"type": "string", "format": "uri"},
+                                            "input_ref": {"type": "string"},
+                                            "expires_at": {"type": "string", "format": "date-time"},
+                                            "max_bytes": {"type": "integer"},
+                                        },
+                                    }
+                                }
+                            },
+                        },
+                        "401": _problem_response("Missing or wrong API key"),
+                        "501": _problem_response("No object store on this deployment (S3_ENDPOINT_URL)"),
+                        "503": _problem_response("The object store did not answer; see Retry-After"),
                     },
                 }
             },

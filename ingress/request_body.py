@@ -26,7 +26,9 @@ _DIGITS = re.compile(r"[0-9]{1,18}")
 
 
 class JobRequest(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
-    input: Any
+    # Exactly one of the two: the input itself, or an upload's reference (POST /v1/uploads).
+    input: Any = msgspec.UNSET
+    input_ref: str | None = None
     # Optional: without it the caller polls GET /v1/jobs/{id} or waits (Prefer: wait=N).
     callback_url: str | None = None
     priority: Priority = "normal"

@@ -11,6 +11,7 @@ from pathlib import Path
 from ingress.json_budget import JsonBudget
 from job_records.store import DEFAULT_RECORD_OUTPUT_MAX_BYTES
 from model_catalogue.catalogue import DEFAULT_CATALOGUE
+from object_store.store import StoreSettings
 from policies.callback_guard import AllowList
 from settings.environment import DEFAULT_AMQP_URL, ConfigError, Environment
 from tenants.registry import Tenant, Tenants, load_tenants_file
@@ -57,6 +58,10 @@ class IngressSettings:
     redis_url: str | None = field(default=None, repr=False)
     result_ttl_s: int = 24 * 3600
     record_output_max_bytes: int = DEFAULT_RECORD_OUTPUT_MAX_BYTES
+    # Uploads and `input_ref`; None: off.
+    object_store: StoreSettings | None = field(default=None, repr=False)
+    upload_max_bytes: int = 1024**3
+    upload_url_ttl_s: int = 3600
 
     @functools.cached_property
     def tenants(self) -> Tenants:
@@ -112,6 +117,9 @@ class IngressSettings:
             redis_url=read.records_url,
             result_ttl_s=read.result_ttl_s,
             record_output_max_bytes=read.record_output_max_bytes,
+            object_store=read.object_store,
+            upload_max_bytes=read.upload_max_bytes,
+            upload_url_ttl_s=read.upload_url_ttl_s,
         )
 
 

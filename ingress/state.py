@@ -20,6 +20,7 @@ from ingress.settings import IngressSettings
 from job_records.store import JobRecords
 from model_catalogue.catalogue import load_catalogue
 from model_catalogue.input_schemas import InputSchemas
+from object_store.store import ObjectStore
 from policies.callback_guard import SystemResolver
 
 # Large bodies decoded at once (in worker threads): about the cores an ingress has.
@@ -50,6 +51,8 @@ class IngressState:
             if settings.redis_url
             else None
         )
+        store = settings.object_store
+        self.uploads = None if store is None else ObjectStore(store)
         self.waiters = None if self.records is None else FinishedWaiters(self.records, settings.max_waiters)
         self.creation = None if self.records is None else RecordCreation(self.records)
         self.pending = None if self.records is None else PendingRecords(self.records)

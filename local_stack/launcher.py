@@ -37,7 +37,13 @@ from broker.client import Broker, BrokerError
 from callbacks.settings import CallbackSettings
 from callbacks.signing import generate_secret
 from local_stack.gpu_placement import GpuPlacement, gpu_placement
-from local_stack.local_services import BrokerNotAvailable, ensure_broker, ensure_management_api, ensure_redis
+from local_stack.local_services import (
+    BrokerNotAvailable,
+    ensure_broker,
+    ensure_management_api,
+    ensure_object_store,
+    ensure_redis,
+)
 from manifests.scaled_objects import scaled_object
 from model_catalogue.catalogue import CatalogueError, load_catalogue, model_class
 from ray_workers.deployment import (
@@ -287,6 +293,7 @@ def main() -> int:
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per autoscaler poll otherwise
     try:
         env = _stack_env(os.environ)
+        env.update(ensure_object_store(env))
         stack = StackSettings.from_env(env)
         _check_model_classes(stack)
         ensure_broker(stack.amqp_url)

@@ -48,6 +48,7 @@ from ray_workers.batching import collect_batch
 from ray_workers.models.base import InvalidInput, Model, ModelError
 from ray_workers.outcomes import parked, retry_for
 from ray_workers.priority_inbox import PriorityInbox
+from ray_workers.referenced_inputs import ReferencedInputs
 from ray_workers.settings import WorkerSettings
 from ray_workers.worker_metrics import SERIES, WorkerMetrics
 from wire.callback_events import callback_for, canceled_callback, carrying_job, combine_callbacks
@@ -87,6 +88,8 @@ class _Work:
     error: str | None = None
     permanent: bool = False
     expired: bool = False
+    # Its input is an upload, read before the batch runs (ray_workers.referenced_inputs).
+    referenced: bool = False
 
 
 # Per batch, the remembered largest body shrinks by this factor unless a batch brings a larger one.
@@ -148,6 +151,7 @@ class JobWorker:
             max_wait_s=rules.max_wait_s,
         )
         self.metrics = metrics if metrics is not None else WorkerMetrics(PrometheusSink(SERIES))
+        self._inputs = ReferencedInputs(model.name, settings)
 
     @property
     def is_alive(self) -> bool:
@@ -168,6 +172,7 @@ class JobWorker:
         # From the start, not only after a first change: the dashboard's breaker panel and
         # the breaker alert read this series (the cluster rehearsal found it empty).
         self.metrics.set_breaker_state(self._model.name, self.breaker.state.value)
+        await self._inputs.__aenter__()
         await self._broker.connect()
         self._loop_task = asyncio.create_task(self._run(), name=f"job-loop-{self._model.name}")
         await self._consume(self._prefetch())
@@ -227,6 +232,7 @@ class JobWorker:
         # Closing the channels returns every unacked message (prefetched, in the inbox
         # or in an abandoned batch) to the queue.
         await self._broker.close()
+        await self._inputs.__aexit__(None, None, None)
         if self._records is not None:
             await self._records.close()
 
@@ -295,6 +301,7 @@ class JobWorker:
         whose record says it ended or was canceled is settled without running."""
         now_ms = int(self._wall_clock() * 1000)
         work, outcomes = self._decode(batch, now_ms)
+        await self._read_referenced(work)
         fresh = []
         started = await self._started(work, now_ms)
         for item in work:
@@ -477,11 +484,30 @@ class JobWorker:
         if job.deadline_ms is not None and now_ms > job.deadline_ms:
             item.expired = True
             return item
+        if job.input_ref is not None:
+            item.referenced = True
+            return item
+        self._prepare_input(item, job.input)
+        return item
+
+    def _prepare_input(self, item: _Work, job_input: Any) -> None:
         try:
-            item.prepared = self._model.prepare(job.input, item.attempt)
+            item.prepared = self._model.prepare(job_input, item.attempt)
         except InvalidInput as exc:
             item.error, item.permanent = str(exc), True
-        return item
+
+    async def _read_referenced(self, work: list[_Work]) -> None:
+        """Each referenced input read, checked and prepared, all at once; a miss or a store
+        that did not answer becomes the job's error."""
+        referenced = [item for item in work if item.referenced and not item.expired]
+        reads = await asyncio.gather(*(self._inputs.read(item.job.input_ref or "") for item in referenced))
+        for item, read in zip(referenced, reads, strict=True):
+            if read.error is not None:
+                item.error, item.permanent = read.error, read.permanent
+                continue
+            # The job keeps its reference: a retry, a parked copy or a callback carrying the
+            # job stays small; only the model sees the input.
+            self._prepare_input(item, read.value)
 
     async def _infer(self, runnable: Sequence[_Work]) -> tuple[float, bool]:
         """Run the model on the batch off the event loop and record each item's output or

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from job_records.store import DEFAULT_RECORD_OUTPUT_MAX_BYTES
 from model_catalogue.catalogue import DEFAULT_CATALOGUE
 from model_catalogue.sections import Batching
+from object_store.store import StoreSettings
 from settings.environment import DEFAULT_AMQP_URL, Environment
 from wire.topology import Topology
 
@@ -40,6 +41,9 @@ class WorkerSettings:
     redis_url: str | None = field(default=None, repr=False)
     result_ttl_s: int = 24 * 3600
     record_output_max_bytes: int = DEFAULT_RECORD_OUTPUT_MAX_BYTES
+    # Where jobs' `input_ref` uploads are read from; None: such a job fails as invalid.
+    object_store: StoreSettings | None = field(default=None, repr=False)
+    upload_max_bytes: int = 1024**3
     # Bytes of job bodies in one batch, and prefetched by a classic-queue consumer.
     batch_max_bytes: int = 8 * 1024 * 1024
     prefetch_max_bytes: int = 32 * 1024 * 1024
@@ -74,4 +78,6 @@ class WorkerSettings:
             record_output_max_bytes=read.record_output_max_bytes,
             batch_max_bytes=read.worker_batch_max_bytes,
             prefetch_max_bytes=read.worker_prefetch_max_bytes,
+            object_store=read.object_store,
+            upload_max_bytes=read.upload_max_bytes,
         )

@@ -31,6 +31,7 @@ from pydantic import (
 from job_records.sentinel_url import is_sentinel_url, parse_sentinel_url
 from model_catalogue.catalogue import DEFAULT_CATALOGUE, Catalogue, CatalogueError, load_catalogue
 from model_catalogue.sections import Batching
+from object_store.store import StoreSettings
 from wire.retry_tiers import RetrySchedule
 from wire.topology import (
     DEFAULT_CALLBACK_RETRY_DELAYS_S,
@@ -197,6 +198,37 @@ class Environment(BaseModel):
         ge=1,
         alias="RESULT_TTL_S",
         description="how long job records and idempotency keys are kept",
+    )
+
+    # Inputs by reference (object_store/): uploads the ingress presigns, read by the worker.
+    s3_endpoint_url: str | None = Field(
+        None,
+        alias="S3_ENDPOINT_URL",
+        description=(
+            "the S3-compatible store for `POST /v1/uploads` and `input_ref` (S3, Cloud Storage's "
+            "XML API, MinIO); unset, uploads are off, but `task up` and `task demo` start a local one"
+        ),
+    )
+    s3_bucket: str = Field("inferq", min_length=3, alias="S3_BUCKET", description="the store's bucket")
+    s3_region: str = Field("us-east-1", alias="S3_REGION", description="the store's region (for signing)")
+    s3_access_key_id: str | None = Field(
+        None, alias="S3_ACCESS_KEY_ID", repr=False, description="the store's access key (HMAC key on GCS)"
+    )
+    s3_secret_access_key: str | None = Field(
+        None, alias="S3_SECRET_ACCESS_KEY", repr=False, description="the store's secret key"
+    )
+    upload_max_bytes: int = Field(
+        1024**3,
+        ge=1,
+        alias="UPLOAD_MAX_BYTES",
+        description="the largest upload a job may name (checked when the job is submitted and read)",
+    )
+    upload_url_ttl_s: int = Field(
+        3600,
+        ge=60,
+        le=7 * 24 * 3600,
+        alias="UPLOAD_URL_TTL_S",
+        description="how long a presigned upload URL stays valid",
     )
     # Outputs over this (JSON bytes) go by callback only; the record keeps their size.
     record_output_max_bytes: int = Field(
@@ -610,6 +642,19 @@ class Environment(BaseModel):
             return cls.model_validate(values)
         except ValidationError as exc:
             raise _config_error(exc, env) from None
+
+    @property
+    def object_store(self) -> StoreSettings | None:
+        """Where uploads live; None when S3_ENDPOINT_URL is unset."""
+        if self.s3_endpoint_url is None:
+            return None
+        return StoreSettings(
+            self.s3_endpoint_url,
+            self.s3_bucket,
+            self.s3_region,
+            self.s3_access_key_id,
+            self.s3_secret_access_key,
+        )
 
     @property
     def records_url(self) -> str | None:

@@ -29,7 +29,9 @@ from local_stack.ha_cluster import NODES as HA_NODES
 from local_stack.ha_cluster import HaNode, wait_until_running
 from local_stack.ha_cluster import down as ha_down
 from local_stack.ha_cluster import up as ha_up
+from local_stack.local_services import make_bucket, start_moto_server, wait_until_answers
 from manifests import upstream_crds
+from object_store.store import StoreSettings
 from policies.callback_guard import AllowList
 from ray_workers.job_worker import JobWorker
 from ray_workers.models.base import Model
@@ -140,6 +142,29 @@ def ha_cluster() -> Iterator[tuple[HaNode, ...]]:
         yield HA_NODES
     finally:
         ha_down()
+
+
+@pytest.fixture(scope="session")
+def object_store() -> Iterator[StoreSettings]:
+    """A real S3-compatible server (moto's) on a free loopback port, its bucket made."""
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}"
+    server = start_moto_server("127.0.0.1", port)
+    try:
+        assert wait_until_answers(url, port, 60), "moto's server did not start"
+        settings = StoreSettings(url, "inferq-test", access_key_id="test", secret_access_key="test")
+        asyncio.run(make_bucket(settings))
+        yield settings
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
 
 
 @pytest.fixture

@@ -30,6 +30,7 @@ from ingress.problems import Problem
 from ingress.request_body import JobRequest, decode_job_request
 from loadgen.measurement import forget_records
 from model_catalogue.catalogue import load_catalogue
+from object_store.store import StoreSettings
 from policies.callback_guard import (
     AllowList,
     CallbackTarget,
@@ -146,8 +147,9 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="session")
-def ingress_url(amqp_url: str) -> Iterator[str]:
-    """A real ingress process under its own queue prefix; its topology is deleted afterwards."""
+def ingress_url(amqp_url: str, object_store: StoreSettings) -> Iterator[str]:
+    """A real ingress process under its own queue prefix, uploads to a real store; its
+    topology is deleted afterwards."""
     port = _free_port()
     prefix = f"fuzz{uuid.uuid4().hex[:8]}."
     env = {
@@ -159,6 +161,10 @@ def ingress_url(amqp_url: str) -> Iterator[str]:
         "CALLBACK_ALLOW_HOSTS": "127.0.0.1",
         # Random host names meet a DNS that may not answer here: give up on them quickly.
         "DNS_TIMEOUT_S": "0.3",
+        "S3_ENDPOINT_URL": object_store.endpoint_url,
+        "S3_BUCKET": object_store.bucket,
+        "S3_ACCESS_KEY_ID": object_store.access_key_id or "",
+        "S3_SECRET_ACCESS_KEY": object_store.secret_access_key or "",
     }
     env.pop("API_KEYS", None)
     process = subprocess.Popen(

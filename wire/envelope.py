@@ -61,6 +61,8 @@ class Job(msgspec.Struct, frozen=True, kw_only=True):
     owner: str = ""
     # The submitting tenant's name (tenants.registry), for per-tenant metrics; never its key.
     tenant: str = ""
+    # An upload (object_store) the worker reads as the input, instead of `input`.
+    input_ref: str | None = None
 
 
 class JobTimings(msgspec.Struct, frozen=True, kw_only=True):

@@ -1,0 +1,149 @@
+"""One bucket of an S3-compatible store (S3, Cloud Storage's XML API with HMAC keys,
+MinIO, moto's server), reached with aiobotocore on the event loop.
+
+The ingress presigns uploads and checks the object a job names; the worker reads it.
+An upload's key carries its owner (`uploads/<owner>/<id>`), so a job can name only its
+own tenant's uploads. Every failure to reach the store is `StoreUnavailable`: the ingress
+answers 503 (nothing is accepted), the worker retries the job.
+"""
+
+from __future__ import annotations
+
+import re
+import uuid
+from dataclasses import dataclass, field
+from types import TracebackType
+from typing import Any
+
+from aiobotocore.config import AioConfig
+from aiobotocore.session import get_session
+from botocore.exceptions import BotoCoreError, ClientError
+
+UPLOAD_REF = re.compile(r"^uploads/(?P<owner>[0-9a-z]{1,64})/(?P<id>[0-9a-f]{32})$")
+# An owner segment for uploads made with authentication off (no API key, no owner digest).
+ANONYMOUS_OWNER = "anonymous"
+
+
+class StoreUnavailable(Exception):
+    """The store did not answer, or refused for a reason other than a missing object."""
+
+
+class ObjectTooLarge(Exception):
+    """The object is larger than the reader allows."""
+
+
+@dataclass(frozen=True)
+class StoreSettings:
+    endpoint_url: str
+    bucket: str = "inferq"
+    region: str = "us-east-1"
+    access_key_id: str | None = field(default=None, repr=False)
+    secret_access_key: str | None = field(default=None, repr=False)
+
+
+def upload_key(owner: str) -> str:
+    """A new upload's key, under its owner's prefix."""
+    return f"uploads/{owner or ANONYMOUS_OWNER}/{uuid.uuid4().hex}"
+
+
+def owner_of(ref: str) -> str | None:
+    """The owner segment of an upload reference; None when it is not one."""
+    match = UPLOAD_REF.match(ref)
+    return None if match is None else match["owner"]
+
+
+class ObjectStore:
+    """An open client for one bucket; `async with ObjectStore(settings) as store`."""
+
+    def __init__(self, settings: StoreSettings, timeout_s: float = 10.0) -> None:
+        self.settings = settings
+        self._config = AioConfig(
+            signature_version="s3v4",
+            s3={"addressing_style": "path"},
+            retries={"max_attempts": 2, "mode": "standard"},
+            connect_timeout=timeout_s,
+            read_timeout=timeout_s,
+        )
+        self._client_context: Any = None
+        self._client: Any = None
+
+    async def __aenter__(self) -> ObjectStore:
+        self._client_context = get_session().create_client(
+            "s3",
+            endpoint_url=self.settings.endpoint_url,
+            region_name=self.settings.region,
+            aws_access_key_id=self.settings.access_key_id,
+            aws_secret_access_key=self.settings.secret_access_key,
+            config=self._config,
+        )
+        self._client = await self._client_context.__aenter__()
+        return self
+
+    async def __aexit__(
+        self, kind: type[BaseException] | None, error: BaseException | None, trace: TracebackType | None
+    ) -> None:
+        await self._client_context.__aexit__(kind, error, trace)
+
+    async def ensure_bucket(self) -> None:
+        """Create the bucket unless it exists (the local server starts empty)."""
+        try:
+            await self._client.head_bucket(Bucket=self.settings.bucket)
+        except ClientError as exc:
+            if _status(exc) != 404:
+                raise StoreUnavailable(f"bucket {self.settings.bucket}: {exc}") from exc
+            try:
+                await self._client.create_bucket(Bucket=self.settings.bucket)
+            except (ClientError, BotoCoreError) as refused:
+                raise StoreUnavailable(f"cannot create bucket {self.settings.bucket}: {refused}") from exc
+        except BotoCoreError as exc:
+            raise StoreUnavailable(f"the object store at {self.settings.endpoint_url}: {exc}") from exc
+
+    async def presigned_put(self, key: str, expires_s: int) -> str:
+        """A URL a client PUTs the object's bytes to, directly, until it expires."""
+        try:
+            url: str = await self._client.generate_presigned_url(
+                "put_object", Params={"Bucket": self.settings.bucket, "Key": key}, ExpiresIn=expires_s
+            )
+        except BotoCoreError as exc:
+            raise StoreUnavailable(f"cannot presign an upload: {exc}") from exc
+        return url
+
+    async def size(self, key: str) -> int | None:
+        """The object's size in bytes; None when there is no such object."""
+        try:
+            head = await self._client.head_object(Bucket=self.settings.bucket, Key=key)
+        except ClientError as exc:
+            if _status(exc) == 404:
+                return None
+            raise StoreUnavailable(f"{key}: {exc}") from exc
+        except BotoCoreError as exc:
+            raise StoreUnavailable(f"{key}: {exc}") from exc
+        return int(head["ContentLength"])
+
+    async def read(self, key: str, max_bytes: int) -> bytes | None:
+        """The object's bytes, read in chunks and refused past `max_bytes`; None when
+        there is no such object."""
+        try:
+            answer = await self._client.get_object(Bucket=self.settings.bucket, Key=key)
+            if int(answer["ContentLength"]) > max_bytes:
+                answer["Body"].close()
+                raise ObjectTooLarge(f"{key} holds {answer['ContentLength']} bytes, over {max_bytes}")
+            async with answer["Body"] as stream:
+                data: bytes = await stream.read()
+        except ClientError as exc:
+            if _status(exc) == 404:
+                return None
+            raise StoreUnavailable(f"{key}: {exc}") from exc
+        except (BotoCoreError, OSError) as exc:
+            raise StoreUnavailable(f"{key}: {exc}") from exc
+        return data
+
+    async def delete(self, key: str) -> None:
+        try:
+            await self._client.delete_object(Bucket=self.settings.bucket, Key=key)
+        except (ClientError, BotoCoreError) as exc:
+            raise StoreUnavailable(f"cannot delete {key}: {exc}") from exc
+
+
+def _status(error: ClientError) -> int:
+    return int(error.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0))

@@ -1,0 +1,148 @@
+"""Inputs by reference, end to end on a real S3-compatible server (moto's) and the real
+broker: POST /v1/uploads presigns a PUT, the client sends the bytes straight to the
+store, a job names the upload as `input_ref`, the worker reads it, checks it against the
+model's schema, runs it and the signed callback carries the result."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from dataclasses import replace
+from typing import Any
+
+import httpx
+import pytest
+
+from broker.client import Broker
+from callbacks.dispatcher import CallbackDispatcher
+from ingress.settings import IngressSettings
+from loadgen.callback_receiver import CallbackReceiver
+from object_store.store import StoreSettings
+from ray_workers.job_worker import JobWorker
+from ray_workers.models.echo import EchoModel
+from ray_workers.models.synthetic import SyntheticModel
+from ray_workers.settings import WorkerSettings
+from tests.conftest import queue_holds, running_ingress
+
+# Over MAX_BODY_BYTES (1 MiB): too large to send inline.
+LARGE_INPUT = {"rows": [{"n": n, "text": "x" * 100} for n in range(12_000)]}
+
+
+@pytest.fixture
+def with_store(ingress_settings: IngressSettings, object_store: StoreSettings) -> IngressSettings:
+    return replace(ingress_settings, object_store=object_store)
+
+
+@pytest.fixture
+async def store_client(with_store: IngressSettings) -> AsyncIterator[httpx.AsyncClient]:
+    async with running_ingress(with_store) as http:
+        yield http
+
+
+@pytest.fixture
+async def store_workers(
+    worker_settings: WorkerSettings, object_store: StoreSettings, dispatcher: CallbackDispatcher
+) -> AsyncIterator[None]:
+    settings = replace(worker_settings, object_store=object_store)
+    started = [JobWorker(EchoModel(), settings), JobWorker(SyntheticModel(), settings)]
+    for worker in started:
+        await worker.start()
+    yield
+    for worker in started:
+        await worker.stop()
+
+
+async def _upload(client: httpx.AsyncClient, value: Any) -> str:
+    answer = await client.post("/v1/uploads")
+    assert answer.status_code == 201, answer.text
+    upload = answer.json()
+    assert upload["expires_at"] and upload["max_bytes"] == 1024**3
+    async with httpx.AsyncClient() as direct:  # to the store itself, not through the ingress
+        put = await direct.put(upload["upload_url"], content=json.dumps(value).encode())
+    assert put.status_code == 200, put.text
+    ref: str = upload["input_ref"]
+    return ref
+
+
+async def test_given_an_upload_larger_than_a_request_may_be_then_a_job_naming_it_runs_on_it(
+    store_client: httpx.AsyncClient, receiver: CallbackReceiver, store_workers: None
+) -> None:
+    ref = await _upload(store_client, LARGE_INPUT)
+    inline = await store_client.post("/v1/models/echo/jobs", json={"input": LARGE_INPUT})
+
+    submitted = await store_client.post(
+        "/v1/models/echo/jobs", json={"input_ref": ref, "callback_url": receiver.url}
+    )
+
+    assert inline.status_code == 413, "the same input inline is over MAX_BODY_BYTES"
+    assert submitted.status_code == 202, submitted.text
+    (received,) = await receiver.wait_for(1, timeout_s=30)
+    assert received.verified and received.event["type"] == "job.succeeded"
+    assert received.event["data"]["id"] == submitted.json()["id"]
+    assert received.event["data"]["output"] == LARGE_INPUT
+
+
+async def test_given_a_referenced_input_the_schema_refuses_then_the_job_fails_naming_the_field(
+    store_client: httpx.AsyncClient, receiver: CallbackReceiver, store_workers: None
+) -> None:
+    ref = await _upload(store_client, {"sleep_ms": "soon"})
+
+    submitted = await store_client.post(
+        "/v1/models/synthetic/jobs", json={"input_ref": ref, "callback_url": receiver.url}
+    )
+
+    assert submitted.status_code == 202, "the ingress checks only that the upload exists"
+    (received,) = await receiver.wait_for(1, timeout_s=30)
+    assert received.event["type"] == "job.failed"
+    error = received.event["data"]["error"]
+    assert "invalid input" in error and "synthetic's input schema at /input/sleep_ms" in error
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "slug"),
+    [
+        ({"input_ref": "uploads/someoneelse/" + "0" * 32}, 422, "invalid-input-ref"),
+        ({"input_ref": "../../etc/passwd"}, 422, "invalid-input-ref"),
+        ({"input_ref": "uploads/anonymous/" + "0" * 32}, 422, "input-ref-not-found"),
+        ({"input_ref": "uploads/anonymous/" + "0" * 32, "input": 1}, 422, "validation-error"),
+        ({"callback_url": "http://127.0.0.1:9/"}, 422, "validation-error"),
+    ],
+)
+async def test_given_a_reference_that_is_not_an_upload_of_the_callers_then_nothing_is_queued(
+    store_client: httpx.AsyncClient,
+    broker: Broker,
+    amqp_url: str,
+    body: dict[str, Any],
+    status: int,
+    slug: str,
+) -> None:
+    answer = await store_client.post("/v1/models/echo/jobs", json=body)
+
+    assert answer.status_code == status, answer.text
+    assert answer.headers["content-type"] == "application/problem+json"
+    assert answer.json()["type"].endswith(slug)
+    assert await queue_holds(amqp_url, broker.topology.job_queues("echo")[0], 0)
+
+
+async def test_given_the_store_down_then_a_job_naming_an_upload_answers_503_and_is_not_queued(
+    with_store: IngressSettings, broker: Broker, amqp_url: str
+) -> None:
+    assert with_store.object_store is not None
+    down = replace(with_store.object_store, endpoint_url="http://127.0.0.1:9")  # nothing listens
+    async with running_ingress(replace(with_store, object_store=down)) as client:
+        ref = "uploads/anonymous/" + "1" * 32
+        answer = await client.post("/v1/models/echo/jobs", json={"input_ref": ref})
+
+    assert answer.status_code == 503 and answer.headers["retry-after"] == "5"
+    assert answer.json()["type"].endswith("store-unavailable")
+    assert await queue_holds(amqp_url, broker.topology.job_queues("echo")[0], 0)
+
+
+async def test_given_no_object_store_then_uploads_answer_501_and_a_reference_422_saying_so(
+    client: httpx.AsyncClient,
+) -> None:
+    answer = await client.post("/v1/uploads")
+    job = await client.post("/v1/models/echo/jobs", json={"input_ref": "uploads/anonymous/" + "2" * 32})
+
+    assert answer.status_code == 501 and "S3_ENDPOINT_URL" in answer.json()["detail"]
+    assert job.status_code == 422 and job.json()["type"].endswith("uploads-off")
