@@ -22,7 +22,7 @@ from ray_workers.job_worker import JobWorker
 from ray_workers.models.echo import EchoModel
 from ray_workers.models.synthetic import SyntheticModel
 from ray_workers.settings import WorkerSettings
-from tests.conftest import queue_holds, running_ingress
+from tests.conftest import queue_holds, running_ingress, running_worker, wait_until
 
 # Over MAX_BODY_BYTES (1 MiB): too large to send inline.
 LARGE_INPUT = {"rows": [{"n": n, "text": "x" * 100} for n in range(12_000)]}
@@ -146,3 +146,31 @@ async def test_given_no_object_store_then_uploads_answer_501_and_a_reference_422
 
     assert answer.status_code == 501 and "S3_ENDPOINT_URL" in answer.json()["detail"]
     assert job.status_code == 422 and job.json()["type"].endswith("uploads-off")
+
+
+async def test_given_the_store_down_when_the_worker_reads_then_the_job_retries_and_runs_once_it_is_back(
+    store_client: httpx.AsyncClient,
+    receiver: CallbackReceiver,
+    worker_settings: WorkerSettings,
+    object_store: StoreSettings,
+    dispatcher: CallbackDispatcher,
+) -> None:
+    ref = await _upload(store_client, {"n": 7})
+    up = replace(worker_settings, object_store=object_store)
+    down = replace(up, object_store=replace(object_store, endpoint_url="http://127.0.0.1:9"))
+
+    async with running_worker(EchoModel(), down):
+        submitted = await store_client.post(
+            "/v1/models/echo/jobs", json={"input_ref": ref, "callback_url": receiver.url}
+        )
+        job_url = f"/v1/jobs/{submitted.json()['id']}"
+
+        async def tried() -> bool:
+            return (await store_client.get(job_url)).json()["attempts"] >= 1
+
+        await wait_until(tried, 15, "the first attempt, on a store that does not answer")
+    async with running_worker(EchoModel(), up):
+        (received,) = await receiver.wait_for(1, timeout_s=30)
+
+    assert received.event["type"] == "job.succeeded" and received.event["data"]["output"] == {"n": 7}
+    assert received.event["data"]["attempts"] == 2, "one retry: the store's outage cost no job"
