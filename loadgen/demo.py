@@ -2,13 +2,15 @@
 
 Jobs go over HTTP to the ingress; results come back as signed callbacks to a receiver
 inside this process, which verifies each signature with a Standard Webhooks library.
-Then a batch of embed-minilm jobs in one request, and jobs without a callback: waited for,
-replayed, polled and canceled (`demo_records`).
+Then a batch of embed-minilm jobs in one request, an input too large for a request
+uploaded to the object store and named by reference, and jobs without a callback: waited
+for, replayed, polled and canceled (`demo_records`).
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import math
 import os
 import sys
@@ -27,6 +29,8 @@ from loadgen.stack_process import StackProcess
 CALLBACK_TIMEOUT_S = 60.0
 SCALE_LOG_WAIT_S = 10.0
 BATCH_SENTENCES = 200
+# Twice what one request may carry (MAX_BODY_BYTES, 1 MiB).
+LARGE_INPUT = {"documents": [{"n": n, "text": "lorem ipsum " * 80} for n in range(2200)]}
 
 DEMO_JOBS: list[tuple[str, str, Any]] = [
     ("echo", "high", {"greeting": "hello", "n": 1}),
@@ -123,6 +127,7 @@ async def _exchange(stack: StackProcess, receiver: CallbackReceiver) -> int:
     _print_scaling(stack.output(), submitted, received)
     ok = all(c.verified and c.event["type"] == "job.succeeded" for c in callbacks)
     ok &= await _batch(stack.base_url, receiver)
+    ok &= await _by_reference(stack.base_url, receiver)
     ok &= await records_tour(stack.base_url)
     return 0 if ok else 1
 
@@ -152,6 +157,33 @@ async def _batch(base_url: str, receiver: CallbackReceiver) -> bool:
         f"model batches of {sizes[0]}-{sizes[-1]}"
     )
     return len(mine) == len(ids) and all(c.verified and c.event["type"] == "job.succeeded" for c in mine)
+
+
+async def _by_reference(base_url: str, receiver: CallbackReceiver) -> bool:
+    """An input over the request limit: uploaded straight to the store, run by reference."""
+    already = len(receiver.received)
+    body = json.dumps(LARGE_INPUT).encode()
+    started = time.monotonic()
+    async with httpx.AsyncClient(base_url=base_url, timeout=30) as client:
+        upload = await client.post("/v1/uploads")
+        if upload.status_code != 201:
+            print(f"\nupload: {upload.status_code} {upload.text[:300]}")
+            return False
+        put = await client.put(upload.json()["upload_url"], content=body)
+        by_reference = {"input_ref": upload.json()["input_ref"], "callback_url": receiver.url}
+        job = await client.post("/v1/models/echo/jobs", json=by_reference)
+    if put.status_code != 200 or job.status_code != 202:
+        print(f"\nupload: PUT {put.status_code}, job {job.status_code} {job.text[:300]}")
+        return False
+    callbacks = await receiver.wait_for(already + 1, CALLBACK_TIMEOUT_S)
+    (callback,) = [c for c in callbacks[already:] if c.event["data"]["id"] == job.json()["id"]]
+    same = callback.event["data"].get("output") == LARGE_INPUT
+    print(
+        f"\nby reference: a {len(body) / 2**20:.1f} MiB input (a request may carry 1 MiB) PUT straight to "
+        f"the object store, named as input_ref: verified callback in {time.monotonic() - started:.1f} s, "
+        f"output {'equal to the upload' if same else 'DIFFERENT from the upload'}"
+    )
+    return same and callback.verified
 
 
 def _print_scaling(
