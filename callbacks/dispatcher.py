@@ -58,6 +58,7 @@ from wire.envelope import (
     PARK_REASON_HEADER,
     CallbackDelivery,
     Job,
+    OutputRef,
     UndecodableMessage,
     decode_callback_deliveries,
     encode,
@@ -309,9 +310,14 @@ class CallbackDispatcher:
         if self._records is None:
             return data.status  # nowhere to record it: deliver as before
         try:
-            recorded = await self._records.finish(
-                [(job, data.status, data.attempts, data.output, data.error)]
+            output = (
+                data.output
+                if data.output_url is None
+                else OutputRef(
+                    url=data.output_url, size=data.output_size or 0, sha256=data.output_sha256 or ""
+                )
             )
+            recorded = await self._records.finish([(job, data.status, data.attempts, output, data.error)])
         except RecordsUnavailable as exc:
             if not exc.skipped:
                 logger.warning("job %s: ending not recorded yet: %s", job.id, exc)

@@ -33,7 +33,10 @@ def job_view(record: JobRecord, placement: Placement | None = None) -> dict[str,
         if record.callback_url is None
         else {"url": record.callback_url, "state": record.delivery, "attempts": record.delivery_attempts},
     }
-    if record.status == "succeeded":
+    if record.status == "succeeded" and record.output_ref is not None:
+        ref = record.output_ref
+        view.update(output_url=ref.url, output_size=ref.size, output_sha256=ref.sha256)
+    elif record.status == "succeeded":
         view["output"] = record.output
         if record.output_omitted_bytes is not None:
             view["output_omitted"] = {

@@ -141,6 +141,15 @@ def _document(models: tuple[str, ...]) -> dict[str, Any]:
                             "properties": {"bytes": {"type": "integer"}, "reason": {"type": "string"}},
                             "description": "Present when the output was too large to keep in the record",
                         },
+                        "output_url": {
+                            "type": "string",
+                            "format": "uri",
+                            "description": "Once succeeded, instead of output when it was over "
+                            "OUTPUT_INLINE_MAX_BYTES: a presigned GET of the output in the object store, "
+                            "valid while the record lives",
+                        },
+                        "output_size": {"type": "integer", "description": "With output_url: its bytes"},
+                        "output_sha256": {"type": "string", "description": "With output_url: its digest"},
                         "error": {"type": "string", "description": "Once failed, expired or canceled"},
                         "callback": {
                             "type": ["object", "null"],

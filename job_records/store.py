@@ -66,7 +66,7 @@ from broker.client import redact_url
 from job_records import scripts
 from job_records.sentinel_url import is_sentinel_url, parse_sentinel_url
 from policies.circuit_breaker import CircuitBreaker
-from wire.envelope import AMQP_PRIORITY, Job
+from wire.envelope import AMQP_PRIORITY, Job, OutputRef
 
 TERMINAL_STATUSES = frozenset({"succeeded", "failed", "expired", "canceled"})
 RECORDS_RETRY_S = 5.0
@@ -109,6 +109,8 @@ class JobRecord(msgspec.Struct, frozen=True, kw_only=True):
     output: Any = None
     # Set instead of `output` when it was over RECORD_OUTPUT_MAX_BYTES: its size, in bytes.
     output_omitted_bytes: int | None = None
+    # Set instead of `output` when the worker stored it (OUTPUT_INLINE_MAX_BYTES).
+    output_ref: OutputRef | None = None
     # A canceled job's job.canceled was confirmed queued by the ingress that canceled it.
     canceled_sent: bool = False
     error: str | None = None
@@ -360,7 +362,10 @@ class JobRecords:
 
     def _output_field(self, output: Any) -> tuple[str, str]:
         """The output as stored, or its size alone when over the cap: a record lives for
-        RESULT_TTL_S in Redis's memory, and a large output goes by callback only."""
+        RESULT_TTL_S in Redis's memory, and a large output goes by callback only. An
+        output in the object store is kept as its reference."""
+        if isinstance(output, OutputRef):
+            return "output_ref", _json(output)
         encoded = _json(output)
         if len(encoded) > self._max_output_bytes:
             return "output_omitted_bytes", str(len(encoded))
@@ -605,7 +610,7 @@ _NO_FACTS = JobFacts("", "normal", "", 0, None, {})
 
 
 def _record_from(job_id: str, fields: Mapping[str, str]) -> JobRecord:
-    output = fields.get("output")
+    output, output_ref = fields.get("output"), fields.get("output_ref")
     facts = msgspec.json.decode(fields["job"], type=JobFacts) if "job" in fields else _NO_FACTS
     return JobRecord(
         id=job_id,
@@ -623,6 +628,7 @@ def _record_from(job_id: str, fields: Mapping[str, str]) -> JobRecord:
         metadata=facts.metadata,
         output=None if output is None else msgspec.json.decode(output),
         output_omitted_bytes=_int_or_none(fields.get("output_omitted_bytes")),
+        output_ref=None if output_ref is None else msgspec.json.decode(output_ref, type=OutputRef),
         canceled_sent=fields.get("canceled_sent") == "1",
         error=fields.get("error"),
         seq=_int_or_none(fields.get("seq")),

@@ -177,11 +177,19 @@ async def _by_reference(base_url: str, receiver: CallbackReceiver) -> bool:
         return False
     callbacks = await receiver.wait_for(already + 1, CALLBACK_TIMEOUT_S)
     (callback,) = [c for c in callbacks[already:] if c.event["data"]["id"] == job.json()["id"]]
-    same = callback.event["data"].get("output") == LARGE_INPUT
+    called_back_s = time.monotonic() - started
+    data = callback.event["data"]
+    if "output_url" not in data:
+        print(f"\nby reference: the output came inline, not by reference: {str(data)[:200]}")
+        return False
+    async with httpx.AsyncClient(timeout=30) as client:
+        output = await client.get(data["output_url"])
+    same = output.status_code == 200 and json.loads(output.content) == LARGE_INPUT
     print(
         f"\nby reference: a {len(body) / 2**20:.1f} MiB input (a request may carry 1 MiB) PUT straight to "
-        f"the object store, named as input_ref: verified callback in {time.monotonic() - started:.1f} s, "
-        f"output {'equal to the upload' if same else 'DIFFERENT from the upload'}"
+        f"the object store, named as input_ref; the verified callback in {called_back_s:.1f} s carried "
+        f"output_url ({data['output_size'] / 2**20:.1f} MiB), whose download "
+        f"{'equals the upload' if same else 'DIFFERS from the upload'}"
     )
     return same and callback.verified
 

@@ -1,7 +1,8 @@
 """One bucket of an S3-compatible store (S3, Cloud Storage's XML API with HMAC keys,
 MinIO, moto's server), reached with aiobotocore on the event loop.
 
-The ingress presigns uploads and checks the object a job names; the worker reads it.
+The ingress presigns uploads and checks the object a job names; the worker reads it, and
+writes the outputs too large to travel inline.
 An upload's key carries its owner (`uploads/<owner>/<id>`), so a job can name only its
 own tenant's uploads. Every failure to reach the store is `StoreUnavailable`: the ingress
 answers 503 (nothing is accepted), the worker retries the job.
@@ -107,6 +108,24 @@ class ObjectStore:
         except BotoCoreError as exc:
             raise StoreUnavailable(f"cannot presign an upload: {exc}") from exc
         return url
+
+    async def presigned_get(self, key: str, expires_s: int) -> str:
+        """A URL anyone holding it can GET the object from, until it expires."""
+        try:
+            url: str = await self._client.generate_presigned_url(
+                "get_object", Params={"Bucket": self.settings.bucket, "Key": key}, ExpiresIn=expires_s
+            )
+        except BotoCoreError as exc:
+            raise StoreUnavailable(f"cannot presign a download: {exc}") from exc
+        return url
+
+    async def put(self, key: str, data: bytes) -> None:
+        try:
+            await self._client.put_object(
+                Bucket=self.settings.bucket, Key=key, Body=data, ContentType="application/json"
+            )
+        except (ClientError, BotoCoreError) as exc:
+            raise StoreUnavailable(f"cannot write {key}: {exc}") from exc
 
     async def size(self, key: str) -> int | None:
         """The object's size in bytes; None when there is no such object."""

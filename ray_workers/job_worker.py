@@ -41,18 +41,27 @@ from broker.client import Broker, BrokerError, Delivery
 from broker.settlement import Outcome, Settled, settle
 from job_records.store import JobRecords, RecordsUnavailable, Started
 from metrics.series import PrometheusSink
+from object_store.store import StoreUnavailable
 from policies.circuit_breaker import BreakerState, CircuitBreaker
 from policies.prefetch_bytes import PrefetchBytes
 from ray_workers.batch_controller import AdaptiveBatchController, FixedBatchSize
 from ray_workers.batching import collect_batch
 from ray_workers.models.base import InvalidInput, Model, ModelError
 from ray_workers.outcomes import parked, retry_for
+from ray_workers.payload_references import PayloadReferences
 from ray_workers.priority_inbox import PriorityInbox
-from ray_workers.referenced_inputs import ReferencedInputs
 from ray_workers.settings import WorkerSettings
 from ray_workers.worker_metrics import SERIES, WorkerMetrics
 from wire.callback_events import callback_for, canceled_callback, carrying_job, combine_callbacks
-from wire.envelope import ATTEMPT_HEADER, Job, JobStatus, JobTimings, UndecodableMessage, decode_job
+from wire.envelope import (
+    ATTEMPT_HEADER,
+    Job,
+    JobStatus,
+    JobTimings,
+    OutputRef,
+    UndecodableMessage,
+    decode_job,
+)
 from wire.outgoing import Publish
 
 logger = logging.getLogger(__name__)
@@ -88,8 +97,10 @@ class _Work:
     error: str | None = None
     permanent: bool = False
     expired: bool = False
-    # Its input is an upload, read before the batch runs (ray_workers.referenced_inputs).
+    # Its input is an upload, read before the batch runs (ray_workers.payload_references).
     referenced: bool = False
+    # Its output, stored by reference instead of travelling inline.
+    output_ref: OutputRef | None = None
 
 
 # Per batch, the remembered largest body shrinks by this factor unless a batch brings a larger one.
@@ -151,7 +162,7 @@ class JobWorker:
             max_wait_s=rules.max_wait_s,
         )
         self.metrics = metrics if metrics is not None else WorkerMetrics(PrometheusSink(SERIES))
-        self._inputs = ReferencedInputs(model.name, settings)
+        self._payloads = PayloadReferences(model.name, settings)
 
     @property
     def is_alive(self) -> bool:
@@ -172,7 +183,7 @@ class JobWorker:
         # From the start, not only after a first change: the dashboard's breaker panel and
         # the breaker alert read this series (the cluster rehearsal found it empty).
         self.metrics.set_breaker_state(self._model.name, self.breaker.state.value)
-        await self._inputs.__aenter__()
+        await self._payloads.__aenter__()
         await self._broker.connect()
         self._loop_task = asyncio.create_task(self._run(), name=f"job-loop-{self._model.name}")
         await self._consume(self._prefetch())
@@ -232,7 +243,7 @@ class JobWorker:
         # Closing the channels returns every unacked message (prefetched, in the inbox
         # or in an abandoned batch) to the queue.
         await self._broker.close()
-        await self._inputs.__aexit__(None, None, None)
+        await self._payloads.__aexit__(None, None, None)
         if self._records is not None:
             await self._records.close()
 
@@ -312,6 +323,7 @@ class JobWorker:
                 outcomes.append((item.delivery, self._ended_before(item, start, now_ms)))
         runnable = [item for item in fresh if item.error is None and not item.expired]
         inference_s, model_failed = await self._infer(runnable)
+        await self._store_large_outputs(runnable)
         timings = [
             JobTimings(
                 queued_ms=round(max(0.0, now_ms - item.job.submitted_at_ms), 3),
@@ -466,7 +478,7 @@ class JobWorker:
         try:
             return await self._records.finish(
                 [
-                    (item.job, status, item.attempt, item.output, self._ending_error(item))
+                    (item.job, status, item.attempt, item.output_ref or item.output, self._ending_error(item))
                     for item, status in endings
                 ]
             )
@@ -500,7 +512,9 @@ class JobWorker:
         """Each referenced input read, checked and prepared, all at once; a miss or a store
         that did not answer becomes the job's error."""
         referenced = [item for item in work if item.referenced and not item.expired]
-        reads = await asyncio.gather(*(self._inputs.read(item.job.input_ref or "") for item in referenced))
+        reads = await asyncio.gather(
+            *(self._payloads.read_input(item.job.input_ref or "") for item in referenced)
+        )
         for item, read in zip(referenced, reads, strict=True):
             if read.error is not None:
                 item.error, item.permanent = read.error, read.permanent
@@ -508,6 +522,31 @@ class JobWorker:
             # The job keeps its reference: a retry, a parked copy or a callback carrying the
             # job stays small; only the model sees the input.
             self._prepare_input(item, read.value)
+
+    async def _store_large_outputs(self, items: Sequence[_Work]) -> None:
+        """Outputs over OUTPUT_INLINE_MAX_BYTES to the object store, all at once; one that
+        cannot be stored makes its job retry (the model runs it again)."""
+        large: list[tuple[_Work, bytes]] = []
+        for item in items:
+            if item.error is not None:
+                continue
+            try:
+                encoded = msgspec.json.encode(item.output)
+            except UNENCODABLE:
+                continue  # the job fails on it when its event is made
+            if self._payloads.by_reference(encoded):
+                large.append((item, encoded))
+        stored = await asyncio.gather(
+            *(self._payloads.store_output(item.job.id, encoded) for item, encoded in large),
+            return_exceptions=True,
+        )
+        for (item, _), result in zip(large, stored, strict=True):
+            if isinstance(result, StoreUnavailable):
+                item.output, item.error = None, f"the output could not be stored: {result}"
+            elif isinstance(result, BaseException):
+                raise result
+            else:
+                item.output, item.output_ref = None, result
 
     async def _infer(self, runnable: Sequence[_Work]) -> tuple[float, bool]:
         """Run the model on the batch off the event loop and record each item's output or
@@ -582,7 +621,14 @@ class JobWorker:
         if item.error is None:
             try:
                 succeeded = callback_for(
-                    job, "succeeded", attempt, timings, now_s, self._topology, output=item.output
+                    job,
+                    "succeeded",
+                    attempt,
+                    timings,
+                    now_s,
+                    self._topology,
+                    output=item.output,
+                    output_ref=item.output_ref,
                 )
             except UNENCODABLE as exc:
                 item.output, item.permanent = None, True

@@ -44,6 +44,8 @@ class WorkerSettings:
     # Where jobs' `input_ref` uploads are read from; None: such a job fails as invalid.
     object_store: StoreSettings | None = field(default=None, repr=False)
     upload_max_bytes: int = 1024**3
+    # Outputs larger than this go to the object store, by reference (where there is one).
+    output_inline_max_bytes: int = 256 * 1024
     # Bytes of job bodies in one batch, and prefetched by a classic-queue consumer.
     batch_max_bytes: int = 8 * 1024 * 1024
     prefetch_max_bytes: int = 32 * 1024 * 1024
@@ -80,4 +82,5 @@ class WorkerSettings:
             prefetch_max_bytes=read.worker_prefetch_max_bytes,
             object_store=read.object_store,
             upload_max_bytes=read.upload_max_bytes,
+            output_inline_max_bytes=read.output_inline_max_bytes,
         )

@@ -223,6 +223,15 @@ class Environment(BaseModel):
         alias="UPLOAD_MAX_BYTES",
         description="the largest upload a job may name (checked when the job is submitted and read)",
     )
+    output_inline_max_bytes: int = Field(
+        256 * 1024,
+        ge=1,
+        alias="OUTPUT_INLINE_MAX_BYTES",
+        description=(
+            "outputs larger than this are written to the object store and travel as `output_url`, "
+            "`output_size` and `output_sha256` (without a store they stay inline)"
+        ),
+    )
     upload_url_ttl_s: int = Field(
         3600,
         ge=60,

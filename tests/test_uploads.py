@@ -5,6 +5,7 @@ model's schema, runs it and the signed callback carries the result."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import AsyncIterator
 from dataclasses import replace
@@ -67,6 +68,8 @@ async def _upload(client: httpx.AsyncClient, value: Any) -> str:
 async def test_given_an_upload_larger_than_a_request_may_be_then_a_job_naming_it_runs_on_it(
     store_client: httpx.AsyncClient, receiver: CallbackReceiver, store_workers: None
 ) -> None:
+    """And its output, over OUTPUT_INLINE_MAX_BYTES, comes back by reference: in the
+    callback and the record, a presigned URL, its size and digest, instead of the bytes."""
     ref = await _upload(store_client, LARGE_INPUT)
     inline = await store_client.post("/v1/models/echo/jobs", json={"input": LARGE_INPUT})
 
@@ -77,9 +80,17 @@ async def test_given_an_upload_larger_than_a_request_may_be_then_a_job_naming_it
     assert inline.status_code == 413, "the same input inline is over MAX_BODY_BYTES"
     assert submitted.status_code == 202, submitted.text
     (received,) = await receiver.wait_for(1, timeout_s=30)
+    data = received.event["data"]
     assert received.verified and received.event["type"] == "job.succeeded"
-    assert received.event["data"]["id"] == submitted.json()["id"]
-    assert received.event["data"]["output"] == LARGE_INPUT
+    assert data["id"] == submitted.json()["id"] and "output" not in data
+    async with httpx.AsyncClient() as direct:
+        download = await direct.get(data["output_url"])
+    assert download.status_code == 200 and json.loads(download.content) == LARGE_INPUT
+    assert data["output_size"] == len(download.content) > 256 * 1024
+    assert data["output_sha256"] == hashlib.sha256(download.content).hexdigest()
+    record = (await store_client.get(f"/v1/jobs/{data['id']}")).json()
+    assert (record["output_url"], record["output_sha256"]) == (data["output_url"], data["output_sha256"])
+    assert "output" not in record
 
 
 async def test_given_a_referenced_input_the_schema_refuses_then_the_job_fails_naming_the_field(
@@ -166,7 +177,8 @@ async def test_given_the_store_down_when_the_worker_reads_then_the_job_retries_a
         job_url = f"/v1/jobs/{submitted.json()['id']}"
 
         async def tried() -> bool:
-            return (await store_client.get(job_url)).json()["attempts"] >= 1
+            attempts: int = (await store_client.get(job_url)).json()["attempts"]
+            return attempts >= 1
 
         await wait_until(tried, 15, "the first attempt, on a store that does not answer")
     async with running_worker(EchoModel(), up):

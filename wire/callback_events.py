@@ -26,6 +26,7 @@ from wire.envelope import (
     Job,
     JobStatus,
     JobTimings,
+    OutputRef,
     callback_batch_body,
     decode_callback_delivery,
     encode,
@@ -44,7 +45,9 @@ def callback_for(
     topology: Topology,
     output: Any = None,
     error: str | None = None,
+    output_ref: OutputRef | None = None,
 ) -> Publish:
+    """The job's ending as a callback event; a stored output goes as its reference."""
     event_type: EventType = f"job.{status}"  # type: ignore[assignment]
     event = CallbackEvent(
         type=event_type,
@@ -58,6 +61,9 @@ def callback_for(
             timings=timings,
             output=output,
             error=error,
+            output_url=None if output_ref is None else output_ref.url,
+            output_size=None if output_ref is None else output_ref.size,
+            output_sha256=None if output_ref is None else output_ref.sha256,
         ),
     )
     delivery = CallbackDelivery(

@@ -71,6 +71,15 @@ class JobTimings(msgspec.Struct, frozen=True, kw_only=True):
     batch_size: int
 
 
+class OutputRef(msgspec.Struct, frozen=True, kw_only=True):
+    """An output too large to travel inline (OUTPUT_INLINE_MAX_BYTES), stored in the
+    object store: a presigned GET that expires with the job's record, its size and digest."""
+
+    url: str
+    size: int
+    sha256: str
+
+
 class EventData(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
     id: str
     model: str
@@ -80,6 +89,10 @@ class EventData(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
     timings: JobTimings
     output: Any = None
     error: str | None = None
+    # Instead of `output` when it was stored by reference (OutputRef's fields).
+    output_url: str | None = None
+    output_size: int | None = None
+    output_sha256: str | None = None
 
 
 class CallbackEvent(msgspec.Struct, frozen=True, kw_only=True):

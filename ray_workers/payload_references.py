@@ -1,13 +1,19 @@
-"""A job's input named by reference (`input_ref`, an upload in the object store), read
-when the job is taken: the ingress checked only that it exists and fits, so here it is
-decoded and checked against the model's input schema, as the ingress checks an inline
-input. A miss or an input that is not JSON fails the job (permanent); a store that does
-not answer sends the job to its retry tiers (transient)."""
+"""Payloads by reference, in a worker: inputs read from the object store, large outputs
+written to it.
+
+A job's input named by reference (`input_ref`, an upload) is read when the job is taken:
+the ingress checked only that it exists and fits, so here it is decoded and checked
+against the model's input schema, as the ingress checks an inline input. A miss or an
+input that is not JSON fails the job (permanent). An output over OUTPUT_INLINE_MAX_BYTES
+is written to `outputs/<job id>` and travels as a presigned GET that expires with the
+job's record. A store that does not answer, either way, sends the job to its retry tiers
+(transient)."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,9 +24,11 @@ from model_catalogue.catalogue import load_catalogue
 from model_catalogue.input_schemas import InputSchemas, ValidationBudgetExceeded
 from object_store.store import ObjectStore, ObjectTooLarge, StoreUnavailable
 from ray_workers.settings import WorkerSettings
+from wire.envelope import OutputRef
 
 # The schema check's time budget for one referenced input (the ingress's is per request).
 VALIDATION_BUDGET_S = 5.0
+MAX_PRESIGNED_S = 7 * 24 * 3600
 # Inputs larger than this are decoded and checked in a thread: the loop keeps the batch moving.
 OFF_LOOP_BYTES = 64 * 1024
 
@@ -32,19 +40,22 @@ class ReadInput:
     permanent: bool = False
 
 
-class ReferencedInputs:
-    """Reads referenced inputs for one model's worker; `async with` holds the store open."""
+class PayloadReferences:
+    """One model's worker's reads and writes; `async with` holds the store open."""
 
     def __init__(self, model: str, settings: WorkerSettings) -> None:
         self._model = model
         self._max_bytes = settings.upload_max_bytes
+        self._inline_max_bytes = settings.output_inline_max_bytes
+        # A presigned URL lives at most 7 days (SigV4); a record lives RESULT_TTL_S.
+        self._output_url_ttl_s = min(settings.result_ttl_s, MAX_PRESIGNED_S)
         self._store = None if settings.object_store is None else ObjectStore(settings.object_store)
         self._schemas = InputSchemas(
             load_catalogue(Path(settings.model_catalogue)), (model,), VALIDATION_BUDGET_S
         )
         self._open = contextlib.AsyncExitStack()
 
-    async def __aenter__(self) -> ReferencedInputs:
+    async def __aenter__(self) -> PayloadReferences:
         if self._store is not None:
             await self._open.enter_async_context(self._store)
         return self
@@ -52,7 +63,7 @@ class ReferencedInputs:
     async def __aexit__(self, *exc: object) -> None:
         await self._open.aclose()
 
-    async def read(self, ref: str) -> ReadInput:
+    async def read_input(self, ref: str) -> ReadInput:
         if self._store is None:
             return ReadInput(error=f"input_ref {ref}: this worker has no object store", permanent=False)
         try:
@@ -87,3 +98,15 @@ class ReferencedInputs:
                 permanent=True,
             )
         return ReadInput(value=value)
+
+    def by_reference(self, encoded: bytes) -> bool:
+        """Whether an output this large goes to the store (only where there is one)."""
+        return self._store is not None and len(encoded) > self._inline_max_bytes
+
+    async def store_output(self, job_id: str, encoded: bytes) -> OutputRef:
+        """The output written to the store; StoreUnavailable when it cannot be."""
+        assert self._store is not None, "by_reference said the output stays inline"
+        key = f"outputs/{job_id}"
+        await self._store.put(key, encoded)
+        url = await self._store.presigned_get(key, self._output_url_ttl_s)
+        return OutputRef(url=url, size=len(encoded), sha256=hashlib.sha256(encoded).hexdigest())
