@@ -26,6 +26,7 @@ from bench.budgets import budget_markdown, measure_budgets
 from bench.callback_stage import measure_callbacks
 from bench.ingress_efficiency import measure_ingress
 from bench.minilm_device import measure_minilm_device, minilm_device_markdown
+from bench.payload_path import measure_payload_path, payload_markdown
 from bench.pipeline_overhead import measure_pipeline
 from bench.python_profile import measure_profile, profile_markdown
 from bench.tenant_limits import measure_tenant_limits
@@ -102,6 +103,7 @@ STAGES = (
     "priority",
     "queue-types",
     "minilm-device",
+    "payloads",
 )
 # Run only when asked (`--only wake`): it starts the whole stack 2 x reps times.
 OPTIONAL_STAGES = ("wake",)
@@ -144,6 +146,7 @@ async def run(
         "queue-types": lambda: measure_queue_types(amqp_url, size.reps, size.queue_type_backlogs),
         "priority": lambda: _priority_by_queue_type(amqp_url, size),
         "minilm-device": lambda: measure_minilm_device(amqp_url, size.reps, *size.device_jobs),
+        "payloads": lambda: measure_payload_path(amqp_url, size.reps, 20 if quick else 100, 2**20),
     }
     results: dict[str, Any] = {}
     started = time.monotonic()
@@ -415,6 +418,8 @@ def markdown(results: dict[str, Any], machine: str, quick: bool) -> str:
         lines += profile_markdown(results["profile"])
     if "budgets" in results:
         lines += budget_markdown(results["budgets"])
+    if "payloads" in results:
+        lines += payload_markdown(results["payloads"])
     if "minilm-device" in results:
         lines += minilm_device_markdown(results["minilm-device"])
     if "batching" not in results:
