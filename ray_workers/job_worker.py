@@ -528,7 +528,7 @@ class JobWorker:
         cannot be stored makes its job retry (the model runs it again)."""
         large: list[tuple[_Work, bytes]] = []
         for item in items:
-            if item.error is not None:
+            if item.error is not None or not self._payloads.stores_outputs:
                 continue
             try:
                 encoded = msgspec.json.encode(item.output)

@@ -99,6 +99,10 @@ class PayloadReferences:
             )
         return ReadInput(value=value)
 
+    @property
+    def stores_outputs(self) -> bool:
+        return self._store is not None
+
     def by_reference(self, encoded: bytes) -> bool:
         """Whether an output this large goes to the store (only where there is one)."""
         return self._store is not None and len(encoded) > self._inline_max_bytes
