@@ -101,22 +101,19 @@ class ObjectStore:
 
     async def presigned_put(self, key: str, expires_s: int) -> str:
         """A URL a client PUTs the object's bytes to, directly, until it expires."""
-        try:
-            url: str = await self._client.generate_presigned_url(
-                "put_object", Params={"Bucket": self.settings.bucket, "Key": key}, ExpiresIn=expires_s
-            )
-        except BotoCoreError as exc:
-            raise StoreUnavailable(f"cannot presign an upload: {exc}") from exc
-        return url
+        return await self._presigned("put_object", key, expires_s)
 
     async def presigned_get(self, key: str, expires_s: int) -> str:
         """A URL anyone holding it can GET the object from, until it expires."""
+        return await self._presigned("get_object", key, expires_s)
+
+    async def _presigned(self, operation: str, key: str, expires_s: int) -> str:
         try:
             url: str = await self._client.generate_presigned_url(
-                "get_object", Params={"Bucket": self.settings.bucket, "Key": key}, ExpiresIn=expires_s
+                operation, Params={"Bucket": self.settings.bucket, "Key": key}, ExpiresIn=expires_s
             )
         except BotoCoreError as exc:
-            raise StoreUnavailable(f"cannot presign a download: {exc}") from exc
+            raise StoreUnavailable(f"cannot presign {operation} of {key}: {exc}") from exc
         return url
 
     async def put(self, key: str, data: bytes) -> None:

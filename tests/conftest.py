@@ -25,6 +25,7 @@ from callbacks.signing import generate_secret
 from ingress.app import create_app
 from ingress.settings import IngressSettings
 from loadgen.callback_receiver import CallbackReceiver
+from loadgen.stack_process import free_port
 from local_stack.ha_cluster import NODES as HA_NODES
 from local_stack.ha_cluster import HaNode, wait_until_running
 from local_stack.ha_cluster import down as ha_down
@@ -147,7 +148,7 @@ def ha_cluster() -> Iterator[tuple[HaNode, ...]]:
 @pytest.fixture(scope="session")
 def object_store() -> Iterator[StoreSettings]:
     """A real S3-compatible server (moto's) on a free loopback port, its bucket made."""
-    port = _free_port()
+    port = free_port()
     url = f"http://127.0.0.1:{port}"
     server = start_moto_server("127.0.0.1", port)
     try:
@@ -158,13 +159,6 @@ def object_store() -> Iterator[StoreSettings]:
     finally:
         server.terminate()
         server.wait(timeout=30)
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 @pytest.fixture
