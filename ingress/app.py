@@ -31,6 +31,7 @@ from ingress.settings import IngressSettings
 from ingress.state import IngressState, ingress_state
 from ingress.submission_route import handle_submission, submission_request
 from ingress.uploads import check_uploaded, create_upload
+from object_store.expiry import ExpirySweeper
 from tenants.registry import Tenant
 from wire.envelope import Job
 from wire.outgoing import OutgoingMessage
@@ -160,6 +161,9 @@ def create_app(settings: IngressSettings) -> Starlette:
         async with contextlib.AsyncExitStack() as stack:
             if state.uploads is not None:
                 await stack.enter_async_context(state.uploads)
+                sweeper = ExpirySweeper(state.uploads, settings.result_ttl_s, settings.store_sweep_interval_s)
+                sweeper.start()
+                stack.push_async_callback(sweeper.close)
             try:
                 yield
             finally:

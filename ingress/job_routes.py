@@ -8,7 +8,8 @@ the worker, which sends it when it meets the canceled job in the queue (and send
 anyway if it is overdue by CANCEL_HANDOFF_S: an ingress that died in between). A
 repeated cancel of a job canceled earlier sends `job.canceled` (same webhook-id) unless
 the record says it was queued: the earlier request may have been cut off after Redis
-canceled the job and before its callback was queued.
+canceled the job and before its callback was queued. A canceled job's upload (`input_ref`)
+is deleted.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from ingress.job_view import job_view
 from ingress.problems import Problem
 from ingress.state import IngressState, ingress_state
 from job_records.store import JobRecord, RecordsUnavailable
+from object_store.store import StoreUnavailable
 from wire.callback_events import canceled_callback
 from wire.envelope import Job
 
@@ -71,10 +73,23 @@ async def cancel_job(request: Request) -> Response:
         )
     if record.callback_url:
         await _send_canceled(state, record)
+    if record.input_ref is not None:
+        await _delete_input(state, record.id, record.input_ref)
     state.metrics.jobs_canceled.labels(record.model).inc()
     # The record as the cancel wrote it; reading it back would cost a round trip and,
     # with Redis gone meanwhile, turn a done cancel into a 503.
     return JSONResponse(job_view(msgspec.structs.replace(record, status="canceled", finished_ms=now_ms)))
+
+
+async def _delete_input(state: IngressState, job_id: str, input_ref: str) -> None:
+    """A canceled job's upload is deleted (the expiry sweep deletes it later if the store
+    does not answer now)."""
+    if state.uploads is None:
+        return
+    try:
+        await state.uploads.delete(input_ref)
+    except StoreUnavailable as exc:
+        logger.warning("job %s canceled; its upload is left to the expiry sweep: %s", job_id, exc)
 
 
 async def _send_canceled(state: IngressState, record: JobRecord) -> None:

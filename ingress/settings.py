@@ -62,6 +62,7 @@ class IngressSettings:
     object_store: StoreSettings | None = field(default=None, repr=False)
     upload_max_bytes: int = 1024**3
     upload_url_ttl_s: int = 3600
+    store_sweep_interval_s: float = 600.0
 
     @functools.cached_property
     def tenants(self) -> Tenants:
@@ -120,6 +121,7 @@ class IngressSettings:
             object_store=read.object_store,
             upload_max_bytes=read.upload_max_bytes,
             upload_url_ttl_s=read.upload_url_ttl_s,
+            store_sweep_interval_s=read.store_sweep_interval_s,
         )
 
 

@@ -106,6 +106,7 @@ class JobRecord(msgspec.Struct, frozen=True, kw_only=True):
     delivery: str
     delivery_attempts: int
     metadata: dict[str, Any] = msgspec.field(default_factory=dict)
+    input_ref: str | None = None
     output: Any = None
     # Set instead of `output` when it was over RECORD_OUTPUT_MAX_BYTES: its size, in bytes.
     output_omitted_bytes: int | None = None
@@ -177,7 +178,7 @@ class KeyClaim:
     status_code: int = 0
 
 
-class JobFacts(msgspec.Struct, frozen=True):
+class JobFacts(msgspec.Struct, frozen=True, omit_defaults=True):
     """What a record keeps of the job itself: fixed at submission, stored as one field."""
 
     model: str
@@ -186,12 +187,16 @@ class JobFacts(msgspec.Struct, frozen=True):
     created_ms: int
     callback_url: str | None
     metadata: dict[str, Any]
+    # The upload the job names instead of an inline input: deleted when it is canceled.
+    input_ref: str | None = None
 
 
 def job_fields(job: Job) -> dict[str, str]:
     """The fields any writer may fill in when the record lacks them (two, to keep every
     script's arguments few: their encoding is most of a call's cost)."""
-    facts = JobFacts(job.model, job.priority, job.owner, job.submitted_at_ms, job.callback_url, job.metadata)
+    facts = JobFacts(
+        job.model, job.priority, job.owner, job.submitted_at_ms, job.callback_url, job.metadata, job.input_ref
+    )
     return {"job": _json(facts), "delivery": "pending" if job.callback_url else "none"}
 
 
@@ -626,6 +631,7 @@ def _record_from(job_id: str, fields: Mapping[str, str]) -> JobRecord:
         delivery=fields.get("delivery", "none"),
         delivery_attempts=int(fields.get("delivery_attempts", 0)),
         metadata=facts.metadata,
+        input_ref=facts.input_ref,
         output=None if output is None else msgspec.json.decode(output),
         output_omitted_bytes=_int_or_none(fields.get("output_omitted_bytes")),
         output_ref=None if output_ref is None else msgspec.json.decode(output_ref, type=OutputRef),

@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import re
 import uuid
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from datetime import datetime
 from types import TracebackType
 from typing import Any
 
@@ -153,6 +155,16 @@ class ObjectStore:
         except (BotoCoreError, OSError) as exc:
             raise StoreUnavailable(f"{key}: {exc}") from exc
         return data
+
+    async def listed(self, prefix: str) -> AsyncIterator[tuple[str, datetime]]:
+        """Every object under `prefix`, with when it was last written, a page at a time."""
+        paginator = self._client.get_paginator("list_objects_v2")
+        try:
+            async for page in paginator.paginate(Bucket=self.settings.bucket, Prefix=prefix):
+                for entry in page.get("Contents", []):
+                    yield entry["Key"], entry["LastModified"]
+        except (ClientError, BotoCoreError) as exc:
+            raise StoreUnavailable(f"cannot list {prefix}: {exc}") from exc
 
     async def delete(self, key: str) -> None:
         try:

@@ -239,6 +239,15 @@ class Environment(BaseModel):
         alias="UPLOAD_URL_TTL_S",
         description="how long a presigned upload URL stays valid",
     )
+    store_sweep_interval_s: float = Field(
+        600.0,
+        gt=0,
+        alias="STORE_SWEEP_INTERVAL_S",
+        description=(
+            "how often an ingress deletes the uploads and outputs older than `RESULT_TTL_S` "
+            "(each object expires with its job's record)"
+        ),
+    )
     # Outputs over this (JSON bytes) go by callback only; the record keeps their size.
     record_output_max_bytes: int = Field(
         256 * 1024,
