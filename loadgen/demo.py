@@ -23,14 +23,19 @@ import httpx
 from callbacks.signing import generate_secret
 from loadgen.callback_receiver import CallbackReceiver, ReceivedCallback
 from loadgen.demo_records import records_tour
+from loadgen.message_trace import TraceUnavailable, traced_messages
 from loadgen.scale_report import FirstJob, scale_from_zero
 from loadgen.stack_process import StackProcess
+from settings.environment import DEFAULT_AMQP_URL
 
 CALLBACK_TIMEOUT_S = 60.0
 SCALE_LOG_WAIT_S = 10.0
 BATCH_SENTENCES = 200
-# Twice what one request may carry (MAX_BODY_BYTES, 1 MiB).
-LARGE_INPUT = {"documents": [{"n": n, "text": "lorem ipsum " * 80} for n in range(2200)]}
+# 8 MiB of JSON: eight times what one request may carry (MAX_BODY_BYTES, 1 MiB).
+LARGE_INPUT = {"documents": [{"n": n, "text": "lorem ipsum " * 80} for n in range(8520)]}
+# What a job by reference may put in any one broker message, at most (its reference).
+SMALL_MESSAGE_BYTES = 64 * 1024
+SMALL_INPUT = {"small": True}
 
 DEMO_JOBS: list[tuple[str, str, Any]] = [
     ("echo", "high", {"greeting": "hello", "n": 1}),
@@ -160,38 +165,73 @@ async def _batch(base_url: str, receiver: CallbackReceiver) -> bool:
 
 
 async def _by_reference(base_url: str, receiver: CallbackReceiver) -> bool:
-    """An input over the request limit: uploaded straight to the store, run by reference."""
-    already = len(receiver.received)
+    """An 8 MiB input uploaded straight to the store and run by reference, beside a small
+    inline job, with the broker tracing every message published meanwhile."""
     body = json.dumps(LARGE_INPUT).encode()
+    amqp_url = os.environ.get("AMQP_URL", DEFAULT_AMQP_URL)
+    try:
+        async with traced_messages(amqp_url, os.environ.get("RABBITMQ_MANAGEMENT_URL")) as traced:
+            ran = await _large_and_small(base_url, receiver, body)
+    except TraceUnavailable as exc:
+        print(f"\nby reference: the broker's trace is unavailable: {exc}")
+        return False
+    if ran is None:
+        return False
+    large, small, called_back_s = ran
+    data = large.event["data"]
+    async with httpx.AsyncClient(timeout=60) as client:
+        output = await client.get(data["output_url"])
+    same = output.status_code == 200 and json.loads(output.content) == LARGE_INPUT
+    largest = max(traced, key=lambda message: message.size, default=None)
+    small_messages = largest is not None and len(traced) >= 2 and largest.size <= SMALL_MESSAGE_BYTES
+    print(
+        f"\nby reference: a {len(body) / 2**20:.1f} MiB JSON input (a request may carry 1 MiB) PUT straight "
+        f"to the object store, named as input_ref; the verified callback in {called_back_s:.1f} s carried "
+        f"output_url ({data['output_size'] / 2**20:.1f} MiB), whose download "
+        f"{'equals the upload' if same else 'DIFFERS from the upload'}; a small job's output came "
+        f"{'inline' if 'output' in small.event['data'] else 'NOT inline'}"
+    )
+    if largest is not None:
+        print(
+            f"  the broker traced {len(traced)} messages published meanwhile, "
+            f"{sum(m.size for m in traced) / 1024:.1f} KiB in all; the largest {largest.size} bytes "
+            f"(to {largest.exchange or 'the default exchange'} {','.join(largest.routing_keys)}): "
+            f"{'under' if small_messages else 'NOT under'} {SMALL_MESSAGE_BYTES // 1024} KiB"
+        )
+    inline = small.event["data"].get("output") == SMALL_INPUT
+    return same and inline and small_messages and large.verified and small.verified
+
+
+async def _large_and_small(
+    base_url: str, receiver: CallbackReceiver, body: bytes
+) -> tuple[ReceivedCallback, ReceivedCallback, float] | None:
+    """The large job's and the small job's callbacks, and the seconds to the large one."""
+    already = len(receiver.received)
     started = time.monotonic()
-    async with httpx.AsyncClient(base_url=base_url, timeout=30) as client:
+    async with httpx.AsyncClient(base_url=base_url, timeout=60) as client:
         upload = await client.post("/v1/uploads")
         if upload.status_code != 201:
             print(f"\nupload: {upload.status_code} {upload.text[:300]}")
-            return False
+            return None
         put = await client.put(upload.json()["upload_url"], content=body)
         by_reference = {"input_ref": upload.json()["input_ref"], "callback_url": receiver.url}
-        job = await client.post("/v1/models/echo/jobs", json=by_reference)
-    if put.status_code != 200 or job.status_code != 202:
-        print(f"\nupload: PUT {put.status_code}, job {job.status_code} {job.text[:300]}")
-        return False
-    callbacks = await receiver.wait_for(already + 1, CALLBACK_TIMEOUT_S)
-    (callback,) = [c for c in callbacks[already:] if c.event["data"]["id"] == job.json()["id"]]
-    called_back_s = time.monotonic() - started
-    data = callback.event["data"]
-    if "output_url" not in data:
-        print(f"\nby reference: the output came inline, not by reference: {str(data)[:200]}")
-        return False
-    async with httpx.AsyncClient(timeout=30) as client:
-        output = await client.get(data["output_url"])
-    same = output.status_code == 200 and json.loads(output.content) == LARGE_INPUT
-    print(
-        f"\nby reference: a {len(body) / 2**20:.1f} MiB input (a request may carry 1 MiB) PUT straight to "
-        f"the object store, named as input_ref; the verified callback in {called_back_s:.1f} s carried "
-        f"output_url ({data['output_size'] / 2**20:.1f} MiB), whose download "
-        f"{'equals the upload' if same else 'DIFFERS from the upload'}"
-    )
-    return same and callback.verified
+        large = await client.post("/v1/models/echo/jobs", json=by_reference)
+        small = await client.post(
+            "/v1/models/echo/jobs", json={"input": SMALL_INPUT, "callback_url": receiver.url}
+        )
+    if put.status_code != 200 or large.status_code != 202 or small.status_code != 202:
+        print(
+            f"\nupload: PUT {put.status_code}, jobs {large.status_code} {small.status_code}: "
+            f"{large.text[:200]}"
+        )
+        return None
+    callbacks = await receiver.wait_for(already + 2, CALLBACK_TIMEOUT_S)
+    by_id = {c.event["data"]["id"]: c for c in callbacks[already:]}
+    large_callback, small_callback = by_id[large.json()["id"]], by_id[small.json()["id"]]
+    if "output_url" not in large_callback.event["data"]:
+        print(f"\nby reference: the output came inline, not by reference: {str(large_callback.event)[:200]}")
+        return None
+    return large_callback, small_callback, large_callback.received_monotonic_s - started
 
 
 def _print_scaling(
