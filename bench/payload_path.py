@@ -2,7 +2,9 @@
 through the stack (upload presigned, PUT to the store, the job by `input_ref` answered
 with `Prefer: wait`, the output downloaded from its `output_url` and its digest checked)
 beside the same bytes moved directly to and from the same store (a presigned PUT and
-GET), at the same concurrency, in the same run."""
+GET), at the same concurrency, in the same run. And what one large job (50 MiB in, as
+much out) costs each process in memory: the ingress and the dispatcher handle only its
+reference; the worker holds the input and the output (echo needs its input whole)."""
 
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ from typing import Any
 
 import aiohttp
 
+from bench.budgets import RssWatch
 from callbacks.signing import generate_secret
 from loadgen.measurement import bench_stack_env, bench_topology, delete_bench_topology, median
 from loadgen.stack_process import StackProcess
@@ -23,6 +26,8 @@ from object_store.store import ObjectStore, StoreSettings
 
 CONCURRENCY = 8
 WAIT_S = 60
+LARGE_JOB_BYTES = 50 * 2**20
+ROLES_HANDLING_JOBS = ("ingress", "worker", "dispatcher")
 
 
 def _payload(size_bytes: int, n: int) -> bytes:
@@ -60,24 +65,26 @@ async def _direct(store: ObjectStore, http: aiohttp.ClientSession, count: int, s
 
 
 async def _through_jobs(base_url: str, http: aiohttp.ClientSession, count: int, size: int) -> float:
-    async def one(n: int) -> None:
-        body = _payload(size, n)
-        async with http.post(f"{base_url}/v1/uploads") as created:
-            upload = await created.json()
-        async with http.put(upload["upload_url"], data=body) as put:
-            put.raise_for_status()
-        job = {"input_ref": upload["input_ref"]}
-        headers = {"Prefer": f"wait={WAIT_S}"}
-        async with http.post(f"{base_url}/v1/models/echo/jobs", json=job, headers=headers) as answered:
-            result = await answered.json()
-        if answered.status != 200 or result.get("status") != "succeeded":
-            raise RuntimeError(f"job {n}: {answered.status} {str(result)[:300]}")
-        async with http.get(result["output_url"]) as output:
-            got = await output.read()
-        if hashlib.sha256(got).hexdigest() != result["output_sha256"] or got != body:
-            raise RuntimeError(f"job {n}: the output's bytes differ from the upload's")
+    return await _in_turn(count, lambda n: _one_job(base_url, http, size, n))
 
-    return await _in_turn(count, one)
+
+async def _one_job(base_url: str, http: aiohttp.ClientSession, size: int, n: int) -> None:
+    """Upload, job by reference answered with Prefer: wait, output downloaded and checked."""
+    body = _payload(size, n)
+    async with http.post(f"{base_url}/v1/uploads") as created:
+        upload = await created.json()
+    async with http.put(upload["upload_url"], data=body) as put:
+        put.raise_for_status()
+    job = {"input_ref": upload["input_ref"]}
+    headers = {"Prefer": f"wait={WAIT_S}"}
+    async with http.post(f"{base_url}/v1/models/echo/jobs", json=job, headers=headers) as answered:
+        result = await answered.json()
+    if answered.status != 200 or result.get("status") != "succeeded":
+        raise RuntimeError(f"job {n}: {answered.status} {str(result)[:300]}")
+    async with http.get(result["output_url"]) as output:
+        got = await output.read()
+    if hashlib.sha256(got).hexdigest() != result["output_sha256"] or got != body:
+        raise RuntimeError(f"job {n}: the output's bytes differ from the upload's")
 
 
 async def measure_payload_path(amqp_url: str, reps: int, count: int, size_bytes: int) -> dict[str, Any]:
@@ -99,6 +106,7 @@ async def measure_payload_path(amqp_url: str, reps: int, count: int, size_bytes:
         timeout = aiohttp.ClientTimeout(total=WAIT_S * 2)
         async with ObjectStore(settings) as store, aiohttp.ClientSession(timeout=timeout) as http:
             await _through_jobs(stack.base_url, http, CONCURRENCY, size_bytes)  # warm-up: replica up
+            large = await _large_job_memory(stack.base_url, http, LARGE_JOB_BYTES)
             for _ in range(reps):
                 direct_runs.append(megabytes / await _direct(store, http, count, size_bytes))
                 job_runs.append(megabytes / await _through_jobs(stack.base_url, http, count, size_bytes))
@@ -114,14 +122,31 @@ async def measure_payload_path(amqp_url: str, reps: int, count: int, size_bytes:
         "direct_mib_per_s": direct_runs,
         "jobs_mib_per_s": job_runs,
         "ratio": median(job_runs) / median(direct_runs),
+        "large_job": large,
     }
 
 
+async def _large_job_memory(base_url: str, http: aiohttp.ClientSession, size: int) -> dict[str, Any]:
+    """One echo job of `size` bytes in and out by reference, each process's RSS watched."""
+    watch = RssWatch(ROLES_HANDLING_JOBS)
+    watch.start()
+    started = time.perf_counter()
+    await _in_turn(1, lambda n: _one_job(base_url, http, size, n))
+    elapsed_s = time.perf_counter() - started
+    rss = await watch.stop()
+    return {"payload_mib": size / 2**20, "elapsed_s": elapsed_s, "rss": rss}
+
+
 def payload_markdown(result: dict[str, Any]) -> list[str]:
+    large = result["large_job"]
     return [
         "",
         f"Payloads by reference: {result['jobs']} echo jobs of {result['payload_mib']:g} MiB in and out, "
         f"{result['concurrency']} at a time (upload, job with Prefer: wait, output downloaded and checked): "
         f"{median(result['jobs_mib_per_s']):.1f} MiB/s; the same bytes PUT and GET directly to the same "
         f"store: {median(result['direct_mib_per_s']):.1f} MiB/s; ratio {result['ratio']:.2f}",
+        "",
+        f"One echo job of {large['payload_mib']:g} MiB in and out by reference, "
+        f"{large['elapsed_s']:.1f} s end to end; each process's RSS growth (peak over before): "
+        + ", ".join(f"{role} +{r['growth_mb']:.1f} MB" for role, r in large["rss"].items()),
     ]

@@ -10,6 +10,7 @@ answers 503 (nothing is accepted), the worker retries the job.
 
 from __future__ import annotations
 
+import contextlib
 import re
 import uuid
 from collections.abc import AsyncIterator
@@ -22,6 +23,10 @@ from aiobotocore.config import AioConfig
 from aiobotocore.session import get_session
 from botocore.exceptions import BotoCoreError, ClientError
 
+JSON_TYPE = "application/json"
+# Objects larger than this are written in parts of this size (S3's smallest part is 5 MiB).
+PART_BYTES = 8 * 2**20
+READ_CHUNK_BYTES = 2**20
 UPLOAD_REF = re.compile(r"^uploads/(?P<owner>[0-9a-z]{1,64})/(?P<id>[0-9a-f]{32})$")
 # An owner segment for uploads made with authentication off (no API key, no owner digest).
 ANONYMOUS_OWNER = "anonymous"
@@ -119,12 +124,40 @@ class ObjectStore:
         return url
 
     async def put(self, key: str, data: bytes) -> None:
+        """Write the object; over PART_BYTES in parts, so the client copies one part at a
+        time rather than the whole body (it copies what it sends)."""
         try:
-            await self._client.put_object(
-                Bucket=self.settings.bucket, Key=key, Body=data, ContentType="application/json"
-            )
+            if len(data) <= PART_BYTES:
+                await self._client.put_object(
+                    Bucket=self.settings.bucket, Key=key, Body=data, ContentType=JSON_TYPE
+                )
+            else:
+                await self._put_in_parts(key, data)
         except (ClientError, BotoCoreError) as exc:
             raise StoreUnavailable(f"cannot write {key}: {exc}") from exc
+
+    async def _put_in_parts(self, key: str, data: bytes) -> None:
+        bucket = self.settings.bucket
+        created = await self._client.create_multipart_upload(Bucket=bucket, Key=key, ContentType=JSON_TYPE)
+        upload_id = created["UploadId"]
+        try:
+            parts = []
+            for number, start in enumerate(range(0, len(data), PART_BYTES), start=1):
+                part = await self._client.upload_part(
+                    Bucket=bucket,
+                    Key=key,
+                    UploadId=upload_id,
+                    PartNumber=number,
+                    Body=data[start : start + PART_BYTES],
+                )
+                parts.append({"PartNumber": number, "ETag": part["ETag"]})
+            await self._client.complete_multipart_upload(
+                Bucket=bucket, Key=key, UploadId=upload_id, MultipartUpload={"Parts": parts}
+            )
+        except BaseException:
+            with contextlib.suppress(ClientError, BotoCoreError):
+                await self._client.abort_multipart_upload(Bucket=bucket, Key=key, UploadId=upload_id)
+            raise
 
     async def size(self, key: str) -> int | None:
         """The object's size in bytes; None when there is no such object."""
@@ -138,16 +171,25 @@ class ObjectStore:
             raise StoreUnavailable(f"{key}: {exc}") from exc
         return int(head["ContentLength"])
 
-    async def read(self, key: str, max_bytes: int) -> bytes | None:
-        """The object's bytes, read in chunks and refused past `max_bytes`; None when
-        there is no such object."""
+    async def read(self, key: str, max_bytes: int) -> bytearray | None:
+        """The object's bytes, read a chunk at a time into one buffer of its size (no
+        second copy), refused past `max_bytes`; None when there is no such object."""
         try:
             answer = await self._client.get_object(Bucket=self.settings.bucket, Key=key)
-            if int(answer["ContentLength"]) > max_bytes:
+            size = int(answer["ContentLength"])
+            if size > max_bytes:
                 answer["Body"].close()
-                raise ObjectTooLarge(f"{key} holds {answer['ContentLength']} bytes, over {max_bytes}")
+                raise ObjectTooLarge(f"{key} holds {size} bytes, over {max_bytes}")
+            data = bytearray(size)
+            received = 0
             async with answer["Body"] as stream:
-                data: bytes = await stream.read()
+                while chunk := await stream.read(READ_CHUNK_BYTES):
+                    if received + len(chunk) > size:
+                        raise StoreUnavailable(f"{key} sent more than its {size} bytes")
+                    data[received : received + len(chunk)] = chunk
+                    received += len(chunk)
+            if received != size:
+                raise StoreUnavailable(f"{key} ended after {received} of its {size} bytes")
         except ClientError as exc:
             if _status(exc) == 404:
                 return None

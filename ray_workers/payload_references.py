@@ -78,7 +78,7 @@ class PayloadReferences:
             return await asyncio.to_thread(self._checked, ref, data)
         return self._checked(ref, data)
 
-    def _checked(self, ref: str, data: bytes) -> ReadInput:
+    def _checked(self, ref: str, data: bytes | bytearray) -> ReadInput:
         """The bytes decoded and checked against the model's schema."""
         try:
             value = msgspec.json.decode(data)

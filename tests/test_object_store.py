@@ -1,0 +1,38 @@
+"""The object store client against a real S3-compatible server (moto's): large objects go
+in parts and come back whole, byte for byte; a read refuses what is over its limit."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import AsyncIterator
+
+import pytest
+
+from object_store.store import PART_BYTES, ObjectStore, ObjectTooLarge, StoreSettings
+
+
+@pytest.fixture
+async def store(object_store: StoreSettings) -> AsyncIterator[ObjectStore]:
+    async with ObjectStore(object_store) as opened:
+        yield opened
+
+
+async def test_given_an_object_over_a_part_when_written_then_it_reads_back_byte_for_byte(
+    store: ObjectStore,
+) -> None:
+    data = b"".join(hashlib.sha256(str(n).encode()).digest() for n in range(PART_BYTES * 5 // 2 // 32 + 7))
+
+    await store.put("outputs/store-test-parts", data)
+    read = await store.read("outputs/store-test-parts", max_bytes=len(data))
+
+    assert len(data) > 2 * PART_BYTES, "three parts, the last a short one"
+    assert await store.size("outputs/store-test-parts") == len(data)
+    assert read is not None and hashlib.sha256(read).digest() == hashlib.sha256(data).digest()
+
+
+async def test_given_an_object_over_the_readers_limit_then_the_read_refuses_it(store: ObjectStore) -> None:
+    await store.put("outputs/store-test-limit", b"x" * 1001)
+
+    with pytest.raises(ObjectTooLarge, match="1001 bytes, over 1000"):
+        await store.read("outputs/store-test-limit", max_bytes=1000)
+    assert await store.read("outputs/store-test-missing", max_bytes=1000) is None
