@@ -32,6 +32,7 @@ from ingress.state import IngressState, ingress_state
 from ingress.submission_route import handle_submission, submission_request
 from ingress.uploads import check_uploaded, create_upload
 from object_store.expiry import ExpirySweeper
+from object_store.store import ObjectStore, StoreUnavailable
 from tenants.registry import Tenant
 from wire.envelope import Job
 from wire.outgoing import OutgoingMessage
@@ -150,6 +151,15 @@ async def openapi(request: Request) -> Response:
     )
 
 
+async def _ensure_bucket(store: ObjectStore) -> None:
+    """The bucket made where the store starts empty (the kind overlay's MinIO); a store
+    that does not answer yet is no reason not to start: submissions naming uploads get 503."""
+    try:
+        await store.ensure_bucket()
+    except StoreUnavailable as exc:
+        logger.warning("the object store's bucket is not confirmed: %s", exc)
+
+
 def create_app(settings: IngressSettings) -> Starlette:
     state = IngressState(settings)
 
@@ -161,6 +171,7 @@ def create_app(settings: IngressSettings) -> Starlette:
         async with contextlib.AsyncExitStack() as stack:
             if state.uploads is not None:
                 await stack.enter_async_context(state.uploads)
+                await _ensure_bucket(state.uploads)
                 sweeper = ExpirySweeper(state.uploads, settings.result_ttl_s, settings.store_sweep_interval_s)
                 sweeper.start()
                 stack.push_async_callback(sweeper.close)

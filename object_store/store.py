@@ -47,6 +47,8 @@ class StoreSettings:
     region: str = "us-east-1"
     access_key_id: str | None = field(default=None, repr=False)
     secret_access_key: str | None = field(default=None, repr=False)
+    # Where callers reach the store, when not where the platform does: presigned URLs name it.
+    public_endpoint_url: str | None = None
 
 
 def upload_key(owner: str) -> str:
@@ -72,25 +74,36 @@ class ObjectStore:
             connect_timeout=timeout_s,
             read_timeout=timeout_s,
         )
-        self._client_context: Any = None
+        self._clients = contextlib.AsyncExitStack()
         self._client: Any = None
+        # Presigns for the address callers reach (signing needs no connection to it).
+        self._presigner: Any = None
 
     async def __aenter__(self) -> ObjectStore:
-        self._client_context = get_session().create_client(
+        platform = self._create_client(self.settings.endpoint_url)
+        self._client = await self._clients.enter_async_context(platform)
+        public = self.settings.public_endpoint_url
+        self._presigner = (
+            self._client
+            if public in (None, self.settings.endpoint_url)
+            else await self._clients.enter_async_context(self._create_client(public))
+        )
+        return self
+
+    def _create_client(self, endpoint_url: str | None) -> Any:
+        return get_session().create_client(
             "s3",
-            endpoint_url=self.settings.endpoint_url,
+            endpoint_url=endpoint_url,
             region_name=self.settings.region,
             aws_access_key_id=self.settings.access_key_id,
             aws_secret_access_key=self.settings.secret_access_key,
             config=self._config,
         )
-        self._client = await self._client_context.__aenter__()
-        return self
 
     async def __aexit__(
         self, kind: type[BaseException] | None, error: BaseException | None, trace: TracebackType | None
     ) -> None:
-        await self._client_context.__aexit__(kind, error, trace)
+        await self._clients.__aexit__(kind, error, trace)
 
     async def ensure_bucket(self) -> None:
         """Create the bucket unless it exists (the local server starts empty)."""
@@ -116,7 +129,7 @@ class ObjectStore:
 
     async def _presigned(self, operation: str, key: str, expires_s: int) -> str:
         try:
-            url: str = await self._client.generate_presigned_url(
+            url: str = await self._presigner.generate_presigned_url(
                 operation, Params={"Bucket": self.settings.bucket, "Key": key}, ExpiresIn=expires_s
             )
         except BotoCoreError as exc:

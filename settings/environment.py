@@ -209,6 +209,15 @@ class Environment(BaseModel):
             "XML API, MinIO); unset, uploads are off, but `task up` and `task demo` start a local one"
         ),
     )
+    s3_public_endpoint_url: str | None = Field(
+        None,
+        alias="S3_PUBLIC_ENDPOINT_URL",
+        description=(
+            "the store's address as callers reach it, for the presigned `upload_url` and `output_url` "
+            "(unset: `S3_ENDPOINT_URL`); the kind overlay's MinIO is reached from inside the cluster at "
+            "one address and through `kubectl port-forward` at another"
+        ),
+    )
     s3_bucket: str = Field("inferq", min_length=3, alias="S3_BUCKET", description="the store's bucket")
     s3_region: str = Field("us-east-1", alias="S3_REGION", description="the store's region (for signing)")
     s3_access_key_id: str | None = Field(
@@ -672,6 +681,7 @@ class Environment(BaseModel):
             self.s3_region,
             self.s3_access_key_id,
             self.s3_secret_access_key,
+            public_endpoint_url=self.s3_public_endpoint_url,
         )
 
     @property

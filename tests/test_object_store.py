@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import AsyncIterator
+from dataclasses import replace
 
+import httpx
 import pytest
 
 from object_store.store import PART_BYTES, ObjectStore, ObjectTooLarge, StoreSettings
@@ -36,3 +38,19 @@ async def test_given_an_object_over_the_readers_limit_then_the_read_refuses_it(s
     with pytest.raises(ObjectTooLarge, match="1001 bytes, over 1000"):
         await store.read("outputs/store-test-limit", max_bytes=1000)
     assert await store.read("outputs/store-test-missing", max_bytes=1000) is None
+
+
+async def test_given_a_public_endpoint_then_presigned_urls_name_it_and_work_through_it(
+    object_store: StoreSettings,
+) -> None:
+    """The platform reaches the store at one address, callers at another (kind's MinIO
+    through a port-forward): the URLs are signed for the callers' address."""
+    public = object_store.endpoint_url.replace("127.0.0.1", "localhost")
+    async with ObjectStore(replace(object_store, public_endpoint_url=public)) as store:
+        upload_url = await store.presigned_put("uploads/anonymous/" + "c" * 32, 600)
+        async with httpx.AsyncClient() as caller:
+            put = await caller.put(upload_url, content=b'{"n": 1}')
+        size = await store.size("uploads/anonymous/" + "c" * 32)
+
+    assert upload_url.startswith(public + "/")
+    assert put.status_code == 200 and size == 8
