@@ -106,6 +106,7 @@ create_gke() {
   local zones
   need docker gcloud gke-gcloud-auth-plugin kubectl helm openssl
   : "${PROJECT:?set PROJECT}" "${ZONE:?set ZONE}" "${REGISTRY:?set REGISTRY (an Artifact Registry repository)}"
+  BUCKET="${BUCKET:-$PROJECT-inferq}"
   prepare_gke_project
   if ! gcloud container clusters describe "$CLUSTER" --project "$PROJECT" --zone "$ZONE" >/dev/null 2>&1; then
     zones="$(node_zones)"
@@ -125,6 +126,28 @@ create_gke() {
   docker build --platform linux/amd64 -f cluster/Dockerfile --target cuda -t "$REGISTRY/inferq:$IMAGE_TAG-cuda" .
   docker push "$REGISTRY/inferq:$IMAGE_TAG"
   docker push "$REGISTRY/inferq:$IMAGE_TAG-cuda"
+}
+
+# GKE's object store (uploads and outputs by reference): a Cloud Storage bucket in the
+# cluster's region, reached through its S3-compatible XML API as a service account allowed
+# on that bucket alone; store_secret puts its HMAC key in the Secret. Every ingress deletes
+# objects older than RESULT_TTL_S; `down gke` deletes the bucket with the cluster.
+gke_store() {
+  local account="inferq-store@$PROJECT.iam.gserviceaccount.com" role
+  say "object store gs://$BUCKET (Cloud Storage, ${ZONE%-*})"
+  gcloud services enable storage.googleapis.com iam.googleapis.com --project "$PROJECT"
+  if ! gcloud storage buckets describe "gs://$BUCKET" --project "$PROJECT" >/dev/null 2>&1; then
+    gcloud storage buckets create "gs://$BUCKET" --project "$PROJECT" --location "${ZONE%-*}" \
+      --uniform-bucket-level-access
+  fi
+  if ! gcloud iam service-accounts describe "$account" --project "$PROJECT" >/dev/null 2>&1; then
+    gcloud iam service-accounts create inferq-store --project "$PROJECT" --display-name "inferq object store"
+  fi
+  # Objects read and written, and the bucket itself read (the ingress checks it at start).
+  for role in roles/storage.objectAdmin roles/storage.legacyBucketReader; do
+    gcloud storage buckets add-iam-policy-binding "gs://$BUCKET" --project "$PROJECT" \
+      --member "serviceAccount:$account" --role "$role" >/dev/null
+  done
 }
 
 install_platform_services() {
@@ -301,6 +324,46 @@ platform_secrets() {
   sentinels="$sentinels,redis-2.redis-headless.$NAMESPACE.svc:26379"
   apply_secret inferq-redis password="$redis_password" \
     REDIS_URL="redis+sentinel://:$redis_password@$sentinels/inferq/0"
+  store_secret "$1"
+}
+
+# The object store's settings for the ingress and the workers (envFrom the Secret
+# inferq-object-store; without it uploads are off). kind: the overlay's MinIO, its root key
+# generated once and kept; callers reach it through a port-forward (KIND_STORE_URL). GKE: the
+# bucket gke_store made, with an HMAC key of its service account (made once and kept).
+store_secret() {
+  local provider="$1" key secret endpoint public region bucket hmac
+  key="$(secret_value inferq-object-store S3_ACCESS_KEY_ID)"
+  secret="$(secret_value inferq-object-store S3_SECRET_ACCESS_KEY)"
+  case "$provider" in
+    kind)
+      key="${key:-inferq}"
+      secret="${secret:-$(openssl rand -hex 24)}"
+      endpoint="http://minio.$NAMESPACE.svc:9000"
+      # Where callers reach it: `kubectl -n inferq port-forward service/minio 9000:9000`.
+      public="${KIND_STORE_URL:-http://127.0.0.1:9000}"
+      region="us-east-1"
+      bucket="inferq"
+      ;;
+    gke)
+      if [ -z "$key" ]; then
+        hmac="$(gcloud storage hmac create "inferq-store@$PROJECT.iam.gserviceaccount.com" \
+          --project "$PROJECT" --format 'value(metadata.accessId,secret)')"
+        key="${hmac%%$'\t'*}"
+        secret="${hmac#*$'\t'}"
+      fi
+      if [ -z "$key" ] || [ "$key" = "$secret" ]; then
+        echo "no HMAC key for inferq-store@$PROJECT.iam.gserviceaccount.com (gcloud storage hmac create)" >&2
+        exit 1
+      fi
+      endpoint="https://storage.googleapis.com"
+      public="$endpoint"
+      region="auto"
+      bucket="$BUCKET"
+      ;;
+  esac
+  apply_secret inferq-object-store S3_ENDPOINT_URL="$endpoint" S3_PUBLIC_ENDPOINT_URL="$public" \
+    S3_BUCKET="$bucket" S3_REGION="$region" S3_ACCESS_KEY_ID="$key" S3_SECRET_ACCESS_KEY="$secret"
 }
 
 up() {
@@ -313,7 +376,7 @@ up() {
   install_platform_services
   say "inferq ($provider overlay)"
   kubectl apply -f cluster/base/namespace.yaml
-  if [ "$provider" = gke ]; then broker_tls_secrets; fi
+  if [ "$provider" = gke ]; then broker_tls_secrets; gke_store; fi
   # A Job's template cannot change in place, and each bring-up grants access again.
   kubectl -n "$NAMESPACE" delete job broker-access --ignore-not-found
   rendered="$(render "$provider")"
@@ -332,7 +395,7 @@ up() {
   done
   need curl
   smoke_jobs "$provider"
-  summary
+  summary "$provider"
 }
 
 # A job per served model through the ingress, waited for to its ending: a model whose pool
@@ -388,6 +451,10 @@ Callbacks are signed with the WEBHOOK_SECRET in the Secret $NAMESPACE/inferq:
   kubectl -n $NAMESPACE get secret inferq -o jsonpath='{.data.WEBHOOK_SECRET}' | base64 -d
 Grafana (dashboard "inferq"): kubectl -n monitoring port-forward service/monitoring-grafana 3000:80
 EOF
+  if [ "$1" = kind ]; then
+    printf 'Uploads (POST /v1/uploads) go to MinIO: kubectl -n %s port-forward service/minio 9000:9000 &\n' \
+      "$NAMESPACE"
+  fi
 }
 
 down() {
@@ -396,12 +463,19 @@ down() {
     gke)
       need gcloud kubectl
       : "${PROJECT:?set PROJECT}" "${ZONE:?set ZONE}"
+      BUCKET="${BUCKET:-$PROJECT-inferq}"
       # The persistent disks go with their claims only while the cluster runs: delete the
       # claims (and wait) first, or the disks outlive the cluster and keep costing.
       if gcloud container clusters get-credentials "$CLUSTER" --project "$PROJECT" --zone "$ZONE" 2>/dev/null; then
         kubectl delete namespace "$NAMESPACE" --ignore-not-found --wait --timeout=10m
       fi
       gcloud container clusters delete "$CLUSTER" --project "$PROJECT" --zone "$ZONE" --quiet
+      # The uploads and outputs have no use without the cluster, and would keep costing.
+      if gcloud storage buckets describe "gs://$BUCKET" --project "$PROJECT" >/dev/null 2>&1; then
+        gcloud storage rm --recursive "gs://$BUCKET" --project "$PROJECT" --quiet
+      fi
+      gcloud iam service-accounts delete "inferq-store@$PROJECT.iam.gserviceaccount.com" \
+        --project "$PROJECT" --quiet 2>/dev/null || true
       if [ -n "${REGISTRY:-}" ]; then
         gcloud artifacts docker images delete "$REGISTRY/inferq" --delete-tags --quiet || true
       else

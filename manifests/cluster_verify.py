@@ -45,7 +45,13 @@ import yaml
 from manifests import upstream_crds
 from manifests.image_contents import image_violations, torch_violations
 from manifests.monitoring_verify import MONITORING, monitoring_violations
-from manifests.worker_deployments import BROKER_ROLE_LABEL, RECORDS_CLIENT_LABEL, REDIS_SECRET
+from manifests.worker_deployments import (
+    BROKER_ROLE_LABEL,
+    OBJECT_STORE_SECRET,
+    RECORDS_CLIENT_LABEL,
+    REDIS_SECRET,
+    STORE_CLIENT_LABEL,
+)
 from settings.environment import Environment
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -462,6 +468,19 @@ def _records_access(docs: list[Manifest]) -> Iterator[tuple[str, str]]:
                     yield _name(policy), f"Redis admits pods other than those labelled {RECORDS_CLIENT_LABEL}"
 
 
+def _store_access(docs: list[Manifest]) -> Iterator[tuple[str, str]]:
+    """The pods that read the object store's settings carry the label its NetworkPolicies
+    name (else their requests to it are dropped), and take them all from its Secret."""
+    if any(name.startswith("S3_") for name in _settings(docs)):
+        yield "ConfigMap/inferq", f"S3_* settings carry the store's key: they belong in {OBJECT_STORE_SECRET}"
+    for workload, container in _containers(docs, _every_pod):
+        reads = any(
+            variable == "*" and secret == OBJECT_STORE_SECRET for variable, secret in _secret_refs(container)
+        )
+        if reads and _pod_labels(workload).get(STORE_CLIENT_LABEL) != "true":
+            yield _name(workload), f"reads {OBJECT_STORE_SECRET} without the label {STORE_CLIENT_LABEL}"
+
+
 def _redis_auth(workload: Manifest, container: Manifest) -> Iterator[tuple[str, str]]:
     """Every container of a Redis pod reads the password from the Secret; the node itself
     asks for it (and gives it to its primary), so a sentinel or a client without it is refused."""
@@ -493,6 +512,7 @@ POLICIES: dict[str, Callable[[list[Manifest]], Iterator[tuple[str, str]]]] = {
     "isolation": _isolation,
     "broker access": _broker_access,
     "records access": _records_access,
+    "store access": _store_access,
     "queue counting": _queue_counting,
     "image contents": image_violations,
     "availability": _availability,

@@ -28,6 +28,10 @@ BROKER_ROLE_LABEL = "inferq.dev/broker-role"
 # each with REDIS_URL (Redis's password in it) from the Secret REDIS_SECRET.
 RECORDS_CLIENT_LABEL = "inferq.dev/records-client"
 REDIS_SECRET = "inferq-redis"
+# Pods that read uploads and write outputs, with the store's settings from OBJECT_STORE_SECRET
+# (optional: without it uploads are off).
+STORE_CLIENT_LABEL = "inferq.dev/store-client"
+OBJECT_STORE_SECRET = "inferq-object-store"
 TERMINATION_GRACE_S = 60
 HEALTH_PORT, METRICS_PORT = 8080, 9102
 # Ray's object store lives in shared memory: the container default (64 MiB) is too small.
@@ -53,6 +57,7 @@ def _labels(entry: ModelEntry) -> dict[str, str]:
         "inferq.dev/model": entry.name,
         "inferq.dev/broker-client": "true",
         RECORDS_CLIENT_LABEL: "true",
+        STORE_CLIENT_LABEL: "true",
         BROKER_ROLE_LABEL: f"worker-{entry.name}",
     }
     if entry.resources.gpus:
@@ -110,7 +115,10 @@ def worker_deployment(entry: ModelEntry) -> dict[str, Any]:
                             "imagePullPolicy": "IfNotPresent",
                             "command": ["python", "-m", "ray_workers.pod", "worker", entry.name],
                             "env": env,
-                            "envFrom": [{"configMapRef": {"name": "inferq"}}],
+                            "envFrom": [
+                                {"configMapRef": {"name": "inferq"}},
+                                {"secretRef": {"name": OBJECT_STORE_SECRET, "optional": True}},
+                            ],
                             "ports": [
                                 {"name": "health", "containerPort": HEALTH_PORT},
                                 {"name": "metrics", "containerPort": METRICS_PORT},

@@ -14,7 +14,7 @@ import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
 PROVISION = ROOT / "cluster" / "provision.sh"
-FUNCTIONS = ("secret_value", "apply_secret", "broker_secrets", "platform_secrets")
+FUNCTIONS = ("secret_value", "apply_secret", "broker_secrets", "store_secret", "platform_secrets")
 # kubectl as provision.sh calls it: `-n NS get secret NAME -o jsonpath={.data.KEY}` reads a
 # kept or given Secret, `create secret generic --dry-run=client -o yaml --from-file=K=F`
 # prints one, `apply -f -` keeps it.

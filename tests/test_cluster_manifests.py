@@ -142,6 +142,18 @@ BREAKS = [
         "without the label inferq.dev/records-client",
     ),
     (
+        "a store client the store's policies would not let out",
+        ("Deployment", "worker-echo"),
+        _drop(["spec", "template", "metadata", "labels", "inferq.dev/store-client"]),
+        "without the label inferq.dev/store-client",
+    ),
+    (
+        "the store's key in the ConfigMap",
+        ("ConfigMap", "inferq"),
+        _set(["data", "S3_SECRET_ACCESS_KEY"], "minio-secret"),
+        "belong in inferq-object-store",
+    ),
+    (
         "Redis open to every broker client",
         ("NetworkPolicy", "redis"),
         _set(

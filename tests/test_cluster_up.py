@@ -44,6 +44,9 @@ case "$name" in
   gcloud)
     case "$*" in
       "container clusters describe"*|"artifacts repositories describe"*) exit 1 ;;
+      "storage buckets describe"*) [ -n "${FAKE_BUCKET:-}" ] || exit 1 ;;
+      "iam service-accounts describe"*) exit 1 ;;
+      "storage hmac create"*) printf 'GOOG1EXAMPLEACCESSID\tan-hmac-secret\n' ;;
       "projects describe"*) echo 123456 ;;
       "compute zones list"*) printf '%s\n' ${FAKE_ZONES-europe-west4-c europe-west4-a europe-west4-b} ;;
     esac ;;
@@ -270,6 +273,28 @@ def test_given_gke_down_then_the_disks_go_before_the_cluster_and_the_images_with
         calls, "gcloud container clusters delete"
     )
     assert any(call.startswith(f"gcloud artifacts docker images delete {REGISTRY}/inferq") for call in calls)
+
+
+def test_given_a_fresh_project_then_gke_up_makes_the_bucket_and_a_key_allowed_on_it_alone(
+    tools: dict[str, str],
+) -> None:
+    """Uploads and outputs by reference need a store: a Cloud Storage bucket in the cluster's
+    region, a service account bound on that bucket only, and its HMAC key in the Secret
+    the ingress and the workers read; `down` deletes the bucket with the cluster."""
+    calls, _applied = _provision(tools, "up", "gke")
+    down_calls, _ = _provision({**tools, "FAKE_BUCKET": "exists"}, "down", "gke")
+
+    made = "gcloud storage buckets create gs://acme-inferq --project acme --location europe-west4 "
+    bucket = _index(calls, made)
+    account = _index(calls, "gcloud iam service-accounts create inferq-store --project acme")
+    binding = _index(calls, "gcloud storage buckets add-iam-policy-binding gs://acme-inferq")
+    key = _index(calls, "gcloud storage hmac create inferq-store@acme.iam.gserviceaccount.com")
+    secret = _index(calls, "kubectl -n inferq create secret generic inferq-object-store")
+    assert bucket < binding and account < binding < key < secret
+    assert not any("add-iam-policy-binding" in call and "projects" in call.split()[:3] for call in calls)
+    assert _index(down_calls, "gcloud container clusters delete") < _index(
+        down_calls, "gcloud storage rm --recursive gs://acme-inferq"
+    )
 
 
 @pytest.mark.parametrize("roles_file", [None, "# no roles\n"], ids=["missing", "empty"])
