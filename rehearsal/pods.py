@@ -23,7 +23,7 @@ import aiohttp
 
 Manifest = dict[str, Any]
 # The upstream images' entrypoints (run when a pod gives only args) and working directories.
-IMAGE_ENTRYPOINTS = {"redis": ["redis-server"], "redis_exporter": ["/redis_exporter"]}
+IMAGE_ENTRYPOINTS = {"redis": ["redis-server"], "redis_exporter": ["/redis_exporter"], "minio": ["minio"]}
 IMAGE_WORKDIRS = {"redis": "/data"}
 # Where an image's binaries are found here (Debian's redis-server, redis-tools and
 # prometheus-redis-exporter packages): ours is the staged Python.
@@ -32,6 +32,8 @@ SYSTEM_BINARIES = {
     "redis-server": "/usr/bin/redis-server",
     "redis-cli": "/usr/bin/redis-cli",
     "/redis_exporter": "/usr/bin/prometheus-redis-exporter",
+    # No MinIO installs here: moto's S3-compatible server stands in (rehearsal/minio_stand_in.py).
+    "minio": str(Path(__file__).with_name("minio_stand_in.py")),
 }
 _VAR = re.compile(r"\$\(([A-Za-z_][A-Za-z0-9_]*)\)")
 

@@ -59,7 +59,12 @@ DEVIATIONS = (
     f"scrape interval {SCRAPE_INTERVAL_S} s instead of 15 s, so the run is short",
     "processes run as this machine's root: its Python lives where no other user may read "
     "(task cluster:verify checks the users, read-only roots and dropped capabilities)",
+    "MinIO is moto's S3-compatible server (no MinIO binary installs here; rehearsal/minio_stand_in.py) "
+    "on the pod's address and port, with MinIO's health endpoints; Secret inferq-object-store's "
+    "S3_PUBLIC_ENDPOINT_URL names that pod's address instead of kind's port-forward",
 )
+# Over OUTPUT_INLINE_MAX_BYTES (256 KiB): the echo's output goes to the store as well.
+BY_REFERENCE_INPUT = {"rehearsal": "by reference", "text": "x" * 300_000}
 
 
 @dataclass
@@ -225,6 +230,54 @@ async def _submit_jobs(
             report.jobs_succeeded += 1
 
 
+async def _submit_by_reference(
+    ingress: Pod, api_key: str, receiver: CallbackReceiver, report: Report
+) -> None:
+    """An echo job whose input the rehearsal uploads to the store (MinIO's stand-in) and
+    whose output the worker writes there: its callback's output_url downloads as the input."""
+    base = f"http://{ingress.address}:{ingress.ports['http']}"
+    job: dict[str, Any] = {"model": "echo (input and output by reference)"}
+    report.jobs.append(job)
+    already = len(receiver.received)
+    async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {api_key}"}) as session:
+        async with session.post(f"{base}/v1/uploads") as created:
+            upload = await created.json()
+            job["submit_status"] = created.status
+        if created.status != 201:
+            job["error"] = f"POST /v1/uploads: {created.status} {str(upload)[:300]}"
+            return
+        async with (
+            aiohttp.ClientSession() as direct,
+            direct.put(upload["upload_url"], data=json.dumps(BY_REFERENCE_INPUT).encode()) as put,
+        ):
+            if put.status != 200:
+                job["error"] = f"PUT to the store: {put.status} {(await put.text())[:300]}"
+                return
+        body = {"input_ref": upload["input_ref"], "callback_url": receiver.url}
+        async with session.post(f"{base}/v1/models/echo/jobs", json=body) as answer:
+            job["submit_status"] = answer.status
+            if answer.status != 202:
+                job["error"] = (await answer.text())[:500]
+                return
+            job["id"] = (await answer.json())["id"]
+    with contextlib.suppress(TimeoutError, AssertionError):
+        await receiver.wait_for(already + 1, JOB_TIMEOUT_S)
+    callback = next((c for c in receiver.received if c.event["data"]["id"] == job["id"]), None)
+    if callback is None:
+        return
+    job["callback"] = {"type": callback.event["type"], "verified": callback.verified}
+    output_url = callback.event["data"].get("output_url")
+    if output_url is None:
+        job["error"] = f"no output_url in the callback: {str(callback.event['data'])[:300]}"
+        return
+    async with aiohttp.ClientSession() as direct, direct.get(output_url) as output:
+        same = output.status == 200 and json.loads(await output.read()) == BY_REFERENCE_INPUT
+    if not same:
+        job["error"] = f"the output at output_url ({output.status}) is not the uploaded input"
+    elif callback.verified and callback.event["type"] == "job.succeeded":
+        report.jobs_succeeded += 1
+
+
 async def _evaluate(prometheus: Prometheus, monitoring: list[Manifest], report: Report) -> None:
     for doc in monitoring:
         if doc["kind"] == "ConfigMap" and doc["metadata"].get("labels", {}).get("grafana_dashboard") == "1":
@@ -259,7 +312,8 @@ def _verdict(report: Report) -> None:
     report.failures += [
         f"job on {job['model']}: {job.get('error') or job.get('callback') or 'no callback'}"
         for job in report.jobs
-        if not (job.get("callback") or {}).get("verified")
+        if "error" in job
+        or not (job.get("callback") or {}).get("verified")
         or (job.get("callback") or {}).get("type") != "job.succeeded"
     ]
     report.failures += [
@@ -398,6 +452,8 @@ class Rehearsal:
             for w, i in replicas
         }
         self.network.write_hosts(_service_hosts(self.docs, addresses))
+        # Callers reach the store at its pod's address here, not through kind's port-forward.
+        self.secrets["inferq-object-store"]["S3_PUBLIC_ENDPOINT_URL"] = f"http://{addresses['minio-0']}:9000"
         for index, (workload, ordinal) in enumerate(replicas):
             name = f"{workload['metadata']['name']}-{ordinal}"
             pod = make_pod(
@@ -447,6 +503,7 @@ class Rehearsal:
         if ingress.ready:
             models = self.config_maps["inferq"]["MODELS"].split(",")
             await _submit_jobs(ingress, api_key, models, self.receiver, self.report)
+            await _submit_by_reference(ingress, api_key, self.receiver, self.report)
         # Enough scrapes after the jobs for rates over a minute's window.
         await asyncio.sleep(4 * SCRAPE_INTERVAL_S)
         self.report.targets = await self.prometheus.targets_up()
