@@ -18,7 +18,7 @@ from starlette.routing import Route
 from broker.client import Broker, BrokerUnavailable, TopologyMismatch, TopologyMissing, redact_url
 from ingress.auth import authenticate, require_model
 from ingress.batch_submission import submit_batch
-from ingress.job_checks import check_callback, checked_job, served_model
+from ingress.job_checks import check_callback, check_input_url, checked_job, served_model
 from ingress.job_routes import cancel_job, get_job
 from ingress.job_submission import Submission, accept
 from ingress.openapi import openapi_document
@@ -85,6 +85,8 @@ async def _submission(request: Request, state: IngressState) -> Submission:
         await check_callback(state, job.callback_url)
         if job.input_ref is not None:
             await check_uploaded(state, job.input_ref)
+        if job.input_url is not None:
+            await check_input_url(state, job.input_url)
     except BaseException:
         start.reservation.release()
         raise

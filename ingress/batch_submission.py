@@ -26,6 +26,7 @@ import contextlib
 import logging
 import time
 import uuid
+from collections.abc import Awaitable
 from dataclasses import dataclass
 from typing import Any
 
@@ -38,7 +39,7 @@ from ingress.admission import QueueFull
 from ingress.batch_request import decode_batch_request, invalid_batch, job_errors
 from ingress.idempotency import accepted_under_key, claim_key, complete_key
 from ingress.inflight_bytes import Reservation
-from ingress.job_checks import check_callback, checked_job
+from ingress.job_checks import check_callback, check_input_url, checked_job
 from ingress.job_view import placement_view
 from ingress.problems import Problem
 from ingress.request_body import JobRequest
@@ -165,7 +166,8 @@ def _checked(state: IngressState, model: str, tenant: Tenant, body: bytes, batch
 
 async def _check_over_the_network(state: IngressState, checked: _Checked) -> None:
     """Each distinct callback URL through the guard once (a batch usually names one), and
-    each named upload in the store; then 422 listing every bad job, in order, if there is one."""
+    each named input (an upload in the store, a URL through the guard); then 422 listing
+    every bad job, in order, if there is one."""
     for url in dict.fromkeys(job.callback_url for _, job, _ in checked.encoded):
         try:
             await check_callback(state, url)
@@ -175,18 +177,26 @@ async def _check_over_the_network(state: IngressState, checked: _Checked) -> Non
             for index, job, _ in checked.encoded:
                 if job.callback_url == url:
                     checked.errors[index] = job_errors(index, problem)
-    for index, job, _ in checked.encoded:
-        if job.input_ref is None:
-            continue
-        try:
-            await check_uploaded(state, job.input_ref)
-        except Problem as problem:
-            if problem.status >= 500:
-                raise
-            checked.errors[index] = job_errors(index, problem)
+    await _check_named_inputs(state, checked)
     if checked.errors:
         errors = [error for index in sorted(checked.errors) for error in checked.errors[index]]
         raise invalid_batch(errors, len(checked.errors), checked.size)
+
+
+async def _check_named_inputs(state: IngressState, checked: _Checked) -> None:
+    url_refusals: dict[str, Problem | None] = {}  # each URL checked once per batch
+    for index, job, _ in checked.encoded:
+        refusal: Problem | None = None
+        if job.input_ref is not None:
+            refusal = await _problem_of(check_uploaded(state, job.input_ref))
+        elif job.input_url is not None:
+            if job.input_url not in url_refusals:
+                url_refusals[job.input_url] = await _problem_of(check_input_url(state, job.input_url))
+            refusal = url_refusals[job.input_url]
+        if refusal is not None:
+            if refusal.status >= 500:
+                raise refusal
+            checked.errors[index] = job_errors(index, refusal)
 
 
 async def accept_batch(state: IngressState, submission: BatchSubmission) -> Response:
@@ -376,3 +386,12 @@ def _fate(result: BaseException | None) -> str:
     if isinstance(result, BrokerError):
         return "not-queued"
     raise result  # a defect, not the broker's answer
+
+
+async def _problem_of(check: Awaitable[None]) -> Problem | None:
+    """The Problem a check raises, or None: kept per URL, so a batch checks each URL once."""
+    try:
+        await check
+    except Problem as problem:
+        return problem
+    return None

@@ -45,13 +45,24 @@ def checked_job(
     """The request checked (metadata, input) and its job encoded: the job without its
     input (the message carries it), so the decoded input can be let go."""
     check_metadata(job_request.metadata, state.settings.max_metadata_bytes)
+    sent = [
+        name
+        for name, value in (
+            ("input", job_request.input is not msgspec.UNSET),
+            ("input_ref", job_request.input_ref is not None),
+            ("input_url", job_request.input_url is not None),
+        )
+        if value
+    ]
+    if len(sent) != 1:
+        raise _one_input(
+            f"send one of input, input_ref (an upload's reference) and input_url, not {' and '.join(sent)}"
+            if sent
+            else "input (or input_ref, an upload's reference, or input_url) is required"
+        )
     if job_request.input_ref is not None:
-        if job_request.input is not msgspec.UNSET:
-            raise _one_input("send input or input_ref, not both")
         check_input_ref(state, tenant, job_request.input_ref)
-    elif job_request.input is msgspec.UNSET:
-        raise _one_input("input (or input_ref, an upload's reference) is required")
-    else:
+    elif job_request.input is not msgspec.UNSET:
         check_input(state, model, job_request.input, deadline)
     job = new_job(state, model, tenant, job_request, job_id)
     return msgspec.structs.replace(job, input=None), encoded(job)
@@ -72,6 +83,7 @@ def new_job(
         model=model,
         input=None if job_request.input is msgspec.UNSET else job_request.input,
         input_ref=job_request.input_ref,
+        input_url=job_request.input_url,
         callback_url=job_request.callback_url,
         priority=job_request.priority,
         metadata=job_request.metadata,
@@ -151,15 +163,24 @@ async def check_callback(state: IngressState, callback_url: str | None) -> None:
 
 
 async def _check_callback_url(state: IngressState, callback_url: str) -> None:
+    await _check_url(state, callback_url, "callback_url", "invalid-callback-url")
+
+
+async def check_input_url(state: IngressState, input_url: str) -> None:
+    """A job's `input_url` through the same guard as callbacks: the worker fetches it."""
+    await _check_url(state, input_url, "input_url", "invalid-input-url")
+
+
+async def _check_url(state: IngressState, url: str, field: str, slug: str) -> None:
     try:
-        await check_callback_url(callback_url, state.settings.callback_allow, state.resolver)
+        await check_callback_url(url, state.settings.callback_allow, state.resolver, field)
     except CallbackUrlRejected as exc:
         raise Problem(
             422,
-            "invalid-callback-url",
+            slug,
             "Unprocessable Content",
             str(exc),
-            errors=[{"field": "callback_url", "detail": str(exc)}],
+            errors=[{"field": field, "detail": str(exc)}],
         ) from exc
     except ResolutionUnavailable as exc:
         raise state.unavailable("dns-unavailable", f"{exc}; the URL may be fine: retry later") from exc

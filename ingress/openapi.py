@@ -45,8 +45,12 @@ def _document(models: tuple[str, ...]) -> dict[str, Any]:
             "schemas": {
                 "JobRequest": {
                     "type": "object",
-                    "description": "Exactly one of `input` and `input_ref`",
-                    "oneOf": [{"required": ["input"]}, {"required": ["input_ref"]}],
+                    "description": "Exactly one of `input`, `input_ref` and `input_url`",
+                    "oneOf": [
+                        {"required": ["input"]},
+                        {"required": ["input_ref"]},
+                        {"required": ["input_url"]},
+                    ],
                     "additionalProperties": False,
                     "properties": {
                         "input": {
@@ -59,6 +63,15 @@ def _document(models: tuple[str, ...]) -> dict[str, Any]:
                             "input as JSON; it must exist (else 422) and fit UPLOAD_MAX_BYTES (else 413). "
                             "The worker checks it against the model's input schema: a miss ends the job "
                             "`failed` with `invalid input`",
+                        },
+                        "input_url": {
+                            "type": "string",
+                            "format": "uri",
+                            "description": "An http(s) URL the worker GETs the input from (JSON), through "
+                            "the callback-URL guard (public addresses or CALLBACK_ALLOW_HOSTS; else 422 "
+                            "invalid-input-url); redirects are not followed, the body may hold "
+                            "UPLOAD_MAX_BYTES. A 4xx or a schema miss ends the job `failed`; a timeout, "
+                            "a 5xx or a 429 retries it",
                         },
                         "callback_url": {
                             "type": "string",

@@ -26,9 +26,11 @@ _DIGITS = re.compile(r"[0-9]{1,18}")
 
 
 class JobRequest(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
-    # Exactly one of the two: the input itself, or an upload's reference (POST /v1/uploads).
+    # Exactly one of the three: the input itself, an upload's reference (POST /v1/uploads),
+    # or a URL the worker fetches it from (through the callback-URL guard).
     input: Any = msgspec.UNSET
     input_ref: str | None = None
+    input_url: str | None = None
     # Optional: without it the caller polls GET /v1/jobs/{id} or waits (Prefer: wait=N).
     callback_url: str | None = None
     priority: Priority = "normal"

@@ -120,36 +120,34 @@ def _embedded_ipv4(address: ipaddress.IPv6Address) -> ipaddress.IPv4Address | No
     return None
 
 
-def parse_callback_url(url: str) -> tuple[str, str, int, str]:
+def parse_callback_url(url: str, field: str = "callback_url") -> tuple[str, str, int, str]:
     """Split a URL into (scheme, host, port, path-and-query) as the HTTP client will send
     it (host as an A-label, path percent-encoded), or say what is wrong."""
     if len(url) > MAX_URL_CHARS:
-        raise CallbackUrlRejected(f"callback_url is {len(url)} characters long; at most {MAX_URL_CHARS}")
+        raise CallbackUrlRejected(f"{field} is {len(url)} characters long; at most {MAX_URL_CHARS}")
     if _CONTROL_OR_SPACE.search(url):
-        raise CallbackUrlRejected(f"callback_url {url!r} contains a space or a control character")
+        raise CallbackUrlRejected(f"{field} {url!r} contains a space or a control character")
     try:
         parsed = URL(url)
         port = parsed.port
         host = parsed.raw_host
     except (ValueError, UnicodeError) as exc:
-        raise CallbackUrlRejected(f"callback_url {url!r} is not a valid URL: {exc}") from exc
+        raise CallbackUrlRejected(f"{field} {url!r} is not a valid URL: {exc}") from exc
     if parsed.scheme not in ("http", "https"):
-        raise CallbackUrlRejected(
-            f"callback_url scheme {parsed.scheme!r} is not allowed; expected http or https"
-        )
+        raise CallbackUrlRejected(f"{field} scheme {parsed.scheme!r} is not allowed; expected http or https")
     if parsed.raw_user is not None or parsed.raw_password is not None:
-        raise CallbackUrlRejected("callback_url must not carry user information (user:pass@)")
+        raise CallbackUrlRejected(f"{field} must not carry user information (user:pass@)")
     if not host:
-        raise CallbackUrlRejected(f"callback_url {url!r} has no host")
+        raise CallbackUrlRejected(f"{field} {url!r} has no host")
     if port is None or port == 0:
-        raise CallbackUrlRejected(f"callback_url {url!r} has port 0; expected 1-65535")
-    _check_host(host.lower())
+        raise CallbackUrlRejected(f"{field} {url!r} has port 0; expected 1-65535")
+    _check_host(host.lower(), field)
     return parsed.scheme, host.lower(), port, parsed.raw_path_qs or "/"
 
 
-def _check_host(host: str) -> None:
+def _check_host(host: str, field: str) -> None:
     if "%" in host:
-        raise CallbackUrlRejected(f"callback_url host {host!r} carries a zone id or an escape; not allowed")
+        raise CallbackUrlRejected(f"{field} host {host!r} carries a zone id or an escape; not allowed")
     try:
         ipaddress.ip_address(host)
         return
@@ -159,12 +157,12 @@ def _check_host(host: str) -> None:
     labels = name.split(".")
     if len(name) > 253 or not all(_DNS_LABEL.fullmatch(label) for label in labels):
         raise CallbackUrlRejected(
-            f"callback_url host {host!r} is not a valid DNS name (labels of 1-63 letters, digits or "
+            f"{field} host {host!r} is not a valid DNS name (labels of 1-63 letters, digits or "
             "hyphens, 253 characters in all)"
         )
     if labels[-1].isdigit():
         raise CallbackUrlRejected(
-            f"callback_url host {host!r} ends in an all-numeric label; write an IP address in dotted form"
+            f"{field} host {host!r} ends in an all-numeric label; write an IP address in dotted form"
         )
 
 
@@ -237,21 +235,24 @@ def _getaddrinfo(host: str, port: int) -> list[IPAddress]:
     return [ipaddress.ip_address(str(info[4][0]).split("%", 1)[0]) for info in infos]
 
 
-async def check_callback_url(url: str, allow: AllowList, resolve: Resolver) -> CallbackTarget:
-    """Resolve the URL's host; every address must be public or allow-listed."""
-    scheme, host, port, path = parse_callback_url(url)
+async def check_callback_url(
+    url: str, allow: AllowList, resolve: Resolver, field: str = "callback_url"
+) -> CallbackTarget:
+    """Resolve the URL's host; every address must be public or allow-listed. `field` names
+    the URL in what is refused (a job's `input_url` goes through the same guard)."""
+    scheme, host, port, path = parse_callback_url(url, field)
     try:
         addresses = [ipaddress.ip_address(host)]
     except ValueError:
         addresses = await resolve(host, port)
     if not addresses:
-        raise CallbackUrlRejected(f"callback_url host {host!r} resolved to no address")
+        raise CallbackUrlRejected(f"{field} host {host!r} resolved to no address")
     if not allow.allows_host(host):
         for address in addresses:
             reason = non_public_reason(address)
             if reason is not None and not allow.allows_address(address):
                 raise CallbackUrlRejected(
-                    f"callback_url host {host!r} resolves to {address}, which is {reason}; "
+                    f"{field} host {host!r} resolves to {address}, which is {reason}; "
                     "only public addresses or CALLBACK_ALLOW_HOSTS entries may be called back"
                 )
     unique = tuple(dict.fromkeys(addresses))

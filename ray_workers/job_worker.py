@@ -97,7 +97,7 @@ class _Work:
     error: str | None = None
     permanent: bool = False
     expired: bool = False
-    # Its input is an upload, read before the batch runs (ray_workers.payload_references).
+    # Its input is an upload or a URL, read before the batch runs (ray_workers.payload_references).
     referenced: bool = False
     # Its output, stored by reference instead of travelling inline.
     output_ref: OutputRef | None = None
@@ -496,7 +496,7 @@ class JobWorker:
         if job.deadline_ms is not None and now_ms > job.deadline_ms:
             item.expired = True
             return item
-        if job.input_ref is not None:
+        if job.input_ref is not None or job.input_url is not None:
             item.referenced = True
             return item
         self._prepare_input(item, job.input)
@@ -512,9 +512,7 @@ class JobWorker:
         """Each referenced input read, checked and prepared, all at once; a miss or a store
         that did not answer becomes the job's error."""
         referenced = [item for item in work if item.referenced and not item.expired]
-        reads = await asyncio.gather(
-            *(self._payloads.read_input(item.job.input_ref or "") for item in referenced)
-        )
+        reads = await asyncio.gather(*(self._payloads.read_job_input(item.job) for item in referenced))
         for item, read in zip(referenced, reads, strict=True):
             if read.error is not None:
                 item.error, item.permanent = read.error, read.permanent

@@ -1,7 +1,8 @@
-"""Payloads by reference, in a worker: inputs read from the object store, large outputs
-written to it.
+"""Payloads by reference, in a worker: inputs read from the object store or fetched from
+a URL, large outputs written to the store.
 
-A job's input named by reference (`input_ref`, an upload) is read when the job is taken:
+A job's input named by reference (`input_ref`, an upload; or `input_url`, fetched through
+the callback-URL guard by `ray_workers.input_fetch`) is read when the job is taken:
 the ingress checked only that it exists and fits, so here it is decoded and checked
 against the model's input schema, as the ingress checks an inline input. A miss or an
 input that is not JSON fails the job (permanent). An output over OUTPUT_INLINE_MAX_BYTES
@@ -23,8 +24,10 @@ import msgspec
 from model_catalogue.catalogue import load_catalogue
 from model_catalogue.input_schemas import InputSchemas, ValidationBudgetExceeded
 from object_store.store import ObjectStore, ObjectTooLarge, StoreUnavailable
+from policies.callback_guard import SystemResolver
+from ray_workers.input_fetch import InputFetcher
 from ray_workers.settings import WorkerSettings
-from wire.envelope import OutputRef
+from wire.envelope import Job, OutputRef
 
 # The schema check's time budget for one referenced input (the ingress's is per request).
 VALIDATION_BUDGET_S = 5.0
@@ -53,15 +56,33 @@ class PayloadReferences:
         self._schemas = InputSchemas(
             load_catalogue(Path(settings.model_catalogue)), (model,), VALIDATION_BUDGET_S
         )
+        self._resolver = SystemResolver(timeout_s=settings.dns_timeout_s)
+        self._fetcher = InputFetcher(
+            settings.input_allow, self._resolver, settings.upload_max_bytes, settings.input_url_timeout_s
+        )
         self._open = contextlib.AsyncExitStack()
 
     async def __aenter__(self) -> PayloadReferences:
+        self._open.push_async_callback(self._fetcher.close)
+        self._open.callback(self._resolver.close)
         if self._store is not None:
             await self._open.enter_async_context(self._store)
         return self
 
     async def __aexit__(self, *exc: object) -> None:
         await self._open.aclose()
+
+    async def read_job_input(self, job: Job) -> ReadInput:
+        """The input the job names, by `input_url` or by `input_ref`."""
+        if job.input_url is not None:
+            return await self.fetch_input(job.input_url)
+        return await self.read_input(job.input_ref or "")
+
+    async def fetch_input(self, url: str) -> ReadInput:
+        fetched = await self._fetcher.fetch(url)
+        if fetched.data is None:
+            return ReadInput(error=fetched.error, permanent=fetched.permanent)
+        return await self._decoded(url, fetched.data)
 
     async def read_input(self, ref: str) -> ReadInput:
         if self._store is None:
@@ -74,25 +95,28 @@ class PayloadReferences:
             return ReadInput(error=f"input_ref {ref}: {exc}", permanent=True)
         if data is None:
             return ReadInput(error=f"input_ref {ref}: the upload is gone", permanent=True)
-        if len(data) > OFF_LOOP_BYTES:
-            return await asyncio.to_thread(self._checked, ref, data)
-        return self._checked(ref, data)
+        return await self._decoded(f"input_ref {ref}", data)
 
-    def _checked(self, ref: str, data: bytes | bytearray) -> ReadInput:
+    async def _decoded(self, named: str, data: bytes | bytearray) -> ReadInput:
+        if len(data) > OFF_LOOP_BYTES:
+            return await asyncio.to_thread(self._checked, named, data)
+        return self._checked(named, data)
+
+    def _checked(self, named: str, data: bytes | bytearray) -> ReadInput:
         """The bytes decoded and checked against the model's schema."""
         try:
             value = msgspec.json.decode(data)
         except msgspec.DecodeError as exc:
-            return ReadInput(error=f"invalid input: input_ref {ref} is not JSON: {exc}", permanent=True)
+            return ReadInput(error=f"invalid input: {named} is not JSON: {exc}", permanent=True)
         try:
             problem = self._schemas.problem(self._model, value)
         except ValidationBudgetExceeded:
-            return ReadInput(error=f"invalid input: input_ref {ref} is too complex to check", permanent=True)
+            return ReadInput(error=f"invalid input: {named} is too complex to check", permanent=True)
         if problem is not None:
             pointer, message = problem
             return ReadInput(
                 error=(
-                    f"invalid input: input_ref {ref} does not match {self._model}'s input schema "
+                    f"invalid input: {named} does not match {self._model}'s input schema "
                     f"at {pointer}: {message}"
                 ),
                 permanent=True,

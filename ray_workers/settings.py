@@ -11,6 +11,7 @@ from job_records.store import DEFAULT_RECORD_OUTPUT_MAX_BYTES
 from model_catalogue.catalogue import DEFAULT_CATALOGUE
 from model_catalogue.sections import Batching
 from object_store.store import StoreSettings
+from policies.callback_guard import AllowList
 from settings.environment import DEFAULT_AMQP_URL, Environment
 from wire.topology import Topology
 
@@ -44,6 +45,10 @@ class WorkerSettings:
     # Where jobs' `input_ref` uploads are read from; None: such a job fails as invalid.
     object_store: StoreSettings | None = field(default=None, repr=False)
     upload_max_bytes: int = 1024**3
+    # Jobs' `input_url`: fetched through the callback-URL guard, with its allow-list.
+    input_allow: AllowList = field(default_factory=AllowList)
+    input_url_timeout_s: float = 120.0
+    dns_timeout_s: float = 3.0
     # Outputs larger than this go to the object store, by reference (where there is one).
     output_inline_max_bytes: int = 256 * 1024
     # Bytes of job bodies in one batch, and prefetched by a classic-queue consumer.
@@ -82,5 +87,8 @@ class WorkerSettings:
             prefetch_max_bytes=read.worker_prefetch_max_bytes,
             object_store=read.object_store,
             upload_max_bytes=read.upload_max_bytes,
+            input_allow=AllowList.parse(read.callback_allow_hosts),
+            input_url_timeout_s=read.input_url_timeout_s,
+            dns_timeout_s=read.dns_timeout_s,
             output_inline_max_bytes=read.output_inline_max_bytes,
         )

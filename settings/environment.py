@@ -248,6 +248,15 @@ class Environment(BaseModel):
         alias="UPLOAD_URL_TTL_S",
         description="how long a presigned upload URL stays valid",
     )
+    input_url_timeout_s: float = Field(
+        120.0,
+        gt=0,
+        alias="INPUT_URL_TIMEOUT_S",
+        description=(
+            "how long a worker may take to fetch a job's `input_url` (then the job is retried); the "
+            "URL goes through the callback-URL guard, and its body may hold `UPLOAD_MAX_BYTES`"
+        ),
+    )
     store_sweep_interval_s: float = Field(
         600.0,
         gt=0,

@@ -63,6 +63,8 @@ class Job(msgspec.Struct, frozen=True, kw_only=True):
     tenant: str = ""
     # An upload (object_store) the worker reads as the input, instead of `input`.
     input_ref: str | None = None
+    # A URL the worker fetches the input from (through the callback-URL guard), instead.
+    input_url: str | None = None
 
 
 class JobTimings(msgspec.Struct, frozen=True, kw_only=True):
