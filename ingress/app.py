@@ -35,6 +35,7 @@ from object_store.expiry import ExpirySweeper
 from object_store.store import ObjectStore, StoreUnavailable
 from tenants.registry import Tenant
 from wire.envelope import Job
+from wire.job_message import with_input_bytes
 from wire.outgoing import OutgoingMessage
 
 logger = logging.getLogger(__name__)
@@ -84,9 +85,10 @@ async def _submission(request: Request, state: IngressState) -> Submission:
             job, message = _decoded(state, start.model, start.tenant, start.body)
         await check_callback(state, job.callback_url)
         if job.input_ref is not None:
-            await check_uploaded(state, job.input_ref)
+            message = with_input_bytes(message, await check_uploaded(state, job.input_ref))
         if job.input_url is not None:
             await check_input_url(state, job.input_url)
+            message = with_input_bytes(message, state.settings.upload_max_bytes)
     except BaseException:
         start.reservation.release()
         raise

@@ -51,7 +51,7 @@ from ingress.uploads import check_uploaded
 from job_records.store import Placement, RecordsUnavailable
 from tenants.registry import Tenant
 from wire.envelope import Job, decode_job
-from wire.job_message import job_message
+from wire.job_message import job_message, with_input_bytes
 from wire.outgoing import OutgoingMessage
 
 logger = logging.getLogger(__name__)
@@ -184,19 +184,27 @@ async def _check_over_the_network(state: IngressState, checked: _Checked) -> Non
 
 
 async def _check_named_inputs(state: IngressState, checked: _Checked) -> None:
-    url_refusals: dict[str, Problem | None] = {}  # each URL checked once per batch
-    for index, job, _ in checked.encoded:
-        refusal: Problem | None = None
-        if job.input_ref is not None:
-            refusal = await _problem_of(check_uploaded(state, job.input_ref))
-        elif job.input_url is not None:
-            if job.input_url not in url_refusals:
-                url_refusals[job.input_url] = await _problem_of(check_input_url(state, job.input_url))
-            refusal = url_refusals[job.input_url]
-        if refusal is not None:
-            if refusal.status >= 500:
-                raise refusal
-            checked.errors[index] = job_errors(index, refusal)
+    """Each upload in the store, each URL through the guard (once per batch); each job's
+    message then says how large its input is (`wire.job_message.with_input_bytes`)."""
+    url_refusals: dict[str, Problem | None] = {}
+    for position, (index, job, message) in enumerate(checked.encoded):
+        try:
+            if job.input_ref is not None:
+                size = await check_uploaded(state, job.input_ref)
+            elif job.input_url is not None:
+                if job.input_url not in url_refusals:
+                    url_refusals[job.input_url] = await _problem_of(check_input_url(state, job.input_url))
+                if (refusal := url_refusals[job.input_url]) is not None:
+                    raise refusal
+                size = state.settings.upload_max_bytes
+            else:
+                continue
+        except Problem as problem:
+            if problem.status >= 500:
+                raise
+            checked.errors[index] = job_errors(index, problem)
+            continue
+        checked.encoded[position] = (index, job, with_input_bytes(message, size))
 
 
 async def accept_batch(state: IngressState, submission: BatchSubmission) -> Response:

@@ -61,8 +61,8 @@ def check_input_ref(state: IngressState, tenant: Tenant, ref: str) -> None:
         )
 
 
-async def check_uploaded(state: IngressState, ref: str) -> None:
-    """The upload exists and fits UPLOAD_MAX_BYTES."""
+async def check_uploaded(state: IngressState, ref: str) -> int:
+    """The upload exists and fits UPLOAD_MAX_BYTES; its size."""
     try:
         size = await _store(state).size(ref)
     except StoreUnavailable as exc:
@@ -83,6 +83,7 @@ async def check_uploaded(state: IngressState, ref: str) -> None:
             f"the upload holds {size} bytes, over UPLOAD_MAX_BYTES ({allowed})",
             extensions={"limit": "UPLOAD_MAX_BYTES", "allowed": allowed},
         )
+    return size
 
 
 def _store(state: IngressState) -> ObjectStore:

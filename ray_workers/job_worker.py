@@ -62,6 +62,7 @@ from wire.envelope import (
     UndecodableMessage,
     decode_job,
 )
+from wire.job_message import input_bytes
 from wire.outgoing import Publish
 
 logger = logging.getLogger(__name__)
@@ -109,6 +110,12 @@ LARGE_BODY_DECAY = 0.9
 
 def _body_bytes(delivery: Delivery) -> int:
     return len(delivery.body)
+
+
+def _held_bytes(delivery: Delivery) -> int:
+    """What a job holds in a batch: its body, and the input it names once read (an upload,
+    a fetched URL), so a batch of references stays within WORKER_BATCH_MAX_BYTES too."""
+    return len(delivery.body) + input_bytes(delivery.headers)
 
 
 class JobWorker:
@@ -260,7 +267,7 @@ class JobWorker:
                 size,
                 self.batching.wait_s,
                 max_bytes=self._settings.batch_max_bytes,
-                size_of=_body_bytes,
+                size_of=_held_bytes,
             )
             if self._stopping:
                 break  # taken during the drain: left unacked, it goes back with the channel

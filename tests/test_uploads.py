@@ -186,3 +186,28 @@ async def test_given_the_store_down_when_the_worker_reads_then_the_job_retries_a
 
     assert received.event["type"] == "job.succeeded" and received.event["data"]["output"] == {"n": 7}
     assert received.event["data"]["attempts"] == 2, "one retry: the store's outage cost no job"
+
+
+async def test_given_jobs_naming_large_uploads_then_a_batch_holds_their_bytes_within_its_budget(
+    store_client: httpx.AsyncClient,
+    receiver: CallbackReceiver,
+    worker_settings: WorkerSettings,
+    object_store: StoreSettings,
+    dispatcher: CallbackDispatcher,
+) -> None:
+    """Three queued jobs of small messages naming 120 KB uploads, a worker whose batch may
+    hold 100 KB: one job per batch (each read whole), not all three read at once (1 GiB
+    uploads would be 32 GiB)."""
+    refs = [await _upload(store_client, {"n": n, "text": "x" * 120_000}) for n in range(3)]
+    for ref in refs:
+        answer = await store_client.post(
+            "/v1/models/echo/jobs", json={"input_ref": ref, "callback_url": receiver.url}
+        )
+        assert answer.status_code == 202, answer.text
+
+    settings = replace(worker_settings, object_store=object_store, batch_max_bytes=100_000)
+    async with running_worker(EchoModel(), settings):
+        received = await receiver.wait_for(3, timeout_s=30)
+
+    assert sorted(r.event["data"]["output"]["n"] for r in received) == [0, 1, 2]
+    assert [r.event["data"]["timings"]["batch_size"] for r in received] == [1, 1, 1]

@@ -28,6 +28,9 @@ MAX_AMQP_PRIORITY = max(AMQP_PRIORITY.values())
 ATTEMPT_HEADER = "x-attempt"
 # The job's deadline (wall-clock ms), when it has one; the body carries it too.
 DEADLINE_HEADER = "x-deadline-ms"
+# The bytes of the input a job names (`input_ref`: the upload's size; `input_url`: the most
+# it may fetch), set by the ingress: a worker counts them in its batch's byte budget.
+INPUT_BYTES_HEADER = "x-input-bytes"
 # JSON list of {"attempt", "error", "at_ms"}: why each earlier attempt failed.
 HISTORY_HEADER = "x-attempt-history"
 PARK_REASON_HEADER = "x-park-reason"

@@ -4,10 +4,11 @@ and tests. Every copy of a job on the broker carries the same id, priority and t
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 from typing import Any
 
-from wire.envelope import AMQP_PRIORITY, ATTEMPT_HEADER, DEADLINE_HEADER, Job, encode
+from wire.envelope import AMQP_PRIORITY, ATTEMPT_HEADER, DEADLINE_HEADER, INPUT_BYTES_HEADER, Job, encode
 from wire.outgoing import OutgoingMessage
 
 
@@ -34,3 +35,15 @@ def job_message(
         type="job",
         expiration_ms=expiration_ms,
     )
+
+
+def with_input_bytes(message: OutgoingMessage, size: int) -> OutgoingMessage:
+    """The job's message saying how large the input it names is (retries and replays keep
+    the header): a worker's batch holds that much once it reads the input."""
+    return dataclasses.replace(message, headers={**(message.headers or {}), INPUT_BYTES_HEADER: size})
+
+
+def input_bytes(headers: Mapping[str, Any]) -> int:
+    """The named input's bytes a delivery says it has; 0 when it names none."""
+    size = headers.get(INPUT_BYTES_HEADER, 0)
+    return size if isinstance(size, int) and size > 0 else 0
