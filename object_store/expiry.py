@@ -30,10 +30,10 @@ async def sweep(store: ObjectStore, ttl_s: float, now: datetime | None = None) -
     cutoff = (now or datetime.now(UTC)) - timedelta(seconds=ttl_s)
     deleted = 0
     for prefix in EXPIRING_PREFIXES:
-        expired = [key async for key, written in store.listed(prefix) if written < cutoff]
-        for key in expired:
-            await store.delete(key)
-        deleted += len(expired)
+        async for key, written in store.listed(prefix):  # a page at a time, whatever the bucket holds
+            if written < cutoff:
+                await store.delete(key)
+                deleted += 1
     return deleted
 
 
