@@ -75,16 +75,16 @@ class PayloadReferences:
     async def read_job_input(self, job: Job) -> ReadInput:
         """The input the job names, by `input_url` or by `input_ref`."""
         if job.input_url is not None:
-            return await self.fetch_input(job.input_url)
-        return await self.read_input(job.input_ref or "")
+            return await self._fetch_input(job.input_url)
+        return await self._read_input(job.input_ref or "")
 
-    async def fetch_input(self, url: str) -> ReadInput:
+    async def _fetch_input(self, url: str) -> ReadInput:
         fetched = await self._fetcher.fetch(url)
         if fetched.data is None:
             return ReadInput(error=fetched.error, permanent=fetched.permanent)
-        return await self._decoded(url, fetched.data)
+        return await self._decoded(f"input_url {url}", fetched.data)
 
-    async def read_input(self, ref: str) -> ReadInput:
+    async def _read_input(self, ref: str) -> ReadInput:
         if self._store is None:
             return ReadInput(error=f"input_ref {ref}: this worker has no object store", permanent=False)
         try:
