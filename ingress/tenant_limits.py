@@ -1,7 +1,8 @@
 """A tenant's limits at submit, held in Redis so every ingress process shares them.
 
 - `rate_per_s` + `burst`: a token bucket on submitted jobs (a batch takes one token per
-  job). Over it: 429 `rate-limited` with `Retry-After` (when the tokens will be there)
+  job), and another as large on uploads (`POST /v1/uploads`: each may put UPLOAD_MAX_BYTES
+  in the store). Over it: 429 `rate-limited` with `Retry-After` (when the tokens will be there)
   and the IETF RateLimit headers, which every answer to a limited tenant's submission
   carries: `RateLimit-Policy: "burst";q=<burst>;w=<seconds to refill>` and
   `RateLimit: "burst";r=<tokens left>;t=<seconds to full>`. A batch larger than the
@@ -30,8 +31,9 @@ from tenants.registry import Tenant
 logger = logging.getLogger(__name__)
 
 
-async def take_rate(state: IngressState, tenant: Tenant, jobs: int) -> dict[str, str]:
-    """Tokens for `jobs` jobs, or 429; returns the RateLimit headers for the answer."""
+async def take_rate(state: IngressState, tenant: Tenant, jobs: int, what: str = "jobs") -> dict[str, str]:
+    """Tokens for `jobs` jobs (or uploads: `what`, a bucket of its own), or 429; returns the
+    RateLimit headers for the answer."""
     if tenant.rate_per_s is None or tenant.burst is None or state.records is None:
         return {}
     rate, burst = tenant.rate_per_s, tenant.burst
@@ -48,7 +50,8 @@ async def take_rate(state: IngressState, tenant: Tenant, jobs: int) -> dict[str,
             ),
         )
     try:
-        take = await state.records.take_tokens(tenant.name, rate, burst, jobs)
+        bucket = tenant.name if what == "jobs" else f"{tenant.name}:{what}"
+        take = await state.records.take_tokens(bucket, rate, burst, jobs)
     except RecordsUnavailable as exc:
         _unchecked(state, tenant, exc)
         return {}
@@ -64,7 +67,7 @@ async def take_rate(state: IngressState, tenant: Tenant, jobs: int) -> dict[str,
                 429,
                 "rate-limited",
                 "Too Many Requests",
-                f"this API key may submit {rate:g} jobs/s (burst {burst}); {jobs} more are possible in "
+                f"this API key may submit {rate:g} {what}/s (burst {burst}); {jobs} more are possible in "
                 f"{take.wait_s:.1f} s",
                 headers={**headers, "Retry-After": str(max(1, math.ceil(take.wait_s)))},
                 extensions={"limit": "rate_per_s", "allowed": rate},

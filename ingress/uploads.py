@@ -15,6 +15,7 @@ from starlette.responses import JSONResponse, Response
 from ingress.auth import authenticate
 from ingress.problems import Problem
 from ingress.state import IngressState, ingress_state
+from ingress.tenant_limits import take_rate
 from object_store.store import ANONYMOUS_OWNER, ObjectStore, StoreUnavailable, owner_of, upload_key
 from tenants.registry import Tenant
 
@@ -25,6 +26,7 @@ async def create_upload(request: Request) -> Response:
     state = ingress_state(request)
     tenant = authenticate(request, state.settings.tenants)
     store = _store(state)
+    limits = await take_rate(state, tenant, 1, "uploads")
     key = upload_key(tenant.owner)
     ttl_s = state.settings.upload_url_ttl_s
     try:
@@ -40,6 +42,7 @@ async def create_upload(request: Request) -> Response:
             "max_bytes": state.settings.upload_max_bytes,
         },
         status_code=201,
+        headers=limits,
     )
 
 

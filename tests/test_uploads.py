@@ -23,6 +23,7 @@ from ray_workers.job_worker import JobWorker
 from ray_workers.models.echo import EchoModel
 from ray_workers.models.synthetic import SyntheticModel
 from ray_workers.settings import WorkerSettings
+from tenants.registry import Tenant, key_digest
 from tests.conftest import queue_holds, running_ingress, running_worker, wait_until
 
 # Over MAX_BODY_BYTES (1 MiB): too large to send inline.
@@ -211,3 +212,24 @@ async def test_given_jobs_naming_large_uploads_then_a_batch_holds_their_bytes_wi
 
     assert sorted(r.event["data"]["output"]["n"] for r in received) == [0, 1, 2]
     assert [r.event["data"]["timings"]["batch_size"] for r in received] == [1, 1, 1]
+
+
+async def test_given_a_rate_limited_tenant_then_uploads_take_tokens_of_their_own_bucket(
+    with_store: IngressSettings,
+) -> None:
+    """Each upload may put UPLOAD_MAX_BYTES in the store: a limited key's uploads have a
+    bucket as large as its jobs', and spending it leaves its jobs' untouched."""
+    key = "uploads-limited-key"
+    limited = Tenant("limited", key_digest(key), rate_per_s=0.5, burst=2)
+    settings = replace(with_store, api_keys=("plain-key",), named_tenants=(limited,))
+    auth = {"Authorization": f"Bearer {key}"}
+    async with running_ingress(settings) as client:
+        uploads = [await client.post("/v1/uploads", headers=auth) for _ in range(3)]
+        job = await client.post("/v1/models/echo/jobs", json={"input": 1}, headers=auth)
+
+    assert [u.status_code for u in uploads] == [201, 201, 429]
+    assert uploads[0].headers["ratelimit-policy"] == '"burst";q=2;w=4'
+    refused = uploads[2]
+    assert refused.json()["type"].endswith("/rate-limited") and "uploads/s" in refused.json()["detail"]
+    assert 1 <= int(refused.headers["retry-after"]) <= 2
+    assert job.status_code == 202, "the jobs' bucket is its own"
