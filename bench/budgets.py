@@ -39,6 +39,7 @@ MODELS = ("echo", "embed-minilm")
 ROLES = ("ingress", "worker", "dispatcher", "redis")
 HEALTH_POLL_S = 0.01
 RSS_POLL_S = 0.05
+UPLOAD_BYTES = 16 * 2**20
 # Pod memory limits in cluster/base (what each must stay under).
 POD_LIMITS_MB = {"ingress": 512, "worker": 1024, "dispatcher": 1024}
 CALLBACK_WAIT_S = 180.0
@@ -122,6 +123,13 @@ async def _worst_health_s(session: aiohttp.ClientSession, done: asyncio.Event) -
     return worst_s
 
 
+async def _accepted(session: aiohttp.ClientSession, body: bytes) -> tuple[int, str | None]:
+    """An echo job's status, and its id when accepted."""
+    async with session.post("/v1/models/echo/jobs", data=body, headers=JSON) as response:
+        answer = await response.json()
+        return response.status, answer.get("id") if response.status == 202 else None
+
+
 async def _post(session: aiohttp.ClientSession, path: str, body: bytes, **headers: str) -> int:
     async with session.post(path, data=body, headers={**JSON, **headers}) as response:
         await response.read()
@@ -161,6 +169,7 @@ def attacks(quick: bool, receiver: ReceiverProcess, slow: ReceiverProcess) -> li
     waits = 5 if quick else 20
     worker_jobs = 10 if quick else 40
     slow_jobs = 20 if quick else 500
+    reference_jobs = 8 if quick else 16
 
     async def schema_miss(session: aiohttp.ClientSession, _cb: str) -> list[int]:
         return [await _post(session, "/v1/models/embed-minilm/jobs", texts_of_zeros(MIB))]
@@ -205,6 +214,25 @@ def attacks(quick: bool, receiver: ReceiverProcess, slow: ReceiverProcess) -> li
 
         return attack
 
+    async def named_uploads(session: aiohttp.ClientSession, _cb: str) -> list[int]:
+        """Small messages naming a 16 MiB upload, at once: the worker's batch budget counts
+        the inputs they name, so it reads them a batch of one at a time, not all at once."""
+        async with session.post("/v1/uploads") as created:
+            upload = await created.json()
+        data = b'"' + b"u" * (UPLOAD_BYTES - 2) + b'"'
+        async with aiohttp.ClientSession() as direct, direct.put(upload["upload_url"], data=data) as put:
+            put.raise_for_status()
+        body = b'{"input_ref": "%s", "callback_url": "%s"}' % (
+            upload["input_ref"].encode(),
+            receiver.url.encode(),
+        )
+        already = {r.job_id for r in await receiver.refresh()}
+        answers = await asyncio.gather(*(_accepted(session, body) for _ in range(reference_jobs)))
+        arrived = await receiver.wait_for(
+            {job_id for _, job_id in answers if job_id} - already, CALLBACK_WAIT_S
+        )
+        return [*(status for status, _ in answers), *([] if arrived else [0])]
+
     return [
         ("embed-minilm 1 MiB schema miss (texts of 0)", schema_miss),
         ("embed-minilm 380 KB schema miss, within the values budget", schema_miss_in_budget),
@@ -221,6 +249,7 @@ def attacks(quick: bool, receiver: ReceiverProcess, slow: ReceiverProcess) -> li
             f"dispatcher: {slow_jobs} x 1 MiB outputs to a host answering in 2 s",
             to_receiver(slow, slow_jobs),
         ),
+        (f"worker fed {reference_jobs} jobs naming a 16 MiB upload, at once, called back", named_uploads),
     ]
 
 
