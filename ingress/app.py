@@ -32,7 +32,6 @@ from ingress.state import IngressState, ingress_state
 from ingress.submission_route import handle_submission, submission_request
 from ingress.uploads import check_uploaded, create_upload
 from object_store.expiry import ExpirySweeper
-from object_store.store import ObjectStore, StoreUnavailable
 from tenants.registry import Tenant
 from wire.envelope import Job
 from wire.job_message import with_input_bytes
@@ -65,7 +64,6 @@ async def _connect_until_ready(broker: Broker, url: str) -> None:
 # LARGE_DECODES_AT_ONCE at a time: the event loop keeps serving, and what decoding costs in
 # memory (up to about 15x the body within the JSON budget) is held by few requests at once.
 OFF_LOOP_BODY_BYTES = 64 * 1024
-BUCKET_RETRY_S = 5.0
 
 
 async def submit_job(request: Request) -> Response:
@@ -156,24 +154,6 @@ async def openapi(request: Request) -> Response:
     )
 
 
-async def _make_bucket(store: ObjectStore) -> None:
-    """The bucket made where the store starts empty (the kind overlay's MinIO), retried
-    until the store answers: it may start after the ingress, which serves meanwhile
-    (submissions naming uploads get 503)."""
-    while True:
-        try:
-            await store.ensure_bucket()
-            return
-        except StoreUnavailable as exc:
-            logger.warning("the object store's bucket is not confirmed yet: %s", exc)
-        await asyncio.sleep(BUCKET_RETRY_S)
-
-
-async def _stopped(task: asyncio.Task[None]) -> None:
-    task.cancel()
-    await asyncio.gather(task, return_exceptions=True)
-
-
 def create_app(settings: IngressSettings) -> Starlette:
     state = IngressState(settings)
 
@@ -185,8 +165,6 @@ def create_app(settings: IngressSettings) -> Starlette:
         async with contextlib.AsyncExitStack() as stack:
             if state.uploads is not None:
                 await stack.enter_async_context(state.uploads)
-                making = asyncio.create_task(_make_bucket(state.uploads))
-                stack.push_async_callback(_stopped, making)
                 sweeper = ExpirySweeper(state.uploads, settings.result_ttl_s, settings.store_sweep_interval_s)
                 sweeper.start()
                 stack.push_async_callback(sweeper.close)

@@ -8,7 +8,9 @@ RESULT_TTL_S from its PUT: a job still waiting for a worker by then fails with
 MinIO all list and delete; not every store applies lifecycle rules, moto's does not) and
 deletes one object at a time (Cloud Storage's XML API has no multi-object delete). Every
 ingress sweeps, at a jittered interval: deletes are idempotent, so replicas that overlap
-waste a listing, nothing more.
+waste a listing, nothing more. Before its first sweep the sweeper makes the bucket where
+the store starts empty (the kind overlay's MinIO), retrying until the store answers: it
+may start after the ingress, which serves meanwhile (submissions naming uploads get 503).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from object_store.store import ObjectStore, StoreUnavailable
 logger = logging.getLogger(__name__)
 
 EXPIRING_PREFIXES = ("uploads/", "outputs/")
+BUCKET_RETRY_S = 5.0
 
 
 async def sweep(store: ObjectStore, ttl_s: float, now: datetime | None = None) -> int:
@@ -38,7 +41,8 @@ async def sweep(store: ObjectStore, ttl_s: float, now: datetime | None = None) -
 
 
 class ExpirySweeper:
-    """`sweep` every `interval_s` (0.5-1.5x, so replicas drift apart) until closed."""
+    """The bucket made, then `sweep` every `interval_s` (0.5-1.5x, so replicas drift apart)
+    until closed."""
 
     def __init__(self, store: ObjectStore, ttl_s: float, interval_s: float) -> None:
         self._store = store
@@ -55,6 +59,7 @@ class ExpirySweeper:
             await asyncio.gather(self._sweeping, return_exceptions=True)
 
     async def _sweep_forever(self) -> None:
+        await self._bucket_made()
         while True:
             await asyncio.sleep(self._interval_s * random.uniform(0.5, 1.5))
             try:
@@ -64,3 +69,12 @@ class ExpirySweeper:
                 continue
             if deleted:
                 logger.info("deleted %d uploads and outputs older than %.0f s", deleted, self._ttl_s)
+
+    async def _bucket_made(self) -> None:
+        while True:
+            try:
+                await self._store.ensure_bucket()
+                return
+            except StoreUnavailable as exc:
+                logger.warning("the object store's bucket is not confirmed yet: %s", exc)
+            await asyncio.sleep(BUCKET_RETRY_S)

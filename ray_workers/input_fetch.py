@@ -102,10 +102,7 @@ class InputFetcher:
         while chunk := await response.content.read(READ_CHUNK_BYTES):
             if received + len(chunk) > self._max_bytes:
                 return Fetched(error=self._too_large(url, received + len(chunk)), permanent=True)
-            if declared is None:
-                data += chunk
-            else:
-                data[received : received + len(chunk)] = chunk
+            data[received : received + len(chunk)] = chunk  # fills the buffer, or grows it
             received += len(chunk)
         return Fetched(data=data)
 

@@ -4,6 +4,7 @@ ingress app with its lifespan, and a real callback receiver."""
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import shutil
 import socket
@@ -11,6 +12,7 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit
 
 import aio_pika
@@ -32,7 +34,7 @@ from local_stack.ha_cluster import down as ha_down
 from local_stack.ha_cluster import up as ha_up
 from local_stack.local_services import make_bucket, start_moto_server, wait_until_answers
 from manifests import upstream_crds
-from object_store.store import StoreSettings
+from object_store.store import ObjectStore, StoreSettings
 from policies.callback_guard import AllowList
 from ray_workers.job_worker import JobWorker
 from ray_workers.models.base import Model
@@ -159,6 +161,25 @@ def object_store() -> Iterator[StoreSettings]:
     finally:
         server.terminate()
         server.wait(timeout=30)
+
+
+@pytest.fixture
+async def store(object_store: StoreSettings) -> AsyncIterator[ObjectStore]:
+    """A client of the test store, open for the test."""
+    async with ObjectStore(object_store) as opened:
+        yield opened
+
+
+async def upload_json(client: httpx.AsyncClient, value: Any) -> dict[str, Any]:
+    """An upload made through the ingress (POST /v1/uploads) and `value` PUT as JSON to its
+    URL, straight to the store; the ingress's answer."""
+    answer = await client.post("/v1/uploads")
+    assert answer.status_code == 201, answer.text
+    upload: dict[str, Any] = answer.json()
+    async with httpx.AsyncClient() as direct:  # to the store itself, not through the ingress
+        put = await direct.put(upload["upload_url"], content=json.dumps(value).encode())
+    assert put.status_code == 200, put.text
+    return upload
 
 
 @pytest.fixture

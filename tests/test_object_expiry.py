@@ -4,31 +4,19 @@ runs it, and a canceled job's upload is deleted at once."""
 
 from __future__ import annotations
 
-import json
-from collections.abc import AsyncIterator
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 
 import httpx
-import pytest
 
 from ingress.settings import IngressSettings
 from object_store.expiry import sweep
 from object_store.store import ObjectStore, StoreSettings
-from tests.conftest import running_ingress, wait_until
-
-
-@pytest.fixture
-async def store(object_store: StoreSettings) -> AsyncIterator[ObjectStore]:
-    async with ObjectStore(object_store) as opened:
-        yield opened
+from tests.conftest import running_ingress, upload_json, wait_until
 
 
 async def _upload(client: httpx.AsyncClient, value: object) -> str:
-    upload = (await client.post("/v1/uploads")).json()
-    async with httpx.AsyncClient() as direct:
-        assert (await direct.put(upload["upload_url"], content=json.dumps(value).encode())).status_code == 200
-    ref: str = upload["input_ref"]
+    ref: str = (await upload_json(client, value))["input_ref"]
     return ref
 
 

@@ -4,19 +4,12 @@ in parts and come back whole, byte for byte; a read refuses what is over its lim
 from __future__ import annotations
 
 import hashlib
-from collections.abc import AsyncIterator
 from dataclasses import replace
 
 import httpx
 import pytest
 
 from object_store.store import PART_BYTES, ObjectStore, ObjectTooLarge, StoreSettings
-
-
-@pytest.fixture
-async def store(object_store: StoreSettings) -> AsyncIterator[ObjectStore]:
-    async with ObjectStore(object_store) as opened:
-        yield opened
 
 
 async def test_given_an_object_over_a_part_when_written_then_it_reads_back_byte_for_byte(

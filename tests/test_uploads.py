@@ -24,7 +24,7 @@ from ray_workers.models.echo import EchoModel
 from ray_workers.models.synthetic import SyntheticModel
 from ray_workers.settings import WorkerSettings
 from tenants.registry import Tenant, key_digest
-from tests.conftest import queue_holds, running_ingress, running_worker, wait_until
+from tests.conftest import queue_holds, running_ingress, running_worker, upload_json, wait_until
 
 # Over MAX_BODY_BYTES (1 MiB): too large to send inline.
 LARGE_INPUT = {"rows": [{"n": n, "text": "x" * 100} for n in range(12_000)]}
@@ -55,13 +55,8 @@ async def store_workers(
 
 
 async def _upload(client: httpx.AsyncClient, value: Any) -> str:
-    answer = await client.post("/v1/uploads")
-    assert answer.status_code == 201, answer.text
-    upload = answer.json()
+    upload = await upload_json(client, value)
     assert upload["expires_at"] and upload["max_bytes"] == 1024**3
-    async with httpx.AsyncClient() as direct:  # to the store itself, not through the ingress
-        put = await direct.put(upload["upload_url"], content=json.dumps(value).encode())
-    assert put.status_code == 200, put.text
     ref: str = upload["input_ref"]
     return ref
 
