@@ -60,6 +60,8 @@ def checked_job(
             if sent
             else "input (or input_ref, an upload's reference, or input_url) is required"
         )
+    if job_request.input_format == "jsonl":
+        check_json_lines(state, job_request)
     if job_request.input_ref is not None:
         check_input_ref(state, tenant, job_request.input_ref)
     elif job_request.input is not msgspec.UNSET:
@@ -84,6 +86,7 @@ def new_job(
         input=None if job_request.input is msgspec.UNSET else job_request.input,
         input_ref=job_request.input_ref,
         input_url=job_request.input_url,
+        input_format=job_request.input_format,
         callback_url=job_request.callback_url,
         priority=job_request.priority,
         metadata=job_request.metadata,
@@ -92,6 +95,23 @@ def new_job(
         owner=tenant.owner,
         tenant=tenant.name,
     )
+
+
+def check_json_lines(state: IngressState, job_request: JobRequest) -> None:
+    """A JSON Lines job reads its records from a reference and writes its output to the store."""
+    if job_request.input is not msgspec.UNSET:
+        raise _one_input(
+            'input_format "jsonl" reads its records from input_ref or input_url, one per line; '
+            "an inline input is one JSON value (leave input_format out)"
+        )
+    if state.uploads is None:
+        raise Problem(
+            422,
+            "uploads-off",
+            "Unprocessable Content",
+            'input_format "jsonl" cannot be used: its output is written to the object store, '
+            "and there is none on this deployment (no S3_ENDPOINT_URL)",
+        )
 
 
 def _one_input(detail: str) -> Problem:

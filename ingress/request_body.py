@@ -17,7 +17,7 @@ from starlette.requests import Request
 
 from ingress.json_budget import JsonBudget
 from ingress.problems import Problem
-from wire.envelope import Priority
+from wire.envelope import InputFormat, Priority
 
 _Body = TypeVar("_Body")
 
@@ -31,6 +31,9 @@ class JobRequest(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     input: Any = msgspec.UNSET
     input_ref: str | None = None
     input_url: str | None = None
+    # "jsonl": the referenced input is JSON Lines, one record per line, and the output is
+    # JSON Lines in the object store, line for line.
+    input_format: InputFormat = "json"
     # Optional: without it the caller polls GET /v1/jobs/{id} or waits (Prefer: wait=N).
     callback_url: str | None = None
     priority: Priority = "normal"

@@ -11,9 +11,10 @@ answers 503 (nothing is accepted), the worker retries the job.
 from __future__ import annotations
 
 import contextlib
+import io
 import re
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass, field
 from datetime import datetime
 from types import TracebackType
@@ -38,6 +39,10 @@ class StoreUnavailable(Exception):
 
 class ObjectTooLarge(Exception):
     """The object is larger than the reader allows."""
+
+
+class ObjectMissing(Exception):
+    """There is no such object (never written, or deleted)."""
 
 
 @dataclass(frozen=True)
@@ -137,40 +142,12 @@ class ObjectStore:
         return url
 
     async def put(self, key: str, data: bytes) -> None:
-        """Write the object; over PART_BYTES in parts, so the client copies one part at a
-        time rather than the whole body (it copies what it sends)."""
-        try:
-            if len(data) <= PART_BYTES:
-                await self._client.put_object(
-                    Bucket=self.settings.bucket, Key=key, Body=data, ContentType=JSON_TYPE
-                )
-            else:
-                await self._put_in_parts(key, data)
-        except (ClientError, BotoCoreError) as exc:
-            raise StoreUnavailable(f"cannot write {key}: {exc}") from exc
-
-    async def _put_in_parts(self, key: str, data: bytes) -> None:
-        bucket = self.settings.bucket
-        created = await self._client.create_multipart_upload(Bucket=bucket, Key=key, ContentType=JSON_TYPE)
-        upload_id = created["UploadId"]
-        try:
-            parts = []
-            for number, start in enumerate(range(0, len(data), PART_BYTES), start=1):
-                part = await self._client.upload_part(
-                    Bucket=bucket,
-                    Key=key,
-                    UploadId=upload_id,
-                    PartNumber=number,
-                    Body=data[start : start + PART_BYTES],
-                )
-                parts.append({"PartNumber": number, "ETag": part["ETag"]})
-            await self._client.complete_multipart_upload(
-                Bucket=bucket, Key=key, UploadId=upload_id, MultipartUpload={"Parts": parts}
-            )
-        except BaseException:
-            with contextlib.suppress(ClientError, BotoCoreError):
-                await self._client.abort_multipart_upload(Bucket=bucket, Key=key, UploadId=upload_id)
-            raise
+        """Write the object; over PART_BYTES in parts, so no more than a part is copied at
+        a time (the client copies what it sends)."""
+        view = memoryview(data)
+        async with self.writer(key) as out:
+            for start in range(0, len(data), PART_BYTES):
+                await out.write(view[start : start + PART_BYTES])
 
     async def size(self, key: str) -> int | None:
         """The object's size in bytes; None when there is no such object."""
@@ -188,28 +165,60 @@ class ObjectStore:
         """The object's bytes, read a chunk at a time into one buffer of its size (no
         second copy), refused past `max_bytes`; None when there is no such object."""
         try:
-            answer = await self._client.get_object(Bucket=self.settings.bucket, Key=key)
-            size = int(answer["ContentLength"])
-            if size > max_bytes:
-                answer["Body"].close()
-                raise ObjectTooLarge(f"{key} holds {size} bytes, over {max_bytes}")
+            size, chunks = await self._opened(key, max_bytes)
             data = bytearray(size)
             received = 0
-            async with answer["Body"] as stream:
-                while chunk := await stream.read(READ_CHUNK_BYTES):
-                    if received + len(chunk) > size:
-                        raise StoreUnavailable(f"{key} sent more than its {size} bytes")
+            async with contextlib.aclosing(chunks):
+                async for chunk in chunks:
                     data[received : received + len(chunk)] = chunk
                     received += len(chunk)
-            if received != size:
-                raise StoreUnavailable(f"{key} ended after {received} of its {size} bytes")
+        except ObjectMissing:
+            return None
+        return data
+
+    async def chunks(self, key: str, max_bytes: int) -> AsyncGenerator[bytes, None]:
+        """The object's bytes a chunk at a time, for a reader that never holds it whole;
+        ObjectMissing, ObjectTooLarge (past `max_bytes`) or StoreUnavailable, also midway."""
+        _, chunks = await self._opened(key, max_bytes)
+        async with contextlib.aclosing(chunks):
+            async for chunk in chunks:
+                yield chunk
+
+    async def _opened(self, key: str, max_bytes: int) -> tuple[int, AsyncGenerator[bytes, None]]:
+        """The object's size and its chunks, which end exactly at that size."""
+        try:
+            answer = await self._client.get_object(Bucket=self.settings.bucket, Key=key)
         except ClientError as exc:
             if _status(exc) == 404:
-                return None
+                raise ObjectMissing(key) from exc
             raise StoreUnavailable(f"{key}: {exc}") from exc
         except (BotoCoreError, OSError) as exc:
             raise StoreUnavailable(f"{key}: {exc}") from exc
-        return data
+        size = int(answer["ContentLength"])
+        if size > max_bytes:
+            answer["Body"].close()
+            raise ObjectTooLarge(f"{key} holds {size} bytes, over {max_bytes}")
+        return size, self._body_chunks(key, answer["Body"], size)
+
+    @staticmethod
+    async def _body_chunks(key: str, body: Any, size: int) -> AsyncGenerator[bytes, None]:
+        received = 0
+        try:
+            async with body as stream:
+                while chunk := await stream.read(READ_CHUNK_BYTES):
+                    received += len(chunk)
+                    if received > size:
+                        raise StoreUnavailable(f"{key} sent more than its {size} bytes")
+                    yield chunk
+        except (ClientError, BotoCoreError, OSError) as exc:
+            raise StoreUnavailable(f"{key}: {exc}") from exc
+        if received != size:
+            raise StoreUnavailable(f"{key} ended after {received} of its {size} bytes")
+
+    def writer(self, key: str) -> ObjectWriter:
+        """A writer of one object sent a part at a time: `async with store.writer(key) as
+        out: await out.write(data)`; the object exists once the block ends without error."""
+        return ObjectWriter(self._client, self.settings.bucket, key)
 
     async def listed(self, prefix: str) -> AsyncIterator[tuple[str, datetime]]:
         """Every object under `prefix`, with when it was last written, a page at a time."""
@@ -226,6 +235,121 @@ class ObjectStore:
             await self._client.delete_object(Bucket=self.settings.bucket, Key=key)
         except (ClientError, BotoCoreError) as exc:
             raise StoreUnavailable(f"cannot delete {key}: {exc}") from exc
+
+
+class _PartBody(io.RawIOBase):
+    """A part's buffer as the file the client reads a body from, without a copy of it
+    (io.BytesIO copies a bytearray; raw bytes are the one body the client wraps itself)."""
+
+    def __init__(self, buffer: bytearray | memoryview) -> None:
+        super().__init__()
+        self._view = memoryview(buffer).cast("B")
+        self._position = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def readinto(self, target: Any) -> int:
+        count = min(len(target), len(self._view) - self._position)
+        target[:count] = self._view[self._position : self._position + count]
+        self._position += count
+        return count
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._position, io.SEEK_END: len(self._view)}[whence]
+        self._position = max(0, base + offset)
+        return self._position
+
+    def tell(self) -> int:
+        return self._position
+
+
+class ObjectWriter:
+    """One object written as it is produced, holding at most about one part (PART_BYTES)
+    at a time: full parts go out as a multipart upload; an object that never fills a part
+    is written with one PUT. An error inside the block aborts the upload: no partial
+    object is left behind. StoreUnavailable when the store does not take it."""
+
+    def __init__(self, client: Any, bucket: str, key: str) -> None:
+        self._client = client
+        self._bucket = bucket
+        self.key = key
+        self._part = bytearray()
+        self._upload_id: str | None = None
+        self._sent: list[dict[str, Any]] = []
+
+    async def __aenter__(self) -> ObjectWriter:
+        return self
+
+    async def write(self, data: bytes | bytearray | memoryview) -> None:
+        self._part += data
+        if len(self._part) >= PART_BYTES:
+            await self._send_part()
+
+    async def __aexit__(
+        self, kind: type[BaseException] | None, error: BaseException | None, trace: TracebackType | None
+    ) -> None:
+        if kind is not None:
+            await self._abort()
+            return
+        try:
+            await self._finish()
+        except BaseException:
+            await self._abort()
+            raise
+
+    async def _finish(self) -> None:
+        if self._upload_id is None:
+            try:
+                await self._client.put_object(
+                    Bucket=self._bucket, Key=self.key, Body=_PartBody(self._part), ContentType=JSON_TYPE
+                )
+            except (ClientError, BotoCoreError) as exc:
+                raise StoreUnavailable(f"cannot write {self.key}: {exc}") from exc
+            self._part = bytearray()
+            return
+        if self._part:
+            await self._send_part()
+        try:
+            await self._client.complete_multipart_upload(
+                Bucket=self._bucket,
+                Key=self.key,
+                UploadId=self._upload_id,
+                MultipartUpload={"Parts": self._sent},
+            )
+        except (ClientError, BotoCoreError) as exc:
+            raise StoreUnavailable(f"cannot complete {self.key}: {exc}") from exc
+
+    async def _send_part(self) -> None:
+        # The part is handed over whole and a new buffer started: no copy of it is made here.
+        part, self._part = self._part, bytearray()
+        try:
+            if self._upload_id is None:
+                created = await self._client.create_multipart_upload(
+                    Bucket=self._bucket, Key=self.key, ContentType=JSON_TYPE
+                )
+                self._upload_id = created["UploadId"]
+            number = len(self._sent) + 1
+            sent = await self._client.upload_part(
+                Bucket=self._bucket,
+                Key=self.key,
+                UploadId=self._upload_id,
+                PartNumber=number,
+                Body=_PartBody(part),
+            )
+        except (ClientError, BotoCoreError) as exc:
+            raise StoreUnavailable(f"cannot write part of {self.key}: {exc}") from exc
+        self._sent.append({"PartNumber": number, "ETag": sent["ETag"]})
+
+    async def _abort(self) -> None:
+        if self._upload_id is not None:
+            with contextlib.suppress(ClientError, BotoCoreError):
+                await self._client.abort_multipart_upload(
+                    Bucket=self._bucket, Key=self.key, UploadId=self._upload_id
+                )
 
 
 def _status(error: ClientError) -> int:

@@ -28,12 +28,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import inspect
 import logging
 import time
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import Any
 
 import msgspec
 
@@ -46,7 +45,8 @@ from policies.circuit_breaker import BreakerState, CircuitBreaker
 from policies.prefetch_bytes import PrefetchBytes
 from ray_workers.batch_controller import AdaptiveBatchController, FixedBatchSize
 from ray_workers.batching import collect_batch
-from ray_workers.models.base import InvalidInput, Model, ModelError
+from ray_workers.json_lines import JsonLinesJobs
+from ray_workers.models.base import InvalidInput, Model, ModelError, predictions
 from ray_workers.outcomes import parked, retry_for
 from ray_workers.payload_references import PayloadReferences
 from ray_workers.priority_inbox import PriorityInbox
@@ -100,6 +100,8 @@ class _Work:
     expired: bool = False
     # Its input is an upload or a URL, read before the batch runs (ray_workers.payload_references).
     referenced: bool = False
+    # Its input is JSON Lines, streamed through the model record by record (ray_workers.json_lines).
+    lines: bool = False
     # Its output, stored by reference instead of travelling inline.
     output_ref: OutputRef | None = None
 
@@ -170,6 +172,7 @@ class JobWorker:
         )
         self.metrics = metrics if metrics is not None else WorkerMetrics(PrometheusSink(SERIES))
         self._payloads = PayloadReferences(model.name, settings)
+        self._json_lines = JsonLinesJobs(model, self._payloads, rules.max_size, settings.batch_max_bytes)
 
     @property
     def is_alive(self) -> bool:
@@ -328,9 +331,13 @@ class JobWorker:
                 fresh.append(item)
             else:
                 outcomes.append((item.delivery, self._ended_before(item, start, now_ms)))
-        runnable = [item for item in fresh if item.error is None and not item.expired]
+        runnable = [item for item in fresh if item.error is None and not item.expired and not item.lines]
+        streamed = [item for item in fresh if item.lines and not item.expired]
         inference_s, model_failed = await self._infer(runnable)
         await self._store_large_outputs(runnable)
+        if streamed:
+            lines_s, lines_failed = await self._run_lines(streamed)
+            inference_s, model_failed = inference_s + lines_s, model_failed or lines_failed
         timings = [
             JobTimings(
                 queued_ms=round(max(0.0, now_ms - item.job.submitted_at_ms), 3),
@@ -347,7 +354,7 @@ class JobWorker:
             # loop (a drain that timed out) must not cancel acks of work already done.
             await asyncio.shield(previous)
         self._settling = asyncio.create_task(settle(self._broker, outcomes, combine=combine_callbacks))
-        if runnable:
+        if runnable or streamed:
             await self._update_breaker(model_failed)
         return inference_s, model_failed
 
@@ -503,10 +510,12 @@ class JobWorker:
         if job.deadline_ms is not None and now_ms > job.deadline_ms:
             item.expired = True
             return item
-        if job.input_ref is not None or job.input_url is not None:
+        if job.input_format == "jsonl":
+            item.lines = True
+        elif job.input_ref is not None or job.input_url is not None:
             item.referenced = True
-            return item
-        self._prepare_input(item, job.input)
+        else:
+            self._prepare_input(item, job.input)
         return item
 
     def _prepare_input(self, item: _Work, job_input: Any) -> None:
@@ -527,6 +536,18 @@ class JobWorker:
             # The job keeps its reference: a retry, a parked copy or a callback carrying the
             # job stays small; only the model sees the input.
             self._prepare_input(item, read.value)
+
+    async def _run_lines(self, items: Sequence[_Work]) -> tuple[float, bool]:
+        """Each JSON Lines job streamed through the model, one after another (each holds a
+        batch and an output part, never its input or output); returns the seconds it took
+        and whether the model failed one."""
+        started = time.monotonic()
+        model_failed = False
+        for item in items:
+            outcome = await self._json_lines.run(item.job, item.attempt)
+            item.output_ref, item.error, item.permanent = outcome.output_ref, outcome.error, outcome.permanent
+            model_failed = model_failed or outcome.model_failed
+        return time.monotonic() - started, model_failed
 
     async def _store_large_outputs(self, items: Sequence[_Work]) -> None:
         """Outputs over OUTPUT_INLINE_MAX_BYTES to the object store, all at once; one that
@@ -566,14 +587,7 @@ class JobWorker:
     async def _predict_into(self, items: Sequence[_Work]) -> str | None:
         """One predict call: records the outputs and returns None, or returns the error."""
         try:
-            prepared = [w.prepared for w in items]
-            predict = self._model.predict
-            if inspect.iscoroutinefunction(predict):  # an async model awaits on the loop itself
-                outputs = await cast(Awaitable[list[Any]], predict(prepared))
-            else:
-                outputs = await asyncio.to_thread(predict, prepared)
-            if len(outputs) != len(items):
-                raise ModelError(f"model returned {len(outputs)} outputs for {len(items)} inputs")
+            outputs = await predictions(self._model, [w.prepared for w in items])
         except ModelError as exc:
             logger.warning("batch of %d for %s failed: %s", len(items), self._model.name, exc)
             return str(exc)

@@ -18,6 +18,9 @@ import msgspec
 SCHEMA_VERSION = 1
 
 Priority = Literal["high", "normal", "low"]
+# How a referenced input is read: one JSON value, or JSON Lines (one record per line,
+# streamed through the model; `ray_workers.json_lines`).
+InputFormat = Literal["json", "jsonl"]
 # Broker-side priorities: RabbitMQ keeps one internal sub-queue per level, so few
 # levels are cheaper than the 0-255 range AMQP allows.
 AMQP_PRIORITY: dict[str, int] = {"low": 0, "normal": 1, "high": 2}
@@ -68,6 +71,7 @@ class Job(msgspec.Struct, frozen=True, kw_only=True):
     input_ref: str | None = None
     # A URL the worker fetches the input from (through the callback-URL guard), instead.
     input_url: str | None = None
+    input_format: InputFormat = "json"
 
 
 class JobTimings(msgspec.Struct, frozen=True, kw_only=True):

@@ -13,8 +13,10 @@ none without them), so "CUDA if available" is the device it got.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Any, Protocol
+import asyncio
+import inspect
+from collections.abc import Awaitable, Sequence
+from typing import Any, Protocol, cast
 
 
 class ModelError(Exception):
@@ -42,3 +44,16 @@ class Model(Protocol):
     def predict(self, inputs: Sequence[Any]) -> list[Any]:
         """Outputs for a batch of prepared inputs, one per input, in order."""
         ...
+
+
+async def predictions(model: Model, inputs: Sequence[Any]) -> list[Any]:
+    """The model's outputs for a batch: a plain `predict` on a thread, off the event loop,
+    an async one awaited on it; ModelError unless there is one output per input."""
+    predict = model.predict
+    if inspect.iscoroutinefunction(predict):
+        outputs = await cast(Awaitable[list[Any]], predict(inputs))
+    else:
+        outputs = await asyncio.to_thread(predict, inputs)
+    if len(outputs) != len(inputs):
+        raise ModelError(f"model returned {len(outputs)} outputs for {len(inputs)} inputs")
+    return outputs
