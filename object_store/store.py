@@ -142,12 +142,9 @@ class ObjectStore:
         return url
 
     async def put(self, key: str, data: bytes) -> None:
-        """Write the object; over PART_BYTES in parts, so no more than a part is copied at
-        a time (the client copies what it sends)."""
-        view = memoryview(data)
+        """Write the object; over PART_BYTES in parts, a part's copy at a time."""
         async with self.writer(key) as out:
-            for start in range(0, len(data), PART_BYTES):
-                await out.write(view[start : start + PART_BYTES])
+            await out.write(data)
 
     async def size(self, key: str) -> int | None:
         """The object's size in bytes; None when there is no such object."""
@@ -241,9 +238,9 @@ class _PartBody(io.RawIOBase):
     """A part's buffer as the file the client reads a body from, without a copy of it
     (io.BytesIO copies a bytearray; raw bytes are the one body the client wraps itself)."""
 
-    def __init__(self, buffer: bytearray | memoryview) -> None:
+    def __init__(self, buffer: memoryview) -> None:
         super().__init__()
-        self._view = memoryview(buffer).cast("B")
+        self._view = buffer
         self._position = 0
 
     def readable(self) -> bool:
@@ -268,16 +265,19 @@ class _PartBody(io.RawIOBase):
 
 
 class ObjectWriter:
-    """One object written as it is produced, holding at most about one part (PART_BYTES)
-    at a time: full parts go out as a multipart upload; an object that never fills a part
-    is written with one PUT. An error inside the block aborts the upload: no partial
-    object is left behind. StoreUnavailable when the store does not take it."""
+    """One object written as it is produced, holding one part (PART_BYTES) at most: a
+    buffer of that size, filled, sent and filled again; full parts go out as a multipart
+    upload, and an object that never fills one is written with one PUT. An error inside
+    the block aborts the upload: no partial object is left behind. StoreUnavailable when
+    the store does not take it."""
 
     def __init__(self, client: Any, bucket: str, key: str) -> None:
         self._client = client
         self._bucket = bucket
         self.key = key
-        self._part = bytearray()
+        # Made once, at its full size: a buffer grown as it fills is copied as it grows.
+        self._part: bytearray | None = None
+        self._filled = 0
         self._upload_id: str | None = None
         self._sent: list[dict[str, Any]] = []
 
@@ -285,33 +285,48 @@ class ObjectWriter:
         return self
 
     async def write(self, data: bytes | bytearray | memoryview) -> None:
-        self._part += data
-        if len(self._part) >= PART_BYTES:
-            await self._send_part()
+        rest = memoryview(data).cast("B")
+        while rest:
+            if self._part is None:
+                self._part = bytearray(PART_BYTES)
+            taken = rest[: PART_BYTES - self._filled]
+            self._part[self._filled : self._filled + len(taken)] = taken
+            self._filled += len(taken)
+            rest = rest[len(taken) :]
+            if self._filled == PART_BYTES:
+                await self._send_part()
+
+    def _filled_part(self) -> memoryview:
+        return memoryview(self._part or b"")[: self._filled]
 
     async def __aexit__(
         self, kind: type[BaseException] | None, error: BaseException | None, trace: TracebackType | None
     ) -> None:
-        if kind is not None:
-            await self._abort()
-            return
         try:
-            await self._finish()
-        except BaseException:
-            await self._abort()
-            raise
+            if kind is not None:
+                await self._abort()
+                return
+            try:
+                await self._finish()
+            except BaseException:
+                await self._abort()
+                raise
+        finally:
+            self._part = None
 
     async def _finish(self) -> None:
         if self._upload_id is None:
             try:
                 await self._client.put_object(
-                    Bucket=self._bucket, Key=self.key, Body=_PartBody(self._part), ContentType=JSON_TYPE
+                    Bucket=self._bucket,
+                    Key=self.key,
+                    Body=_PartBody(self._filled_part()),
+                    ContentType=JSON_TYPE,
                 )
             except (ClientError, BotoCoreError) as exc:
                 raise StoreUnavailable(f"cannot write {self.key}: {exc}") from exc
-            self._part = bytearray()
             return
-        if self._part:
+        if self._filled:
             await self._send_part()
         try:
             await self._client.complete_multipart_upload(
@@ -324,8 +339,8 @@ class ObjectWriter:
             raise StoreUnavailable(f"cannot complete {self.key}: {exc}") from exc
 
     async def _send_part(self) -> None:
-        # The part is handed over whole and a new buffer started: no copy of it is made here.
-        part, self._part = self._part, bytearray()
+        # The client has read the whole part when upload_part returns (a retry inside it
+        # reads it again): only then is the buffer filled again.
         try:
             if self._upload_id is None:
                 created = await self._client.create_multipart_upload(
@@ -338,11 +353,12 @@ class ObjectWriter:
                 Key=self.key,
                 UploadId=self._upload_id,
                 PartNumber=number,
-                Body=_PartBody(part),
+                Body=_PartBody(self._filled_part()),
             )
         except (ClientError, BotoCoreError) as exc:
             raise StoreUnavailable(f"cannot write part of {self.key}: {exc}") from exc
         self._sent.append({"PartNumber": number, "ETag": sent["ETag"]})
+        self._filled = 0
 
     async def _abort(self) -> None:
         if self._upload_id is not None:

@@ -37,7 +37,7 @@ logger = logging.getLogger(__name__)
 
 # Records a batch holds at most, in bytes (at least one record): with the output part
 # being written, what a worker holds for a JSON Lines job.
-LINES_BATCH_BYTES = 2**20
+LINES_BATCH_BYTES = 2**18
 NEWLINE = b"\n"
 
 

@@ -173,11 +173,16 @@ async def store(object_store: StoreSettings) -> AsyncIterator[ObjectStore]:
 async def upload_json(client: httpx.AsyncClient, value: Any) -> dict[str, Any]:
     """An upload made through the ingress (POST /v1/uploads) and `value` PUT as JSON to its
     URL, straight to the store; the ingress's answer."""
+    return await upload_bytes(client, json.dumps(value).encode())
+
+
+async def upload_bytes(client: httpx.AsyncClient, data: bytes) -> dict[str, Any]:
+    """An upload made through the ingress and `data` PUT to its URL; the ingress's answer."""
     answer = await client.post("/v1/uploads")
     assert answer.status_code == 201, answer.text
     upload: dict[str, Any] = answer.json()
     async with httpx.AsyncClient() as direct:  # to the store itself, not through the ingress
-        put = await direct.put(upload["upload_url"], content=json.dumps(value).encode())
+        put = await direct.put(upload["upload_url"], content=data)
     assert put.status_code == 200, put.text
     return upload
 
