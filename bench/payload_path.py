@@ -4,7 +4,9 @@ with `Prefer: wait`, the output downloaded from its `output_url` and its digest 
 beside the same bytes moved directly to and from the same store (a presigned PUT and
 GET), at the same concurrency, in the same run. And what one large job (50 MiB in, as
 much out) costs each process in memory: the ingress and the dispatcher handle only its
-reference; the worker holds the input and the output (echo needs its input whole)."""
+reference; the worker holds a whole JSON input and its output (echo needs its input
+whole), and of a JSON Lines one (`input_format: "jsonl"`, streamed) a batch of records
+and an output part (8 MiB), whatever its size."""
 
 from __future__ import annotations
 
@@ -27,6 +29,7 @@ from object_store.store import ObjectStore, StoreSettings
 CONCURRENCY = 8
 WAIT_S = 60
 LARGE_JOB_BYTES = 50 * 2**20
+WARM_UP_BYTES = 300 * 1024  # over OUTPUT_INLINE_MAX_BYTES: the output path warmed too
 ROLES_HANDLING_JOBS = ("ingress", "worker", "dispatcher")
 
 
@@ -68,14 +71,25 @@ async def _through_jobs(base_url: str, http: aiohttp.ClientSession, count: int, 
     return await _in_turn(count, lambda n: _one_job(base_url, http, size, n))
 
 
+def _records(size_bytes: int) -> bytes:
+    """JSON Lines of about `size_bytes`, each record 1 KiB, compact as echo writes them back."""
+    line = b'{"n":%d,"text":"' + b"y" * 1000 + b'"}\n'
+    return b"".join(line % n for n in range(size_bytes // len(line)))
+
+
 async def _one_job(base_url: str, http: aiohttp.ClientSession, size: int, n: int) -> None:
+    await _job_by_reference(base_url, http, _payload(size, n), n, "json")
+
+
+async def _job_by_reference(
+    base_url: str, http: aiohttp.ClientSession, body: bytes, n: int, input_format: str
+) -> None:
     """Upload, job by reference answered with Prefer: wait, output downloaded and checked."""
-    body = _payload(size, n)
     async with http.post(f"{base_url}/v1/uploads") as created:
         upload = await created.json()
     async with http.put(upload["upload_url"], data=body) as put:
         put.raise_for_status()
-    job = {"input_ref": upload["input_ref"]}
+    job = {"input_ref": upload["input_ref"], "input_format": input_format}
     headers = {"Prefer": f"wait={WAIT_S}"}
     async with http.post(f"{base_url}/v1/models/echo/jobs", json=job, headers=headers) as answered:
         result = await answered.json()
@@ -105,8 +119,13 @@ async def measure_payload_path(amqp_url: str, reps: int, count: int, size_bytes:
         await stack.start()
         timeout = aiohttp.ClientTimeout(total=WAIT_S * 2)
         async with ObjectStore(settings) as store, aiohttp.ClientSession(timeout=timeout) as http:
-            await _through_jobs(stack.base_url, http, CONCURRENCY, size_bytes)  # warm-up: replica up
-            large = await _large_job_memory(stack.base_url, http, LARGE_JOB_BYTES)
+            # Warm-up: the replica up, with small jobs: the large ones' growth is then
+            # measured from a worker that has not yet held a large payload.
+            await _through_jobs(stack.base_url, http, CONCURRENCY, WARM_UP_BYTES)
+            # The streamed job first: memory the whole one takes stays with the worker's
+            # allocator, where the streamed one would reuse it and show nothing.
+            lines = await _large_job_memory(stack.base_url, http, _records(LARGE_JOB_BYTES), "jsonl")
+            large = await _large_job_memory(stack.base_url, http, _payload(LARGE_JOB_BYTES, 0), "json")
             for _ in range(reps):
                 direct_runs.append(megabytes / await _direct(store, http, count, size_bytes))
                 job_runs.append(megabytes / await _through_jobs(stack.base_url, http, count, size_bytes))
@@ -123,22 +142,25 @@ async def measure_payload_path(amqp_url: str, reps: int, count: int, size_bytes:
         "jobs_mib_per_s": job_runs,
         "ratio": median(job_runs) / median(direct_runs),
         "large_job": large,
+        "large_lines_job": lines,
     }
 
 
-async def _large_job_memory(base_url: str, http: aiohttp.ClientSession, size: int) -> dict[str, Any]:
-    """One echo job of `size` bytes in and out by reference, each process's RSS watched."""
+async def _large_job_memory(
+    base_url: str, http: aiohttp.ClientSession, body: bytes, input_format: str
+) -> dict[str, Any]:
+    """One echo job of `body` in and as much out by reference, each process's RSS watched."""
     watch = RssWatch(ROLES_HANDLING_JOBS)
     watch.start()
     started = time.perf_counter()
-    await _one_job(base_url, http, size, 0)
+    await _job_by_reference(base_url, http, body, 0, input_format)
     elapsed_s = time.perf_counter() - started
     rss = await watch.stop()
-    return {"payload_mib": size / 2**20, "elapsed_s": elapsed_s, "rss": rss}
+    return {"payload_mib": len(body) / 2**20, "elapsed_s": elapsed_s, "rss": rss}
 
 
 def payload_markdown(result: dict[str, Any]) -> list[str]:
-    large = result["large_job"]
+    large, lines = result["large_job"], result["large_lines_job"]
     return [
         "",
         f"Payloads by reference: {result['jobs']} echo jobs of {result['payload_mib']:g} MiB in and out, "
@@ -149,4 +171,8 @@ def payload_markdown(result: dict[str, Any]) -> list[str]:
         f"One echo job of {large['payload_mib']:g} MiB in and out by reference, "
         f"{large['elapsed_s']:.1f} s end to end; each process's RSS growth (peak over before): "
         + ", ".join(f"{role} +{r['growth_mb']:.1f} MB" for role, r in large["rss"].items()),
+        "",
+        f"One echo job of {lines['payload_mib']:.0f} MiB of JSON Lines in and out (input_format jsonl, "
+        f"streamed), {lines['elapsed_s']:.1f} s end to end; each process's RSS growth: "
+        + ", ".join(f"{role} +{r['growth_mb']:.1f} MB" for role, r in lines["rss"].items()),
     ]

@@ -73,6 +73,17 @@ def _document(models: tuple[str, ...]) -> dict[str, Any]:
                             "UPLOAD_MAX_BYTES. A 4xx or a schema miss ends the job `failed`; a timeout, "
                             "a 5xx or a 429 retries it",
                         },
+                        "input_format": {
+                            "type": "string",
+                            "enum": ["json", "jsonl"],
+                            "default": "json",
+                            "description": "`jsonl`: the input named by `input_ref` or `input_url` is "
+                            "JSON Lines, one record per line (blank lines skipped), each checked against "
+                            "the model's input schema; the worker streams it through the model and writes "
+                            "line i of the output, the output for record i, to the object store: the "
+                            "result is always `output_url`. A refused record ends the job `failed`, naming "
+                            "its line. 422 with `input`, or without an object store",
+                        },
                         "callback_url": {
                             "type": "string",
                             "format": "uri",

@@ -8,6 +8,7 @@ from dataclasses import replace
 
 import httpx
 import pytest
+from aiobotocore.session import get_session
 
 from object_store.store import PART_BYTES, ObjectStore, ObjectTooLarge, StoreSettings
 
@@ -47,3 +48,39 @@ async def test_given_a_public_endpoint_then_presigned_urls_name_it_and_work_thro
 
     assert upload_url.startswith(public + "/")
     assert put.status_code == 200 and size == 8
+
+
+async def test_given_a_writer_that_fails_after_sending_parts_then_no_object_and_no_open_upload_is_left(
+    store: ObjectStore, object_store: StoreSettings
+) -> None:
+    """A JSON Lines job that fails midway: what it sent is aborted, not left to cost storage."""
+    key = "outputs/store-test-aborted"
+
+    with pytest.raises(RuntimeError, match="the model failed"):
+        async with store.writer(key) as out:
+            await out.write(b"y" * (2 * PART_BYTES + 5))
+            raise RuntimeError("the model failed")
+
+    assert await store.size(key) is None
+    async with get_session().create_client(
+        "s3",
+        endpoint_url=object_store.endpoint_url,
+        region_name=object_store.region,
+        aws_access_key_id=object_store.access_key_id,
+        aws_secret_access_key=object_store.secret_access_key,
+    ) as s3:
+        listed = await s3.list_multipart_uploads(Bucket=object_store.bucket, Prefix=key)
+    assert listed.get("Uploads", []) == [], "the multipart upload was aborted"
+
+
+async def test_given_chunks_written_in_any_sizes_then_the_object_is_their_concatenation(
+    store: ObjectStore,
+) -> None:
+    pieces = [bytes([n % 251]) * size for n, size in enumerate([1, PART_BYTES - 1, 3, PART_BYTES * 2, 0, 17])]
+
+    async with store.writer("outputs/store-test-pieces") as out:
+        for piece in pieces:
+            await out.write(piece)
+    read = await store.read("outputs/store-test-pieces", max_bytes=2**30)
+
+    assert read is not None and bytes(read) == b"".join(pieces)
