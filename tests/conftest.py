@@ -11,6 +11,7 @@ import socket
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
 from contextlib import asynccontextmanager
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -19,6 +20,7 @@ import aio_pika
 import httpx
 import pytest
 import redis.asyncio
+from aiohttp import web
 
 from broker.client import Broker
 from callbacks.dispatcher import CallbackDispatcher
@@ -168,6 +170,31 @@ async def store(object_store: StoreSettings) -> AsyncIterator[ObjectStore]:
     """A client of the test store, open for the test."""
     async with ObjectStore(object_store) as opened:
         yield opened
+
+
+@pytest.fixture
+def with_store(ingress_settings: IngressSettings, object_store: StoreSettings) -> IngressSettings:
+    """The ingress's settings with the test store: uploads on."""
+    return replace(ingress_settings, object_store=object_store)
+
+
+@pytest.fixture
+async def store_client(with_store: IngressSettings) -> AsyncIterator[httpx.AsyncClient]:
+    async with running_ingress(with_store) as http:
+        yield http
+
+
+@asynccontextmanager
+async def serving(app: web.Application, host: str = "127.0.0.1") -> AsyncIterator[int]:
+    """`app` served on `host` at a free port, which it yields; cleaned up after."""
+    runner = web.AppRunner(app)
+    await runner.setup()
+    try:
+        site = web.TCPSite(runner, host, 0)
+        await site.start()
+        yield int(runner.addresses[0][1])
+    finally:
+        await runner.cleanup()
 
 
 async def upload_json(client: httpx.AsyncClient, value: Any) -> dict[str, Any]:

@@ -19,7 +19,7 @@ from callbacks.dispatcher import CallbackDispatcher
 from callbacks.settings import CallbackSettings
 from callbacks.signing import WebhookSigner, generate_secret
 from policies.callback_guard import AllowList, IPAddress, Resolver
-from tests.conftest import wait_until
+from tests.conftest import serving, wait_until
 from wire.callback_events import callback_for
 from wire.envelope import PARK_REASON_HEADER, CallbackDelivery, Job, JobTimings, decode_callback_delivery
 from wire.outgoing import Publish
@@ -145,23 +145,18 @@ async def test_given_two_hostnames_on_one_address_then_each_has_its_own_connecti
 
     app = web.Application()
     app.router.add_post("/cb", record)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = runner.addresses[0][1]
 
     async def loopback(host: str, port: int) -> list[IPAddress]:
         return [ipaddress.ip_address("127.0.0.1")]
 
     client = _client(5.0, loopback, allow=("a.test", "b.test"))
-    try:
-        for host in ("a.test", "a.test", "b.test", "a.test"):
-            result = await client.deliver(_delivery(f"http://{host}:{port}/cb"))
-            assert result.delivered, result
-    finally:
-        await client.close()
-        await runner.cleanup()
+    async with serving(app) as port:
+        try:
+            for host in ("a.test", "a.test", "b.test", "a.test"):
+                result = await client.deliver(_delivery(f"http://{host}:{port}/cb"))
+                assert result.delivered, result
+        finally:
+            await client.close()
 
     hosts = [host for host, _ in seen]
     assert hosts == ["a.test", "a.test", "b.test", "a.test"]

@@ -19,7 +19,6 @@ import pytest
 from aiohttp import web
 
 from callbacks.dispatcher import CallbackDispatcher
-from ingress.settings import IngressSettings
 from loadgen.callback_receiver import CallbackReceiver
 from object_store.store import PART_BYTES, ObjectStore, StoreSettings
 from policies.callback_guard import AllowList
@@ -28,7 +27,7 @@ from ray_workers.models.echo import EchoModel
 from ray_workers.models.synthetic import SyntheticModel
 from ray_workers.payload_references import PayloadReferences
 from ray_workers.settings import WorkerSettings
-from tests.conftest import running_ingress, running_worker, upload_bytes
+from tests.conftest import running_worker, serving, upload_bytes
 from wire.envelope import Job
 
 
@@ -70,19 +69,8 @@ def _jsonl(records: list[Any]) -> bytes:
 
 
 @pytest.fixture
-def with_store(ingress_settings: IngressSettings, object_store: StoreSettings) -> IngressSettings:
-    return replace(ingress_settings, object_store=object_store)
-
-
-@pytest.fixture
 def store_worker_settings(worker_settings: WorkerSettings, object_store: StoreSettings) -> WorkerSettings:
     return replace(worker_settings, object_store=object_store)
-
-
-@pytest.fixture
-async def store_client(with_store: IngressSettings) -> AsyncIterator[httpx.AsyncClient]:
-    async with running_ingress(with_store) as http:
-        yield http
 
 
 async def _download(url: str) -> bytes:
@@ -161,26 +149,18 @@ async def test_given_a_jsonl_input_url_then_the_worker_streams_it_from_the_serve
 
     app = web.Application()
     app.router.add_get("/records.jsonl", serve)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
     allowed = replace(store_worker_settings, input_allow=AllowList.parse(["127.0.0.1"]))
-    try:
-        async with running_worker(EchoModel(), allowed):
-            submitted = await store_client.post(
-                "/v1/models/echo/jobs",
-                json={
-                    "input_url": f"http://127.0.0.1:{port}/records.jsonl",
-                    "input_format": "jsonl",
-                    "callback_url": receiver.url,
-                },
-            )
-            assert submitted.status_code == 202, submitted.text
-            (received,) = await receiver.wait_for(1, timeout_s=30)
-    finally:
-        await runner.cleanup()
+    async with serving(app) as port, running_worker(EchoModel(), allowed):
+        submitted = await store_client.post(
+            "/v1/models/echo/jobs",
+            json={
+                "input_url": f"http://127.0.0.1:{port}/records.jsonl",
+                "input_format": "jsonl",
+                "callback_url": receiver.url,
+            },
+        )
+        assert submitted.status_code == 202, submitted.text
+        (received,) = await receiver.wait_for(1, timeout_s=30)
 
     assert received.event["type"] == "job.succeeded", received.event["data"]
     output = await _download(received.event["data"]["output_url"])

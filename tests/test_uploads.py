@@ -31,17 +31,6 @@ LARGE_INPUT = {"rows": [{"n": n, "text": "x" * 100} for n in range(12_000)]}
 
 
 @pytest.fixture
-def with_store(ingress_settings: IngressSettings, object_store: StoreSettings) -> IngressSettings:
-    return replace(ingress_settings, object_store=object_store)
-
-
-@pytest.fixture
-async def store_client(with_store: IngressSettings) -> AsyncIterator[httpx.AsyncClient]:
-    async with running_ingress(with_store) as http:
-        yield http
-
-
-@pytest.fixture
 async def store_workers(
     worker_settings: WorkerSettings, object_store: StoreSettings, dispatcher: CallbackDispatcher
 ) -> AsyncIterator[None]:
