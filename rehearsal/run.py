@@ -65,6 +65,9 @@ DEVIATIONS = (
 )
 # Over OUTPUT_INLINE_MAX_BYTES (256 KiB): the echo's output goes to the store as well.
 BY_REFERENCE_INPUT = {"rehearsal": "by reference", "text": "x" * 300_000}
+# JSON Lines over one output part (8 MiB), compact as echo writes them back: the worker
+# streams it and writes its output to the store in parts (a multipart upload).
+BY_REFERENCE_LINES = b"".join(b'{"n":%d,"text":"%s"}\n' % (n, b"y" * 1000) for n in range(10_000))
 
 
 @dataclass
@@ -231,12 +234,17 @@ async def _submit_jobs(
 
 
 async def _submit_by_reference(
-    ingress: Pod, api_key: str, receiver: CallbackReceiver, report: Report
+    ingress: Pod,
+    api_key: str,
+    receiver: CallbackReceiver,
+    report: Report,
+    data: bytes,
+    input_format: str,
 ) -> None:
     """An echo job whose input the rehearsal uploads to the store (MinIO's stand-in) and
     whose output the worker writes there: its callback's output_url downloads as the input."""
     base = f"http://{ingress.address}:{ingress.ports['http']}"
-    job: dict[str, Any] = {"model": "echo (input and output by reference)"}
+    job: dict[str, Any] = {"model": f"echo (input and output by reference, {input_format})"}
     report.jobs.append(job)
     already = len(receiver.received)
     async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {api_key}"}) as session:
@@ -246,14 +254,11 @@ async def _submit_by_reference(
         if created.status != 201:
             job["error"] = f"POST /v1/uploads: {created.status} {str(upload)[:300]}"
             return
-        async with (
-            aiohttp.ClientSession() as direct,
-            direct.put(upload["upload_url"], data=json.dumps(BY_REFERENCE_INPUT).encode()) as put,
-        ):
+        async with aiohttp.ClientSession() as direct, direct.put(upload["upload_url"], data=data) as put:
             if put.status != 200:
                 job["error"] = f"PUT to the store: {put.status} {(await put.text())[:300]}"
                 return
-        body = {"input_ref": upload["input_ref"], "callback_url": receiver.url}
+        body = {"input_ref": upload["input_ref"], "input_format": input_format, "callback_url": receiver.url}
         async with session.post(f"{base}/v1/models/echo/jobs", json=body) as answer:
             job["submit_status"] = answer.status
             if answer.status != 202:
@@ -271,9 +276,12 @@ async def _submit_by_reference(
         job["error"] = f"no output_url in the callback: {str(callback.event['data'])[:300]}"
         return
     async with aiohttp.ClientSession() as direct, direct.get(output_url) as output:
-        same = output.status == 200 and json.loads(await output.read()) == BY_REFERENCE_INPUT
+        downloaded = await output.read()
+    same = output.status == 200 and (
+        downloaded == data if input_format == "jsonl" else json.loads(downloaded) == json.loads(data)
+    )
     if not same:
-        job["error"] = f"the output at output_url ({output.status}) is not the uploaded input"
+        job["error"] = f"the output at output_url ({output.status}, {len(downloaded)} bytes) is not the input"
     elif callback.verified and callback.event["type"] == "job.succeeded":
         report.jobs_succeeded += 1
 
@@ -503,7 +511,10 @@ class Rehearsal:
         if ingress.ready:
             models = self.config_maps["inferq"]["MODELS"].split(",")
             await _submit_jobs(ingress, api_key, models, self.receiver, self.report)
-            await _submit_by_reference(ingress, api_key, self.receiver, self.report)
+            whole = json.dumps(BY_REFERENCE_INPUT).encode()
+            await _submit_by_reference(ingress, api_key, self.receiver, self.report, whole, "json")
+            lines = BY_REFERENCE_LINES
+            await _submit_by_reference(ingress, api_key, self.receiver, self.report, lines, "jsonl")
         # Enough scrapes after the jobs for rates over a minute's window.
         await asyncio.sleep(4 * SCRAPE_INTERVAL_S)
         self.report.targets = await self.prometheus.targets_up()
