@@ -39,6 +39,7 @@ logger = logging.getLogger(__name__)
 # being written, what a worker holds for a JSON Lines job.
 LINES_BATCH_BYTES = 2**18
 NEWLINE = b"\n"
+UTF8_BOM = b"\xef\xbb\xbf"
 
 
 class RecordRefused(Exception):
@@ -65,7 +66,7 @@ async def split_lines(chunks: AsyncIterator[bytes], max_line_bytes: int) -> Asyn
     RecordRefused for a line over `max_line_bytes` (refused before it is held whole)."""
     pending = bytearray()
     number = 0
-    async for chunk in chunks:
+    async for chunk in _without_bom(chunks):
         start = 0
         while (end := chunk.find(NEWLINE, start)) != -1:
             number += 1
@@ -83,6 +84,21 @@ async def split_lines(chunks: AsyncIterator[bytes], max_line_bytes: int) -> Asyn
         _check_length(number + 1, len(pending), max_line_bytes)
     if pending.strip():
         yield number + 1, bytes(pending)
+
+
+async def _without_bom(chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+    """The chunks without a leading UTF-8 byte order mark (editors on Windows write one;
+    JSON does not allow it), whatever the chunks' sizes."""
+    head: bytes | None = b""
+    async for chunk in chunks:
+        if head is not None:
+            head += chunk
+            if len(head) < len(UTF8_BOM) and UTF8_BOM.startswith(head):
+                continue
+            chunk, head = head.removeprefix(UTF8_BOM), None
+        yield chunk
+    if head:
+        yield head
 
 
 def _check_length(number: int, length: int, max_line_bytes: int) -> None:

@@ -48,6 +48,8 @@ async def _lines(*parts: bytes, max_line_bytes: int = 100) -> list[tuple[int, by
         ((b"1\n\n  \n2\r\n",), [(1, b"1"), (4, b"2\r")]),
         ((b"", b"\n", b"3"), [(2, b"3")]),
         ((b"",), []),
+        ((b"\xef\xbb\xbf{}\n",), [(1, b"{}")]),
+        ((b"\xef", b"\xbb", b"\xbf1\n2"), [(1, b"1"), (2, b"2")]),
     ],
 )
 async def test_given_chunks_with_any_borders_then_each_non_blank_line_comes_once_with_its_number(
