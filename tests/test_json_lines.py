@@ -27,7 +27,7 @@ from ray_workers.models.echo import EchoModel
 from ray_workers.models.synthetic import SyntheticModel
 from ray_workers.payload_references import PayloadReferences
 from ray_workers.settings import WorkerSettings
-from tests.conftest import running_worker, serving, upload_bytes
+from tests.conftest import running_worker, serving, upload_bytes, wait_until
 from wire.envelope import Job
 
 
@@ -225,3 +225,38 @@ async def test_given_an_input_five_parts_long_then_the_worker_never_holds_it_or_
     output = await store.read(f"outputs/{job.id}", 2**30)
     assert output is not None and hashlib.sha256(output).hexdigest() == outcome.output_ref.sha256
     assert bytes(output) == line * count
+
+
+async def test_given_the_store_down_when_a_jsonl_job_runs_then_it_retries_and_succeeds_once_it_is_back(
+    store_client: httpx.AsyncClient,
+    receiver: CallbackReceiver,
+    store_worker_settings: WorkerSettings,
+    dispatcher: CallbackDispatcher,
+) -> None:
+    records = [{"n": n} for n in range(50)]
+    upload = await upload_bytes(store_client, _jsonl(records))
+    assert store_worker_settings.object_store is not None
+    down = replace(
+        store_worker_settings,
+        object_store=replace(store_worker_settings.object_store, endpoint_url="http://127.0.0.1:9"),
+    )
+
+    async with running_worker(EchoModel(), down):
+        submitted = await store_client.post(
+            "/v1/models/echo/jobs",
+            json={"input_ref": upload["input_ref"], "input_format": "jsonl", "callback_url": receiver.url},
+        )
+        job_url = f"/v1/jobs/{submitted.json()['id']}"
+
+        async def tried() -> bool:
+            attempts: int = (await store_client.get(job_url)).json()["attempts"]
+            return attempts >= 1
+
+        await wait_until(tried, 15, "the first attempt, on a store that does not answer")
+    async with running_worker(EchoModel(), store_worker_settings):
+        (received,) = await receiver.wait_for(1, timeout_s=30)
+
+    data = received.event["data"]
+    assert received.event["type"] == "job.succeeded" and data["attempts"] == 2, data
+    output = await _download(data["output_url"])
+    assert [json.loads(line) for line in output.splitlines()] == records
