@@ -46,7 +46,7 @@ from policies.prefetch_bytes import PrefetchBytes
 from ray_workers.batch_controller import AdaptiveBatchController, FixedBatchSize
 from ray_workers.batching import collect_batch
 from ray_workers.json_lines import JsonLinesJobs
-from ray_workers.models.base import InvalidInput, Model, ModelError, predictions
+from ray_workers.models.base import UNENCODABLE, InvalidInput, Model, ModelError, predictions
 from ray_workers.outcomes import parked, retry_for
 from ray_workers.payload_references import PayloadReferences
 from ray_workers.priority_inbox import PriorityInbox
@@ -68,9 +68,6 @@ from wire.outgoing import Publish
 logger = logging.getLogger(__name__)
 
 EXPIRED_ERROR = "deadline passed before the job ran"
-# What encoding a model's output may raise (an unsupported type such as numpy.float32,
-# nesting deeper than the encoder's limit).
-UNENCODABLE = (TypeError, ValueError, OverflowError, RecursionError, msgspec.EncodeError)
 
 RUNNING = Started("running")
 

@@ -29,8 +29,8 @@ from typing import Any
 import msgspec
 
 from object_store.store import StoreUnavailable
-from ray_workers.models.base import InvalidInput, Model, ModelError, predictions
-from ray_workers.payload_references import InputUnreadable, PayloadReferences
+from ray_workers.models.base import UNENCODABLE, InvalidInput, Model, ModelError, predictions
+from ray_workers.payload_references import InputUnreadable, PayloadReferences, named_input
 from wire.envelope import Job, OutputRef
 
 logger = logging.getLogger(__name__)
@@ -172,7 +172,7 @@ class JsonLinesJobs:
     def _prepared(self, job: Job, batch: Sequence[tuple[int, bytes]], attempt: int) -> list[Any]:
         """Each record decoded, checked against the schema and prepared (on a thread)."""
         prepared = []
-        source = f"input_url {job.input_url}" if job.input_url is not None else f"input_ref {job.input_ref}"
+        source = named_input(job)
         for number, line in batch:
             read = self._payloads.checked(f"line {number} of {source}", line)
             if read.error is not None:
@@ -196,7 +196,7 @@ class JsonLinesJobs:
         """The outputs as lines, added to the output's digest (on a thread)."""
         try:
             encoded = self._encoder.encode_lines(outputs)
-        except (TypeError, ValueError, OverflowError, RecursionError, msgspec.EncodeError) as exc:
+        except UNENCODABLE as exc:
             raise OutputUnencodable(f"the model's output cannot be encoded as JSON: {exc!r}"[:1000]) from exc
         digest.update(encoded)
         return encoded

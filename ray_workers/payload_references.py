@@ -84,7 +84,7 @@ class PayloadReferences:
 
     async def read_job_input(self, job: Job) -> ReadInput:
         """The input the job names, by `input_url` or by `input_ref`, read whole and checked."""
-        named = _named(job)
+        named = named_input(job)
         try:
             if job.input_url is not None:
                 data = await self._fetcher.fetch(job.input_url)
@@ -100,7 +100,7 @@ class PayloadReferences:
 
     async def input_chunks(self, job: Job) -> AsyncGenerator[bytes, None]:
         """The input the job names a chunk at a time, never whole; InputUnreadable, also midway."""
-        named = _named(job)
+        named = named_input(job)
         try:
             if job.input_url is not None:
                 chunks = self._fetcher.chunks(job.input_url)
@@ -175,7 +175,8 @@ def _output_key(job_id: str) -> str:
     return f"outputs/{job_id}"
 
 
-def _named(job: Job) -> str:
+def named_input(job: Job) -> str:
+    """How errors name the input a job refers to."""
     return f"input_url {job.input_url}" if job.input_url is not None else f"input_ref {job.input_ref}"
 
 

@@ -197,6 +197,16 @@ async def serving(app: web.Application, host: str = "127.0.0.1") -> AsyncIterato
         await runner.cleanup()
 
 
+async def wait_until_tried(client: httpx.AsyncClient, job_id: str, what: str) -> None:
+    """Until the job's record counts its first attempt (bounded: 15 s)."""
+
+    async def tried() -> bool:
+        attempts: int = (await client.get(f"/v1/jobs/{job_id}")).json()["attempts"]
+        return attempts >= 1
+
+    await wait_until(tried, 15, what)
+
+
 async def upload_json(client: httpx.AsyncClient, value: Any) -> dict[str, Any]:
     """An upload made through the ingress (POST /v1/uploads) and `value` PUT as JSON to its
     URL, straight to the store; the ingress's answer."""

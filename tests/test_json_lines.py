@@ -27,7 +27,7 @@ from ray_workers.models.echo import EchoModel
 from ray_workers.models.synthetic import SyntheticModel
 from ray_workers.payload_references import PayloadReferences
 from ray_workers.settings import WorkerSettings
-from tests.conftest import running_worker, serving, upload_bytes, wait_until
+from tests.conftest import running_worker, serving, upload_bytes, wait_until_tried
 from wire.envelope import Job
 
 
@@ -246,13 +246,8 @@ async def test_given_the_store_down_when_a_jsonl_job_runs_then_it_retries_and_su
             "/v1/models/echo/jobs",
             json={"input_ref": upload["input_ref"], "input_format": "jsonl", "callback_url": receiver.url},
         )
-        job_url = f"/v1/jobs/{submitted.json()['id']}"
-
-        async def tried() -> bool:
-            attempts: int = (await store_client.get(job_url)).json()["attempts"]
-            return attempts >= 1
-
-        await wait_until(tried, 15, "the first attempt, on a store that does not answer")
+        what = "the first attempt, on a store that does not answer"
+        await wait_until_tried(store_client, submitted.json()["id"], what)
     async with running_worker(EchoModel(), store_worker_settings):
         (received,) = await receiver.wait_for(1, timeout_s=30)
 

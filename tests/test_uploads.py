@@ -24,7 +24,7 @@ from ray_workers.models.echo import EchoModel
 from ray_workers.models.synthetic import SyntheticModel
 from ray_workers.settings import WorkerSettings
 from tenants.registry import Tenant, key_digest
-from tests.conftest import queue_holds, running_ingress, running_worker, upload_json, wait_until
+from tests.conftest import queue_holds, running_ingress, running_worker, upload_json, wait_until_tried
 
 # Over MAX_BODY_BYTES (1 MiB): too large to send inline.
 LARGE_INPUT = {"rows": [{"n": n, "text": "x" * 100} for n in range(12_000)]}
@@ -159,13 +159,8 @@ async def test_given_the_store_down_when_the_worker_reads_then_the_job_retries_a
         submitted = await store_client.post(
             "/v1/models/echo/jobs", json={"input_ref": ref, "callback_url": receiver.url}
         )
-        job_url = f"/v1/jobs/{submitted.json()['id']}"
-
-        async def tried() -> bool:
-            attempts: int = (await store_client.get(job_url)).json()["attempts"]
-            return attempts >= 1
-
-        await wait_until(tried, 15, "the first attempt, on a store that does not answer")
+        what = "the first attempt, on a store that does not answer"
+        await wait_until_tried(store_client, submitted.json()["id"], what)
     async with running_worker(EchoModel(), up):
         (received,) = await receiver.wait_for(1, timeout_s=30)
 

@@ -18,6 +18,12 @@ import inspect
 from collections.abc import Awaitable, Sequence
 from typing import Any, Protocol, cast
 
+import msgspec
+
+# What encoding a model's output as JSON may raise (an unsupported type such as
+# numpy.float32, nesting deeper than the encoder's limit).
+UNENCODABLE = (TypeError, ValueError, OverflowError, RecursionError, msgspec.EncodeError)
+
 
 class ModelError(Exception):
     """Base of what a model raises."""
