@@ -165,6 +165,31 @@ async def run_attack(base_url: str, name: str, attack: Attack, callback_url: str
     return row
 
 
+def _naming_an_upload(receiver: ReceiverProcess, count: int, data: bytes, input_format: str) -> Attack:
+    """Small messages naming one 16 MiB upload, at once: the worker's batch budget counts
+    the inputs they name, so it reads them a batch of one at a time, not all at once; a
+    JSON Lines job holds a batch of records and an output part, never the file."""
+
+    async def attack(session: aiohttp.ClientSession, _cb: str) -> list[int]:
+        async with session.post("/v1/uploads") as created:
+            upload = await created.json()
+        async with aiohttp.ClientSession() as direct, direct.put(upload["upload_url"], data=data) as put:
+            put.raise_for_status()
+        body = b'{"input_ref": "%s", "input_format": "%s", "callback_url": "%s"}' % (
+            upload["input_ref"].encode(),
+            input_format.encode(),
+            receiver.url.encode(),
+        )
+        already = {r.job_id for r in await receiver.refresh()}
+        answers = await asyncio.gather(*(_accepted(session, body) for _ in range(count)))
+        arrived = await receiver.wait_for(
+            {job_id for _, job_id in answers if job_id} - already, CALLBACK_WAIT_S
+        )
+        return [*(status for status, _ in answers), *([] if arrived else [0])]
+
+    return attack
+
+
 def attacks(quick: bool, receiver: ReceiverProcess, slow: ReceiverProcess) -> list[tuple[str, Attack]]:
     waits = 5 if quick else 20
     worker_jobs = 10 if quick else 40
@@ -214,24 +239,9 @@ def attacks(quick: bool, receiver: ReceiverProcess, slow: ReceiverProcess) -> li
 
         return attack
 
-    async def named_uploads(session: aiohttp.ClientSession, _cb: str) -> list[int]:
-        """Small messages naming a 16 MiB upload, at once: the worker's batch budget counts
-        the inputs they name, so it reads them a batch of one at a time, not all at once."""
-        async with session.post("/v1/uploads") as created:
-            upload = await created.json()
-        data = b'"' + b"u" * (UPLOAD_BYTES - 2) + b'"'
-        async with aiohttp.ClientSession() as direct, direct.put(upload["upload_url"], data=data) as put:
-            put.raise_for_status()
-        body = b'{"input_ref": "%s", "callback_url": "%s"}' % (
-            upload["input_ref"].encode(),
-            receiver.url.encode(),
-        )
-        already = {r.job_id for r in await receiver.refresh()}
-        answers = await asyncio.gather(*(_accepted(session, body) for _ in range(reference_jobs)))
-        arrived = await receiver.wait_for(
-            {job_id for _, job_id in answers if job_id} - already, CALLBACK_WAIT_S
-        )
-        return [*(status for status, _ in answers), *([] if arrived else [0])]
+    one_value = b'"' + b"u" * (UPLOAD_BYTES - 2) + b'"'
+    record = b'{"text":"' + b"l" * 1000 + b'"}\n'
+    lines = record * (UPLOAD_BYTES // len(record))
 
     return [
         ("embed-minilm 1 MiB schema miss (texts of 0)", schema_miss),
@@ -249,7 +259,14 @@ def attacks(quick: bool, receiver: ReceiverProcess, slow: ReceiverProcess) -> li
             f"dispatcher: {slow_jobs} x 1 MiB outputs to a host answering in 2 s",
             to_receiver(slow, slow_jobs),
         ),
-        (f"worker fed {reference_jobs} jobs naming a 16 MiB upload, at once, called back", named_uploads),
+        (
+            f"worker fed {reference_jobs} jobs naming a 16 MiB upload, at once, called back",
+            _naming_an_upload(receiver, reference_jobs, one_value, "json"),
+        ),
+        (
+            f"worker fed {reference_jobs} JSON Lines jobs naming a 16 MiB upload, at once, called back",
+            _naming_an_upload(receiver, reference_jobs, lines, "jsonl"),
+        ),
     ]
 
 
