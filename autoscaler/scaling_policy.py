@@ -7,6 +7,7 @@ names the file, the field and the bad value. Defaults are KEDA's and the HPA's o
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +25,8 @@ KEDA_DEFAULT_POLLING_INTERVAL_S = 30.0
 KEDA_DEFAULT_COOLDOWN_S = 300.0
 KEDA_DEFAULT_MAX_REPLICAS = 100
 HPA_TOLERANCE = 0.1
+# The label naming a ScaledObject's model (manifests.scaled_objects writes it).
+MODEL_LABEL = "inferq.dev/model"
 
 
 class InvalidScaledObject(ValueError):
@@ -103,7 +106,8 @@ def _rules(raw: Mapping[str, Any] | None, default: DirectionRules, where: str) -
 
 
 def policy_from_scaled_object(doc: Mapping[str, Any], source: str = "ScaledObject") -> ScalingPolicy:
-    """Parse, validate, construct. One rabbitmq QueueLength trigger over http is required;
+    """Parse, validate, construct. One rabbitmq QueueLength trigger over http is required
+    (on `jobs.<model>`, or a regex over its queues with `useRegex` and `operation: sum`);
     an `external-push` trigger for the same model may sit beside it (KEDA's push scaler,
     which the local stack's own push activation stands in for: it is not polled here)."""
     if doc.get("kind") != "ScaledObject":
@@ -125,20 +129,18 @@ def policy_from_scaled_object(doc: Mapping[str, Any], source: str = "ScaledObjec
     if meta.get("mode") != "QueueLength":
         raise InvalidScaledObject(f"{source}: trigger mode={meta.get('mode')!r}; expected QueueLength")
     queue_name = str(meta.get("queueName", ""))
-    if not queue_name.startswith("jobs."):
-        raise InvalidScaledObject(f"{source}: queueName={queue_name!r}; expected jobs.<model>")
+    model = _model_of_queues(doc, queue_name, meta, source)
     for push in (t for t in triggers if t.get("type") == "external-push"):
         pushed = (push.get("metadata") or {}).get("model")
-        if pushed != queue_name.removeprefix("jobs."):
+        if pushed != model:
             raise InvalidScaledObject(
-                f"{source}: external-push trigger model={pushed!r}; expected the queue's model "
-                f"{queue_name.removeprefix('jobs.')!r}"
+                f"{source}: external-push trigger model={pushed!r}; expected the queue's model {model!r}"
             )
     behavior = ((spec.get("advanced") or {}).get("horizontalPodAutoscalerConfig") or {}).get("behavior") or {}
     fallback = spec.get("fallback") or {}
     policy = ScalingPolicy(
         name=name,
-        model=queue_name.removeprefix("jobs."),
+        model=model,
         queue_name=queue_name,
         target_per_replica=_number(meta.get("value"), f"{source}: value"),
         activation_value=_number(meta.get("activationValue", 0), f"{source}: activationValue"),
@@ -156,6 +158,30 @@ def policy_from_scaled_object(doc: Mapping[str, Any], source: str = "ScaledObjec
     )
     _validate(policy, source)
     return policy
+
+
+def _model_of_queues(doc: Mapping[str, Any], queue_name: str, meta: Mapping[str, Any], source: str) -> str:
+    """The model whose queues the trigger counts: `jobs.<model>`, or with `useRegex` (every
+    lane of the model, summed) the `inferq.dev/model` label's, which the regex must match.
+    Which queues are summed here is the topology's (`job_queues`), as the regex says."""
+    if str(meta.get("useRegex", "false")).lower() != "true":
+        if not queue_name.startswith("jobs."):
+            raise InvalidScaledObject(f"{source}: queueName={queue_name!r}; expected jobs.<model>")
+        return queue_name.removeprefix("jobs.")
+    if meta.get("operation", "sum") != "sum":
+        raise InvalidScaledObject(
+            f"{source}: operation={meta.get('operation')!r}; expected sum (a backlog is all its queues)"
+        )
+    model = str(((doc.get("metadata") or {}).get("labels") or {}).get(MODEL_LABEL, ""))
+    if not model:
+        raise InvalidScaledObject(f"{source}: useRegex needs the {MODEL_LABEL} label naming the model")
+    try:
+        matches = re.fullmatch(queue_name, f"jobs.{model}") is not None
+    except re.error as exc:
+        raise InvalidScaledObject(f"{source}: queueName={queue_name!r} is not a regex: {exc}") from exc
+    if not matches:
+        raise InvalidScaledObject(f"{source}: queueName={queue_name!r} does not match jobs.{model}")
+    return model
 
 
 def _validate(policy: ScalingPolicy, source: str) -> None:

@@ -281,11 +281,13 @@ def _tenant_limits_row(limits: dict[str, Any]) -> tuple[str, float, str]:
 
 
 def _tenant_share_row(share: dict[str, Any]) -> tuple[str, float, str]:
+    one = share["one_lane"]
     return (
-        "Tenant B's single jobs behind tenant A's embed-minilm backlog: submit -> callback max / p50",
-        share["b_max_s"] / share["b_p50_s"],
-        f"p50 {share['b_p50_s']:.2f} s, max {share['b_max_s']:.2f} s; A's rate beside B / alone "
-        f"{share['a_ratio']:.2f}; lost {share['lost']}",
+        "Tenant B's single jobs beside tenant A's embed-minilm backlog: B's p50, one lane / tenant lanes",
+        one["b_p50_s"] / share["b_p50_s"],
+        f"lanes: B p50 {share['b_p50_s']:.2f} s, max {share['b_max_s']:.2f} s, A's rate beside B / alone "
+        f"{share['a_ratio']:.2f}; one lane: B p50 {one['b_p50_s']:.2f} s, max {one['b_max_s']:.2f} s; "
+        f"lost {share['lost'] + one['lost']}, duplicates {share['duplicates'] + one['duplicates']}",
     )
 
 

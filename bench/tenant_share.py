@@ -2,9 +2,10 @@
 
 Tenant A submits A_JOBS embed-minilm jobs, 64 in flight; once half are accepted, tenant
 B submits B_JOBS single jobs B_INTERVAL_S apart. The figures: B's submit -> verified
-callback (p50, max) and A's throughput, beside A alone in the same run. Every tenant's
-jobs share one FIFO per model and priority today, so B waits behind what A queued
-before it; this stage measures how long that is (fair share is not built yet).
+callback (p50, max) and A's throughput, beside A alone in the same run, with the
+shipped TENANT_LANES (each tenant's jobs in a lane of their own, served in turn). Then,
+in the same run, once with TENANT_LANES=1: every tenant's jobs in one FIFO, as before
+lanes, where B waits behind what A queued before it.
 """
 
 from __future__ import annotations
@@ -30,13 +31,20 @@ CALLBACK_WAIT_S = 300.0
 
 
 async def measure_tenant_share(amqp_url: str, reps: int, a_jobs: int, b_jobs: int) -> dict[str, Any]:
+    """With lanes, medians of `reps`; and one run with one lane, for comparison."""
+    lanes = await _share(amqp_url, reps, a_jobs, b_jobs, {})
+    one_lane = await _share(amqp_url, 1, a_jobs, b_jobs, {"TENANT_LANES": "1"})
+    return {**lanes, "one_lane": one_lane}
+
+
+async def _share(amqp_url: str, reps: int, a_jobs: int, b_jobs: int, env: dict[str, str]) -> dict[str, Any]:
     key_a, key_b = secrets.token_hex(16), secrets.token_hex(16)
     secret = generate_secret()
     receiver = ReceiverProcess(secret)
     await receiver.start()
     topology = bench_topology()
     stack = StackProcess(
-        bench_stack_env(amqp_url, topology, secret, MODELS=MODEL, API_KEYS=f"{key_a},{key_b}")
+        bench_stack_env(amqp_url, topology, secret, MODELS=MODEL, API_KEYS=f"{key_a},{key_b}", **env)
     )
     runs: list[dict[str, Any]] = []
     try:
@@ -51,11 +59,12 @@ async def measure_tenant_share(amqp_url: str, reps: int, a_jobs: int, b_jobs: in
                 "b_p50_s": shared["b_p50_s"],
                 "b_max_s": shared["b_max_s"],
                 "lost": alone["lost"] + shared["lost"],
+                "duplicates": alone["duplicates"] + shared["duplicates"],
             }
             print(
-                f"  tenant share: B p50 {run['b_p50_s']:.2f} s, max {run['b_max_s']:.2f} s; A "
-                f"{run['a_shared_jobs_per_s']:.0f} jobs/s beside B, {run['a_alone_jobs_per_s']:.0f} alone; "
-                f"lost {run['lost']}",
+                f"  tenant share{' ' + str(env) if env else ''}: B p50 {run['b_p50_s']:.2f} s, max "
+                f"{run['b_max_s']:.2f} s; A {run['a_shared_jobs_per_s']:.0f} jobs/s beside B, "
+                f"{run['a_alone_jobs_per_s']:.0f} alone; lost {run['lost']}, duplicates {run['duplicates']}",
                 flush=True,
             )
             runs.append(run)
@@ -69,6 +78,7 @@ async def measure_tenant_share(amqp_url: str, reps: int, a_jobs: int, b_jobs: in
         "b_max_s": median([run["b_max_s"] for run in runs]),
         "a_ratio": median([run["a_shared_jobs_per_s"] / run["a_alone_jobs_per_s"] for run in runs]),
         "lost": sum(run["lost"] for run in runs),
+        "duplicates": sum(run["duplicates"] for run in runs),
     }
 
 
@@ -110,7 +120,8 @@ async def _tenant_a(
 
         await asyncio.gather(tenant_a(), tenant_b())
     await receiver.wait_for(set(submitted), CALLBACK_WAIT_S)
-    arrived = {r.job_id: r.received_wall_s for r in receiver.records if r.job_id in submitted}
+    ours = [r for r in receiver.records if r.job_id in submitted]
+    arrived = {r.job_id: r.received_wall_s for r in ours}
     a_done = [arrived[i] for i, (tenant, _) in submitted.items() if tenant == "a" and i in arrived]
     b_waits = [arrived[i] - at for i, (tenant, at) in submitted.items() if tenant == "b" and i in arrived]
     return {
@@ -118,4 +129,5 @@ async def _tenant_a(
         "b_p50_s": statistics.median(b_waits) if b_waits else float("nan"),
         "b_max_s": max(b_waits, default=float("nan")),
         "lost": len(set(submitted) - set(arrived)),
+        "duplicates": len(ours) - len(arrived),
     }

@@ -100,7 +100,8 @@ class BatchSubmission:
         jobs, messages = [], []
         for index, (job, message) in enumerate(zip(self.jobs, self.messages, strict=True)):
             job_id = batch_job_id(batch_id, index)
-            messages.append(job_message(msgspec.structs.replace(decode_job(message.body), id=job_id)))
+            relabelled = msgspec.structs.replace(decode_job(message.body), id=job_id)
+            messages.append(job_message(relabelled, message.headers))
             jobs.append(msgspec.structs.replace(job, id=job_id))
         self.batch_id, self.jobs, self.messages = batch_id, jobs, messages
 
@@ -364,13 +365,14 @@ async def _publish(state: IngressState, submission: BatchSubmission) -> list[str
         raise RuntimeError(f"batch {submission.batch_id}: its messages were let go before the publish")
     started = time.monotonic()
     topology, timeout_s = state.settings.topology, state.settings.publish_timeout_s
+    lane = await state.lanes.lane(jobs[0].model, submission.tenant.name)
     publishing: list[asyncio.Task[None]] = []
     for index, (job, message) in enumerate(zip(jobs, messages, strict=True)):
         if index and index % WAVE_JOBS == 0:
             await asyncio.sleep(0)  # the wave before this one starts; other requests get a turn
         publish = state.broker.publish(
             message,
-            topology.job_routing_key(job.model, job.priority),
+            topology.job_routing_key(job.model, job.priority, lane),
             exchange=topology.jobs_exchange,
             timeout_s=timeout_s,
         )

@@ -67,7 +67,7 @@ def checked_job(
     elif job_request.input is not msgspec.UNSET:
         check_input(state, model, job_request.input, deadline)
     job = new_job(state, model, tenant, job_request, job_id)
-    return msgspec.structs.replace(job, input=None), encoded(job)
+    return msgspec.structs.replace(job, input=None), encoded(job, tenant.weight)
 
 
 def new_job(
@@ -131,11 +131,11 @@ def check_metadata(metadata: dict[str, object], max_bytes: int) -> None:
         )
 
 
-def encoded(job: Job) -> OutgoingMessage:
+def encoded(job: Job, tenant_weight: float) -> OutgoingMessage:
     """The job's message, before anything is written: a job that cannot be encoded leaves
     no record behind."""
     try:
-        return job_message(job)
+        return job_message(job, tenant_weight=tenant_weight)
     except (msgspec.EncodeError, OverflowError, RecursionError) as exc:
         raise Problem(
             422, "unencodable-job", "Unprocessable Content", f"the job cannot be encoded: {exc}"

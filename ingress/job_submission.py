@@ -74,7 +74,7 @@ class Submission:
         if self.message is None:
             raise RuntimeError(f"job {self.job.id}: its message was let go before it was relabelled")
         job = msgspec.structs.replace(decode_job(self.message.body), id=job_id)
-        self.message = job_message(job)
+        self.message = job_message(job, self.message.headers)
         self.job = msgspec.structs.replace(self.job, id=job_id)
 
 
@@ -238,11 +238,12 @@ async def _publish(state: IngressState, submission: Submission) -> None:
         raise RuntimeError(f"job {job.id}: its message was let go before it was published")
     started = time.monotonic()
     try:
+        lane = await state.lanes.lane(job.model, submission.tenant.name)
         await state.admission.admit(job.model)
         try:
             await state.broker.publish(
                 message,
-                state.settings.topology.job_routing_key(job.model, job.priority),
+                state.settings.topology.job_routing_key(job.model, job.priority, lane),
                 exchange=state.settings.topology.jobs_exchange,
                 timeout_s=state.settings.publish_timeout_s,
             )

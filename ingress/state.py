@@ -17,6 +17,7 @@ from ingress.pending_records import PendingRecords
 from ingress.problems import Problem
 from ingress.record_creation import RecordCreation
 from ingress.settings import IngressSettings
+from ingress.tenant_lanes import TenantLanes
 from job_records.store import JobRecords
 from model_catalogue.catalogue import load_catalogue
 from model_catalogue.input_schemas import InputSchemas
@@ -56,14 +57,17 @@ class IngressState:
         self.waiters = None if self.records is None else FinishedWaiters(self.records, settings.max_waiters)
         self.creation = None if self.records is None else RecordCreation(self.records)
         self.pending = None if self.records is None else PendingRecords(self.records)
+        self.lanes = TenantLanes(settings.topology, self.records, self._ready_jobs)
 
     async def _queue_depth(self, model: str) -> int:
-        """Ready jobs of the model, in all its queues (the quorum topology has one per priority)."""
-        total = 0
-        for queue in self.settings.topology.job_queues(model):
-            ready, _consumers = await self.broker.queue_depth(queue)
-            total += ready
-        return total
+        """Ready jobs of the model, in all its queues (every lane; on the quorum topology
+        every priority's too), read at once."""
+        queues = self.settings.topology.job_queues(model)
+        return sum(await asyncio.gather(*(self._ready_jobs(queue) for queue in queues)))
+
+    async def _ready_jobs(self, queue: str) -> int:
+        ready, _consumers = await self.broker.queue_depth(queue)
+        return ready
 
     def require_records(self) -> JobRecords:
         """The job records, or 501 when this deployment runs without them (REDIS_URL=off)."""

@@ -217,3 +217,41 @@ redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', ARGV[2])
 redis.call('PEXPIREAT', KEYS[1], ARGV[3])
 return {1, held + wanted}
 """
+# Which lane a tenant's new jobs of a model go to (ingress.tenant_lanes): a hash of tenant ->
+# "lane:lease end (ms)". A tenant keeps its lane while it submits (each call renews its
+# lease); one without a live lease takes the lane fewest live leases hold, the shallowest
+# of those (depths as the caller read them), so a new tenant does not land behind a lane's
+# backlog while an empty lane is free. HSET first: refused when Redis is out of memory.
+# KEYS: the hash. ARGV: tenant, lease (ms), lanes, then each lane's depth. Returns: the lane.
+LANE_LEASE = """
+local tenant, lease, lanes = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
+local time = redis.call('TIME')
+local now = tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
+local held, mine, stale = {}, nil, {}
+for lane = 0, lanes - 1 do held[lane] = 0 end
+local leases = redis.call('HGETALL', KEYS[1])
+for i = 1, #leases, 2 do
+  local sep = string.find(leases[i + 1], ':', 1, true)
+  local lane = tonumber(string.sub(leases[i + 1], 1, sep - 1))
+  local ends = tonumber(string.sub(leases[i + 1], sep + 1))
+  if ends <= now or lane >= lanes then
+    table.insert(stale, leases[i])
+  elseif leases[i] == tenant then
+    mine = lane
+  else
+    held[lane] = held[lane] + 1
+  end
+end
+if mine == nil then
+  mine = 0
+  for lane = 1, lanes - 1 do
+    local fewer = held[lane] < held[mine]
+    local shallower = held[lane] == held[mine] and tonumber(ARGV[4 + lane]) < tonumber(ARGV[4 + mine])
+    if fewer or shallower then mine = lane end
+  end
+end
+redis.call('HSET', KEYS[1], tenant, mine .. ':' .. (now + lease))
+if #stale > 0 then redis.call('HDEL', KEYS[1], unpack(stale)) end
+redis.call('PEXPIRE', KEYS[1], lease)
+return mine
+"""

@@ -254,6 +254,7 @@ class JobRecords:
                 "reserve": scripts.RESERVE,
                 "take_tokens": scripts.TAKE_TOKENS,
                 "queued_reserve": scripts.QUEUED_RESERVE,
+                "lane_lease": scripts.LANE_LEASE,
             }.items()
         }
         self._prefix = f"{key_prefix}inferq:"
@@ -413,6 +414,16 @@ class JobRecords:
         """Jobs not queued after all: they do not count against max_queued."""
         async with self._guarded("release queued jobs in"):
             await self._redis.zrem(self._queued_key(owner), *job_ids)
+
+    async def lease_lane(self, model: str, tenant: str, lease_s: float, depths: Sequence[int]) -> int:
+        """The lane the tenant's new jobs of `model` go to, its lease renewed for `lease_s`;
+        a tenant without one takes the lane fewest tenants hold, the shallowest of those."""
+        async with self._guarded("lease a lane in"):
+            lane = await self._scripts["lane_lease"](
+                keys=[f"{self._prefix}lanes:{model}"],
+                args=[tenant, round(lease_s * 1000), len(depths), *depths],
+            )
+        return int(lane)
 
     async def record_delivery(self, updates: Sequence[tuple[str, str, int]]) -> None:
         """Set (job id, delivery state, attempts); one round trip. Plain commands, no

@@ -2,7 +2,8 @@
 
 What the catalogue does not say is fixed here, the same for every model, and why:
 - the rabbitmq trigger reads the management API (`protocol: http`): unacked jobs count,
-  so a busy worker is never seen as idle;
+  so a busy worker is never seen as idle; it sums every queue of the model, each tenant
+  lane (and on the quorum topology each priority), matched by one anchored regex;
 - an `external-push` trigger (cluster/base/push-scaler.yaml) wakes the model the moment a job
   is accepted; polling every `polling_interval_s` is the safety net;
 - scale up at once, doubling (or +2 pods) per 15 s on a spike; scale down one pod at a
@@ -82,7 +83,9 @@ def scaled_object(entry: ModelEntry) -> dict[str, Any]:
                     "metadata": {
                         "protocol": "http",
                         "mode": "QueueLength",
-                        "queueName": Topology().main_queue(entry.name),
+                        "queueName": queues_pattern(Topology().job_queues(entry.name)),
+                        "useRegex": "true",
+                        "operation": "sum",
                         "vhostName": BROKER_VHOST,
                         "value": str(scaling.backlog_per_replica),
                         "activationValue": "0",
@@ -98,19 +101,19 @@ def scaled_object(entry: ModelEntry) -> dict[str, Any]:
     }
 
 
+def queues_pattern(queues: tuple[str, ...]) -> str:
+    """One anchored regex matching exactly `queues` (KEDA hands it to the management API)."""
+    return "^(" + "|".join(queue.replace(".", "\\.") for queue in queues) + ")$"
+
+
 def quorum_trigger_patch(entry: ModelEntry) -> dict[str, Any]:
-    """A kustomize patch: the model's ScaledObject counts its three quorum queues, one per
-    priority, summed (KEDA matches queueName as a regex through the management API)."""
-    queues = Topology(queue_type="quorum").job_queues(entry.name)
-    pattern = "^(" + "|".join(queue.replace(".", "\\.") for queue in queues) + ")$"
+    """A kustomize patch: the model's ScaledObject counts its quorum queues, one per
+    priority and lane, summed."""
+    pattern = queues_pattern(Topology(queue_type="quorum").job_queues(entry.name))
     return {
         "target": {"kind": "ScaledObject", "name": worker_name(entry.name)},
         "patch": yaml_json_patch(
-            [
-                {"op": "replace", "path": "/spec/triggers/0/metadata/queueName", "value": pattern},
-                {"op": "add", "path": "/spec/triggers/0/metadata/useRegex", "value": "true"},
-                {"op": "add", "path": "/spec/triggers/0/metadata/operation", "value": "sum"},
-            ]
+            [{"op": "replace", "path": "/spec/triggers/0/metadata/queueName", "value": pattern}]
         ),
     }
 

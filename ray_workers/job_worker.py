@@ -103,6 +103,9 @@ class _Work:
     output_ref: OutputRef | None = None
 
 
+# A failed batch this small whose halves both fail is searched half by half for its failing
+# inputs; a larger one is the model's failure (see `_isolate`).
+ISOLATE_EACH_MAX_ITEMS = 16
 # Per batch, the remembered largest body shrinks by this factor unless a batch brings a larger one.
 LARGE_BODY_DECAY = 0.9
 
@@ -130,7 +133,9 @@ class JobWorker:
     ) -> None:
         self._model = model
         self._settings = settings
-        self._prefetch_bytes = PrefetchBytes(settings.prefetch_max_bytes, LARGE_BODY_DECAY)
+        # Every queue of the model (its lanes, its priorities) has a consumer: they share the budget.
+        queues = len(settings.topology.job_queues(model.name))
+        self._prefetch_bytes = PrefetchBytes(settings.prefetch_max_bytes // queues, LARGE_BODY_DECAY)
         self._topology = settings.topology
         self._schedule = settings.topology.job_retry_schedule(model.name)
         self._wall_clock = wall_clock
@@ -148,7 +153,7 @@ class JobWorker:
             settings.amqp_url, settings.topology, settings.models, role=f"worker-{model.name}"
         )
         self._inbox: asyncio.Queue[Delivery] = PriorityInbox()
-        # One consumer per queue of the model (the quorum topology has one per priority).
+        # One consumer per queue of the model: each lane, and on the quorum topology each priority.
         self._consumer_tags: list[str] = []
         self._loop_task: asyncio.Task[None] | None = None
         self._settling: asyncio.Task[Settled] | None = None
@@ -596,25 +601,31 @@ class JobWorker:
         return None
 
     async def _isolate(self, items: Sequence[_Work], error: str) -> bool:
-        """A batch failed: halve it until the failing input is found, so the jobs batched
-        with it are not charged an attempt. When both halves fail it is the model, not an
-        input: every item gets the error (at most 2 log2(n) extra predict calls). Returns
-        whether it was the model."""
+        """A batch failed: halve it until the failing inputs are found, so the jobs batched
+        with them are not charged an attempt. When both halves of more than
+        ISOLATE_EACH_MAX_ITEMS fail it is the model, not an input: every item gets the error
+        (at most 2 log2(n) extra predict calls). A smaller batch whose halves both fail may
+        hold two failing inputs (retries bunch after an outage), so each half is isolated
+        too (at most 2 x ISOLATE_EACH_MAX_ITEMS more calls). Returns whether it was the
+        model: every input failed."""
         if len(items) == 1:
             items[0].error = error
             return True
         middle = len(items) // 2
         halves = (items[:middle], items[middle:])
         errors = [await self._predict_into(half) for half in halves]
-        if errors[0] is not None and errors[1] is not None:
+        both_failed = errors[0] is not None and errors[1] is not None
+        if both_failed and len(items) > ISOLATE_EACH_MAX_ITEMS:
             for half, half_error in zip(halves, errors, strict=True):
                 for item in half:
                     item.error = half_error
             return True
-        for half, half_error in zip(halves, errors, strict=True):
-            if half_error is not None:
-                await self._isolate(half, half_error)
-        return False
+        verdicts = [
+            await self._isolate(half, half_error)
+            for half, half_error in zip(halves, errors, strict=True)
+            if half_error is not None
+        ]
+        return both_failed and all(verdicts)
 
     def _outcome(self, item: _Work, timings: JobTimings) -> list[Publish]:
         job, attempt = item.job, item.attempt

@@ -36,6 +36,8 @@ from wire.retry_tiers import RetrySchedule
 from wire.topology import (
     DEFAULT_CALLBACK_RETRY_DELAYS_S,
     DEFAULT_JOB_RETRY_DELAYS_S,
+    DEFAULT_TENANT_LANES,
+    MAX_TENANT_LANES,
     QueueType,
     Topology,
 )
@@ -132,6 +134,16 @@ class Environment(BaseModel):
         alias="QUEUE_TYPE",
         description=(
             "`classic` (one node: priority queues) or `quorum` (a cluster: replicated, a queue per priority)"
+        ),
+    )
+    tenant_lanes: int = Field(
+        DEFAULT_TENANT_LANES,
+        ge=1,
+        le=MAX_TENANT_LANES,
+        alias="TENANT_LANES",
+        description=(
+            "queues per model (and priority) that tenants' new jobs are spread over, so one tenant's "
+            "backlog is not a queue the others wait behind; 1: one queue, first come first served"
         ),
     )
     max_queue_length: int = Field(
@@ -738,6 +750,7 @@ class Environment(BaseModel):
             callback_retries=RetrySchedule(self.callback_retry_delays_s, self.retry_jitter),
             declared_by_clients=self.declare_topology,
             queue_type=self.queue_type,
+            tenant_lanes=self.tenant_lanes,
         )
 
     def batching(self, model: str) -> Batching:

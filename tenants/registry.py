@@ -9,6 +9,7 @@
         rate_per_s: 20             # token bucket on submitted jobs (a batch counts its jobs)
         burst: 40                  #   with rate_per_s: the bucket's size
         max_queued: 5000           # jobs queued or running at once
+        weight: 2                  # fair share against other tenants' jobs (default 1)
         models: [embed-minilm]     # the models it may use (default: all served)
 
 A job's record keeps the key's digest (its `owner`); only that key reads or cancels it.
@@ -29,6 +30,7 @@ import msgspec
 import yaml
 
 from settings.environment import ConfigError
+from wire.envelope import MAX_TENANT_WEIGHT
 
 _NAME = re.compile(r"[a-z0-9][a-z0-9_.-]{0,62}")
 _SHA256 = re.compile(r"[0-9a-f]{64}")
@@ -47,6 +49,7 @@ class Tenant:
     burst: int | None = None
     max_queued: int | None = None
     models: tuple[str, ...] | None = None
+    weight: float = 1.0
 
     @property
     def owner(self) -> str:
@@ -69,6 +72,7 @@ class _TenantEntry(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     burst: Annotated[int, msgspec.Meta(ge=1)] | None = None
     max_queued: Annotated[int, msgspec.Meta(ge=1)] | None = None
     models: list[str] | None = None
+    weight: Annotated[float, msgspec.Meta(gt=0, le=MAX_TENANT_WEIGHT)] = 1.0
 
 
 class _TenantsFile(msgspec.Struct, forbid_unknown_fields=True):
@@ -145,4 +149,5 @@ def _tenant(entry: _TenantEntry, index: int, path: Path, models: tuple[str, ...]
         burst=entry.burst,
         max_queued=entry.max_queued,
         models=None if entry.models is None else tuple(entry.models),
+        weight=entry.weight,
     )

@@ -355,6 +355,17 @@ async def queue_holds(amqp_url: str, queue_name: str, count: int) -> bool:
         return queue.declaration_result.message_count == count
 
 
+async def jobs_held(amqp_url: str, topology: Topology, model: str) -> int:
+    """Messages waiting in every queue of the model's (each lane, each priority)."""
+    async with await aio_pika.connect(amqp_url) as connection:
+        channel = await connection.channel()
+        total = 0
+        for name in topology.job_queues(model):
+            queue = await channel.declare_queue(name, passive=True)
+            total += queue.declaration_result.message_count or 0
+        return total
+
+
 async def report_chaos(report: str) -> None:
     """Print a chaos run's figures, and append them to CHAOS_REPORT when it is set."""
     print("\n" + report)

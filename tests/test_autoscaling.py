@@ -22,6 +22,7 @@ import yaml
 
 from loadgen.callback_receiver import CallbackReceiver
 from loadgen.stack_process import StackProcess
+from manifests.scaled_objects import queues_pattern
 from tests.conftest import wait_until
 from wire.topology import Topology
 
@@ -37,12 +38,15 @@ def _test_scaled_object(model: str, activation: int) -> dict[str, Any]:
     doc: dict[str, Any] = yaml.safe_load((ROOT / "keda" / "scaledobject-echo.yaml").read_text())
     spec = doc["spec"]
     doc["metadata"]["name"] = f"worker-{model}"
+    doc["metadata"]["labels"]["inferq.dev/model"] = model
     spec.update(pollingInterval=POLLING_S, cooldownPeriod=COOLDOWN_S, maxReplicaCount=MAX_REPLICAS)
     spec["advanced"]["horizontalPodAutoscalerConfig"]["behavior"]["scaleDown"][
         "stabilizationWindowSeconds"
     ] = 2
     spec["triggers"][0]["metadata"].update(
-        queueName=f"jobs.{model}", value=str(VALUE), activationValue=str(activation)
+        queueName=queues_pattern(Topology().job_queues(model)),
+        value=str(VALUE),
+        activationValue=str(activation),
     )
     for push in spec["triggers"][1:]:
         push["metadata"]["model"] = model

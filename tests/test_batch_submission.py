@@ -14,14 +14,9 @@ from callbacks.dispatcher import CallbackDispatcher
 from ingress.settings import IngressSettings
 from loadgen.callback_receiver import CallbackReceiver
 from ray_workers.settings import WorkerSettings
-from tests.conftest import fresh_topology, queue_holds, running_ingress, running_worker, wait_until
+from tests.conftest import fresh_topology, jobs_held, queue_holds, running_ingress, running_worker, wait_until
 from tests.models import RecordingModel
 from wire.topology import Topology
-
-
-def _queue(topology: Topology, model: str = "echo") -> str:
-    (queue,) = topology.job_queues(model)
-    return queue
 
 
 async def _batch(
@@ -78,8 +73,8 @@ async def test_given_bad_jobs_in_a_batch_then_422_names_each_by_pointer_and_noth
     assert [error["type"] for error in body["errors"]] == ["invalid-callback-url", "invalid-input"]
     assert bad_type.status_code == 422 and bad_type.json()["errors"][0]["pointer"] == "/jobs/5/priority"
     assert unknown_field.status_code == 422 and unknown_field.json()["errors"][0]["pointer"] == "/jobs/1"
-    assert await queue_holds(amqp_url, _queue(topology, "synthetic"), 0)
-    assert await queue_holds(amqp_url, _queue(topology), 0)
+    assert await jobs_held(amqp_url, topology, "synthetic") == 0
+    assert await jobs_held(amqp_url, topology, "echo") == 0
 
 
 async def test_given_batches_outside_the_limits_then_they_are_refused_with_the_limit_named(
@@ -101,7 +96,7 @@ async def test_given_batches_outside_the_limits_then_they_are_refused_with_the_l
     assert too_large.status_code == 413 and "MAX_BATCH_BODY_BYTES" in too_large.json()["detail"]
     assert not_json.status_code == 400 and unknown_model.status_code == 404
     assert at_limit.status_code == 202 and len(at_limit.json()["jobs"]) == 5
-    assert await queue_holds(amqp_url, _queue(topology), 5)
+    assert await jobs_held(amqp_url, topology, "echo") == 5
 
 
 async def test_given_a_batch_over_max_queue_length_then_503_and_none_of_it_is_queued(
@@ -119,7 +114,7 @@ async def test_given_a_batch_over_max_queue_length_then_503_and_none_of_it_is_qu
     assert refused.status_code == 503 and refused.json()["type"].endswith("/queue-full")
     assert refused.headers["retry-after"]
     assert fits.status_code == 202
-    assert await queue_holds(amqp_url, _queue(topology), 10)
+    assert await jobs_held(amqp_url, topology, "echo") == 10
 
 
 async def test_given_an_idempotency_key_then_the_batch_is_queued_once_and_replayed_with_the_same_ids(
@@ -139,7 +134,7 @@ async def test_given_an_idempotency_key_then_the_batch_is_queued_once_and_replay
     assert [job["status"] for job in again.json()["jobs"]] == ["queued"] * 8
     assert other_body.status_code == 422 and other_body.json()["type"].endswith("/idempotency-key-reused")
     assert single_same_key.status_code == 422
-    assert await queue_holds(amqp_url, _queue(topology), 8)
+    assert await jobs_held(amqp_url, topology, "echo") == 8
 
 
 async def test_given_one_job_of_a_batch_canceled_then_it_alone_does_not_run(

@@ -77,6 +77,33 @@ async def test_given_one_poison_input_in_a_batch_then_only_its_job_is_charged_an
     assert model.batch_sizes[:7] == [8, 4, 4, 2, 2, 1, 1]  # one batch, then two halvings per level
 
 
+async def test_given_two_poison_inputs_in_both_halves_of_a_small_batch_then_only_they_are_charged(
+    worker_settings: WorkerSettings, broker: Broker
+) -> None:
+    """Retries bunch after an outage, so a small batch may hold two failing inputs, one in
+    each half: both halves failing is then not the model's failure, and the six good jobs
+    succeed on their first attempt."""
+    settings = replace(
+        worker_settings, batching=Batching(adaptive=False, max_size=8), breaker_failure_threshold=1000
+    )
+    jobs = _jobs(["poison", 1, 2, 3, 4, 5, 6, "poison"])
+    await _publish(broker, jobs)
+    model = PoisonModel()
+    succeeded: dict[str, int] = {}
+
+    async def six_succeeded() -> bool:
+        for callback in callbacks_in(await drain_queue(settings.amqp_url, settings.topology.callbacks_queue)):
+            if callback.event.type == "job.succeeded":
+                succeeded[callback.event.data.id] = callback.event.data.attempts
+        return len(succeeded) >= 6
+
+    async with running_worker(model, settings):
+        await wait_until(six_succeeded, 20, "the six good jobs' callbacks")
+
+    assert succeeded == {job.id: 1 for job in jobs if job.input != "poison"}
+    assert model.batch_sizes[0] == 8
+
+
 async def test_given_a_model_failing_fast_then_the_batch_size_does_not_grow(
     worker_settings: WorkerSettings, broker: Broker
 ) -> None:

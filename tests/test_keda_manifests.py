@@ -16,7 +16,7 @@ import jsonschema
 import pytest
 import yaml
 
-from autoscaler.scaling_policy import policy_from_scaled_object
+from autoscaler.scaling_policy import InvalidScaledObject, policy_from_scaled_object
 from manifests import upstream_crds
 from ray_workers.settings import WorkerSettings
 from tests.conftest import require_upstream_crds
@@ -39,6 +39,15 @@ def _documents() -> list[tuple[Path, dict[str, Any]]]:
 
 def _scaled_objects() -> list[dict[str, Any]]:
     return [doc for _path, doc in _documents() if doc["kind"] == "ScaledObject"]
+
+
+def _regex_trigger(pattern: str, operation: str = "sum") -> dict[str, Any]:
+    metadata = {"protocol": "http", "mode": "QueueLength", "value": "5", "useRegex": "true"}
+    return {
+        "triggers": [
+            {"type": "rabbitmq", "metadata": {**metadata, "queueName": pattern, "operation": operation}}
+        ]
+    }
 
 
 def _schema(kind: str, api_version: str) -> dict[str, Any]:
@@ -185,6 +194,9 @@ def test_trigger_authentication_reads_a_secret() -> None:
             "external-push trigger model='other'",
         ),
         ({"triggers": [{"type": "cpu", "metadata": {}}]}, "expected one rabbitmq trigger"),
+        (_regex_trigger("^(jobs\\.other)$"), "does not match jobs.echo"),
+        (_regex_trigger("^(jobs\\.echo$"), "is not a regex"),
+        (_regex_trigger("^(jobs\\.echo)$", operation="max"), "operation='max'; expected sum"),
     ],
 )
 def test_a_broken_scaled_object_is_refused_naming_the_value(change: dict[str, Any], message: str) -> None:
@@ -194,3 +206,12 @@ def test_a_broken_scaled_object_is_refused_naming_the_value(change: dict[str, An
     broken = {**doc, "spec": {**doc["spec"], **change}}
     with pytest.raises(InvalidScaledObject, match=message.replace("(", r"\(")):
         policy_from_scaled_object(broken)
+
+
+def test_a_regex_trigger_names_its_model_by_label_and_sums_the_topologys_queues() -> None:
+    (doc,) = [d for d in _scaled_objects() if d["metadata"]["name"] == "worker-echo"]
+    unlabelled = {**doc, "metadata": {"name": "worker-echo"}}
+
+    assert policy_from_scaled_object(doc).model == "echo"
+    with pytest.raises(InvalidScaledObject, match=r"useRegex needs the inferq\.dev/model label"):
+        policy_from_scaled_object(unlabelled)

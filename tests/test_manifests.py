@@ -5,6 +5,7 @@ the catalogue's figures."""
 
 from __future__ import annotations
 
+import re
 import shutil
 import textwrap
 from pathlib import Path
@@ -19,6 +20,7 @@ from manifests.scaled_objects import scaled_object
 from manifests.worker_deployments import worker_deployment
 from model_catalogue.catalogue import Catalogue, load_catalogue
 from tests.conftest import require_upstream_crds
+from wire.topology import Topology
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -92,7 +94,14 @@ def test_generated_objects_validate_and_carry_the_catalogues_figures(tmp_path: P
     (container,) = deployment["spec"]["template"]["spec"]["containers"]
     env = {e["name"]: e.get("value") for e in container["env"]}
 
-    assert (policy.queue_name, policy.target_per_replica) == ("jobs.vision", 40)
+    assert (policy.model, policy.target_per_replica) == ("vision", 40)
+    summed = [q for q in Topology().job_queues("vision") if re.fullmatch(policy.queue_name, q)]
+    assert (
+        summed
+        == list(Topology().job_queues("vision"))
+        == ["jobs.vision", *(f"jobs.vision.lane{k}" for k in (1, 2, 3))]
+    )
+    assert not re.fullmatch(policy.queue_name, "jobs.vision.parked")
     assert (policy.min_replicas, policy.max_replicas, policy.cooldown_s, policy.polling_interval_s) == (
         1,
         6,

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import re
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from typing import Any, cast
 
 import aio_pika
@@ -39,7 +39,7 @@ async def topology(amqp_url: str, redis_url: str) -> AsyncIterator[Topology]:
 
 
 def test_each_priority_has_its_queue_and_tiers_and_every_dead_letter_is_at_least_once() -> None:
-    topo = Topology(prefix="p.", queue_type="quorum")
+    topo = Topology(prefix="p.", queue_type="quorum", tenant_lanes=1)
     specs = {spec.name: spec for spec in topo.queues(("echo",))}
 
     assert topo.job_queues("echo") == ("p.jobs.echo.high", "p.jobs.echo.normal", "p.jobs.echo.low")
@@ -66,7 +66,7 @@ def test_each_priority_has_its_queue_and_tiers_and_every_dead_letter_is_at_least
         True,
         False,
     ]
-    classic = Topology(prefix="p.")
+    classic = Topology(prefix="p.", tenant_lanes=1)
     assert classic.job_queues("echo") == ("p.jobs.echo",)
     assert classic.job_routing_key("echo", "high") == "echo"
 
@@ -86,6 +86,7 @@ def test_the_inbox_serves_high_before_normal_before_low_and_arrivals_in_order() 
 class _Prefetched:
     priority: int
     n: int
+    headers: Mapping[str, Any] = dataclasses.field(default_factory=dict)
 
 
 async def test_given_quorum_queues_then_jobs_retries_parking_and_callbacks_flow(

@@ -18,7 +18,7 @@ from ingress.settings import IngressSettings
 from ray_workers.settings import WorkerSettings
 from settings.environment import ConfigError
 from tenants.registry import Tenant, Tenants, key_digest, load_tenants_file
-from tests.conftest import queue_holds, running_ingress, running_worker, wait_until
+from tests.conftest import jobs_held, running_ingress, running_worker, wait_until
 from tests.models import RecordingModel
 from wire.topology import Topology
 
@@ -44,23 +44,19 @@ async def _submit(client: httpx.AsyncClient, key: str, model: str = "echo") -> h
     return await client.post(f"/v1/models/{model}/jobs", json={"input": job_input}, headers=_auth(key))
 
 
-def _queue(topology: Topology) -> str:
-    (queue,) = topology.job_queues("echo")
-    return queue
-
-
 def test_a_tenants_file_is_read_and_each_mistake_is_named(tmp_path: Path) -> None:
     good = tmp_path / "tenants.yaml"
     digest = hashlib.sha256(b"their-key").hexdigest()
     good.write_text(
         "tenants:\n"
-        "  - {name: acme, key: acme-key, rate_per_s: 20, burst: 40, max_queued: 100, models: [echo]}\n"
+        "  - {name: acme, key: acme-key, rate_per_s: 20, burst: 40, max_queued: 100, models: [echo],\n"
+        "     weight: 3}\n"
         f"  - {{name: beta, key_sha256: {digest}}}\n"
     )
     acme, beta = load_tenants_file(good, ("echo", "synthetic"))
 
-    assert acme == Tenant("acme", key_digest("acme-key"), 20.0, 40, 100, ("echo",))
-    assert beta.key_sha256 == digest and beta.rate_per_s is None and beta.models is None
+    assert acme == Tenant("acme", key_digest("acme-key"), 20.0, 40, 100, ("echo",), weight=3.0)
+    assert beta.key_sha256 == digest and beta.rate_per_s is None and beta.models is None and beta.weight == 1
     assert Tenants.of(("k1",), (acme, beta)).find("acme-key") == acme
     mistakes = {
         "both": "{name: a, key: k, key_sha256: " + digest + "}",
@@ -69,6 +65,8 @@ def test_a_tenants_file_is_read_and_each_mistake_is_named(tmp_path: Path) -> Non
         "unknown model": "{name: a, key: k, models: [gpt-9]}",
         "bad name": "{name: 'Not OK', key: k}",
         "unknown field": "{name: a, key: k, colour: red}",
+        "no weight": "{name: a, key: k, weight: 0}",
+        "too much weight": "{name: a, key: k, weight: 1001}",
     }
     for entry in mistakes.values():
         bad = tmp_path / "bad.yaml"
@@ -123,7 +121,7 @@ async def test_given_a_rate_limit_then_two_ingresses_share_it_and_a_429_says_whe
     assert refused.headers["ratelimit"].startswith('"burst";r=0;')
     assert batch.status_code == 422 and batch.json()["type"].endswith("/batch-over-burst")
     assert unlimited.status_code == 202 and "ratelimit" not in unlimited.headers
-    assert await queue_holds(amqp_url, _queue(topology), 5)
+    assert await jobs_held(amqp_url, topology, "echo") == 5
     assert 'inferq_tenant_requests_refused_total{reason="rate-limited",tenant="acme"} 1.0' in metrics
     assert 'inferq_tenant_jobs_accepted_total{model="echo",tenant="acme"}' in metrics
     assert ACME_KEY not in metrics and key_digest(ACME_KEY)[:32] not in metrics
@@ -148,9 +146,10 @@ async def test_given_max_queued_then_the_tenant_waits_for_its_jobs_to_end_and_ot
                 records = [
                     (await client.get(f"/v1/jobs/{i}", headers=_auth(ACME_KEY))).json() for i in held[1:]
                 ]
-                return all(record["status"] == "succeeded" for record in records)
+                other = await client.get(f"/v1/jobs/{others.json()['id']}", headers=_auth(PLAIN_KEY))
+                return all(record["status"] == "succeeded" for record in [*records, other.json()])
 
-            await wait_until(ended, 10, "acme's jobs to end")
+            await wait_until(ended, 10, "acme's jobs and the other tenant's to end")
             completed = worker.metrics.sink.registry.get_sample_value(  # type: ignore[attr-defined]
                 "inferq_tenant_jobs_completed_total",
                 {"tenant": "acme", "model": "echo", "outcome": "succeeded"},
@@ -168,7 +167,7 @@ async def test_given_max_queued_then_the_tenant_waits_for_its_jobs_to_end_and_ot
     assert others.status_code == 202 and after_cancel.status_code == 202
     assert room_again.status_code == 202 and full_again.status_code == 429
     assert completed == 3  # the two held jobs not canceled and the one after the cancel, by name
-    assert await queue_holds(amqp_url, _queue(topology), 3)
+    assert await jobs_held(amqp_url, topology, "echo") == 3
 
 
 def _closed_port() -> int:

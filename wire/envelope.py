@@ -37,6 +37,11 @@ INPUT_BYTES_HEADER = "x-input-bytes"
 # JSON list of {"attempt", "error", "at_ms"}: why each earlier attempt failed.
 HISTORY_HEADER = "x-attempt-history"
 PARK_REASON_HEADER = "x-park-reason"
+# The submitting tenant's name and its fair-share weight (absent: 1), read by a worker's
+# inbox before it decodes the body; every copy of the job keeps them.
+TENANT_HEADER = "x-tenant"
+TENANT_WEIGHT_HEADER = "x-tenant-weight"
+MAX_TENANT_WEIGHT = 1000.0
 # The AMQP type of a callbacks-queue message carrying a CallbackBatch; any other type
 # (job.succeeded, ...) is one CallbackDelivery.
 CALLBACK_BATCH_TYPE = "inferq.callback-batch"

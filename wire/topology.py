@@ -9,7 +9,9 @@ Delay-tier queues carry their delay in their name, so changing a schedule create
 queues instead of clashing with the old ones.
 
     jobs (direct exchange) --model--> jobs.{model}            priority, no length limit
-                                (quorum: --{model}.{priority}--> jobs.{model}.{priority})
+                           --{model}.lane{k}--> jobs.{model}.lane{k}   tenant lanes 1..N-1
+                                (quorum: --{model}.{priority}[.lane{k}]-->
+                                 jobs.{model}.{priority}[.lane{k}])
     jobs.{model}.retry.{delay}  TTL = delay, dead-letters --> jobs / {model}
                                 (quorum: one per priority, .{priority})
     jobs.{model}.parked         permanent failures and exhausted attempts (replayable)
@@ -42,6 +44,14 @@ Two queue types, one setting (`QUEUE_TYPE`), the same names everywhere else:
   `at-least-once` (with the `reject-publish` overflow it needs), so a retry whose delay
   ends is never dropped on its way back.
 
+Tenant lanes (`TENANT_LANES`, N): a model's jobs wait in N queues per priority level,
+lane 0 under the names above and lanes 1..N-1 beside it (`.lane{k}`). The ingress puts
+each tenant's new jobs in one lane (`ingress.tenant_lanes`: the lane fewest active
+tenants hold), so one tenant's backlog is not a FIFO every other tenant waits behind;
+the worker consumes every lane and serves tenants in proportion to their weights
+(`ray_workers.priority_inbox`). Retries and replays come back to lane 0: the delay
+tiers and the parking lot are the model's (per priority), not the lane's.
+
 Switching type is one setting; the parking lots, callbacks and their tiers keep their
 names, so a broker holding the other type refuses the declaration
 (PRECONDITION_FAILED, `TopologyMismatch`) instead of mixing them.
@@ -73,6 +83,9 @@ DELIVERY_LIMIT = 20
 DEFAULT_JOB_RETRY_DELAYS_S = (1.0, 10.0, 60.0, 600.0)
 # Standard Webhooks/Svix-like: immediately, then 5 s, 5 min, 30 min, 2 h, 5 h, 10 h, 10 h.
 DEFAULT_CALLBACK_RETRY_DELAYS_S = (5.0, 300.0, 1800.0, 7200.0, 18000.0, 36000.0, 36000.0)
+# Queues per model and priority that tenants' new jobs are spread over (TENANT_LANES).
+DEFAULT_TENANT_LANES = 4
+MAX_TENANT_LANES = 32
 
 
 @dataclass(frozen=True)
@@ -105,6 +118,11 @@ class Topology:
     # declared it and the clients' users may not, so they only check it exists.
     declared_by_clients: bool = True
     queue_type: QueueType = "classic"
+    tenant_lanes: int = DEFAULT_TENANT_LANES
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.tenant_lanes <= MAX_TENANT_LANES:
+            raise ValueError(f"tenant_lanes={self.tenant_lanes}: 1 to {MAX_TENANT_LANES}")
 
     @property
     def jobs_exchange(self) -> str:
@@ -161,20 +179,32 @@ class Topology:
         """The classic topology's one queue of a model's jobs (priorities inside it)."""
         return f"{self.prefix}jobs.{model}"
 
-    def job_queue(self, model: str, priority: Priority) -> str:
-        """Where a job of this priority waits: the classic queue, or its priority's quorum queue."""
-        if self.queue_type == "classic":
-            return self.main_queue(model)
-        return f"{self.prefix}jobs.{model}.{priority}"
+    def job_queue(self, model: str, priority: Priority, lane: int = 0) -> str:
+        """Where a job of this priority waits in `lane`: the classic queue, or its
+        priority's quorum queue; lanes past 0 carry their number."""
+        classic = self.queue_type == "classic"
+        base = self.main_queue(model) if classic else f"{self.prefix}jobs.{model}.{priority}"
+        return base if lane == 0 else f"{base}.lane{lane}"
 
     def job_queues(self, model: str) -> tuple[str, ...]:
-        """Every queue a model's jobs wait in, highest priority first (what a worker
-        consumes and what its backlog sums)."""
-        return tuple(dict.fromkeys(self.job_queue(model, priority) for priority in PRIORITIES))
+        """Every queue a model's jobs wait in, highest priority first, every lane (what a
+        worker consumes and what its backlog sums)."""
+        return tuple(
+            dict.fromkeys(
+                self.job_queue(model, priority, lane)
+                for priority in PRIORITIES
+                for lane in range(self.tenant_lanes)
+            )
+        )
 
-    def job_routing_key(self, model: str, priority: Priority) -> str:
+    def lane_queues(self, model: str, lane: int) -> tuple[str, ...]:
+        """The queues of one lane, every priority (what its depth sums)."""
+        return tuple(dict.fromkeys(self.job_queue(model, priority, lane) for priority in PRIORITIES))
+
+    def job_routing_key(self, model: str, priority: Priority, lane: int = 0) -> str:
         """The key a job is published with on the jobs exchange."""
-        return model if self.queue_type == "classic" else f"{model}.{priority}"
+        base = model if self.queue_type == "classic" else f"{model}.{priority}"
+        return base if lane == 0 else f"{base}.lane{lane}"
 
     def parking_queue(self, model: str) -> str:
         return f"{self.prefix}jobs.{model}.parked"
@@ -228,8 +258,12 @@ class Topology:
             arguments = self._kind() | self._dead_letters(outcomes, parking)
         specs = []
         for priority in PRIORITIES if self.replicated else ("normal",):
+            for lane in range(self.tenant_lanes):
+                lane_key = self.job_routing_key(model, priority, lane)
+                lane_queue = self.job_queue(model, priority, lane)
+                specs.append(QueueSpec(lane_queue, arguments, ((self.jobs_exchange, lane_key),)))
+            # Delay tiers dead-letter back to lane 0: a retry waits in the model's queue.
             key = self.job_routing_key(model, priority)
-            specs.append(QueueSpec(self.job_queue(model, priority), arguments, ((self.jobs_exchange, key),)))
             for delay_s in self.job_retry_schedule(model).distinct_delays_s():
                 name = self.job_retry_queue(model, delay_s, priority)
                 specs.append(self._delay_queue(name, delay_s, self.jobs_exchange, key, outcomes))
