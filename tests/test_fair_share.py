@@ -216,3 +216,27 @@ async def test_given_a_tenants_backlog_then_another_tenants_job_runs_within_the_
     assert place_in_lanes < 8, f"the small tenant's job ran {place_in_lanes + 1}th of {BACKLOG + 1}"
     assert place_in_one_queue == BACKLOG  # first come first served: behind the whole backlog
     assert left_in_lanes == left_in_one == 0
+
+
+async def test_given_two_tenants_backlogs_then_they_are_served_in_proportion_to_their_weights(
+    ingress_settings: IngressSettings, worker_settings: WorkerSettings
+) -> None:
+    """Weight 3 against weight 1, both with a backlog queued before the worker starts: of
+    the first 40 jobs run, about three in four are the heavier tenant's."""
+    tenants = (Tenant("big", key_digest(BIG_KEY), weight=3), Tenant("small", key_digest(SMALL_KEY)))
+    ingress = dataclasses.replace(ingress_settings, named_tenants=tenants)
+    fixed = Batching(adaptive=False, max_size=4, max_wait_ms=1)
+    worker = dataclasses.replace(worker_settings, batching=fixed, batching_by_model={})
+    model = _OrderingModel()
+    async with running_ingress(ingress) as client:
+        for key, tag in ((BIG_KEY, "big"), (SMALL_KEY, "small")):
+            backlog = {"jobs": [{"input": f"{tag}-{n}"} for n in range(BACKLOG)]}
+            answer = await client.post("/v1/models/echo/jobs/batch", json=backlog, headers=_auth(key))
+            assert answer.status_code == 202, answer.text
+        async with running_worker(model, worker):
+            await wait_until(lambda: len(model.ran) == 2 * BACKLOG, 30, "every job to run")
+
+    first = model.ran[:40]
+    heavy = sum(1 for value in first if value.startswith("big-"))
+    assert 27 <= heavy <= 33, f"{heavy} of the first 40 were the weight-3 tenant's: {first}"
+    assert [v for v in model.ran if v.startswith("big-")] == [f"big-{n}" for n in range(BACKLOG)]
