@@ -67,6 +67,7 @@ class LocalAutoscaler:
         self,
         policies: Mapping[str, ScalingPolicy],
         queues_for: Callable[[str], tuple[str, ...]],
+        high_queues_for: Callable[[str], tuple[str, ...]],
         read_metric: ReadMetric,
         apply: ApplyReplicas,
         metrics: AutoscalerMetrics,
@@ -74,6 +75,7 @@ class LocalAutoscaler:
     ) -> None:
         self._policies = policies
         self._queues_for = queues_for
+        self._high_queues_for = high_queues_for
         self._read_metric = read_metric
         self._apply = apply
         self._metrics = metrics
@@ -117,15 +119,18 @@ class LocalAutoscaler:
     async def _poll(self, model: str) -> None:
         policy, state = self._policies[model], self.states[model]
         metric: float | None
+        high_metric = 0.0
         try:
-            # KEDA's `operation: sum` over a model's queues (one per priority on quorum).
-            metric = sum([await self._read_metric(queue) for queue in self._queues_for(model)])
+            # KEDA's `operation: sum` over a model's queues (every lane; every priority).
+            read = {queue: await self._read_metric(queue) for queue in self._queues_for(model)}
+            metric = sum(read.values())
+            high_metric = sum(read[queue] for queue in self._high_queues_for(model))
             self._metrics.queue_messages.labels(model).set(metric)
         except QueueMetricUnavailable as exc:
             logger.warning("autoscaler %s: %s", model, exc)
             self._metrics.read_failures.labels(model).inc()
             metric = None
-        decision = decide(policy, state, metric, self._clock())
+        decision = decide(policy, state, metric, self._clock(), high_metric)
         self._metrics.decisions.labels(model, decision.rule).inc()
         await self._enact(model, decision, metric)
 

@@ -5,14 +5,17 @@ It applies the rules KEDA and the HPA apply to a ScaledObject, in their order:
 1. Fallback (KEDA): after `failureThreshold` failed metric reads in a row, hold
    `fallback.replicas`, or more as `fallback.behavior` says (`currentReplicasIfHigher`
    keeps what runs); a single failed read changes nothing.
-2. Activation (KEDA): the scaler is active while metric > activationValue. At 0
+2. Activation (KEDA): the scaler is active while metric > activationValue (or, with a
+   high-backlog trigger, while the high-priority metric exceeds its own). At 0
    replicas an active scaler wakes the target to max(1, minReplicaCount); an inactive
    one leaves it at 0.
 3. Cooldown (KEDA): with minReplicaCount 0, once the scaler has been inactive for
    cooldownPeriod the target goes back to 0.
 4. HPA, AverageValue target: desired = ceil(metric / value), kept at the current count
    when metric / (current * value) is within the 10 % tolerance, clamped to
-   [max(1, minReplicaCount), maxReplicaCount].
+   [max(1, minReplicaCount), maxReplicaCount]. With a high-backlog trigger the HPA
+   computes the same for the high-priority metric against its own value and takes the
+   larger: a high backlog scales the model sooner.
 5. Stabilisation (HPA behavior): scaling up takes the lowest recommendation of the
    scale-up window, scaling down the highest of the scale-down window.
 6. Rate policies (HPA behavior): a change may not exceed what the direction's policies
@@ -52,11 +55,16 @@ class Decision:
     rule: str
 
 
-def decide(policy: ScalingPolicy, state: ScalingState, metric: float | None, now_s: float) -> Decision:
+def decide(
+    policy: ScalingPolicy, state: ScalingState, metric: float | None, now_s: float, high_metric: float = 0.0
+) -> Decision:
+    """`metric`: the model's whole backlog (None: it could not be read); `high_metric`: its
+    high-priority part, counted by the policy's high-backlog trigger when it has one."""
     if metric is None:
         return _fallback(policy, state, now_s)
     state = replace(state, failed_reads=0)
-    active = metric > policy.activation_value
+    high_active = policy.high_target_per_replica is not None and high_metric > policy.high_activation_value
+    active = metric > policy.activation_value or high_active
     if active:
         state = replace(state, last_active_s=now_s)
     if state.replicas == 0:
@@ -64,13 +72,13 @@ def decide(policy: ScalingPolicy, state: ScalingState, metric: float | None, now
             reason = f"metric {metric:g} <= activationValue {policy.activation_value:g}: stay at 0"
             return Decision(0, state, reason, "below-activation")
         target = max(1, policy.min_replicas)
-        reason = f"activation: metric {metric:g} > {policy.activation_value:g}"
+        reason = f"activation: metric {metric:g} (high {high_metric:g}) > activation"
         return _changed(state, target, now_s, reason, "activation")
     idle_s = now_s - (state.last_active_s if state.last_active_s is not None else now_s)
     if not active and policy.min_replicas == 0 and idle_s >= policy.cooldown_s:
         reason = f"inactive for {idle_s:.0f} s >= cooldownPeriod {policy.cooldown_s:g} s"
         return _changed(state, 0, now_s, reason, "cooldown")
-    return _hpa(policy, state, metric, now_s)
+    return _hpa(policy, state, metric, high_metric, now_s)
 
 
 def decide_on_demand(policy: ScalingPolicy, state: ScalingState, now_s: float) -> Decision:
@@ -109,10 +117,19 @@ def _fallback_replicas(policy: ScalingPolicy, current: int) -> int | None:
     return min(current, replicas)
 
 
-def _hpa(policy: ScalingPolicy, state: ScalingState, metric: float, now_s: float) -> Decision:
+def _wish(policy: ScalingPolicy, current: int, metric: float, target_per_replica: float) -> int:
+    """One metric's replicas, as the HPA computes them: unchanged within the tolerance."""
+    ratio = metric / (current * target_per_replica)
+    return current if abs(ratio - 1.0) <= policy.tolerance else math.ceil(metric / target_per_replica)
+
+
+def _hpa(
+    policy: ScalingPolicy, state: ScalingState, metric: float, high_metric: float, now_s: float
+) -> Decision:
     current = state.replicas
-    ratio = metric / (current * policy.target_per_replica)
-    raw = current if abs(ratio - 1.0) <= policy.tolerance else math.ceil(metric / policy.target_per_replica)
+    raw = _wish(policy, current, metric, policy.target_per_replica)
+    if policy.high_target_per_replica is not None:  # the HPA takes the larger of its metrics' wishes
+        raw = max(raw, _wish(policy, current, high_metric, policy.high_target_per_replica))
     raw = min(max(raw, max(1, policy.min_replicas)), policy.max_replicas)
     keep_s = max(policy.scale_up.stabilization_window_s, policy.scale_down.stabilization_window_s)
     kept = tuple((t, r) for t, r in state.recommendations if now_s - t <= keep_s)
@@ -130,7 +147,7 @@ def _hpa(policy: ScalingPolicy, state: ScalingState, metric: float, now_s: float
         target = current
     if target == current:
         return Decision(current, state, f"metric {metric:g}: {current} replica(s) stay (wanted {raw})", "hpa")
-    reason = f"metric {metric:g} / value {policy.target_per_replica:g} -> {raw}"
+    reason = f"metric {metric:g} / value {policy.target_per_replica:g} (high {high_metric:g}) -> {raw}"
     return _changed(state, target, now_s, reason, "hpa")
 
 

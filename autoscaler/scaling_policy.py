@@ -27,6 +27,8 @@ KEDA_DEFAULT_MAX_REPLICAS = 100
 HPA_TOLERANCE = 0.1
 # The label naming a ScaledObject's model (manifests.scaled_objects writes it).
 MODEL_LABEL = "inferq.dev/model"
+# The name of the optional second rabbitmq trigger: the model's high-priority queues alone.
+HIGH_BACKLOG_TRIGGER = "high-backlog"
 
 
 class InvalidScaledObject(ValueError):
@@ -74,6 +76,10 @@ class ScalingPolicy:
     fallback_replicas: int | None = None
     fallback_behavior: FallbackBehavior = "static"
     tolerance: float = HPA_TOLERANCE
+    # The `high-backlog` trigger, when there is one: high-priority jobs per replica, and
+    # its activation (KEDA: active when either trigger is; replicas: the larger wish).
+    high_target_per_replica: float | None = None
+    high_activation_value: float = 0.0
 
 
 def _number(value: Any, where: str) -> float:
@@ -108,28 +114,26 @@ def _rules(raw: Mapping[str, Any] | None, default: DirectionRules, where: str) -
 def policy_from_scaled_object(doc: Mapping[str, Any], source: str = "ScaledObject") -> ScalingPolicy:
     """Parse, validate, construct. One rabbitmq QueueLength trigger over http is required
     (on `jobs.<model>`, or a regex over its queues with `useRegex` and `operation: sum`);
-    an `external-push` trigger for the same model may sit beside it (KEDA's push scaler,
+    a second one named `high-backlog` may count the high-priority queues alone; an
+    `external-push` trigger for the same model may sit beside them (KEDA's push scaler,
     which the local stack's own push activation stands in for: it is not polled here)."""
     if doc.get("kind") != "ScaledObject":
         raise InvalidScaledObject(f"{source}: kind={doc.get('kind')!r}; expected ScaledObject")
     spec = doc.get("spec") or {}
     name = (doc.get("metadata") or {}).get("name", "?")
     triggers = spec.get("triggers") or []
-    rabbitmq = [t for t in triggers if t.get("type") == "rabbitmq"]
+    rabbitmq = [t for t in triggers if t.get("type") == "rabbitmq" and t.get("name") != HIGH_BACKLOG_TRIGGER]
+    high = [t for t in triggers if t.get("type") == "rabbitmq" and t.get("name") == HIGH_BACKLOG_TRIGGER]
     others = [t.get("type") for t in triggers if t.get("type") not in ("rabbitmq", "external-push")]
-    if len(rabbitmq) != 1 or others:
+    if len(rabbitmq) != 1 or len(high) > 1 or others:
         raise InvalidScaledObject(
-            f"{source}: expected one rabbitmq trigger (and optionally external-push), got {triggers!r}"
+            f"{source}: expected one rabbitmq trigger (and optionally one named {HIGH_BACKLOG_TRIGGER} and "
+            f"external-push), got {triggers!r}"
         )
-    meta = rabbitmq[0].get("metadata") or {}
-    if meta.get("protocol") != "http":
-        raise InvalidScaledObject(
-            f"{source}: trigger protocol={meta.get('protocol')!r}; expected http (unacked jobs count)"
-        )
-    if meta.get("mode") != "QueueLength":
-        raise InvalidScaledObject(f"{source}: trigger mode={meta.get('mode')!r}; expected QueueLength")
+    meta = _queue_length_metadata(rabbitmq[0], source)
     queue_name = str(meta.get("queueName", ""))
     model = _model_of_queues(doc, queue_name, meta, source)
+    high_meta = _high_backlog_metadata(high[0], model, source) if high else None
     for push in (t for t in triggers if t.get("type") == "external-push"):
         pushed = (push.get("metadata") or {}).get("model")
         if pushed != model:
@@ -155,9 +159,50 @@ def policy_from_scaled_object(doc: Mapping[str, Any], source: str = "ScaledObjec
         fallback_failure_threshold=fallback.get("failureThreshold"),
         fallback_replicas=fallback.get("replicas"),
         fallback_behavior=fallback.get("behavior", "static"),
+        high_target_per_replica=(
+            None if high_meta is None else _number(high_meta.get("value"), f"{source}: high-backlog value")
+        ),
+        high_activation_value=(
+            0.0
+            if high_meta is None
+            else _number(high_meta.get("activationValue", 0), f"{source}: high-backlog activationValue")
+        ),
     )
     _validate(policy, source)
     return policy
+
+
+def _queue_length_metadata(trigger: Mapping[str, Any], source: str) -> Mapping[str, Any]:
+    """A rabbitmq trigger's metadata, once it is QueueLength over http."""
+    meta: Mapping[str, Any] = trigger.get("metadata") or {}
+    if meta.get("protocol") != "http":
+        raise InvalidScaledObject(
+            f"{source}: trigger protocol={meta.get('protocol')!r}; expected http (unacked jobs count)"
+        )
+    if meta.get("mode") != "QueueLength":
+        raise InvalidScaledObject(f"{source}: trigger mode={meta.get('mode')!r}; expected QueueLength")
+    return meta
+
+
+def _high_backlog_metadata(trigger: Mapping[str, Any], model: str, source: str) -> Mapping[str, Any]:
+    """The high-backlog trigger's metadata: a summed regex matching the model's high queue
+    and not its other queues. Which queues are summed here is the topology's (`high_queues`)."""
+    meta = _queue_length_metadata(trigger, source)
+    pattern = str(meta.get("queueName", ""))
+    if str(meta.get("useRegex", "false")).lower() != "true" or meta.get("operation", "sum") != "sum":
+        raise InvalidScaledObject(
+            f"{source}: the {HIGH_BACKLOG_TRIGGER} trigger needs useRegex and operation sum"
+        )
+    try:
+        counts = [re.fullmatch(pattern, f"jobs.{model}{level}") is not None for level in (".high", "")]
+    except re.error as exc:
+        raise InvalidScaledObject(f"{source}: queueName={pattern!r} is not a regex: {exc}") from exc
+    if counts != [True, False]:
+        raise InvalidScaledObject(
+            f"{source}: the {HIGH_BACKLOG_TRIGGER} queueName={pattern!r} must match jobs.{model}.high "
+            f"and not jobs.{model}"
+        )
+    return meta
 
 
 def _model_of_queues(doc: Mapping[str, Any], queue_name: str, meta: Mapping[str, Any], source: str) -> str:
@@ -187,6 +232,10 @@ def _model_of_queues(doc: Mapping[str, Any], queue_name: str, meta: Mapping[str,
 def _validate(policy: ScalingPolicy, source: str) -> None:
     if policy.target_per_replica <= 0:
         raise InvalidScaledObject(f"{source}: value={policy.target_per_replica} must be > 0")
+    if policy.high_target_per_replica is not None and policy.high_target_per_replica <= 0:
+        raise InvalidScaledObject(
+            f"{source}: high-backlog value={policy.high_target_per_replica} must be > 0"
+        )
     if policy.activation_value < 0:
         raise InvalidScaledObject(f"{source}: activationValue={policy.activation_value} must be >= 0")
     if policy.polling_interval_s <= 0:

@@ -197,7 +197,12 @@ async def _autoscale(
     events = Broker(stack.amqp_url, workers.topology, workers.models, role="autoscaler")
     try:
         autoscaler = LocalAutoscaler(
-            policies, workers.topology.job_queues, api.queue_messages, apply, AutoscalerMetrics(registry)
+            policies,
+            workers.topology.job_queues,
+            workers.topology.high_queues,
+            api.queue_messages,
+            apply,
+            AutoscalerMetrics(registry),
         )
         if stack.push_activation and policies:
             await _listen_for_demand(events, autoscaler)

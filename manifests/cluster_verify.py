@@ -42,6 +42,7 @@ import jsonschema
 import kubernetes_validate
 import yaml
 
+from autoscaler.scaling_policy import HIGH_BACKLOG_TRIGGER
 from manifests import upstream_crds
 from manifests.image_contents import image_violations, torch_violations
 from manifests.monitoring_verify import MONITORING, monitoring_violations
@@ -387,7 +388,8 @@ def _settings(docs: list[Manifest]) -> dict[str, str]:
 
 def _queue_counting(docs: list[Manifest]) -> Iterator[tuple[str, str]]:
     """Each model's ScaledObject counts exactly the queues its jobs wait in, for the
-    overlay's QUEUE_TYPE (the quorum topology has three: a regex, summed)."""
+    overlay's QUEUE_TYPE and TENANT_LANES (a regex, summed), and its high-backlog trigger
+    exactly the high-priority ones."""
     environment = Environment.read(_settings(docs))
     topology, models = environment.topology(), environment.served_models
     every_queue = {spec.name for spec in topology.queues(models)}
@@ -395,8 +397,9 @@ def _queue_counting(docs: list[Manifest]) -> Iterator[tuple[str, str]]:
         model = scaled["metadata"].get("labels", {}).get("inferq.dev/model")
         if model is None:
             continue
-        expected = set(topology.job_queues(model))
         for trigger in (t for t in scaled["spec"]["triggers"] if t["type"] == "rabbitmq"):
+            high = trigger.get("name") == HIGH_BACKLOG_TRIGGER
+            expected = set(topology.high_queues(model) if high else topology.job_queues(model))
             meta = trigger["metadata"]
             if meta.get("useRegex") == "true":
                 if meta.get("operation") != "sum":
@@ -407,7 +410,8 @@ def _queue_counting(docs: list[Manifest]) -> Iterator[tuple[str, str]]:
             if counted != expected:
                 yield (
                     _name(scaled),
-                    f"counts {sorted(counted)}, but {model}'s jobs wait in {sorted(expected)} "
+                    f"counts {sorted(counted)}, but {model}'s {'high-priority ' if high else ''}jobs wait in "
+                    f"{sorted(expected)} "
                     f"(QUEUE_TYPE={topology.queue_type})",
                 )
 

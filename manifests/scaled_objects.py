@@ -4,6 +4,10 @@ What the catalogue does not say is fixed here, the same for every model, and why
 - the rabbitmq trigger reads the management API (`protocol: http`): unacked jobs count,
   so a busy worker is never seen as idle; it sums every queue of the model, each tenant
   lane (and on the quorum topology each priority), matched by one anchored regex;
+- a second rabbitmq trigger, `high-backlog`, counts the high-priority queues alone with a
+  target HIGH_PRIORITY_WEIGHT times lower: KEDA scales on the larger of the two
+  recommendations, so a high backlog scales the model out that much sooner (the classic
+  topology keeps high jobs in queues of their own for this, `wire.topology`);
 - an `external-push` trigger (cluster/base/push-scaler.yaml) wakes the model the moment a job
   is accepted; polling every `polling_interval_s` is the safety net;
 - scale up at once, doubling (or +2 pods) per 15 s on a spike; scale down one pod at a
@@ -19,6 +23,7 @@ from typing import Any
 
 import yaml
 
+from autoscaler.scaling_policy import HIGH_BACKLOG_TRIGGER
 from model_catalogue.catalogue import ModelEntry
 from wire.topology import Topology
 
@@ -31,6 +36,10 @@ MANAGEMENT_AUTH = "rabbitmq-management"
 FALLBACK_FAILURE_THRESHOLD = 3
 MIN_SCALE_DOWN_WINDOW_S = 60
 MIN_SCALE_DOWN_PERIOD_S = 15
+# A waiting high-priority job counts as this many toward a replica's backlog.
+HIGH_PRIORITY_WEIGHT = 10
+# The first trigger's name (KEDA's `name`); the second's is the local autoscaler's to read.
+BACKLOG_TRIGGER = "backlog"
 
 
 def worker_name(model: str) -> str:
@@ -48,7 +57,9 @@ def behaviour(entry: ModelEntry) -> str:
     return (
         f"{entry.name} workers sit at {scaling.min_replicas} replicas; the first accepted job wakes one "
         f"at once (push scaler; polling within ~{scaling.polling_interval_s} s is the safety net), "
-        f"one replica per {scaling.backlog_per_replica} jobs of backlog up to {scaling.max_replicas}, "
+        f"one replica per {scaling.backlog_per_replica} jobs of backlog (per "
+        f"{max(1, scaling.backlog_per_replica // HIGH_PRIORITY_WEIGHT)} high-priority ones) "
+        f"up to {scaling.max_replicas}, "
         f"back to {scaling.min_replicas} after {_duration(scaling.cooldown_s)} idle."
     )
 
@@ -78,26 +89,40 @@ def scaled_object(entry: ModelEntry) -> dict[str, Any]:
             },
             "advanced": {"horizontalPodAutoscalerConfig": {"behavior": _hpa_behavior(scaling.cooldown_s)}},
             "triggers": [
-                {
-                    "type": "rabbitmq",
-                    "metadata": {
-                        "protocol": "http",
-                        "mode": "QueueLength",
-                        "queueName": queues_pattern(Topology().job_queues(entry.name)),
-                        "useRegex": "true",
-                        "operation": "sum",
-                        "vhostName": BROKER_VHOST,
-                        "value": str(scaling.backlog_per_replica),
-                        "activationValue": "0",
-                    },
-                    "authenticationRef": {"name": MANAGEMENT_AUTH},
-                },
+                _queue_trigger(
+                    BACKLOG_TRIGGER, Topology().job_queues(entry.name), scaling.backlog_per_replica
+                ),
+                _queue_trigger(
+                    HIGH_BACKLOG_TRIGGER,
+                    Topology().high_queues(entry.name),
+                    max(1, scaling.backlog_per_replica // HIGH_PRIORITY_WEIGHT),
+                ),
                 {
                     "type": "external-push",
                     "metadata": {"scalerAddress": PUSH_SCALER_ADDRESS, "model": entry.name},
                 },
             ],
         },
+    }
+
+
+def _queue_trigger(name: str, queues: tuple[str, ...], per_replica: int) -> dict[str, Any]:
+    """A rabbitmq trigger summing `queues` (matched by one anchored regex) through the
+    management API, one replica per `per_replica` jobs, active from the first."""
+    return {
+        "type": "rabbitmq",
+        "name": name,
+        "metadata": {
+            "protocol": "http",
+            "mode": "QueueLength",
+            "queueName": queues_pattern(queues),
+            "useRegex": "true",
+            "operation": "sum",
+            "vhostName": BROKER_VHOST,
+            "value": str(per_replica),
+            "activationValue": "0",
+        },
+        "authenticationRef": {"name": MANAGEMENT_AUTH},
     }
 
 
@@ -108,12 +133,16 @@ def queues_pattern(queues: tuple[str, ...]) -> str:
 
 def quorum_trigger_patch(entry: ModelEntry) -> dict[str, Any]:
     """A kustomize patch: the model's ScaledObject counts its quorum queues, one per
-    priority and lane, summed."""
-    pattern = queues_pattern(Topology(queue_type="quorum").job_queues(entry.name))
+    priority and lane, summed, and its high-priority ones apart."""
+    quorum = Topology(queue_type="quorum")
+    patterns = (queues_pattern(quorum.job_queues(entry.name)), queues_pattern(quorum.high_queues(entry.name)))
     return {
         "target": {"kind": "ScaledObject", "name": worker_name(entry.name)},
         "patch": yaml_json_patch(
-            [{"op": "replace", "path": "/spec/triggers/0/metadata/queueName", "value": pattern}]
+            [
+                {"op": "replace", "path": f"/spec/triggers/{index}/metadata/queueName", "value": pattern}
+                for index, pattern in enumerate(patterns)
+            ]
         ),
     }
 

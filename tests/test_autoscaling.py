@@ -30,6 +30,8 @@ pytestmark = [pytest.mark.stack, pytest.mark.slow]
 
 ROOT = Path(__file__).resolve().parent.parent
 POLLING_S, COOLDOWN_S, VALUE, ECHO_ACTIVATION, MAX_REPLICAS = 1, 8, 4, 2, 3
+# The high-backlog trigger's jobs per replica: a high job counts as VALUE normal ones.
+HIGH_VALUE = 1
 # The management API refreshes queue figures every 5 s: detection waits for that too.
 STATS_LAG_S = 5.0
 
@@ -48,7 +50,10 @@ def _test_scaled_object(model: str, activation: int) -> dict[str, Any]:
         value=str(VALUE),
         activationValue=str(activation),
     )
-    for push in spec["triggers"][1:]:
+    spec["triggers"][1]["metadata"].update(
+        queueName=queues_pattern(Topology().high_queues(model)), value=str(HIGH_VALUE)
+    )
+    for push in spec["triggers"][2:]:
         push["metadata"]["model"] = model
     return doc
 
@@ -66,13 +71,14 @@ class Stack:
     async def replicas(self, model: str = "synthetic") -> int:
         return int(await self.gauge("inferq_autoscaler_replicas", model))
 
-    async def submit(self, count: int, sleep_ms: int = 0, model: str = "synthetic") -> set[str]:
+    async def submit(
+        self, count: int, sleep_ms: int = 0, model: str = "synthetic", priority: str = "normal"
+    ) -> set[str]:
         ids = set()
         job_input = {"sleep_ms": sleep_ms} if model == "synthetic" else "ping"
+        body = {"input": job_input, "callback_url": self.receiver.url, "priority": priority}
         for _ in range(count):
-            response = await self.client.post(
-                f"/v1/models/{model}/jobs", json={"input": job_input, "callback_url": self.receiver.url}
-            )
+            response = await self.client.post(f"/v1/models/{model}/jobs", json=body)
             assert response.status_code == 202, response.text
             ids.add(response.json()["id"])
         return ids
@@ -137,6 +143,16 @@ async def _phases(stack: Stack) -> None:
     await wait_until(lambda: first <= stack.called_back(), 30, "the first jobs' callbacks")
     from_zero_s = time.monotonic() - woke_at
 
+    # Phase 2b, three high-priority jobs: as normal jobs they would want ceil(3 / 4) = 1
+    # replica; the high-backlog trigger counts them against HIGH_VALUE and scales out.
+    high_at = time.monotonic()
+    high = await stack.submit(3, sleep_ms=2000, priority="high")
+    await wait_until(
+        lambda: _at_least(stack.replicas(), 2), STATS_LAG_S + 20, ">= 2 replicas for 3 high jobs"
+    )
+    high_scale_s = time.monotonic() - high_at
+    await wait_until(lambda: high <= stack.called_back(), 30, "the high jobs' callbacks")
+
     # Phase 3, a larger burst scales out to N (ceil(backlog / value), capped at the max).
     burst = await stack.submit(40, sleep_ms=300)
     await wait_until(lambda: _at_least(stack.replicas(), 2), STATS_LAG_S + 30, ">= 2 replicas")
@@ -156,7 +172,8 @@ async def _phases(stack: Stack) -> None:
     assert "autoscaler synthetic: 0 -> 1 replicas" in stack.process.output()
     print(
         f"\nscale from zero: activation seen after {activation_s:.1f} s, first callbacks after "
-        f"{from_zero_s:.1f} s (pollingInterval {POLLING_S} s, stats lag up to {STATS_LAG_S:.0f} s)"
+        f"{from_zero_s:.1f} s (pollingInterval {POLLING_S} s, stats lag up to {STATS_LAG_S:.0f} s); "
+        f"3 high-priority jobs scaled 1 -> 2+ replicas in {high_scale_s:.1f} s"
     )
 
 

@@ -36,12 +36,21 @@ def test_lanes_are_queues_beside_lane_0_and_retries_come_back_to_lane_0() -> Non
     classic = Topology(prefix="p.", tenant_lanes=3)
     specs = {spec.name: spec for spec in classic.queues(("echo",))}
 
-    assert classic.job_queues("echo") == ("p.jobs.echo", "p.jobs.echo.lane1", "p.jobs.echo.lane2")
-    assert [classic.job_routing_key("echo", "high", lane) for lane in range(3)] == [
+    assert classic.job_queues("echo") == (
+        "p.jobs.echo.high",
+        "p.jobs.echo.high.lane1",
+        "p.jobs.echo.high.lane2",
+        "p.jobs.echo",
+        "p.jobs.echo.lane1",
+        "p.jobs.echo.lane2",
+    )
+    assert classic.high_queues("echo") == classic.job_queues("echo")[:3]
+    assert [classic.job_routing_key("echo", "low", lane) for lane in range(3)] == [
         "echo",
         "echo.lane1",
         "echo.lane2",
     ]
+    assert classic.job_routing_key("echo", "high", 2) == "echo.high.lane2"
     assert specs["p.jobs.echo.lane2"].bindings == (("p.jobs", "echo.lane2"),)
     assert specs["p.jobs.echo.lane2"].arguments == specs["p.jobs.echo"].arguments
     assert specs[classic.job_retry_queue("echo", 1.0, "low")].arguments["x-dead-letter-routing-key"] == "echo"

@@ -42,7 +42,8 @@ async def test_given_a_valid_job_when_submitted_then_202_and_the_job_is_on_the_m
     accepted = response.json()
     assert accepted["model"] == "echo" and accepted["status"] == "queued"
     assert accepted["priority"] == "high"
-    messages = await drain_queue(ingress_settings.amqp_url, ingress_settings.topology.main_queue("echo"))
+    high_queue = ingress_settings.topology.job_queue("echo", "high")  # counted apart for scaling
+    messages = await drain_queue(ingress_settings.amqp_url, high_queue)
     assert len(messages) == 1
     message = messages[0]
     job = decode_job(message.body)

@@ -37,6 +37,12 @@ def _documents() -> list[tuple[Path, dict[str, Any]]]:
     return docs
 
 
+def _with_high_trigger(pattern: str) -> dict[str, Any]:
+    """A regex trigger on echo's queues, and a high-backlog one on `pattern`."""
+    high = _regex_trigger(pattern)["triggers"][0] | {"name": "high-backlog"}
+    return {"triggers": [*_regex_trigger("^(jobs\\.echo)$")["triggers"], high]}
+
+
 def _scaled_objects() -> list[dict[str, Any]]:
     return [doc for _path, doc in _documents() if doc["kind"] == "ScaledObject"]
 
@@ -77,15 +83,16 @@ def test_each_scaled_object_says_the_behaviour_its_fields_produce(doc: dict[str,
     policy = policy_from_scaled_object(doc)
     path = KEDA_DIR / f"scaledobject-{policy.model}.yaml"
     said = re.fullmatch(
-        r"# Behaviour: .* one replica per (\d+) jobs of backlog up to (\d+)"
+        r"# Behaviour: .* one replica per (\d+) jobs of backlog \(per (\d+) high-priority ones\) up to (\d+)"
         r".* back to 0 after (\d+) (min|s) .*",
         path.read_text().splitlines()[0],
     )
     assert said is not None, f"{path.name}: first line must say the per-replica backlog, maximum and cooldown"
-    per_replica, maximum, idle = map(int, said.groups()[:3])
+    per_replica, per_high_replica, maximum, idle = map(int, said.groups()[:4])
     assert per_replica == policy.target_per_replica
+    assert per_high_replica == policy.high_target_per_replica
     assert maximum == policy.max_replicas
-    assert idle * (60 if said.group(4) == "min" else 1) == policy.cooldown_s
+    assert idle * (60 if said.group(5) == "min" else 1) == policy.cooldown_s
 
 
 def test_every_served_model_has_exactly_one_scaled_object() -> None:
@@ -197,6 +204,8 @@ def test_trigger_authentication_reads_a_secret() -> None:
         (_regex_trigger("^(jobs\\.other)$"), "does not match jobs.echo"),
         (_regex_trigger("^(jobs\\.echo$"), "is not a regex"),
         (_regex_trigger("^(jobs\\.echo)$", operation="max"), "operation='max'; expected sum"),
+        (_with_high_trigger("^(jobs\\.echo.*)$"), "must match jobs.echo.high and not jobs.echo"),
+        (_with_high_trigger("^(jobs\\.echo\\.low)$"), "must match jobs.echo.high and not jobs.echo"),
     ],
 )
 def test_a_broken_scaled_object_is_refused_naming_the_value(change: dict[str, Any], message: str) -> None:

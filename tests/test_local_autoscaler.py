@@ -44,6 +44,7 @@ class Harness:
         self.autoscaler = LocalAutoscaler(
             {"echo": POLICY},
             lambda model: self.queues,
+            lambda model: self.queues[:1],
             self.read,
             self.apply,
             AutoscalerMetrics(self.registry),

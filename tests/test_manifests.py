@@ -94,12 +94,13 @@ def test_generated_objects_validate_and_carry_the_catalogues_figures(tmp_path: P
     (container,) = deployment["spec"]["template"]["spec"]["containers"]
     env = {e["name"]: e.get("value") for e in container["env"]}
 
-    assert (policy.model, policy.target_per_replica) == ("vision", 40)
+    assert (policy.model, policy.target_per_replica, policy.high_target_per_replica) == ("vision", 40, 4)
     summed = [q for q in Topology().job_queues("vision") if re.fullmatch(policy.queue_name, q)]
+    lanes = ("", ".lane1", ".lane2", ".lane3")
     assert (
         summed
         == list(Topology().job_queues("vision"))
-        == ["jobs.vision", *(f"jobs.vision.lane{k}" for k in (1, 2, 3))]
+        == [*(f"jobs.vision.high{lane}" for lane in lanes), *(f"jobs.vision{lane}" for lane in lanes)]
     )
     assert not re.fullmatch(policy.queue_name, "jobs.vision.parked")
     assert (policy.min_replicas, policy.max_replicas, policy.cooldown_s, policy.polling_interval_s) == (

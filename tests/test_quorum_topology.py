@@ -67,8 +67,9 @@ def test_each_priority_has_its_queue_and_tiers_and_every_dead_letter_is_at_least
         False,
     ]
     classic = Topology(prefix="p.", tenant_lanes=1)
-    assert classic.job_queues("echo") == ("p.jobs.echo",)
-    assert classic.job_routing_key("echo", "high") == "echo"
+    assert classic.job_queues("echo") == ("p.jobs.echo.high", "p.jobs.echo")
+    assert classic.job_routing_key("echo", "high") == "echo.high"
+    assert classic.job_routing_key("echo", "low") == "echo"
 
 
 def test_the_inbox_serves_high_before_normal_before_low_and_arrivals_in_order() -> None:

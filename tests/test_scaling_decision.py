@@ -141,3 +141,23 @@ def test_a_spike_then_idle_runs_0_to_n_and_back_to_0() -> None:
     # 0 -> 1 (activation); +2 pods from the 0 the period began with; then doubling (100 %) per 15 s
     # up to the max; the 30 s scale-down window holds 8; then 1 pod per 30 s; cooldown ends at 0.
     assert trace == [1, 2, 4, 8, 8, 7, 0, 0]
+
+
+HIGH = replace(POLICY, high_target_per_replica=2, high_activation_value=0)
+
+
+@pytest.mark.parametrize(
+    ("rule", "policy", "state", "metric", "high_metric", "replicas"),
+    [
+        ("one trigger: 2 jobs, both high, stay at or below activation (2)", POLICY, at(0), 2.0, 2.0, 0),
+        ("high-backlog trigger: one high job activates a model below activation", HIGH, at(0), 1.0, 1.0, 1),
+        ("one trigger: 12 jobs, 8 high: ceil(12 / 10) = 2", POLICY, at(1), 12.0, 8.0, 2),
+        ("high-backlog trigger: the larger wish, ceil(8 / 2) = 4", HIGH, at(2), 12.0, 8.0, 4),
+        ("high-backlog trigger: no high jobs, the backlog's wish alone", HIGH, at(2), 45.0, 0.0, 4),
+        ("high-backlog trigger: within tolerance of both, the count stays", HIGH, at(4), 40.0, 8.0, 4),
+    ],
+)
+def test_a_high_backlog_activates_and_scales_sooner_than_the_same_jobs_at_normal(
+    rule: str, policy: ScalingPolicy, state: ScalingState, metric: float, high_metric: float, replicas: int
+) -> None:
+    assert decide(policy, state, metric, 100.0, high_metric).replicas == replicas, rule

@@ -8,8 +8,10 @@ components only check, passively, that what they use exists.
 Delay-tier queues carry their delay in their name, so changing a schedule creates new
 queues instead of clashing with the old ones.
 
-    jobs (direct exchange) --model--> jobs.{model}            priority, no length limit
-                           --{model}.lane{k}--> jobs.{model}.lane{k}   tenant lanes 1..N-1
+    jobs (direct exchange) --model--> jobs.{model}            normal and low, no length limit
+                           --{model}.high--> jobs.{model}.high   high, counted apart for scaling
+                           --{model}[.high].lane{k}--> jobs.{model}[.high].lane{k}
+                                                     tenant lanes 1..N-1
                                 (quorum: --{model}.{priority}[.lane{k}]-->
                                  jobs.{model}.{priority}[.lane{k}])
     jobs.{model}.retry.{delay}  TTL = delay, dead-letters --> jobs / {model}
@@ -31,9 +33,12 @@ the queues its role fills (`broker_access.roles`).
 
 Two queue types, one setting (`QUEUE_TYPE`), the same names everywhere else:
 
-- `classic` (the default; one machine): a model's jobs wait in one classic queue with
-  `x-max-priority`, which RabbitMQ 3.10 and 4.x both honour. Not replicated: the queue
-  lives on one node.
+- `classic` (the default; one machine): a model's normal and low jobs wait in one classic
+  queue with `x-max-priority`, which RabbitMQ 3.10 and 4.x both honour; its high jobs in
+  a queue of their own beside it, so that a high backlog can be counted apart and scale
+  the model sooner (`manifests.scaled_objects`); the worker serves high first either
+  way. A retry of any priority waits in the delay tiers and comes back to the first
+  queue (with its AMQP priority). Not replicated: the queues live on one node.
 - `quorum` (a cluster of nodes): every queue is a replicated quorum queue. Quorum queues
   refuse `x-max-priority` on 3.10 and have two levels on 4.x, so the three levels are
   three queues, `jobs.{model}.high|normal|low` (routing key `{model}.{priority}`), each
@@ -176,14 +181,18 @@ class Topology:
         ]
 
     def main_queue(self, model: str) -> str:
-        """The classic topology's one queue of a model's jobs (priorities inside it)."""
+        """The classic topology's queue of a model's normal and low jobs (lane 0)."""
         return f"{self.prefix}jobs.{model}"
 
+    def _level(self, priority: Priority) -> str:
+        """The part of a queue's name (and key) a priority adds: classic topology's normal
+        and low share a priority queue, every other level has its own."""
+        return "" if self.queue_type == "classic" and priority != "high" else f".{priority}"
+
     def job_queue(self, model: str, priority: Priority, lane: int = 0) -> str:
-        """Where a job of this priority waits in `lane`: the classic queue, or its
-        priority's quorum queue; lanes past 0 carry their number."""
-        classic = self.queue_type == "classic"
-        base = self.main_queue(model) if classic else f"{self.prefix}jobs.{model}.{priority}"
+        """Where a job of this priority waits in `lane`: classic normal and low in the
+        model's priority queue, every other level in its own; lanes past 0 carry their number."""
+        base = f"{self.main_queue(model)}{self._level(priority)}"
         return base if lane == 0 else f"{base}.lane{lane}"
 
     def job_queues(self, model: str) -> tuple[str, ...]:
@@ -197,13 +206,17 @@ class Topology:
             )
         )
 
+    def high_queues(self, model: str) -> tuple[str, ...]:
+        """Where high-priority jobs wait, every lane (what the high-priority trigger counts)."""
+        return tuple(self.job_queue(model, "high", lane) for lane in range(self.tenant_lanes))
+
     def lane_queues(self, model: str, lane: int) -> tuple[str, ...]:
         """The queues of one lane, every priority (what its depth sums)."""
         return tuple(dict.fromkeys(self.job_queue(model, priority, lane) for priority in PRIORITIES))
 
     def job_routing_key(self, model: str, priority: Priority, lane: int = 0) -> str:
         """The key a job is published with on the jobs exchange."""
-        base = model if self.queue_type == "classic" else f"{model}.{priority}"
+        base = f"{model}{self._level(priority)}"
         return base if lane == 0 else f"{base}.lane{lane}"
 
     def parking_queue(self, model: str) -> str:
@@ -257,11 +270,13 @@ class Topology:
         else:
             arguments = self._kind() | self._dead_letters(outcomes, parking)
         specs = []
-        for priority in PRIORITIES if self.replicated else ("normal",):
+        for priority in PRIORITIES if self.replicated else ("high", "normal"):
             for lane in range(self.tenant_lanes):
                 lane_key = self.job_routing_key(model, priority, lane)
                 lane_queue = self.job_queue(model, priority, lane)
                 specs.append(QueueSpec(lane_queue, arguments, ((self.jobs_exchange, lane_key),)))
+            if priority == "high" and not self.replicated:
+                continue  # classic: one set of delay tiers, back to the normal queue
             # Delay tiers dead-letter back to lane 0: a retry waits in the model's queue.
             key = self.job_routing_key(model, priority)
             for delay_s in self.job_retry_schedule(model).distinct_delays_s():
