@@ -145,13 +145,17 @@ async def _phases(stack: Stack) -> None:
 
     # Phase 2b, three high-priority jobs: as normal jobs they would want ceil(3 / 4) = 1
     # replica; the high-backlog trigger counts them against HIGH_VALUE and scales out.
+    # Long enough (18 s on one replica) to outlast the statistics' lag and a loaded apply.
     high_at = time.monotonic()
-    high = await stack.submit(3, sleep_ms=2000, priority="high")
-    await wait_until(
-        lambda: _at_least(stack.replicas(), 2), STATS_LAG_S + 20, ">= 2 replicas for 3 high jobs"
-    )
+    high = await stack.submit(3, sleep_ms=6000, priority="high")
+    try:
+        await wait_until(
+            lambda: _at_least(stack.replicas(), 2), STATS_LAG_S + 45, ">= 2 replicas, 3 high jobs"
+        )
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}\n{stack.process.output()[-4000:]}") from None
     high_scale_s = time.monotonic() - high_at
-    await wait_until(lambda: high <= stack.called_back(), 30, "the high jobs' callbacks")
+    await wait_until(lambda: high <= stack.called_back(), 45, "the high jobs' callbacks")
 
     # Phase 3, a larger burst scales out to N (ceil(backlog / value), capped at the max).
     burst = await stack.submit(40, sleep_ms=300)
