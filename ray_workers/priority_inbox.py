@@ -41,7 +41,6 @@ class _Level:
 
     tenants: dict[str, _TenantTurns] = field(default_factory=dict)
     served_pass: float = 0.0
-    size: int = 0
 
     def put(self, delivery: Delivery) -> None:
         tenant = tenant_of(delivery.headers)
@@ -49,12 +48,10 @@ class _Level:
         if turns is None:
             turns = self.tenants[tenant] = _TenantTurns(next_pass=self.served_pass)
         turns.waiting.append(delivery)
-        self.size += 1
 
     def get(self) -> Delivery:
         tenant, turns = min(self.tenants.items(), key=lambda item: item[1].next_pass)
         delivery = turns.waiting.popleft()
-        self.size -= 1
         self.served_pass = turns.next_pass
         turns.next_pass += 1.0 / weight_of(delivery.headers)
         if not turns.waiting:
@@ -97,7 +94,7 @@ class PriorityInbox(asyncio.Queue[Delivery]):
         priority = max(levels)
         level = levels[priority]
         delivery = level.get()
-        if not level.size:
+        if not level.tenants:  # a tenant with nothing waiting is forgotten
             del levels[priority]
         self._queue.size -= 1
         return delivery
