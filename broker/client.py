@@ -643,8 +643,10 @@ class Broker:
     async def close(self) -> None:
         """Close consumer channels (unacked messages return to their queues), then the rest."""
         self._closing = True
-        for task in (*self._healing, *self._failovers, *self._retiring):
+        background = (*self._healing, *self._failovers, *self._retiring)
+        for task in background:
             task.cancel()
+        await asyncio.gather(*background, return_exceptions=True)  # none left pending at exit
         channels = [c.channel for c in self._consumers.values() if c.channel is not None]
         self._consumers.clear()
         for channel in channels:
