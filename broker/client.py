@@ -234,7 +234,10 @@ class Broker:
         self._consume_connection: aio_pika.abc.AbstractRobustConnection | None = None
         self._publish_channel: aio_pika.abc.AbstractChannel | None = None
         self._events_channel: aio_pika.abc.AbstractChannel | None = None
+        # Depth reads share one channel: opening one per read cost more than the read.
+        self._inspect_channel: aio_pika.abc.AbstractChannel | None = None
         self._channel_lock = asyncio.Lock()
+        self._inspect_lock = asyncio.Lock()
         self._consumers: dict[str, _Consumer] = {}
         self._healing: set[asyncio.Task[None]] = set()
         self._retiring: set[asyncio.Task[None]] = set()  # nacking publish channels, closing
@@ -349,7 +352,7 @@ class Broker:
         if lost is self._publish_connection:
             self._publish_connection, self._publish_channel, self._events_channel = replacement, None, None
         elif lost is self._consume_connection:
-            self._consume_connection = replacement
+            self._consume_connection, self._inspect_channel = replacement, None
             for consumer in self._consumers.values():
                 consumer.channel = None  # on the lost connection: re-opened on the new one
         else:
@@ -660,6 +663,7 @@ class Broker:
         self._publish_connection = None
         self._consume_connection = None
         self._events_channel = None
+        self._inspect_channel = None
         self._publish_channel = None
         self._declared = False
 
@@ -717,15 +721,30 @@ class Broker:
     async def queue_depth(self, queue_name: str, timeout_s: float = 5.0) -> tuple[int, int]:
         """(ready messages, consumers) of a queue, via a passive declare, within `timeout_s`
         (a stalled connection must not hold an admission, and an Idempotency-Key's lease)."""
-        if self._consume_connection is None:
-            raise BrokerUnavailable("not connected")
         try:
-            async with asyncio.timeout(timeout_s), self._consume_connection.channel() as channel:
-                queue = await channel.declare_queue(queue_name, passive=True)
+            async with asyncio.timeout(timeout_s):
+                channel = await self._open_inspect_channel()
+                # The bare AMQP method: aio_pika's robust channel answers a passive declare
+                # it has seen before from its cache, with the depth of that first read.
+                underlay = await channel.get_underlay_channel()
+                result = await underlay.queue_declare(queue_name, passive=True)
         except _CHANNEL_ERRORS as exc:
             raise BrokerUnavailable(f"cannot inspect {queue_name}: {exc!r}") from exc
-        result = queue.declaration_result
         return result.message_count or 0, result.consumer_count or 0
+
+    async def _open_inspect_channel(self) -> aio_pika.abc.AbstractChannel:
+        """The depth-reading channel, opened again when a read closed it (a missing queue
+        answers 404 and closes its channel) or its connection was replaced."""
+        channel = self._inspect_channel
+        if channel is not None and not channel.is_closed:
+            return channel
+        async with self._inspect_lock:
+            channel = self._inspect_channel
+            if channel is None or channel.is_closed:
+                if self._consume_connection is None:
+                    raise BrokerUnavailable("not connected")
+                channel = self._inspect_channel = await self._consume_connection.channel()
+            return channel
 
 
 # aiormq keeps connection.blocked / connection.unblocked in this event and offers no public

@@ -1,11 +1,13 @@
-"""`ack_all`: one `basic.ack multiple` only where it acks exactly the given deliveries.
-Real broker: what is not acked comes back when the channel closes."""
+"""`ack_all`: one `basic.ack multiple` only where it acks exactly the given deliveries; and
+depth reads. Real broker: what is not acked comes back when the channel closes."""
 
 from __future__ import annotations
 
 import asyncio
 
-from broker.client import Broker, Delivery, ack_all
+import pytest
+
+from broker.client import Broker, BrokerUnavailable, Delivery, ack_all
 from tests.conftest import wait_until
 from wire.outgoing import OutgoingMessage
 
@@ -47,3 +49,19 @@ async def test_given_every_delivery_of_the_channel_then_ack_all_settles_them_all
 async def _ready(broker: Broker, queue: str, count: int) -> bool:
     ready, _ = await broker.queue_depth(queue)
     return ready == count
+
+
+async def test_given_depth_reads_on_one_channel_then_each_sees_the_queue_now_and_a_missing_queue_harms_none(
+    broker: Broker,
+) -> None:
+    """Depth reads share a channel: none may answer from an earlier read, and the 404 that
+    closes the channel on a missing queue must not fail the reads after it."""
+    queue = broker.topology.callbacks_parking_queue
+    assert (await broker.queue_depth(queue))[0] == 0
+    await broker.publish(OutgoingMessage(b"x", message_id="m"), queue)
+    await wait_until(lambda: _ready(broker, queue, 1), 10, "the message counted")
+
+    with pytest.raises(BrokerUnavailable, match="cannot inspect"):
+        await broker.queue_depth(f"{queue}.missing")
+    depths = await asyncio.gather(*(broker.queue_depth(queue) for _ in range(8)))
+    assert [ready for ready, _ in depths] == [1] * 8
