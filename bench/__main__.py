@@ -26,6 +26,7 @@ from bench.budgets import budget_markdown, measure_budgets
 from bench.callback_stage import measure_callbacks
 from bench.ingress_efficiency import measure_ingress
 from bench.minilm_device import measure_minilm_device, minilm_device_markdown
+from bench.paired_trees import measure_paired_trees
 from bench.payload_path import measure_payload_path, payload_markdown
 from bench.pipeline_overhead import measure_pipeline
 from bench.python_profile import measure_profile, profile_markdown
@@ -105,8 +106,12 @@ STAGES = (
     "minilm-device",
     "payloads",
 )
-# Run only when asked (`--only wake`): it starts the whole stack 2 x reps times.
-OPTIONAL_STAGES = ("wake",)
+# Run only when asked (`--only wake`): it starts the whole stack 2 x reps times; and
+# `--only paired-trees --base REV`, which measures another commit beside this tree.
+OPTIONAL_STAGES = ("wake", "paired-trees")
+# paired-trees: alternating pairs, echo backlogs per side and pair, jobs per backlog.
+PAIRED_TREES_FULL = (8, 3, 2000)
+PAIRED_TREES_QUICK = (1, 1, 300)
 
 
 async def run(
@@ -116,6 +121,7 @@ async def run(
     latency_target_s: float,
     stages: list[str],
     quick: bool = False,
+    base: str | None = None,
 ) -> dict[str, Any]:
     stage_runs: dict[str, Callable[[], Awaitable[Any]]] = {
         "versus-celery": lambda: measure_versus_celery(
@@ -133,6 +139,9 @@ async def run(
         "profile": lambda: measure_profile(amqp_url, size.profile_jobs),
         "budgets": lambda: measure_budgets(amqp_url, quick),
         "wake": lambda: measure_wake(amqp_url, size.reps),
+        "paired-trees": lambda: measure_paired_trees(
+            amqp_url, _required_base(base), *(PAIRED_TREES_QUICK if quick else PAIRED_TREES_FULL)
+        ),
         "ingress": lambda: measure_ingress(amqp_url, redis_url, size.reps, size.ingress_jobs),
         "pipeline": lambda: measure_pipeline(amqp_url, size.reps, rate=20, count=size.pipeline_jobs),
         "batching": lambda: measure_batching(
@@ -157,6 +166,12 @@ async def run(
     return results
 
 
+def _required_base(base: str | None) -> str:
+    if base is None:
+        raise SystemExit("the paired-trees stage needs --base REV: the commit to measure this tree against")
+    return base
+
+
 async def _priority_by_queue_type(amqp_url: str, size: BenchSize) -> dict[str, Any]:
     return {
         queue_type: await measure_priority(
@@ -179,6 +194,7 @@ def ratios(results: dict[str, Any]) -> list[tuple[str, float, str]]:
         "batch-options": _batch_options_row,
         "tenant-limits": _tenant_limits_row,
         "tenant-share": _tenant_share_row,
+        "paired-trees": _paired_trees_row,
     }
     rows += [row(results[stage]) for stage, row in one_row_stages.items() if stage in results]
     if "user-path" in results:
@@ -288,6 +304,23 @@ def _tenant_share_row(share: dict[str, Any]) -> tuple[str, float, str]:
         f"lanes: B p50 {share['b_p50_s']:.2f} s, max {share['b_max_s']:.2f} s, A's rate beside B / alone "
         f"{share['a_ratio']:.2f}; one lane: B p50 {one['b_p50_s']:.2f} s, max {one['b_max_s']:.2f} s; "
         f"lost {share['lost'] + one['lost']}, duplicates {share['duplicates'] + one['duplicates']}",
+    )
+
+
+def _paired_trees_row(paired: dict[str, Any]) -> tuple[str, float, str]:
+    rates = paired["jobs_per_s"]
+    cpu = paired["cpu_ms_per_job"]
+    totals = {side: sum(cpu[side].values()) for side in cpu}
+    return (
+        f"User path, echo x{paired['jobs']} to one host: {paired['head']} / {paired['base']}, "
+        f"median of {paired['pairs']} alternating pairs",
+        paired["median_pair_ratio"],
+        f"pair ratios {', '.join(f'{r:.2f}' for r in paired['pair_ratios'])}; ratio of the medians of every "
+        f"run {paired['ratio_of_medians']:.2f}; jobs/s base {' / '.join(f'{r:.0f}' for r in rates['base'])}, "
+        f"this tree {' / '.join(f'{r:.0f}' for r in rates['head'])}; CPU ms per job base "
+        f"{totals['base']:.2f} (ingress {cpu['base'].get('ingress', 0.0):.2f}), this tree "
+        f"{totals['head']:.2f} (ingress {cpu['head'].get('ingress', 0.0):.2f}); "
+        f"lost {paired['lost']}, duplicates {paired['duplicates']}",
     )
 
 
@@ -451,8 +484,9 @@ def main(argv: list[str] | None = None) -> int:
         "--only",
         action="append",
         choices=STAGES + OPTIONAL_STAGES,
-        help="run only this stage (repeatable); default all but wake",
+        help="run only this stage (repeatable); default all but wake and paired-trees",
     )
+    parser.add_argument("--base", help="paired-trees: the commit this tree is measured against")
     args = parser.parse_args(argv)
     size = QUICK if args.quick else FULL
     if args.reps:
@@ -460,7 +494,9 @@ def main(argv: list[str] | None = None) -> int:
     amqp_url = os.environ.get("AMQP_URL", DEFAULT_AMQP_URL)
     stages = [stage for stage in STAGES + OPTIONAL_STAGES if stage in (args.only or STAGES)]
     redis_url = os.environ.get("REDIS_URL", DEFAULT_REDIS_URL)
-    results = asyncio.run(run(size, amqp_url, redis_url, args.latency_target_ms / 1000, stages, args.quick))
+    results = asyncio.run(
+        run(size, amqp_url, redis_url, args.latency_target_ms / 1000, stages, args.quick, args.base)
+    )
     timestamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
     machine = (
         f"{platform.machine()}, {os.cpu_count()} cores, {platform.python_implementation()} "
