@@ -51,6 +51,11 @@ def _duration(seconds: int) -> str:
     return f"{seconds // 60} min" if seconds % 60 == 0 and seconds else f"{seconds} s"
 
 
+def high_backlog_per_replica(entry: ModelEntry) -> int:
+    """The high-backlog trigger's jobs per replica: HIGH_PRIORITY_WEIGHT times fewer."""
+    return max(1, entry.scaling.backlog_per_replica // HIGH_PRIORITY_WEIGHT)
+
+
 def behaviour(entry: ModelEntry) -> str:
     """One line an operator reads first, with the manifest's own figures."""
     scaling = entry.scaling
@@ -58,7 +63,7 @@ def behaviour(entry: ModelEntry) -> str:
         f"{entry.name} workers sit at {scaling.min_replicas} replicas; the first accepted job wakes one "
         f"at once (push scaler; polling within ~{scaling.polling_interval_s} s is the safety net), "
         f"one replica per {scaling.backlog_per_replica} jobs of backlog (per "
-        f"{max(1, scaling.backlog_per_replica // HIGH_PRIORITY_WEIGHT)} high-priority ones) "
+        f"{high_backlog_per_replica(entry)} high-priority ones) "
         f"up to {scaling.max_replicas}, "
         f"back to {scaling.min_replicas} after {_duration(scaling.cooldown_s)} idle."
     )
@@ -95,7 +100,7 @@ def scaled_object(entry: ModelEntry) -> dict[str, Any]:
                 _queue_trigger(
                     HIGH_BACKLOG_TRIGGER,
                     Topology().high_queues(entry.name),
-                    max(1, scaling.backlog_per_replica // HIGH_PRIORITY_WEIGHT),
+                    high_backlog_per_replica(entry),
                 ),
                 {
                     "type": "external-push",
