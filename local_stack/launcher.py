@@ -88,7 +88,10 @@ class StackSettings:
     def from_env(cls, env: Mapping[str, str]) -> StackSettings:
         read = Environment.read(env)
         workers = WorkerSettings.from_env(env)
-        cores_worth = max(1, (os.cpu_count() or 1) // workers.model_threads)
+        # Each replica's model threads, and a core's worth for the message path (ingress,
+        # broker, dispatcher): two echo replicas on 2 cores halved each one's batches and
+        # cost more CPU per job than one.
+        cores_worth = max(1, (os.cpu_count() or 1) // (workers.model_threads + 1))
         return cls(
             workers=workers,
             callbacks=CallbackSettings.from_env(env),

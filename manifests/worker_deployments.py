@@ -77,6 +77,15 @@ def _probe(path: str, period_s: int, failures: int) -> dict[str, Any]:
     }
 
 
+def model_threads(entry: ModelEntry) -> int:
+    """Each worker process's intra-op threads: the pod's CPUs shared by its processes. The
+    default (the cores but one) would read the node's cores, not the pod's request, and
+    run more threads than the pod has CPUs."""
+    resources = entry.resources
+    processes = resources.processes_per_gpu if resources.gpus else 1
+    return max(1, int(resources.cpus // processes))
+
+
 RAY_NODE_IP_ENV = {"name": "RAY_NODE_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}}
 
 
@@ -90,6 +99,7 @@ def worker_deployment(entry: ModelEntry) -> dict[str, Any]:
         # Ray on the pod's IP: on loopback its metrics exporter binds loopback, unscrapable.
         RAY_NODE_IP_ENV,
         {"name": "HOME", "value": "/tmp"},
+        {"name": "MODEL_THREADS", "value": str(model_threads(entry))},
     ]
     limits: dict[str, str] = {"memory": resources.memory}
     if resources.gpus:

@@ -3,7 +3,6 @@ secret: a model replica never signs anything (`callbacks.settings` has it)."""
 
 from __future__ import annotations
 
-import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
@@ -12,7 +11,7 @@ from model_catalogue.catalogue import DEFAULT_CATALOGUE
 from model_catalogue.sections import Batching
 from object_store.store import StoreSettings
 from policies.callback_guard import AllowList
-from settings.environment import DEFAULT_AMQP_URL, Environment
+from settings.environment import DEFAULT_AMQP_URL, Environment, default_model_threads
 from wire.topology import Topology
 
 
@@ -32,8 +31,8 @@ class WorkerSettings:
     breaker_failure_threshold: int = 5
     breaker_cooldown_s: float = 30.0
     drain_timeout_s: float = 30.0
-    # Intra-op threads of a model replica (OMP_NUM_THREADS); default: the machine's cores.
-    model_threads: int = field(default_factory=lambda: os.cpu_count() or 1)
+    # Intra-op threads of a model replica (OMP_NUM_THREADS); default: the cores but one.
+    model_threads: int = field(default_factory=default_model_threads)
     # GPUs Ray reserves for each replica (a pod's WORKER_NUM_GPUS).
     num_gpus: float = 0.0
     # Worker processes sharing a pod's GPU (WORKER_PROCESSES_PER_GPU).

@@ -60,6 +60,14 @@ class ConfigError(ValueError):
     """An environment variable holds a value the service cannot use."""
 
 
+def default_model_threads() -> int:
+    """A model replica's intra-op threads when MODEL_THREADS is unset: the machine's cores
+    but one. The ingress, the broker and the dispatcher share the machine, and threads that
+    outnumber the free cores spin at every barrier: on 2 cores one thread ran MiniLM jobs
+    at 0.6 of two threads' CPU per job and at least as fast (docs/pages/performance.md)."""
+    return max(1, (os.cpu_count() or 1) - 1)
+
+
 def _split_csv(value: object) -> object:
     if isinstance(value, str):
         return tuple(item.strip() for item in value.split(",") if item.strip())
@@ -456,12 +464,12 @@ class Environment(BaseModel):
         description="how long an open model breaker waits before it lets a batch try",
     )
     model_threads: int = Field(
-        default_factory=lambda: os.cpu_count() or 1,
+        default_factory=default_model_threads,
         ge=1,
         alias="MODEL_THREADS",
         description=(
             "intra-op threads per model replica (`OMP_NUM_THREADS`; Ray would pin 1); default: the "
-            "machine's cores"
+            "machine's cores but one (a cluster's worker pods: the pod's CPUs per worker process)"
         ),
     )
     worker_num_gpus: float = Field(
@@ -614,7 +622,7 @@ class Environment(BaseModel):
         alias="LOCAL_MAX_REPLICAS",
         description=(
             "most replicas per model the local autoscaler runs on this machine; default: cores / "
-            "`MODEL_THREADS`"
+            "(`MODEL_THREADS` + 1), a core's worth left for the message path"
         ),
     )
     worker_replicas: int = Field(

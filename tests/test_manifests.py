@@ -11,6 +11,7 @@ import textwrap
 from pathlib import Path
 from typing import Any
 
+import pytest
 import yaml
 
 from autoscaler.scaling_policy import policy_from_scaled_object
@@ -117,7 +118,27 @@ def test_generated_objects_validate_and_carry_the_catalogues_figures(tmp_path: P
         "limits": {"memory": "3Gi", "nvidia.com/gpu": "2"},
     }
     assert (env["WORKER_NUM_GPUS"], env["WORKER_PROCESSES_PER_GPU"]) == ("2", "1")
+    assert env["MODEL_THREADS"] == "1", "half a CPU still runs one thread"
     assert container["command"][-2:] == ["worker", "vision"]
+
+
+@pytest.mark.parametrize(
+    ("resources", "threads"),
+    [
+        ("{cpus: 4}", "4"),
+        ("{cpus: 6, gpus: 1, processes_per_gpu: 4}", "1"),
+        ("{cpus: 8, gpus: 1, processes_per_gpu: 2}", "4"),
+    ],
+)
+def test_a_worker_process_runs_as_many_model_threads_as_its_share_of_the_pods_cpus(
+    tmp_path: Path, resources: str, threads: str
+) -> None:
+    text = f"models:\n  m:\n    class: acme.m:Model\n    resources: {resources}\n"
+    (container,) = worker_deployment(_catalogue(tmp_path, text).entry("m"))["spec"]["template"]["spec"][
+        "containers"
+    ]
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    assert env["MODEL_THREADS"] == threads
 
 
 def test_every_generated_file_says_what_it_does_and_where_it_comes_from(tmp_path: Path) -> None:

@@ -48,9 +48,19 @@ def test_given_local_max_replicas_then_the_scaledobjects_maxima_are_capped_to_it
     assert initial == {"echo": 0, "embed-minilm": 0}
 
 
-def test_given_model_threads_then_a_machine_runs_as_many_replicas_as_its_cores_allow() -> None:
-    env = {"WEBHOOK_SECRET": SECRET, "MODEL_THREADS": "1"}
-    assert StackSettings.from_env(env).local_max_replicas == (os.cpu_count() or 1)
+@pytest.mark.parametrize("threads", [1, 3])
+def test_given_model_threads_then_a_machine_runs_the_replicas_its_cores_allow_beside_the_message_path(
+    threads: int,
+) -> None:
+    env = {"WEBHOOK_SECRET": SECRET, "MODEL_THREADS": str(threads)}
+    assert StackSettings.from_env(env).local_max_replicas == max(1, (os.cpu_count() or 1) // (threads + 1))
+
+
+def test_given_no_model_threads_then_a_replica_leaves_one_core_and_one_replica_runs() -> None:
+    settings = StackSettings.from_env({"WEBHOOK_SECRET": SECRET})
+    cores = os.cpu_count() or 1
+    assert settings.workers.model_threads == max(1, cores - 1)
+    assert settings.local_max_replicas == 1
 
 
 def test_given_no_webhook_secret_then_workers_start_and_the_callback_stage_refuses_naming_it() -> None:
