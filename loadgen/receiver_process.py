@@ -19,6 +19,7 @@ import json
 import sys
 import time
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
 import aiohttp
@@ -41,6 +42,8 @@ class ReceivedRecord:
     inference_ms: float
     # Submitted to taken by the worker (the event's timings.queued_ms).
     queued_ms: float = 0.0
+    # When the worker decided the job's outcome (the event's `timestamp`), wall seconds.
+    outcome_wall_s: float = 0.0
 
 
 class _Recorder:
@@ -57,7 +60,7 @@ class _Recorder:
             await asyncio.sleep(self._delay_s)
         if self._verifier is None:
             self.records.append(
-                [request.headers.get("webhook-id", ""), "", "", time.time(), False, 0, 0.0, 0.0]
+                [request.headers.get("webhook-id", ""), "", "", time.time(), False, 0, 0.0, 0.0, 0.0]
             )
             return web.Response(status=204)
         try:
@@ -65,7 +68,8 @@ class _Recorder:
             verified = True
         except WebhookVerificationError:
             verified = False
-        data = json.loads(body)["data"]
+        event = json.loads(body)
+        data = event["data"]
         timings = data.get("timings", {})
         self.records.append(
             [
@@ -77,6 +81,7 @@ class _Recorder:
                 timings.get("batch_size", 0),
                 timings.get("inference_ms", 0.0),
                 timings.get("queued_ms", 0.0),
+                datetime.fromisoformat(event["timestamp"]).timestamp(),
             ]
         )
         return web.Response(status=204 if verified else 401)
