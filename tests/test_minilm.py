@@ -7,7 +7,7 @@ from collections.abc import Iterator
 import pytest
 
 from ray_workers.models.base import InvalidInput
-from ray_workers.models.minilm import MiniLMModel
+from ray_workers.models.minilm import CPU_CHUNK_TEXTS, MiniLMModel
 
 
 @pytest.fixture(scope="module")
@@ -39,6 +39,16 @@ def test_a_batch_of_jobs_splits_back_one_output_per_job(model: MiniLMModel) -> N
     assert [len(o["embeddings"]) for o in outputs] == [1, 2]
     # Padding inside a batch changes the last bits only.
     assert _cosine(outputs[0]["embeddings"][0], model.embed(["one"])[0]) > 0.9999
+
+
+def test_a_batch_of_mixed_lengths_embeds_each_text_as_it_would_alone_in_its_order(
+    model: MiniLMModel,
+) -> None:
+    # More texts than a CPU chunk, lengths interleaved, so sorting and chunking both matter.
+    texts = [("word " * (1 + (i * 7) % 40)).strip() + f" {i}" for i in range(3 * CPU_CHUNK_TEXTS + 5)]
+    batched = model.embed(texts)
+    for text, vector in zip(texts, batched, strict=True):
+        assert _cosine(vector, model.embed([text])[0]) > 0.99999
 
 
 @pytest.mark.parametrize("bad", [{"texts": []}, {"texts": [1]}, 42, None, {"text": "x"}, ["x"] * 300])
