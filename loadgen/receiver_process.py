@@ -164,9 +164,14 @@ class ReceiverProcess:
         """Whether a callback for every id arrived within `timeout_s` (webhook ids for a no-op
         receiver, which does not parse bodies)."""
         deadline = time.monotonic() + timeout_s
+        missing, checked = set(job_ids), 0
         while True:
-            seen = {r.job_id or r.webhook_id for r in await self.refresh()}
-            if job_ids <= seen:
+            # Only the records new since the last poll: a whole bench run's records, scanned
+            # every 50 ms, cost the measuring process 0.4 ms of CPU a job on the measured box.
+            records = await self.refresh()
+            missing.difference_update(r.job_id or r.webhook_id for r in records[checked:])
+            checked = len(records)
+            if not missing:
                 return True
             if time.monotonic() > deadline:
                 return False
