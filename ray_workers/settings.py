@@ -31,7 +31,7 @@ class WorkerSettings:
     breaker_failure_threshold: int = 5
     breaker_cooldown_s: float = 30.0
     drain_timeout_s: float = 30.0
-    # Intra-op threads of a model replica (OMP_NUM_THREADS); default: the cores but one.
+    # Threads of a model replica (OMP_NUM_THREADS); default: the machine's cores.
     model_threads: int = field(default_factory=default_model_threads)
     # GPUs Ray reserves for each replica (a pod's WORKER_NUM_GPUS).
     num_gpus: float = 0.0

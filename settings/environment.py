@@ -61,11 +61,12 @@ class ConfigError(ValueError):
 
 
 def default_model_threads() -> int:
-    """A model replica's intra-op threads when MODEL_THREADS is unset: the machine's cores
-    but one. The ingress, the broker and the dispatcher share the machine, and threads that
-    outnumber the free cores spin at every barrier: on 2 cores one thread ran MiniLM jobs
-    at 0.6 of two threads' CPU per job and at least as fast (docs/pages/performance.md)."""
-    return max(1, (os.cpu_count() or 1) - 1)
+    """A model replica's threads when MODEL_THREADS is unset: the machine's cores. MiniLM
+    runs a batch's chunks on them side by side; a model of your own that splits each
+    operation over them (intra-op) may spin at its barriers when the ingress, broker and
+    dispatcher share the cores, and may do better with one core fewer
+    (docs/pages/performance.md, "Model threads")."""
+    return os.cpu_count() or 1
 
 
 def _split_csv(value: object) -> object:
@@ -468,8 +469,8 @@ class Environment(BaseModel):
         ge=1,
         alias="MODEL_THREADS",
         description=(
-            "intra-op threads per model replica (`OMP_NUM_THREADS`; Ray would pin 1); default: the "
-            "machine's cores but one (a cluster's worker pods: the pod's CPUs per worker process)"
+            "threads per model replica (`OMP_NUM_THREADS`; Ray would pin 1); default: the machine's "
+            "cores (a cluster's worker pods: the pod's CPUs per worker process)"
         ),
     )
     worker_num_gpus: float = Field(

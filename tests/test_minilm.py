@@ -12,7 +12,8 @@ from ray_workers.models.minilm import CPU_CHUNK_TEXTS, MiniLMModel
 
 @pytest.fixture(scope="module")
 def model() -> Iterator[MiniLMModel]:
-    yield MiniLMModel(device="cpu")
+    # Two threads whatever the machine: a batch's chunks run side by side.
+    yield MiniLMModel(device="cpu", threads=2)
 
 
 def _cosine(a: list[float], b: list[float]) -> float:

@@ -56,10 +56,9 @@ def test_given_model_threads_then_a_machine_runs_the_replicas_its_cores_allow_be
     assert StackSettings.from_env(env).local_max_replicas == max(1, (os.cpu_count() or 1) // (threads + 1))
 
 
-def test_given_no_model_threads_then_a_replica_leaves_one_core_and_one_replica_runs() -> None:
+def test_given_no_model_threads_then_a_replica_runs_on_every_core_and_one_replica_runs() -> None:
     settings = StackSettings.from_env({"WEBHOOK_SECRET": SECRET})
-    cores = os.cpu_count() or 1
-    assert settings.workers.model_threads == max(1, cores - 1)
+    assert settings.workers.model_threads == (os.cpu_count() or 1)
     assert settings.local_max_replicas == 1
 
 
