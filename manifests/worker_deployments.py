@@ -78,9 +78,9 @@ def _probe(path: str, period_s: int, failures: int) -> dict[str, Any]:
 
 
 def model_threads(entry: ModelEntry) -> int:
-    """Each worker process's intra-op threads: the pod's CPUs shared by its processes. The
-    default (the cores but one) would read the node's cores, not the pod's request, and
-    run more threads than the pod has CPUs."""
+    """Each worker process's model threads: the pod's CPUs shared by its processes. The
+    default (the cores) would read the node's cores, not the pod's request, and run more
+    threads than the pod has CPUs."""
     resources = entry.resources
     processes = resources.processes_per_gpu if resources.gpus else 1
     return max(1, int(resources.cpus // processes))

@@ -65,7 +65,7 @@ def default_model_threads() -> int:
     runs a batch's chunks on them side by side; a model of your own that splits each
     operation over them (intra-op) may spin at its barriers when the ingress, broker and
     dispatcher share the cores, and may do better with one core fewer
-    (docs/pages/performance.md, "Model threads")."""
+    (docs/pages/performance.md, "Model threads and chunks")."""
     return os.cpu_count() or 1
 
 
