@@ -64,11 +64,10 @@ class _Recorder:
             )
             return web.Response(status=204)
         try:
-            self._verifier.verify(body, dict(request.headers))
-            verified = True
+            # Verified, the library hands back the body parsed: it is not parsed twice.
+            event, verified = self._verifier.verify(body, dict(request.headers)), True
         except WebhookVerificationError:
-            verified = False
-        event = json.loads(body)
+            event, verified = json.loads(body), False
         data = event["data"]
         timings = data.get("timings", {})
         self.records.append(

@@ -5,17 +5,21 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 from aiohttp import web
 from kubernetes import client
 
+from callbacks.signing import WebhookSigner, generate_secret
 from loadgen.cluster_replicas import ClusterReplicas
 from loadgen.load_report import write_report
 from loadgen.load_run import drive, local_target
 from loadgen.profiles import BUILT_IN, InvalidProfile, load_profile
+from loadgen.receiver_process import ReceiverProcess
 
 
 def test_every_built_in_profile_offers_what_it_says_within_its_bounds() -> None:
@@ -129,3 +133,33 @@ async def test_cluster_replicas_are_read_from_the_deployment_and_keda_s_hpa() ->
 
     assert replicas == {"echo": 3, "echo desired": 4}  # embed-minilm: 404, no figure this second
     assert len(paths) == 2
+
+
+async def test_the_bench_receiver_counts_a_callback_verified_only_when_its_signature_holds() -> None:
+    secret = generate_secret()
+    receiver = ReceiverProcess(secret)
+    await receiver.start()
+    try:
+        event = {
+            "type": "job.succeeded",
+            "timestamp": "2026-12-05T01:00:00+00:00",
+            "data": {"id": "job-1", "status": "succeeded", "timings": {"batch_size": 3, "queued_ms": 1.5}},
+        }
+        body = json.dumps(event).encode()
+        signed = WebhookSigner(secret).headers("msg-1", int(time.time()), body)
+        forged = {**signed, "webhook-id": "msg-2"}  # the signature covers the id: it no longer holds
+        async with aiohttp.ClientSession() as session:
+            statuses = []
+            for headers in (signed, forged):
+                async with session.post(receiver.url, data=body, headers=headers) as response:
+                    statuses.append(response.status)
+        records = await receiver.refresh()
+    finally:
+        await receiver.stop()
+
+    assert statuses == [204, 401]
+    assert [(r.webhook_id, r.job_id, r.verified) for r in records] == [
+        ("msg-1", "job-1", True),
+        ("msg-2", "job-1", False),
+    ]
+    assert records[0].batch_size == 3 and records[0].queued_ms == 1.5
