@@ -330,7 +330,10 @@ def _versus_celery_rows(summary: dict[str, Any]) -> list[tuple[str, float, str]]
         (
             f"Versus Celery, {name}: our jobs/s to a verified callback / Celery's drain",
             ratio,
-            f"{rates[name]:.0f} per s; lost {summary['lost']}, duplicates {summary['duplicates']}",
+            f"{rates[name]:.0f} per s, Celery {summary['celery_jobs_per_s'][name]:.0f} per s; each "
+            f"repetition beside its Celery run "
+            f"{' / '.join(f'{r:.2f}' for r in summary['paired_versus_celery'][name])}; "
+            f"lost {summary['lost']}, duplicates {summary['duplicates']}",
         )
         for name, ratio in summary.get("versus_celery", {}).items()
     ]

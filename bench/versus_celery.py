@@ -13,6 +13,12 @@ from the first submit to the last verified callback:
 
 Celery's figures are drains (no submit, no result delivery in its clock); ours include
 both, so a ratio above 1 is ours doing more work per job, faster.
+
+The two sides take turns, one repetition each, the first side alternating (Celery, ours;
+ours, Celery; ...): on a shared box whose speed drifts over minutes (here the same
+backlog's rate moved 30 % between stacks, every process's CPU per job with it), running
+all of one side before the other would charge the drift to one side. Each repetition
+also gives a paired ratio, ours over the Celery run beside it.
 """
 
 from __future__ import annotations
@@ -61,17 +67,29 @@ QUICK_SIZE = VersusSize(200, 50, 1000, 100, 100, 50, 20)
 
 
 async def measure_versus_celery(amqp_url: str, reps: int, size: VersusSize) -> dict[str, Any]:
-    """Celery's medians, then ours, in the same run; None for Celery where its script is absent."""
-    celery = await asyncio.to_thread(_celery_medians, amqp_url, reps, size)
-    ours = await _ours(amqp_url, reps, size)
-    summary = _summary(celery, ours)
-    return {"celery": celery, "ours": ours, "summary": summary}
-
-
-def _celery_medians(amqp_url: str, reps: int, size: VersusSize) -> dict[str, float] | None:
-    if not CELERY_BENCH.is_file():
+    """Celery and ours, taking turns rep by rep; Celery's side is None where its script is absent."""
+    with_celery = await asyncio.to_thread(CELERY_BENCH.is_file)
+    if not with_celery:
         print(f"  versus celery: {CELERY_BENCH} is absent; Celery's side is skipped", flush=True)
-        return None
+    celery_reps: list[dict[str, float]] = []
+    ours: dict[str, list[dict[str, Any]]] = {}
+    for rep in range(reps):
+        sides = ("celery", "ours") if rep % 2 == 0 else ("ours", "celery")
+        for side in sides:
+            if side == "ours":
+                for name, runs in (await _ours(amqp_url, size)).items():
+                    ours.setdefault(name, []).extend(runs)
+            elif with_celery:
+                celery_reps.append(await asyncio.to_thread(_celery_run, amqp_url, size))
+    celery = (
+        {key: median([run[key] for run in celery_reps]) for key in celery_reps[0]} if celery_reps else None
+    )
+    summary = _summary(celery, celery_reps, ours)
+    return {"celery": celery, "celery_runs": celery_reps, "ours": ours, "summary": summary}
+
+
+def _celery_run(amqp_url: str, size: VersusSize) -> dict[str, float]:
+    """One repetition of Celery's baseline (its workers started and stopped for it)."""
     python = _celery_python()
     with tempfile.TemporaryDirectory(prefix="celery-results-") as results:
         env = dict(
@@ -81,7 +99,7 @@ def _celery_medians(amqp_url: str, reps: int, size: VersusSize) -> dict[str, flo
             CELERY_POOL="prefork",
             CONCURRENCY="2",
             TORCH_THREADS="1",
-            RUNS=str(reps),
+            RUNS="1",
             N_BACKLOG=str(size.echo_single),
             N_EMBED=str(size.minilm_single),
             N_LAT=str(size.low_load_jobs),
@@ -124,7 +142,8 @@ def _celery_python() -> Path:
     return python
 
 
-async def _ours(amqp_url: str, reps: int, size: VersusSize) -> dict[str, list[dict[str, Any]]]:
+async def _ours(amqp_url: str, size: VersusSize) -> dict[str, list[dict[str, Any]]]:
+    """One repetition of ours: a stack of its own, warmed up, each backlog and the low load once."""
     secret = generate_secret()
     receiver = ReceiverProcess(secret)
     await receiver.start()
@@ -146,22 +165,21 @@ async def _ours(amqp_url: str, reps: int, size: VersusSize) -> dict[str, list[di
                 raise RuntimeError(
                     f"warm-up of {model}: {warm['lost']} jobs got no callback; see {stack.log}"
                 )
-        for _ in range(reps):
-            for name, model, count, concurrency, batch in plan:
-                run = await backlog_run(stack, receiver, model, count, concurrency, batch)
-                print(
-                    f"  ours {name} x{count}: {run['jobs_per_s']:.0f} jobs/s, lost {run['lost']}, "
-                    f"dup {run['duplicates']}",
-                    flush=True,
-                )
-                runs[name].append(run)
-            low = await _low_load(stack, receiver, size.low_load_jobs)
+        for name, model, count, concurrency, batch in plan:
+            run = await backlog_run(stack, receiver, model, count, concurrency, batch)
             print(
-                f"  ours low load: p50 {low['p50_ms']:.1f} ms, p99 {low['p99_ms']:.1f} ms, "
-                f"202 p50 {low['accepted_p50_ms']:.1f} ms",
+                f"  ours {name} x{count}: {run['jobs_per_s']:.0f} jobs/s, lost {run['lost']}, "
+                f"dup {run['duplicates']}",
                 flush=True,
             )
-            runs["low-load"].append(low)
+            runs[name].append(run)
+        low = await _low_load(stack, receiver, size.low_load_jobs)
+        print(
+            f"  ours low load: p50 {low['p50_ms']:.1f} ms, p99 {low['p99_ms']:.1f} ms, "
+            f"202 p50 {low['accepted_p50_ms']:.1f} ms",
+            flush=True,
+        )
+        runs["low-load"].append(low)
     finally:
         await stack.stop()
         await receiver.stop()
@@ -226,7 +244,20 @@ def _percentile(values: list[float], percent: int) -> float:
     return statistics.quantiles(values, n=100, method="inclusive")[percent - 1]
 
 
-def _summary(celery: dict[str, float] | None, ours: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
+# Each of our backlogs and the Celery figure it is set against.
+CELERY_FIGURE = {
+    "echo-single": "echo_throughput",
+    "minilm-single": "embed_sent_per_s",
+    "echo-batched": "echo_throughput",
+    "minilm-batched": "embed_sent_per_s",
+}
+
+
+def _summary(
+    celery: dict[str, float] | None,
+    celery_reps: list[dict[str, float]],
+    ours: dict[str, list[dict[str, Any]]],
+) -> dict[str, Any]:
     rate = {
         name: median([r["jobs_per_s"] for r in runs]) for name, runs in ours.items() if name != "low-load"
     }
@@ -246,12 +277,14 @@ def _summary(celery: dict[str, float] | None, ours: dict[str, list[dict[str, Any
         },
     }
     if celery is not None:
-        echo, minilm = celery["echo_throughput"], celery["embed_sent_per_s"]
-        summary["versus_celery"] = {
-            "echo-single": rate["echo-single"] / echo,
-            "minilm-single": rate["minilm-single"] / minilm,
-            "echo-batched": rate["echo-batched"] / echo,
-            "minilm-batched": rate["minilm-batched"] / minilm,
+        summary["versus_celery"] = {name: rate[name] / celery[key] for name, key in CELERY_FIGURE.items()}
+        summary["celery_jobs_per_s"] = {name: celery[key] for name, key in CELERY_FIGURE.items()}
+        # Each repetition's ours over the Celery run beside it (the two took turns).
+        summary["paired_versus_celery"] = {
+            name: [
+                run["jobs_per_s"] / beside[key] for run, beside in zip(ours[name], celery_reps, strict=True)
+            ]
+            for name, key in CELERY_FIGURE.items()
         }
         summary["celery_echo_latency_p50_ms"] = celery["echo_lat_p50_ms"]
     return summary
