@@ -10,6 +10,7 @@ import uvicorn
 
 from ingress.app import create_app
 from ingress.settings import IngressSettings
+from policies.heap_collection import settle_startup_heap
 from settings.environment import ConfigError
 
 
@@ -20,9 +21,11 @@ def main() -> int:
     except ConfigError as exc:
         print(f"cannot start: {exc}", file=sys.stderr)
         return 2
+    app = create_app(settings)
+    settle_startup_heap()  # what is loaded by now lives as long as the process
     # uvicorn finishes in-flight requests on SIGTERM/SIGINT before the lifespan closes the broker.
     uvicorn.run(
-        create_app(settings),
+        app,
         host=settings.host,
         port=settings.port,
         log_level="info",

@@ -1,13 +1,27 @@
-"""Prometheus metrics of the ingress, on a registry owned by the app (not global)."""
+"""Prometheus metrics of the ingress, on a registry owned by the app (not global).
+
+Beside its own series, the process's as Prometheus' Python clients export them by
+default: `process_*` (CPU seconds, resident memory, open file descriptors),
+`python_gc_*` (collections per generation: a full one holds the event loop) and
+`python_info`."""
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    GCCollector,
+    Histogram,
+    PlatformCollector,
+    ProcessCollector,
+)
 
 
 class IngressMetrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
+        for collector in (GCCollector, PlatformCollector, ProcessCollector):
+            collector(registry=self.registry)
         self.jobs_accepted = Counter(
             "inferq_ingress_jobs_accepted",
             "Jobs confirmed by the broker and answered 202",

@@ -24,6 +24,7 @@ from callbacks.delivery_metrics import CALLBACK_SERIES, DeliveryMetrics
 from callbacks.dispatcher import CallbackDispatcher
 from callbacks.settings import CallbackSettings
 from metrics.series import SeriesTable
+from policies.heap_collection import settle_startup_heap
 from ray_workers.job_worker import JobWorker
 from ray_workers.models.registry import load_model
 from ray_workers.settings import WorkerSettings
@@ -83,6 +84,7 @@ class ModelWorkerDeployment:
         self._worker = JobWorker(self._model, settings, metrics=WorkerMetrics(RaySink(SERIES)))
         self._drain_timeout_s = settings.drain_timeout_s
         await self._worker.start()
+        settle_startup_heap()
 
     async def check_health(self) -> None:
         # Liveness only: a broker outage must not restart the replica and reload its model.
@@ -111,6 +113,7 @@ class CallbackDispatcherDeployment:
         self._dispatcher = CallbackDispatcher(settings, metrics=DeliveryMetrics(RaySink(CALLBACK_SERIES)))
         self._drain_timeout_s = settings.drain_timeout_s
         await self._dispatcher.start()
+        settle_startup_heap()
 
     async def check_health(self) -> None:
         """Answering is the liveness signal: the replica's loop runs. A broker outage heals by
