@@ -27,7 +27,8 @@ YOUNG_THRESHOLD = 20_000
 
 def settle_startup_heap() -> None:
     """Collect what start-up left as garbage, freeze the rest, and collect young objects
-    less often. Call it once the service is ready to take work."""
+    less often. Call it once start-up is done and before the service takes work: what is
+    alive at the freeze (a request's objects too) is left out of every later collection."""
     gc.collect()
     gc.freeze()
     _, middle, old = gc.get_threshold()

@@ -83,8 +83,9 @@ class ModelWorkerDeployment:
         logger.info("model %s loaded in %.2f s", model_name, time.monotonic() - started)
         self._worker = JobWorker(self._model, settings, metrics=WorkerMetrics(RaySink(SERIES)))
         self._drain_timeout_s = settings.drain_timeout_s
-        await self._worker.start()
+        # Before it consumes: objects alive at the freeze are left out of every later collection.
         settle_startup_heap()
+        await self._worker.start()
 
     async def check_health(self) -> None:
         # Liveness only: a broker outage must not restart the replica and reload its model.
@@ -112,8 +113,8 @@ class CallbackDispatcherDeployment:
         logging.basicConfig(level=logging.INFO)
         self._dispatcher = CallbackDispatcher(settings, metrics=DeliveryMetrics(RaySink(CALLBACK_SERIES)))
         self._drain_timeout_s = settings.drain_timeout_s
-        await self._dispatcher.start()
         settle_startup_heap()
+        await self._dispatcher.start()
 
     async def check_health(self) -> None:
         """Answering is the liveness signal: the replica's loop runs. A broker outage heals by
