@@ -99,10 +99,10 @@ class MiniLMModel:
 
     def _chunk_parts(self, tokens: Any, chunks: list[list[int]]) -> list[list[list[float]]]:
         """Each chunk's vectors, the chunks side by side on the replica's threads."""
-        texts_of = [{key: [tokens[key][i] for i in chunk] for key in tokens} for chunk in chunks]
+        chunk_tokens = [{key: [tokens[key][i] for i in chunk] for key in tokens} for chunk in chunks]
         if self._chunk_pool is None or len(chunks) == 1:
-            return [self._embedded(part) for part in texts_of]
-        return list(self._chunk_pool.map(self._embedded, texts_of))
+            return [self._embedded(part) for part in chunk_tokens]
+        return list(self._chunk_pool.map(self._embedded, chunk_tokens))
 
     def _embedded(self, tokens: Any) -> list[list[float]]:
         """One padded forward pass over tokenized texts: mean-pooled, L2-normalised."""
