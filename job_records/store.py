@@ -249,6 +249,7 @@ class JobRecords:
                 "finish": scripts.FINISH,
                 "cancel": scripts.CANCEL,
                 "update_if": scripts.UPDATE_IF,
+                "record_delivery": scripts.RECORD_DELIVERY,
                 "reopen": scripts.REOPEN,
                 "fenced_key": scripts.FENCED_KEY,
                 "reserve": scripts.RESERVE,
@@ -426,17 +427,16 @@ class JobRecords:
         return int(lane)
 
     async def record_delivery(self, updates: Sequence[tuple[str, str, int]]) -> None:
-        """Set (job id, delivery state, attempts); one round trip. Plain commands, no
-        script: a pipeline with scripts asks SCRIPT EXISTS first, a second round trip. A
-        record that does not exist yet gets these fields only, and its TTL."""
+        """Set (job id, delivery state, attempts); one round trip, one script. A record
+        that does not exist yet gets these fields only, and its TTL."""
         if not updates:
             return
-        async with self._guarded("record deliveries in"), self._redis.pipeline(transaction=False) as pipe:
-            for job_id, state, attempts in updates:
-                key = self._record_key(job_id)
-                pipe.hset(key, mapping={"delivery": state, "delivery_attempts": attempts})
-                pipe.expire(key, self._ttl_s)
-            await pipe.execute()
+        keys = [self._record_key(job_id) for job_id, _, _ in updates]
+        args: list[str | int] = [self._ttl_s]
+        for _, state, attempts in updates:
+            args += [state, attempts]
+        async with self._guarded("record deliveries in"):
+            await self._scripts["record_delivery"](keys=keys, args=args)
 
     async def note_canceled_sent(self, job_id: str) -> None:
         """The job.canceled of a canceled job is queued: a repeated cancel need not send it."""

@@ -129,6 +129,29 @@ async def test_given_a_cancel_handed_over_or_overdue_then_the_worker_owes_its_ca
     assert found[overdue.id].owes_canceled_callback(now_ms=finished_ms + (CANCEL_HANDOFF_S + 1) * 1000)
 
 
+async def test_given_delivery_states_then_each_record_keeps_its_own_and_a_missing_one_expires(
+    records: JobRecords, redis_url: str
+) -> None:
+    known, late = _job(), _job()
+    await records.create([known])
+
+    await records.record_delivery([(known.id, "delivered", 2), (late.id, "parked", 5)])
+
+    record = await records.get(known.id)
+    assert record is not None and record.status == "queued"
+    assert (record.delivery, record.delivery_attempts) == ("delivered", 2)
+    assert await records.get(late.id) is None  # a note alone is not a record
+    client = redis.asyncio.Redis.from_url(redis_url, decode_responses=True)
+    async with client:
+        [key] = [key async for key in client.scan_iter(match=f"*{late.id}")]
+        assert await client.hgetall(key) == {"delivery": "parked", "delivery_attempts": "5"}
+        assert 0 < await client.ttl(key) <= 60
+    await records.finish([(late, "failed", 5, None, "boom")])
+    ended = await records.get(late.id)
+    assert ended is not None and ended.status == "failed"
+    assert (ended.delivery, ended.delivery_attempts) == ("parked", 5)
+
+
 async def test_given_queued_jobs_then_placement_counts_higher_priorities_and_earlier_jobs(
     records: JobRecords,
 ) -> None:
