@@ -3,9 +3,9 @@
 A caller reading a job sees whether its callback is pending, delivered or parked, and
 after how many attempts. At thousands of callbacks a second one Redis round trip each
 would cost the dispatcher a tenth of its CPU, so notes made within FLUSH_INTERVAL_S go
-out in one script call (`JobRecords.record_delivery`). Best effort: the callback itself is what the caller is
-promised; a state that could not be written is logged and the record shows the last
-one that was.
+out in one script call (`JobRecords.record_delivery`). Best effort: the callback itself
+is what the caller is promised; a state that could not be written is logged and the
+record shows the last one that was.
 """
 
 from __future__ import annotations
