@@ -61,6 +61,7 @@ def object_heavy(body_bytes: int, extra: bytes = b"") -> bytes:
 
 
 def nested(depth: int) -> bytes:
+    """A request body whose JSON nests `depth` levels (the request object is the first)."""
     return (
         b'{"input": ' + b"[" * (depth - 1) + b"]" * (depth - 1) + b', "callback_url": "http://127.0.0.1:9/"}'
     )

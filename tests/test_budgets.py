@@ -15,6 +15,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from bench.budgets import nested, texts_of_zeros
 from ingress.inflight_bytes import InflightBytes, InflightFull
 from ingress.json_budget import JsonBudget
 from ingress.settings import IngressSettings
@@ -32,17 +33,6 @@ def _problem(response: httpx.Response, status: int, slug: str) -> dict[str, obje
     body: dict[str, object] = response.json()
     assert body["type"] == f"https://inferq.dev/problems/{slug}"
     return body
-
-
-def _texts_of_zeros(body_bytes: int) -> bytes:
-    """`{"input": {"texts": [0, 0, ...]}}` of about `body_bytes`: a schema miss on every item."""
-    return b'{"input": {"texts": [' + b",".join([b"0"] * (body_bytes // 2 - 16)) + b"]}}"
-
-
-def _nested(depth: int) -> bytes:
-    """A request body whose JSON nests `depth` levels (the request object is the first)."""
-    inner = b"[" * (depth - 1) + b"]" * (depth - 1)
-    return b'{"input": ' + inner + b', "callback_url": "http://127.0.0.1:9/"}'
 
 
 @pytest.fixture
@@ -67,7 +57,7 @@ async def test_given_a_1_mib_schema_miss_on_every_item_then_a_413_naming_the_val
     async with running_ingress(minilm_settings) as client:
         started = time.monotonic()
         response = await client.post(
-            "/v1/models/embed-minilm/jobs", content=_texts_of_zeros(MIB), headers=JSON
+            "/v1/models/embed-minilm/jobs", content=texts_of_zeros(MIB), headers=JSON
         )
         elapsed_s = time.monotonic() - started
 
@@ -87,7 +77,7 @@ async def test_given_a_schema_miss_within_the_values_budget_then_422_at_its_firs
         health = asyncio.create_task(_slowest_health_check(client, done))
         started = time.monotonic()
         response = await client.post(
-            "/v1/models/embed-minilm/jobs", content=_texts_of_zeros(MIB), headers=JSON
+            "/v1/models/embed-minilm/jobs", content=texts_of_zeros(MIB), headers=JSON
         )
         elapsed_s = time.monotonic() - started
         done.set()
@@ -109,7 +99,7 @@ async def test_given_nested_json_then_within_the_depth_budget_202_else_422_and_n
 ) -> None:
     """973 levels answered 500 and left a `queued` record for 24 h: the job was re-encoded
     deeper than it was decoded, after its record was written."""
-    response = await client.post("/v1/models/echo/jobs", content=_nested(depth), headers=JSON)
+    response = await client.post("/v1/models/echo/jobs", content=nested(depth), headers=JSON)
 
     assert response.status_code == status, response.text
     queue = ingress_settings.topology.main_queue("echo")
