@@ -21,6 +21,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge
 from autoscaler.queue_metrics import QueueMetricUnavailable
 from autoscaler.scaling_decision import Decision, ScalingState, decide, decide_on_demand
 from autoscaler.scaling_policy import ScalingPolicy
+from wire.job_chunk import CHUNK_JOBS
 
 logger = logging.getLogger(__name__)
 
@@ -35,7 +36,7 @@ class AutoscalerMetrics:
         )
         self.queue_messages = Gauge(
             "inferq_autoscaler_queue_messages",
-            "Last queue metric read (ready + unacked)",
+            "Last queue metric read (ready + unacked jobs; a chunk counts as its jobs)",
             ["model"],
             registry=registry,
         )
@@ -68,6 +69,7 @@ class LocalAutoscaler:
         policies: Mapping[str, ScalingPolicy],
         queues_for: Callable[[str], tuple[str, ...]],
         high_queues_for: Callable[[str], tuple[str, ...]],
+        chunk_queues_for: Callable[[str], tuple[str, ...]],
         read_metric: ReadMetric,
         apply: ApplyReplicas,
         metrics: AutoscalerMetrics,
@@ -76,6 +78,7 @@ class LocalAutoscaler:
         self._policies = policies
         self._queues_for = queues_for
         self._high_queues_for = high_queues_for
+        self._chunk_queues_for = chunk_queues_for
         self._read_metric = read_metric
         self._apply = apply
         self._metrics = metrics
@@ -119,18 +122,19 @@ class LocalAutoscaler:
     async def _poll(self, model: str) -> None:
         policy, state = self._policies[model], self.states[model]
         metric: float | None
-        high_metric = 0.0
+        high_metric = chunk_metric = 0.0
         try:
             # KEDA's `operation: sum` over a model's queues (every lane; every priority).
             read = {queue: await self._read_metric(queue) for queue in self._queues_for(model)}
             metric = sum(read.values())
             high_metric = sum(read[queue] for queue in self._high_queues_for(model))
-            self._metrics.queue_messages.labels(model).set(metric)
+            chunk_metric = sum([await self._read_metric(queue) for queue in self._chunk_queues_for(model)])
+            self._metrics.queue_messages.labels(model).set(metric + CHUNK_JOBS * chunk_metric)
         except QueueMetricUnavailable as exc:
             logger.warning("autoscaler %s: %s", model, exc)
             self._metrics.read_failures.labels(model).inc()
             metric = None
-        decision = decide(policy, state, metric, self._clock(), high_metric)
+        decision = decide(policy, state, metric, self._clock(), high_metric, chunk_metric)
         self._metrics.decisions.labels(model, decision.rule).inc()
         await self._enact(model, decision, metric)
 

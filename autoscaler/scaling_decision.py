@@ -6,7 +6,7 @@ It applies the rules KEDA and the HPA apply to a ScaledObject, in their order:
    `fallback.replicas`, or more as `fallback.behavior` says (`currentReplicasIfHigher`
    keeps what runs); a single failed read changes nothing.
 2. Activation (KEDA): the scaler is active while metric > activationValue (or, with a
-   high-backlog trigger, while the high-priority metric exceeds its own). At 0
+   high-backlog or chunk-backlog trigger, while its metric exceeds its own). At 0
    replicas an active scaler wakes the target to max(1, minReplicaCount); an inactive
    one leaves it at 0.
 3. Cooldown (KEDA): with minReplicaCount 0, once the scaler has been inactive for
@@ -15,7 +15,8 @@ It applies the rules KEDA and the HPA apply to a ScaledObject, in their order:
    when metric / (current * value) is within the 10 % tolerance, clamped to
    [max(1, minReplicaCount), maxReplicaCount]. With a high-backlog trigger the HPA
    computes the same for the high-priority metric against its own value and takes the
-   larger: a high backlog scales the model sooner.
+   larger: a high backlog scales the model sooner. A chunk-backlog trigger's metric (chunk
+   messages) is taken the same way, against its own value.
 5. Stabilisation (HPA behavior): scaling up takes the lowest recommendation of the
    scale-up window, scaling down the highest of the scale-down window.
 6. Rate policies (HPA behavior): a change may not exceed what the direction's policies
@@ -56,15 +57,24 @@ class Decision:
 
 
 def decide(
-    policy: ScalingPolicy, state: ScalingState, metric: float | None, now_s: float, high_metric: float = 0.0
+    policy: ScalingPolicy,
+    state: ScalingState,
+    metric: float | None,
+    now_s: float,
+    high_metric: float = 0.0,
+    chunk_metric: float = 0.0,
 ) -> Decision:
-    """`metric`: the model's whole backlog (None: it could not be read); `high_metric`: its
-    high-priority part, counted by the policy's high-backlog trigger when it has one."""
+    """`metric`: the model's backlog of single jobs (None: it could not be read);
+    `high_metric`: its high-priority part, counted by the policy's high-backlog trigger when
+    it has one; `chunk_metric`: its chunk messages, counted by its chunk-backlog trigger."""
     if metric is None:
         return _fallback(policy, state, now_s)
     state = replace(state, failed_reads=0)
     high_active = policy.high_target_per_replica is not None and high_metric > policy.high_activation_value
-    active = metric > policy.activation_value or high_active
+    chunk_active = (
+        policy.chunk_target_per_replica is not None and chunk_metric > policy.chunk_activation_value
+    )
+    active = metric > policy.activation_value or high_active or chunk_active
     if active:
         state = replace(state, last_active_s=now_s)
     if state.replicas == 0:
@@ -72,13 +82,13 @@ def decide(
             reason = f"metric {metric:g} <= activationValue {policy.activation_value:g}: stay at 0"
             return Decision(0, state, reason, "below-activation")
         target = max(1, policy.min_replicas)
-        reason = f"activation: metric {metric:g} (high {high_metric:g}) > activation"
+        reason = f"activation: metric {metric:g} (high {high_metric:g}, chunks {chunk_metric:g}) > activation"
         return _changed(state, target, now_s, reason, "activation")
     idle_s = now_s - (state.last_active_s if state.last_active_s is not None else now_s)
     if not active and policy.min_replicas == 0 and idle_s >= policy.cooldown_s:
         reason = f"inactive for {idle_s:.0f} s >= cooldownPeriod {policy.cooldown_s:g} s"
         return _changed(state, 0, now_s, reason, "cooldown")
-    return _hpa(policy, state, metric, high_metric, now_s)
+    return _hpa(policy, state, (metric, high_metric, chunk_metric), now_s)
 
 
 def decide_on_demand(policy: ScalingPolicy, state: ScalingState, now_s: float) -> Decision:
@@ -124,12 +134,16 @@ def _wish(policy: ScalingPolicy, current: int, metric: float, target_per_replica
 
 
 def _hpa(
-    policy: ScalingPolicy, state: ScalingState, metric: float, high_metric: float, now_s: float
+    policy: ScalingPolicy, state: ScalingState, metrics: tuple[float, float, float], now_s: float
 ) -> Decision:
+    metric, high_metric, chunk_metric = metrics
     current = state.replicas
     raw = _wish(policy, current, metric, policy.target_per_replica)
-    if policy.high_target_per_replica is not None:  # the HPA takes the larger of its metrics' wishes
+    # The HPA takes the larger of its metrics' wishes.
+    if policy.high_target_per_replica is not None:
         raw = max(raw, _wish(policy, current, high_metric, policy.high_target_per_replica))
+    if policy.chunk_target_per_replica is not None:
+        raw = max(raw, _wish(policy, current, chunk_metric, policy.chunk_target_per_replica))
     raw = min(max(raw, max(1, policy.min_replicas)), policy.max_replicas)
     keep_s = max(policy.scale_up.stabilization_window_s, policy.scale_down.stabilization_window_s)
     kept = tuple((t, r) for t, r in state.recommendations if now_s - t <= keep_s)
@@ -147,7 +161,10 @@ def _hpa(
         target = current
     if target == current:
         return Decision(current, state, f"metric {metric:g}: {current} replica(s) stay (wanted {raw})", "hpa")
-    reason = f"metric {metric:g} / value {policy.target_per_replica:g} (high {high_metric:g}) -> {raw}"
+    reason = (
+        f"metric {metric:g} / value {policy.target_per_replica:g} "
+        f"(high {high_metric:g}, chunks {chunk_metric:g}) -> {raw}"
+    )
     return _changed(state, target, now_s, reason, "hpa")
 
 

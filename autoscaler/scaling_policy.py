@@ -29,6 +29,10 @@ HPA_TOLERANCE = 0.1
 MODEL_LABEL = "inferq.dev/model"
 # The name of the optional second rabbitmq trigger: the model's high-priority queues alone.
 HIGH_BACKLOG_TRIGGER = "high-backlog"
+# The name of the optional third: the model's chunk queues (`wire.job_chunk`), whose
+# messages are CHUNK_JOBS jobs each, with a target to match.
+CHUNK_BACKLOG_TRIGGER = "chunk-backlog"
+_APART = (HIGH_BACKLOG_TRIGGER, CHUNK_BACKLOG_TRIGGER)
 
 
 class InvalidScaledObject(ValueError):
@@ -80,6 +84,10 @@ class ScalingPolicy:
     # its activation (KEDA: active when either trigger is; replicas: the larger wish).
     high_target_per_replica: float | None = None
     high_activation_value: float = 0.0
+    # The `chunk-backlog` trigger, when there is one: chunk messages per replica, and its
+    # activation (the same rules as the high-backlog trigger's).
+    chunk_target_per_replica: float | None = None
+    chunk_activation_value: float = 0.0
 
 
 def _number(value: Any, where: str) -> float:
@@ -122,18 +130,20 @@ def policy_from_scaled_object(doc: Mapping[str, Any], source: str = "ScaledObjec
     spec = doc.get("spec") or {}
     name = (doc.get("metadata") or {}).get("name", "?")
     triggers = spec.get("triggers") or []
-    rabbitmq = [t for t in triggers if t.get("type") == "rabbitmq" and t.get("name") != HIGH_BACKLOG_TRIGGER]
+    rabbitmq = [t for t in triggers if t.get("type") == "rabbitmq" and t.get("name") not in _APART]
     high = [t for t in triggers if t.get("type") == "rabbitmq" and t.get("name") == HIGH_BACKLOG_TRIGGER]
+    chunk = [t for t in triggers if t.get("type") == "rabbitmq" and t.get("name") == CHUNK_BACKLOG_TRIGGER]
     others = [t.get("type") for t in triggers if t.get("type") not in ("rabbitmq", "external-push")]
-    if len(rabbitmq) != 1 or len(high) > 1 or others:
+    if len(rabbitmq) != 1 or len(high) > 1 or len(chunk) > 1 or others:
         raise InvalidScaledObject(
-            f"{source}: expected one rabbitmq trigger (and optionally one named {HIGH_BACKLOG_TRIGGER} and "
-            f"external-push), got {triggers!r}"
+            f"{source}: expected one rabbitmq trigger (and optionally one named {HIGH_BACKLOG_TRIGGER}, one "
+            f"named {CHUNK_BACKLOG_TRIGGER} and external-push), got {triggers!r}"
         )
     meta = _queue_length_metadata(rabbitmq[0], source)
     queue_name = str(meta.get("queueName", ""))
     model = _model_of_queues(doc, queue_name, meta, source)
-    high_meta = _high_backlog_metadata(high[0], model, source) if high else None
+    high_meta = _apart_metadata(high[0], f"jobs.{model}.high", f"jobs.{model}", source) if high else None
+    chunk_meta = _apart_metadata(chunk[0], f"jobs.{model}.chunks", f"jobs.{model}", source) if chunk else None
     for push in (t for t in triggers if t.get("type") == "external-push"):
         pushed = (push.get("metadata") or {}).get("model")
         if pushed != model:
@@ -167,6 +177,14 @@ def policy_from_scaled_object(doc: Mapping[str, Any], source: str = "ScaledObjec
             if high_meta is None
             else _number(high_meta.get("activationValue", 0), f"{source}: high-backlog activationValue")
         ),
+        chunk_target_per_replica=(
+            None if chunk_meta is None else _number(chunk_meta.get("value"), f"{source}: chunk-backlog value")
+        ),
+        chunk_activation_value=(
+            0.0
+            if chunk_meta is None
+            else _number(chunk_meta.get("activationValue", 0), f"{source}: chunk-backlog activationValue")
+        ),
     )
     _validate(policy, source)
     return policy
@@ -184,23 +202,24 @@ def _queue_length_metadata(trigger: Mapping[str, Any], source: str) -> Mapping[s
     return meta
 
 
-def _high_backlog_metadata(trigger: Mapping[str, Any], model: str, source: str) -> Mapping[str, Any]:
-    """The high-backlog trigger's metadata: a summed regex matching the model's high queue
-    and not its other queues. Which queues are summed here is the topology's (`high_queues`)."""
+def _apart_metadata(
+    trigger: Mapping[str, Any], counted: str, not_counted: str, source: str
+) -> Mapping[str, Any]:
+    """A trigger counting some of the model's queues apart (high-backlog: its high queues;
+    chunk-backlog: its chunk queues): a summed regex matching `counted` and not the model's
+    main queue. Which queues are summed here is the topology's (`high_queues`, `chunk_queues`)."""
+    name = trigger.get("name")
     meta = _queue_length_metadata(trigger, source)
     pattern = str(meta.get("queueName", ""))
     if str(meta.get("useRegex", "false")).lower() != "true" or meta.get("operation", "sum") != "sum":
-        raise InvalidScaledObject(
-            f"{source}: the {HIGH_BACKLOG_TRIGGER} trigger needs useRegex and operation sum"
-        )
+        raise InvalidScaledObject(f"{source}: the {name} trigger needs useRegex and operation sum")
     try:
-        counts = [re.fullmatch(pattern, f"jobs.{model}{level}") is not None for level in (".high", "")]
+        counts = [re.fullmatch(pattern, queue) is not None for queue in (counted, not_counted)]
     except re.error as exc:
         raise InvalidScaledObject(f"{source}: queueName={pattern!r} is not a regex: {exc}") from exc
     if counts != [True, False]:
         raise InvalidScaledObject(
-            f"{source}: the {HIGH_BACKLOG_TRIGGER} queueName={pattern!r} must match jobs.{model}.high "
-            f"and not jobs.{model}"
+            f"{source}: the {name} queueName={pattern!r} must match {counted} and not {not_counted}"
         )
     return meta
 
@@ -235,6 +254,10 @@ def _validate(policy: ScalingPolicy, source: str) -> None:
     if policy.high_target_per_replica is not None and policy.high_target_per_replica <= 0:
         raise InvalidScaledObject(
             f"{source}: high-backlog value={policy.high_target_per_replica} must be > 0"
+        )
+    if policy.chunk_target_per_replica is not None and policy.chunk_target_per_replica <= 0:
+        raise InvalidScaledObject(
+            f"{source}: chunk-backlog value={policy.chunk_target_per_replica} must be > 0"
         )
     if policy.activation_value < 0:
         raise InvalidScaledObject(f"{source}: activationValue={policy.activation_value} must be >= 0")

@@ -105,7 +105,7 @@ async def measure_ingress(
             # Rotated: the queue grows through a repetition, and no variant always goes last.
             for rates, url in variants[rep % 3 :] + variants[: rep % 3]:
                 rates.append(await _ingress_rate(url, count, concurrency))
-        for queue in topology.job_queues("echo"):
+        for queue in (*topology.job_queues("echo"), *topology.chunk_queues("echo")):
             await broker.purge(queue)
         settings = WorkerSettings(amqp_url=amqp_url, models=("echo",), topology=topology, redis_url=redis_url)
         worker = JobWorker(EchoModel(), settings)

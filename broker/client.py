@@ -45,6 +45,8 @@ import aio_pika.abc
 import aio_pika.exceptions
 import aiormq.exceptions
 
+from wire.envelope import UndecodableMessage
+from wire.job_chunk import ChunkedJob, chunked_jobs
 from wire.outgoing import OutgoingMessage
 from wire.topology import QueueSpec, Topology
 
@@ -166,10 +168,93 @@ class Delivery:
             raise BrokerUnavailable(f"requeue of {self.message_id} failed: {exc}") from exc
 
 
+class _Chunk:
+    """A chunk's delivery (`wire.job_chunk`) and how its parts were settled so far."""
+
+    def __init__(self, delivery: Delivery, parts: int) -> None:
+        self.delivery = delivery
+        self.unsettled_parts = parts
+        self.requeued_parts = 0
+
+    def part_settled(self, requeued: bool) -> bool:
+        """Count one part settled; True once it was the last."""
+        self.unsettled_parts -= 1
+        self.requeued_parts += requeued
+        return self.unsettled_parts == 0
+
+    async def settle(self) -> None:
+        """Every part settled: ack the chunk, or give it back whole if a part was requeued
+        (its jobs that ended then send their recorded ending again, same webhook-id)."""
+        if self.requeued_parts:
+            await self.delivery.requeue()
+        else:
+            await self.delivery.ack()
+
+
+class ChunkPart(Delivery):
+    """One job of a chunk delivery, settled on its own as if it had come alone; the chunk
+    is settled with its last part (`_Chunk.settle`)."""
+
+    def __init__(self, chunk: _Chunk, job: ChunkedJob) -> None:  # noqa: super-init-not-called
+        self._chunk = chunk
+        self._settled = False
+        self.body = job.body
+        self.headers = job.headers
+        self.message_id = job.message_id
+        self.priority = job.priority
+        self.type = "job"
+        self.delivery_tag = chunk.delivery.delivery_tag
+
+    @property
+    def settled(self) -> bool:
+        return self._settled
+
+    @property
+    def channel_open(self) -> bool:
+        return self._chunk.delivery.channel_open
+
+    def _settle(self, requeued: bool) -> _Chunk | None:
+        """Mark it settled; the chunk when this was its last unsettled part."""
+        if self._settled:
+            return None
+        self._settled = True
+        return self._chunk if self._chunk.part_settled(requeued) else None
+
+    async def ack(self) -> None:
+        if (chunk := self._settle(requeued=False)) is not None:
+            await chunk.settle()
+
+    async def requeue(self) -> None:
+        if (chunk := self._settle(requeued=True)) is not None:
+            await chunk.settle()
+
+
+def chunk_parts(delivery: Delivery) -> list[Delivery]:
+    """A chunk delivery's jobs, one delivery each; an undecodable chunk stays whole (the
+    worker parks it as it is)."""
+    try:
+        jobs = chunked_jobs(delivery.body)
+    except UndecodableMessage:
+        return [delivery]
+    if not jobs:
+        return [delivery]
+    chunk = _Chunk(delivery, len(jobs))
+    return [ChunkPart(chunk, job) for job in jobs]
+
+
 async def ack_all(deliveries: Sequence[Delivery]) -> None:
     """Ack every delivery, with one `basic.ack multiple` per channel where that acks
     exactly these (no other unsettled delivery of that channel has a lower tag), else one
-    by one. Fewer frames for the broker at a backlog; the same guarantee."""
+    by one. Fewer frames for the broker at a backlog; the same guarantee. A chunk's parts
+    ack their chunk with the last of them."""
+    finished: list[_Chunk] = []
+    for part in (d for d in deliveries if isinstance(d, ChunkPart)):
+        if (chunk := part._settle(requeued=False)) is not None:
+            finished.append(chunk)
+    deliveries = [d for d in deliveries if not isinstance(d, ChunkPart)]
+    for chunk in (c for c in finished if c.requeued_parts):
+        await chunk.settle()
+    deliveries += [c.delivery for c in finished if not c.requeued_parts]
     by_channel: dict[int, list[Delivery]] = {}
     for delivery in deliveries:
         by_channel.setdefault(id(delivery._unsettled), []).append(delivery)

@@ -66,7 +66,11 @@ def roles(topology: Topology, models: tuple[str, ...]) -> tuple[Role, ...]:
     demand = _with_instances(t.push_scaler_demand_queue)
     outcomes = [t.job_outcomes_exchange(model) for model in models]
     workers = (
-        Role(f"worker-{model}", write=_only(t.job_outcomes_exchange(model)), read=_only(*t.job_queues(model)))
+        Role(
+            f"worker-{model}",
+            write=_only(t.job_outcomes_exchange(model)),
+            read=_only(*t.job_queues(model), *t.chunk_queues(model)),
+        )
         for model in models
     )
     return (

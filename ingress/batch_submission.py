@@ -50,7 +50,8 @@ from ingress.tenant_limits import release_queued, reserve_queued
 from ingress.uploads import check_uploaded
 from job_records.store import Placement, RecordsUnavailable
 from tenants.registry import Tenant
-from wire.envelope import Job, decode_job
+from wire.envelope import Job, Priority, decode_job
+from wire.job_chunk import CHUNK_JOBS, chunk_message
 from wire.job_message import job_message, with_input_bytes
 from wire.outgoing import OutgoingMessage
 
@@ -365,27 +366,49 @@ async def _publish(state: IngressState, submission: BatchSubmission) -> list[str
         raise RuntimeError(f"batch {submission.batch_id}: its messages were let go before the publish")
     started = time.monotonic()
     topology, timeout_s = state.settings.topology, state.settings.publish_timeout_s
-    lane = await state.lanes.lane(jobs[0].model, submission.tenant.name)
+    model = jobs[0].model
+    lane = await state.lanes.lane(model, submission.tenant.name)
     publishing: list[asyncio.Task[None]] = []
-    for index, (job, message) in enumerate(zip(jobs, messages, strict=True)):
-        if index and index % WAVE_JOBS == 0:
+    # Each publish's jobs, by index: a chunk's fate is each of its jobs'.
+    carried: list[list[int]] = []
+    for indices, priority, chunked in _message_groups(jobs):
+        if carried and len(carried) % WAVE_JOBS == 0:
             await asyncio.sleep(0)  # the wave before this one starts; other requests get a turn
-        publish = state.broker.publish(
-            message,
-            topology.job_routing_key(job.model, job.priority, lane),
-            exchange=topology.jobs_exchange,
-            timeout_s=timeout_s,
-        )
+        if chunked:
+            message = chunk_message([messages[index] for index in indices])
+            key = topology.chunk_routing_key(model, priority, lane)
+        else:
+            message, key = messages[indices[0]], topology.job_routing_key(model, priority, lane)
+        publish = state.broker.publish(message, key, exchange=topology.jobs_exchange, timeout_s=timeout_s)
         publishing.append(asyncio.ensure_future(publish))
+        carried.append(indices)
     results = await asyncio.gather(*publishing, return_exceptions=True)
     submission.messages = None
-    fates = [_fate(result) for result in results]
-    for job, result in zip(jobs, results, strict=True):
+    fates = ["queued"] * len(jobs)
+    for indices, result in zip(carried, results, strict=True):
         if result is not None:
-            logger.warning("job %s of batch %s: %s", job.id, submission.batch_id, result)
+            logger.warning(
+                "jobs %s of batch %s: %s", [jobs[i].id for i in indices], submission.batch_id, result
+            )
+        for index in indices:
+            fates[index] = _fate(result)
     state.admission.refund(jobs[0].model, len(fates) - fates.count("queued"))
     state.metrics.publish_seconds.observe(time.monotonic() - started)
     return fates
+
+
+def _message_groups(jobs: list[Job]) -> list[tuple[list[int], Priority, bool]]:
+    """The batch's messages: per priority, full chunks of CHUNK_JOBS jobs (`wire.job_chunk`),
+    then each job left over alone; as (job indices, priority, chunked)."""
+    by_priority: dict[Priority, list[int]] = {}
+    for index, job in enumerate(jobs):
+        by_priority.setdefault(job.priority, []).append(index)
+    groups: list[tuple[list[int], Priority, bool]] = []
+    for priority, indices in by_priority.items():
+        full = len(indices) - len(indices) % CHUNK_JOBS
+        groups += [(indices[i : i + CHUNK_JOBS], priority, True) for i in range(0, full, CHUNK_JOBS)]
+        groups += [([index], priority, False) for index in indices[full:]]
+    return groups
 
 
 def _fate(result: BaseException | None) -> str:

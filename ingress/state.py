@@ -60,10 +60,11 @@ class IngressState:
         self.lanes = TenantLanes(settings.topology, self.records, self._ready_jobs)
 
     async def _queue_depth(self, model: str) -> int:
-        """Ready jobs of the model, in all its queues (every lane; on the quorum topology
-        every priority's too), read at once."""
-        queues = self.settings.topology.job_queues(model)
-        return sum(await asyncio.gather(*(self._ready_jobs(queue) for queue in queues)))
+        """Ready jobs of the model, in all its queues (every lane and its chunks; on the
+        quorum topology every priority's too), read at once."""
+        counted = self.settings.topology.counted_queues(model)
+        ready = await asyncio.gather(*(self._ready_jobs(queue) for queue, _ in counted))
+        return sum(messages * jobs for messages, (_, jobs) in zip(ready, counted, strict=True))
 
     async def _ready_jobs(self, queue: str) -> int:
         ready, _consumers = await self.broker.queue_depth(queue)

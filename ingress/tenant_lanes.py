@@ -79,5 +79,5 @@ class TenantLanes:
         return lane
 
     async def _lane_depth(self, model: str, lane: int) -> int:
-        depths = [await self._read_depth(queue) for queue in self._topology.lane_queues(model, lane)]
-        return sum(depths)
+        counted = self._topology.lane_counted_queues(model, lane)
+        return sum([await self._read_depth(queue) * jobs for queue, jobs in counted])

@@ -186,7 +186,11 @@ async def local_target(profile: Profile, amqp_url: str) -> AsyncIterator[Target]
             callback_url=receiver.url,
             receiver=receiver,
             management_url=management_url_from_amqp(amqp_url),
-            queue_names=(*topology.job_queues(profile.model), topology.callbacks_queue),
+            queue_names=(
+                *topology.job_queues(profile.model),
+                *topology.chunk_queues(profile.model),
+                topology.callbacks_queue,
+            ),
             autoscaler_metrics_url=f"http://127.0.0.1:{stack.metrics_port}/metrics",
         )
     finally:

@@ -203,6 +203,7 @@ async def _autoscale(
             policies,
             workers.topology.job_queues,
             workers.topology.high_queues,
+            workers.topology.chunk_queues,
             api.queue_messages,
             apply,
             AutoscalerMetrics(registry),

@@ -42,7 +42,7 @@ import jsonschema
 import kubernetes_validate
 import yaml
 
-from autoscaler.scaling_policy import HIGH_BACKLOG_TRIGGER
+from autoscaler.scaling_policy import CHUNK_BACKLOG_TRIGGER, HIGH_BACKLOG_TRIGGER
 from manifests import upstream_crds
 from manifests.image_contents import image_violations, torch_violations
 from manifests.monitoring_verify import MONITORING, monitoring_violations
@@ -389,7 +389,7 @@ def _settings(docs: list[Manifest]) -> dict[str, str]:
 def _queue_counting(docs: list[Manifest]) -> Iterator[tuple[str, str]]:
     """Each model's ScaledObject counts exactly the queues its jobs wait in, for the
     overlay's QUEUE_TYPE and TENANT_LANES (a regex, summed), and its high-backlog trigger
-    exactly the high-priority ones."""
+    exactly the high-priority ones, its chunk-backlog trigger exactly the chunk queues."""
     environment = Environment.read(_settings(docs))
     topology, models = environment.topology(), environment.served_models
     every_queue = {spec.name for spec in topology.queues(models)}
@@ -398,8 +398,13 @@ def _queue_counting(docs: list[Manifest]) -> Iterator[tuple[str, str]]:
         if model is None:
             continue
         for trigger in (t for t in scaled["spec"]["triggers"] if t["type"] == "rabbitmq"):
-            high = trigger.get("name") == HIGH_BACKLOG_TRIGGER
-            expected = set(topology.high_queues(model) if high else topology.job_queues(model))
+            counting = {
+                HIGH_BACKLOG_TRIGGER: topology.high_queues,
+                CHUNK_BACKLOG_TRIGGER: topology.chunk_queues,
+            }
+            expected = set(counting.get(trigger.get("name", ""), topology.job_queues)(model))
+            kind = {HIGH_BACKLOG_TRIGGER: "high-priority ", CHUNK_BACKLOG_TRIGGER: "chunked "}
+            part = kind.get(trigger.get("name", ""), "")
             meta = trigger["metadata"]
             if meta.get("useRegex") == "true":
                 if meta.get("operation") != "sum":
@@ -410,7 +415,7 @@ def _queue_counting(docs: list[Manifest]) -> Iterator[tuple[str, str]]:
             if counted != expected:
                 yield (
                     _name(scaled),
-                    f"counts {sorted(counted)}, but {model}'s {'high-priority ' if high else ''}jobs wait in "
+                    f"counts {sorted(counted)}, but {model}'s {part}jobs wait in "
                     f"{sorted(expected)} "
                     f"(QUEUE_TYPE={topology.queue_type})",
                 )

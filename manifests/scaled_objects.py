@@ -8,6 +8,10 @@ What the catalogue does not say is fixed here, the same for every model, and why
   target HIGH_PRIORITY_WEIGHT times lower: KEDA scales on the larger of the two
   recommendations, so a high backlog scales the model out that much sooner (the classic
   topology keeps high jobs in queues of their own for this, `wire.topology`);
+- a third, `chunk-backlog`, counts the chunk queues, where full chunks of batches wait
+  (`wire.job_chunk`): a message there is CHUNK_JOBS jobs, so its target is CHUNK_JOBS
+  times lower (KEDA takes the larger recommendation again: a backlog split between single
+  jobs and chunks is counted by its larger part);
 - an `external-push` trigger (cluster/base/push-scaler.yaml) wakes the model the moment a job
   is accepted; polling every `polling_interval_s` is the safety net;
 - scale up at once, doubling (or +2 pods) per 15 s on a spike; scale down one pod at a
@@ -23,8 +27,9 @@ from typing import Any
 
 import yaml
 
-from autoscaler.scaling_policy import HIGH_BACKLOG_TRIGGER
+from autoscaler.scaling_policy import CHUNK_BACKLOG_TRIGGER, HIGH_BACKLOG_TRIGGER
 from model_catalogue.catalogue import ModelEntry
+from wire.job_chunk import CHUNK_JOBS
 from wire.topology import Topology
 
 NAMESPACE = "inferq"
@@ -102,6 +107,11 @@ def scaled_object(entry: ModelEntry) -> dict[str, Any]:
                     Topology().high_queues(entry.name),
                     high_backlog_per_replica(entry),
                 ),
+                _queue_trigger(
+                    CHUNK_BACKLOG_TRIGGER,
+                    Topology().chunk_queues(entry.name),
+                    scaling.backlog_per_replica / CHUNK_JOBS,
+                ),
                 {
                     "type": "external-push",
                     "metadata": {"scalerAddress": PUSH_SCALER_ADDRESS, "model": entry.name},
@@ -111,9 +121,9 @@ def scaled_object(entry: ModelEntry) -> dict[str, Any]:
     }
 
 
-def _queue_trigger(name: str, queues: tuple[str, ...], per_replica: int) -> dict[str, Any]:
+def _queue_trigger(name: str, queues: tuple[str, ...], per_replica: float) -> dict[str, Any]:
     """A rabbitmq trigger summing `queues` (matched by one anchored regex) through the
-    management API, one replica per `per_replica` jobs, active from the first."""
+    management API, one replica per `per_replica` messages, active from the first."""
     return {
         "type": "rabbitmq",
         "name": name,
@@ -124,7 +134,7 @@ def _queue_trigger(name: str, queues: tuple[str, ...], per_replica: int) -> dict
             "useRegex": "true",
             "operation": "sum",
             "vhostName": BROKER_VHOST,
-            "value": str(per_replica),
+            "value": f"{per_replica:g}",
             "activationValue": "0",
         },
         "authenticationRef": {"name": MANAGEMENT_AUTH},
@@ -138,9 +148,13 @@ def queues_pattern(queues: tuple[str, ...]) -> str:
 
 def quorum_trigger_patch(entry: ModelEntry) -> dict[str, Any]:
     """A kustomize patch: the model's ScaledObject counts its quorum queues, one per
-    priority and lane, summed, and its high-priority ones apart."""
+    priority and lane, summed, its high-priority ones apart, and its chunk queues apart."""
     quorum = Topology(queue_type="quorum")
-    patterns = (queues_pattern(quorum.job_queues(entry.name)), queues_pattern(quorum.high_queues(entry.name)))
+    patterns = (
+        queues_pattern(quorum.job_queues(entry.name)),
+        queues_pattern(quorum.high_queues(entry.name)),
+        queues_pattern(quorum.chunk_queues(entry.name)),
+    )
     return {
         "target": {"kind": "ScaledObject", "name": worker_name(entry.name)},
         "patch": yaml_json_patch(

@@ -20,8 +20,9 @@ a job that has since succeeded, been canceled or is running again stays parked.
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from broker.client import Broker, Delivery
 from broker.settlement import settle
@@ -32,6 +33,7 @@ from wire.envelope import (
     UndecodableMessage,
     decode_job,
 )
+from wire.job_chunk import CHUNK_TYPE, chunked_jobs
 from wire.job_message import job_message
 from wire.outgoing import OutgoingMessage, Publish
 from wire.topology import Topology
@@ -120,20 +122,24 @@ async def replay(
             if not selected or (limit is not None and result.moved >= limit):
                 await _put_back(broker, lot, delivery)
                 continue
-            publish, kept_because = await _replayed(lot, delivery, moved_ids, records)
-            if publish is None:
+            if delivery.type == CHUNK_TYPE and lot.model is not None:
+                publishes, kept_because = await _replayed_chunk(lot, delivery, moved_ids, records)
+            else:
+                publish, kept_because = await _replayed(lot, delivery, moved_ids, records)
+                publishes = [] if publish is None else [publish]
+            if not publishes:
                 result.kept.append((message_id, kept_because))
                 await _put_back(broker, lot, delivery)
                 continue
-            if (await settle(broker, [(delivery, [publish])])).acked == 0:
+            if (await settle(broker, [(delivery, publishes)])).acked == 0:
                 raise ReplayStopped(f"{message_id} could not be moved; it stays in {lot.queue}")
-            moved_ids.add(message_id)
-            result.moved += 1
+            moved_ids.update(publish.message.message_id for publish in publishes)
+            result.moved += len(publishes)
     return result
 
 
 async def _replayed(
-    lot: ParkingLot, delivery: Delivery, moved_ids: set[str], records: JobRecords | None
+    lot: ParkingLot, delivery: Delivery | _ParkedPart, moved_ids: set[str], records: JobRecords | None
 ) -> tuple[Publish | None, str]:
     """Where the message goes to run again, or None and why it stays parked."""
     if delivery.message_id in moved_ids:
@@ -157,6 +163,37 @@ async def _replayed(
     message = job_message(job, headers, body=delivery.body)
     key = lot.topology.job_routing_key(job.model, job.priority)
     return Publish(message, key, exchange=lot.topology.jobs_exchange), ""
+
+
+async def _replayed_chunk(
+    lot: ParkingLot, chunk: Delivery, moved_ids: set[str], records: JobRecords | None
+) -> tuple[list[Publish], str]:
+    """A parked chunk (`wire.job_chunk`; a quorum queue dead-letters one delivered too often)
+    goes back as its jobs, each one alone and under `_replayed`'s rules; a job that stays
+    parked by those rules (it ended or runs again) is not run again, and the chunk leaves
+    the lot with the others."""
+    try:
+        jobs = chunked_jobs(chunk.body)
+    except UndecodableMessage:
+        return [], "its body is not a chunk this version can run"
+    publishes: list[Publish] = []
+    for job in jobs:
+        part = _ParkedPart(job.body, job.headers, job.message_id, job.priority)
+        publish, _ = await _replayed(lot, part, moved_ids, records)
+        if publish is not None:
+            publishes.append(publish)
+    return publishes, "none of its jobs is to run again"
+
+
+@dataclass(frozen=True)
+class _ParkedPart:
+    """One job of a parked chunk, read as `_replayed` reads a parked job."""
+
+    body: bytes
+    headers: Mapping[str, Any]
+    message_id: str
+    priority: int
+    type: str = "job"
 
 
 async def _ready(broker: Broker, lot: ParkingLot) -> int:

@@ -29,6 +29,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -36,7 +37,7 @@ from typing import Any
 
 import msgspec
 
-from broker.client import Broker, BrokerError, Delivery
+from broker.client import Broker, BrokerError, Delivery, chunk_parts
 from broker.settlement import Outcome, Settled, settle
 from job_records.store import JobRecords, RecordsUnavailable, Started
 from metrics.series import PrometheusSink
@@ -62,6 +63,7 @@ from wire.envelope import (
     UndecodableMessage,
     decode_job,
 )
+from wire.job_chunk import CHUNK_JOBS
 from wire.job_message import input_bytes
 from wire.outgoing import Publish
 
@@ -110,6 +112,11 @@ ISOLATE_EACH_MAX_ITEMS = 16
 LARGE_BODY_DECAY = 0.9
 
 
+def _chunk_prefetch(prefetch: int) -> int:
+    """A chunk consumer's prefetch: as many jobs as a job queue's, in whole chunks."""
+    return max(1, math.ceil(prefetch / CHUNK_JOBS))
+
+
 def _body_bytes(delivery: Delivery) -> int:
     return len(delivery.body)
 
@@ -133,8 +140,11 @@ class JobWorker:
     ) -> None:
         self._model = model
         self._settings = settings
-        # Every queue of the model (its lanes, its priorities) has a consumer: they share the budget.
-        queues = len(settings.topology.job_queues(model.name))
+        # Every queue of the model (its lanes, its priorities, their chunks) has a consumer:
+        # they share the budget.
+        queues = len(settings.topology.job_queues(model.name)) + len(
+            settings.topology.chunk_queues(model.name)
+        )
         self._prefetch_bytes = PrefetchBytes(settings.prefetch_max_bytes // queues, LARGE_BODY_DECAY)
         self._topology = settings.topology
         self._schedule = settings.topology.job_retry_schedule(model.name)
@@ -155,6 +165,8 @@ class JobWorker:
         self._inbox: asyncio.Queue[Delivery] = PriorityInbox()
         # One consumer per queue of the model: each lane, and on the quorum topology each priority.
         self._consumer_tags: list[str] = []
+        # Those of them that consume chunks (`wire.job_chunk`): their prefetch is in chunks.
+        self._chunk_consumer_tags: set[str] = set()
         self._loop_task: asyncio.Task[None] | None = None
         self._settling: asyncio.Task[Settled] | None = None
         self._stopping = False
@@ -216,6 +228,16 @@ class JobWorker:
         for queue in self._topology.job_queues(self._model.name):
             tag = await self._broker.consume(queue, prefetch, self._inbox.put, replicated=replicated)
             self._consumer_tags.append(tag)
+        for queue in self._topology.chunk_queues(self._model.name):
+            chunks = _chunk_prefetch(prefetch)
+            tag = await self._broker.consume(queue, chunks, self._put_chunk, replicated=replicated)
+            self._consumer_tags.append(tag)
+            self._chunk_consumer_tags.add(tag)
+
+    async def _put_chunk(self, delivery: Delivery) -> None:
+        """A chunk's jobs join the inbox one by one, each as if it had come alone."""
+        for part in chunk_parts(delivery):
+            self._inbox.put_nowait(part)
 
     async def _stop_consuming(self) -> None:
         """Cancel the consumers and close their channels: what they prefetched goes back."""
@@ -224,6 +246,7 @@ class JobWorker:
         if self._settling is not None:
             await asyncio.shield(self._settling)  # acks must reach the channel before it closes
         tags, self._consumer_tags = self._consumer_tags, []
+        self._chunk_consumer_tags.clear()
         for tag in tags:
             await self._broker.cancel(tag, close_channel=True)
         while not self._inbox.empty():  # deliveries of the closed channels: already returned
@@ -310,8 +333,11 @@ class JobWorker:
         closed = self.breaker.state is BreakerState.CLOSED
         if self._prefetch() != before and closed and not self._topology.replicated:
             for tag in self._consumer_tags:
+                prefetch = self._prefetch()
+                if tag in self._chunk_consumer_tags:
+                    prefetch = _chunk_prefetch(prefetch)
                 try:
-                    await self._broker.set_prefetch(tag, self._prefetch())
+                    await self._broker.set_prefetch(tag, prefetch)
                 except BrokerError as exc:
                     logger.warning("model %s: prefetch not changed: %s", self._model.name, exc)
 

@@ -356,13 +356,14 @@ async def queue_holds(amqp_url: str, queue_name: str, count: int) -> bool:
 
 
 async def jobs_held(amqp_url: str, topology: Topology, model: str) -> int:
-    """Messages waiting in every queue of the model's (each lane, each priority)."""
+    """Jobs waiting in every queue of the model's (each lane, each priority, each chunk
+    queue: a chunk counts as its jobs)."""
     async with await aio_pika.connect(amqp_url) as connection:
         channel = await connection.channel()
         total = 0
-        for name in topology.job_queues(model):
+        for name, jobs in topology.counted_queues(model):
             queue = await channel.declare_queue(name, passive=True)
-            total += queue.declaration_result.message_count or 0
+            total += (queue.declaration_result.message_count or 0) * jobs
         return total
 
 

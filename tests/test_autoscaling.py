@@ -24,6 +24,7 @@ from loadgen.callback_receiver import CallbackReceiver
 from loadgen.stack_process import StackProcess
 from manifests.scaled_objects import queues_pattern
 from tests.conftest import wait_until
+from wire.job_chunk import CHUNK_JOBS
 from wire.topology import Topology
 
 pytestmark = [pytest.mark.stack, pytest.mark.slow]
@@ -53,7 +54,10 @@ def _test_scaled_object(model: str, activation: int) -> dict[str, Any]:
     spec["triggers"][1]["metadata"].update(
         queueName=queues_pattern(Topology().high_queues(model)), value=str(HIGH_VALUE)
     )
-    for push in spec["triggers"][2:]:
+    spec["triggers"][2]["metadata"].update(
+        queueName=queues_pattern(Topology().chunk_queues(model)), value=f"{VALUE / CHUNK_JOBS:g}"
+    )
+    for push in spec["triggers"][3:]:
         push["metadata"]["model"] = model
     return doc
 

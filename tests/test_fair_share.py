@@ -12,6 +12,7 @@ import uuid
 from collections.abc import Mapping, Sequence
 from typing import Any, cast
 
+import httpx
 import pytest
 
 from broker.client import Broker, Delivery
@@ -24,12 +25,14 @@ from ray_workers.settings import WorkerSettings
 from tenants.registry import Tenant, key_digest
 from tests.conftest import jobs_held, running_ingress, running_worker, wait_until
 from wire.envelope import AMQP_PRIORITY, TENANT_HEADER, TENANT_WEIGHT_HEADER, Job
+from wire.job_chunk import CHUNK_JOBS
 from wire.job_message import job_message
 from wire.topology import Topology
 
 BIG_KEY = "big-tenant-key-0123456789"
 SMALL_KEY = "small-tenant-key-0123456789"
-BACKLOG = 60
+# Two chunks' worth (`wire.job_chunk`).
+BACKLOG = 2 * CHUNK_JOBS
 
 
 def test_lanes_are_queues_beside_lane_0_and_retries_come_back_to_lane_0() -> None:
@@ -191,47 +194,62 @@ class _OrderingModel:
 
 
 async def _small_tenants_place(
-    ingress_settings: IngressSettings, worker_settings: WorkerSettings, lanes: int
+    ingress_settings: IngressSettings, worker_settings: WorkerSettings, lanes: int, chunked: bool
 ) -> tuple[int, int]:
-    """BACKLOG jobs of the big tenant queued, then one of the small tenant's; a worker
-    started after: where among the jobs run the small one ran, and jobs left queued."""
+    """BACKLOG jobs of the big tenant queued, then the small tenant's job (with `chunked`,
+    the first of a chunk's worth, so that both wait in chunk queues); a worker started
+    after: where among the jobs run the small one ran, and jobs left queued."""
     topology = dataclasses.replace(ingress_settings.topology, tenant_lanes=lanes)
     tenants = (Tenant("big", key_digest(BIG_KEY)), Tenant("small", key_digest(SMALL_KEY)))
     ingress = dataclasses.replace(ingress_settings, topology=topology, named_tenants=tenants)
     fixed = Batching(adaptive=False, max_size=4, max_wait_ms=1)
     worker = dataclasses.replace(worker_settings, topology=topology, batching=fixed, batching_by_model={})
     model = _OrderingModel()
+    small_jobs = ["small", *(f"small-{n}" for n in range(1, CHUNK_JOBS))] if chunked else ["small"]
     async with running_ingress(ingress) as client:
-        backlog = {"jobs": [{"input": n} for n in range(BACKLOG)]}
-        big = await client.post("/v1/models/echo/jobs/batch", json=backlog, headers=_auth(BIG_KEY))
-        small = await client.post("/v1/models/echo/jobs", json={"input": "small"}, headers=_auth(SMALL_KEY))
-        assert (big.status_code, small.status_code) == (202, 202), (big.text, small.text)
+        await _submit_backlog(client, BIG_KEY, [n for n in range(BACKLOG)], chunked)
+        await _submit_backlog(client, SMALL_KEY, small_jobs, chunked)
         async with running_worker(model, worker):
-            await wait_until(lambda: len(model.ran) == BACKLOG + 1, 30, "every job to run")
+            await wait_until(lambda: len(model.ran) == BACKLOG + len(small_jobs), 30, "every job to run")
         left = await jobs_held(ingress.amqp_url, topology, "echo")
     return model.ran.index("small"), left
+
+
+async def _submit_backlog(client: httpx.AsyncClient, key: str, inputs: list[Any], chunked: bool) -> None:
+    """`inputs` as batches: of CHUNK_JOBS (chunks, `wire.job_chunk`) or of one job fewer
+    (each job a message of its own)."""
+    size = CHUNK_JOBS if chunked else CHUNK_JOBS - 1
+    for first in range(0, len(inputs), size):
+        batch = {"jobs": [{"input": value} for value in inputs[first : first + size]]}
+        answer = await client.post("/v1/models/echo/jobs/batch", json=batch, headers=_auth(key))
+        assert answer.status_code == 202, answer.text
 
 
 def _auth(key: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {key}"}
 
 
+@pytest.mark.parametrize("chunked", [False, True], ids=["jobs", "chunks"])
 async def test_given_a_tenants_backlog_then_another_tenants_job_runs_within_the_first_batches(
-    ingress_settings: IngressSettings, worker_settings: WorkerSettings
+    ingress_settings: IngressSettings, worker_settings: WorkerSettings, chunked: bool
 ) -> None:
-    place_in_lanes, left_in_lanes = await _small_tenants_place(ingress_settings, worker_settings, lanes=4)
-    place_in_one_queue, left_in_one = await _small_tenants_place(ingress_settings, worker_settings, lanes=1)
+    place_in_lanes, left_in_lanes = await _small_tenants_place(ingress_settings, worker_settings, 4, chunked)
+    place_in_one_queue, left_in_one = await _small_tenants_place(
+        ingress_settings, worker_settings, 1, chunked
+    )
 
     assert place_in_lanes < 8, f"the small tenant's job ran {place_in_lanes + 1}th of {BACKLOG + 1}"
     assert place_in_one_queue == BACKLOG  # first come first served: behind the whole backlog
     assert left_in_lanes == left_in_one == 0
 
 
+@pytest.mark.parametrize("chunked", [False, True], ids=["jobs", "chunks"])
 async def test_given_two_tenants_backlogs_then_they_are_served_in_proportion_to_their_weights(
-    ingress_settings: IngressSettings, worker_settings: WorkerSettings
+    ingress_settings: IngressSettings, worker_settings: WorkerSettings, chunked: bool
 ) -> None:
     """Weight 3 against weight 1, both with a backlog queued before the worker starts: of
-    the first 40 jobs run, about three in four are the heavier tenant's."""
+    the first 40 jobs run, about three in four are the heavier tenant's, and each tenant's
+    jobs run in the order they were submitted."""
     tenants = (Tenant("big", key_digest(BIG_KEY), weight=3), Tenant("small", key_digest(SMALL_KEY)))
     ingress = dataclasses.replace(ingress_settings, named_tenants=tenants)
     fixed = Batching(adaptive=False, max_size=4, max_wait_ms=1)
@@ -239,9 +257,7 @@ async def test_given_two_tenants_backlogs_then_they_are_served_in_proportion_to_
     model = _OrderingModel()
     async with running_ingress(ingress) as client:
         for key, tag in ((BIG_KEY, "big"), (SMALL_KEY, "small")):
-            backlog = {"jobs": [{"input": f"{tag}-{n}"} for n in range(BACKLOG)]}
-            answer = await client.post("/v1/models/echo/jobs/batch", json=backlog, headers=_auth(key))
-            assert answer.status_code == 202, answer.text
+            await _submit_backlog(client, key, [f"{tag}-{n}" for n in range(BACKLOG)], chunked)
         async with running_worker(model, worker):
             await wait_until(lambda: len(model.ran) == 2 * BACKLOG, 30, "every job to run")
 

@@ -20,6 +20,7 @@ from autoscaler.scaling_policy import InvalidScaledObject, policy_from_scaled_ob
 from manifests import upstream_crds
 from ray_workers.settings import WorkerSettings
 from tests.conftest import require_upstream_crds
+from wire.job_chunk import CHUNK_JOBS
 
 ROOT = Path(__file__).resolve().parent.parent
 KEDA_DIR = ROOT / "keda"
@@ -35,6 +36,12 @@ def _documents() -> list[tuple[Path, dict[str, Any]]]:
             if doc and doc["kind"] != "Kustomization"
         )
     return docs
+
+
+def _with_chunk_trigger(pattern: str) -> dict[str, Any]:
+    """A regex trigger on echo's queues, and a chunk-backlog one on `pattern`."""
+    chunks = _regex_trigger(pattern)["triggers"][0] | {"name": "chunk-backlog"}
+    return {"triggers": [*_regex_trigger("^(jobs\\.echo)$")["triggers"], chunks]}
 
 
 def _with_high_trigger(pattern: str) -> dict[str, Any]:
@@ -91,6 +98,7 @@ def test_each_scaled_object_says_the_behaviour_its_fields_produce(doc: dict[str,
     per_replica, per_high_replica, maximum, idle = map(int, said.groups()[:4])
     assert per_replica == policy.target_per_replica
     assert per_high_replica == policy.high_target_per_replica
+    assert policy.chunk_target_per_replica == per_replica / CHUNK_JOBS  # a chunk is CHUNK_JOBS jobs
     assert maximum == policy.max_replicas
     assert idle * (60 if said.group(5) == "min" else 1) == policy.cooldown_s
 
@@ -206,6 +214,7 @@ def test_trigger_authentication_reads_a_secret() -> None:
         (_regex_trigger("^(jobs\\.echo)$", operation="max"), "operation='max'; expected sum"),
         (_with_high_trigger("^(jobs\\.echo.*)$"), "must match jobs.echo.high and not jobs.echo"),
         (_with_high_trigger("^(jobs\\.echo\\.low)$"), "must match jobs.echo.high and not jobs.echo"),
+        (_with_chunk_trigger("^(jobs\\.echo.*)$"), "must match jobs.echo.chunks and not jobs.echo"),
     ],
 )
 def test_a_broken_scaled_object_is_refused_naming_the_value(change: dict[str, Any], message: str) -> None:

@@ -4,12 +4,14 @@ apply, counts failed reads, and exports its state (fake queue and fake Serve).""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 
 from prometheus_client import CollectorRegistry
 
 from autoscaler.loop import AutoscalerMetrics, LocalAutoscaler
 from autoscaler.queue_metrics import QueueMetricUnavailable
 from autoscaler.scaling_policy import ScalingPolicy
+from wire.job_chunk import CHUNK_JOBS
 
 POLICY = ScalingPolicy(
     name="worker-echo",
@@ -32,8 +34,14 @@ class FakeClock:
 
 
 class Harness:
-    def __init__(self, queues: tuple[str, ...] = ("jobs.echo",)) -> None:
+    def __init__(
+        self,
+        queues: tuple[str, ...] = ("jobs.echo",),
+        chunk_queues: tuple[str, ...] = (),
+        policy: ScalingPolicy = POLICY,
+    ) -> None:
         self.queues = queues
+        self.chunk_queues = chunk_queues
         self.read_from: list[str] = []
         self.backlog: float | None = 0.0
         self.applied: list[tuple[str, int]] = []
@@ -42,9 +50,10 @@ class Harness:
         self.registry = CollectorRegistry()
         self.clock = FakeClock()
         self.autoscaler = LocalAutoscaler(
-            {"echo": POLICY},
+            {"echo": policy},
             lambda model: self.queues,
             lambda model: self.queues[:1],
+            lambda model: self.chunk_queues,
             self.read,
             self.apply,
             AutoscalerMetrics(self.registry),
@@ -92,6 +101,19 @@ async def test_a_model_with_a_queue_per_priority_scales_on_their_sum() -> None:
     assert harness.applied == [("echo", 1)]  # activation from zero goes to one first
     await harness.autoscaler.tick("echo")
     assert harness.applied[-1] == ("echo", 3)  # 30 waiting / 10 per replica
+
+
+async def test_chunk_queues_count_as_their_jobs_and_scale_through_their_trigger() -> None:
+    """A batch's full chunks wait in chunk queues, CHUNK_JOBS jobs a message."""
+    chunks = dataclasses.replace(POLICY, chunk_target_per_replica=POLICY.target_per_replica / CHUNK_JOBS)
+    harness = Harness(("jobs.echo",), ("jobs.echo.chunks",), chunks)
+    harness.backlog = 1.0  # one job waits alone, one chunk beside it
+    await harness.autoscaler.tick("echo")
+    await harness.autoscaler.tick("echo")
+
+    assert harness.read_from[:2] == ["jobs.echo", "jobs.echo.chunks"]
+    assert harness.sample("inferq_autoscaler_queue_messages") == 1 + CHUNK_JOBS
+    assert harness.applied == [("echo", 1), ("echo", 4)]  # ceil(1 chunk / (10 / 32 per replica))
 
 
 async def test_the_time_a_scale_up_takes_to_apply_does_not_count_towards_the_cooldown() -> None:

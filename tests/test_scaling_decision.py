@@ -161,3 +161,28 @@ def test_a_high_backlog_activates_and_scales_sooner_than_the_same_jobs_at_normal
     rule: str, policy: ScalingPolicy, state: ScalingState, metric: float, high_metric: float, replicas: int
 ) -> None:
     assert decide(policy, state, metric, 100.0, high_metric).replicas == replicas, rule
+
+
+CHUNKS = replace(POLICY, chunk_target_per_replica=10 / 32, chunk_activation_value=0)
+
+
+@pytest.mark.parametrize(
+    ("rule", "policy", "state", "metric", "chunk_metric", "replicas"),
+    [
+        ("chunk-backlog trigger: one chunk activates a model with no single job", CHUNKS, at(0), 0.0, 1.0, 1),
+        ("chunk-backlog trigger: a chunk of 32 jobs, ceil(1 / (10 / 32)) = 4", CHUNKS, at(2), 0.0, 1.0, 4),
+        (
+            "chunk-backlog trigger: the larger wish, the single jobs' ceil(30 / 10) = 3",
+            CHUNKS,
+            at(1),
+            30.0,
+            0.5,
+            3,
+        ),
+        ("no chunk trigger: chunks are not counted", POLICY, at(1), 5.0, 2.0, 1),
+    ],
+)
+def test_chunks_count_as_their_jobs_through_their_own_trigger(
+    rule: str, policy: ScalingPolicy, state: ScalingState, metric: float, chunk_metric: float, replicas: int
+) -> None:
+    assert decide(policy, state, metric, 100.0, chunk_metric=chunk_metric).replicas == replicas, rule

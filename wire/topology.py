@@ -75,6 +75,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from wire.envelope import MAX_AMQP_PRIORITY, Priority
+from wire.job_chunk import CHUNK_JOBS
 from wire.retry_tiers import RetrySchedule, tier_name
 
 QueueType = Literal["classic", "quorum"]
@@ -90,6 +91,8 @@ DEFAULT_JOB_RETRY_DELAYS_S = (1.0, 10.0, 60.0, 600.0)
 DEFAULT_CALLBACK_RETRY_DELAYS_S = (5.0, 300.0, 1800.0, 7200.0, 18000.0, 36000.0, 36000.0)
 # Queues per model and priority that tenants' new jobs are spread over (TENANT_LANES).
 DEFAULT_TENANT_LANES = 4
+# A chunk queue's name: its jobs' queue's, and this (`wire.job_chunk`).
+CHUNK_SUFFIX = ".chunks"
 MAX_TENANT_LANES = 32
 
 
@@ -214,6 +217,31 @@ class Topology:
         """The queues of one lane, every priority (what its depth sums)."""
         return tuple(dict.fromkeys(self.job_queue(model, priority, lane) for priority in PRIORITIES))
 
+    def chunk_queue(self, model: str, priority: Priority, lane: int = 0) -> str:
+        """Where full chunks of a batch's jobs of this priority wait in `lane`
+        (`wire.job_chunk`): beside the jobs' queue, counted as CHUNK_JOBS jobs a message."""
+        return f"{self.job_queue(model, priority, lane)}{CHUNK_SUFFIX}"
+
+    def chunk_queues(self, model: str) -> tuple[str, ...]:
+        """Every chunk queue of a model, in the order of `job_queues`."""
+        return tuple(f"{queue}{CHUNK_SUFFIX}" for queue in self.job_queues(model))
+
+    def counted_queues(self, model: str) -> tuple[tuple[str, int], ...]:
+        """Every queue a model's waiting jobs are in, with the jobs each of its messages
+        is (1, or CHUNK_JOBS for a chunk): what a count of its backlog sums."""
+        jobs = tuple((queue, 1) for queue in self.job_queues(model))
+        return jobs + tuple((queue, CHUNK_JOBS) for queue in self.chunk_queues(model))
+
+    def lane_counted_queues(self, model: str, lane: int) -> tuple[tuple[str, int], ...]:
+        """`counted_queues` of one lane."""
+        queues = self.lane_queues(model, lane)
+        return tuple((queue, 1) for queue in queues) + tuple(
+            (f"{queue}{CHUNK_SUFFIX}", CHUNK_JOBS) for queue in queues
+        )
+
+    def chunk_routing_key(self, model: str, priority: Priority, lane: int = 0) -> str:
+        return f"{self.job_routing_key(model, priority, lane)}{CHUNK_SUFFIX}"
+
     def job_routing_key(self, model: str, priority: Priority, lane: int = 0) -> str:
         """The key a job is published with on the jobs exchange."""
         base = f"{model}{self._level(priority)}"
@@ -275,6 +303,8 @@ class Topology:
                 lane_key = self.job_routing_key(model, priority, lane)
                 lane_queue = self.job_queue(model, priority, lane)
                 specs.append(QueueSpec(lane_queue, arguments, ((self.jobs_exchange, lane_key),)))
+                chunk_key, chunk_queue = f"{lane_key}{CHUNK_SUFFIX}", f"{lane_queue}{CHUNK_SUFFIX}"
+                specs.append(QueueSpec(chunk_queue, arguments, ((self.jobs_exchange, chunk_key),)))
             if priority == "high" and not self.replicated:
                 continue  # classic: one set of delay tiers, back to the normal queue
             # Delay tiers dead-letter back to lane 0: a retry waits in the model's queue.
