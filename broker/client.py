@@ -173,6 +173,7 @@ class _Chunk:
 
     def __init__(self, delivery: Delivery, parts: int) -> None:
         self.delivery = delivery
+        self.parts = parts
         self.unsettled_parts = parts
         self.requeued_parts = 0
 
@@ -212,6 +213,11 @@ class ChunkPart(Delivery):
     @property
     def channel_open(self) -> bool:
         return self._chunk.delivery.channel_open
+
+    @property
+    def chunk_started(self) -> bool:
+        """Whether another part of its chunk is settled already."""
+        return self._chunk.unsettled_parts < self._chunk.parts
 
     def _settle(self, requeued: bool) -> _Chunk | None:
         """Mark it settled; the chunk when this was its last unsettled part."""

@@ -37,7 +37,7 @@ from typing import Any
 
 import msgspec
 
-from broker.client import Broker, BrokerError, Delivery, chunk_parts
+from broker.client import Broker, BrokerError, ChunkPart, Delivery, chunk_parts
 from broker.settlement import Outcome, Settled, settle
 from job_records.store import JobRecords, RecordsUnavailable, Started
 from metrics.series import PrometheusSink
@@ -48,7 +48,7 @@ from ray_workers.batch_controller import AdaptiveBatchController, FixedBatchSize
 from ray_workers.batching import collect_batch
 from ray_workers.json_lines import JsonLinesJobs
 from ray_workers.models.base import UNENCODABLE, InvalidInput, Model, ModelError, predictions
-from ray_workers.outcomes import parked, retry_for
+from ray_workers.outcomes import handed_back, parked, retry_for
 from ray_workers.payload_references import PayloadReferences
 from ray_workers.priority_inbox import PriorityInbox
 from ray_workers.settings import WorkerSettings
@@ -245,12 +245,34 @@ class JobWorker:
             return
         if self._settling is not None:
             await asyncio.shield(self._settling)  # acks must reach the channel before it closes
+        await self._hand_back_started_chunks()
         tags, self._consumer_tags = self._consumer_tags, []
         self._chunk_consumer_tags.clear()
         for tag in tags:
             await self._broker.cancel(tag, close_channel=True)
         while not self._inbox.empty():  # deliveries of the closed channels: already returned
             self._inbox.get_nowait()
+
+    async def _hand_back_started_chunks(self) -> None:
+        """Before the consumers' channels close. A chunk some of whose jobs have ended would
+        come back whole, and those jobs with it, so its jobs still waiting in the inbox go
+        back one by one (`outcomes.handed_back`, attempts unburned) and the chunk is acked;
+        a chunk none of whose jobs ran goes back whole with its channel."""
+        waiting = [self._inbox.get_nowait() for _ in range(self._inbox.qsize())]
+        outcomes: list[Outcome] = []
+        for delivery in waiting:
+            if not (isinstance(delivery, ChunkPart) and delivery.chunk_started and delivery.channel_open):
+                self._inbox.put_nowait(delivery)
+                continue
+            try:
+                job = decode_job(delivery.body)
+            except UndecodableMessage as exc:
+                outcomes.append((delivery, [self._parked_as_is(delivery, str(exc))]))
+                continue
+            outcomes.append((delivery, [handed_back(delivery.body, job, delivery.headers, self._topology)]))
+        if outcomes:
+            settled = await settle(self._broker, outcomes)
+            logger.info("model %s: %d jobs of started chunks handed back", self._model.name, settled.acked)
 
     async def stop(self, drain_timeout_s: float | None = None) -> None:
         """Stop taking work, let the batch in flight finish (bounded), give the rest back."""
@@ -275,6 +297,8 @@ class JobWorker:
                 await self._loop_task
         if self._settling is not None:
             await asyncio.wait([self._settling], timeout=max(0.0, deadline - time.monotonic()))
+        if self._settling is None or self._settling.done():
+            await self._hand_back_started_chunks()
         # Closing the channels returns every unacked message (prefetched, in the inbox
         # or in an abandoned batch) to the queue.
         await self._broker.close()
@@ -298,7 +322,11 @@ class JobWorker:
                 size_of=_held_bytes,
             )
             if self._stopping:
-                break  # taken during the drain: left unacked, it goes back with the channel
+                # Taken during the drain: left unacked, it goes back with the channel (a
+                # chunk's jobs are handed back from the inbox, `_hand_back_started_chunks`).
+                for delivery in batch.items:
+                    self._inbox.put_nowait(delivery)
+                break
             self._idle.clear()
             try:
                 inference_s, model_failed = await self._process(batch.items)

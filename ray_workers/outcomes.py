@@ -52,6 +52,16 @@ def retry_for(
     return Publish(message, queue, exchange=topology.job_outcomes_exchange(job.model))
 
 
+def handed_back(body: bytes, job: Job, headers: Mapping[str, Any], topology: Topology) -> Publish:
+    """A job given back unrun, on its own, so that the chunk it came in can be acked
+    (`wire.job_chunk`): through the model's shortest delay tier back to its queue, with its
+    attempt unburned."""
+    delay_s = min(topology.job_retry_schedule(job.model).distinct_delays_s())
+    message = job_message(job, headers, body=body)
+    queue = topology.job_retry_queue(job.model, delay_s, job.priority)
+    return Publish(message, queue, exchange=topology.job_outcomes_exchange(job.model))
+
+
 def parked(
     body: bytes,
     message_id: str,

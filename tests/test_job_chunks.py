@@ -17,6 +17,7 @@ from broker.client import Broker, Delivery, ack_all, chunk_parts
 from callbacks.dispatcher import CallbackDispatcher
 from ingress.settings import IngressSettings
 from loadgen.callback_receiver import CallbackReceiver
+from model_catalogue.sections import Batching
 from parking_lot.lots import ParkingLot, replay
 from ray_workers.models.synthetic import SyntheticModel
 from ray_workers.settings import WorkerSettings
@@ -156,3 +157,31 @@ def test_a_chunk_carries_each_jobs_message_as_it_would_come_alone() -> None:
     assert [(p.message_id, p.priority, dict(p.headers), p.body) for p in parts] == [
         (m.message_id, m.priority, dict(m.headers or {}), m.body) for m in messages
     ]
+
+
+async def test_given_a_worker_stopping_mid_chunk_then_its_waiting_jobs_go_back_alone_and_none_runs_twice(
+    client: httpx.AsyncClient,
+    receiver: CallbackReceiver,
+    worker_settings: WorkerSettings,
+    dispatcher: CallbackDispatcher,
+    topology: Topology,
+    amqp_url: str,
+) -> None:
+    """A scale-down while a chunk is half done: given back whole, its finished jobs would
+    call back again; instead its waiting jobs are handed back one by one and the chunk acked."""
+    fixed = Batching(adaptive=False, max_size=2, max_wait_ms=1)
+    slow = dataclasses.replace(worker_settings, batching=fixed, batching_by_model={})
+    jobs = [{"input": {"sleep_ms": 20}, "callback_url": receiver.url} for _ in range(CHUNK_JOBS)]
+    accepted = await _batch(client, jobs)
+    ids = [job["id"] for job in accepted.json()["jobs"]]
+
+    async with running_worker(SyntheticModel(), slow):
+        await receiver.wait_for(4, timeout_s=20)
+    chunk_acked = await queue_holds(amqp_url, topology.chunk_queue("synthetic", "normal"), 0)
+    async with running_worker(SyntheticModel(), slow):
+        await receiver.wait_for(CHUNK_JOBS, timeout_s=30)
+    by_job = Counter(c.event["data"]["id"] for c in receiver.received)
+    attempts = {c.event["data"]["attempts"] for c in receiver.received}
+
+    assert chunk_acked
+    assert by_job == Counter(ids) and attempts == {1}
