@@ -14,7 +14,7 @@ from contextlib import asynccontextmanager
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import quote, urlsplit
 
 import aio_pika
 import httpx
@@ -22,6 +22,7 @@ import pytest
 import redis.asyncio
 from aiohttp import web
 
+from autoscaler.queue_metrics import management_url_from_amqp, vhost_from_amqp
 from broker.client import Broker
 from callbacks.dispatcher import CallbackDispatcher
 from callbacks.settings import CallbackSettings
@@ -125,11 +126,33 @@ async def fresh_topology(amqp_url: str, redis_url: str, queue_type: QueueType) -
         await channel.queue_delete(topo.demand_queue)
         for exchange in topo.exchanges(models):
             await channel.exchange_delete(exchange.name)
+        # What a test declared beyond these (a stack's default retry tiers, a user model's
+        # queues) under the prefix: the broker is shared, nothing is left on it.
+        queues, exchanges = await _named_under(amqp_url, topo.prefix)
+        for name in queues:
+            await channel.queue_delete(name)
+        for name in exchanges:
+            await channel.exchange_delete(name)
     store = redis.asyncio.Redis.from_url(redis_url)
     async with store:
         keys = [key async for key in store.scan_iter(match=f"{topo.prefix}inferq:*")]
         if keys:
             await store.delete(*keys)
+
+
+async def _named_under(amqp_url: str, prefix: str) -> tuple[list[str], list[str]]:
+    """The queues and exchanges whose names start with `prefix`, from the management API."""
+    management = urlsplit(management_url_from_amqp(amqp_url).split(",")[0])
+    base = f"{management.scheme}://{management.hostname}:{management.port}"
+    vhost = quote(vhost_from_amqp(amqp_url), safe="")
+    auth = (management.username or "guest", management.password or "guest")
+    async with httpx.AsyncClient(base_url=base, auth=auth, timeout=10) as api:
+        names = []
+        for kind in ("queues", "exchanges"):
+            answer = await api.get(f"/api/{kind}/{vhost}", params={"columns": "name"})
+            answer.raise_for_status()
+            names.append([item["name"] for item in answer.json() if item["name"].startswith(prefix)])
+    return names[0], names[1]
 
 
 @pytest.fixture(scope="session")

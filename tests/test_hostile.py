@@ -29,6 +29,7 @@ from tests.models import ContestedModel, GatedModel, PoisonModel, RecordingModel
 from wire.envelope import ATTEMPT_HEADER, Job
 from wire.job_message import job_message
 from wire.outgoing import Publish
+from wire.retry_tiers import RetrySchedule
 
 
 def _jobs(inputs: Sequence[Any]) -> list[Job]:
@@ -167,7 +168,10 @@ async def test_given_a_full_queue_when_a_retry_delay_ends_then_the_retry_still_c
 ) -> None:
     """Item 1: MAX_QUEUE_LENGTH guards new jobs only; a retry dead-lettering into a full queue
     is not dropped, and the job reaches its terminal state."""
-    topology = replace(worker_settings.topology, max_queue_length=1)
+    # A 2 s delay: the filler must be admitted while the retry waits, which a shorter one
+    # raced (the worker's stop and the depth read against the delay).
+    retries = {"echo": RetrySchedule((2.0,))}
+    topology = replace(worker_settings.topology, max_queue_length=1, job_retries_by_model=retries)
     settings = replace(worker_settings, topology=topology, batching=Batching(max_size=1))
     model = RecordingModel(fail_until_attempt=2)  # attempt 1 fails transiently
     async with running_ingress(replace(ingress_settings, topology=topology)) as client:
@@ -193,14 +197,15 @@ async def test_given_a_full_queue_when_a_retry_delay_ends_then_the_retry_still_c
         broker = Broker(settings.amqp_url, topology, settings.models)
         await broker.connect()
         try:
-            # The retry tier's delay (0.4 s) ends while the queue holds the filler: it comes back.
+            # The retry tier's delay ends while the queue holds the filler: it comes back.
             await wait_until(
                 lambda: _depth_at_least(broker, main_queue, 2), 10, "the retry back in the full queue"
             )
+            async with running_worker(model, settings):
+                received = await receiver.wait_for(2, timeout_s=15)
         finally:
+            await broker.delete_topology()  # its 2 s tier too, which the fixture does not know
             await broker.close()
-        async with running_worker(model, settings):
-            received = await receiver.wait_for(2, timeout_s=15)
 
     outcomes = {r.event["data"]["id"]: (r.event["type"], r.event["data"]["attempts"]) for r in received}
     assert outcomes[first.json()["id"]] == ("job.succeeded", 2)

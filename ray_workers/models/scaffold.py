@@ -54,6 +54,7 @@ from __future__ import annotations
 import os
 import uuid
 
+from broker.client import Broker
 from policies.callback_guard import AllowList
 from settings.environment import DEFAULT_AMQP_URL, DEFAULT_REDIS_URL
 from wire.topology import Topology
@@ -77,14 +78,20 @@ async def test_{package}_is_validated_and_served() -> None:
     workers = WorkerSettings(
         amqp_url=amqp_url, models=models, topology=topology, model_catalogue=CATALOGUE, redis_url=redis_url
     )
-    async with running_ingress(ingress) as client:
-        refused = await client.post("/v1/models/{name}/jobs", json={{"input": {{"text": 1}}}})
-        async with running_worker(load_model({name!r}, CATALOGUE), workers):
-            served = await client.post(
-                "/v1/models/{name}/jobs",
-                json={{"input": {{"text": "hello"}}}},
-                headers={{"Prefer": "wait=10"}},
-            )
+    try:
+        async with running_ingress(ingress) as client:
+            refused = await client.post("/v1/models/{name}/jobs", json={{"input": {{"text": 1}}}})
+            async with running_worker(load_model({name!r}, CATALOGUE), workers):
+                served = await client.post(
+                    "/v1/models/{name}/jobs",
+                    json={{"input": {{"text": "hello"}}}},
+                    headers={{"Prefer": "wait=10"}},
+                )
+    finally:  # the broker may be shared: its queues go with the test
+        broker = Broker(amqp_url, topology, models)
+        await broker.connect()
+        await broker.delete_topology()
+        await broker.close()
 
     assert refused.status_code == 422 and refused.json()["errors"][0]["pointer"] == "/input/text"
     assert served.status_code == 200, served.text
