@@ -194,9 +194,10 @@ class _Chunk:
 
 class ChunkPart(Delivery):
     """One job of a chunk delivery, settled on its own as if it had come alone; the chunk
-    is settled with its last part (`_Chunk.settle`)."""
+    is settled with its last part (`_Chunk.settle`). It has no message of its own, so
+    Delivery's constructor (which registers one) is not called."""
 
-    def __init__(self, chunk: _Chunk, job: ChunkedJob) -> None:  # noqa: super-init-not-called
+    def __init__(self, chunk: _Chunk, job: ChunkedJob) -> None:
         self._chunk = chunk
         self._settled = False
         self.body = job.body

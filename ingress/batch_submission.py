@@ -51,7 +51,7 @@ from ingress.uploads import check_uploaded
 from job_records.store import Placement, RecordsUnavailable
 from tenants.registry import Tenant
 from wire.envelope import Job, Priority, decode_job
-from wire.job_chunk import CHUNK_JOBS, chunk_message
+from wire.job_chunk import CHUNK_JOBS, CHUNK_MAX_BYTES, chunk_message
 from wire.job_message import job_message, with_input_bytes
 from wire.outgoing import OutgoingMessage
 
@@ -371,7 +371,7 @@ async def _publish(state: IngressState, submission: BatchSubmission) -> list[str
     publishing: list[asyncio.Task[None]] = []
     # Each publish's jobs, by index: a chunk's fate is each of its jobs'.
     carried: list[list[int]] = []
-    for indices, priority, chunked in _message_groups(jobs):
+    for indices, priority, chunked in _message_groups(jobs, [len(m.body) for m in messages]):
         if carried and len(carried) % WAVE_JOBS == 0:
             await asyncio.sleep(0)  # the wave before this one starts; other requests get a turn
         if chunked:
@@ -397,17 +397,27 @@ async def _publish(state: IngressState, submission: BatchSubmission) -> list[str
     return fates
 
 
-def _message_groups(jobs: list[Job]) -> list[tuple[list[int], Priority, bool]]:
-    """The batch's messages: per priority, full chunks of CHUNK_JOBS jobs (`wire.job_chunk`),
-    then each job left over alone; as (job indices, priority, chunked)."""
+def _message_groups(jobs: list[Job], sizes: list[int]) -> list[tuple[list[int], Priority, bool]]:
+    """The batch's messages, as (job indices, priority, chunked): per priority, runs of
+    CHUNK_JOBS jobs within CHUNK_MAX_BYTES as chunks (`wire.job_chunk`), every other job
+    alone."""
     by_priority: dict[Priority, list[int]] = {}
     for index, job in enumerate(jobs):
         by_priority.setdefault(job.priority, []).append(index)
     groups: list[tuple[list[int], Priority, bool]] = []
     for priority, indices in by_priority.items():
-        full = len(indices) - len(indices) % CHUNK_JOBS
-        groups += [(indices[i : i + CHUNK_JOBS], priority, True) for i in range(0, full, CHUNK_JOBS)]
-        groups += [([index], priority, False) for index in indices[full:]]
+        run: list[int] = []
+        run_bytes = 0
+        for index in indices:
+            if run_bytes + sizes[index] > CHUNK_MAX_BYTES:  # the run cannot become a chunk
+                groups += [([alone], priority, False) for alone in run]
+                run, run_bytes = [], 0
+            run.append(index)
+            run_bytes += sizes[index]
+            if len(run) == CHUNK_JOBS:
+                groups.append((run, priority, True))
+                run, run_bytes = [], 0
+        groups += [([alone], priority, False) for alone in run]
     return groups
 
 

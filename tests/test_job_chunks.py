@@ -23,7 +23,7 @@ from ray_workers.models.synthetic import SyntheticModel
 from ray_workers.settings import WorkerSettings
 from tests.conftest import jobs_held, queue_holds, running_ingress, running_worker, wait_until
 from wire.envelope import PARK_REASON_HEADER, Job
-from wire.job_chunk import CHUNK_JOBS, CHUNK_TYPE, chunk_message, chunked_jobs
+from wire.job_chunk import CHUNK_JOBS, CHUNK_MAX_BYTES, CHUNK_TYPE, chunk_message, chunked_jobs
 from wire.job_message import job_message
 from wire.topology import Topology
 
@@ -185,3 +185,18 @@ async def test_given_a_worker_stopping_mid_chunk_then_its_waiting_jobs_go_back_a
 
     assert chunk_acked
     assert by_job == Counter(ids) and attempts == {1}
+
+
+async def test_given_large_jobs_in_a_batch_then_only_runs_within_the_chunk_bytes_are_chunked(
+    client: httpx.AsyncClient, topology: Topology, amqp_url: str
+) -> None:
+    """A chunk holds at most CHUNK_MAX_BYTES of jobs: a worker's chunk consumers each hold
+    a chunk, so chunks of large jobs would hold many MiB."""
+    large = "x" * (2 * CHUNK_MAX_BYTES // CHUNK_JOBS)  # a chunk of them would be twice the bound
+    jobs = [{"input": large} for _ in range(CHUNK_JOBS)] + [{"input": n} for n in range(CHUNK_JOBS)]
+
+    accepted = await _batch(client, jobs, model="echo")
+
+    assert accepted.status_code == 202, accepted.text
+    assert await queue_holds(amqp_url, topology.chunk_queue("echo", "normal"), 1)  # the small ones
+    assert await queue_holds(amqp_url, topology.job_queue("echo", "normal"), CHUNK_JOBS)

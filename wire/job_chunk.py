@@ -4,8 +4,9 @@ A batch's jobs would each cost a message: a publish and its confirm, the broker'
 delivery and ack, and the worker's consume. A full chunk of a batch costs those once.
 Chunks wait in queues of their own beside the jobs' (`Topology.chunk_queue`, same lane
 and priority), so every count of waiting jobs stays exact: plain messages + CHUNK_JOBS
-x chunk messages. Only full chunks go there; the rest of a batch, retries, replays and
-parked jobs are one message per job, as a single submission's.
+x chunk messages. Only full chunks of small jobs go there (CHUNK_MAX_BYTES in all); the
+rest of a batch, retries, replays and parked jobs are one message per job, as a single
+submission's.
 
 The worker splits a chunk into one delivery per job (`broker.client.ChunkPart`): each
 job then runs, retries, parks and calls back exactly as if it had come alone, and the
@@ -25,6 +26,10 @@ from wire.outgoing import OutgoingMessage
 
 # Jobs in a chunk: a chunk's message is counted as this many jobs everywhere.
 CHUNK_JOBS = 32
+# The most a chunk's jobs may weigh together: jobs this large are cheap to send one by
+# one, and a worker's chunk consumers (one per lane and priority, each holding a chunk at
+# least) stay within a few MiB whatever the batches weigh.
+CHUNK_MAX_BYTES = 256 * 1024
 # The AMQP type of a chunk's message.
 CHUNK_TYPE = "inferq.job-chunk"
 
