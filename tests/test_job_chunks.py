@@ -9,9 +9,11 @@ import dataclasses
 import time
 import uuid
 from collections import Counter
+from collections.abc import AsyncIterator
 from typing import Any
 
 import httpx
+import pytest
 
 from broker.client import Broker, Delivery, ack_all, chunk_parts
 from callbacks.dispatcher import CallbackDispatcher
@@ -21,7 +23,7 @@ from model_catalogue.sections import Batching
 from parking_lot.lots import ParkingLot, replay
 from ray_workers.models.synthetic import SyntheticModel
 from ray_workers.settings import WorkerSettings
-from tests.conftest import jobs_held, queue_holds, running_ingress, running_worker, wait_until
+from tests.conftest import fresh_topology, jobs_held, queue_holds, running_ingress, running_worker, wait_until
 from wire.envelope import PARK_REASON_HEADER, Job
 from wire.job_chunk import CHUNK_JOBS, CHUNK_MAX_BYTES, CHUNK_TYPE, chunk_message, chunked_jobs
 from wire.job_message import job_message
@@ -32,6 +34,13 @@ async def _batch(
     client: httpx.AsyncClient, jobs: list[dict[str, Any]], model: str = "synthetic"
 ) -> httpx.Response:
     return await client.post(f"/v1/models/{model}/jobs/batch", json={"jobs": jobs})
+
+
+@pytest.fixture(params=["classic", "quorum"])
+async def topology(request: pytest.FixtureRequest, amqp_url: str, redis_url: str) -> AsyncIterator[Topology]:
+    """Both queue types: the conftest's ingress, worker and dispatcher run on each."""
+    async with fresh_topology(amqp_url, redis_url, request.param) as topo:
+        yield topo
 
 
 def _jobs(count: int) -> list[Job]:
@@ -91,7 +100,7 @@ async def test_given_a_chunks_parts_then_the_chunk_is_acked_with_the_last_or_giv
     async def hold(delivery: Delivery) -> None:
         received.append(delivery)
 
-    tag = await broker.consume(queue, 1, hold)
+    tag = await broker.consume(queue, 1, hold, replicated=topology.replicated)
     await wait_until(lambda: len(received) == 1, 10, "the chunk")
     parts = chunk_parts(received[0])
     await ack_all(parts[:-1])
@@ -144,7 +153,7 @@ async def test_given_a_parked_chunk_then_replay_sends_its_jobs_back_one_by_one(
 
     assert result.moved == CHUNK_JOBS and not result.kept
     assert await queue_holds(amqp_url, lot.queue, 0)
-    assert await queue_holds(amqp_url, topology.main_queue("echo"), CHUNK_JOBS)
+    assert await queue_holds(amqp_url, topology.job_queue("echo", "normal"), CHUNK_JOBS)
     assert await queue_holds(amqp_url, topology.chunk_queue("echo", "normal"), 0)
 
 
