@@ -169,22 +169,10 @@ def policy_from_scaled_object(doc: Mapping[str, Any], source: str = "ScaledObjec
         fallback_failure_threshold=fallback.get("failureThreshold"),
         fallback_replicas=fallback.get("replicas"),
         fallback_behavior=fallback.get("behavior", "static"),
-        high_target_per_replica=(
-            None if high_meta is None else _number(high_meta.get("value"), f"{source}: high-backlog value")
-        ),
-        high_activation_value=(
-            0.0
-            if high_meta is None
-            else _number(high_meta.get("activationValue", 0), f"{source}: high-backlog activationValue")
-        ),
-        chunk_target_per_replica=(
-            None if chunk_meta is None else _number(chunk_meta.get("value"), f"{source}: chunk-backlog value")
-        ),
-        chunk_activation_value=(
-            0.0
-            if chunk_meta is None
-            else _number(chunk_meta.get("activationValue", 0), f"{source}: chunk-backlog activationValue")
-        ),
+        high_target_per_replica=_apart_target(high_meta, f"{source}: high-backlog"),
+        high_activation_value=_apart_activation(high_meta, f"{source}: high-backlog"),
+        chunk_target_per_replica=_apart_target(chunk_meta, f"{source}: chunk-backlog"),
+        chunk_activation_value=_apart_activation(chunk_meta, f"{source}: chunk-backlog"),
     )
     _validate(policy, source)
     return policy
@@ -222,6 +210,16 @@ def _apart_metadata(
             f"{source}: the {name} queueName={pattern!r} must match {counted} and not {not_counted}"
         )
     return meta
+
+
+def _apart_target(meta: Mapping[str, Any] | None, where: str) -> float | None:
+    """An apart trigger's jobs per replica; None without the trigger."""
+    return None if meta is None else _number(meta.get("value"), f"{where} value")
+
+
+def _apart_activation(meta: Mapping[str, Any] | None, where: str) -> float:
+    """An apart trigger's activation (KEDA's default 0)."""
+    return 0.0 if meta is None else _number(meta.get("activationValue", 0), f"{where} activationValue")
 
 
 def _model_of_queues(doc: Mapping[str, Any], queue_name: str, meta: Mapping[str, Any], source: str) -> str:
