@@ -393,18 +393,18 @@ def _queue_counting(docs: list[Manifest]) -> Iterator[tuple[str, str]]:
     environment = Environment.read(_settings(docs))
     topology, models = environment.topology(), environment.served_models
     every_queue = {spec.name for spec in topology.queues(models)}
+    # The triggers that count some queues apart: which, and what their jobs are called.
+    apart = {
+        HIGH_BACKLOG_TRIGGER: (topology.high_queues, "high-priority "),
+        CHUNK_BACKLOG_TRIGGER: (topology.chunk_queues, "chunked "),
+    }
     for scaled in (doc for doc in docs if doc["kind"] == "ScaledObject"):
         model = scaled["metadata"].get("labels", {}).get("inferq.dev/model")
         if model is None:
             continue
         for trigger in (t for t in scaled["spec"]["triggers"] if t["type"] == "rabbitmq"):
-            counting = {
-                HIGH_BACKLOG_TRIGGER: topology.high_queues,
-                CHUNK_BACKLOG_TRIGGER: topology.chunk_queues,
-            }
-            expected = set(counting.get(trigger.get("name", ""), topology.job_queues)(model))
-            kind = {HIGH_BACKLOG_TRIGGER: "high-priority ", CHUNK_BACKLOG_TRIGGER: "chunked "}
-            part = kind.get(trigger.get("name", ""), "")
+            queues_of, part = apart.get(trigger.get("name", ""), (topology.job_queues, ""))
+            expected = set(queues_of(model))
             meta = trigger["metadata"]
             if meta.get("useRegex") == "true":
                 if meta.get("operation") != "sum":

@@ -20,11 +20,10 @@ a job that has since succeeded, been canceled or is running again stays parked.
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
 
-from broker.client import Broker, Delivery
+from broker.client import Broker, Delivery, chunk_parts
 from broker.settlement import settle
 from job_records.store import JobRecords
 from wire.envelope import (
@@ -33,7 +32,7 @@ from wire.envelope import (
     UndecodableMessage,
     decode_job,
 )
-from wire.job_chunk import CHUNK_TYPE, chunked_jobs
+from wire.job_chunk import CHUNK_TYPE
 from wire.job_message import job_message
 from wire.outgoing import OutgoingMessage, Publish
 from wire.topology import Topology
@@ -139,7 +138,7 @@ async def replay(
 
 
 async def _replayed(
-    lot: ParkingLot, delivery: Delivery | _ParkedPart, moved_ids: set[str], records: JobRecords | None
+    lot: ParkingLot, delivery: Delivery, moved_ids: set[str], records: JobRecords | None
 ) -> tuple[Publish | None, str]:
     """Where the message goes to run again, or None and why it stays parked."""
     if delivery.message_id in moved_ids:
@@ -172,28 +171,15 @@ async def _replayed_chunk(
     goes back as its jobs, each one alone and under `_replayed`'s rules; a job that stays
     parked by those rules (it ended or runs again) is not run again, and the chunk leaves
     the lot with the others."""
-    try:
-        jobs = chunked_jobs(chunk.body)
-    except UndecodableMessage:
+    parts = chunk_parts(chunk)
+    if parts == [chunk]:
         return [], "its body is not a chunk this version can run"
     publishes: list[Publish] = []
-    for job in jobs:
-        part = _ParkedPart(job.body, job.headers, job.message_id, job.priority)
+    for part in parts:
         publish, _ = await _replayed(lot, part, moved_ids, records)
         if publish is not None:
             publishes.append(publish)
     return publishes, "none of its jobs is to run again"
-
-
-@dataclass(frozen=True)
-class _ParkedPart:
-    """One job of a parked chunk, read as `_replayed` reads a parked job."""
-
-    body: bytes
-    headers: Mapping[str, Any]
-    message_id: str
-    priority: int
-    type: str = "job"
 
 
 async def _ready(broker: Broker, lot: ParkingLot) -> int:

@@ -91,9 +91,9 @@ DEFAULT_JOB_RETRY_DELAYS_S = (1.0, 10.0, 60.0, 600.0)
 DEFAULT_CALLBACK_RETRY_DELAYS_S = (5.0, 300.0, 1800.0, 7200.0, 18000.0, 36000.0, 36000.0)
 # Queues per model and priority that tenants' new jobs are spread over (TENANT_LANES).
 DEFAULT_TENANT_LANES = 4
+MAX_TENANT_LANES = 32
 # A chunk queue's name: its jobs' queue's, and this (`wire.job_chunk`).
 CHUNK_SUFFIX = ".chunks"
-MAX_TENANT_LANES = 32
 
 
 @dataclass(frozen=True)
@@ -229,15 +229,11 @@ class Topology:
     def counted_queues(self, model: str) -> tuple[tuple[str, int], ...]:
         """Every queue a model's waiting jobs are in, with the jobs each of its messages
         is (1, or CHUNK_JOBS for a chunk): what a count of its backlog sums."""
-        jobs = tuple((queue, 1) for queue in self.job_queues(model))
-        return jobs + tuple((queue, CHUNK_JOBS) for queue in self.chunk_queues(model))
+        return _with_chunk_queues(self.job_queues(model))
 
     def lane_counted_queues(self, model: str, lane: int) -> tuple[tuple[str, int], ...]:
         """`counted_queues` of one lane."""
-        queues = self.lane_queues(model, lane)
-        return tuple((queue, 1) for queue in queues) + tuple(
-            (f"{queue}{CHUNK_SUFFIX}", CHUNK_JOBS) for queue in queues
-        )
+        return _with_chunk_queues(self.lane_queues(model, lane))
 
     def chunk_routing_key(self, model: str, priority: Priority, lane: int = 0) -> str:
         return f"{self.job_routing_key(model, priority, lane)}{CHUNK_SUFFIX}"
@@ -303,7 +299,8 @@ class Topology:
                 lane_key = self.job_routing_key(model, priority, lane)
                 lane_queue = self.job_queue(model, priority, lane)
                 specs.append(QueueSpec(lane_queue, arguments, ((self.jobs_exchange, lane_key),)))
-                chunk_key, chunk_queue = f"{lane_key}{CHUNK_SUFFIX}", f"{lane_queue}{CHUNK_SUFFIX}"
+                chunk_key = self.chunk_routing_key(model, priority, lane)
+                chunk_queue = self.chunk_queue(model, priority, lane)
                 specs.append(QueueSpec(chunk_queue, arguments, ((self.jobs_exchange, chunk_key),)))
             if priority == "high" and not self.replicated:
                 continue  # classic: one set of delay tiers, back to the normal queue
@@ -345,3 +342,10 @@ class Topology:
         if self.replicated:
             arguments |= {"x-dead-letter-strategy": "at-least-once", "x-overflow": "reject-publish"}
         return QueueSpec(name, arguments, ((fed_by, name),))
+
+
+def _with_chunk_queues(queues: tuple[str, ...]) -> tuple[tuple[str, int], ...]:
+    """`queues`, a job a message, then the chunk queue beside each, CHUNK_JOBS a message."""
+    return tuple((queue, 1) for queue in queues) + tuple(
+        (f"{queue}{CHUNK_SUFFIX}", CHUNK_JOBS) for queue in queues
+    )
