@@ -122,6 +122,34 @@ for j = 0, #KEYS / 3 - 1 do
 end
 return results
 """
+
+
+def _as_function(name: str, source: str) -> str:
+    """A script's body as a local Lua function of its own KEYS and ARGV."""
+    return f"local function {name}(KEYS, ARGV)\n{source}end\n"
+
+
+# A quick batch (ray_workers.job_worker) is marked running and its endings recorded in one
+# call, after the model ran: START, then FINISH, each on its own slice of the keys and
+# arguments, so both keep one definition. KEYS: START's, then FINISH's. ARGV: START's key
+# count and argument count, START's arguments, then FINISH's. Returns both results.
+START_AND_FINISH = (
+    _as_function("start", START)
+    + _as_function("finish", FINISH)
+    + """
+local start_keys, start_args = tonumber(ARGV[1]), tonumber(ARGV[2])
+local function slice(list, first, last)
+  local part = {}
+  for i = first, last do part[#part + 1] = list[i] end
+  return part
+end
+return {
+  start(slice(KEYS, 1, start_keys), slice(ARGV, 3, start_args + 2)),
+  finish(slice(KEYS, start_keys + 1, #KEYS), slice(ARGV, start_args + 3, #ARGV)),
+}
+"""
+)
+
 # KEYS: record, started counter, the owner's set of jobs queued or running. ARGV: now,
 # channel, id.
 CANCEL = """

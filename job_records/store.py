@@ -168,6 +168,10 @@ class Started:
         )
 
 
+# What `finish` records of a job: (job, status, attempts, output, error).
+Ending = tuple[Job, str, int, Any, str | None]
+
+
 @dataclass(frozen=True)
 class KeyClaim:
     """What an Idempotency-Key's reservation found: `new`, `mismatch`, `in_flight`, `replay`,
@@ -247,6 +251,7 @@ class JobRecords:
                 "place": scripts.PLACE,
                 "start": scripts.START,
                 "finish": scripts.FINISH,
+                "start_and_finish": scripts.START_AND_FINISH,
                 "cancel": scripts.CANCEL,
                 "update_if": scripts.UPDATE_IF,
                 "record_delivery": scripts.RECORD_DELIVERY,
@@ -338,6 +343,42 @@ class JobRecords:
         terminal status that means the job must not run. One round trip, one script."""
         if not jobs:
             return {}
+        keys, args = self._start_call(jobs, now_ms)
+        async with self._guarded("start jobs in"):
+            results = await self._scripts["start"](keys=keys, args=args)
+        return {job.id: _started_from(r) for (job, _), r in zip(jobs, results, strict=True)}
+
+    async def finish(self, endings: Sequence[Ending]) -> dict[str, str]:
+        """Claim each (job, status, attempts, output, error) as the job's end; returns the
+        status each job is recorded with now (its own where the claim won). One round trip."""
+        if not endings:
+            return {}
+        keys, args = self._finish_call(endings)
+        async with self._guarded("finish jobs in"):
+            results = await self._scripts["finish"](keys=keys, args=args)
+        return {job.id: str(result) for (job, *_), result in zip(endings, results, strict=True)}
+
+    async def start_and_finish(
+        self, jobs: Sequence[tuple[Job, int]], now_ms: int, endings: Sequence[Ending]
+    ) -> tuple[dict[str, Started], dict[str, str]]:
+        """`start`, then `finish`, in one round trip: for a batch that already ran. A job
+        that `start` finds ended or canceled keeps that status (`finish` never overwrites
+        an ending), so the caller drops the ending it ran to."""
+        if not jobs:
+            return {}, {}
+        start_keys, start_args = self._start_call(jobs, now_ms)
+        finish_keys, finish_args = self._finish_call(endings) if endings else ([], [])
+        keys = start_keys + finish_keys
+        args: list[str | int] = [len(start_keys), len(start_args), *start_args, *finish_args]
+        async with self._guarded("start and finish jobs in"):
+            started, finished = await self._scripts["start_and_finish"](keys=keys, args=args)
+        return (
+            {job.id: _started_from(r) for (job, _), r in zip(jobs, started, strict=True)},
+            {job.id: str(result) for (job, *_), result in zip(endings, finished, strict=True)},
+        )
+
+    def _start_call(self, jobs: Sequence[tuple[Job, int]], now_ms: int) -> tuple[list[str], list[str | int]]:
+        """START's keys and arguments."""
         keys: list[str] = []
         per_job: list[list[str | int]] = []
         for job, attempt in jobs:
@@ -345,15 +386,10 @@ class JobRecords:
             per_job.append([attempt, *_flat(job_fields(job))])
         args: list[str | int] = [self._ttl_s, now_ms, len(per_job[0])]
         args += [arg for job_args in per_job for arg in job_args]
-        async with self._guarded("start jobs in"):
-            results = await self._scripts["start"](keys=keys, args=args)
-        return {job.id: _started_from(r) for (job, _), r in zip(jobs, results, strict=True)}
+        return keys, args
 
-    async def finish(self, endings: Sequence[tuple[Job, str, int, Any, str | None]]) -> dict[str, str]:
-        """Claim each (job, status, attempts, output, error) as the job's end; returns the
-        status each job is recorded with now (its own where the claim won). One round trip."""
-        if not endings:
-            return {}
+    def _finish_call(self, endings: Sequence[Ending]) -> tuple[list[str], list[str | int]]:
+        """FINISH's keys and arguments."""
         now_s = time.time()
         keys: list[str] = []
         per_job: list[list[str | int]] = []
@@ -363,9 +399,7 @@ class JobRecords:
             per_job.append([status, attempts, field, value, job.id, *_flat(job_fields(job))])
         args: list[str | int] = [self._ttl_s, int(now_s * 1000), self.finished_channel, len(per_job[0])]
         args += [arg for job_args in per_job for arg in job_args]
-        async with self._guarded("finish jobs in"):
-            results = await self._scripts["finish"](keys=keys, args=args)
-        return {job.id: str(result) for (job, *_), result in zip(endings, results, strict=True)}
+        return keys, args
 
     def _output_field(self, output: Any) -> tuple[str, str]:
         """The output as stored, or its size alone when over the cap: a record lives for

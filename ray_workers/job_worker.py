@@ -31,7 +31,7 @@ import contextlib
 import logging
 import math
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -39,7 +39,7 @@ import msgspec
 
 from broker.client import Broker, BrokerError, ChunkPart, Delivery, chunk_parts
 from broker.settlement import Outcome, Settled, settle
-from job_records.store import JobRecords, RecordsUnavailable, Started
+from job_records.store import Ending, JobRecords, RecordsUnavailable, Started
 from metrics.series import PrometheusSink
 from object_store.store import StoreUnavailable
 from policies.circuit_breaker import BreakerState, CircuitBreaker
@@ -85,9 +85,9 @@ def attempt_of(headers: Mapping[str, Any]) -> int:
     return attempt
 
 
-@dataclass
+@dataclass(eq=False)
 class _Work:
-    """One decoded job of a batch and, once known, its outcome."""
+    """One decoded job of a batch and, once known, its outcome (the same job only as itself)."""
 
     delivery: Delivery
     job: Job
@@ -187,6 +187,9 @@ class JobWorker:
         self.metrics = metrics if metrics is not None else WorkerMetrics(PrometheusSink(SERIES))
         self._payloads = PayloadReferences(model.name, settings)
         self._json_lines = JsonLinesJobs(model, self._payloads, rules.max_size, settings.batch_max_bytes)
+        # The model's time on its last batch: under QUICK_BATCH_MS the next one is quick
+        # (`_is_quick`). None run yet: not quick, as for a slow model.
+        self._last_model_s = math.inf
 
     @property
     def is_alive(self) -> bool:
@@ -375,25 +378,31 @@ class JobWorker:
 
         Every delivery of the batch is settled by the settling task this starts (after the
         previous batch's), except those whose channel has closed, which are dropped. A job
-        whose record says it ended or was canceled is settled without running."""
+        whose record says it ended or was canceled is settled without its run's ending: a
+        quick batch (`_is_quick`) is marked running and ended in one round trip after the
+        model ran; any other is marked running first, and such a job does not run."""
         now_ms = int(self._wall_clock() * 1000)
         work, outcomes = self._decode(batch, now_ms)
         await self._read_referenced(work)
-        fresh = []
-        started = await self._started(work, now_ms)
-        for item in work:
-            start = started.get(item.job.id, RUNNING)
-            if start.status == "running":
-                fresh.append(item)
-            else:
-                outcomes.append((item.delivery, self._ended_before(item, start, now_ms)))
+        quick = self._is_quick(work)
+        fresh = (
+            work if quick else self._still_running(work, await self._started(work, now_ms), outcomes, now_ms)
+        )
         runnable = [item for item in fresh if item.error is None and not item.expired and not item.lines]
         streamed = [item for item in fresh if item.lines and not item.expired]
         inference_s, model_failed = await self._infer(runnable)
-        await self._store_large_outputs(runnable)
+        large = self._large_outputs(runnable)
+        if quick and large:
+            # Marked running before an output is stored: a job canceled meanwhile stores nothing.
+            quick = False
+            fresh = self._still_running(work, await self._started(work, now_ms), outcomes, now_ms)
+            runnable = [item for item in runnable if item in fresh]
+            large = [(item, encoded) for item, encoded in large if item in fresh]
+        await self._store_outputs(large)
         if streamed:
             lines_s, lines_failed = await self._run_lines(streamed)
             inference_s, model_failed = inference_s + lines_s, model_failed or lines_failed
+        self._last_model_s = inference_s
         timings = [
             JobTimings(
                 queued_ms=round(max(0.0, now_ms - item.job.submitted_at_ms), 3),
@@ -403,7 +412,10 @@ class JobWorker:
             for item in fresh
         ]
         decided = [(item, self._outcome(item, timing)) for item, timing in zip(fresh, timings, strict=True)]
-        outcomes.extend(await self._first_terminal_wins(decided))
+        if quick:
+            outcomes.extend(await self._started_and_ended(work, decided, now_ms))
+        else:
+            outcomes.extend(await self._first_terminal_wins(decided))
         previous = self._settling
         if previous is not None:
             # One batch settling at a time: prefetch stays bounded. Shielded: a cancelled
@@ -413,6 +425,30 @@ class JobWorker:
         if runnable or streamed:
             await self._update_breaker(model_failed)
         return inference_s, model_failed
+
+    def _is_quick(self, work: list[_Work]) -> bool:
+        """Whether the batch is marked running after it ran, with its endings: the model's
+        last batch took under QUICK_BATCH_MS, and no job streams JSON Lines. It saves a
+        Redis round trip a batch; what it costs is that a job canceled or ended meanwhile
+        runs (its run's ending is dropped), at most one quick batch's model time."""
+        return (
+            self._records is not None
+            and self._last_model_s < self._settings.quick_batch_s
+            and not any(item.lines for item in work)
+        )
+
+    def _still_running(
+        self, work: list[_Work], started: dict[str, Started], outcomes: list[Outcome], now_ms: int
+    ) -> list[_Work]:
+        """The jobs marked running; each of the others gets what `_ended_before` sends."""
+        running = []
+        for item in work:
+            start = started.get(item.job.id, RUNNING)
+            if start.status == "running":
+                running.append(item)
+            else:
+                outcomes.append((item.delivery, self._ended_before(item, start, now_ms)))
+        return running
 
     async def _park_batch(self, batch: list[Delivery], reason: str) -> None:
         """Park every delivery of a batch the worker itself failed on (replayable, none lost),
@@ -502,25 +538,58 @@ class JobWorker:
 
     async def _first_terminal_wins(self, decided: list[tuple[_Work, list[Publish]]]) -> list[Outcome]:
         """Record each terminal status; a copy whose job already ended otherwise publishes
-        nothing (its delivery is only acked), so no job has two terminal events. A job
-        without a callback URL needs its event only when its record could not be written."""
-        endings = {
+        nothing (its delivery is only acked), so no job has two terminal events."""
+        endings = self._endings(decided)
+        recorded = await self._finish(list(endings.values())) if endings else None
+        return self._kept_endings(decided, endings, recorded)
+
+    async def _started_and_ended(
+        self, work: list[_Work], decided: list[tuple[_Work, list[Publish]]], now_ms: int
+    ) -> list[Outcome]:
+        """A quick batch, already run: its jobs marked running and their endings recorded
+        in one round trip. A job found canceled or ended sends what `_ended_before` says
+        instead of its run's ending."""
+        endings = self._endings(decided)
+        started: dict[str, Started] = {}
+        recorded: dict[str, str] | None = None
+        if self._records is not None:
+            try:
+                started, recorded = await self._records.start_and_finish(
+                    [(item.job, item.attempt) for item in work], now_ms, self._ending_rows(endings.values())
+                )
+            except RecordsUnavailable as exc:
+                if not exc.skipped:
+                    logger.warning("job records unavailable, running without the checks: %s", exc)
+        outcomes: list[Outcome] = []
+        ran = self._still_running([item for item, _ in decided], started, outcomes, now_ms)
+        kept = [(item, publishes) for item, publishes in decided if item in ran]
+        return outcomes + self._kept_endings(kept, endings, recorded)
+
+    def _endings(self, decided: list[tuple[_Work, list[Publish]]]) -> dict[str, tuple[_Work, str]]:
+        """Each job whose outcome ends it, with the status it ends with."""
+        return {
             item.job.id: (item, publish.message.type.removeprefix("job."))
             for item, publishes in decided
             for publish in publishes
             if publish.routing_key == self._topology.callbacks_queue and publish.message.type
         }
-        recorded = await self._finish(list(endings.values())) if endings else None
+
+    def _kept_endings(
+        self,
+        decided: list[tuple[_Work, list[Publish]]],
+        endings: dict[str, tuple[_Work, str]],
+        recorded: dict[str, str] | None,
+    ) -> list[Outcome]:
+        """Each job's outcome as the records allow it (None: not recorded), each ending kept
+        counted once. A job without a callback URL needs its event only when its record
+        could not be written."""
         outcomes: list[Outcome] = []
         for item, publishes in decided:
             own = endings[item.job.id][1] if item.job.id in endings else None
             if own is None:
                 outcomes.append((item.delivery, publishes))
-            elif recorded is None:
-                # Not recorded: the event carries its job, and the dispatcher records it.
-                carried = [self._carrying(p, item.job) for p in publishes] if self._records else publishes
-                outcomes.append((item.delivery, carried))
-            elif recorded.get(item.job.id, own) != own:
+                continue
+            if recorded is not None and recorded.get(item.job.id, own) != own:
                 logger.warning(
                     "job %s already ended as %s; this copy's %s is not sent",
                     item.job.id,
@@ -528,6 +597,12 @@ class JobWorker:
                     own,
                 )
                 outcomes.append((item.delivery, []))
+                continue
+            self.metrics.count_outcome(item.job.model, own, item.job.tenant)
+            if recorded is None:
+                # Not recorded: the event carries its job, and the dispatcher records it.
+                carried = [self._carrying(p, item.job) for p in publishes] if self._records else publishes
+                outcomes.append((item.delivery, carried))
             elif not item.job.callback_url:
                 kept = [p for p in publishes if p.routing_key != self._topology.callbacks_queue]
                 outcomes.append((item.delivery, kept))
@@ -546,16 +621,18 @@ class JobWorker:
         if self._records is None:
             return None
         try:
-            return await self._records.finish(
-                [
-                    (item.job, status, item.attempt, item.output_ref or item.output, self._ending_error(item))
-                    for item, status in endings
-                ]
-            )
+            return await self._records.finish(self._ending_rows(endings))
         except RecordsUnavailable as exc:
             if not exc.skipped:
                 logger.warning("job records unavailable, publishing without the check: %s", exc)
             return None
+
+    def _ending_rows(self, endings: Iterable[tuple[_Work, str]]) -> list[Ending]:
+        """What the records keep of each ending."""
+        return [
+            (item.job, status, item.attempt, item.output_ref or item.output, self._ending_error(item))
+            for item, status in endings
+        ]
 
     @staticmethod
     def _ending_error(item: _Work) -> str | None:
@@ -605,9 +682,8 @@ class JobWorker:
             model_failed = model_failed or outcome.model_failed
         return time.monotonic() - started, model_failed
 
-    async def _store_large_outputs(self, items: Sequence[_Work]) -> None:
-        """Outputs over OUTPUT_INLINE_MAX_BYTES to the object store, all at once; one that
-        cannot be stored makes its job retry (the model runs it again)."""
+    def _large_outputs(self, items: Sequence[_Work]) -> list[tuple[_Work, bytes]]:
+        """The outputs over OUTPUT_INLINE_MAX_BYTES, encoded, where there is a store for them."""
         large: list[tuple[_Work, bytes]] = []
         for item in items:
             if item.error is not None or not self._payloads.stores_outputs:
@@ -618,6 +694,11 @@ class JobWorker:
                 continue  # the job fails on it when its event is made
             if self._payloads.by_reference(encoded):
                 large.append((item, encoded))
+        return large
+
+    async def _store_outputs(self, large: list[tuple[_Work, bytes]]) -> None:
+        """Large outputs to the object store, all at once; one that cannot be stored makes
+        its job retry (the model runs it again)."""
         stored = await asyncio.gather(
             *(self._payloads.store_output(item.job.id, encoded) for item, encoded in large),
             return_exceptions=True,
@@ -687,7 +768,6 @@ class JobWorker:
         now_ms = int(now_s * 1000)
         if item.expired:
             logger.info("job %s expired before it ran", job.id)
-            self.metrics.count_outcome(job.model, "expired", job.tenant)
             return [
                 callback_for(
                     job,
@@ -715,7 +795,6 @@ class JobWorker:
                 item.output, item.permanent = None, True
                 item.error = f"the model's output cannot be encoded as JSON: {exc!r}"[:1000]
             else:
-                self.metrics.count_outcome(job.model, "succeeded", job.tenant)
                 return [succeeded]
         delay_s = None if item.permanent else self._schedule.delay_after(attempt)
         if delay_s is not None and (job.deadline_ms is None or now_ms + delay_s * 1000 < job.deadline_ms):
@@ -737,7 +816,6 @@ class JobWorker:
             ]
         reason = "permanent error" if item.permanent else f"failed after {attempt} attempt(s)"
         logger.warning("job %s parked (%s): %s", job.id, reason, item.error)
-        self.metrics.count_outcome(job.model, "failed", job.tenant)
         return [
             parked(
                 item.delivery.body,

@@ -53,6 +53,9 @@ class WorkerSettings:
     # Bytes of job bodies in one batch, and prefetched by a classic-queue consumer.
     batch_max_bytes: int = 8 * 1024 * 1024
     prefetch_max_bytes: int = 32 * 1024 * 1024
+    # A batch after one whose model time was under this is marked running with its endings,
+    # after it ran (one Redis round trip, not two; QUICK_BATCH_MS).
+    quick_batch_s: float = 0.02
 
     def pod_processes(self) -> tuple[int, float]:
         """Serve replicas in one pod and the GPUs each reserves: a pod with GPUs runs
@@ -84,6 +87,7 @@ class WorkerSettings:
             record_output_max_bytes=read.record_output_max_bytes,
             batch_max_bytes=read.worker_batch_max_bytes,
             prefetch_max_bytes=read.worker_prefetch_max_bytes,
+            quick_batch_s=read.quick_batch_ms / 1000,
             object_store=read.object_store,
             upload_max_bytes=read.upload_max_bytes,
             input_allow=AllowList.parse(read.callback_allow_hosts),

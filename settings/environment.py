@@ -452,6 +452,17 @@ class Environment(BaseModel):
         alias="WORKER_PREFETCH_MAX_BYTES",
         description="job bodies a replica prefetches (classic queues)",
     )
+    quick_batch_ms: float = Field(
+        20.0,
+        ge=0,
+        le=1000,
+        alias="QUICK_BATCH_MS",
+        description=(
+            "a batch whose model's last batch took less than this is marked running and ended in "
+            "one Redis round trip after it ran, not one before and one after; a job canceled "
+            "meanwhile then runs, its ending dropped (0: every batch is marked running first)"
+        ),
+    )
     breaker_failure_threshold: int = Field(
         5,
         ge=1,

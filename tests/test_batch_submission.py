@@ -9,6 +9,7 @@ from typing import Any
 
 import aio_pika
 import httpx
+import pytest
 
 from callbacks.dispatcher import CallbackDispatcher
 from ingress.settings import IngressSettings
@@ -137,17 +138,19 @@ async def test_given_an_idempotency_key_then_the_batch_is_queued_once_and_replay
     assert await jobs_held(amqp_url, topology, "echo") == 8
 
 
-async def test_given_one_job_of_a_batch_canceled_then_it_alone_does_not_run(
+@pytest.mark.parametrize("quick_batch_s", [0.0, 1.0], ids=["marked-first", "quick"])
+async def test_given_one_job_of_a_batch_canceled_then_it_alone_does_not_end_otherwise(
     client: httpx.AsyncClient,
     receiver: CallbackReceiver,
     worker_settings: WorkerSettings,
     dispatcher: CallbackDispatcher,
+    quick_batch_s: float,
 ) -> None:
     accepted = await _batch(client, [{"input": n, "callback_url": receiver.url} for n in range(5)])
     ids = [job["id"] for job in accepted.json()["jobs"]]
     canceled = await client.post(f"/v1/jobs/{ids[2]}/cancel")
     model = RecordingModel()
-    async with running_worker(model, worker_settings):
+    async with running_worker(model, dataclasses.replace(worker_settings, quick_batch_s=quick_batch_s)):
         callbacks = await receiver.wait_for(5, timeout_s=15)
 
         async def all_ended() -> bool:
@@ -159,7 +162,9 @@ async def test_given_one_job_of_a_batch_canceled_then_it_alone_does_not_run(
 
     assert canceled.status_code == 200
     assert types == {job_id: "job.canceled" if n == 2 else "job.succeeded" for n, job_id in enumerate(ids)}
-    assert sum(len(batch.attempts) for batch in model.batches) == 4
+    ran = sum(len(batch.attempts) for batch in model.batches)
+    # Marked running first, it never reaches the model; a quick batch may run it, and drops its ending.
+    assert ran in ((4, 5) if quick_batch_s else (4,))
 
 
 async def test_given_the_broker_takes_part_of_a_batch_then_503_says_which_jobs_are_queued(

@@ -11,6 +11,7 @@ from collections import Counter
 from typing import Any
 
 import httpx
+import pytest
 import redis.asyncio
 
 from callbacks.dispatcher import CallbackDispatcher
@@ -18,7 +19,7 @@ from ingress.settings import IngressSettings
 from loadgen.callback_receiver import CallbackReceiver
 from ray_workers.settings import WorkerSettings
 from tests.conftest import drain_queue, running_ingress, running_worker, wait_until
-from tests.models import RecordingModel
+from tests.models import GatedModel, RecordingModel
 
 KEY_A = "key-a-0123456789"
 KEY_B = "key-b-0123456789"
@@ -139,11 +140,13 @@ async def test_given_a_finished_job_then_cancel_answers_409_with_its_status(
     assert refused.status_code == 409 and refused.json()["job_status"] == "succeeded"
 
 
+@pytest.mark.parametrize("quick_batch_s", [0.0, 1.0], ids=["marked-first", "quick"])
 async def test_given_cancel_racing_the_worker_then_each_job_either_runs_or_is_canceled(
     client: httpx.AsyncClient,
     receiver: CallbackReceiver,
     worker_settings: WorkerSettings,
     dispatcher: CallbackDispatcher,
+    quick_batch_s: float,
 ) -> None:
     count = 60
     model = RecordingModel()
@@ -155,19 +158,57 @@ async def test_given_cancel_racing_the_worker_then_each_job_either_runs_or_is_ca
         return [await client.post(f"/v1/jobs/{job_id}/cancel") for job_id in ids]
 
     canceling = asyncio.create_task(cancel_all())  # one by one, while the worker starts and runs
-    async with running_worker(model, worker_settings):
+    async with running_worker(model, dataclasses.replace(worker_settings, quick_batch_s=quick_batch_s)):
         cancels = await canceling
         callbacks = await receiver.wait_for(count, timeout_s=20)
+    records = [(await client.get(f"/v1/jobs/{job_id}")).json() for job_id in ids]
 
     events = {c.event["data"]["id"]: c.event["type"] for c in callbacks}
     ran = sum(len(batch.attempts) for batch in model.batches)
     outcomes = Counter(response.status_code for response in cancels)
     assert set(outcomes) <= {200, 409} and len(events) == count
-    for job_id, response in zip(ids, cancels, strict=True):
-        expected = "job.canceled" if response.status_code == 200 else "job.succeeded"
-        assert events[job_id] == expected, (job_id, response.text)
-    assert ran == outcomes[409]  # canceled jobs never reached the model
-    print(f"\ncancel race: {outcomes[200]} canceled, {outcomes[409]} ran first")
+    for job_id, response, record in zip(ids, cancels, records, strict=True):
+        expected = "canceled" if response.status_code == 200 else "succeeded"
+        assert events[job_id] == f"job.{expected}" and record["status"] == expected, (job_id, response.text)
+        assert ("output" in record) == (expected == "succeeded"), record
+    if quick_batch_s:
+        # A quick batch is marked running after it ran: a canceled job may have run, and
+        # what it ran to is dropped (the checks above).
+        assert ran >= outcomes[409]
+    else:
+        assert ran == outcomes[409]  # canceled jobs never reached the model
+    print(f"\ncancel race: {outcomes[200]} canceled, {outcomes[409]} ran first, the model ran {ran}")
+
+
+@pytest.mark.parametrize("quick_batch_s", [0.0, 30.0], ids=["marked-first", "quick"])
+async def test_given_a_job_canceled_in_the_inbox_then_it_ends_canceled_whether_or_not_its_batch_is_quick(
+    client: httpx.AsyncClient,
+    receiver: CallbackReceiver,
+    worker_settings: WorkerSettings,
+    dispatcher: CallbackDispatcher,
+    quick_batch_s: float,
+) -> None:
+    model = GatedModel()  # its first batch waits at the gate: the second follows a known model time
+    async with running_worker(model, dataclasses.replace(worker_settings, quick_batch_s=quick_batch_s)):
+        first = (await _submit(client, {"input": "first", "callback_url": receiver.url})).json()["id"]
+        await wait_until(lambda: model.ran == ["first"], 10, "the first job at the gate")
+        second = (await _submit(client, {"input": "second", "callback_url": receiver.url})).json()["id"]
+        canceled = await client.post(f"/v1/jobs/{second}/cancel")
+        model.gate.set()
+        callbacks = await receiver.wait_for(2, timeout_s=10)
+        # Whatever the second's batch does with it, once it ended nothing more comes.
+        await wait_until(lambda: model.ran[-1:] == ["second"] or not quick_batch_s, 10, "the quick batch")
+    records = {job_id: (await client.get(f"/v1/jobs/{job_id}")).json() for job_id in (first, second)}
+
+    assert canceled.status_code == 200
+    assert sorted(c.event["type"] for c in callbacks) == ["job.canceled", "job.succeeded"]
+    assert {c.event["data"]["id"]: c.event["type"] for c in callbacks}[second] == "job.canceled"
+    assert records[first]["status"] == "succeeded" and records[first]["output"] == "first"
+    assert records[second]["status"] == "canceled" and "output" not in records[second]
+    # Marked running first, a canceled job never reaches the model; a quick batch runs it
+    # and drops its ending.
+    assert model.ran == (["first", "second"] if quick_batch_s else ["first"])
+    assert len(receiver.received) == 2
 
 
 async def test_given_the_same_idempotency_key_then_one_job_and_a_marked_replay(

@@ -10,7 +10,7 @@ from collections.abc import AsyncIterator
 import pytest
 import redis.asyncio
 
-from job_records.store import CANCEL_HANDOFF_S, JobRecords, RecordsUnavailable
+from job_records.store import CANCEL_HANDOFF_S, JobRecord, JobRecords, RecordsUnavailable
 from wire.envelope import Job, Priority
 
 
@@ -85,6 +85,47 @@ async def test_given_a_finished_job_then_start_answers_its_status_and_does_not_r
     assert (await records.start([(job, 1)], now_ms=3_000))[job.id].status == "succeeded"
     record = await records.get(job.id)
     assert record is not None and record.status == "succeeded" and record.started_ms == 2_000
+
+
+async def test_given_start_and_finish_in_one_call_then_each_job_reads_as_after_start_then_finish(
+    records: JobRecords,
+) -> None:
+    fresh, canceled, done, retrying = _job(), _job(), _job(), _job()
+    await records.create([fresh, canceled, done, retrying])
+    assert (await records.cancel(await _record(records, canceled), now_ms=1_500)) == (True, "canceled")
+    await records.finish([(done, "succeeded", 1, "before", None)])
+    endings = [(job, "succeeded", 2, f"ran {n}", None) for n, job in enumerate((fresh, canceled, done))]
+
+    started, recorded = await records.start_and_finish(
+        [(fresh, 2), (canceled, 2), (done, 2), (retrying, 2)], 2_000, endings
+    )
+
+    assert [started[job.id].status for job in (fresh, canceled, done, retrying)] == [
+        "running",
+        "canceled",
+        "succeeded",
+        "running",
+    ]
+    assert started[done.id].output == "before"  # what a redelivered copy sends again
+    assert recorded == {fresh.id: "succeeded", canceled.id: "canceled", done.id: "succeeded"}
+    read = {job.id: await _record(records, job) for job in (fresh, canceled, done, retrying)}
+    assert (read[fresh.id].status, read[fresh.id].output, read[fresh.id].attempts) == (
+        "succeeded",
+        "ran 0",
+        2,
+    )
+    assert (read[fresh.id].started_ms, read[retrying.id].started_ms) == (2_000, 2_000)
+    assert (read[canceled.id].status, read[canceled.id].output) == ("canceled", None)
+    assert read[done.id].output == "before"
+    assert (read[retrying.id].status, read[retrying.id].attempts) == ("running", 2)
+    assert await records.start_and_finish([], 3_000, []) == ({}, {})
+    assert (await records.start_and_finish([(_job(), 1)], 3_000, []))[1] == {}
+
+
+async def _record(records: JobRecords, job: Job) -> JobRecord:
+    record = await records.get(job.id)
+    assert record is not None
+    return record
 
 
 async def test_given_cancel_racing_start_then_exactly_one_wins(records: JobRecords) -> None:
