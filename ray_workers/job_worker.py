@@ -396,8 +396,9 @@ class JobWorker:
             # Marked running before an output is stored: a job canceled meanwhile stores nothing.
             quick = False
             fresh = self._still_running(work, await self._started(work, now_ms), outcomes, now_ms)
-            runnable = [item for item in runnable if item in fresh]
-            large = [(item, encoded) for item, encoded in large if item in fresh]
+            running = set(fresh)
+            runnable = [item for item in runnable if item in running]
+            large = [(item, encoded) for item, encoded in large if item in running]
         await self._store_outputs(large)
         if streamed:
             lines_s, lines_failed = await self._run_lines(streamed)
@@ -540,7 +541,7 @@ class JobWorker:
         """Record each terminal status; a copy whose job already ended otherwise publishes
         nothing (its delivery is only acked), so no job has two terminal events."""
         endings = self._endings(decided)
-        recorded = await self._finish(list(endings.values())) if endings else None
+        recorded = await self._finish(endings.values()) if endings else None
         return self._kept_endings(decided, endings, recorded)
 
     async def _started_and_ended(
@@ -561,7 +562,7 @@ class JobWorker:
                 if not exc.skipped:
                     logger.warning("job records unavailable, running without the checks: %s", exc)
         outcomes: list[Outcome] = []
-        ran = self._still_running([item for item, _ in decided], started, outcomes, now_ms)
+        ran = set(self._still_running([item for item, _ in decided], started, outcomes, now_ms))
         kept = [(item, publishes) for item, publishes in decided if item in ran]
         return outcomes + self._kept_endings(kept, endings, recorded)
 
@@ -615,7 +616,7 @@ class JobWorker:
             carrying_job(publish, job) if publish.routing_key == self._topology.callbacks_queue else publish
         )
 
-    async def _finish(self, endings: list[tuple[_Work, str]]) -> dict[str, str] | None:
+    async def _finish(self, endings: Iterable[tuple[_Work, str]]) -> dict[str, str] | None:
         """The status each job is recorded with now; None when there are no records or
         Redis is away (at-least-once meanwhile)."""
         if self._records is None:
