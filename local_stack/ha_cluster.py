@@ -179,12 +179,15 @@ def up(nodes: Sequence[HaNode] = NODES) -> None:
 
 
 def down(nodes: Sequence[HaNode] = NODES) -> None:
-    """Stop every node of this cluster that runs, then remove their directories."""
+    """Stop every node of this cluster that runs, then remove their directories: only
+    theirs, so a node someone else keeps under HA_BASE keeps its files (and its pid file,
+    the only way to stop it cleanly)."""
     for node in reversed(nodes):
         if is_running(node):
             pid_file = [str(node.pid_file)] if node.pid_file.exists() else []
             rabbitmqctl(node, "stop", *pid_file, timeout_s=90)
-    shutil.rmtree(HA_BASE, ignore_errors=True)
+    for node in nodes:
+        shutil.rmtree(node.directory, ignore_errors=True)
 
 
 def queue_leaders(node: HaNode) -> dict[str, str]:

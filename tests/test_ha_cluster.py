@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+import shutil
 import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -18,7 +19,9 @@ import pytest
 from autoscaler.queue_metrics import MANAGEMENT_PORT, ManagementApi
 from broker.client import Broker, BrokerError, Delivery, PublishRejected
 from local_stack.ha_cluster import (
+    HA_BASE,
     HaNode,
+    down,
     is_running,
     kill,
     queue_leaders,
@@ -62,6 +65,21 @@ async def _consume_all(node: HaNode, queue_name: str) -> set[str]:
             await message.ack()
         await channel.queue_delete(queue_name)
     return received
+
+
+def test_given_a_directory_of_another_node_under_the_base_then_down_removes_only_its_own_nodes() -> None:
+    ours = HaNode(f"rabbit-ours-{uuid.uuid4().hex[:6]}", 5791, 25791, 15791)
+    theirs = HA_BASE / f"rabbit-theirs-{uuid.uuid4().hex[:6]}"
+    (ours.directory / "mnesia").mkdir(parents=True)
+    (theirs / "mnesia").mkdir(parents=True)
+    try:
+        down([ours])  # not running: nothing to stop, only its files to remove
+
+        assert not ours.directory.exists()
+        assert (theirs / "mnesia").is_dir()
+    finally:
+        shutil.rmtree(theirs, ignore_errors=True)
+        shutil.rmtree(ours.directory, ignore_errors=True)
 
 
 def test_the_cluster_is_three_nodes_and_not_the_broker_on_5672(ha_cluster: tuple[HaNode, ...]) -> None:
