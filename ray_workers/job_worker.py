@@ -381,7 +381,10 @@ class JobWorker:
         whose record says it ended or was canceled is settled without its run's ending: a
         quick batch (`_is_quick`) is marked running and ended in one round trip after the
         model ran; any other is marked running first, and such a job does not run."""
-        now_ms = int(self._wall_clock() * 1000)
+        # Whole milliseconds for the records; the timings keep the fraction, so a job's
+        # queue wait (a hop of 1-2 ms at low load) is not rounded to whole milliseconds.
+        taken_ms = self._wall_clock() * 1000
+        now_ms = int(taken_ms)
         work, outcomes = self._decode(batch, now_ms)
         await self._read_referenced(work)
         quick = self._is_quick(work)
@@ -406,7 +409,7 @@ class JobWorker:
         self._last_model_s = inference_s
         timings = [
             JobTimings(
-                queued_ms=round(max(0.0, now_ms - item.job.submitted_at_ms), 3),
+                queued_ms=round(max(0.0, taken_ms - item.job.submitted_at_ms), 3),
                 inference_ms=round(inference_s * 1000, 3),
                 batch_size=len(runnable),
             )

@@ -71,6 +71,23 @@ async def test_given_running_workers_when_jobs_are_submitted_then_signed_callbac
     assert timings["queued_ms"] >= 0
 
 
+async def test_given_jobs_submitted_then_each_callback_times_its_queue_wait_below_a_millisecond(
+    client: httpx.AsyncClient, receiver: CallbackReceiver, workers: list[JobWorker]
+) -> None:
+    """A lone job waits 1-2 ms in the queue: timed in whole milliseconds (the ingress's and
+    the worker's clocks truncated), every wait read 1 or 2, and the bench's per-job
+    timeline could not show where a fraction of a millisecond went."""
+    before_ms = time.time() * 1000
+    for n in range(5):
+        await _submit(client, "echo", {"input": n, "callback_url": receiver.url})
+    received = await receiver.wait_for(5, timeout_s=15)
+    elapsed_ms = time.time() * 1000 - before_ms
+
+    waits = [r.event["data"]["timings"]["queued_ms"] for r in received]
+    assert all(0 <= wait <= elapsed_ms + 0.5 for wait in waits), waits
+    assert any(wait != int(wait) for wait in waits), f"every queue wait in whole milliseconds: {waits}"
+
+
 async def test_given_workers_paused_when_they_start_then_high_runs_before_normal_before_low(
     client: httpx.AsyncClient,
     receiver: CallbackReceiver,
