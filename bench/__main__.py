@@ -355,6 +355,17 @@ def _versus_celery_rows(summary: dict[str, Any]) -> list[tuple[str, float, str]]
     return rows
 
 
+def _versus_celery_cpu(summary: dict[str, Any]) -> list[str]:
+    """Where our side's CPU went, per job and process, single jobs and batches (each
+    backlog's last repetition)."""
+    title = "Versus Celery, ours: where the CPU went, milliseconds per job by process (last repetition):"
+    lines = ["", title, ""]
+    for name, cpu in summary["cpu_ms_per_job"].items():
+        parts = ", ".join(f"{role} {ms:.2f}" for role, ms in cpu.items() if ms >= 0.005)
+        lines.append(f"- {name}: total {sum(cpu.values()):.2f} ms: {parts}")
+    return lines
+
+
 def _user_path_rows(results: dict[str, Any]) -> list[tuple[str, float, str]]:
     rows = []
     summary = results["user-path"]["summary"]
@@ -455,6 +466,8 @@ def markdown(results: dict[str, Any], machine: str, quick: bool) -> str:
             cpu = run["cpu_ms_per_job"]
             parts = ", ".join(f"{role} {ms:.2f}" for role, ms in cpu.items() if ms >= 0.005)
             lines.append(f"- {name}: total {sum(cpu.values()):.2f} ms: {parts}")
+    if "versus-celery" in results:
+        lines += _versus_celery_cpu(results["versus-celery"]["summary"])
     if "profile" in results:
         lines += profile_markdown(results["profile"])
     if "budgets" in results:
