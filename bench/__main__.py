@@ -352,6 +352,20 @@ def _versus_celery_rows(summary: dict[str, Any]) -> list[tuple[str, float, str]]
             f"{summary.get('celery_echo_latency_p50_ms', float('nan')):.1f} ms",
         )
     )
+    floor = summary["floor_ms"]
+    rows.append(
+        (
+            "Low load, the hops alone beside it (bench.hop_floor): submit -> callback floor / p50",
+            floor["callback_floor_ms"] / summary["low_load_p50_ms"],
+            f"HTTP exchange {floor['http_exchange_ms']:.2f} ms + 2 x broker one way "
+            f"{floor['broker_one_way_ms']:.2f} + Redis round trip "
+            f"{floor.get('redis_round_trip_ms', 0.0):.2f} "
+            f"= {floor['callback_floor_ms']:.1f} ms before any of the pipeline's work (p50 measured "
+            f"{summary['low_load_p50_ms']:.1f}); the 202's: HTTP exchange + publish confirm "
+            f"{floor['publish_confirm_ms']:.2f} = {floor['accepted_floor_ms']:.1f} ms (measured "
+            f"{summary['accepted_p50_ms']:.1f})",
+        )
+    )
     return rows
 
 

@@ -10,7 +10,8 @@ from the first submit to the last verified callback:
 - batches (POST .../jobs/batch), 8 requests in flight: echo and embed-minilm;
 - low load: one echo job every 50 ms, each job's timeline (202, queue wait, model,
   result to verified callback) as medians, and submit -> callback p50 / p99; then the
-  same jobs without a callback, each request waiting for its result (`Prefer: wait`).
+  same jobs without a callback, each request waiting for its result (`Prefer: wait`);
+  and the floor under both, each hop timed alone in the same stack (`bench.hop_floor`).
 
 Celery's figures are drains (no submit, no result delivery in its clock); ours include
 both, so a ratio above 1 is ours doing more work per job, faster.
@@ -39,11 +40,13 @@ from typing import Any
 
 import aiohttp
 
+from bench.hop_floor import measure_floor
 from bench.user_path import MODELS, WARM_UP_JOBS, backlog_run
 from callbacks.signing import generate_secret
 from loadgen.measurement import bench_stack_env, bench_topology, delete_bench_topology, median
 from loadgen.receiver_process import ReceiverProcess
 from loadgen.stack_process import StackProcess
+from settings.environment import Environment
 
 CELERY_BENCH = Path(os.environ.get("CELERY_BENCH", "../shared/competitors/celery_bench.py"))
 CELERY_VENV = Path(".celery-venv")
@@ -178,10 +181,13 @@ async def _ours(amqp_url: str, size: VersusSize) -> dict[str, list[dict[str, Any
             runs[name].append(run)
         low = await _low_load(stack, receiver, size.low_load_jobs)
         low.update(await _low_load_waiting(stack, size.low_load_jobs))
+        low["floor"] = await measure_floor(amqp_url, Environment.read(os.environ).records_url, stack.base_url)
         print(
             f"  ours low load: p50 {low['p50_ms']:.1f} ms, p99 {low['p99_ms']:.1f} ms, "
             f"202 p50 {low['accepted_p50_ms']:.1f} ms; waiting (Prefer: wait) p50 "
-            f"{low['wait_p50_ms']:.1f} ms, p99 {low['wait_p99_ms']:.1f} ms",
+            f"{low['wait_p50_ms']:.1f} ms, p99 {low['wait_p99_ms']:.1f} ms; the hops alone "
+            f"{low['floor']['callback_floor_ms']:.1f} ms, the 202's "
+            f"{low['floor']['accepted_floor_ms']:.1f} ms",
             flush=True,
         )
         runs["low-load"].append(low)
@@ -301,6 +307,7 @@ def _summary(
         "wait_p50_ms": median([r["wait_p50_ms"] for r in low]),
         "wait_p99_ms": median([r["wait_p99_ms"] for r in low]),
         "wait_unanswered": sum(r["wait_unanswered"] for r in low),
+        "floor_ms": {part: median([r["floor"][part] for r in low]) for part in low[0]["floor"]},
         "timeline_p50_ms": {
             part: median([r["timeline_p50_ms"][part] for r in low]) for part in low[0]["timeline_p50_ms"]
         },
