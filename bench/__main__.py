@@ -374,10 +374,13 @@ def _versus_celery_cpu(summary: dict[str, Any]) -> list[str]:
     backlog's last repetition)."""
     title = "Versus Celery, ours: where the CPU went, milliseconds per job by process (last repetition):"
     lines = ["", title, ""]
-    for name, cpu in summary["cpu_ms_per_job"].items():
-        parts = ", ".join(f"{role} {ms:.2f}" for role, ms in cpu.items() if ms >= 0.005)
-        lines.append(f"- {name}: total {sum(cpu.values()):.2f} ms: {parts}")
-    return lines
+    return lines + [_cpu_line(name, cpu) for name, cpu in summary["cpu_ms_per_job"].items()]
+
+
+def _cpu_line(name: str, cpu: dict[str, float]) -> str:
+    """A run's CPU milliseconds per job, in all and by process (the largest first)."""
+    parts = ", ".join(f"{role} {ms:.2f}" for role, ms in cpu.items() if ms >= 0.005)
+    return f"- {name}: total {sum(cpu.values()):.2f} ms: {parts}"
 
 
 def _user_path_rows(results: dict[str, Any]) -> list[tuple[str, float, str]]:
@@ -477,9 +480,7 @@ def markdown(results: dict[str, Any], machine: str, quick: bool) -> str:
         lines += ["", "User path, where the CPU went: milliseconds per job by process (median run):", ""]
         for name, runs in results["user-path"]["runs"].items():
             run = sorted(runs, key=lambda r: r["jobs_per_s"])[len(runs) // 2]
-            cpu = run["cpu_ms_per_job"]
-            parts = ", ".join(f"{role} {ms:.2f}" for role, ms in cpu.items() if ms >= 0.005)
-            lines.append(f"- {name}: total {sum(cpu.values()):.2f} ms: {parts}")
+            lines.append(_cpu_line(name, run["cpu_ms_per_job"]))
     if "versus-celery" in results:
         lines += _versus_celery_cpu(results["versus-celery"]["summary"])
     if "profile" in results:

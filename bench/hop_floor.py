@@ -24,6 +24,7 @@ import contextlib
 import statistics
 import time
 import uuid
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import aiohttp
@@ -55,17 +56,26 @@ async def measure_floor(amqp_url: str, redis_url: str | None, ingress_url: str) 
     return hops
 
 
+async def _median_ms(probe: Callable[[], Awaitable[object]]) -> float:
+    """PROBES calls of `probe`, PROBE_INTERVAL_S apart: the median call, in ms."""
+    times = []
+    for _ in range(PROBES):
+        begun = time.perf_counter()
+        await probe()
+        times.append((time.perf_counter() - begun) * 1000)
+        await asyncio.sleep(PROBE_INTERVAL_S)
+    return statistics.median(times)
+
+
 async def _http_exchange_ms(ingress_url: str) -> float:
     """`GET /healthz` on the ingress over a kept-alive connection, as a client submits."""
-    times = []
     async with aiohttp.ClientSession(ingress_url) as session:
-        for _ in range(PROBES):
-            begun = time.perf_counter()
+
+        async def exchange() -> bytes:
             async with session.get("/healthz") as response:
-                await response.read()
-            times.append((time.perf_counter() - begun) * 1000)
-            await asyncio.sleep(PROBE_INTERVAL_S)
-    return statistics.median(times)
+                return await response.read()
+
+        return await _median_ms(exchange)
 
 
 async def _broker_hop_ms(amqp_url: str) -> dict[str, float]:
@@ -111,13 +121,7 @@ async def _broker_hop_ms(amqp_url: str) -> dict[str, float]:
 async def _redis_round_trip_ms(redis_url: str) -> float:
     """One read of a record that does not exist: a single command's round trip."""
     records = JobRecords(redis_url, f"floor-probe-{uuid.uuid4().hex[:8]}", ttl_s=60)
-    times = []
     try:
-        for _ in range(PROBES):
-            begun = time.perf_counter()
-            await records.get("absent")
-            times.append((time.perf_counter() - begun) * 1000)
-            await asyncio.sleep(PROBE_INTERVAL_S)
+        return await _median_ms(lambda: records.get("absent"))
     finally:
         await records.close()
-    return statistics.median(times)

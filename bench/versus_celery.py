@@ -34,6 +34,7 @@ import sys
 import tempfile
 import time
 import urllib.parse
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -202,10 +203,8 @@ async def _low_load(stack: StackProcess, receiver: ReceiverProcess, count: int) 
     """One echo job every LOW_LOAD_INTERVAL_S; each job's timeline from its callback's timings."""
     already = len(await receiver.refresh())
     submitted: dict[str, tuple[float, float]] = {}  # id -> (wall submit, 202 ms)
-    started = time.monotonic()
     async with aiohttp.ClientSession(stack.base_url) as session:
-        for n in range(count):
-            await asyncio.sleep(max(0.0, started + n * LOW_LOAD_INTERVAL_S - time.monotonic()))
+        async for n in _paced(count):
             wall, begun = time.time(), time.perf_counter()
             body = {"input": {"n": n}, "callback_url": receiver.url}
             async with session.post("/v1/models/echo/jobs", json=body) as response:
@@ -252,10 +251,8 @@ async def _low_load_waiting(stack: StackProcess, count: int) -> dict[str, Any]:
     200 with the result, the path a caller who wants the answer at once takes (the ending
     reaches the ingress through Redis, not through the broker and a signed POST)."""
     answered: list[float] = []
-    started = time.monotonic()
     async with aiohttp.ClientSession(stack.base_url) as session:
-        for n in range(count):
-            await asyncio.sleep(max(0.0, started + n * LOW_LOAD_INTERVAL_S - time.monotonic()))
+        async for n in _paced(count):
             begun = time.perf_counter()
             async with session.post(
                 "/v1/models/echo/jobs", json={"input": {"n": n}}, headers={"Prefer": f"wait={WAIT_S}"}
@@ -269,6 +266,15 @@ async def _low_load_waiting(stack: StackProcess, count: int) -> dict[str, Any]:
         # Not answered with the result within WAIT_S (a 202 instead), or not succeeded.
         "wait_unanswered": count - len(answered),
     }
+
+
+async def _paced(count: int) -> AsyncIterator[int]:
+    """0 .. count - 1, each at its own tick LOW_LOAD_INTERVAL_S apart (open loop: a slow
+    answer does not push the next job back)."""
+    started = time.monotonic()
+    for n in range(count):
+        await asyncio.sleep(max(0.0, started + n * LOW_LOAD_INTERVAL_S - time.monotonic()))
+        yield n
 
 
 def _percentile(values: list[float], percent: int) -> float:
