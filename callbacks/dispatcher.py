@@ -43,6 +43,7 @@ from broker.settlement import settle
 from callbacks.client import CallbackClient, DeliveryResult
 from callbacks.delivery_log import DeliveryLog
 from callbacks.delivery_metrics import CALLBACK_SERIES, DeliveryMetrics
+from callbacks.express_lane import IDLE_DELIVERIES, LEASE_MARGIN_S, ExpressLane
 from callbacks.host_slots import HostSlots
 from callbacks.settings import CallbackSettings
 from callbacks.signing import WebhookSigner
@@ -55,6 +56,7 @@ from wire.callback_events import callback_host
 from wire.envelope import (
     ATTEMPT_HEADER,
     CALLBACK_BATCH_TYPE,
+    EXPRESS_HEADER,
     PARK_REASON_HEADER,
     CallbackDelivery,
     Job,
@@ -120,6 +122,19 @@ class CallbackDispatcher:
         )
         self._delivery_log = DeliveryLog(self._records)
         self._tasks: set[asyncio.Task[None]] = set()
+        self.express = (
+            ExpressLane(
+                self._records,
+                self._lane_attempt,
+                busy=lambda: len(self._tasks) >= IDLE_DELIVERIES,
+                spawn=self._spawn,
+                delivered=lambda job_id: self._delivery_log.note(job_id, "delivered", 1),
+                lease_s=settings.callback_timeout_s + LEASE_MARGIN_S,
+            )
+            if self._records is not None and settings.callback_express
+            else None
+        )
+        self._express_task: asyncio.Task[None] | None = None
         self._consumer_tag: str | None = None
         # Only hosts with failures in their recent past have a breaker here; a closed
         # breaker with no failures is dropped, so the map does not grow with every host.
@@ -153,12 +168,18 @@ class CallbackDispatcher:
             self._on_delivery,
             replicated=self._topology.replicated,
         )
+        if self.express is not None:
+            self._express_task = asyncio.create_task(self.express.run(), name="express-lane")
 
     async def stop(self, drain_timeout_s: float | None = None) -> None:
         """Stop taking deliveries, finish those under way (bounded), give the rest back."""
         timeout_s = self._settings.drain_timeout_s if drain_timeout_s is None else drain_timeout_s
         if self._consumer_tag is not None:
             await self._broker.cancel(self._consumer_tag)
+        if self._express_task is not None:
+            self._express_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._express_task
         if self._tasks:
             _done, pending = await asyncio.wait(set(self._tasks), timeout=timeout_s)
             for task in pending:
@@ -174,10 +195,14 @@ class CallbackDispatcher:
             await self._records.close()
 
     async def _on_delivery(self, delivery: Delivery) -> None:
-        task = asyncio.create_task(self._handle(delivery))
+        self._spawn(self._handle(delivery))
+        self._bound_prefetch_by_bytes(len(delivery.body))
+
+    def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
+        """A delivery's work, as a task that `stop` lets finish."""
+        task = asyncio.create_task(work)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
-        self._bound_prefetch_by_bytes(len(delivery.body))
 
     def _bound_prefetch_by_bytes(self, body_bytes: int) -> None:
         """Messages held unsettled are bounded by CALLBACK_PREFETCH_MAX_BYTES of the large
@@ -278,28 +303,59 @@ class CallbackDispatcher:
             unrecorded = [] if recorded is not None else [self._record_only_copy(event)]
         if callback.callback_url is None:
             return self._parked_outcome(event, "no callback URL and no job to record")
+        if self.express is not None and event.attempt == 1 and event.headers.get(EXPRESS_HEADER):
+            verdict = await self.express.verdict(callback.event.data.id, event.body())
+            if verdict is not None:
+                # The lane attempted it: delivered (and noted), or its failure is this attempt's.
+                return _Outcome([]) if verdict.delivered else self._outcome_of(host, event, verdict, [])
         return await self._attempt(host, event, unrecorded)
 
     async def _attempt(self, host: str, event: _Event, unrecorded: list[Publish]) -> _Outcome:
         """One attempt; `unrecorded` (the ending still to record) goes out with a final outcome."""
+        return self._outcome_of(host, event, await self._attempted(host, event.callback), unrecorded)
+
+    async def _attempted(self, host: str, callback: CallbackDelivery) -> DeliveryResult | None:
+        """One attempt, counted on the host's breaker and in the metrics; None while the
+        breaker is open (not attempted)."""
         await self.slots.acquire(host)
         started = time.monotonic()
         try:
             breaker = self.breaker_for(host)
-            result = await self._client.deliver(event.callback) if breaker.allow() else None
+            result = await self._client.deliver(callback) if breaker.allow() else None
         finally:
             self.slots.release(host)
         if result is None:
-            return self._deferred(event, breaker.remaining_cooldown_s(), "breaker_open")
+            return None
         outcome = "delivered" if result.delivered else "retry" if result.retryable else "refused"
         self.metrics.attempted(outcome, time.monotonic() - started)
-        if result.delivered:
-            breaker.record_success()
-            return _Outcome(unrecorded, state="delivered")
         if result.retryable:
             breaker.record_failure()
+        else:
+            breaker.record_success()  # delivered, or the host answered and refused the request
+        return result
+
+    async def _lane_attempt(self, callback: CallbackDelivery) -> DeliveryResult | None:
+        """The express lane's attempt, under the host's share as a consumed message's would
+        be; None (not attempted) when the host holds its share or its breaker is open."""
+        host = callback_host(callback.callback_url or "")
+        if not self.slots.try_hold(host, 0):
+            return None
+        try:
+            return await self._attempted(host, callback)
+        finally:
+            self.slots.unhold(host, 0)
+            self._forget_breaker_if_idle(host)
+
+    def _outcome_of(
+        self, host: str, event: _Event, result: DeliveryResult | None, unrecorded: list[Publish]
+    ) -> _Outcome:
+        """What an attempt's result (None: not attempted) makes of the event."""
+        if result is None:
+            return self._deferred(event, self.breaker_for(host).remaining_cooldown_s(), "breaker_open")
+        if result.delivered:
+            return _Outcome(unrecorded, state="delivered")
+        if result.retryable:
             return self._retry_or_park(event, result, unrecorded)
-        breaker.record_success()  # the host answered; it is the request that is refused
         logger.warning("callback %s refused for good: %s", event.message_id, result.error)
         return self._parked_outcome(event, result.error or "refused", unrecorded)
 

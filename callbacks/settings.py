@@ -38,6 +38,8 @@ class CallbackSettings:
     callback_breaker_cooldown_s: float = 30.0
     # Deferrals (no attempt spent) before a delivery is parked: 288 x the 300 s tier = a day.
     callback_max_deferrals: int = 288
+    # The express lane (callbacks.express_lane): at low load, events through Redis first.
+    callback_express: bool = True
     drain_timeout_s: float = 30.0
     # Job records, for the callbacks' delivery state; None runs without them.
     redis_url: str | None = field(default=None, repr=False)
@@ -76,6 +78,7 @@ class CallbackSettings:
             callback_breaker_threshold=read.callback_breaker_threshold,
             callback_breaker_cooldown_s=read.callback_breaker_cooldown_s,
             callback_max_deferrals=read.callback_max_deferrals,
+            callback_express=read.callback_express,
             drain_timeout_s=read.drain_timeout_s,
             redis_url=read.records_url,
             result_ttl_s=read.result_ttl_s,

@@ -95,21 +95,28 @@ for j = 0, #KEYS / 2 - 1 do
 end
 return results
 """
-# One call per batch. KEYS: per job its record, rate bucket and its owner's set of jobs
-# queued or running (QUEUED_RESERVE). ARGV: ttl, now, channel,
-# the count of per-job arguments, then per job: status, attempts, result field, result,
-# id and its fields.
+# One call per batch. KEYS: per job its record, rate bucket, its owner's set of jobs
+# queued or running (QUEUED_RESERVE) and its express mark; then the express lane's open
+# key and list (job_records.express_lane). ARGV: ttl, now, channel, the count of per-job
+# arguments, the lane's longest list, then per job: status, attempts, result field,
+# result, id, its callback event for the lane ('' = not offered) and its fields. An
+# offered event whose ending this call records goes onto the lane while a dispatcher
+# holds it open (the open key's value is the mark's lease, ms). Returns: each job's
+# status now, and the ids of the jobs whose event went onto the lane.
 FINISH = """
-local ttl, now, channel, per = ARGV[1], ARGV[2], ARGV[3], tonumber(ARGV[4])
+if #KEYS == 0 then return {{}, {}} end
+local ttl, now, channel, per, longest = ARGV[1], ARGV[2], ARGV[3], tonumber(ARGV[4]), tonumber(ARGV[5])
 local terminal = {succeeded = true, failed = true, expired = true, canceled = true}
-local results = {}
-for j = 0, #KEYS / 3 - 1 do
-  local record, rate, active, base = KEYS[3 * j + 1], KEYS[3 * j + 2], KEYS[3 * j + 3], 5 + j * per
+local open, lane = KEYS[#KEYS - 1], KEYS[#KEYS]
+local lease = redis.call('GET', open)
+local results, pushed = {}, {}
+for j = 0, (#KEYS - 2) / 4 - 1 do
+  local record, rate, active, base = KEYS[4 * j + 1], KEYS[4 * j + 2], KEYS[4 * j + 3], 6 + j * per
   local status = redis.call('HGET', record, 'status')
   if status and terminal[status] then
     results[j + 1] = status
   else
-    for i = base + 5, base + per - 1, 2 do redis.call('HSETNX', record, ARGV[i], ARGV[i + 1]) end
+    for i = base + 6, base + per - 1, 2 do redis.call('HSETNX', record, ARGV[i], ARGV[i + 1]) end
     redis.call('HSET', record, 'status', ARGV[base], 'finished_ms', now, 'attempts', ARGV[base + 1])
     redis.call('ZREM', active, ARGV[base + 4])
     redis.call('HSET', record, ARGV[base + 2], ARGV[base + 3])
@@ -118,9 +125,14 @@ for j = 0, #KEYS / 3 - 1 do
     redis.call('EXPIRE', rate, 120)
     redis.call('PUBLISH', channel, ARGV[base + 4])
     results[j + 1] = ARGV[base]
+    if ARGV[base + 5] ~= '' and lease and redis.call('LLEN', lane) < longest then
+      redis.call('RPUSH', lane, ARGV[base + 5])
+      redis.call('SET', KEYS[4 * j + 4], 'pushed', 'PX', lease)
+      pushed[#pushed + 1] = ARGV[base + 4]
+    end
   end
 end
-return results
+return {results, pushed}
 """
 
 
@@ -293,4 +305,20 @@ redis.call('HSET', KEYS[1], tenant, mine .. ':' .. (now + lease))
 if #stale > 0 then redis.call('HDEL', KEYS[1], unpack(stale)) end
 redis.call('PEXPIRE', KEYS[1], lease)
 return mine
+"""
+# The express lane (job_records.store, `take_express`): a dispatcher's copy of an offered
+# event, off the callbacks queue, takes the event out of the lane's list if it is still
+# there (the lane never had it: the copy sends it); else it learns what the lane made of
+# it. KEYS: the list, the job's mark. ARGV: the event. Returns: 'take' (send it),
+# 'pushed' (a dispatcher of the lane is sending it: ask again), or the lane's outcome,
+# whose mark is then gone. Deletes only: Redis runs it when out of memory too.
+EXPRESS_TAKE = """
+if redis.call('LREM', KEYS[1], 1, ARGV[1]) == 1 then
+  redis.call('DEL', KEYS[2])
+  return 'take'
+end
+local mark = redis.call('GET', KEYS[2])
+if not mark then return 'take' end
+if mark ~= 'pushed' then redis.call('DEL', KEYS[2]) end
+return mark
 """

@@ -21,6 +21,11 @@ carries the same fields, taken from the job itself.
 Waiting costs no polling: `finish` and `cancel` PUBLISH the job id on one channel, and
 each ingress keeps a single subscriber (`finished_jobs`) that wakes its waiters.
 
+The callback express lane's Redis side lives here too (callbacks.express_lane): `finish`
+puts an offered event (`ExpressOffer`) on the lane's list in the same script that records
+the ending, while a dispatcher holds the lane open; `pop_express`, `take_express` and
+`settle_express` decide which copy of the event sends it.
+
 Idempotency keys (`reserve_key` / `complete_key` / `release_key`) live here too: a key
 is `accepting` while its first request is being accepted (a short lease, so a crashed
 ingress does not block the key for a day), then `done` with the job id and status code,
@@ -171,6 +176,25 @@ class Started:
 # What `finish` records of a job: (job, status, attempts, output, error).
 Ending = tuple[Job, str, int, Any, str | None]
 
+# The express lane's list holds at most this many events: a dispatcher that stopped
+# popping (or cannot keep up) leaves the rest to their broker copies.
+EXPRESS_LANE_LONGEST = 64
+# Larger callback events are not offered to the lane: its list lives in Redis's memory.
+EXPRESS_EVENT_MAX_BYTES = 16 * 1024
+# A delivered or failed express mark waits this long for its broker copy to read it; one
+# not read by then (that copy lost with its worker) is only memory.
+EXPRESS_MARK_KEEP_S = 3600
+
+
+@dataclass
+class ExpressOffer:
+    """Callback events offered to the express lane with their jobs' endings (job id -> the
+    event as its broker copy carries it); after `finish` or `start_and_finish`, `pushed`
+    names the jobs whose event went onto the lane (job_records.scripts.FINISH)."""
+
+    events: Mapping[str, bytes]
+    pushed: frozenset[str] = frozenset()
+
 
 @dataclass(frozen=True)
 class KeyClaim:
@@ -261,6 +285,7 @@ class JobRecords:
                 "take_tokens": scripts.TAKE_TOKENS,
                 "queued_reserve": scripts.QUEUED_RESERVE,
                 "lane_lease": scripts.LANE_LEASE,
+                "express_take": scripts.EXPRESS_TAKE,
             }.items()
         }
         self._prefix = f"{key_prefix}inferq:"
@@ -281,6 +306,17 @@ class JobRecords:
 
     def _counter_key(self, kind: str, model: str, priority: str) -> str:
         return _counter_key(self._prefix, kind, model, priority)
+
+    def _express_mark_key(self, job_id: str) -> str:
+        return f"{self._prefix}express:job:{job_id}"
+
+    @property
+    def _express_open_key(self) -> str:
+        return f"{self._prefix}express:open"
+
+    @property
+    def _express_lane_key(self) -> str:
+        return f"{self._prefix}express:lane"
 
     def _queued_key(self, owner: str) -> str:
         """The owner's jobs queued or running, for its max_queued."""
@@ -348,18 +384,25 @@ class JobRecords:
             results = await self._scripts["start"](keys=keys, args=args)
         return {job.id: _started_from(r) for (job, _), r in zip(jobs, results, strict=True)}
 
-    async def finish(self, endings: Sequence[Ending]) -> dict[str, str]:
+    async def finish(self, endings: Sequence[Ending], express: ExpressOffer | None = None) -> dict[str, str]:
         """Claim each (job, status, attempts, output, error) as the job's end; returns the
-        status each job is recorded with now (its own where the claim won). One round trip."""
+        status each job is recorded with now (its own where the claim won). One round trip.
+        An ending claimed here puts its job's `express` event onto the lane if one is open."""
         if not endings:
             return {}
-        keys, args = self._finish_call(endings)
+        keys, args = self._finish_call(endings, express)
         async with self._guarded("finish jobs in"):
-            results = await self._scripts["finish"](keys=keys, args=args)
+            results, pushed = await self._scripts["finish"](keys=keys, args=args)
+        if express is not None:
+            express.pushed = frozenset(pushed)
         return {job.id: str(result) for (job, *_), result in zip(endings, results, strict=True)}
 
     async def start_and_finish(
-        self, jobs: Sequence[tuple[Job, int]], now_ms: int, endings: Sequence[Ending]
+        self,
+        jobs: Sequence[tuple[Job, int]],
+        now_ms: int,
+        endings: Sequence[Ending],
+        express: ExpressOffer | None = None,
     ) -> tuple[dict[str, Started], dict[str, str]]:
         """`start`, then `finish`, in one round trip: for a batch that already ran. A job
         that `start` finds ended or canceled keeps that status (`finish` never overwrites
@@ -367,11 +410,13 @@ class JobRecords:
         if not jobs:
             return {}, {}
         start_keys, start_args = self._start_call(jobs, now_ms)
-        finish_keys, finish_args = self._finish_call(endings) if endings else ([], [])
+        finish_keys, finish_args = self._finish_call(endings, express)
         keys = start_keys + finish_keys
-        args: list[str | int] = [len(start_keys), len(start_args), *start_args, *finish_args]
+        args: list[str | bytes | int] = [len(start_keys), len(start_args), *start_args, *finish_args]
         async with self._guarded("start and finish jobs in"):
-            started, finished = await self._scripts["start_and_finish"](keys=keys, args=args)
+            started, (finished, pushed) = await self._scripts["start_and_finish"](keys=keys, args=args)
+        if express is not None:
+            express.pushed = frozenset(pushed)
         return (
             {job.id: _started_from(r) for (job, _), r in zip(jobs, started, strict=True)},
             {job.id: str(result) for (job, *_), result in zip(endings, finished, strict=True)},
@@ -388,16 +433,34 @@ class JobRecords:
         args += [arg for job_args in per_job for arg in job_args]
         return keys, args
 
-    def _finish_call(self, endings: Sequence[Ending]) -> tuple[list[str], list[str | int]]:
-        """FINISH's keys and arguments."""
+    def _finish_call(
+        self, endings: Sequence[Ending], express: ExpressOffer | None = None
+    ) -> tuple[list[str], list[str | bytes | int]]:
+        """FINISH's keys and arguments (none without endings)."""
+        if not endings:
+            return [], []
         now_s = time.time()
+        offered = express.events if express is not None else {}
         keys: list[str] = []
-        per_job: list[list[str | int]] = []
+        per_job: list[list[str | bytes | int]] = []
         for job, status, attempts, output, error in endings:
             field, value = ("error", error) if error is not None else self._output_field(output)
-            keys += [self._record_key(job.id), self._rate_key(job.model, now_s), self._queued_key(job.owner)]
-            per_job.append([status, attempts, field, value, job.id, *_flat(job_fields(job))])
-        args: list[str | int] = [self._ttl_s, int(now_s * 1000), self.finished_channel, len(per_job[0])]
+            keys += [
+                self._record_key(job.id),
+                self._rate_key(job.model, now_s),
+                self._queued_key(job.owner),
+                self._express_mark_key(job.id),
+            ]
+            event = offered.get(job.id, b"")
+            per_job.append([status, attempts, field, value, job.id, event, *_flat(job_fields(job))])
+        keys += [self._express_open_key, self._express_lane_key]
+        args: list[str | bytes | int] = [
+            self._ttl_s,
+            int(now_s * 1000),
+            self.finished_channel,
+            len(per_job[0]),
+            EXPRESS_LANE_LONGEST,
+        ]
         args += [arg for job_args in per_job for arg in job_args]
         return keys, args
 
@@ -471,6 +534,40 @@ class JobRecords:
             args += [state, attempts]
         async with self._guarded("record deliveries in"):
             await self._scripts["record_delivery"](keys=keys, args=args)
+
+    async def open_express_lane(self, lease_s: float, for_s: float) -> None:
+        """Hold the express lane open for `for_s`: endings recorded meanwhile put their
+        offered events onto it, each marked `pushed` for `lease_s` (how long its broker
+        copy waits for the lane's outcome before sending the event itself)."""
+        async with self._guarded("open the express lane in"):
+            await self._redis.set(self._express_open_key, round(lease_s * 1000), px=round(for_s * 1000))
+
+    async def close_express_lane(self) -> None:
+        async with self._guarded("close the express lane in"):
+            await self._redis.delete(self._express_open_key)
+
+    async def pop_express(self, timeout_s: float) -> bytes | None:
+        """The lane's next event, waiting up to `timeout_s` (under the client's socket
+        timeout) for one; once popped it is this caller's to send."""
+        async with self._guarded("pop the express lane in"):
+            popped = await self._redis.blpop([self._express_lane_key], timeout=timeout_s)
+        return None if popped is None else str(popped[1]).encode()
+
+    async def take_express(self, job_id: str, event: bytes) -> str:
+        """What the broker copy of an offered event does (scripts.EXPRESS_TAKE): `take`
+        (send it), `pushed` (the lane is sending it: ask again), or the lane's outcome."""
+        async with self._guarded("read the express lane in"):
+            return str(
+                await self._scripts["express_take"](
+                    keys=[self._express_lane_key, self._express_mark_key(job_id)], args=[event]
+                )
+            )
+
+    async def settle_express(self, job_id: str, outcome: str) -> None:
+        """The lane's outcome for the job's event, for its broker copy to read; none is
+        written once the mark's lease ran out (the copy sends the event itself then)."""
+        async with self._guarded("settle the express lane in"):
+            await self._redis.set(self._express_mark_key(job_id), outcome, xx=True, ex=EXPRESS_MARK_KEEP_S)
 
     async def note_canceled_sent(self, job_id: str) -> None:
         """The job.canceled of a canceled job is queued: a repeated cancel need not send it."""

@@ -39,7 +39,14 @@ import msgspec
 
 from broker.client import Broker, BrokerError, ChunkPart, Delivery, chunk_parts
 from broker.settlement import Outcome, Settled, settle
-from job_records.store import Ending, JobRecords, RecordsUnavailable, Started
+from job_records.store import (
+    EXPRESS_EVENT_MAX_BYTES,
+    Ending,
+    ExpressOffer,
+    JobRecords,
+    RecordsUnavailable,
+    Started,
+)
 from metrics.series import PrometheusSink
 from object_store.store import StoreUnavailable
 from policies.circuit_breaker import BreakerState, CircuitBreaker
@@ -53,7 +60,13 @@ from ray_workers.payload_references import PayloadReferences
 from ray_workers.priority_inbox import PriorityInbox
 from ray_workers.settings import WorkerSettings
 from ray_workers.worker_metrics import SERIES, WorkerMetrics
-from wire.callback_events import callback_for, canceled_callback, carrying_job, combine_callbacks
+from wire.callback_events import (
+    callback_for,
+    canceled_callback,
+    carrying_job,
+    combine_callbacks,
+    expressed,
+)
 from wire.envelope import (
     ATTEMPT_HEADER,
     Job,
@@ -544,8 +557,9 @@ class JobWorker:
         """Record each terminal status; a copy whose job already ended otherwise publishes
         nothing (its delivery is only acked), so no job has two terminal events."""
         endings = self._endings(decided)
-        recorded = await self._finish(endings.values()) if endings else None
-        return self._kept_endings(decided, endings, recorded)
+        offer = self._express_offer(decided)
+        recorded = await self._finish(endings.values(), offer) if endings else None
+        return self._kept_endings(self._marked_expressed(decided, offer), endings, recorded)
 
     async def _started_and_ended(
         self, work: list[_Work], decided: list[tuple[_Work, list[Publish]]], now_ms: int
@@ -554,20 +568,59 @@ class JobWorker:
         in one round trip. A job found canceled or ended sends what `_ended_before` says
         instead of its run's ending."""
         endings = self._endings(decided)
+        offer = self._express_offer(decided)
         started: dict[str, Started] = {}
         recorded: dict[str, str] | None = None
         if self._records is not None:
             try:
                 started, recorded = await self._records.start_and_finish(
-                    [(item.job, item.attempt) for item in work], now_ms, self._ending_rows(endings.values())
+                    [(item.job, item.attempt) for item in work],
+                    now_ms,
+                    self._ending_rows(endings.values()),
+                    offer,
                 )
             except RecordsUnavailable as exc:
                 if not exc.skipped:
                     logger.warning("job records unavailable, running without the checks: %s", exc)
         outcomes: list[Outcome] = []
         ran = set(self._still_running([item for item, _ in decided], started, outcomes, now_ms))
-        kept = [(item, publishes) for item, publishes in decided if item in ran]
+        marked = self._marked_expressed(decided, offer)
+        kept = [(item, publishes) for item, publishes in marked if item in ran]
         return outcomes + self._kept_endings(kept, endings, recorded)
+
+    def _express_offer(self, decided: list[tuple[_Work, list[Publish]]]) -> ExpressOffer | None:
+        """A lone job's callback event, offered to the express lane with its ending: a batch
+        of one is low load, where a dispatcher waiting on the lane sends it a broker hop
+        sooner. Larger batches, and large events, go by the broker alone."""
+        if len(decided) != 1 or self._records is None:
+            return None
+        item, publishes = decided[0]
+        events = [
+            publish.message.body
+            for publish in publishes
+            if self._is_ending_event(publish) and len(publish.message.body) <= EXPRESS_EVENT_MAX_BYTES
+        ]
+        return ExpressOffer({item.job.id: events[0]}) if events and item.job.callback_url else None
+
+    def _marked_expressed(
+        self, decided: list[tuple[_Work, list[Publish]]], offer: ExpressOffer | None
+    ) -> list[tuple[_Work, list[Publish]]]:
+        """Each event the lane took, its broker copy marked so (EXPRESS_HEADER)."""
+        if offer is None or not offer.pushed:
+            return decided
+        return [
+            (
+                item,
+                [
+                    expressed(p) if item.job.id in offer.pushed and self._is_ending_event(p) else p
+                    for p in publishes
+                ],
+            )
+            for item, publishes in decided
+        ]
+
+    def _is_ending_event(self, publish: Publish) -> bool:
+        return publish.routing_key == self._topology.callbacks_queue and bool(publish.message.type)
 
     def _endings(self, decided: list[tuple[_Work, list[Publish]]]) -> dict[str, tuple[_Work, str]]:
         """Each job whose outcome ends it, with the status it ends with."""
@@ -619,13 +672,15 @@ class JobWorker:
             carrying_job(publish, job) if publish.routing_key == self._topology.callbacks_queue else publish
         )
 
-    async def _finish(self, endings: Iterable[tuple[_Work, str]]) -> dict[str, str] | None:
+    async def _finish(
+        self, endings: Iterable[tuple[_Work, str]], express: ExpressOffer | None
+    ) -> dict[str, str] | None:
         """The status each job is recorded with now; None when there are no records or
         Redis is away (at-least-once meanwhile)."""
         if self._records is None:
             return None
         try:
-            return await self._records.finish(self._ending_rows(endings))
+            return await self._records.finish(self._ending_rows(endings), express)
         except RecordsUnavailable as exc:
             if not exc.skipped:
                 logger.warning("job records unavailable, publishing without the check: %s", exc)

@@ -567,6 +567,14 @@ class Environment(BaseModel):
             " parked"
         ),
     )
+    callback_express: bool = Field(
+        True,
+        alias="CALLBACK_EXPRESS",
+        description=(
+            "at low load a lone job's callback reaches the dispatcher through Redis as its ending is "
+            "recorded, a broker hop sooner; its broker copy stays the durable one (0: the broker alone)"
+        ),
+    )
 
     # The KEDA external push scaler (`python -m push_scaler`, cluster/base/push-scaler.yaml).
     push_scaler_host: str = Field(

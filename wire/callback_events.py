@@ -19,6 +19,7 @@ import msgspec
 from wire.envelope import (
     ATTEMPT_HEADER,
     CALLBACK_BATCH_TYPE,
+    EXPRESS_HEADER,
     CallbackDelivery,
     CallbackEvent,
     EventData,
@@ -116,6 +117,14 @@ def carrying_job(publish: Publish, job: Job) -> Publish:
     (the worker could not reach the job records)."""
     delivery = msgspec.structs.replace(decode_callback_delivery(publish.message.body), job=job)
     message = dataclasses.replace(publish.message, body=encode(delivery))
+    return dataclasses.replace(publish, message=message)
+
+
+def expressed(publish: Publish) -> Publish:
+    """The event's broker copy, marked: the event went onto the express lane as well."""
+    message = dataclasses.replace(
+        publish.message, headers={**(publish.message.headers or {}), EXPRESS_HEADER: 1}
+    )
     return dataclasses.replace(publish, message=message)
 
 

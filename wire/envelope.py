@@ -37,6 +37,9 @@ INPUT_BYTES_HEADER = "x-input-bytes"
 # JSON list of {"attempt", "error", "at_ms"}: why each earlier attempt failed.
 HISTORY_HEADER = "x-attempt-history"
 PARK_REASON_HEADER = "x-park-reason"
+# On a callback event's broker copy: the event went onto the express lane too
+# (job_records.store.ExpressOffer), so the dispatcher asks the lane before sending it.
+EXPRESS_HEADER = "x-express"
 # The submitting tenant's name and its fair-share weight (absent: 1), read by a worker's
 # inbox before it decodes the body; every copy of the job keeps them.
 TENANT_HEADER = "x-tenant"
