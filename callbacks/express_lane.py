@@ -36,7 +36,7 @@ import msgspec
 
 from callbacks.client import DeliveryResult
 from job_records.store import JobRecords, RecordsUnavailable
-from wire.envelope import CallbackDelivery, UndecodableMessage, decode_callback_delivery
+from wire.envelope import CallbackDelivery, UndecodableMessage, decode_callback_deliveries
 
 logger = logging.getLogger(__name__)
 
@@ -121,7 +121,7 @@ class ExpressLane:
     async def _send(self, event: bytes) -> None:
         """One attempt at a popped event, and its mark for the broker copy."""
         try:
-            callback = decode_callback_delivery(event)
+            [callback] = decode_callback_deliveries(event, None, payloads_as_bytes=True)
         except UndecodableMessage as exc:
             # Its copy decodes no better: it is parked from the callbacks queue.
             logger.warning("express lane: an undecodable event left to its copy: %s", exc)
