@@ -24,6 +24,7 @@ from bench.batch_options import measure_batch_options
 from bench.batching_chart import batching_chart
 from bench.budgets import budget_markdown, measure_budgets
 from bench.callback_stage import measure_callbacks
+from bench.express_lane import measure_express_lane
 from bench.ingress_efficiency import measure_ingress
 from bench.minilm_device import measure_minilm_device, minilm_device_markdown
 from bench.paired_trees import measure_paired_trees
@@ -106,9 +107,13 @@ STAGES = (
     "minilm-device",
     "payloads",
 )
-# Run only when asked (`--only wake`): it starts the whole stack 2 x reps times; and
-# `--only paired-trees --base REV`, which measures another commit beside this tree.
-OPTIONAL_STAGES = ("wake", "paired-trees")
+# Run only when asked (`--only wake`): it starts the whole stack 2 x reps times;
+# `--only paired-trees --base REV`, which measures another commit beside this tree; and
+# `--only express-lane`, the callback express lane on and off in alternating stacks.
+OPTIONAL_STAGES = ("wake", "paired-trees", "express-lane")
+# express-lane: alternating pairs, low-load jobs and echo backlog jobs per side.
+EXPRESS_LANE_FULL = (3, 300, 2000)
+EXPRESS_LANE_QUICK = (1, 100, 300)
 # paired-trees: alternating pairs, echo backlogs per side and pair, jobs per backlog.
 PAIRED_TREES_FULL = (8, 3, 2000)
 PAIRED_TREES_QUICK = (1, 1, 300)
@@ -141,6 +146,9 @@ async def run(
         "wake": lambda: measure_wake(amqp_url, size.reps),
         "paired-trees": lambda: measure_paired_trees(
             amqp_url, _required_base(base), *(PAIRED_TREES_QUICK if quick else PAIRED_TREES_FULL)
+        ),
+        "express-lane": lambda: measure_express_lane(
+            amqp_url, *(EXPRESS_LANE_QUICK if quick else EXPRESS_LANE_FULL)
         ),
         "ingress": lambda: measure_ingress(amqp_url, redis_url, size.reps, size.ingress_jobs),
         "pipeline": lambda: measure_pipeline(amqp_url, size.reps, rate=20, count=size.pipeline_jobs),
@@ -195,6 +203,7 @@ def ratios(results: dict[str, Any]) -> list[tuple[str, float, str]]:
         "tenant-limits": _tenant_limits_row,
         "tenant-share": _tenant_share_row,
         "paired-trees": _paired_trees_row,
+        "express-lane": _express_lane_row,
     }
     rows += [row(results[stage]) for stage, row in one_row_stages.items() if stage in results]
     if "user-path" in results:
@@ -324,6 +333,23 @@ def _paired_trees_row(paired: dict[str, Any]) -> tuple[str, float, str]:
     )
 
 
+def _express_lane_row(lane: dict[str, Any]) -> tuple[str, float, str]:
+    summary = lane["summary"]
+    on, off = summary["on"], summary["off"]
+    return (
+        "Callback express lane, echo low load: submit -> verified callback p50, lane on / off "
+        f"(median of {len(summary['pair_p50_ratios'])} alternating pairs)",
+        summary["median_pair_p50_ratio"],
+        f"p50 {on['p50_ms']:.2f} vs {off['p50_ms']:.2f} ms, p99 {on['p99_ms']:.1f} vs {off['p99_ms']:.1f}, "
+        f"outcome -> callback {on['outcome_to_callback_ms']:.2f} vs {off['outcome_to_callback_ms']:.2f}, "
+        f"202 {on['accepted_p50_ms']:.2f} vs {off['accepted_p50_ms']:.2f}; pair p50 ratios "
+        f"{' / '.join(f'{r:.2f}' for r in summary['pair_p50_ratios'])}; "
+        f"echo x{lane['backlog_jobs']} backlog, lane on / off "
+        f"{' / '.join(f'{r:.2f}' for r in summary['pair_rate_ratios'])} ({on['jobs_per_s']:.0f} vs "
+        f"{off['jobs_per_s']:.0f} jobs/s); lost {summary['lost']}, duplicates {summary['duplicates']}",
+    )
+
+
 def _versus_celery_rows(summary: dict[str, Any]) -> list[tuple[str, float, str]]:
     rates = summary["jobs_per_s"]
     rows = [
@@ -357,10 +383,11 @@ def _versus_celery_rows(summary: dict[str, Any]) -> list[tuple[str, float, str]]
         (
             "Low load, the hops alone beside it (bench.hop_floor): submit -> callback floor / p50",
             floor["callback_floor_ms"] / summary["low_load_p50_ms"],
-            f"HTTP exchange {floor['http_exchange_ms']:.2f} ms + 2 x broker one way "
+            f"HTTP exchange {floor['http_exchange_ms']:.2f} ms + broker one way "
             f"{floor['broker_one_way_ms']:.2f} + Redis round trip "
             f"{floor.get('redis_round_trip_ms', 0.0):.2f} "
-            f"= {floor['callback_floor_ms']:.1f} ms before any of the pipeline's work (p50 measured "
+            f"= {floor['callback_floor_ms']:.1f} ms before any of the pipeline's work, the event "
+            f"by the express lane (by the broker: {floor['broker_path_floor_ms']:.1f}; p50 measured "
             f"{summary['low_load_p50_ms']:.1f}); the 202's: HTTP exchange + publish confirm "
             f"{floor['publish_confirm_ms']:.2f} = {floor['accepted_floor_ms']:.1f} ms (measured "
             f"{summary['accepted_p50_ms']:.1f})",
