@@ -684,10 +684,30 @@ class Broker:
         closes the whole connection): its prefetch is the consumer's own, fixed while it
         runs."""
         consumer = _Consumer(queue_name, prefetch, handler, channel_wide_prefetch=not replicated)
-        await self._start(consumer)
+        starting = asyncio.ensure_future(self._start(consumer))
+        try:
+            await asyncio.shield(starting)
+        except asyncio.CancelledError:
+            # Cancelled while starting (a worker stopping): cancelling an RPC in flight makes
+            # aiormq close its channel under the broker's answer, and a consumer the broker
+            # had already started lived on untracked, taking jobs nobody would settle. The
+            # start finishes instead; then its channel closes, handing back what it took.
+            task = asyncio.create_task(self._close_started(starting, consumer))
+            self._retiring.add(task)
+            task.add_done_callback(self._retiring.discard)
+            raise
         consumer_id = f"consumer-{next(self._consumer_ids)}"
         self._consumers[consumer_id] = consumer
         return consumer_id
+
+    @staticmethod
+    async def _close_started(starting: asyncio.Future[None], consumer: _Consumer) -> None:
+        """Once a start its caller gave up on is over, close the channel it opened."""
+        with contextlib.suppress(BrokerError):
+            await starting
+        if consumer.channel is not None and not consumer.channel.is_closed:
+            with contextlib.suppress(*_CHANNEL_ERRORS):
+                await consumer.channel.close()
 
     async def _start(self, consumer: _Consumer) -> None:
         if self._consume_connection is None:

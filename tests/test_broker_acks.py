@@ -65,3 +65,31 @@ async def test_given_depth_reads_on_one_channel_then_each_sees_the_queue_now_and
         await broker.queue_depth(f"{queue}.missing")
     depths = await asyncio.gather(*(broker.queue_depth(queue) for _ in range(8)))
     assert [ready for ready, _ in depths] == [1] * 8
+
+
+async def test_given_consumers_cancelled_while_starting_then_none_lives_on_and_the_connection_stays(
+    broker: Broker,
+) -> None:
+    """A consume cancelled part-way (a worker stopping while it resumes) left, once in a
+    few dozen tries, a consumer the broker had started but nobody tracked, taking jobs
+    nobody would settle. Cancelled at every point of its start, none may live on."""
+    queue = broker.topology.callbacks_parking_queue
+    inbox: asyncio.Queue[Delivery] = asyncio.Queue()
+    started = 0
+    for step in range(120):
+        starting = asyncio.create_task(broker.consume(queue, 10, inbox.put))
+        await asyncio.sleep(step * 0.00002)
+        starting.cancel()
+        try:
+            await starting
+            started += 1  # it finished before the cancel landed: a consumer of ours
+        except asyncio.CancelledError:
+            pass
+    assert 0 < started < 120, "the cancels missed the start altogether: the test says nothing"
+
+    async def only_ours() -> bool:
+        _, consumers = await broker.queue_depth(queue)
+        return consumers == started
+
+    await wait_until(only_ours, 10, f"{started} consumers on the queue, the ones consume() returned")
+    assert broker.is_ready
