@@ -1,5 +1,6 @@
 """What the callback stage reports: each attempt's outcome and time, deliveries sent back
-without an attempt (host breaker open, host over its share), and parked callbacks.
+without an attempt (host breaker open, host over its share), parked callbacks, and what
+the express lane made of the events it was handed (callbacks.express_lane).
 
 No host label: callers bring any number of hosts, and a label per host would grow the
 series without bound. Per-host trouble shows in the logs and the breaker's decisions.
@@ -32,6 +33,14 @@ CALLBACK_SERIES: SeriesTable = {
         ("reason",),
     ),
     "parked": Series("inferq_callbacks_parked", "Callbacks moved to the parking lot", "counter", ()),
+    "express": Series(
+        "inferq_callbacks_express",
+        "Events handed to the express lane, by what became of them: delivered, failed (its broker copy"
+        " retries or parks it), returned (not attempted: the copy sends it), by_copy (the copy sent it:"
+        " it came first, or the lane lost the event)",
+        "counter",
+        ("outcome",),
+    ),
 }
 
 
@@ -48,3 +57,6 @@ class DeliveryMetrics:
 
     def parked(self) -> None:
         self.sink.record("parked", 1, {})
+
+    def expressed(self, outcome: str) -> None:
+        self.sink.record("express", 1, {"outcome": outcome})

@@ -129,6 +129,7 @@ class CallbackDispatcher:
                 busy=lambda: len(self._tasks) >= IDLE_DELIVERIES,
                 spawn=self._spawn,
                 delivered=lambda job_id: self._delivery_log.note(job_id, "delivered", 1),
+                count=self.metrics.expressed,
                 lease_s=settings.callback_timeout_s + LEASE_MARGIN_S,
             )
             if self._records is not None and settings.callback_express

@@ -58,6 +58,8 @@ DELIVERED = "delivered"
 RETURNED = "returned"
 PUSHED = "pushed"
 TAKE = "take"
+FAILED = "failed"
+SENT_BY_COPY = "by_copy"
 
 # One attempt at an event (None: not attempted, the copy sends it).
 Attempt = Callable[[CallbackDelivery], Awaitable[DeliveryResult | None]]
@@ -74,6 +76,7 @@ class ExpressLane:
         busy: Callable[[], bool],
         spawn: Callable[[Coroutine[Any, Any, None]], None],
         delivered: Callable[[str], None],
+        count: Callable[[str], None],
         lease_s: float,
     ) -> None:
         self._records = records
@@ -81,6 +84,7 @@ class ExpressLane:
         self._busy = busy
         self._spawn = spawn
         self._delivered = delivered
+        self._count = count
         self._lease_s = lease_s
         # Job id -> set once this dispatcher's lane wrote the event's mark.
         self._sending: dict[str, asyncio.Event] = {}
@@ -130,7 +134,9 @@ class ExpressLane:
         marked = self._sending[job_id] = asyncio.Event()
         try:
             result = await self._attempt(callback)
-            await self._records.settle_express(job_id, _mark_of(result))
+            mark = _mark_of(result)
+            await self._records.settle_express(job_id, mark)
+            self._count(mark if mark in (DELIVERED, RETURNED) else FAILED)
             if result is not None and result.delivered:
                 self.sent += 1
                 self._delivered(job_id)
@@ -152,7 +158,10 @@ class ExpressLane:
             except RecordsUnavailable as exc:
                 logger.warning("express lane: job %s's copy sent without asking the lane: %s", job_id, exc)
                 return None
-            if mark in (TAKE, RETURNED):
+            if mark == TAKE:
+                self._count(SENT_BY_COPY)
+                return None
+            if mark == RETURNED:
                 return None
             if mark == DELIVERED:
                 return DeliveryResult(delivered=True)

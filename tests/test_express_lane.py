@@ -15,11 +15,13 @@ import httpx
 import pytest
 
 from broker.client import Broker
+from callbacks.delivery_metrics import CALLBACK_SERIES, DeliveryMetrics
 from callbacks.dispatcher import CallbackDispatcher
 from callbacks.express_lane import ExpressLane
 from callbacks.settings import CallbackSettings
 from job_records.store import EXPRESS_LANE_LONGEST, ExpressOffer, JobRecords
 from loadgen.callback_receiver import CallbackReceiver
+from metrics.series import PrometheusSink
 from ray_workers.models.echo import EchoModel
 from ray_workers.settings import WorkerSettings
 from tests.conftest import running_worker, wait_until
@@ -135,11 +137,17 @@ async def _callback_state(client: httpx.AsyncClient, job_id: str) -> dict[str, o
     return callback
 
 
+def _express_count(sink: PrometheusSink, outcome: str) -> float:
+    return sink.registry.get_sample_value("inferq_callbacks_express_total", {"outcome": outcome}) or 0.0
+
+
 @asynccontextmanager
-async def _running(settings: CallbackSettings, broker: Broker) -> AsyncIterator[ExpressLane]:
+async def _running(
+    settings: CallbackSettings, broker: Broker, sink: PrometheusSink
+) -> AsyncIterator[ExpressLane]:
     """A dispatcher with its lane open; once it stopped, no copy is left on the callbacks
     queue (one it had not acked would be back there)."""
-    dispatcher = CallbackDispatcher(settings)
+    dispatcher = CallbackDispatcher(settings, metrics=DeliveryMetrics(sink))
     await dispatcher.start()
     try:
         lane = dispatcher.express
@@ -158,7 +166,11 @@ async def test_given_lone_jobs_at_low_load_then_each_callback_comes_by_the_lane_
     callback_settings: CallbackSettings,
     broker: Broker,
 ) -> None:
-    async with _running(callback_settings, broker) as lane, running_worker(EchoModel(), worker_settings):
+    sink = PrometheusSink(CALLBACK_SERIES)
+    async with (
+        _running(callback_settings, broker, sink) as lane,
+        running_worker(EchoModel(), worker_settings),
+    ):
         ids = []
         for n in range(5):  # one at a time: each a batch of one
             ids.append(await _submit(client, receiver, n))
@@ -172,6 +184,7 @@ async def test_given_lone_jobs_at_low_load_then_each_callback_comes_by_the_lane_
             assert (await _callback_state(client, job_id))["attempts"] == 1
 
     assert lane.sent == 5
+    assert _express_count(sink, "delivered") == 5
     assert receiver.requests_seen == 5  # the copies, acked, sent nothing
     assert sorted(r.event["data"]["id"] for r in receiver.received) == sorted(ids)
     assert all(r.verified for r in receiver.received)
@@ -185,7 +198,11 @@ async def test_given_the_lanes_attempt_fails_then_the_broker_copy_retries_it_as_
     broker: Broker,
 ) -> None:
     receiver.scripted_statuses.append(503)
-    async with _running(callback_settings, broker) as lane, running_worker(EchoModel(), worker_settings):
+    sink = PrometheusSink(CALLBACK_SERIES)
+    async with (
+        _running(callback_settings, broker, sink) as lane,
+        running_worker(EchoModel(), worker_settings),
+    ):
         job_id = await _submit(client, receiver, 1)
         [delivered] = await receiver.wait_for(1, timeout_s=10)
 
@@ -197,6 +214,7 @@ async def test_given_the_lanes_attempt_fails_then_the_broker_copy_retries_it_as_
     assert delivered.event["data"]["id"] == job_id
     assert receiver.requests_seen == 2  # the lane's 503, then the copy's retry: not a third
     assert lane.sent == 0
+    assert _express_count(sink, "failed") == 1
     assert (await _callback_state(client, job_id))["attempts"] == 2
 
 
@@ -213,7 +231,10 @@ async def test_given_a_copy_whose_lane_died_with_the_event_then_the_copy_sends_i
     copy = expressed(event)
     await broker.publish(copy.message, copy.routing_key)
 
-    dispatcher = CallbackDispatcher(replace(callback_settings, callback_express=True))
+    sink = PrometheusSink(CALLBACK_SERIES)
+    dispatcher = CallbackDispatcher(
+        replace(callback_settings, callback_express=True), metrics=DeliveryMetrics(sink)
+    )
     await dispatcher.start()
     try:
         [received] = await receiver.wait_for(1, timeout_s=10)
@@ -224,3 +245,4 @@ async def test_given_a_copy_whose_lane_died_with_the_event_then_the_copy_sends_i
     assert received.received_monotonic_s - pushed_at >= 0.25  # it waited for the lane's outcome
     assert receiver.requests_seen == 1
     assert dispatcher.express is not None and dispatcher.express.sent == 0
+    assert _express_count(sink, "by_copy") == 1
