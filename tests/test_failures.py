@@ -150,15 +150,15 @@ async def test_given_a_failing_model_then_the_breaker_stops_consuming_and_recove
 
         # Phase 1: two failed batches open the breaker; the replica stops consuming and
         # the other jobs wait in the queue with their attempts unspent.
-        async def opened_and_cancelled() -> bool:
-            # The breaker opens first; the consumer is cancelled once the batch has settled.
+        async def opened_and_handed_back() -> bool:
+            # The breaker opens first; the consumer is cancelled once the batch has settled,
+            # and its prefetched jobs are back once its channel has closed (a moment later).
             open_now = worker.breaker.state is BreakerState.OPEN
-            return open_now and (await broker.queue_depth(queue))[1] == 0
+            ready, consumers = await broker.queue_depth(queue)
+            return open_now and consumers == 0 and ready >= 4
 
-        await wait_until(opened_and_cancelled, 10, "the breaker to open and its consumer to go")
+        await wait_until(opened_and_handed_back, 10, "the breaker open, its consumer gone, 4 jobs back")
         assert not worker.is_consuming
-        ready, consumers = await broker.queue_depth(queue)
-        assert consumers == 0 and ready >= 4
         assert model.calls == 2
 
         # Phase 2: after the cool-down one probe runs; it fails, so the breaker opens again.
