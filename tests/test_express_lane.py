@@ -246,3 +246,37 @@ async def test_given_a_copy_whose_lane_died_with_the_event_then_the_copy_sends_i
     assert receiver.requests_seen == 1
     assert dispatcher.express is not None and dispatcher.express.sent == 0
     assert _express_count(sink, "by_copy") == 1
+
+
+async def test_given_two_dispatchers_and_a_slow_receiver_then_each_lone_job_is_called_back_once(
+    client: httpx.AsyncClient,
+    receiver: CallbackReceiver,
+    worker_settings: WorkerSettings,
+    callback_settings: CallbackSettings,
+    broker: Broker,
+) -> None:
+    """Two dispatchers: a copy often reaches the one whose lane is not sending its event,
+    and asks Redis again until the other's outcome is there. The receiver answers after
+    0.2 s, so every copy arrives while its lane's POST is under way."""
+    receiver.response_delay_s = 0.2
+    sink = PrometheusSink(CALLBACK_SERIES)
+    async with (
+        _running(callback_settings, broker, sink) as first,
+        _running(callback_settings, broker, sink) as second,
+        running_worker(EchoModel(), worker_settings),
+    ):
+        ids = []
+        for n in range(6):  # one at a time: each a batch of one
+            ids.append(await _submit(client, receiver, n))
+            await receiver.wait_for(n + 1, timeout_s=10)
+        for job_id in ids:
+
+            async def noted(job_id: str = job_id) -> bool:
+                return (await _callback_state(client, job_id))["state"] == "delivered"
+
+            await wait_until(noted, 5, f"job {job_id}'s callback noted delivered")
+
+    assert first.sent + second.sent == 6
+    assert _express_count(sink, "delivered") == 6
+    assert receiver.requests_seen == 6  # no copy sent its event again
+    assert sorted(r.event["data"]["id"] for r in receiver.received) == sorted(ids)
