@@ -339,12 +339,12 @@ class CallbackDispatcher:
         """The express lane's attempt, under the host's share as a consumed message's would
         be; None (not attempted) when the host holds its share or its breaker is open."""
         host = callback_host(callback.callback_url or "")
-        if not self.slots.try_hold(host, 0):
+        if not self.slots.try_hold(host):
             return None
         try:
             return await self._attempted(host, callback)
         finally:
-            self.slots.unhold(host, 0)
+            self.slots.unhold(host)
             self._forget_breaker_if_idle(host)
 
     def _outcome_of(

@@ -9,7 +9,6 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import replace
 
 import httpx
 import pytest
@@ -137,6 +136,26 @@ async def _callback_state(client: httpx.AsyncClient, job_id: str) -> dict[str, o
     return callback
 
 
+async def _noted_delivered(client: httpx.AsyncClient, job_id: str) -> None:
+    """Wait until the job's record shows its callback delivered."""
+
+    async def noted() -> bool:
+        return (await _callback_state(client, job_id))["state"] == "delivered"
+
+    await wait_until(noted, 5, f"job {job_id}'s callback noted delivered")
+
+
+async def _lone_jobs(client: httpx.AsyncClient, receiver: CallbackReceiver, count: int) -> list[str]:
+    """`count` jobs, one at a time (each a batch of one), each called back and noted delivered."""
+    ids = []
+    for n in range(count):
+        ids.append(await _submit(client, receiver, n))
+        await receiver.wait_for(n + 1, timeout_s=10)
+    for job_id in ids:
+        await _noted_delivered(client, job_id)
+    return ids
+
+
 def _express_count(sink: PrometheusSink, outcome: str) -> float:
     return sink.registry.get_sample_value("inferq_callbacks_express_total", {"outcome": outcome}) or 0.0
 
@@ -171,16 +190,8 @@ async def test_given_lone_jobs_at_low_load_then_each_callback_comes_by_the_lane_
         _running(callback_settings, broker, sink) as lane,
         running_worker(EchoModel(), worker_settings),
     ):
-        ids = []
-        for n in range(5):  # one at a time: each a batch of one
-            ids.append(await _submit(client, receiver, n))
-            await receiver.wait_for(n + 1, timeout_s=10)
+        ids = await _lone_jobs(client, receiver, 5)
         for job_id in ids:
-
-            async def noted(job_id: str = job_id) -> bool:
-                return (await _callback_state(client, job_id))["state"] == "delivered"
-
-            await wait_until(noted, 5, f"job {job_id}'s callback noted delivered")
             assert (await _callback_state(client, job_id))["attempts"] == 1
 
     assert lane.sent == 5
@@ -205,11 +216,7 @@ async def test_given_the_lanes_attempt_fails_then_the_broker_copy_retries_it_as_
     ):
         job_id = await _submit(client, receiver, 1)
         [delivered] = await receiver.wait_for(1, timeout_s=10)
-
-        async def noted() -> bool:
-            return (await _callback_state(client, job_id))["state"] == "delivered"
-
-        await wait_until(noted, 5, "the callback noted delivered")
+        await _noted_delivered(client, job_id)
 
     assert delivered.event["data"]["id"] == job_id
     assert receiver.requests_seen == 2  # the lane's 503, then the copy's retry: not a third
@@ -232,9 +239,7 @@ async def test_given_a_copy_whose_lane_died_with_the_event_then_the_copy_sends_i
     await broker.publish(copy.message, copy.routing_key)
 
     sink = PrometheusSink(CALLBACK_SERIES)
-    dispatcher = CallbackDispatcher(
-        replace(callback_settings, callback_express=True), metrics=DeliveryMetrics(sink)
-    )
+    dispatcher = CallbackDispatcher(callback_settings, metrics=DeliveryMetrics(sink))
     await dispatcher.start()
     try:
         [received] = await receiver.wait_for(1, timeout_s=10)
@@ -265,16 +270,7 @@ async def test_given_two_dispatchers_and_a_slow_receiver_then_each_lone_job_is_c
         _running(callback_settings, broker, sink) as second,
         running_worker(EchoModel(), worker_settings),
     ):
-        ids = []
-        for n in range(6):  # one at a time: each a batch of one
-            ids.append(await _submit(client, receiver, n))
-            await receiver.wait_for(n + 1, timeout_s=10)
-        for job_id in ids:
-
-            async def noted(job_id: str = job_id) -> bool:
-                return (await _callback_state(client, job_id))["state"] == "delivered"
-
-            await wait_until(noted, 5, f"job {job_id}'s callback noted delivered")
+        ids = await _lone_jobs(client, receiver, 6)
 
     assert first.sent + second.sent == 6
     assert _express_count(sink, "delivered") == 6
