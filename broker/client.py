@@ -48,7 +48,7 @@ import aiormq.exceptions
 from wire.envelope import UndecodableMessage
 from wire.job_chunk import ChunkedJob, chunked_jobs
 from wire.outgoing import OutgoingMessage
-from wire.topology import QueueSpec, Topology
+from wire.topology import QUEUE_VERSION_ARGUMENT, QueueSpec, Topology
 
 logger = logging.getLogger(__name__)
 
@@ -525,7 +525,8 @@ class Broker:
         for exchange in self._topology.exchanges(self._models):
             await channel.declare_exchange(exchange.name, aio_pika.ExchangeType(exchange.kind), durable=True)
         for spec in self._topology.queues(self._models):
-            await self._declare_queue(channel, spec)
+            # A refused declaration closes its channel: the next one opens another.
+            await self._declare_queue(await self._open_publish_channel(), spec)
 
     async def _check_declared(self, channel: aio_pika.abc.AbstractChannel) -> None:
         """Passive declares (they need no permission): each exchange and queue exists.
@@ -544,17 +545,31 @@ class Broker:
                     "`python -m broker_access apply` (the cluster's broker-access Job) first"
                 ) from exc
 
-    @staticmethod
-    async def _declare_queue(channel: aio_pika.abc.AbstractChannel, spec: QueueSpec) -> None:
+    async def _declare_queue(self, channel: aio_pika.abc.AbstractChannel, spec: QueueSpec) -> None:
         try:
             queue = await channel.declare_queue(spec.name, durable=True, arguments=spec.arguments)
         except aiormq.exceptions.ChannelPreconditionFailed as exc:
-            raise TopologyMismatch(
-                f"queue {spec.name} exists with other arguments than {spec.arguments} ({exc}); an older "
-                "version or another setting declared it: drain and delete it, or set another QUEUE_PREFIX"
-            ) from exc
+            if QUEUE_VERSION_ARGUMENT not in spec.arguments:
+                raise _mismatch(spec, exc) from exc
+            queue = await self._declare_as_version_1(spec)
         for exchange, routing_key in spec.bindings:
             await queue.bind(exchange, routing_key)
+
+    async def _declare_as_version_1(self, spec: QueueSpec) -> aio_pika.abc.AbstractQueue:
+        """A job queue declared before classic queues of version 2 (without the argument)
+        is used as it is, so that an upgrade finds its queues and their jobs."""
+        arguments = {k: v for k, v in spec.arguments.items() if k != QUEUE_VERSION_ARGUMENT}
+        channel = await self._open_publish_channel()
+        try:
+            queue = await channel.declare_queue(spec.name, durable=True, arguments=arguments)
+        except aiormq.exceptions.ChannelPreconditionFailed as exc:
+            raise _mismatch(spec, exc) from exc
+        logger.warning(
+            "queue %s was declared as a classic queue of version 1 and stays so (its publishes are "
+            "confirmed later); the policy `queue-version: 2` converts it in place",
+            spec.name,
+        )
+        return queue
 
     async def publish(
         self,
@@ -862,6 +877,13 @@ class Broker:
 # aiormq keeps connection.blocked / connection.unblocked in this event and offers no public
 # accessor; reading it is the only way to refuse a publish the broker would not read.
 _UNBLOCKED_ATTRIBUTE = "_Connection__connection_unblocked"
+
+
+def _mismatch(spec: QueueSpec, exc: Exception) -> TopologyMismatch:
+    return TopologyMismatch(
+        f"queue {spec.name} exists with other arguments than {spec.arguments} ({exc}); an older "
+        "version or another setting declared it: drain and delete it, or set another QUEUE_PREFIX"
+    )
 
 
 def _blocked_event(connection: aio_pika.abc.AbstractRobustConnection) -> asyncio.Event | None:

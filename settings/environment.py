@@ -145,6 +145,17 @@ class Environment(BaseModel):
             "`classic` (one node: priority queues) or `quorum` (a cluster: replicated, a queue per priority)"
         ),
     )
+    classic_queue_version: int = Field(
+        2,
+        ge=1,
+        le=2,
+        alias="CLASSIC_QUEUE_VERSION",
+        description=(
+            "`QUEUE_TYPE=classic`: the job queues' classic-queue version. 2 confirms a job's publish, "
+            "which its 202 waits for, about 0.5 ms sooner than 1, for a little more of the broker's CPU; "
+            "a job queue already declared as 1 stays 1"
+        ),
+    )
     tenant_lanes: int = Field(
         DEFAULT_TENANT_LANES,
         ge=1,
@@ -779,6 +790,7 @@ class Environment(BaseModel):
             declared_by_clients=self.declare_topology,
             queue_type=self.queue_type,
             tenant_lanes=self.tenant_lanes,
+            classic_queue_version=1 if self.classic_queue_version == 1 else 2,
         )
 
     def batching(self, model: str) -> Batching:

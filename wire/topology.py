@@ -57,6 +57,14 @@ the worker consumes every lane and serves tenants in proportion to their weights
 (`ray_workers.priority_inbox`). Retries and replays come back to lane 0: the delay
 tiers and the parking lot are the model's (per priority), not the lane's.
 
+Classic job queues are of classic-queue version 2 (`CLASSIC_QUEUE_VERSION`, default 2):
+a persistent job's publish is confirmed about 0.5 ms sooner than by version 1 (1.3-1.5
+against 1.6-2.1 ms, measured with a consumer attached on RabbitMQ 3.10), which a 202
+waits for, at about 25 us more of the broker's CPU per message. Only the job and chunk
+queues carry it: nothing waits on the others' confirms at low load. A job queue that an
+older version declared without it keeps version 1 and keeps working (`broker.client`
+says so at start); the `queue-version` policy converts it in place.
+
 Switching type is one setting; the parking lots, callbacks and their tiers keep their
 names, so a broker holding the other type refuses the declaration
 (PRECONDITION_FAILED, `TopologyMismatch`) instead of mixing them.
@@ -80,6 +88,10 @@ from wire.retry_tiers import RetrySchedule, tier_name
 
 QueueType = Literal["classic", "quorum"]
 QUEUE_TYPES: tuple[QueueType, ...] = ("classic", "quorum")
+ClassicQueueVersion = Literal[1, 2]
+CLASSIC_QUEUE_VERSIONS: tuple[ClassicQueueVersion, ...] = (1, 2)
+# The queue argument that picks a classic queue's version; version 1 is declared without it.
+QUEUE_VERSION_ARGUMENT = "x-queue-version"
 # The order a worker serves them in.
 PRIORITIES: tuple[Priority, ...] = ("high", "normal", "low")
 # Quorum queues: a message delivered this many times (say, a job that kills its consumer
@@ -127,10 +139,13 @@ class Topology:
     declared_by_clients: bool = True
     queue_type: QueueType = "classic"
     tenant_lanes: int = DEFAULT_TENANT_LANES
+    classic_queue_version: ClassicQueueVersion = 2
 
     def __post_init__(self) -> None:
         if not 1 <= self.tenant_lanes <= MAX_TENANT_LANES:
             raise ValueError(f"tenant_lanes={self.tenant_lanes}: 1 to {MAX_TENANT_LANES}")
+        if self.classic_queue_version not in CLASSIC_QUEUE_VERSIONS:
+            raise ValueError(f"classic_queue_version={self.classic_queue_version}: 1 or 2")
 
     @property
     def jobs_exchange(self) -> str:
@@ -290,7 +305,7 @@ class Topology:
         # on new jobs instead (ingress/admission.py); retries always come back.
         outcomes, parking = self.job_outcomes_exchange(model), self.parking_queue(model)
         if self.queue_type == "classic":
-            arguments = self._kind() | {"x-max-priority": MAX_AMQP_PRIORITY}
+            arguments = self._kind() | {"x-max-priority": MAX_AMQP_PRIORITY} | self._version()
         else:
             arguments = self._kind() | self._dead_letters(outcomes, parking)
         specs = []
@@ -314,6 +329,11 @@ class Topology:
 
     def _kind(self) -> dict[str, Any]:
         return {"x-queue-type": self.queue_type}
+
+    def _version(self) -> dict[str, Any]:
+        """A classic job queue's version argument; none for version 1, as queues were
+        declared before version 2 (so that they still match)."""
+        return {} if self.classic_queue_version == 1 else {QUEUE_VERSION_ARGUMENT: self.classic_queue_version}
 
     def _dead_letters(self, exchange: str, routing_key: str) -> dict[str, Any]:
         """Quorum only: a message delivered DELIVERY_LIMIT times goes to `routing_key`
