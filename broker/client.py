@@ -565,8 +565,9 @@ class Broker:
         except aiormq.exceptions.ChannelPreconditionFailed as exc:
             raise _mismatch(spec, exc) from exc
         logger.warning(
-            "queue %s was declared as a classic queue of version 1 and stays so (its publishes are "
-            "confirmed later); the policy `queue-version: 2` converts it in place",
+            "queue %s was declared without x-queue-version (an older version of inferq) and is used as "
+            "it is: on RabbitMQ 3.x it stays a classic queue of version 1, whose publishes are confirmed "
+            "later, until the policy `queue-version: 2` converts it in place",
             spec.name,
         )
         return queue
