@@ -152,8 +152,9 @@ class Environment(BaseModel):
         alias="CLASSIC_QUEUE_VERSION",
         description=(
             "`QUEUE_TYPE=classic`: the job queues' classic-queue version. 2 confirms a job's publish, "
-            "which its 202 waits for, about 0.5 ms sooner than 1, for a little more of the broker's CPU; "
-            "a job queue already declared as 1 stays 1"
+            "which its 202 waits for, 0.5-0.8 ms sooner than 1; the job reaches its worker about 0.4 ms "
+            "later and the broker spends about 25 us more per job. A job queue already declared as 1 "
+            "stays 1"
         ),
     )
     tenant_lanes: int = Field(

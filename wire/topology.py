@@ -58,10 +58,10 @@ the worker consumes every lane and serves tenants in proportion to their weights
 tiers and the parking lot are the model's (per priority), not the lane's.
 
 Classic job queues are of classic-queue version 2 (`CLASSIC_QUEUE_VERSION`, default 2):
-a persistent job's publish is confirmed about 0.5 ms sooner than by version 1 (1.3-1.5
-against 1.6-2.1 ms, measured with a consumer attached on RabbitMQ 3.10), which a 202
-waits for, at about 25 us more of the broker's CPU per message. Only the job and chunk
-queues carry it: nothing waits on the others' confirms at low load. A job queue that an
+a persistent job's publish, which its 202 waits for, is confirmed 0.5-0.8 ms sooner than
+by version 1 on RabbitMQ 3.10; the job reaches its worker about 0.4 ms later, and the
+broker spends about 25 us more per job (figures: docs/pages/performance.md). Only the
+job and chunk queues carry it: nothing waits on the others' confirms at low load. A job queue that an
 older version declared without it keeps version 1 and keeps working (`broker.client`
 says so at start); the `queue-version` policy converts it in place.
 
