@@ -175,6 +175,7 @@ def create_app(settings: IngressSettings) -> Starlette:
                 with contextlib.suppress(asyncio.CancelledError):
                     await connecting
                 await state.demand.close()
+                await state.singles.close()
                 await state.broker.close()
                 await state.close()
                 state.resolver.close()

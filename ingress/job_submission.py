@@ -241,11 +241,11 @@ async def _publish(state: IngressState, submission: Submission) -> None:
         lane = await state.lanes.lane(job.model, submission.tenant.name)
         await state.admission.admit(job.model)
         try:
-            await state.broker.publish(
+            topology = state.settings.topology
+            how = await state.singles.publish(
                 message,
-                state.settings.topology.job_routing_key(job.model, job.priority, lane),
-                exchange=state.settings.topology.jobs_exchange,
-                timeout_s=state.settings.publish_timeout_s,
+                topology.job_routing_key(job.model, job.priority, lane),
+                topology.chunk_routing_key(job.model, job.priority, lane),
             )
         except BrokerError:
             state.admission.refund(job.model)
@@ -271,4 +271,5 @@ async def _publish(state: IngressState, submission: Submission) -> None:
     except BrokerUnavailable as exc:
         logger.warning("job %s not published, broker unavailable: %s", job.id, exc)
         raise state.unavailable("broker-unavailable", "the job queue is unavailable; retry later") from exc
+    state.metrics.single_jobs_sent.labels(how).inc()
     state.metrics.publish_seconds.observe(time.monotonic() - started)

@@ -54,6 +54,14 @@ class IngressMetrics:
             ["tenant", "reason"],
             registry=self.registry,
         )
+        # ingress.single_job_groups: under a backlog, single jobs go to the broker in chunks.
+        self.single_jobs_sent = Counter(
+            "inferq_ingress_single_jobs_sent",
+            "Single jobs confirmed by the broker, by how they went: alone, in-a-chunk (grouped "
+            "under a backlog), alone-after-hold (their group did not fill in time)",
+            ["how"],
+            registry=self.registry,
+        )
         self.publish_seconds = Histogram(
             "inferq_ingress_publish_seconds",
             "Publish-to-confirm time",

@@ -17,6 +17,7 @@ from ingress.pending_records import PendingRecords
 from ingress.problems import Problem
 from ingress.record_creation import RecordCreation
 from ingress.settings import IngressSettings
+from ingress.single_job_groups import SingleJobPublisher
 from ingress.tenant_lanes import TenantLanes
 from job_records.store import JobRecords
 from model_catalogue.catalogue import load_catalogue
@@ -42,6 +43,9 @@ class IngressState:
         self.inflight = InflightBytes(settings.max_inflight_body_bytes)
         self.large_decodes = asyncio.Semaphore(LARGE_DECODES_AT_ONCE)
         self.demand = DemandAnnouncer(self.broker)
+        self.singles = SingleJobPublisher(
+            self.broker, settings.topology.jobs_exchange, settings.publish_timeout_s
+        )
         self.records = (
             JobRecords(
                 settings.redis_url,

@@ -1,12 +1,14 @@
-"""A chunk: CHUNK_JOBS jobs of one batch as one broker message.
+"""A chunk: CHUNK_JOBS jobs of one queue as one broker message.
 
 A batch's jobs would each cost a message: a publish and its confirm, the broker's store,
-delivery and ack, and the worker's consume. A full chunk of a batch costs those once.
+delivery and ack, and the worker's consume. A full chunk of a batch costs those once, as
+does a chunk of single jobs that the ingress grouped under a backlog
+(`ingress.single_job_groups`).
 Chunks wait in queues of their own beside the jobs' (`Topology.chunk_queue`, same lane
 and priority), so every count of waiting jobs stays exact: plain messages + CHUNK_JOBS
 x chunk messages. Only full chunks of small jobs go there (CHUNK_MAX_BYTES in all); the
 rest of a batch, retries, replays and parked jobs are one message per job, as a single
-submission's.
+submission's is at low load.
 
 The worker splits a chunk into one delivery per job (`broker.client.ChunkPart`): each
 job then runs, retries, parks and calls back exactly as if it had come alone, and the
