@@ -175,11 +175,12 @@ async def test_given_single_requests_grouped_then_each_job_is_queued_once_and_ca
     with_key: bool,
 ) -> None:
     """Every job grouped (past 0 publishes, not CHUNK_JOBS: in one process the requests do
-    not pile up at the publish as a backlog's do): two chunks and three jobs alone."""
+    not pile up at the publish as a backlog's do): two chunks, and three jobs alone once
+    their group's hold is over (2 s: long enough for a slow box to fill the two)."""
     count = 2 * CHUNK_JOBS + 3
     app = create_app(ingress_settings)
     state = app.state.ingress
-    state.singles = SingleJobPublisher(state.broker, topology.jobs_exchange, 10.0, hold_s=0.2, group_past=0)
+    state.singles = SingleJobPublisher(state.broker, topology.jobs_exchange, 10.0, hold_s=2.0, group_past=0)
 
     async def submit(client: httpx.AsyncClient, n: int) -> httpx.Response:
         headers = {"Idempotency-Key": f"job-{n}"} if with_key else {}
