@@ -165,8 +165,14 @@ def is_running(node: HaNode) -> bool:
 
 
 def up(nodes: Sequence[HaNode] = NODES) -> None:
-    """Start the nodes that are not running and join them to the first."""
+    """Start the nodes that are not running and join them to the first. With none of
+    them running, their directories are left over from a run stopped before its `down`
+    (a test session killed, say) and are removed first: a node started on its old Mnesia
+    waits for the peers it last saw, and they were stopped before it."""
     first, *others = nodes
+    if not any(is_running(node) for node in nodes):
+        for node in nodes:
+            shutil.rmtree(node.directory, ignore_errors=True)
     if not is_running(first):
         start_node(first)
     for node in others:
