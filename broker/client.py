@@ -75,6 +75,10 @@ _CONNECTION_ERRORS = (
 _CHANNEL_ERRORS = (*_CONNECTION_ERRORS, RuntimeError)
 # A publish channel that does not open in this long (a stalled connection) is a 503.
 CHANNEL_OPEN_TIMEOUT_S = 5.0
+# A basic.cancel, channel close or connection close that gets no answer in this long is
+# given up (a stalled broker): a stopping worker or dispatcher must not wait on it for
+# ever. What the channel held unacked goes back to its queue when the broker drops it.
+SHUTDOWN_RPC_TIMEOUT_S = 5.0
 
 
 class BrokerError(Exception):
@@ -764,10 +768,11 @@ class Broker:
         if close_channel:
             del self._consumers[consumer_id]
         try:
-            if consumer.queue is not None and consumer.tag is not None:
-                await consumer.queue.cancel(consumer.tag)
-            if close_channel and consumer.channel is not None and not consumer.channel.is_closed:
-                await consumer.channel.close()
+            async with asyncio.timeout(SHUTDOWN_RPC_TIMEOUT_S):
+                if consumer.queue is not None and consumer.tag is not None:
+                    await consumer.queue.cancel(consumer.tag)
+                if close_channel and consumer.channel is not None and not consumer.channel.is_closed:
+                    await consumer.channel.close()
         except _CONNECTION_ERRORS as exc:
             logger.warning("cancel of the consumer of %s failed: %r", consumer.queue_name, exc)
 
@@ -782,12 +787,10 @@ class Broker:
         self._consumers.clear()
         for channel in channels:
             if not channel.is_closed:
-                with contextlib.suppress(*_CONNECTION_ERRORS):
-                    await channel.close()
+                await _closed_within_bound(channel)
         for connection in (self._consume_connection, self._publish_connection):
             if connection is not None and not connection.is_closed:
-                with contextlib.suppress(*_CONNECTION_ERRORS):
-                    await connection.close()
+                await _closed_within_bound(connection)
         self._publish_connection = None
         self._consume_connection = None
         self._events_channel = None
@@ -894,3 +897,13 @@ def _blocked_event(connection: aio_pika.abc.AbstractRobustConnection) -> asyncio
     if isinstance(unblocked, asyncio.Event) and not unblocked.is_set():
         return unblocked
     return None
+
+
+async def _closed_within_bound(
+    closable: aio_pika.abc.AbstractChannel | aio_pika.abc.AbstractRobustConnection,
+) -> None:
+    """Close a channel or connection, giving up after SHUTDOWN_RPC_TIMEOUT_S or on an error:
+    the broker hands back what a channel held once it sees the socket go."""
+    with contextlib.suppress(*_CONNECTION_ERRORS):
+        async with asyncio.timeout(SHUTDOWN_RPC_TIMEOUT_S):
+            await closable.close()
