@@ -43,6 +43,7 @@ from ray_workers.job_worker import JobWorker
 from ray_workers.models.base import Model
 from ray_workers.settings import WorkerSettings
 from settings.environment import DEFAULT_AMQP_URL
+from tests.timeout_report import pytest_timeout_set_timer  # noqa: F401  (a hook: pytest finds it here)
 from wire.envelope import CallbackDelivery, decode_callback_deliveries
 from wire.retry_tiers import RetrySchedule
 from wire.topology import QueueType, Topology
