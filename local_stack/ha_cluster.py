@@ -169,14 +169,15 @@ def up(nodes: Sequence[HaNode] = NODES) -> None:
     them running, their directories are left over from a run stopped before its `down`
     (a test session killed, say) and are removed first: a node started on its old Mnesia
     waits for the peers it last saw, and they were stopped before it."""
-    first, *others = nodes
-    if not any(is_running(node) for node in nodes):
+    running = [is_running(node) for node in nodes]
+    if not any(running):
         for node in nodes:
             shutil.rmtree(node.directory, ignore_errors=True)
-    if not is_running(first):
+    first = nodes[0]
+    if not running[0]:
         start_node(first)
-    for node in others:
-        if is_running(node):
+    for node, was_running in zip(nodes[1:], running[1:], strict=True):
+        if was_running:
             continue
         start_node(node)
         rabbitmqctl(node, "stop_app")
